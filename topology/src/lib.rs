@@ -1,0 +1,5 @@
+//! CPU topology, APIC ID assignment and the CPUID topology leaves. (work in progress)
+
+mod cpuid_entry;
+
+pub use cpuid_entry::{find_entry, find_entry_mut, CpuidEntry};
