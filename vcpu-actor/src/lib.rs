@@ -1,1 +1,95 @@
-//! placeholder
+//! vCPU actors: one thread per vCPU that owns its KVM vCPU fd and is driven by typed
+//! messages.
+//!
+//! This crate owns what happens on a vCPU thread: the life-cycle state machine
+//! ([`VcpuState`]: created `paused`, `Resume` -> `running`, an exit it cannot handle ->
+//! `waiting_exit`, `Exit` -> `exited`), the `KVM_RUN` loop and its exit dispatch to the VMM's
+//! [`ExitHandler`], kicking a running vCPU out of `KVM_RUN` without races (the sender sets
+//! `kvm_run.immediate_exit` through its own mapping, then signals the thread), per-vCPU
+//! [metrics](VcpuMetricsSnapshot), and an optional per-thread [seccomp filter](SeccompMode).
+//! It does not create VMs or vCPUs, set registers or CPUID, or route I/O: that is the VMM's.
+//!
+//! The manager talks to each actor through a [`VcpuHandle`]: [`VcpuHandle::send`] returns a
+//! [`RequestId`], and every [`VcpuReply`] carries it back together with the request.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//!
+//! use kvm_ioctls::Kvm;
+//! use vcpu_actor::{
+//!     DeviceError, ExitHandler, IoOutcome, ReplyOutcome, VcpuActor, VcpuOptions, VcpuRequest,
+//! };
+//! use vmm_sys_util::eventfd::EventFd;
+//!
+//! /// A bus with no devices: reads return all ones, writes are dropped.
+//! struct EmptyBus;
+//!
+//! impl ExitHandler for EmptyBus {
+//!     fn pio_read(&self, _: u32, _: u16, data: &mut [u8]) -> Result<IoOutcome, DeviceError> {
+//!         data.fill(0xff);
+//!         Ok(IoOutcome::Handled)
+//!     }
+//!     fn pio_write(&self, _: u32, _: u16, _: &[u8]) -> Result<IoOutcome, DeviceError> {
+//!         Ok(IoOutcome::Handled)
+//!     }
+//!     fn mmio_read(&self, _: u32, _: u64, data: &mut [u8]) -> Result<IoOutcome, DeviceError> {
+//!         data.fill(0xff);
+//!         Ok(IoOutcome::Handled)
+//!     }
+//!     fn mmio_write(&self, _: u32, _: u64, _: &[u8]) -> Result<IoOutcome, DeviceError> {
+//!         Ok(IoOutcome::Handled)
+//!     }
+//! }
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let kvm = Kvm::new()?;
+//! let vm = kvm.create_vm()?;
+//! // ... guest memory, registers and CPUID are the VMM's business ...
+//! let vcpu = vm.create_vcpu(0)?;
+//! let exit_evt = EventFd::new(0)?;
+//! let handle = VcpuActor::spawn(
+//!     0,
+//!     vcpu,
+//!     kvm.get_vcpu_mmap_size()?,
+//!     Arc::new(EmptyBus),
+//!     exit_evt.try_clone()?,
+//!     VcpuOptions::default(),
+//! )?;
+//! let timeout = Duration::from_secs(5);
+//! let reply = handle.request(VcpuRequest::Resume, timeout)?;
+//! assert_eq!(reply.outcome, ReplyOutcome::Resumed);
+//! // ... later, or once `exit_evt` fires (see `handle.exit_reason()`):
+//! handle.request(VcpuRequest::Exit, timeout)?;
+//! let _vcpu_fd_back = handle.join(timeout)?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Threads and signals
+//!
+//! The kick signal is `SIGRTMIN + VcpuOptions::kick_signal_offset`; its handler (installed
+//! once per process, without `SA_RESTART`) does nothing. A kick that lands while an exit
+//! handler is in a blocking system call makes that call fail with `EINTR`, so handlers should
+//! not block, or must retry on `EINTR`.
+
+#![deny(missing_docs)]
+
+mod actor;
+mod error;
+mod exit;
+mod kick;
+mod metrics;
+mod request;
+mod seccomp;
+pub mod state;
+
+pub use actor::{VcpuActor, VcpuHandle, VcpuOptions};
+pub use error::VcpuError;
+pub use exit::{DeviceError, ExitHandler, IoOutcome, VcpuExitReason};
+pub use metrics::{ExitCounts, VcpuMetricsSnapshot};
+pub use request::{ReplyOutcome, RequestId, VcpuReply, VcpuRequest};
+pub use seccomp::{default_allowed_syscalls, SeccompMode, ViolationAction};
+pub use state::VcpuState;

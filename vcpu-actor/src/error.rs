@@ -1,0 +1,132 @@
+//! The crate's single error type.
+
+use std::time::Duration;
+
+use crate::request::RequestId;
+use crate::state::VcpuState;
+
+/// Everything that can go wrong when spawning or talking to a vCPU actor.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// `dup(2)` of the vCPU fd failed while preparing the kick mapping.
+    #[error("vCPU {vcpu_id}: cannot duplicate the vCPU fd for the kick mapping: {source}; check the process fd limit (ulimit -n)")]
+    DupVcpuFd {
+        /// The vCPU id.
+        vcpu_id: u32,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// `mmap(2)` of the vCPU's `kvm_run` area failed.
+    #[error("vCPU {vcpu_id}: cannot mmap {size} bytes of kvm_run from the vCPU fd: {source}; pass Kvm::get_vcpu_mmap_size() as vcpu_mmap_size")]
+    MmapKvmRun {
+        /// The vCPU id.
+        vcpu_id: u32,
+        /// The size that was asked for.
+        size: usize,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The `vcpu_mmap_size` given to spawn is smaller than `struct kvm_run`.
+    #[error("vCPU {vcpu_id}: vcpu_mmap_size {size} is smaller than struct kvm_run ({min} bytes); pass Kvm::get_vcpu_mmap_size()")]
+    MmapSizeTooSmall {
+        /// The vCPU id.
+        vcpu_id: u32,
+        /// The size given.
+        size: usize,
+        /// The minimum.
+        min: usize,
+    },
+    /// The process-wide kick signal handler could not be installed.
+    #[error("cannot install the vCPU kick signal handler for signal {signal}: {source}; choose another kick_signal_offset in VcpuOptions")]
+    SignalHandler {
+        /// The signal number.
+        signal: i32,
+        /// The OS error.
+        source: vmm_sys_util::errno::Error,
+    },
+    /// The kick signal offset does not name a real-time signal.
+    #[error("kick signal SIGRTMIN+{offset} is past SIGRTMAX; choose a smaller kick_signal_offset")]
+    InvalidKickSignal {
+        /// The offset that was asked for.
+        offset: i32,
+    },
+    /// The vCPU thread could not be created.
+    #[error("vCPU {vcpu_id}: cannot spawn thread vcpu{vcpu_id}: {source}; check the thread and memory limits")]
+    SpawnThread {
+        /// The vCPU id.
+        vcpu_id: u32,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The seccomp filter could not be compiled.
+    #[error("vCPU {vcpu_id}: cannot build the seccomp filter: {reason}; check SeccompMode in VcpuOptions")]
+    SeccompBuild {
+        /// The vCPU id.
+        vcpu_id: u32,
+        /// What seccompiler said.
+        reason: String,
+    },
+    /// The vCPU thread could not install its seccomp filter (the thread has ended, the vCPU
+    /// fd is closed).
+    #[error("vCPU {vcpu_id}: cannot install the seccomp filter in the vCPU thread: {reason}; run without SeccompMode or check that the kernel has CONFIG_SECCOMP_FILTER")]
+    SeccompApply {
+        /// The vCPU id.
+        vcpu_id: u32,
+        /// What seccompiler said.
+        reason: String,
+    },
+    /// The new vCPU thread did not report that it was ready.
+    #[error("vCPU {vcpu_id}: the new vCPU thread did not start within {timeout:?}; the machine may be overloaded")]
+    StartupTimeout {
+        /// The vCPU id.
+        vcpu_id: u32,
+        /// How long spawn waited.
+        timeout: Duration,
+    },
+    /// The vCPU thread has ended (or ended its mailbox) and cannot take messages.
+    #[error("vCPU {vcpu_id}: the vCPU thread is gone (state {state}); spawn a new actor")]
+    ThreadGone {
+        /// The vCPU id.
+        vcpu_id: u32,
+        /// The last state the thread published.
+        state: VcpuState,
+    },
+    /// No reply arrived within the timeout.
+    #[error("vCPU {vcpu_id}: no reply to request {request_id} within {timeout:?} (state {state}); the vCPU thread may be stuck in a device handler")]
+    ReplyTimeout {
+        /// The vCPU id.
+        vcpu_id: u32,
+        /// The request waited for.
+        request_id: RequestId,
+        /// How long we waited.
+        timeout: Duration,
+        /// The state when the wait gave up.
+        state: VcpuState,
+    },
+    /// A reply is waited for that this handle never issued (or was already taken).
+    #[error("vCPU {vcpu_id}: request {request_id} is unknown or its reply was already taken")]
+    UnknownRequest {
+        /// The vCPU id.
+        vcpu_id: u32,
+        /// The request id.
+        request_id: RequestId,
+    },
+    /// The thread did not end within the join timeout.
+    #[error("vCPU {vcpu_id}: thread did not end within {timeout:?} (state {state}); it may be stuck in a device handler")]
+    JoinTimeout {
+        /// The vCPU id.
+        vcpu_id: u32,
+        /// How long we waited.
+        timeout: Duration,
+        /// The state when the wait gave up.
+        state: VcpuState,
+    },
+    /// The vCPU thread panicked (a bug in an exit handler or in this crate).
+    #[error("vCPU {vcpu_id}: the vCPU thread panicked: {message}")]
+    ThreadPanicked {
+        /// The vCPU id.
+        vcpu_id: u32,
+        /// The panic payload, if it was a string.
+        message: String,
+    },
+}

@@ -1,0 +1,179 @@
+//! How the actor hands KVM exits to the VMM, and why a vCPU stopped.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// What a device handler asks the actor to do after an access.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IoOutcome {
+    /// The access was handled; keep running the guest.
+    Handled,
+    /// A device asked the VM to stop (e.g. a shutdown port): the vCPU goes to `waiting_exit`
+    /// with [`VcpuExitReason::DeviceRequestedStop`].
+    StopVm,
+}
+
+/// An error from a device handler. It is logged and counted; the guest keeps running.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("device error: {0}")]
+pub struct DeviceError(pub String);
+
+/// The VMM's view of the devices, called by the vCPU thread on every I/O exit.
+///
+/// Called concurrently from all vCPU threads. A handler must not block for long: while it
+/// runs, the vCPU cannot answer messages (a `Pause` waits for it).
+pub trait ExitHandler: Send + Sync + 'static {
+    /// The guest read `data.len()` bytes from I/O port `port`; fill `data`.
+    fn pio_read(&self, vcpu_id: u32, port: u16, data: &mut [u8]) -> Result<IoOutcome, DeviceError>;
+    /// The guest wrote `data` to I/O port `port`.
+    fn pio_write(&self, vcpu_id: u32, port: u16, data: &[u8]) -> Result<IoOutcome, DeviceError>;
+    /// The guest read `data.len()` bytes at guest-physical `addr`; fill `data`.
+    fn mmio_read(&self, vcpu_id: u32, addr: u64, data: &mut [u8])
+        -> Result<IoOutcome, DeviceError>;
+    /// The guest wrote `data` at guest-physical `addr`.
+    fn mmio_write(&self, vcpu_id: u32, addr: u64, data: &[u8]) -> Result<IoOutcome, DeviceError>;
+}
+
+/// Why a vCPU went to `waiting_exit`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VcpuExitReason {
+    /// `KVM_EXIT_SYSTEM_EVENT` of type shutdown (or crash): the guest powered off.
+    GuestShutdown {
+        /// The vCPU.
+        vcpu_id: u32,
+        /// Guest RIP when it exited.
+        rip: u64,
+    },
+    /// `KVM_EXIT_SYSTEM_EVENT` of type reset: the guest asked for a reboot.
+    GuestReset {
+        /// The vCPU.
+        vcpu_id: u32,
+        /// Guest RIP when it exited.
+        rip: u64,
+    },
+    /// `KVM_EXIT_SHUTDOWN`: the guest triple-faulted (e.g. a fault with no IDT).
+    TripleFault {
+        /// The vCPU.
+        vcpu_id: u32,
+        /// Guest RIP when it exited.
+        rip: u64,
+    },
+    /// `KVM_EXIT_INTERNAL_ERROR` (e.g. an emulation failure).
+    InternalError {
+        /// The vCPU.
+        vcpu_id: u32,
+        /// Guest RIP when it exited.
+        rip: u64,
+        /// `kvm_run.internal.suberror` (1 = emulation failure).
+        suberror: u32,
+    },
+    /// `KVM_EXIT_FAIL_ENTRY`: the hardware refused to enter the guest.
+    FailEntry {
+        /// The vCPU.
+        vcpu_id: u32,
+        /// Guest RIP when it exited.
+        rip: u64,
+        /// `hardware_entry_failure_reason`.
+        reason: u64,
+    },
+    /// An exit the actor does not handle (`exit` is `kvm_run.exit_reason`).
+    Unknown {
+        /// The vCPU.
+        vcpu_id: u32,
+        /// Guest RIP when it exited.
+        rip: u64,
+        /// The `KVM_EXIT_*` number.
+        exit: u32,
+    },
+    /// A device handler returned [`IoOutcome::StopVm`].
+    DeviceRequestedStop {
+        /// The vCPU.
+        vcpu_id: u32,
+        /// Guest RIP when it exited (after the I/O instruction).
+        rip: u64,
+    },
+    /// `KVM_RUN` itself failed with an errno other than `EINTR`/`EAGAIN`.
+    KvmRunError {
+        /// The vCPU.
+        vcpu_id: u32,
+        /// The errno.
+        errno: i32,
+    },
+}
+
+impl VcpuExitReason {
+    /// The vCPU this reason is about.
+    pub fn vcpu_id(&self) -> u32 {
+        match *self {
+            VcpuExitReason::GuestShutdown { vcpu_id, .. }
+            | VcpuExitReason::GuestReset { vcpu_id, .. }
+            | VcpuExitReason::TripleFault { vcpu_id, .. }
+            | VcpuExitReason::InternalError { vcpu_id, .. }
+            | VcpuExitReason::FailEntry { vcpu_id, .. }
+            | VcpuExitReason::Unknown { vcpu_id, .. }
+            | VcpuExitReason::DeviceRequestedStop { vcpu_id, .. }
+            | VcpuExitReason::KvmRunError { vcpu_id, .. } => vcpu_id,
+        }
+    }
+
+    /// The guest RIP at the exit, where known.
+    pub fn rip(&self) -> Option<u64> {
+        match *self {
+            VcpuExitReason::GuestShutdown { rip, .. }
+            | VcpuExitReason::GuestReset { rip, .. }
+            | VcpuExitReason::TripleFault { rip, .. }
+            | VcpuExitReason::InternalError { rip, .. }
+            | VcpuExitReason::FailEntry { rip, .. }
+            | VcpuExitReason::Unknown { rip, .. }
+            | VcpuExitReason::DeviceRequestedStop { rip, .. } => Some(rip),
+            VcpuExitReason::KvmRunError { .. } => None,
+        }
+    }
+}
+
+impl fmt::Display for VcpuExitReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            VcpuExitReason::GuestShutdown { vcpu_id, rip } => {
+                write!(f, "vCPU {vcpu_id}: guest shut down at RIP {rip:#x}")
+            }
+            VcpuExitReason::GuestReset { vcpu_id, rip } => {
+                write!(f, "vCPU {vcpu_id}: guest asked for a reset at RIP {rip:#x}")
+            }
+            VcpuExitReason::TripleFault { vcpu_id, rip } => write!(
+                f,
+                "vCPU {vcpu_id}: guest triple-faulted (KVM_EXIT_SHUTDOWN) at RIP {rip:#x}"
+            ),
+            VcpuExitReason::InternalError {
+                vcpu_id,
+                rip,
+                suberror,
+            } => write!(
+                f,
+                "vCPU {vcpu_id}: KVM internal error (suberror {suberror}) at RIP {rip:#x}"
+            ),
+            VcpuExitReason::FailEntry {
+                vcpu_id,
+                rip,
+                reason,
+            } => write!(
+                f,
+                "vCPU {vcpu_id}: KVM could not enter the guest (hardware reason {reason:#x}) at RIP {rip:#x}"
+            ),
+            VcpuExitReason::Unknown { vcpu_id, rip, exit } => {
+                write!(f, "vCPU {vcpu_id}: unhandled KVM exit {exit} at RIP {rip:#x}")
+            }
+            VcpuExitReason::DeviceRequestedStop { vcpu_id, rip } => {
+                write!(f, "vCPU {vcpu_id}: a device asked the VM to stop at RIP {rip:#x}")
+            }
+            VcpuExitReason::KvmRunError { vcpu_id, errno } => write!(
+                f,
+                "vCPU {vcpu_id}: KVM_RUN failed: {}",
+                std::io::Error::from_raw_os_error(errno)
+            ),
+        }
+    }
+}

@@ -1,0 +1,308 @@
+//! Exits the actor cannot handle (triple fault, a device asking to stop), device errors,
+//! an AP woken by INIT/SIPI, and the seccomp filter.
+
+mod common;
+
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{
+    guests, kvm_or_skip, wait_until, Recorder, TestVm, AP_CODE_ADDR, CODE_ADDR, DATA_ADDR, TIMEOUT,
+};
+use vcpu_actor::{
+    ReplyOutcome, SeccompMode, VcpuActor, VcpuExitReason, VcpuHandle, VcpuOptions, VcpuRequest,
+    VcpuState,
+};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+fn expect(h: &VcpuHandle, req: VcpuRequest, outcome: ReplyOutcome) {
+    let reply = h.request(req, TIMEOUT).expect("reply");
+    assert_eq!((reply.vcpu_id, reply.request), (h.id(), req));
+    assert_eq!(
+        reply.outcome,
+        outcome,
+        "reply to {req}; {:?}",
+        h.exit_reason()
+    );
+}
+
+fn expect_not_allowed(h: &VcpuHandle, req: VcpuRequest) {
+    let reply = h.request(req, TIMEOUT).expect("reply");
+    match &reply.outcome {
+        ReplyOutcome::NotAllowed(why) => {
+            assert!(
+                why.contains("waiting_exit") && why.contains(&req.to_string()),
+                "{why}"
+            )
+        }
+        other => panic!("{req} in waiting_exit: expected NotAllowed, got {other:?}"),
+    }
+}
+
+/// Waits until the eventfd is readable and returns its counter.
+fn wait_event(evt: &EventFd) -> u64 {
+    let mut pfd = libc::pollfd {
+        fd: evt.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = TIMEOUT.as_millis() as i32;
+    // SAFETY: one valid pollfd.
+    let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+    assert_eq!(
+        n, 1,
+        "the exit event did not become readable within {TIMEOUT:?}"
+    );
+    evt.read().expect("read exit event")
+}
+
+fn spawn(
+    vm: &TestVm,
+    id: u32,
+    vcpu: kvm_ioctls::VcpuFd,
+    rec: Arc<Recorder>,
+    options: VcpuOptions,
+) -> (VcpuHandle, EventFd) {
+    let evt = EventFd::new(EFD_NONBLOCK).expect("eventfd");
+    let h = VcpuActor::spawn(
+        id,
+        vcpu,
+        vm.mmap_size,
+        rec,
+        evt.try_clone().expect("eventfd"),
+        options,
+    )
+    .expect("spawn");
+    (h, evt)
+}
+
+#[test]
+fn triple_fault_waits_for_exit() {
+    let Some(kvm) = kvm_or_skip("triple_fault_waits_for_exit") else {
+        return;
+    };
+    let vm = TestVm::new(kvm, false);
+    vm.load(guests::fault(), CODE_ADDR);
+    let vcpu = vm.new_cpl3_vcpu(0, CODE_ADDR, DATA_ADDR, 0x512, 0);
+    let rec = Recorder::new();
+    let (h, evt) = spawn(&vm, 0, vcpu, rec.clone(), VcpuOptions::default());
+    assert!(
+        evt.read().is_err(),
+        "the exit event fired before the guest ran"
+    );
+
+    expect(&h, VcpuRequest::Resume, ReplyOutcome::Resumed);
+    assert_eq!(wait_event(&evt), 1);
+    assert_eq!(rec.port(0x512), (1, 7), "the guest ran up to the fault");
+    assert_eq!(h.state(), VcpuState::WaitingExit);
+    let rip = CODE_ADDR + guests::fault_ud2_offset();
+    let reason = h.exit_reason().expect("exit reason");
+    assert_eq!(reason, VcpuExitReason::TripleFault { vcpu_id: 0, rip });
+    let text = reason.to_string();
+    assert!(
+        text.contains("vCPU 0") && text.contains(&format!("{rip:#x}")),
+        "{text}"
+    );
+
+    // Everything but Exit is refused; queries still work; the event fires only once.
+    expect_not_allowed(&h, VcpuRequest::Resume);
+    expect_not_allowed(&h, VcpuRequest::Pause);
+    expect(
+        &h,
+        VcpuRequest::GetState,
+        ReplyOutcome::State(VcpuState::WaitingExit),
+    );
+    assert!(evt.read().is_err(), "the exit event fired twice");
+    let m = h.metrics();
+    assert_eq!((m.exits.shutdown, m.exits.io_out), (1, 1), "{m:?}");
+
+    expect(&h, VcpuRequest::Exit, ReplyOutcome::Exited);
+    h.join(TIMEOUT).expect("join");
+}
+
+#[test]
+fn device_stop_and_device_errors() {
+    let Some(kvm) = kvm_or_skip("device_stop_and_device_errors") else {
+        return;
+    };
+    let vm = TestVm::new(kvm, false);
+    vm.load(guests::counter(), CODE_ADDR);
+    // The counter lives at 0x300000, past guest RAM: every store is an MMIO write that the
+    // recorder rejects. The guest keeps going; its report port then stops the VM.
+    let counter = 0x30_0000;
+    let vcpu = vm.new_cpl3_vcpu(0, CODE_ADDR, counter, 0x513, 0);
+    let rec = Recorder::stopping_on(0x513);
+    let (h, evt) = spawn(&vm, 0, vcpu, rec, VcpuOptions::default());
+    // The MMIO exits are slow (~60 us each here): pause after a while instead of waiting for
+    // 2^20 of them.
+    expect(&h, VcpuRequest::Resume, ReplyOutcome::Resumed);
+    wait_until("device errors to be counted", || {
+        h.metrics().device_errors >= 100
+    });
+    expect(&h, VcpuRequest::Pause, ReplyOutcome::Paused);
+    let m = h.metrics();
+    assert_eq!(m.device_errors, m.exits.mmio_write, "{m:?}");
+    assert_eq!(h.state(), VcpuState::Paused, "device errors are not fatal");
+    expect(&h, VcpuRequest::Exit, ReplyOutcome::Exited);
+    assert!(evt.read().is_err());
+    h.join(TIMEOUT).expect("join");
+
+    // Same program with the counter in RAM: the first report stops the VM.
+    let vm = TestVm::new(kvm_ioctls::Kvm::new().expect("kvm"), false);
+    vm.load(guests::counter(), CODE_ADDR);
+    let vcpu = vm.new_cpl3_vcpu(0, CODE_ADDR, DATA_ADDR, 0x513, 0);
+    let rec = Recorder::stopping_on(0x513);
+    let (h, evt) = spawn(&vm, 0, vcpu, rec, VcpuOptions::default());
+    expect(&h, VcpuRequest::Resume, ReplyOutcome::Resumed);
+    assert_eq!(wait_event(&evt), 1);
+    match h.exit_reason() {
+        Some(VcpuExitReason::DeviceRequestedStop { vcpu_id: 0, rip }) => {
+            let end = CODE_ADDR + guests::counter().len() as u64;
+            assert!((CODE_ADDR..end).contains(&rip), "rip {rip:#x}");
+        }
+        other => panic!("expected DeviceRequestedStop, got {other:?}"),
+    }
+    assert_eq!(vm.read_u64(DATA_ADDR), 1 << 20);
+    expect(&h, VcpuRequest::Exit, ReplyOutcome::Exited);
+    h.join(TIMEOUT).expect("join");
+}
+
+#[test]
+fn ap_runs_only_after_init_sipi() {
+    let Some(kvm) = kvm_or_skip("ap_runs_only_after_init_sipi") else {
+        return;
+    };
+    let vm = TestVm::new(kvm, true);
+    vm.load(guests::bsp_sipi(), CODE_ADDR);
+    vm.load(guests::ap(), AP_CODE_ADDR);
+    let rec = Recorder::stopping_on(0x514);
+    // BSP: send INIT/SIPI to APIC ID 1, report on 0x514 (which stops it).
+    let bsp = vm.new_cpl3_vcpu(0, CODE_ADDR, DATA_ADDR, 0x514, 1 << 24);
+    let ap = vm.new_plain_vcpu(1);
+    assert_eq!(
+        ap.get_mp_state().expect("mp state").mp_state,
+        kvm_bindings::KVM_MP_STATE_UNINITIALIZED
+    );
+    let (bsp_h, bsp_evt) = spawn(&vm, 0, bsp, rec.clone(), VcpuOptions::default());
+    let (ap_h, ap_evt) = spawn(&vm, 1, ap, rec.clone(), VcpuOptions::default());
+
+    // The AP's thread is running but blocked inside KVM_RUN: no guest exits, and it still
+    // answers (each request kicks it out with EINTR).
+    expect(&ap_h, VcpuRequest::Resume, ReplyOutcome::Resumed);
+    std::thread::sleep(Duration::from_millis(100));
+    expect(
+        &ap_h,
+        VcpuRequest::GetState,
+        ReplyOutcome::State(VcpuState::Running),
+    );
+    let m = ap_h.metrics();
+    assert_eq!(
+        m.exits.guest_exits(),
+        0,
+        "the AP ran before INIT/SIPI: {m:?}"
+    );
+    assert_eq!(rec.port(0x520).0, 0);
+
+    expect(&bsp_h, VcpuRequest::Resume, ReplyOutcome::Resumed);
+    assert_eq!(rec.wait_port(0x520, 1, TIMEOUT), (1, 0x5a));
+    let m = ap_h.metrics();
+    assert!(
+        m.exits.eagain >= 1,
+        "the woken AP's KVM_RUN returns EAGAIN: {m:?}"
+    );
+    assert_eq!(m.exits.io_out, 1);
+    assert_eq!(wait_event(&bsp_evt), 1);
+    assert!(matches!(
+        bsp_h.exit_reason(),
+        Some(VcpuExitReason::DeviceRequestedStop { vcpu_id: 0, .. })
+    ));
+
+    // The AP now halts inside KVM_RUN; a Pause still gets it out.
+    expect(&ap_h, VcpuRequest::Pause, ReplyOutcome::Paused);
+    assert!(ap_evt.read().is_err());
+    expect(&bsp_h, VcpuRequest::Exit, ReplyOutcome::Exited);
+    expect(&ap_h, VcpuRequest::Exit, ReplyOutcome::Exited);
+    bsp_h.join(TIMEOUT).expect("join bsp");
+    ap_h.join(TIMEOUT).expect("join ap");
+}
+
+#[test]
+fn seccomp_refuses_a_syscall_outside_the_list() {
+    let Some(kvm) = kvm_or_skip("seccomp_refuses_a_syscall_outside_the_list") else {
+        return;
+    };
+    let vm = TestVm::new(kvm, false);
+    vm.load(guests::pio(), CODE_ADDR);
+    let vcpu = vm.new_cpl3_vcpu(0, CODE_ADDR, DATA_ADDR, 0x515, 0);
+    // The handler calls getpid(2) (not in the allow-list) on every port write and keeps
+    // what the calls returned (bounded).
+    let results = Arc::new(Mutex::new(Vec::<(i64, i32)>::new()));
+    let seen = Arc::clone(&results);
+    let rec = Recorder::with_hook(move |_, _| {
+        // SAFETY: getpid has no arguments and no side effects.
+        let r = unsafe { libc::syscall(libc::SYS_getpid) };
+        let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+        let mut seen = seen.lock().expect("lock");
+        if seen.len() < 1000 {
+            seen.push((r, errno));
+        }
+    });
+    let options = VcpuOptions {
+        seccomp: SeccompMode::errno_eperm(),
+        ..VcpuOptions::default()
+    };
+    let (h, _evt) = spawn(&vm, 0, vcpu, rec.clone(), options);
+    expect(&h, VcpuRequest::Resume, ReplyOutcome::Resumed);
+    rec.wait_port(0x515, 50, TIMEOUT);
+    // The vCPU keeps working: it pauses, resumes and makes progress.
+    expect(&h, VcpuRequest::Pause, ReplyOutcome::Paused);
+    let count = rec.port(0x515).0;
+    expect(&h, VcpuRequest::Resume, ReplyOutcome::Resumed);
+    rec.wait_port(0x515, count + 50, TIMEOUT);
+    expect(&h, VcpuRequest::Exit, ReplyOutcome::Exited);
+    h.join(TIMEOUT).expect("join");
+
+    let results = results.lock().expect("lock");
+    assert!(results.len() >= 100);
+    assert!(
+        results.iter().all(|&(r, e)| r == -1 && e == libc::EPERM),
+        "getpid was not refused with EPERM: {:?}",
+        &results[..3]
+    );
+    // The filter confines the vCPU thread only.
+    // SAFETY: as above.
+    assert_eq!(
+        unsafe { libc::syscall(libc::SYS_getpid) },
+        i64::from(std::process::id())
+    );
+}
+
+#[test]
+fn the_default_allow_list_is_enough_for_the_actor_itself() {
+    let Some(kvm) = kvm_or_skip("the_default_allow_list_is_enough_for_the_actor_itself") else {
+        return;
+    };
+    // Any syscall the actor makes outside the list would kill this test process.
+    let vm = TestVm::new(kvm, false);
+    vm.load(guests::pio(), CODE_ADDR);
+    let vcpu = vm.new_cpl3_vcpu(0, CODE_ADDR, DATA_ADDR, 0x516, 0);
+    let rec = Recorder::new();
+    let options = VcpuOptions {
+        seccomp: SeccompMode::kill(),
+        ..VcpuOptions::default()
+    };
+    let (h, _evt) = spawn(&vm, 0, vcpu, rec.clone(), options);
+    for round in 1..=3u64 {
+        expect(&h, VcpuRequest::Resume, ReplyOutcome::Resumed);
+        rec.wait_port(0x516, 20 * round, TIMEOUT);
+        expect(
+            &h,
+            VcpuRequest::GetTid,
+            ReplyOutcome::Tid(h.tid().expect("tid")),
+        );
+        expect(&h, VcpuRequest::Pause, ReplyOutcome::Paused);
+    }
+    expect(&h, VcpuRequest::Exit, ReplyOutcome::Exited);
+    h.join(TIMEOUT).expect("join");
+}

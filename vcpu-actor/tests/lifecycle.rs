@@ -1,0 +1,267 @@
+//! The state machine driven against real KVM guests: pause/resume of a counting guest,
+//! request/reply matching under load, and every request in every state.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{guests, kvm_or_skip, wait_until, Recorder, TestVm, CODE_ADDR, DATA_ADDR, TIMEOUT};
+use vcpu_actor::{
+    ReplyOutcome, VcpuActor, VcpuError, VcpuHandle, VcpuOptions, VcpuRequest, VcpuState,
+};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+const REPORT_PORT: u16 = 0x510;
+
+/// Spawns vCPU 0 running the counter guest, which counts at DATA_ADDR.
+fn counter_actor(vm: &TestVm, rec: Arc<Recorder>) -> VcpuHandle {
+    vm.load(guests::counter(), CODE_ADDR);
+    let vcpu = vm.new_cpl3_vcpu(0, CODE_ADDR, DATA_ADDR, REPORT_PORT.into(), 0);
+    let evt = EventFd::new(EFD_NONBLOCK).expect("eventfd");
+    VcpuActor::spawn(0, vcpu, vm.mmap_size, rec, evt, VcpuOptions::default()).expect("spawn")
+}
+
+fn expect(h: &VcpuHandle, req: VcpuRequest, outcome: ReplyOutcome) {
+    let reply = h.request(req, TIMEOUT).expect("reply");
+    assert_eq!(reply.vcpu_id, h.id());
+    assert_eq!(reply.request, req);
+    assert_eq!(
+        reply.outcome,
+        outcome,
+        "reply to {req}; exit reason: {:?}",
+        h.exit_reason()
+    );
+}
+
+#[test]
+fn counter_guest_follows_pause_and_resume() {
+    let Some(kvm) = kvm_or_skip("counter_guest_follows_pause_and_resume") else {
+        return;
+    };
+    let vm = TestVm::new(kvm, false);
+    let rec = Recorder::new();
+    let h = counter_actor(&vm, rec.clone());
+    assert_eq!(h.state(), VcpuState::Paused);
+    assert!(h.tid().is_some());
+
+    // Created paused: the guest does not run.
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(vm.read_u64(DATA_ADDR), 0, "a paused vCPU ran its guest");
+
+    expect(&h, VcpuRequest::Resume, ReplyOutcome::Resumed);
+    assert_eq!(h.state(), VcpuState::Running);
+    // The guest reports every 2^20 counts through the port.
+    let (_, reported) = rec.wait_port(REPORT_PORT, 2, TIMEOUT);
+    assert_eq!(reported % (1 << 20), 0);
+
+    expect(&h, VcpuRequest::Pause, ReplyOutcome::Paused);
+    let still = vm.read_u64(DATA_ADDR);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(
+        vm.read_u64(DATA_ADDR),
+        still,
+        "the counter moved while paused"
+    );
+
+    expect(&h, VcpuRequest::Resume, ReplyOutcome::Resumed);
+    wait_until("the counter to advance after the second resume", || {
+        vm.read_u64(DATA_ADDR) > still
+    });
+
+    expect(&h, VcpuRequest::Exit, ReplyOutcome::Exited);
+    assert_eq!(h.state(), VcpuState::Exited);
+    let m = h.metrics();
+    assert_eq!((m.pauses, m.resumes), (1, 2));
+    assert!(m.exits.io_out >= 2 && m.run_time_ns > 0, "{m:?}");
+    assert!(
+        m.exits.eintr >= 1,
+        "the pause must have kicked the vCPU: {m:?}"
+    );
+
+    // The fd comes back and still belongs to the same vCPU, stopped inside the program.
+    let vcpu = h.join(TIMEOUT).expect("join");
+    let rip = vcpu.get_regs().expect("regs").rip;
+    let end = CODE_ADDR + guests::counter().len() as u64;
+    assert!((CODE_ADDR..end).contains(&rip), "rip {rip:#x}");
+}
+
+#[test]
+fn thousand_pause_resume_cycles_lose_no_reply() {
+    let Some(kvm) = kvm_or_skip("thousand_pause_resume_cycles_lose_no_reply") else {
+        return;
+    };
+    let vm = TestVm::new(kvm, false);
+    let h = counter_actor(&vm, Recorder::new());
+
+    // One at a time.
+    for _ in 0..1000 {
+        expect(&h, VcpuRequest::Resume, ReplyOutcome::Resumed);
+        expect(&h, VcpuRequest::Pause, ReplyOutcome::Paused);
+    }
+    // All queued at once, then the replies collected in a shuffled order.
+    let mut ids: Vec<_> = (0..1000)
+        .flat_map(|_| [VcpuRequest::Resume, VcpuRequest::Pause])
+        .map(|r| (h.send(r).expect("send"), r))
+        .collect();
+    ids.reverse();
+    for (id, req) in ids {
+        let reply = h.wait_reply(id, TIMEOUT).expect("reply");
+        assert_eq!((reply.request_id, reply.request), (id, req));
+        let want = match req {
+            VcpuRequest::Resume => ReplyOutcome::Resumed,
+            _ => ReplyOutcome::Paused,
+        };
+        assert_eq!(reply.outcome, want);
+        // A reply is taken once.
+        assert!(matches!(
+            h.wait_reply(id, Duration::from_millis(1)),
+            Err(VcpuError::ReplyTimeout { .. })
+        ));
+    }
+    let m = h.metrics();
+    assert_eq!((m.pauses, m.resumes), (2000, 2000));
+    assert_eq!(h.state(), VcpuState::Paused);
+    h.join(TIMEOUT).expect("join");
+}
+
+#[test]
+fn rapid_messages_from_other_threads_are_all_answered() {
+    let Some(kvm) = kvm_or_skip("rapid_messages_from_other_threads_are_all_answered") else {
+        return;
+    };
+    let vm = TestVm::new(kvm, false);
+    // The pio guest exits on every iteration, so messages also arrive while an exit is
+    // being handled, not only while the guest runs.
+    vm.load(guests::pio(), CODE_ADDR);
+    let vcpu = vm.new_cpl3_vcpu(0, CODE_ADDR, DATA_ADDR, 0x511, 0);
+    let evt = EventFd::new(EFD_NONBLOCK).expect("eventfd");
+    let h = VcpuActor::spawn(
+        0,
+        vcpu,
+        vm.mmap_size,
+        Recorder::new(),
+        evt,
+        VcpuOptions::default(),
+    )
+    .expect("spawn");
+    let h = Arc::new(h);
+    expect(&h, VcpuRequest::Resume, ReplyOutcome::Resumed);
+
+    let senders: Vec<_> = (0..4)
+        .map(|t| {
+            let h = Arc::clone(&h);
+            std::thread::spawn(move || {
+                let mut sent = Vec::new();
+                for i in 0..500 {
+                    let req = match (t + i) % 4 {
+                        0 => VcpuRequest::GetState,
+                        1 => VcpuRequest::GetTid,
+                        2 => VcpuRequest::Pause,
+                        _ => VcpuRequest::Resume,
+                    };
+                    sent.push((h.send(req).expect("send"), req));
+                }
+                for (id, req) in sent {
+                    let reply = h.wait_reply(id, TIMEOUT).expect("reply");
+                    assert_eq!((reply.request_id, reply.request), (id, req));
+                    match (req, &reply.outcome) {
+                        (VcpuRequest::GetState, ReplyOutcome::State(s)) => {
+                            assert!(matches!(s, VcpuState::Running | VcpuState::Paused))
+                        }
+                        (VcpuRequest::GetTid, ReplyOutcome::Tid(tid)) => {
+                            assert_eq!(Some(*tid), h.tid())
+                        }
+                        (VcpuRequest::Pause, ReplyOutcome::Paused)
+                        | (VcpuRequest::Resume, ReplyOutcome::Resumed) => {}
+                        other => panic!("unexpected reply {other:?}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    for s in senders {
+        s.join().expect("sender thread");
+    }
+    expect(&h, VcpuRequest::Resume, ReplyOutcome::Resumed);
+    let before = vm.read_u64(DATA_ADDR);
+    wait_until("the guest to keep running", || {
+        vm.read_u64(DATA_ADDR) > before
+    });
+    let h = Arc::into_inner(h).expect("last handle");
+    h.join(TIMEOUT).expect("join");
+}
+
+#[test]
+fn requests_in_paused_and_running_states() {
+    let Some(kvm) = kvm_or_skip("requests_in_paused_and_running_states") else {
+        return;
+    };
+    let vm = TestVm::new(kvm, false);
+    let h = counter_actor(&vm, Recorder::new());
+    let tid = h.tid().expect("tid");
+
+    expect(&h, VcpuRequest::Pause, ReplyOutcome::Paused);
+    expect(
+        &h,
+        VcpuRequest::GetState,
+        ReplyOutcome::State(VcpuState::Paused),
+    );
+    expect(&h, VcpuRequest::GetTid, ReplyOutcome::Tid(tid));
+    assert_eq!(h.metrics().pauses, 0, "pause while paused is a no-op");
+
+    expect(&h, VcpuRequest::Resume, ReplyOutcome::Resumed);
+    expect(&h, VcpuRequest::Resume, ReplyOutcome::Resumed);
+    expect(
+        &h,
+        VcpuRequest::GetState,
+        ReplyOutcome::State(VcpuState::Running),
+    );
+    expect(&h, VcpuRequest::GetTid, ReplyOutcome::Tid(tid));
+    assert_eq!(h.metrics().resumes, 1, "resume while running is a no-op");
+
+    // Exit straight from running.
+    expect(&h, VcpuRequest::Exit, ReplyOutcome::Exited);
+    // After exit: either the send fails or the queued request is refused.
+    match h.request(VcpuRequest::Resume, TIMEOUT) {
+        Err(VcpuError::ThreadGone { state, .. }) => assert_eq!(state, VcpuState::Exited),
+        Ok(r) => assert!(matches!(r.outcome, ReplyOutcome::NotAllowed(_)), "{r:?}"),
+        Err(e) => panic!("unexpected error {e}"),
+    }
+    h.join(TIMEOUT).expect("join");
+}
+
+#[test]
+fn exit_while_paused_and_drop_without_join() {
+    let Some(kvm) = kvm_or_skip("exit_while_paused_and_drop_without_join") else {
+        return;
+    };
+    let vm = TestVm::new(kvm, false);
+    let h = counter_actor(&vm, Recorder::new());
+    expect(&h, VcpuRequest::Exit, ReplyOutcome::Exited);
+    expect_gone_or_refused(&h);
+    h.join(TIMEOUT).expect("join");
+
+    // join() on a running actor sends Exit itself.
+    let h = counter_actor(&vm_again(), Recorder::new());
+    expect(&h, VcpuRequest::Resume, ReplyOutcome::Resumed);
+    h.join(TIMEOUT).expect("join of a running actor");
+
+    // Dropping a running handle stops the thread (it is detached, nothing to assert but
+    // that the drop does not hang or panic).
+    let h = counter_actor(&vm_again(), Recorder::new());
+    expect(&h, VcpuRequest::Resume, ReplyOutcome::Resumed);
+    drop(h);
+}
+
+fn vm_again() -> TestVm {
+    TestVm::new(kvm_ioctls::Kvm::new().expect("kvm"), false)
+}
+
+fn expect_gone_or_refused(h: &VcpuHandle) {
+    match h.request(VcpuRequest::Pause, TIMEOUT) {
+        Err(VcpuError::ThreadGone { .. }) => {}
+        Ok(r) => assert!(matches!(r.outcome, ReplyOutcome::NotAllowed(_)), "{r:?}"),
+        Err(e) => panic!("unexpected error {e}"),
+    }
+}
