@@ -1,0 +1,492 @@
+//! The VMM-side upcall client: connection state machine, one request at a time.
+
+use std::io::{self, Write};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use slog::{debug, info, o, warn, Logger};
+
+use crate::connector::{UpcallConnector, UpcallStream};
+use crate::error::{io_error, HotplugError, Operation, Phase};
+use crate::protocol::{
+    decode_cpu_reply, decode_greeting, encode_cpu_request, CpuDevReply, CpuDevRequest, CpuOp,
+    MessageReader, MsgBuf, ReadProgress, DEV_MGR_SERVICE_BYTE, MSG_SIZE,
+};
+
+/// The shortest timeout or delay the client uses (a zero would mean "block" to the OS).
+const MIN_DURATION: Duration = Duration::from_millis(1);
+
+/// Timeouts and the reconnect policy of an [`UpcallClient`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct UpcallConfig {
+    /// How long the guest has to answer a request (default 5 s). On expiry the request fails
+    /// with [`HotplugError::Timeout`] and the connection is dropped.
+    pub reply_timeout: Duration,
+    /// How long the guest has to send its greeting after the service byte (default 5 s).
+    pub greeting_timeout: Duration,
+    /// The delay before the first reconnect attempt (default 10 ms, as Dragonball).
+    pub connect_retry_delay: Duration,
+    /// The delay doubles after each failed attempt up to this (default 10 ms: a fixed delay,
+    /// as Dragonball; raise it for exponential backoff).
+    pub connect_retry_max_delay: Duration,
+    /// Connection attempts per connect, including the first (default 500, as Dragonball; 0 is
+    /// taken as 1). When all fail: [`HotplugError::ConnectBudgetExhausted`].
+    pub connect_retry_budget: u32,
+}
+
+impl Default for UpcallConfig {
+    fn default() -> Self {
+        UpcallConfig {
+            reply_timeout: Duration::from_secs(5),
+            greeting_timeout: Duration::from_secs(5),
+            connect_retry_delay: Duration::from_millis(10),
+            connect_retry_max_delay: Duration::from_millis(10),
+            connect_retry_budget: 500,
+        }
+    }
+}
+
+/// Why the last connection was dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum BrokenReason {
+    /// No (complete) answer in time.
+    Timeout,
+    /// The peer closed or reset the connection.
+    ConnectionReset,
+    /// The peer sent something the protocol does not allow.
+    Protocol,
+    /// Another I/O or connector error.
+    Io,
+}
+
+/// The client's observable state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum UpcallState {
+    /// No connection (initially, and after [`UpcallClient::disconnect`]).
+    Disconnected,
+    /// Opening a connection; `attempt` counts from 1 within this connect.
+    Connecting {
+        /// The attempt in progress.
+        attempt: u32,
+    },
+    /// The stream is open and the service byte sent; waiting for the greeting.
+    WaitingGreeting,
+    /// Connected, no request in flight.
+    Ready,
+    /// A request is in flight.
+    Busy(CpuOp),
+    /// The connection was dropped after an error; the next request reconnects.
+    Broken(BrokenReason),
+    /// The last connect used up its budget; the next request tries again with a fresh one.
+    Failed {
+        /// Attempts made.
+        attempts: u32,
+    },
+}
+
+impl std::fmt::Display for UpcallState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UpcallState::Disconnected => f.write_str("disconnected"),
+            UpcallState::Connecting { attempt } => write!(f, "connecting (attempt {attempt})"),
+            UpcallState::WaitingGreeting => f.write_str("waiting for the greeting"),
+            UpcallState::Ready => f.write_str("ready"),
+            UpcallState::Busy(op) => write!(f, "busy ({op} in flight)"),
+            UpcallState::Broken(reason) => write!(f, "broken ({reason:?}), will reconnect"),
+            UpcallState::Failed { attempts } => {
+                write!(f, "failed to connect after {attempts} attempts")
+            }
+        }
+    }
+}
+
+impl UpcallState {
+    /// The state after an operation failed with `error` (the connection is dropped unless the
+    /// guest simply refused).
+    fn after_error(error: &HotplugError) -> Self {
+        match error {
+            HotplugError::GuestError { .. } => UpcallState::Ready,
+            HotplugError::ConnectBudgetExhausted { attempts, .. } => UpcallState::Failed {
+                attempts: *attempts,
+            },
+            HotplugError::Timeout { .. } => UpcallState::Broken(BrokenReason::Timeout),
+            HotplugError::ConnectionReset { .. } => {
+                UpcallState::Broken(BrokenReason::ConnectionReset)
+            }
+            HotplugError::BadMagic { .. }
+            | HotplugError::BadGreeting { .. }
+            | HotplugError::UnexpectedMsgType { .. }
+            | HotplugError::UnexpectedMsgSize { .. }
+            | HotplugError::ApicIndexMismatch { .. }
+            | HotplugError::InvalidResult { .. }
+            | HotplugError::HandshakeLineTooLong { .. }
+            | HotplugError::HandshakeRejected { .. } => UpcallState::Broken(BrokenReason::Protocol),
+            _ => UpcallState::Broken(BrokenReason::Io),
+        }
+    }
+}
+
+struct Shared {
+    state: UpcallState,
+    in_flight: Option<Operation>,
+}
+
+struct Conn {
+    connector: Box<dyn UpcallConnector>,
+    stream: Option<Box<dyn UpcallStream>>,
+}
+
+/// Why sending a message failed.
+enum SendFailure {
+    /// Not one byte went out: the request was certainly not delivered.
+    NothingSent(HotplugError),
+    /// Part of the message may have gone out.
+    Partial(HotplugError),
+}
+
+/// Marks one operation in flight; clears the mark (and a mid-way state) when dropped.
+struct InFlight<'a> {
+    client: &'a UpcallClient,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let mut shared = lock(&self.client.shared);
+        shared.in_flight = None;
+        if matches!(
+            shared.state,
+            UpcallState::Connecting { .. } | UpcallState::WaitingGreeting | UpcallState::Busy(_)
+        ) {
+            // Only reached if the operation unwound part-way.
+            shared.state = UpcallState::Disconnected;
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The VMM side of upcall: connects to the guest's device-manager service and sends
+/// `ADD_CPU` / `DEL_CPU` requests, one at a time.
+///
+/// `Send + Sync`; every method takes `&self`. A caller that arrives while another operation is
+/// in flight gets [`HotplugError::Busy`] at once (nothing is queued). Requests connect first
+/// when there is no connection. Any error other than the guest's refusal drops the
+/// connection, so a late or stray reply can never be taken for the answer to a later request.
+pub struct UpcallClient {
+    shared: Mutex<Shared>,
+    conn: Mutex<Conn>,
+    config: UpcallConfig,
+    logger: Logger,
+}
+
+impl std::fmt::Debug for UpcallClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpcallClient")
+            .field("state", &self.state())
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl UpcallClient {
+    /// A disconnected client; nothing happens until [`connect`](Self::connect) or a request.
+    /// Zero durations in `config` are taken as 1 ms.
+    pub fn new(connector: Box<dyn UpcallConnector>, config: UpcallConfig, logger: Logger) -> Self {
+        let config = UpcallConfig {
+            reply_timeout: config.reply_timeout.max(MIN_DURATION),
+            greeting_timeout: config.greeting_timeout.max(MIN_DURATION),
+            connect_retry_delay: config.connect_retry_delay.max(MIN_DURATION),
+            connect_retry_max_delay: config.connect_retry_max_delay.max(MIN_DURATION),
+            connect_retry_budget: config.connect_retry_budget.max(1),
+        };
+        UpcallClient {
+            shared: Mutex::new(Shared {
+                state: UpcallState::Disconnected,
+                in_flight: None,
+            }),
+            conn: Mutex::new(Conn {
+                connector,
+                stream: None,
+            }),
+            config,
+            logger: logger.new(o!("upcall" => "client")),
+        }
+    }
+
+    /// The configuration in use (after clamping).
+    pub fn config(&self) -> &UpcallConfig {
+        &self.config
+    }
+
+    /// The current state (never blocks on a request in flight).
+    pub fn state(&self) -> UpcallState {
+        lock(&self.shared).state
+    }
+
+    /// Connects if not connected: stream from the connector, service byte `d`, greeting check.
+    /// Retries retryable failures with backoff within the budget.
+    pub fn connect(&self) -> Result<(), HotplugError> {
+        let _in_flight = self.begin(Operation::Connect)?;
+        let mut conn = lock(&self.conn);
+        if conn.stream.is_some() {
+            return Ok(());
+        }
+        let result = self.connect_locked(&mut conn);
+        self.finish(&mut conn, &result);
+        result
+    }
+
+    /// Drops the connection (if any); the state becomes `Disconnected`.
+    pub fn disconnect(&self) -> Result<(), HotplugError> {
+        let _in_flight = self.begin(Operation::Connect)?;
+        let mut conn = lock(&self.conn);
+        if conn.stream.take().is_some() {
+            info!(self.logger, "upcall connection closed on request");
+        }
+        self.set_state(UpcallState::Disconnected);
+        Ok(())
+    }
+
+    /// Asks the guest to online the CPUs with these APIC IDs, in this order.
+    ///
+    /// The vCPUs must exist and wait for INIT/SIPI before this is called. On
+    /// [`HotplugError::GuestError`] the CPUs before the failing one may be online (the guest
+    /// does not roll back); on [`HotplugError::Timeout`] / [`HotplugError::ConnectionReset`]
+    /// the outcome is unknown ([`HotplugError::outcome_unknown`]).
+    pub fn add_cpus(&self, apic_ids: &[u8], apic_ver: u8) -> Result<CpuDevReply, HotplugError> {
+        self.cpu_request(CpuOp::Add, apic_ids, apic_ver)
+    }
+
+    /// Asks the guest to offline the CPUs with these APIC IDs, in this order. Only after
+    /// success may the VMM stop those vCPU threads.
+    pub fn del_cpus(&self, apic_ids: &[u8]) -> Result<CpuDevReply, HotplugError> {
+        // The guest ignores apic_ver for DEL_CPU; send what Dragonball sends.
+        self.cpu_request(CpuOp::Del, apic_ids, crate::protocol::DEFAULT_APIC_VERSION)
+    }
+
+    fn cpu_request(
+        &self,
+        op: CpuOp,
+        apic_ids: &[u8],
+        apic_ver: u8,
+    ) -> Result<CpuDevReply, HotplugError> {
+        // Validate before touching the connection: a bad request changes nothing.
+        let request = CpuDevRequest::new(apic_ids, apic_ver)?;
+        let msg = encode_cpu_request(op, &request)?;
+        let _in_flight = self.begin(Operation::Cpu(op))?;
+        let mut conn = lock(&self.conn);
+        debug!(self.logger, "sending upcall request"; "op" => %op, "apic_ids" => ?apic_ids);
+        let result = self.exchange(&mut conn, op, &msg, request.count());
+        self.finish(&mut conn, &result);
+        match &result {
+            Ok(reply) => info!(self.logger, "upcall request done";
+                "op" => %op, "apic_ids" => ?apic_ids, "apic_index" => reply.apic_index),
+            Err(e) => warn!(self.logger, "upcall request failed";
+                "op" => %op, "apic_ids" => ?apic_ids, "error" => %e),
+        }
+        result
+    }
+
+    /// Claims the client for one operation, or says what is in flight.
+    fn begin(&self, op: Operation) -> Result<InFlight<'_>, HotplugError> {
+        let mut shared = lock(&self.shared);
+        if let Some(in_flight) = shared.in_flight {
+            return Err(HotplugError::Busy { in_flight });
+        }
+        shared.in_flight = Some(op);
+        Ok(InFlight { client: self })
+    }
+
+    fn set_state(&self, state: UpcallState) {
+        lock(&self.shared).state = state;
+    }
+
+    /// Sets the state after an operation; drops the connection on any error but a refusal.
+    fn finish<T>(&self, conn: &mut Conn, result: &Result<T, HotplugError>) {
+        match result {
+            Ok(_) => self.set_state(UpcallState::Ready),
+            Err(e) => {
+                let state = UpcallState::after_error(e);
+                if state != UpcallState::Ready && conn.stream.take().is_some() {
+                    info!(self.logger, "upcall connection dropped"; "state" => %state);
+                }
+                self.set_state(state);
+            }
+        }
+    }
+
+    fn exchange(
+        &self,
+        conn: &mut Conn,
+        op: CpuOp,
+        msg: &MsgBuf,
+        count: u8,
+    ) -> Result<CpuDevReply, HotplugError> {
+        if conn.stream.is_none() {
+            self.connect_locked(conn)?;
+        }
+        self.set_state(UpcallState::Busy(op));
+        match self.send_request(conn, msg) {
+            Ok(()) => {}
+            Err(SendFailure::NothingSent(e)) => {
+                // The stream died while idle (e.g. the guest or muxer restarted); the request
+                // never left, so it is safe to reconnect and send it once more.
+                info!(self.logger, "upcall connection found dead before sending, reconnecting";
+                    "error" => %e);
+                conn.stream = None;
+                self.connect_locked(conn)?;
+                self.set_state(UpcallState::Busy(op));
+                self.send_request(conn, msg).map_err(|f| match f {
+                    SendFailure::NothingSent(e) | SendFailure::Partial(e) => e,
+                })?;
+            }
+            Err(SendFailure::Partial(e)) => return Err(e),
+        }
+        let stream = conn
+            .stream
+            .as_deref_mut()
+            .ok_or(HotplugError::ConnectionReset {
+                during: Phase::Reply,
+                bytes: 0,
+            })?;
+        let reply = read_message_within(stream, Phase::Reply, self.config.reply_timeout)?;
+        decode_cpu_reply(&reply, op, count)
+    }
+
+    fn send_request(&self, conn: &mut Conn, msg: &MsgBuf) -> Result<(), SendFailure> {
+        let during = Phase::Request;
+        let Some(stream) = conn.stream.as_deref_mut() else {
+            return Err(SendFailure::NothingSent(HotplugError::ConnectionReset {
+                during,
+                bytes: 0,
+            }));
+        };
+        let mut sent = 0;
+        while sent < MSG_SIZE {
+            match stream.write(&msg[sent..]) {
+                Ok(0) => {
+                    let e = HotplugError::ConnectionReset {
+                        during,
+                        bytes: sent,
+                    };
+                    return Err(if sent == 0 {
+                        SendFailure::NothingSent(e)
+                    } else {
+                        SendFailure::Partial(e)
+                    });
+                }
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    let e = io_error(during, sent, self.config.reply_timeout, e);
+                    let reset = matches!(e, HotplugError::ConnectionReset { .. });
+                    return Err(if sent == 0 && reset {
+                        SendFailure::NothingSent(e)
+                    } else {
+                        SendFailure::Partial(e)
+                    });
+                }
+            }
+        }
+        stream
+            .flush()
+            .map_err(|e| SendFailure::Partial(io_error(during, sent, self.config.reply_timeout, e)))
+    }
+
+    /// Connects with retries; on success the stream is in `conn` (state left to the caller).
+    fn connect_locked(&self, conn: &mut Conn) -> Result<(), HotplugError> {
+        let budget = self.config.connect_retry_budget;
+        let mut delay = self.config.connect_retry_delay;
+        let mut attempt = 1;
+        loop {
+            self.set_state(UpcallState::Connecting { attempt });
+            match self.connect_once(conn) {
+                Ok(stream) => {
+                    conn.stream = Some(stream);
+                    info!(self.logger, "upcall connected"; "attempt" => attempt);
+                    return Ok(());
+                }
+                Err(e) if !e.is_retryable() => {
+                    warn!(self.logger, "upcall connect failed"; "attempt" => attempt, "error" => %e);
+                    return Err(e);
+                }
+                Err(e) if attempt >= budget => {
+                    warn!(self.logger, "upcall connect budget exhausted";
+                        "attempts" => attempt, "error" => %e);
+                    return Err(HotplugError::ConnectBudgetExhausted {
+                        attempts: attempt,
+                        last: Box::new(e),
+                    });
+                }
+                Err(e) => {
+                    debug!(self.logger, "upcall connect attempt failed, will retry";
+                        "attempt" => attempt, "delay" => ?delay, "error" => %e);
+                    std::thread::sleep(delay);
+                    delay = delay
+                        .saturating_mul(2)
+                        .min(self.config.connect_retry_max_delay)
+                        .max(MIN_DURATION);
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    /// One attempt: connector, service byte, greeting.
+    fn connect_once(&self, conn: &mut Conn) -> Result<Box<dyn UpcallStream>, HotplugError> {
+        let mut stream = conn.connector.connect()?;
+        let timeout = self.config.greeting_timeout;
+        stream
+            .write_all(&[DEV_MGR_SERVICE_BYTE])
+            .and_then(|()| stream.flush())
+            .map_err(|e| io_error(Phase::ServiceByte, 0, timeout, e))?;
+        self.set_state(UpcallState::WaitingGreeting);
+        let greeting = read_message_within(stream.as_mut(), Phase::Greeting, timeout)?;
+        decode_greeting(&greeting)?;
+        Ok(stream)
+    }
+}
+
+/// Reads exactly one message within `timeout` (one deadline for all the reads).
+fn read_message_within(
+    stream: &mut dyn UpcallStream,
+    during: Phase,
+    timeout: Duration,
+) -> Result<MsgBuf, HotplugError> {
+    // A timeout too large for the clock means "no deadline".
+    let deadline = Instant::now().checked_add(timeout);
+    let mut reader = MessageReader::new();
+    loop {
+        let remaining = match deadline {
+            Some(deadline) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(HotplugError::Timeout { during, timeout });
+                }
+                Some(left)
+            }
+            None => None,
+        };
+        stream
+            .set_read_timeout(remaining)
+            .map_err(|source| HotplugError::Io { during, source })?;
+        match reader.read_from(stream) {
+            Ok(ReadProgress::Complete) => {
+                return reader
+                    .message()
+                    .copied()
+                    .ok_or(HotplugError::ConnectionReset {
+                        during,
+                        bytes: reader.filled(),
+                    })
+            }
+            Ok(ReadProgress::Partial(_)) => {}
+            Ok(ReadProgress::Eof(bytes)) => {
+                return Err(HotplugError::ConnectionReset { during, bytes })
+            }
+            Err(e) => return Err(io_error(during, reader.filled(), timeout, e)),
+        }
+    }
+}
