@@ -1,1 +1,73 @@
-//! placeholder
+//! The VM and its vCPU manager, from configuration to a clean stop.
+//!
+//! This crate owns:
+//! - [`VcpuConfig`] and its validation against this host's KVM ([`KvmLimits`]), before any KVM
+//!   object exists;
+//! - [`Vm`]: a KVM VM with in-kernel irqchip and PIT, guest memory (`GuestMemoryMmap`), the
+//!   port-I/O/MMIO [`IoBus`] (the vCPU actors' exit handler), a 16550 console and the
+//!   shutdown port ([`devices`]);
+//! - [`VcpuManager`]: creates the vCPUs (KVM vCPU id = the topology's APIC ID), configures
+//!   them (CPUID from `topology` + `vpmu`, MSRs, LAPIC, FPU, BSP registers through a
+//!   [`BootEntry`]), starts, pauses, resumes and exits them, and turns a vCPU's
+//!   `waiting_exit` into a stop of the whole VM ([`exit`]);
+//! - the vPMU KVM actions ([`pmu`]);
+//! - a loader for small 64-bit guest programs ([`loader`]); Linux boot is in [`boot`].
+//!
+//! # Example
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use vmm_core::loader::{load_program, GuestProgram};
+//! use vmm_core::{build_vm, VcpuConfig, VcpuManagerOptions, VmOptions};
+//!
+//! # fn main() -> Result<(), vmm_core::VmmError> {
+//! let kvm = kvm_ioctls::Kvm::new().map_err(vmm_core::VmmError::KvmOpen)?;
+//! // 2 boot vCPUs of at most 4 (1 socket x 4 cores), no vPMU.
+//! let config = VcpuConfig::with_counts(2, 4)?;
+//! let (vm, mut vcpus) =
+//!     build_vm(kvm, VmOptions::default(), config, VcpuManagerOptions::default())?;
+//! // A CPL-3 program: write to the shutdown port (out %al, $0x600 needs dx).
+//! let code = [0x66, 0xba, 0x00, 0x06, 0xee]; // mov $0x600, %dx; out %al, (%dx)
+//! let entry = load_program(vm.memory(), &GuestProgram::user("stop", &code, 0))?;
+//! vcpus.create_boot_vcpus(Arc::new(entry))?;
+//! vcpus.start_boot_vcpus()?;
+//! let stop = vcpus.run_until_exit()?;
+//! println!("{stop}"); // the VM stopped: vCPU 0 ... device requested stop
+//! # Ok(())
+//! # }
+//! ```
+
+pub mod boot;
+pub mod bus;
+pub mod config;
+pub mod cpuid;
+pub mod devices;
+mod error;
+pub mod exit;
+pub mod loader;
+pub mod manager;
+pub mod pmu;
+pub mod vm;
+
+use kvm_ioctls::VcpuFd;
+use vm_memory::GuestMemoryMmap;
+
+pub use bus::{BusAccess, BusDevice, BusSpace, IoBus};
+pub use config::{InterruptMode, KvmLimits, VcpuConfig};
+pub use error::VmmError;
+pub use exit::{ExitMonitor, ExitSignal, StopCause, VmStopReason};
+pub use manager::{build_vm, VcpuInfo, VcpuManager, VcpuManagerOptions};
+pub use vm::{Vm, VmOptions};
+
+/// How the BSP is set up for what was loaded into guest memory: registers, segments, paging.
+/// Implemented by the guest-program loader ([`loader::LoadedProgram`]) and by the Linux boot
+/// code in [`boot`].
+pub trait BootEntry: Send + Sync {
+    /// Sets the BSP's registers (and anything else it needs) so that it starts at the entry.
+    fn setup_bsp(&self, vcpu: &VcpuFd, mem: &GuestMemoryMmap) -> Result<(), VmmError>;
+}
+
+/// A [`vcpu_actor::DeviceError`] with this message.
+pub(crate) fn device_error(msg: String) -> vcpu_actor::DeviceError {
+    vcpu_actor::DeviceError(msg)
+}

@@ -1,0 +1,63 @@
+//! A VM running one of the guest programs, as the tests and benchmarks use it.
+
+use std::sync::Arc;
+
+use vm_memory::{Bytes, GuestAddress};
+use vmm_core::loader::load_program;
+use vmm_core::{
+    build_vm, BusSpace, VcpuConfig, VcpuManager, VcpuManagerOptions, Vm, VmOptions, VmmError,
+};
+
+use super::{counter_addr, ports, CpuidReports, GuestCode};
+
+/// A VM with a guest program loaded, the report ports registered and the boot vCPUs created
+/// (not started).
+pub struct GuestVm {
+    /// The VM.
+    pub vm: Arc<Vm>,
+    /// Its vCPUs.
+    pub vcpus: VcpuManager,
+    /// What the vCPUs reported through the report ports.
+    pub reports: Arc<CpuidReports>,
+}
+
+impl GuestVm {
+    /// Builds the VM for `config`, loads `code` at CPL 3 and creates the boot vCPUs.
+    pub fn create(
+        kvm: kvm_ioctls::Kvm,
+        code: GuestCode,
+        config: VcpuConfig,
+        vm_options: VmOptions,
+        options: VcpuManagerOptions,
+    ) -> Result<Self, VmmError> {
+        let (vm, mut vcpus) = build_vm(kvm, vm_options, config, options)?;
+        let reports = Arc::new(CpuidReports::new());
+        vm.io_bus().register(
+            BusSpace::Pio,
+            u64::from(ports::REPORT_BASE),
+            u64::from(ports::REPORT_LEN),
+            "cpuid-reports",
+            reports.clone(),
+        )?;
+        let entry = load_program(vm.memory(), &code.program())?;
+        vcpus.create_boot_vcpus(Arc::new(entry))?;
+        Ok(Self { vm, vcpus, reports })
+    }
+
+    /// The counter of the vCPU with APIC ID `apic_id` (the smp_counter program).
+    pub fn counter(&self, apic_id: u32) -> u64 {
+        self.vm
+            .memory()
+            .read_obj::<u64>(GuestAddress(counter_addr(apic_id)))
+            .unwrap_or(0)
+    }
+
+    /// The counters of the present vCPUs, in index order.
+    pub fn counters(&self) -> Vec<u64> {
+        self.vcpus
+            .present_vcpus()
+            .iter()
+            .map(|v| self.counter(v.apic_id))
+            .collect()
+    }
+}

@@ -1,0 +1,50 @@
+//! Where Linux boot puts things in guest physical memory.
+//!
+//! Everything the VMM writes for the kernel lives in the first MiB, except the kernel itself
+//! (from 1 MiB, or where an ELF vmlinux asks) and the initrd (as high as it may go):
+//!
+//! | address | what |
+//! | --- | --- |
+//! | `0x0400..0x0500` | BIOS data area: only the EBDA segment (`0x40e`) and base memory size (`0x413`) |
+//! | [`GDT_ADDR`] | the boot GDT (null, null, `__BOOT_CS` 0x10, `__BOOT_DS` 0x18, TSS 0x20) |
+//! | [`ZERO_PAGE_ADDR`] | `struct boot_params` (the "zero page"), 4 KiB |
+//! | [`BOOT_STACK_TOP`] | top of a small stack (the 64-bit entry does not need one; set anyway) |
+//! | [`PML4_ADDR`].. | identity page tables for the first 4 GiB (2 MiB pages) |
+//! | [`CMDLINE_ADDR`] | the command line, at most [`CMDLINE_AREA_SIZE`] bytes with its NUL |
+//! | [`EBDA_START`]..[`EBDA_END`] | extended BIOS data area: the MP table; e820 `reserved` |
+//! | [`HIGH_MEMORY_START`] | the protected-mode kernel of a bzImage (its `code32_start`) |
+
+/// The BIOS data area field holding the EBDA's real-mode segment (`u16`).
+pub const BDA_EBDA_SEGMENT: u64 = 0x40e;
+/// The BIOS data area field holding the base memory size in KiB (`u16`).
+pub const BDA_BASE_MEMORY_KB: u64 = 0x413;
+/// The boot GDT.
+pub const GDT_ADDR: u64 = 0x500;
+/// The zero page (`struct boot_params`), whose address goes to the kernel in `RSI`.
+pub const ZERO_PAGE_ADDR: u64 = 0x7000;
+/// The initial stack pointer.
+pub const BOOT_STACK_TOP: u64 = 0x8ff0;
+/// The PML4 table.
+pub const PML4_ADDR: u64 = 0x9000;
+/// The page-directory-pointer table.
+pub const PDPT_ADDR: u64 = 0xa000;
+/// Four page directories (one per GiB, 2 MiB pages), `0xb000..0xf000`.
+pub const PD_ADDR: u64 = 0xb000;
+/// How much is identity-mapped at entry: everything below 4 GiB.
+pub const IDENTITY_MAPPED: u64 = 4 << 30;
+/// The command line.
+pub const CMDLINE_ADDR: u64 = 0x2_0000;
+/// The room for the command line, with its terminating NUL.
+pub const CMDLINE_AREA_SIZE: u64 = 0x1_0000;
+/// The start of the extended BIOS data area, which holds the MP table.
+pub const EBDA_START: u64 = 0x9_e000;
+/// The end (exclusive) of the EBDA and of conventional memory.
+pub const EBDA_END: u64 = 0xa_0000;
+/// The first address above the legacy VGA/BIOS hole: where RAM resumes in the e820 map.
+pub const HIGH_MEMORY_START: u64 = 0x10_0000;
+/// The MP floating pointer structure, at the start of the EBDA.
+pub const MPTABLE_START: u64 = EBDA_START;
+/// The local APIC's MMIO address (also in the MP table header).
+pub const LAPIC_ADDR: u32 = 0xfee0_0000;
+/// The I/O APIC's MMIO address.
+pub const IOAPIC_ADDR: u32 = 0xfec0_0000;

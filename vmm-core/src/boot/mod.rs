@@ -1,0 +1,292 @@
+//! Booting a Linux kernel: image loading, boot parameters, MP table, 64-bit entry.
+//!
+//! [`load_linux`] writes everything a 64-bit Linux kernel needs into guest memory, following
+//! the Linux x86 boot protocol (`Documentation/arch/x86/boot.rst`), and returns a
+//! [`LinuxBootEntry`], the [`BootEntry`] that puts the BSP at the kernel's 64-bit entry:
+//! - the kernel, a bzImage or an ELF vmlinux ([`kernel`], with linux-loader), at 1 MiB or
+//!   where the ELF says;
+//! - an optional initrd, as high as the kernel's `initrd_addr_max`, the end of low RAM and the
+//!   kernel's own footprint allow ([`params::place_initrd`]);
+//! - the command line, checked against the kernel's `cmdline_size`;
+//! - the zero page (`struct boot_params`) with an e820 map of guest memory ([`e820`]);
+//! - the MP table listing every possible vCPU ([`mptable`]), in the EBDA, which the BIOS data
+//!   area points to and the e820 map reserves;
+//! - a GDT (`__BOOT_CS` 0x10, `__BOOT_DS` 0x18) and identity page tables for the first
+//!   4 GiB ([`cpu`]).
+//!
+//! The APs are not touched: the vCPU manager leaves them waiting for INIT/SIPI, which the
+//! kernel sends when it brings them up. The console is the VM's 16550 at 0x3F8, whose IRQ 4
+//! reaches the in-kernel irqchip through an irqfd on GSI 4 ([`crate::Vm::new`]); the MP table
+//! wires ISA IRQ 4 to I/O APIC pin 4 to match. Memory layout: [`layout`].
+//!
+//! # Example
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use vmm_core::boot::{load_linux, mp_cpus, LinuxBootConfig};
+//! use vmm_core::{build_vm, VcpuConfig, VcpuManagerOptions, VmOptions};
+//!
+//! # fn main() -> Result<(), vmm_core::VmmError> {
+//! let kvm = kvm_ioctls::Kvm::new().map_err(vmm_core::VmmError::KvmOpen)?;
+//! let config = VcpuConfig::with_counts(2, 4)?;
+//! let vm_options = VmOptions {
+//!     memory_size: 256 << 20,
+//!     serial_output: Box::new(std::io::stdout()),
+//!     ..VmOptions::default()
+//! };
+//! let (vm, mut vcpus) = build_vm(kvm, vm_options, config.clone(), VcpuManagerOptions::default())?;
+//! let mut boot = LinuxBootConfig::new("/boot/vmlinuz");
+//! boot.cmdline = "console=ttyS0 noxsave".into();
+//! let entry = load_linux(vm.memory(), &boot, &mp_cpus(&config)?)?;
+//! vcpus.create_boot_vcpus(Arc::new(entry))?;
+//! vcpus.start_boot_vcpus()?;
+//! println!("{}", vcpus.run_until_exit()?);
+//! # Ok(())
+//! # }
+//! ```
+
+pub mod cpu;
+pub mod e820;
+#[cfg(test)]
+mod experiment;
+pub mod kernel;
+pub mod layout;
+pub mod mptable;
+pub mod params;
+
+use std::fs::File;
+use std::path::PathBuf;
+
+use kvm_ioctls::VcpuFd;
+use slog::{info, o, Logger};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+pub use e820::{build_e820, E820Entry, E820Type};
+pub use kernel::{KernelFormat, LoadedKernel};
+pub use mptable::{setup_mptable, MpCpu};
+pub use params::InitrdPlacement;
+
+use crate::{BootEntry, VcpuConfig, VmmError};
+
+/// What to boot.
+#[derive(Clone, Debug)]
+pub struct LinuxBootConfig {
+    /// The kernel: a bzImage or an uncompressed 64-bit ELF vmlinux.
+    pub kernel: PathBuf,
+    /// An optional initrd (initramfs), loaded as is.
+    pub initrd: Option<PathBuf>,
+    /// The kernel command line, e.g. `console=ttyS0`.
+    pub cmdline: String,
+    /// Logger (default: discard).
+    pub logger: Logger,
+}
+
+impl LinuxBootConfig {
+    /// Boots `kernel` without initrd, with an empty command line.
+    pub fn new(kernel: impl Into<PathBuf>) -> Self {
+        Self {
+            kernel: kernel.into(),
+            initrd: None,
+            cmdline: String::new(),
+            logger: Logger::root(slog::Discard, o!()),
+        }
+    }
+}
+
+/// A loaded kernel, ready to run: the [`BootEntry`] for the BSP, plus what was placed where.
+#[derive(Clone, Debug)]
+pub struct LinuxBootEntry {
+    /// The kernel as loaded (format, entry point, footprint).
+    pub kernel: LoadedKernel,
+    /// The zero page's address (`RSI` at the entry).
+    pub zero_page: u64,
+    /// Where the initrd went, if there is one.
+    pub initrd: Option<InitrdPlacement>,
+    /// The command line as written (without the NUL).
+    pub cmdline: String,
+    /// The e820 map given to the kernel.
+    pub e820: Vec<E820Entry>,
+    /// The MP table's processors.
+    pub cpus: Vec<MpCpu>,
+}
+
+impl LinuxBootEntry {
+    /// The kernel's 64-bit entry point.
+    pub fn entry_point(&self) -> u64 {
+        self.kernel.entry
+    }
+}
+
+impl BootEntry for LinuxBootEntry {
+    /// Long mode at CPL 0 with the boot GDT and identity paging, `RIP` = the 64-bit entry,
+    /// `RSI` = the zero page, interrupts off.
+    fn setup_bsp(&self, vcpu: &VcpuFd, _mem: &GuestMemoryMmap) -> Result<(), VmmError> {
+        // The BSP is vCPU index 0, whose APIC ID is 0 in every topology.
+        let err = |op| {
+            move |source| VmmError::VcpuKvm {
+                vcpu_id: 0,
+                op,
+                source,
+            }
+        };
+        let sregs = vcpu.get_sregs().map_err(err("KVM_GET_SREGS"))?;
+        vcpu.set_sregs(&cpu::entry_sregs(sregs))
+            .map_err(err("KVM_SET_SREGS"))?;
+        vcpu.set_regs(&cpu::entry_regs(self.kernel.entry, self.zero_page))
+            .map_err(err("KVM_SET_REGS"))
+    }
+}
+
+/// The MP table's processors for `config`: every possible vCPU in index order with its
+/// topology APIC ID, the boot vCPUs enabled, vCPU 0 the BSP.
+pub fn mp_cpus(config: &VcpuConfig) -> Result<Vec<MpCpu>, VmmError> {
+    (0..config.max_vcpu_count)
+        .map(|index| {
+            let apic_id = config.topology.apic_id(index)?;
+            let apic_id = u8::try_from(apic_id)
+                .ok()
+                .filter(|id| *id != 0xff)
+                .ok_or_else(|| VmmError::MpTableCpus {
+                    reason: format!(
+                        "vCPU index {index} has APIC ID {apic_id}, which an MP table (8-bit \
+                         xAPIC IDs, 255 = broadcast) cannot hold: use a smaller topology"
+                    ),
+                })?;
+            Ok(MpCpu {
+                apic_id,
+                enabled: index < config.boot_vcpu_count,
+                bsp: index == 0,
+            })
+        })
+        .collect()
+}
+
+fn write_guest(mem: &GuestMemoryMmap, addr: u64, bytes: &[u8]) -> Result<(), VmmError> {
+    mem.write_slice(bytes, GuestAddress(addr))
+        .map_err(|source| VmmError::GuestMemory {
+            addr,
+            len: bytes.len(),
+            source,
+        })
+}
+
+/// Loads the initrd at `path` as high as it may go, above `lowest`.
+fn load_initrd(
+    mem: &GuestMemoryMmap,
+    path: &std::path::Path,
+    lowest: u64,
+    ram_end: u64,
+    addr_max: u32,
+) -> Result<InitrdPlacement, VmmError> {
+    let read_err = |source| VmmError::InitrdRead {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = File::open(path).map_err(read_err)?;
+    let size = file.metadata().map_err(read_err)?.len();
+    let highest = ram_end.min(u64::from(addr_max) + 1);
+    let placement = params::place_initrd(size, lowest, ram_end, addr_max).ok_or_else(|| {
+        VmmError::InitrdDoesNotFit {
+            path: path.to_path_buf(),
+            size,
+            lowest,
+            highest,
+        }
+    })?;
+    // Fits in memory, so it fits in usize.
+    let len = usize::try_from(size).map_err(|_| VmmError::InitrdDoesNotFit {
+        path: path.to_path_buf(),
+        size,
+        lowest,
+        highest,
+    })?;
+    mem.read_exact_volatile_from(GuestAddress(placement.addr), &mut file, len)
+        .map_err(|e| VmmError::InitrdRead {
+            path: path.to_path_buf(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+    Ok(placement)
+}
+
+/// Writes the kernel, initrd, command line, zero page, MP table for `cpus`, GDT and page
+/// tables into `mem` (see the module documentation), and returns the BSP's boot entry.
+///
+/// Errors: an unreadable kernel or initrd ([`VmmError::KernelRead`],
+/// [`VmmError::InitrdRead`]), a file that is neither bzImage nor ELF
+/// ([`VmmError::KernelFormat`]), a kernel without 64-bit entry
+/// ([`VmmError::KernelNot64Bit`]), memory too small for the kernel
+/// ([`VmmError::BootMemoryTooSmall`]), an initrd that does not fit
+/// ([`VmmError::InitrdDoesNotFit`]), a command line too long
+/// ([`VmmError::CmdlineTooLong`]), a bad CPU list ([`VmmError::MpTableCpus`]).
+pub fn load_linux(
+    mem: &GuestMemoryMmap,
+    config: &LinuxBootConfig,
+    cpus: &[MpCpu],
+) -> Result<LinuxBootEntry, VmmError> {
+    let logger = config.logger.new(o!("component" => "linux_boot"));
+    let e820 = build_e820(mem)?;
+    let ram_end = e820::low_ram_end(&e820).ok_or(VmmError::BootMemoryTooSmall {
+        what: "the kernel (no RAM above 1 MiB)",
+        needed: layout::HIGH_MEMORY_START + 1,
+        available: layout::HIGH_MEMORY_START,
+    })?;
+    // The cheap check first: nothing else is written if the CPU list is bad.
+    setup_mptable(mem, cpus)?;
+    let kernel = kernel::load_kernel(mem, &config.kernel, ram_end)?;
+    let cmdline = params::check_cmdline(&config.cmdline, kernel.cmdline_limit())?;
+    let initrd = match &config.initrd {
+        Some(path) => Some(load_initrd(
+            mem,
+            path,
+            kernel.footprint_end,
+            ram_end,
+            kernel.initrd_addr_max(),
+        )?),
+        None => None,
+    };
+    linux_loader::loader::load_cmdline(mem, GuestAddress(layout::CMDLINE_ADDR), &cmdline).map_err(
+        |e| VmmError::CmdlineInvalid {
+            reason: e.to_string(),
+        },
+    )?;
+    let cmdline = cmdline
+        .as_cstring()
+        .map_err(|e| VmmError::CmdlineInvalid {
+            reason: e.to_string(),
+        })?
+        .into_string()
+        .unwrap_or_default();
+    let zero_page = params::build_boot_params(&kernel, cmdline.len(), initrd, &e820);
+    mem.write_obj(zero_page, GuestAddress(layout::ZERO_PAGE_ADDR))
+        .map_err(|source| VmmError::GuestMemory {
+            addr: layout::ZERO_PAGE_ADDR,
+            len: std::mem::size_of_val(&zero_page),
+            source,
+        })?;
+    // The BIOS data area: where the EBDA is, and the base memory below it in KiB.
+    write_guest(
+        mem,
+        layout::BDA_EBDA_SEGMENT,
+        &((layout::EBDA_START >> 4) as u16).to_le_bytes(),
+    )?;
+    write_guest(
+        mem,
+        layout::BDA_BASE_MEMORY_KB,
+        &((layout::EBDA_START >> 10) as u16).to_le_bytes(),
+    )?;
+    cpu::write_cpu_tables(mem)?;
+    info!(logger, "Linux kernel loaded";
+          "kernel" => %config.kernel.display(), "format" => %kernel.format,
+          "entry" => format!("{:#x}", kernel.entry),
+          "footprint_end" => format!("{:#x}", kernel.footprint_end),
+          "initrd" => ?initrd, "cmdline" => &cmdline, "e820_entries" => e820.len(),
+          "cpus" => cpus.len());
+    Ok(LinuxBootEntry {
+        kernel,
+        zero_page: layout::ZERO_PAGE_ADDR,
+        initrd,
+        cmdline,
+        e820,
+        cpus: cpus.to_vec(),
+    })
+}

@@ -1,0 +1,669 @@
+//! The MP table (Intel MultiProcessor Specification 1.4): how a guest without ACPI learns its
+//! processors, buses, I/O APIC and interrupt wiring.
+//!
+//! [`setup_mptable`] writes, at [`MPTABLE_START`] (the start of the EBDA, which the e820 map
+//! reserves and the BIOS data area points to):
+//! - the floating pointer structure ([`MpFloatingPointer`], 16 bytes, signature `_MP_`);
+//! - the configuration table: a header ([`MpConfigHeader`], `PCMP`), then
+//!   - one [`MpProcessorEntry`] per possible vCPU (`max_vcpu_count` of them): its topology APIC
+//!     ID, APIC version [`LAPIC_VERSION`], enabled for boot vCPUs and disabled for the others
+//!     (Linux counts those as hotplug CPUs), the BSP flagged;
+//!   - one ISA bus ([`MpBusEntry`], bus 0);
+//!   - the I/O APIC ([`MpIoApicEntry`]): ID one above the largest APIC ID, version
+//!     [`IOAPIC_VERSION`], at `0xFEC0_0000`;
+//!   - ISA IRQs 0-15 wired to I/O APIC pins 0-15 ([`MpIoInterruptEntry`]), as KVM's in-kernel
+//!     irqchip routes GSIs 0-15 (so COM1's IRQ 4 is pin 4);
+//!   - LINT0 as ExtINT and LINT1 as NMI on every local APIC ([`MpLocalInterruptEntry`]), as the
+//!     vCPU manager programs the LAPICs.
+//!
+//! Both checksums make their structure's bytes sum to 0 (mod 256).
+
+use std::collections::BTreeSet;
+use std::mem::size_of;
+
+use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::layout::{EBDA_END, IOAPIC_ADDR, LAPIC_ADDR, MPTABLE_START};
+use crate::VmmError;
+
+/// One possible vCPU as the MP table lists it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct MpCpu {
+    /// Its local APIC ID (the topology's; below 255).
+    pub apic_id: u8,
+    /// Present at boot; disabled entries are the hotplug slots.
+    pub enabled: bool,
+    /// The bootstrap processor (exactly one, and enabled).
+    pub bsp: bool,
+}
+
+/// The local APIC version of KVM's LAPIC (an integrated xAPIC).
+pub const LAPIC_VERSION: u8 = 0x14;
+/// The I/O APIC version of KVM's in-kernel I/O APIC.
+pub const IOAPIC_VERSION: u8 = 0x11;
+/// The number of pins of KVM's in-kernel I/O APIC.
+pub const IOAPIC_PINS: u8 = 24;
+/// The number of ISA IRQs wired to the I/O APIC.
+pub const ISA_IRQS: u8 = 16;
+/// The ID of the one (ISA) bus.
+pub const ISA_BUS_ID: u8 = 0;
+/// The MP specification revision we write (1.4).
+pub const SPEC_REVISION: u8 = 4;
+/// The OEM ID in the configuration table header.
+pub const OEM_ID: [u8; 8] = *b"VMMCORE ";
+/// The product ID in the configuration table header.
+pub const PRODUCT_ID: [u8; 12] = *b"KVM VCPU MGR";
+/// The CPU signature of processor entries (family 6): informational, Linux ignores it.
+pub const CPU_SIGNATURE: u32 = 0x600;
+/// The feature flags of processor entries (CPUID.1:EDX FPU | APIC): informational.
+pub const CPU_FEATURES: u32 = (1 << 0) | (1 << 9);
+/// Destination "all local APICs" in a local interrupt entry.
+pub const ALL_LOCAL_APICS: u8 = 0xff;
+
+/// Entry type codes of the configuration table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum EntryType {
+    /// Processor (20 bytes).
+    Processor = 0,
+    /// Bus (8 bytes).
+    Bus = 1,
+    /// I/O APIC (8 bytes).
+    IoApic = 2,
+    /// I/O interrupt assignment (8 bytes).
+    IoInterrupt = 3,
+    /// Local interrupt assignment (8 bytes).
+    LocalInterrupt = 4,
+}
+
+/// Interrupt types of interrupt assignment entries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum InterruptType {
+    /// A vectored interrupt (the I/O APIC redirection entry supplies the vector).
+    Int = 0,
+    /// Non-maskable interrupt.
+    Nmi = 1,
+    /// System management interrupt.
+    Smi = 2,
+    /// External interrupt from an 8259A-compatible PIC.
+    ExtInt = 3,
+}
+
+/// Processor entry flags.
+pub mod cpu_flags {
+    /// The processor is usable (present at boot).
+    pub const ENABLED: u8 = 1 << 0;
+    /// The bootstrap processor.
+    pub const BOOT_PROCESSOR: u8 = 1 << 1;
+}
+
+/// Interrupt entry flags: polarity and trigger mode "conform to the bus" (ISA: active high,
+/// edge-triggered).
+pub const INT_FLAGS_CONFORM: u16 = 0;
+/// I/O APIC entry flags: usable.
+pub const IOAPIC_ENABLED: u8 = 1 << 0;
+
+/// The MP floating pointer structure.
+#[repr(C, packed)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MpFloatingPointer {
+    /// `_MP_`.
+    pub signature: [u8; 4],
+    /// Physical address of the configuration table.
+    pub config_table: u32,
+    /// Length in 16-byte paragraphs (1).
+    pub length: u8,
+    /// Specification revision (4).
+    pub spec_revision: u8,
+    /// Makes the 16 bytes sum to 0.
+    pub checksum: u8,
+    /// 0: a configuration table is present (no default configuration).
+    pub feature1: u8,
+    /// Bit 7 (IMCRP) clear: virtual wire mode.
+    pub feature2: u8,
+    /// Reserved.
+    pub feature3_5: [u8; 3],
+}
+
+/// The configuration table header.
+#[repr(C, packed)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MpConfigHeader {
+    /// `PCMP`.
+    pub signature: [u8; 4],
+    /// Length of the base table, header included.
+    pub base_length: u16,
+    /// Specification revision (4).
+    pub spec_revision: u8,
+    /// Makes the base table sum to 0.
+    pub checksum: u8,
+    /// OEM ID.
+    pub oem_id: [u8; 8],
+    /// Product ID.
+    pub product_id: [u8; 12],
+    /// OEM table pointer (none).
+    pub oem_table: u32,
+    /// OEM table size (none).
+    pub oem_table_size: u16,
+    /// Number of entries after the header.
+    pub entry_count: u16,
+    /// The local APIC's address.
+    pub lapic_addr: u32,
+    /// Extended table length (none).
+    pub ext_length: u16,
+    /// Extended table checksum (none).
+    pub ext_checksum: u8,
+    /// Reserved.
+    pub reserved: u8,
+}
+
+/// A processor entry.
+#[repr(C, packed)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MpProcessorEntry {
+    /// [`EntryType::Processor`].
+    pub entry_type: u8,
+    /// Local APIC ID.
+    pub apic_id: u8,
+    /// Local APIC version.
+    pub apic_version: u8,
+    /// [`cpu_flags`].
+    pub flags: u8,
+    /// CPU signature (stepping, model, family).
+    pub signature: u32,
+    /// CPUID.1:EDX feature flags.
+    pub features: u32,
+    /// Reserved.
+    pub reserved: [u32; 2],
+}
+
+/// A bus entry.
+#[repr(C, packed)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MpBusEntry {
+    /// [`EntryType::Bus`].
+    pub entry_type: u8,
+    /// Bus ID.
+    pub bus_id: u8,
+    /// Bus type string, space padded (`ISA   `).
+    pub bus_type: [u8; 6],
+}
+
+/// An I/O APIC entry.
+#[repr(C, packed)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MpIoApicEntry {
+    /// [`EntryType::IoApic`].
+    pub entry_type: u8,
+    /// I/O APIC ID.
+    pub id: u8,
+    /// I/O APIC version.
+    pub version: u8,
+    /// [`IOAPIC_ENABLED`].
+    pub flags: u8,
+    /// MMIO address.
+    pub addr: u32,
+}
+
+/// An I/O interrupt assignment entry: a bus IRQ to an I/O APIC pin.
+#[repr(C, packed)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MpIoInterruptEntry {
+    /// [`EntryType::IoInterrupt`].
+    pub entry_type: u8,
+    /// [`InterruptType`].
+    pub interrupt_type: u8,
+    /// Polarity and trigger mode.
+    pub flags: u16,
+    /// Source bus ID.
+    pub source_bus: u8,
+    /// Source bus IRQ.
+    pub source_irq: u8,
+    /// Destination I/O APIC ID.
+    pub dest_ioapic: u8,
+    /// Destination I/O APIC pin (INTIN#).
+    pub dest_pin: u8,
+}
+
+/// A local interrupt assignment entry: a source to a local APIC's LINT pin.
+#[repr(C, packed)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MpLocalInterruptEntry {
+    /// [`EntryType::LocalInterrupt`].
+    pub entry_type: u8,
+    /// [`InterruptType`].
+    pub interrupt_type: u8,
+    /// Polarity and trigger mode.
+    pub flags: u16,
+    /// Source bus ID.
+    pub source_bus: u8,
+    /// Source bus IRQ.
+    pub source_irq: u8,
+    /// Destination local APIC ID ([`ALL_LOCAL_APICS`] for all).
+    pub dest_lapic: u8,
+    /// Destination pin (LINTIN#: 0 or 1).
+    pub dest_lint: u8,
+}
+
+// SAFETY: each is `repr(C, packed)` made only of integers and byte arrays: no padding, and
+// every bit pattern is a valid value.
+unsafe impl ByteValued for MpFloatingPointer {}
+// SAFETY: as above.
+unsafe impl ByteValued for MpConfigHeader {}
+// SAFETY: as above.
+unsafe impl ByteValued for MpProcessorEntry {}
+// SAFETY: as above.
+unsafe impl ByteValued for MpBusEntry {}
+// SAFETY: as above.
+unsafe impl ByteValued for MpIoApicEntry {}
+// SAFETY: as above.
+unsafe impl ByteValued for MpIoInterruptEntry {}
+// SAFETY: as above.
+unsafe impl ByteValued for MpLocalInterruptEntry {}
+
+// The sizes the MP specification gives.
+const _: () = assert!(size_of::<MpFloatingPointer>() == 16);
+const _: () = assert!(size_of::<MpConfigHeader>() == 44);
+const _: () = assert!(size_of::<MpProcessorEntry>() == 20);
+const _: () = assert!(size_of::<MpBusEntry>() == 8);
+const _: () = assert!(size_of::<MpIoApicEntry>() == 8);
+const _: () = assert!(size_of::<MpIoInterruptEntry>() == 8);
+const _: () = assert!(size_of::<MpLocalInterruptEntry>() == 8);
+
+/// The byte that makes `bytes` sum to 0 (mod 256) when stored in place of a 0 checksum.
+pub fn checksum(bytes: &[u8]) -> u8 {
+    bytes
+        .iter()
+        .fold(0u8, |s, b| s.wrapping_add(*b))
+        .wrapping_neg()
+}
+
+/// The number of bytes the floating pointer and configuration table take for `cpu_count`
+/// processors.
+pub fn mptable_size(cpu_count: usize) -> usize {
+    size_of::<MpFloatingPointer>()
+        + size_of::<MpConfigHeader>()
+        + cpu_count * size_of::<MpProcessorEntry>()
+        + size_of::<MpBusEntry>()
+        + size_of::<MpIoApicEntry>()
+        + usize::from(ISA_IRQS) * size_of::<MpIoInterruptEntry>()
+        + 2 * size_of::<MpLocalInterruptEntry>()
+}
+
+/// Checks the CPU list: non-empty, unique APIC IDs below 255 that leave room for the I/O
+/// APIC's ID, exactly one BSP, which is enabled. Returns the I/O APIC ID.
+fn check_cpus(cpus: &[MpCpu]) -> Result<u8, VmmError> {
+    let invalid = |reason: String| VmmError::MpTableCpus { reason };
+    if cpus.is_empty() {
+        return Err(invalid(
+            "the CPU list is empty: give at least the BSP".into(),
+        ));
+    }
+    let mut seen = BTreeSet::new();
+    for c in cpus {
+        if c.apic_id == 0xff {
+            return Err(invalid(
+                "APIC ID 255 is the xAPIC broadcast ID: use IDs below 255".into(),
+            ));
+        }
+        if !seen.insert(c.apic_id) {
+            return Err(invalid(format!("APIC ID {} is listed twice", c.apic_id)));
+        }
+    }
+    let bsps: Vec<&MpCpu> = cpus.iter().filter(|c| c.bsp).collect();
+    match bsps.as_slice() {
+        [bsp] if bsp.enabled => {}
+        [bsp] => {
+            return Err(invalid(format!(
+                "the BSP (APIC ID {}) is not enabled: the BSP must be a boot vCPU",
+                bsp.apic_id
+            )))
+        }
+        other => {
+            return Err(invalid(format!(
+                "{} CPUs are flagged as BSP: flag exactly one",
+                other.len()
+            )))
+        }
+    }
+    // Not empty, checked above.
+    let max = seen.last().copied().unwrap_or(0);
+    max.checked_add(1).filter(|id| *id != 0xff).ok_or_else(|| {
+        invalid(format!(
+            "the largest APIC ID {max} leaves no ID below 255 for the I/O APIC: use a \
+             smaller topology"
+        ))
+    })
+}
+
+/// The configuration table's bytes (header with its checksum, then the entries) for `cpus`.
+pub fn config_table_bytes(cpus: &[MpCpu]) -> Result<Vec<u8>, VmmError> {
+    let ioapic_id = check_cpus(cpus)?;
+    let entries = cpus.len() + 1 + 1 + usize::from(ISA_IRQS) + 2;
+    let mut body = Vec::with_capacity(mptable_size(cpus.len()));
+    for c in cpus {
+        let mut flags = 0;
+        if c.enabled {
+            flags |= cpu_flags::ENABLED;
+        }
+        if c.bsp {
+            flags |= cpu_flags::BOOT_PROCESSOR;
+        }
+        let e = MpProcessorEntry {
+            entry_type: EntryType::Processor as u8,
+            apic_id: c.apic_id,
+            apic_version: LAPIC_VERSION,
+            flags,
+            signature: CPU_SIGNATURE,
+            features: CPU_FEATURES,
+            reserved: [0; 2],
+        };
+        body.extend_from_slice(e.as_slice());
+    }
+    let bus = MpBusEntry {
+        entry_type: EntryType::Bus as u8,
+        bus_id: ISA_BUS_ID,
+        bus_type: *b"ISA   ",
+    };
+    body.extend_from_slice(bus.as_slice());
+    let ioapic = MpIoApicEntry {
+        entry_type: EntryType::IoApic as u8,
+        id: ioapic_id,
+        version: IOAPIC_VERSION,
+        flags: IOAPIC_ENABLED,
+        addr: IOAPIC_ADDR,
+    };
+    body.extend_from_slice(ioapic.as_slice());
+    for irq in 0..ISA_IRQS {
+        let e = MpIoInterruptEntry {
+            entry_type: EntryType::IoInterrupt as u8,
+            interrupt_type: InterruptType::Int as u8,
+            flags: INT_FLAGS_CONFORM,
+            source_bus: ISA_BUS_ID,
+            source_irq: irq,
+            dest_ioapic: ioapic_id,
+            dest_pin: irq,
+        };
+        body.extend_from_slice(e.as_slice());
+    }
+    for (lint, kind) in [(0u8, InterruptType::ExtInt), (1u8, InterruptType::Nmi)] {
+        let e = MpLocalInterruptEntry {
+            entry_type: EntryType::LocalInterrupt as u8,
+            interrupt_type: kind as u8,
+            flags: INT_FLAGS_CONFORM,
+            source_bus: ISA_BUS_ID,
+            source_irq: 0,
+            dest_lapic: ALL_LOCAL_APICS,
+            dest_lint: lint,
+        };
+        body.extend_from_slice(e.as_slice());
+    }
+    let too_large = |size: usize| VmmError::MpTableTooLarge {
+        size,
+        room: (EBDA_END - MPTABLE_START) as usize,
+    };
+    let base_length = size_of::<MpConfigHeader>() + body.len();
+    let mut header = MpConfigHeader {
+        signature: *b"PCMP",
+        base_length: u16::try_from(base_length).map_err(|_| too_large(base_length))?,
+        spec_revision: SPEC_REVISION,
+        checksum: 0,
+        oem_id: OEM_ID,
+        product_id: PRODUCT_ID,
+        oem_table: 0,
+        oem_table_size: 0,
+        entry_count: u16::try_from(entries).map_err(|_| too_large(base_length))?,
+        lapic_addr: LAPIC_ADDR,
+        ext_length: 0,
+        ext_checksum: 0,
+        reserved: 0,
+    };
+    let mut table = header.as_slice().to_vec();
+    table.extend_from_slice(&body);
+    header.checksum = checksum(&table);
+    table[..size_of::<MpConfigHeader>()].copy_from_slice(header.as_slice());
+    Ok(table)
+}
+
+/// The floating pointer for a configuration table at `config_table`.
+pub fn floating_pointer(config_table: u32) -> MpFloatingPointer {
+    let mut mpf = MpFloatingPointer {
+        signature: *b"_MP_",
+        config_table,
+        length: 1,
+        spec_revision: SPEC_REVISION,
+        checksum: 0,
+        feature1: 0,
+        feature2: 0,
+        feature3_5: [0; 3],
+    };
+    mpf.checksum = checksum(mpf.as_slice());
+    mpf
+}
+
+/// Writes the MP floating pointer at [`MPTABLE_START`] and the configuration table right
+/// after it, for `cpus` (one entry per possible vCPU, in vCPU index order).
+pub fn setup_mptable(mem: &GuestMemoryMmap, cpus: &[MpCpu]) -> Result<(), VmmError> {
+    let table = config_table_bytes(cpus)?;
+    let table_addr = MPTABLE_START + size_of::<MpFloatingPointer>() as u64;
+    let size = size_of::<MpFloatingPointer>() + table.len();
+    let room = (EBDA_END - MPTABLE_START) as usize;
+    if size > room {
+        return Err(VmmError::MpTableTooLarge { size, room });
+    }
+    let mpf = floating_pointer(table_addr as u32);
+    let write = |addr: u64, bytes: &[u8]| {
+        mem.write_slice(bytes, GuestAddress(addr))
+            .map_err(|source| VmmError::GuestMemory {
+                addr,
+                len: bytes.len(),
+                source,
+            })
+    };
+    write(MPTABLE_START, mpf.as_slice())?;
+    write(table_addr, &table)
+}
+
+#[cfg(test)]
+mod tests {
+    //! The bytes are checked by a parser written from the MP specification 1.4's layout
+    //! (offsets as numbers), not with the writer's structs.
+
+    use super::*;
+
+    fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap()
+    }
+
+    fn read(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        mem.read_slice(&mut v, GuestAddress(addr)).unwrap();
+        v
+    }
+
+    fn le16(b: &[u8], o: usize) -> u16 {
+        u16::from_le_bytes([b[o], b[o + 1]])
+    }
+
+    fn le32(b: &[u8], o: usize) -> u32 {
+        u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
+    }
+
+    fn sum(b: &[u8]) -> u8 {
+        b.iter().fold(0u8, |s, x| s.wrapping_add(*x))
+    }
+
+    #[derive(Debug, Default, PartialEq)]
+    struct Parsed {
+        cpus: Vec<(u8, u8, u8)>,                    // apic id, version, flags
+        buses: Vec<(u8, Vec<u8>)>,                  // id, type
+        ioapics: Vec<(u8, u8, u8, u32)>,            // id, version, flags, addr
+        io_ints: Vec<(u8, u16, u8, u8, u8, u8)>,    // type, flags, bus, irq, ioapic, pin
+        local_ints: Vec<(u8, u16, u8, u8, u8, u8)>, // type, flags, bus, irq, lapic, lint
+        lapic_addr: u32,
+        oem: Vec<u8>,
+        product: Vec<u8>,
+    }
+
+    /// Finds `_MP_` on a 16-byte boundary in `base..base+len`, checks both structures and
+    /// decodes every entry.
+    fn parse(mem: &GuestMemoryMmap, base: u64, len: usize) -> Parsed {
+        let area = read(mem, base, len);
+        let off = (0..len)
+            .step_by(16)
+            .find(|o| &area[*o..*o + 4] == b"_MP_")
+            .expect("no _MP_ signature on a 16-byte boundary");
+        let mpf = &area[off..off + 16];
+        assert_eq!(mpf[8], 1, "floating pointer length (paragraphs)");
+        assert_eq!(mpf[9], 4, "spec revision 1.4");
+        assert_eq!(sum(mpf), 0, "floating pointer checksum");
+        assert_eq!(
+            mpf[11], 0,
+            "feature byte 1: a configuration table is present"
+        );
+        assert_eq!(mpf[12] & 0x80, 0, "IMCRP clear: virtual wire mode");
+        let table_addr = u64::from(le32(mpf, 4));
+        let hdr = read(mem, table_addr, 44);
+        assert_eq!(&hdr[0..4], b"PCMP");
+        let base_len = usize::from(le16(&hdr, 4));
+        assert_eq!(hdr[6], 4, "table spec revision");
+        let table = read(mem, table_addr, base_len);
+        assert_eq!(sum(&table), 0, "configuration table checksum");
+        assert_eq!(le16(&hdr, 40), 0, "no extended table");
+        let count = le16(&hdr, 34);
+        let mut p = Parsed {
+            lapic_addr: le32(&hdr, 36),
+            oem: hdr[8..16].to_vec(),
+            product: hdr[16..28].to_vec(),
+            ..Parsed::default()
+        };
+        let mut o = 44;
+        for _ in 0..count {
+            let e = &table[o..];
+            match e[0] {
+                0 => {
+                    p.cpus.push((e[1], e[2], e[3]));
+                    o += 20;
+                }
+                1 => {
+                    p.buses.push((e[1], e[2..8].to_vec()));
+                    o += 8;
+                }
+                2 => {
+                    p.ioapics.push((e[1], e[2], e[3], le32(e, 4)));
+                    o += 8;
+                }
+                3 => {
+                    p.io_ints.push((e[1], le16(e, 2), e[4], e[5], e[6], e[7]));
+                    o += 8;
+                }
+                4 => {
+                    p.local_ints
+                        .push((e[1], le16(e, 2), e[4], e[5], e[6], e[7]));
+                    o += 8;
+                }
+                t => panic!("unknown entry type {t} at offset {o}"),
+            }
+        }
+        assert_eq!(o, base_len, "entries fill the base table exactly");
+        p
+    }
+
+    /// 2 sockets x 3 cores x 2 threads: APIC IDs 0-5 and 8-13; 4 boot vCPUs.
+    fn sparse_cpus() -> Vec<MpCpu> {
+        let ids = [0u8, 1, 2, 3, 4, 5, 8, 9, 10, 11, 12, 13];
+        ids.iter()
+            .enumerate()
+            .map(|(i, id)| MpCpu {
+                apic_id: *id,
+                enabled: i < 4,
+                bsp: i == 0,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn structure_sizes_follow_the_spec() {
+        assert_eq!(mptable_size(1), 16 + 44 + 20 + 8 + 8 + 16 * 8 + 2 * 8);
+    }
+
+    #[test]
+    fn table_lists_every_possible_cpu_and_the_irqchip() {
+        let m = mem();
+        let cpus = sparse_cpus();
+        setup_mptable(&m, &cpus).unwrap();
+        // Linux looks in the EBDA; search all of it.
+        let p = parse(&m, 0x9_e000, 0x2000);
+        let expect_cpus: Vec<(u8, u8, u8)> = [0u8, 1, 2, 3, 4, 5, 8, 9, 10, 11, 12, 13]
+            .iter()
+            .enumerate()
+            .map(|(i, id)| {
+                let flags = match i {
+                    0 => 0b11,
+                    1..=3 => 0b01,
+                    _ => 0b00,
+                };
+                (*id, 0x14, flags)
+            })
+            .collect();
+        assert_eq!(p.cpus, expect_cpus);
+        assert_eq!(p.buses, [(0, b"ISA   ".to_vec())]);
+        assert_eq!(p.ioapics, [(14, 0x11, 1, 0xfec0_0000)]);
+        let expect_ints: Vec<_> = (0..16u8).map(|i| (0, 0, 0, i, 14, i)).collect();
+        assert_eq!(p.io_ints, expect_ints);
+        assert_eq!(p.local_ints, [(3, 0, 0, 0, 0xff, 0), (1, 0, 0, 0, 0xff, 1)]);
+        assert_eq!(p.lapic_addr, 0xfee0_0000);
+        assert_eq!(p.oem, b"VMMCORE ");
+        assert_eq!(p.product, b"KVM VCPU MGR");
+    }
+
+    #[test]
+    fn largest_xapic_table_fits_the_ebda() {
+        let cpus: Vec<MpCpu> = (0..254u8)
+            .map(|id| MpCpu {
+                apic_id: id,
+                enabled: id == 0,
+                bsp: id == 0,
+            })
+            .collect();
+        let m = mem();
+        setup_mptable(&m, &cpus).unwrap();
+        let p = parse(&m, 0x9_e000, 0x2000);
+        assert_eq!(p.cpus.len(), 254);
+        assert_eq!(p.ioapics[0].0, 254);
+    }
+
+    #[test]
+    fn bad_cpu_lists_are_refused() {
+        let m = mem();
+        let cpu = |apic_id, enabled, bsp| MpCpu {
+            apic_id,
+            enabled,
+            bsp,
+        };
+        let cases: Vec<(Vec<MpCpu>, &str)> = vec![
+            (vec![], "empty"),
+            (vec![cpu(0, true, false)], "0 CPUs are flagged"),
+            (
+                vec![cpu(0, true, true), cpu(1, true, true)],
+                "2 CPUs are flagged",
+            ),
+            (vec![cpu(0, false, true)], "not enabled"),
+            (
+                vec![cpu(0, true, true), cpu(0, false, false)],
+                "listed twice",
+            ),
+            (
+                vec![cpu(0, true, true), cpu(255, false, false)],
+                "broadcast",
+            ),
+            (vec![cpu(0, true, true), cpu(254, false, false)], "I/O APIC"),
+        ];
+        for (cpus, msg) in cases {
+            let e = setup_mptable(&m, &cpus).unwrap_err();
+            assert!(matches!(e, VmmError::MpTableCpus { .. }), "{e}");
+            assert!(e.to_string().contains(msg), "{e} should mention {msg:?}");
+        }
+    }
+}

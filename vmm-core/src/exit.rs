@@ -1,0 +1,204 @@
+//! The exit path: every vCPU actor holds a clone of one exit EventFd and writes it when it
+//! reaches `waiting_exit`; an API caller can write a second "stop requested" EventFd. An
+//! [`ExitMonitor`] blocks on both with epoll (no polling, no sleeps).
+
+use std::fmt;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use vcpu_actor::VcpuExitReason;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::VmmError;
+
+const TOKEN_VCPU_EXIT: u64 = 1;
+const TOKEN_STOP_REQUEST: u64 = 2;
+
+/// What woke an [`ExitMonitor`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExitSignal {
+    /// At least one vCPU wrote the exit EventFd (it is in `waiting_exit`, or its thread ended).
+    VcpuExit,
+    /// Someone called [`ExitMonitor::request_stop`].
+    StopRequested,
+}
+
+/// Why the VM stopped.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StopCause {
+    /// A vCPU stopped for this reason (triple fault, shutdown port, KVM error ...).
+    VcpuExit(VcpuExitReason),
+    /// A vCPU thread ended without a reason (it panicked or its mailbox broke).
+    VcpuThreadEnded,
+    /// The VMM's API asked for the stop.
+    StopRequested,
+}
+
+/// What [`crate::VcpuManager::run_until_exit`] returns: which vCPU stopped the VM and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmStopReason {
+    /// The vCPU (KVM vCPU id = APIC ID) that stopped the VM; `None` for an API request.
+    pub vcpu_id: Option<u32>,
+    /// Its index (creation order).
+    pub vcpu_index: Option<u32>,
+    /// Why.
+    pub reason: StopCause,
+    /// Other vCPUs that were in `waiting_exit` at the same time, with their reasons.
+    pub also_stopped: Vec<VcpuExitReason>,
+}
+
+impl fmt::Display for VmStopReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.reason {
+            StopCause::VcpuExit(r) => write!(f, "the VM stopped: {r}")?,
+            StopCause::VcpuThreadEnded => write!(
+                f,
+                "the VM stopped: the thread of vCPU {} ended unexpectedly",
+                self.vcpu_id.unwrap_or(u32::MAX)
+            )?,
+            StopCause::StopRequested => write!(f, "the VM stopped: stop requested")?,
+        }
+        if !self.also_stopped.is_empty() {
+            write!(f, " (and {} more vCPUs)", self.also_stopped.len())?;
+        }
+        Ok(())
+    }
+}
+
+struct Events {
+    epoll: Epoll,
+    vcpu_exit: EventFd,
+    stop_request: EventFd,
+}
+
+/// Waits for the exit EventFd and the stop-request EventFd. Cheap to clone; usable from any
+/// thread.
+#[derive(Clone)]
+pub struct ExitMonitor {
+    events: Arc<Events>,
+}
+
+fn os(op: &'static str) -> impl FnOnce(std::io::Error) -> VmmError {
+    move |source| VmmError::Os { op, source }
+}
+
+impl ExitMonitor {
+    /// Creates both EventFds and the epoll set.
+    pub fn new() -> Result<Self, VmmError> {
+        let vcpu_exit = EventFd::new(EFD_NONBLOCK).map_err(os("creating the exit EventFd"))?;
+        let stop_request =
+            EventFd::new(EFD_NONBLOCK).map_err(os("creating the stop-request EventFd"))?;
+        let epoll = Epoll::new().map_err(os("epoll_create"))?;
+        for (fd, token) in [
+            (vcpu_exit.as_raw_fd(), TOKEN_VCPU_EXIT),
+            (stop_request.as_raw_fd(), TOKEN_STOP_REQUEST),
+        ] {
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(EventSet::IN, token),
+                )
+                .map_err(os("epoll_ctl"))?;
+        }
+        Ok(Self {
+            events: Arc::new(Events {
+                epoll,
+                vcpu_exit,
+                stop_request,
+            }),
+        })
+    }
+
+    /// A clone of the exit EventFd, for one vCPU actor.
+    pub fn vcpu_exit_eventfd(&self) -> Result<EventFd, VmmError> {
+        self.events
+            .vcpu_exit
+            .try_clone()
+            .map_err(os("cloning the exit EventFd"))
+    }
+
+    /// Asks whoever waits on this monitor to stop the VM.
+    pub fn request_stop(&self) -> Result<(), VmmError> {
+        self.events
+            .stop_request
+            .write(1)
+            .map_err(os("writing the stop-request EventFd"))
+    }
+
+    /// Blocks until a vCPU exits or a stop is requested, or `timeout` passes (`None`: no
+    /// limit). Consumes the signal it returns. A vCPU exit wins over a stop request.
+    pub fn wait(&self, timeout: Option<Duration>) -> Result<Option<ExitSignal>, VmmError> {
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
+        let mut events = [EpollEvent::default(); 2];
+        loop {
+            let ms = match (timeout, deadline) {
+                (None, _) | (Some(_), None) => -1,
+                (Some(_), Some(d)) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    // Round up so a sub-millisecond remainder does not spin.
+                    i32::try_from(left.as_nanos().div_ceil(1_000_000)).unwrap_or(i32::MAX)
+                }
+            };
+            let n = match self.events.epoll.wait(ms, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    return Err(VmmError::Os {
+                        op: "epoll_wait",
+                        source: e,
+                    })
+                }
+            };
+            if n == 0 {
+                if deadline.is_some_and(|d| Instant::now() < d) {
+                    continue;
+                }
+                return Ok(None);
+            }
+            let ready = |token| events[..n].iter().any(|e| e.data() == token);
+            // Read (reset) the EventFd we report; EAGAIN means another waiter took it.
+            let take = |evt: &EventFd| match evt.read() {
+                Ok(_) => Ok(true),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
+                Err(e) => Err(VmmError::Os {
+                    op: "reading an exit EventFd",
+                    source: e,
+                }),
+            };
+            if ready(TOKEN_VCPU_EXIT) && take(&self.events.vcpu_exit)? {
+                return Ok(Some(ExitSignal::VcpuExit));
+            }
+            if ready(TOKEN_STOP_REQUEST) && take(&self.events.stop_request)? {
+                return Ok(Some(ExitSignal::StopRequested));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wait_reports_each_signal_once_and_times_out_otherwise() {
+        let m = ExitMonitor::new().unwrap();
+        assert_eq!(m.wait(Some(Duration::from_millis(1))).unwrap(), None);
+        m.request_stop().unwrap();
+        m.vcpu_exit_eventfd().unwrap().write(1).unwrap();
+        let other = m.clone();
+        assert_eq!(other.wait(None).unwrap(), Some(ExitSignal::VcpuExit));
+        assert_eq!(m.wait(None).unwrap(), Some(ExitSignal::StopRequested));
+        assert_eq!(m.wait(Some(Duration::ZERO)).unwrap(), None);
+        // Another thread wakes a blocked waiter.
+        let t = {
+            let m = m.clone();
+            std::thread::spawn(move || m.wait(Some(Duration::from_secs(30))))
+        };
+        m.request_stop().unwrap();
+        assert_eq!(t.join().unwrap().unwrap(), Some(ExitSignal::StopRequested));
+    }
+}

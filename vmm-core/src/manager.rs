@@ -1,0 +1,740 @@
+//! The vCPU manager: creates, configures, starts, pauses, resumes and exits the vCPUs of a
+//! VM, and turns a vCPU's `waiting_exit` into a stop of the whole VM.
+//!
+//! Naming: a vCPU's *index* is its creation order (`0..max_vcpu_count`, thread fastest, then
+//! core, die, socket); its *id* is its KVM vCPU id, which is its APIC ID from the topology.
+//! The vCPU actors, the exit handler and [`VcpuExitReason`] use the id.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{
+    kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, Msrs, KVM_MP_STATE_RUNNABLE,
+    KVM_MP_STATE_UNINITIALIZED,
+};
+use kvm_ioctls::VcpuFd;
+use serde::{Deserialize, Serialize};
+use slog::{debug, info, o, warn, Logger};
+use topology::{CpuVendor, CpuidEntry};
+use vcpu_actor::{
+    ExitHandler, ReplyOutcome, VcpuActor, VcpuExitReason, VcpuHandle, VcpuMetricsSnapshot,
+    VcpuOptions, VcpuRequest, VcpuState,
+};
+
+use crate::config::{InterruptMode, KvmLimits, VcpuConfig};
+use crate::cpuid::entries_to_kvm;
+use crate::exit::{ExitMonitor, ExitSignal, StopCause, VmStopReason};
+use crate::pmu::{apply_pmu_actions, PmuActionsReport};
+use crate::vm::Vm;
+use crate::{BootEntry, VmmError};
+
+/// How a [`VcpuManager`] behaves.
+#[derive(Clone, Debug)]
+pub struct VcpuManagerOptions {
+    /// Logger (each vCPU actor adds its id).
+    pub logger: Logger,
+    /// The interrupt mode, which bounds the APIC IDs (see [`InterruptMode`]).
+    pub interrupt_mode: InterruptMode,
+    /// Options for every vCPU actor (seccomp, kick signal, stack size). Its logger is
+    /// replaced by this manager's.
+    pub vcpu: VcpuOptions,
+    /// How long pause/resume/start/exit wait for every acknowledgement.
+    pub ack_timeout: Duration,
+    /// How long exiting waits for each vCPU thread to end.
+    pub join_timeout: Duration,
+}
+
+impl Default for VcpuManagerOptions {
+    fn default() -> Self {
+        Self {
+            logger: Logger::root(slog::Discard, o!()),
+            interrupt_mode: InterruptMode::default(),
+            vcpu: VcpuOptions::default(),
+            ack_timeout: Duration::from_secs(5),
+            join_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// One present vCPU, as [`VcpuManager::present_vcpus`] lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VcpuInfo {
+    /// Creation order.
+    pub index: u32,
+    /// APIC ID = KVM vCPU id.
+    pub apic_id: u32,
+    /// The actor's state.
+    pub state: VcpuState,
+    /// Linux thread id of the vCPU thread.
+    pub tid: Option<i32>,
+}
+
+/// The MSRs every vCPU gets at creation: SYSENTER/SYSCALL MSRs cleared, TSC 0, fast strings
+/// on, MTRRs enabled with write-back as the default type.
+pub fn boot_msrs() -> Vec<kvm_msr_entry> {
+    const MSR_IA32_TSC: u32 = 0x10;
+    const MSR_IA32_SYSENTER_CS: u32 = 0x174;
+    const MSR_IA32_SYSENTER_ESP: u32 = 0x175;
+    const MSR_IA32_SYSENTER_EIP: u32 = 0x176;
+    const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
+    const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
+    const MSR_STAR: u32 = 0xc000_0081;
+    const MSR_LSTAR: u32 = 0xc000_0082;
+    const MSR_CSTAR: u32 = 0xc000_0083;
+    const MSR_SYSCALL_MASK: u32 = 0xc000_0084;
+    const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
+    const MISC_ENABLE_FAST_STRING: u64 = 1;
+    const MTRR_ENABLE: u64 = 1 << 11;
+    const MTRR_TYPE_WRITE_BACK: u64 = 6;
+    let msr = |index, data| kvm_msr_entry {
+        index,
+        data,
+        ..Default::default()
+    };
+    vec![
+        msr(MSR_IA32_SYSENTER_CS, 0),
+        msr(MSR_IA32_SYSENTER_ESP, 0),
+        msr(MSR_IA32_SYSENTER_EIP, 0),
+        msr(MSR_STAR, 0),
+        msr(MSR_LSTAR, 0),
+        msr(MSR_CSTAR, 0),
+        msr(MSR_SYSCALL_MASK, 0),
+        msr(MSR_KERNEL_GS_BASE, 0),
+        msr(MSR_IA32_TSC, 0),
+        msr(MSR_IA32_MISC_ENABLE, MISC_ENABLE_FAST_STRING),
+        msr(MSR_MTRR_DEF_TYPE, MTRR_ENABLE | MTRR_TYPE_WRITE_BACK),
+    ]
+}
+
+/// Local APIC register offsets and LVT delivery modes used at vCPU creation.
+pub mod lapic {
+    use kvm_bindings::kvm_lapic_state;
+
+    /// LVT LINT0.
+    pub const LVT_LINT0: usize = 0x350;
+    /// LVT LINT1.
+    pub const LVT_LINT1: usize = 0x360;
+
+    /// LVT delivery modes (bits 10:8).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum DeliveryMode {
+        /// Fixed vector.
+        Fixed = 0b000,
+        /// Non-maskable interrupt.
+        Nmi = 0b100,
+        /// External interrupt (the 8259 PIC's INTR).
+        ExtInt = 0b111,
+    }
+
+    /// Reads a 32-bit APIC register.
+    pub fn read_register(state: &kvm_lapic_state, offset: usize) -> u32 {
+        let mut b = [0u8; 4];
+        for (dst, src) in b.iter_mut().zip(&state.regs[offset..offset + 4]) {
+            *dst = *src as u8;
+        }
+        u32::from_le_bytes(b)
+    }
+
+    /// Writes a 32-bit APIC register.
+    pub fn write_register(state: &mut kvm_lapic_state, offset: usize, value: u32) {
+        for (dst, src) in state.regs[offset..offset + 4]
+            .iter_mut()
+            .zip(value.to_le_bytes())
+        {
+            *dst = src as _;
+        }
+    }
+
+    /// Sets the delivery mode of the LVT entry at `offset`, keeping its other bits.
+    pub fn set_lvt_delivery_mode(state: &mut kvm_lapic_state, offset: usize, mode: DeliveryMode) {
+        let v = read_register(state, offset);
+        write_register(state, offset, (v & !(0b111 << 8)) | ((mode as u32) << 8));
+    }
+}
+
+/// All vCPUs of one VM. See the crate documentation for an example.
+pub struct VcpuManager {
+    vm: Arc<Vm>,
+    config: VcpuConfig,
+    options: VcpuManagerOptions,
+    vendor: CpuVendor,
+    supported_cpuid: Vec<CpuidEntry>,
+    pmu_report: PmuActionsReport,
+    boot_entry: Option<Arc<dyn BootEntry>>,
+    /// Present vCPUs (a live actor), by index.
+    vcpus: BTreeMap<u32, VcpuHandle>,
+    /// KVM vCPU fds whose thread has ended, by APIC ID: KVM cannot destroy a vCPU, so a later
+    /// vCPU with the same id reuses the fd.
+    kept_fds: BTreeMap<u32, VcpuFd>,
+    exit_monitor: ExitMonitor,
+    exit_flag: Arc<AtomicBool>,
+    logger: Logger,
+}
+
+impl VcpuManager {
+    /// Validates `config` against this host's KVM, then applies the vPMU level's KVM actions
+    /// to the VM. Call before any vCPU of `vm` exists.
+    pub fn new(
+        vm: Arc<Vm>,
+        config: VcpuConfig,
+        options: VcpuManagerOptions,
+    ) -> Result<Self, VmmError> {
+        let limits = KvmLimits::query(vm.kvm())?;
+        config.validate(&limits, options.interrupt_mode)?;
+        let vendor = limits.vendor()?;
+        let logger = options.logger.new(o!("component" => "vcpu_manager"));
+        let actions = vpmu::kvm_actions(config.vpmu, vendor);
+        let pmu_report =
+            apply_pmu_actions(vm.fd(), &actions, vendor, &limits.supported_cpuid, &logger)?;
+        info!(logger, "vCPU manager ready";
+              "boot" => config.boot_vcpu_count, "max" => config.max_vcpu_count,
+              "vpmu" => %config.vpmu);
+        Ok(Self {
+            vm,
+            config,
+            options,
+            vendor,
+            supported_cpuid: limits.supported_cpuid,
+            pmu_report,
+            boot_entry: None,
+            vcpus: BTreeMap::new(),
+            kept_fds: BTreeMap::new(),
+            exit_monitor: ExitMonitor::new()?,
+            exit_flag: Arc::new(AtomicBool::new(false)),
+            logger,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &VcpuConfig {
+        &self.config
+    }
+
+    /// The VM.
+    pub fn vm(&self) -> &Arc<Vm> {
+        &self.vm
+    }
+
+    /// What the vPMU KVM actions did.
+    pub fn pmu_report(&self) -> PmuActionsReport {
+        self.pmu_report
+    }
+
+    /// The CPU vendor KVM reports.
+    pub fn vendor(&self) -> CpuVendor {
+        self.vendor
+    }
+
+    /// The APIC ID (= KVM vCPU id) of vCPU `index`.
+    pub fn apic_id(&self, index: u32) -> Result<u32, VmmError> {
+        self.check_index(index)?;
+        Ok(self.config.topology.apic_id(index)?)
+    }
+
+    fn check_index(&self, index: u32) -> Result<(), VmmError> {
+        if index >= self.config.max_vcpu_count {
+            return Err(VmmError::VcpuIndexOutOfRange {
+                index,
+                max: self.config.max_vcpu_count,
+            });
+        }
+        Ok(())
+    }
+
+    fn check_running_allowed(&self, op: &'static str) -> Result<(), VmmError> {
+        if self.exit_flag.load(Ordering::Acquire) {
+            return Err(VmmError::InvalidManagerState {
+                op,
+                reason: "the VM is stopping (its exit flag is set)".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The CPUID set vCPU `index` gets: the topology leaves over KVM's supported CPUID, then
+    /// the vPMU level's edits.
+    pub fn vcpu_cpuid(&self, index: u32) -> Result<Vec<CpuidEntry>, VmmError> {
+        let apic_id = self.apic_id(index)?;
+        let mut entries = topology::build_vcpu_cpuid(
+            &self.supported_cpuid,
+            self.vendor,
+            &self.config.topology,
+            index,
+        )?;
+        vpmu::apply_cpuid(self.config.vpmu, self.vendor, &mut entries).map_err(|source| {
+            VmmError::VpmuCpuid {
+                vcpu_id: apic_id,
+                source,
+            }
+        })?;
+        Ok(entries)
+    }
+
+    /// Creates (or reuses) and configures the boot vCPUs `0..boot_vcpu_count`. The BSP is set
+    /// up by `entry`; the APs wait for INIT/SIPI. Nothing runs until
+    /// [`start_boot_vcpus`](Self::start_boot_vcpus).
+    pub fn create_boot_vcpus(&mut self, entry: Arc<dyn BootEntry>) -> Result<(), VmmError> {
+        self.check_running_allowed("create the boot vCPUs")?;
+        if !self.vcpus.is_empty() {
+            return Err(VmmError::InvalidManagerState {
+                op: "create the boot vCPUs",
+                reason: format!("{} vCPUs are already present", self.vcpus.len()),
+            });
+        }
+        self.boot_entry = Some(entry);
+        for index in 0..self.config.boot_vcpu_count {
+            self.create_vcpu(index)?;
+        }
+        Ok(())
+    }
+
+    /// Creates vCPU `index` (reusing its kept KVM fd if it existed before), configures it and
+    /// spawns its actor, paused. The building block for boot and for hot-add.
+    pub fn create_vcpu(&mut self, index: u32) -> Result<(), VmmError> {
+        self.check_running_allowed("create a vCPU")?;
+        let apic_id = self.apic_id(index)?;
+        if self.vcpus.contains_key(&index) {
+            return Err(VmmError::InvalidManagerState {
+                op: "create a vCPU",
+                reason: format!("vCPU index {index} (APIC ID {apic_id}) is already present"),
+            });
+        }
+        let (fd, reused) = match self.kept_fds.remove(&apic_id) {
+            Some(fd) => (fd, true),
+            None => (
+                self.vm
+                    .fd()
+                    .create_vcpu(u64::from(apic_id))
+                    .map_err(|source| VmmError::VcpuKvm {
+                        vcpu_id: apic_id,
+                        op: "KVM_CREATE_VCPU",
+                        source,
+                    })?,
+                false,
+            ),
+        };
+        if let Err(e) = self.configure_vcpu(&fd, index, apic_id, reused) {
+            self.kept_fds.insert(apic_id, fd);
+            return Err(e);
+        }
+        let mut vcpu_options = self.options.vcpu.clone();
+        vcpu_options.logger = self.logger.new(o!("vcpu_index" => index));
+        let handle = VcpuActor::spawn(
+            apic_id,
+            fd,
+            self.vm.vcpu_mmap_size(),
+            Arc::clone(self.vm.io_bus()) as Arc<dyn ExitHandler>,
+            self.exit_monitor.vcpu_exit_eventfd()?,
+            vcpu_options,
+        )
+        .map_err(|source| VmmError::Vcpu {
+            vcpu_id: apic_id,
+            source,
+        })?;
+        debug!(self.logger, "vCPU created"; "index" => index, "apic_id" => apic_id);
+        self.vcpus.insert(index, handle);
+        Ok(())
+    }
+
+    /// CPUID, MSRs, LAPIC LINT0/LINT1, FPU, then BSP registers (index 0) or the
+    /// wait-for-SIPI state (APs).
+    fn configure_vcpu(
+        &self,
+        fd: &VcpuFd,
+        index: u32,
+        apic_id: u32,
+        reused: bool,
+    ) -> Result<(), VmmError> {
+        let err = |op| {
+            move |source| VmmError::VcpuKvm {
+                vcpu_id: apic_id,
+                op,
+                source,
+            }
+        };
+        let cpuid = entries_to_kvm(&self.vcpu_cpuid(index)?)?;
+        match fd.set_cpuid2(&cpuid) {
+            Ok(()) => {}
+            // KVM refuses to change CPUID once a vCPU has run (EINVAL unless identical, and
+            // KVM edits some bits at run time). A kept fd already has this vCPU's CPUID: the
+            // APIC ID fixes the index, and the index fixes the CPUID.
+            Err(e) if reused && e.errno() == libc::EINVAL => {
+                debug!(self.logger, "reused vCPU keeps its CPUID"; "apic_id" => apic_id);
+            }
+            Err(e) => return Err(err("KVM_SET_CPUID2")(e)),
+        }
+
+        let entries = boot_msrs();
+        let msrs = Msrs::from_entries(&entries).map_err(|_| VmmError::MsrRejected {
+            vcpu_id: apic_id,
+            msr: entries.first().map_or(0, |e| e.index),
+            set: 0,
+            total: entries.len(),
+        })?;
+        let set = fd.set_msrs(&msrs).map_err(err("KVM_SET_MSRS"))?;
+        if set != entries.len() {
+            return Err(VmmError::MsrRejected {
+                vcpu_id: apic_id,
+                msr: entries.get(set).map_or(0, |e| e.index),
+                set,
+                total: entries.len(),
+            });
+        }
+
+        let mut state: kvm_lapic_state = fd.get_lapic().map_err(err("KVM_GET_LAPIC"))?;
+        lapic::set_lvt_delivery_mode(&mut state, lapic::LVT_LINT0, lapic::DeliveryMode::ExtInt);
+        lapic::set_lvt_delivery_mode(&mut state, lapic::LVT_LINT1, lapic::DeliveryMode::Nmi);
+        fd.set_lapic(&state).map_err(err("KVM_SET_LAPIC"))?;
+
+        let fpu = kvm_fpu {
+            fcw: 0x37f,
+            mxcsr: 0x1f80,
+            ..Default::default()
+        };
+        fd.set_fpu(&fpu).map_err(err("KVM_SET_FPU"))?;
+
+        if index == 0 {
+            let entry = self
+                .boot_entry
+                .as_ref()
+                .ok_or_else(|| VmmError::InvalidManagerState {
+                    op: "configure the boot vCPU",
+                    reason: "no boot entry: use create_boot_vcpus".into(),
+                })?;
+            entry.setup_bsp(fd, self.vm.memory())?;
+            fd.set_mp_state(kvm_mp_state {
+                mp_state: KVM_MP_STATE_RUNNABLE,
+            })
+            .map_err(err("KVM_SET_MP_STATE"))?;
+        } else {
+            // Waits in KVM_RUN until the guest sends INIT and SIPI.
+            fd.set_mp_state(kvm_mp_state {
+                mp_state: KVM_MP_STATE_UNINITIALIZED,
+            })
+            .map_err(err("KVM_SET_MP_STATE"))?;
+        }
+        Ok(())
+    }
+
+    /// Starts every present vCPU together: all are sent `Resume` first, then every
+    /// acknowledgement is awaited.
+    pub fn start_boot_vcpus(&self) -> Result<(), VmmError> {
+        self.check_running_allowed("start the vCPUs")?;
+        self.request_all(VcpuRequest::Resume, "resume")
+    }
+
+    /// Starts the given present vCPUs (e.g. after hot-add).
+    pub fn start_vcpus(&self, indices: &[u32]) -> Result<(), VmmError> {
+        self.check_running_allowed("start vCPUs")?;
+        self.request_some(indices, VcpuRequest::Resume, "resume")
+    }
+
+    /// Pauses every present vCPU and waits for every acknowledgement (see
+    /// [`VcpuManagerOptions::ack_timeout`]).
+    pub fn pause_all(&self) -> Result<(), VmmError> {
+        self.request_all(VcpuRequest::Pause, "pause")
+    }
+
+    /// Resumes every present vCPU and waits for every acknowledgement.
+    pub fn resume_all(&self) -> Result<(), VmmError> {
+        self.check_running_allowed("resume the vCPUs")?;
+        self.request_all(VcpuRequest::Resume, "resume")
+    }
+
+    fn request_all(&self, req: VcpuRequest, name: &'static str) -> Result<(), VmmError> {
+        let indices: Vec<u32> = self.vcpus.keys().copied().collect();
+        self.request_some(&indices, req, name)
+    }
+
+    /// Sends `req` to every vCPU in `indices`, then waits for every reply until one deadline.
+    fn request_some(
+        &self,
+        indices: &[u32],
+        req: VcpuRequest,
+        name: &'static str,
+    ) -> Result<(), VmmError> {
+        let timeout = self.options.ack_timeout;
+        let mut sent = Vec::with_capacity(indices.len());
+        let mut no_answer = Vec::new();
+        let mut refused: Vec<(u32, String)> = Vec::new();
+        for index in indices {
+            let handle = self
+                .vcpus
+                .get(index)
+                .ok_or_else(|| VmmError::InvalidManagerState {
+                    op: name,
+                    reason: format!("vCPU index {index} is not present"),
+                })?;
+            match handle.send(req) {
+                Ok(id) => sent.push((handle, id)),
+                Err(e) => refused.push((handle.id(), e.to_string())),
+            }
+        }
+        let deadline = Instant::now() + timeout;
+        for (handle, id) in sent {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match handle.wait_reply(id, left) {
+                Ok(reply) => match reply.outcome {
+                    ReplyOutcome::NotAllowed(why) | ReplyOutcome::Error(why) => {
+                        refused.push((handle.id(), why))
+                    }
+                    _ => {}
+                },
+                Err(vcpu_actor::VcpuError::ReplyTimeout { .. }) => no_answer.push(handle.id()),
+                Err(e) => refused.push((handle.id(), e.to_string())),
+            }
+        }
+        for (id, why) in &refused {
+            warn!(self.logger, "vCPU refused a request"; "vcpu_id" => id, "request" => name,
+                  "reason" => why);
+        }
+        if !no_answer.is_empty() {
+            return Err(VmmError::VcpusDidNotAnswer {
+                request: name,
+                vcpu_ids: no_answer,
+                timeout,
+            });
+        }
+        if let Some((vcpu_id, reason)) = refused.into_iter().next() {
+            return Err(VmmError::VcpuRefused {
+                vcpu_id,
+                request: name,
+                reason,
+            });
+        }
+        Ok(())
+    }
+
+    /// Exits every present vCPU, joins every thread and keeps the KVM vCPU fds for reuse.
+    /// Afterwards no vCPU is present.
+    pub fn exit_all(&mut self) -> Result<(), VmmError> {
+        let indices: Vec<u32> = self.vcpus.keys().copied().collect();
+        self.exit_vcpus(&indices)
+    }
+
+    /// Exits the given present vCPUs (e.g. after a hot-remove), joins their threads and keeps
+    /// their KVM vCPU fds for reuse by [`create_vcpu`](Self::create_vcpu).
+    pub fn exit_vcpus(&mut self, indices: &[u32]) -> Result<(), VmmError> {
+        if let Some(index) = indices.iter().find(|i| !self.vcpus.contains_key(i)) {
+            return Err(VmmError::InvalidManagerState {
+                op: "exit vCPUs",
+                reason: format!("vCPU index {index} is not present"),
+            });
+        }
+        let asked = self.request_some(indices, VcpuRequest::Exit, "exit");
+        let mut unjoined = Vec::new();
+        let mut first_error = None;
+        for index in indices {
+            let Some(handle) = self.vcpus.remove(index) else {
+                continue;
+            };
+            let id = handle.id();
+            match handle.join(self.options.join_timeout) {
+                Ok(fd) => {
+                    self.kept_fds.insert(id, fd);
+                }
+                Err(e) => {
+                    unjoined.push(id);
+                    first_error.get_or_insert(VmmError::Vcpu {
+                        vcpu_id: id,
+                        source: e,
+                    });
+                }
+            }
+        }
+        info!(self.logger, "vCPUs exited"; "indices" => ?indices,
+              "kept_fds" => self.kept_fds.len(), "unjoined" => ?unjoined);
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+        // Every thread ended, so a refused or unanswered Exit does not matter any more.
+        if let Err(e) = asked {
+            debug!(self.logger, "exit acknowledgements incomplete, threads joined anyway";
+                   "error" => %e);
+        }
+        Ok(())
+    }
+
+    /// The present vCPUs (a live actor), by index.
+    pub fn present_vcpus(&self) -> Vec<VcpuInfo> {
+        self.vcpus
+            .iter()
+            .map(|(index, h)| VcpuInfo {
+                index: *index,
+                apic_id: h.id(),
+                state: h.state(),
+                tid: h.tid(),
+            })
+            .collect()
+    }
+
+    /// The number of present vCPUs.
+    pub fn present_vcpu_count(&self) -> u32 {
+        self.vcpus.len() as u32
+    }
+
+    /// The indices of the vCPUs that may be hot-removed: present vCPUs beyond the boot
+    /// vCPUs, highest index first (the order to remove them in).
+    pub fn removable_vcpus(&self) -> Vec<u32> {
+        self.vcpus
+            .keys()
+            .rev()
+            .copied()
+            .filter(|i| *i >= self.config.boot_vcpu_count)
+            .collect()
+    }
+
+    /// The APIC IDs whose KVM vCPU fd is kept for reuse (their thread has ended).
+    pub fn kept_vcpu_fds(&self) -> Vec<u32> {
+        self.kept_fds.keys().copied().collect()
+    }
+
+    /// Linux thread ids of the present vCPUs: (index, tid).
+    pub fn vcpu_tids(&self) -> Vec<(u32, Option<i32>)> {
+        self.vcpus.iter().map(|(i, h)| (*i, h.tid())).collect()
+    }
+
+    /// Counters of every present vCPU, by index.
+    pub fn vcpu_metrics(&self) -> Vec<(u32, VcpuMetricsSnapshot)> {
+        self.vcpus.iter().map(|(i, h)| (*i, h.metrics())).collect()
+    }
+
+    /// A monitor to wait on (with a timeout) from any thread, and to request a stop with.
+    pub fn exit_monitor(&self) -> ExitMonitor {
+        self.exit_monitor.clone()
+    }
+
+    /// Whether the exit flag is set (a stop is under way or done).
+    pub fn exit_requested(&self) -> bool {
+        self.exit_flag.load(Ordering::Acquire)
+    }
+
+    /// Stops the VM for `signal` (from [`ExitMonitor::wait`]): sets the exit flag, finds the
+    /// vCPUs in `waiting_exit` and their reasons, exits every vCPU and returns why. Returns
+    /// `Ok(None)` for a spurious vCPU signal (no vCPU stopped; nothing is done).
+    pub fn stop_vm(&mut self, signal: ExitSignal) -> Result<Option<VmStopReason>, VmmError> {
+        let mut stopped: Vec<(u32, u32, Option<VcpuExitReason>)> = self
+            .vcpus
+            .iter()
+            .filter_map(|(index, h)| match h.state() {
+                VcpuState::WaitingExit => Some((*index, h.id(), h.exit_reason())),
+                // A thread that ended on its own (the manager has not asked any to exit).
+                VcpuState::Exited => Some((*index, h.id(), None)),
+                _ => None,
+            })
+            .collect();
+        let reason = match signal {
+            ExitSignal::StopRequested => VmStopReason {
+                vcpu_id: None,
+                vcpu_index: None,
+                reason: StopCause::StopRequested,
+                also_stopped: stopped.into_iter().filter_map(|s| s.2).collect(),
+            },
+            ExitSignal::VcpuExit => {
+                if stopped.is_empty() {
+                    return Ok(None);
+                }
+                // Prefer a vCPU with a reason, then the lowest index.
+                stopped.sort_by_key(|(index, _, r)| (r.is_none(), *index));
+                let (index, id, first) = stopped.remove(0);
+                VmStopReason {
+                    vcpu_id: Some(id),
+                    vcpu_index: Some(index),
+                    reason: first.map_or(StopCause::VcpuThreadEnded, StopCause::VcpuExit),
+                    also_stopped: stopped.into_iter().filter_map(|s| s.2).collect(),
+                }
+            }
+        };
+        self.exit_flag.store(true, Ordering::Release);
+        info!(self.logger, "stopping the VM"; "reason" => %reason);
+        self.exit_all()?;
+        Ok(Some(reason))
+    }
+
+    /// Waits up to `timeout` (`None`: forever) for a vCPU to stop or a stop request, then
+    /// stops the VM ([`stop_vm`](Self::stop_vm)). `Ok(None)`: the time passed.
+    pub fn wait_for_exit(
+        &mut self,
+        timeout: Option<Duration>,
+    ) -> Result<Option<VmStopReason>, VmmError> {
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
+        loop {
+            let left = match (timeout, deadline) {
+                (Some(_), Some(d)) => Some(d.saturating_duration_since(Instant::now())),
+                _ => None,
+            };
+            let Some(signal) = self.exit_monitor.wait(left)? else {
+                return Ok(None);
+            };
+            if let Some(reason) = self.stop_vm(signal)? {
+                return Ok(Some(reason));
+            }
+            debug!(
+                self.logger,
+                "exit EventFd written but no vCPU stopped; waiting on"
+            );
+        }
+    }
+
+    /// Blocks until the VM stops (a vCPU in `waiting_exit` or a stop request), stops it and
+    /// returns why.
+    pub fn run_until_exit(&mut self) -> Result<VmStopReason, VmmError> {
+        loop {
+            if let Some(reason) = self.wait_for_exit(None)? {
+                return Ok(reason);
+            }
+        }
+    }
+}
+
+impl Drop for VcpuManager {
+    fn drop(&mut self) {
+        if !self.vcpus.is_empty() {
+            if let Err(e) = self.exit_all() {
+                warn!(self.logger, "exiting the vCPUs on drop failed"; "error" => %e);
+            }
+        }
+    }
+}
+
+/// Builds a VM and its vCPU manager, checking `config` before any KVM VM exists.
+pub fn build_vm(
+    kvm: kvm_ioctls::Kvm,
+    vm_options: crate::vm::VmOptions,
+    config: VcpuConfig,
+    options: VcpuManagerOptions,
+) -> Result<(Arc<Vm>, VcpuManager), VmmError> {
+    let limits = KvmLimits::query(&kvm)?;
+    config.validate(&limits, options.interrupt_mode)?;
+    let vm = Arc::new(Vm::new(kvm, vm_options)?);
+    let manager = VcpuManager::new(Arc::clone(&vm), config, options)?;
+    Ok((vm, manager))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lvt_delivery_modes_keep_other_bits() {
+        let mut s = kvm_lapic_state::default();
+        lapic::write_register(&mut s, lapic::LVT_LINT0, 0x0001_0000); // masked
+        lapic::set_lvt_delivery_mode(&mut s, lapic::LVT_LINT0, lapic::DeliveryMode::ExtInt);
+        lapic::set_lvt_delivery_mode(&mut s, lapic::LVT_LINT1, lapic::DeliveryMode::Nmi);
+        assert_eq!(lapic::read_register(&s, lapic::LVT_LINT0), 0x0001_0700);
+        assert_eq!(lapic::read_register(&s, lapic::LVT_LINT1), 0x0000_0400);
+        lapic::set_lvt_delivery_mode(&mut s, lapic::LVT_LINT1, lapic::DeliveryMode::Fixed);
+        assert_eq!(lapic::read_register(&s, lapic::LVT_LINT1), 0);
+    }
+
+    #[test]
+    fn boot_msrs_are_unique() {
+        let m = boot_msrs();
+        let mut idx: Vec<u32> = m.iter().map(|e| e.index).collect();
+        idx.sort_unstable();
+        idx.dedup();
+        assert_eq!(idx.len(), m.len());
+    }
+}

@@ -1,0 +1,223 @@
+//! The KVM VM: in-kernel irqchip and PIT, guest memory, the I/O bus with the serial console
+//! and the shutdown port.
+
+use std::io::Write;
+use std::sync::Arc;
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VmFd};
+use slog::{debug, o, Logger};
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::bus::{BusSpace, IoBus};
+use crate::devices::{
+    IrqLine, SerialConsole, ShutdownPort, COM1_GSI, COM1_PORT, COM1_PORT_COUNT, SHUTDOWN_PORT,
+};
+use crate::VmmError;
+
+/// Guest RAM stops here below 4 GiB; `MMIO_GAP_START..MMIO_GAP_END` holds the LAPIC, IOAPIC
+/// and other MMIO. RAM beyond `MMIO_GAP_START` continues at `MMIO_GAP_END`.
+pub const MMIO_GAP_START: u64 = 0xc000_0000;
+/// The end of the MMIO gap (4 GiB).
+pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
+/// The smallest guest memory accepted (what the guest-program loader needs).
+pub const MIN_MEMORY_SIZE: u64 = 4 << 20;
+/// Where KVM's Intel real-mode TSS goes (3 pages just below the BIOS area at the top of 4 GiB).
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+
+/// How to build a [`Vm`].
+pub struct VmOptions {
+    /// Guest RAM in bytes (a multiple of 4 KiB, at least [`MIN_MEMORY_SIZE`]).
+    pub memory_size: u64,
+    /// Where the serial console's output goes (default: discarded).
+    pub serial_output: Box<dyn Write + Send>,
+    /// Create the in-kernel PIT (i8254) too.
+    pub create_pit: bool,
+    /// Logger.
+    pub logger: Logger,
+}
+
+impl Default for VmOptions {
+    fn default() -> Self {
+        Self {
+            memory_size: 64 << 20,
+            serial_output: Box::new(std::io::sink()),
+            create_pit: true,
+            logger: Logger::root(slog::Discard, o!()),
+        }
+    }
+}
+
+/// A KVM VM with its memory and devices; vCPUs are the [`crate::VcpuManager`]'s.
+pub struct Vm {
+    // Field order is drop order: the VM fd goes before the memory it maps.
+    fd: VmFd,
+    kvm: Kvm,
+    memory: GuestMemoryMmap,
+    bus: Arc<IoBus>,
+    serial: Arc<SerialConsole>,
+    shutdown: Arc<ShutdownPort>,
+    vcpu_mmap_size: usize,
+    logger: Logger,
+}
+
+/// The RAM ranges for `size` bytes: below the MMIO gap, then above 4 GiB.
+pub fn memory_ranges(size: u64) -> Result<Vec<(GuestAddress, usize)>, VmmError> {
+    let invalid = || VmmError::InvalidMemorySize {
+        size,
+        min: MIN_MEMORY_SIZE,
+    };
+    if size < MIN_MEMORY_SIZE || size % 4096 != 0 {
+        return Err(invalid());
+    }
+    let low = size.min(MMIO_GAP_START);
+    let mut ranges = vec![(
+        GuestAddress(0),
+        usize::try_from(low).map_err(|_| invalid())?,
+    )];
+    if size > low {
+        let high = usize::try_from(size - low).map_err(|_| invalid())?;
+        ranges.push((GuestAddress(MMIO_GAP_END), high));
+    }
+    Ok(ranges)
+}
+
+impl Vm {
+    /// Creates the VM: KVM VM, TSS address, in-kernel irqchip, PIT (optional), guest memory,
+    /// the COM1 console (interrupt through an irqfd on GSI 4) and the shutdown port.
+    pub fn new(kvm: Kvm, options: VmOptions) -> Result<Self, VmmError> {
+        let logger = options.logger.new(o!("component" => "vm"));
+        let ranges = memory_ranges(options.memory_size)?;
+        let vm_err = |op| move |source| VmmError::Kvm { op, source };
+        let vcpu_mmap_size = kvm
+            .get_vcpu_mmap_size()
+            .map_err(vm_err("KVM_GET_VCPU_MMAP_SIZE"))?;
+        let fd = kvm.create_vm().map_err(vm_err("KVM_CREATE_VM"))?;
+        fd.set_tss_address(KVM_TSS_ADDRESS)
+            .map_err(vm_err("KVM_SET_TSS_ADDR"))?;
+        fd.create_irq_chip().map_err(vm_err("KVM_CREATE_IRQCHIP"))?;
+        if options.create_pit {
+            let pit = kvm_pit_config {
+                flags: KVM_PIT_SPEAKER_DUMMY,
+                ..Default::default()
+            };
+            fd.create_pit2(pit).map_err(vm_err("KVM_CREATE_PIT2"))?;
+        }
+        let memory = GuestMemoryMmap::from_ranges(&ranges).map_err(VmmError::MemoryAllocation)?;
+        for (slot, region) in memory.iter().enumerate() {
+            let r = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: region.start_addr().raw_value(),
+                memory_size: region.len(),
+                userspace_addr: region.as_ptr() as u64,
+            };
+            // SAFETY: the region is a live mapping of `memory_size` bytes owned by `memory`,
+            // which this Vm keeps; the VM fd is declared first so it is dropped first.
+            unsafe { fd.set_user_memory_region(r) }
+                .map_err(vm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+
+        let bus = Arc::new(IoBus::new(logger.clone()));
+        let irq = EventFd::new(EFD_NONBLOCK).map_err(|source| VmmError::Os {
+            op: "creating the serial interrupt EventFd",
+            source,
+        })?;
+        fd.register_irqfd(&irq, COM1_GSI)
+            .map_err(vm_err("KVM_IRQFD (COM1)"))?;
+        let serial = Arc::new(SerialConsole::new(IrqLine::new(irq), options.serial_output));
+        bus.register(
+            BusSpace::Pio,
+            u64::from(COM1_PORT),
+            u64::from(COM1_PORT_COUNT),
+            "com1",
+            serial.clone(),
+        )?;
+        let shutdown = Arc::new(ShutdownPort::new());
+        bus.register(
+            BusSpace::Pio,
+            u64::from(SHUTDOWN_PORT),
+            1,
+            "shutdown",
+            shutdown.clone(),
+        )?;
+        debug!(logger, "VM created"; "memory_size" => options.memory_size);
+        Ok(Self {
+            fd,
+            kvm,
+            memory,
+            bus,
+            serial,
+            shutdown,
+            vcpu_mmap_size,
+            logger,
+        })
+    }
+
+    /// The `/dev/kvm` handle.
+    pub fn kvm(&self) -> &Kvm {
+        &self.kvm
+    }
+
+    /// The KVM VM fd.
+    pub fn fd(&self) -> &VmFd {
+        &self.fd
+    }
+
+    /// Guest RAM.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+
+    /// The I/O bus (register more devices on it).
+    pub fn io_bus(&self) -> &Arc<IoBus> {
+        &self.bus
+    }
+
+    /// The COM1 console.
+    pub fn serial(&self) -> &Arc<SerialConsole> {
+        &self.serial
+    }
+
+    /// The shutdown port.
+    pub fn shutdown_port(&self) -> &Arc<ShutdownPort> {
+        &self.shutdown
+    }
+
+    /// `KVM_GET_VCPU_MMAP_SIZE`.
+    pub fn vcpu_mmap_size(&self) -> usize {
+        self.vcpu_mmap_size
+    }
+
+    /// The VM's logger.
+    pub fn logger(&self) -> &Logger {
+        &self.logger
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_ranges_skip_the_mmio_gap() {
+        assert_eq!(
+            memory_ranges(64 << 20).unwrap(),
+            [(GuestAddress(0), 64 << 20)]
+        );
+        assert_eq!(
+            memory_ranges(4 << 30).unwrap(),
+            [
+                (GuestAddress(0), 3 << 30),
+                (GuestAddress(MMIO_GAP_END), 1 << 30)
+            ]
+        );
+        for bad in [0, 4096, (4 << 20) + 1] {
+            assert!(matches!(
+                memory_ranges(bad),
+                Err(VmmError::InvalidMemorySize { .. })
+            ));
+        }
+    }
+}
