@@ -3,9 +3,14 @@
 # installing it as this machine's kernel: `apt-get download` fetches the .deb that the
 # `linux-image-amd64` metapackage depends on, and `dpkg-deb -x` unpacks it.
 #
+# It also extracts the uncompressed ELF vmlinux from the bzImage's payload, next to it, as
+# boot/vmlinux-VERSION: on hosts where KVM emulates guest kernel code (PVM, see
+# shared/docs/host-kvm.md) the bzImage's self-decompression alone takes many minutes, while
+# the ELF starts at once.
+#
 # Usage: scripts/fetch-test-kernel.sh [DIR]     (default: target/test-kernel in the workspace)
 # Prints the path of the unpacked vmlinuz on stdout (and nothing else there). Idempotent: if
-# DIR already holds a vmlinuz, nothing is downloaded.
+# DIR already holds a vmlinuz (and its vmlinux), nothing is downloaded.
 # The boot test (integration/tests/linux_boot.rs) looks in the same default folder, or takes
 # the kernel's path from the environment variable VCPU_TEST_KERNEL.
 set -euo pipefail
@@ -19,9 +24,47 @@ find_vmlinuz() {
     fi
 }
 
+# Writes boot/vmlinux-VERSION from boot/vmlinuz-VERSION ($1): the payload's offset and length
+# are in the setup header (payload_offset at 0x248, payload_length at 0x24c, both from the
+# start of the protected-mode code, which follows (setup_sects + 1) * 512 bytes).
+extract_vmlinux() {
+    local vmlinuz="$1" vmlinux setup_sects setup offset length magic tmp
+    vmlinux="${vmlinuz/vmlinuz-/vmlinux-}"
+    [ -s "$vmlinux" ] && return 0
+    setup_sects=$(od -An -tu1 -j $((0x1f1)) -N1 "$vmlinuz" | tr -d ' ')
+    [ "$setup_sects" = 0 ] && setup_sects=4
+    setup=$(( (setup_sects + 1) * 512 ))
+    offset=$(od -An -tu4 -j $((0x248)) -N4 "$vmlinuz" | tr -d ' ')
+    length=$(od -An -tu4 -j $((0x24c)) -N4 "$vmlinuz" | tr -d ' ')
+    payload() {
+        dd if="$vmlinuz" bs=64K iflag=skip_bytes,count_bytes skip=$((setup + offset)) \
+            count="$length" status=none
+    }
+    magic=$(od -An -tx1 -j $((setup + offset)) -N6 "$vmlinuz" | tr -d ' \n')
+    tmp="$vmlinux.partial"
+    case "$magic" in
+        fd377a585a00) payload | xz -dc --single-stream >"$tmp" ;;
+        28b52ffd*) payload | zstd -dcq >"$tmp" ;;
+        1f8b*) { payload | gzip -dc >"$tmp"; } 2>/dev/null || true ;;
+        *)
+            echo "fetch-test-kernel: unknown payload compression (magic $magic);" \
+                "no vmlinux extracted" >&2
+            return 0
+            ;;
+    esac
+    if [ "$(od -An -tx1 -N4 "$tmp" | tr -d ' \n')" != 7f454c46 ]; then
+        echo "fetch-test-kernel: the payload of $vmlinuz is not an ELF; no vmlinux" >&2
+        rm -f "$tmp"
+        return 0
+    fi
+    mv "$tmp" "$vmlinux"
+    echo "fetch-test-kernel: extracted $vmlinux" >&2
+}
+
 existing="$(find_vmlinuz)"
 if [ -n "$existing" ]; then
-    echo "fetch-test-kernel: already unpacked, nothing to do" >&2
+    extract_vmlinux "$existing"
+    echo "fetch-test-kernel: already unpacked, nothing to download" >&2
     echo "$existing"
     exit 0
 fi
@@ -73,4 +116,5 @@ if [ -z "$vmlinuz" ]; then
     exit 1
 fi
 echo "fetch-test-kernel: unpacked $pkg into $dir" >&2
+extract_vmlinux "$vmlinuz"
 echo "$vmlinuz"

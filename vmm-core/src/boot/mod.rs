@@ -47,12 +47,12 @@
 
 pub mod cpu;
 pub mod e820;
-#[cfg(test)]
-mod experiment;
 pub mod kernel;
 pub mod layout;
 pub mod mptable;
 pub mod params;
+#[cfg(test)]
+mod tests;
 
 use std::fs::File;
 use std::path::PathBuf;
