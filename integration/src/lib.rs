@@ -8,7 +8,10 @@
 //! ```
 
 pub mod bench;
+pub mod cli;
 pub mod guest;
+pub mod hotplug_demo;
+pub mod probe;
 
 /// The one error type of this crate.
 #[derive(Debug, thiserror::Error)]

@@ -1,1 +1,208 @@
-fn main() {}
+//! `vcpuctl`: see the vCPU manager work on this machine's KVM.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use clap::{Args, Parser, Subcommand};
+use integration::cli::{self, CliError, ExitCode, Out, VmSpec};
+use slog::{o, Drain};
+use topology::SmpConfig;
+use vpmu::VpmuFeatureLevel;
+
+const EXIT_CODES: &str = "Exit codes: 0 success; 1 failure (the message says what); \
+2 bad arguments (e.g. an --smp that cannot be); 3 /dev/kvm missing or not accessible; \
+4 this host's KVM lacks a capability or vPMU level the configuration needs.";
+
+/// The vCPU manager, end to end on this machine's KVM.
+#[derive(Parser, Debug)]
+#[command(name = "vcpuctl", version, after_help = EXIT_CODES)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    vm: VmArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+struct VmArgs {
+    /// vCPUs and topology in QEMU's -smp syntax.
+    #[arg(long, global = true, default_value = "2,maxcpus=12,sockets=2,dies=1,cores=3,threads=2",
+          value_parser = parse_smp)]
+    smp: SmpConfig,
+    /// vPMU level: off, limited or full.
+    #[arg(long, global = true, default_value = "off", value_parser = parse_vpmu)]
+    vpmu: VpmuFeatureLevel,
+    /// Guest memory in MiB.
+    #[arg(long, global = true, default_value_t = 64)]
+    memory: u64,
+    /// Machine-readable output (JSON on stdout; progress goes to stderr).
+    #[arg(long, global = true)]
+    json: bool,
+    /// Log the VMM's work to stderr (-v info, -vv debug).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Boot vCPUs, show what the guest reads from CPUID, pause/resume, hotplug, stop (default).
+    Demo,
+    /// Boot every possible vCPU of the CPUID probe and dump what each read.
+    Cpuid {
+        /// Write hwloc CPUID dumps here (then: HWLOC_CPUID_PATH=DIR lstopo).
+        #[arg(long)]
+        hwloc_dir: Option<PathBuf>,
+    },
+    /// Every benchmark in one table: ours, bare KVM, ratio.
+    Bench {
+        /// vCPU counts to measure.
+        #[arg(long, value_delimiter = ',', default_values_t = [1u32, 8, 64])]
+        vcpus: Vec<u32>,
+        /// Pause/resume rounds per count.
+        #[arg(long, default_value_t = 20)]
+        rounds: u32,
+        /// A smoke run: 1 and 8 vCPUs, 3 rounds.
+        #[arg(long)]
+        quick: bool,
+    },
+    /// Boot a Linux kernel, console on this terminal.
+    Boot {
+        /// bzImage or ELF vmlinux.
+        #[arg(long)]
+        kernel: PathBuf,
+        /// Initial ramdisk.
+        #[arg(long)]
+        initrd: Option<PathBuf>,
+        /// Kernel command line.
+        #[arg(
+            long,
+            default_value = "console=ttyS0 earlyprintk=serial,ttyS0 noxsave panic=-1"
+        )]
+        cmdline: String,
+    },
+}
+
+fn parse_smp(s: &str) -> Result<SmpConfig, String> {
+    s.parse::<SmpConfig>().map_err(|e| e.to_string())
+}
+
+fn parse_vpmu(s: &str) -> Result<VpmuFeatureLevel, String> {
+    s.parse::<VpmuFeatureLevel>().map_err(|e| e.to_string())
+}
+
+fn logger(verbose: u8) -> slog::Logger {
+    if verbose == 0 {
+        return slog::Logger::root(slog::Discard, o!());
+    }
+    let level = if verbose > 1 {
+        slog::Level::Debug
+    } else {
+        slog::Level::Info
+    };
+    let decorator = slog_term::PlainSyncDecorator::new(std::io::stderr());
+    let drain = slog_term::FullFormat::new(decorator)
+        .build()
+        .filter_level(level)
+        .fuse();
+    slog::Logger::root(drain, o!())
+}
+
+fn json<T: serde::Serialize>(value: &T) -> Result<(), CliError> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| CliError {
+        code: ExitCode::Failure,
+        message: format!("cannot write JSON: {e}"),
+    })?;
+    println!("{text}");
+    Ok(())
+}
+
+fn run(cli: Cli) -> Result<(), CliError> {
+    let a = &cli.vm;
+    let spec = VmSpec {
+        smp: a.smp,
+        vpmu: a.vpmu,
+        memory_mib: a.memory,
+        logger: logger(a.verbose),
+    };
+    let out = Out::new(a.json);
+    match cli.command.unwrap_or(Command::Demo) {
+        Command::Demo => {
+            let report = cli::demo(&spec, &out)?;
+            if a.json {
+                json(&report)?;
+            }
+        }
+        Command::Cpuid { hwloc_dir } => {
+            out.line(format!(
+                "booting all {} vCPUs of -smp {} (CPUID probe guest)...",
+                spec.smp.max_cpus, spec.smp
+            ));
+            let views = cli::cpuid(&spec, hwloc_dir.as_ref())?;
+            if a.json {
+                json(&views)?;
+            } else {
+                for v in &views {
+                    let l = v.location;
+                    println!(
+                        "vCPU {:>3}  APIC ID {:>3}  {}",
+                        v.index,
+                        v.apic_id,
+                        l.map_or("no topology leaves".into(), |l| format!(
+                            "socket {} die {} core {} thread {} (x2APIC ID {})",
+                            l.socket, l.die, l.core, l.thread, l.x2apic_id
+                        ))
+                    );
+                }
+                if let Some(dir) = hwloc_dir {
+                    println!(
+                        "hwloc dumps in {0}; see them with: HWLOC_CPUID_PATH={0} \
+                         HWLOC_COMPONENTS=x86,stop lstopo-no-graphics",
+                        dir.display()
+                    );
+                }
+            }
+        }
+        Command::Bench {
+            vcpus,
+            rounds,
+            quick,
+        } => {
+            let (vcpus, rounds) = if quick {
+                (vec![1, 8], 3)
+            } else {
+                (vcpus, rounds)
+            };
+            cli::open_kvm()?;
+            let mut rows = Vec::new();
+            for n in vcpus {
+                out.line(format!("measuring {n} vCPUs ({rounds} rounds)..."));
+                rows.push(integration::bench::bench_vcpus(n, rounds)?);
+            }
+            if a.json {
+                json(&rows)?;
+            } else {
+                print!("{}", integration::bench::format_table(&rows));
+            }
+        }
+        Command::Boot {
+            kernel,
+            initrd,
+            cmdline,
+        } => {
+            let console = Arc::new(Mutex::new(std::io::stdout()));
+            let stop = cli::boot_linux(&spec, &kernel, initrd.as_deref(), &cmdline, console)?;
+            let _ = std::io::stdout().flush();
+            eprintln!("\nvcpuctl: {stop}");
+        }
+    }
+    Ok(())
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("vcpuctl: {}", e.message);
+        std::process::exit(e.code as i32);
+    }
+}
