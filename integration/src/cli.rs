@@ -378,7 +378,8 @@ impl Out {
     }
 }
 
-fn location_table(views: &[VcpuCpuidView]) -> String {
+/// A table of index, APIC IDs and decoded location per vCPU.
+pub fn location_table(views: &[VcpuCpuidView]) -> String {
     let mut s = String::from("  index  APIC ID  leaf1 ID  socket  die  core  thread\n");
     for v in views {
         let opt = |x: Option<u32>| x.map_or("-".to_string(), |x| x.to_string());

@@ -438,4 +438,41 @@ pub enum VmmError {
         /// Bytes available.
         room: usize,
     },
+
+    // --- vCPU resize ---
+    /// A resize target outside `[1, max_vcpu_count]`.
+    #[error("cannot resize to {target} vCPUs: the target must be in [1, {max}] (max_vcpu_count)")]
+    ResizeOutOfRange {
+        /// The target asked for.
+        target: u32,
+        /// `max_vcpu_count`.
+        max: u32,
+    },
+    /// Resizing needs an upcall client.
+    #[error(
+        "cannot resize: no upcall client; connect one to the guest's upcall server and pass it \
+         to VcpuManager::set_upcall_client"
+    )]
+    NoUpcallClient,
+    /// The guest did not add or remove the vCPUs; the manager rolled back.
+    #[error(
+        "{op} of vCPUs {apic_ids:?} (APIC IDs) failed: {source}; rolled back, the present vCPUs \
+         are as before{unknown}",
+        unknown = if *.guest_state_unknown {
+            " (the guest may have acted on part of the request: check it before retrying)"
+        } else {
+            ""
+        }
+    )]
+    HotplugFailed {
+        /// `hot-add` or `hot-remove`.
+        op: &'static str,
+        /// The APIC IDs of the request.
+        apic_ids: Vec<u32>,
+        /// Whether the guest may have acted (timeout, reset or mismatched reply).
+        guest_state_unknown: bool,
+        /// The upcall error (with the guest's errno where it sent one).
+        #[source]
+        source: hotplug::HotplugError,
+    },
 }

@@ -47,6 +47,7 @@ pub mod exit;
 pub mod loader;
 pub mod manager;
 pub mod pmu;
+pub mod resize;
 pub mod vm;
 
 use kvm_ioctls::VcpuFd;
@@ -57,6 +58,7 @@ pub use config::{InterruptMode, KvmLimits, VcpuConfig};
 pub use error::VmmError;
 pub use exit::{ExitMonitor, ExitSignal, StopCause, VmStopReason};
 pub use manager::{build_vm, VcpuInfo, VcpuManager, VcpuManagerOptions};
+pub use resize::{ResizeOutcome, VcpuSlot};
 pub use vm::{Vm, VmOptions};
 
 /// How the BSP is set up for what was loaded into guest memory: registers, segments, paging.

@@ -170,7 +170,9 @@ pub struct VcpuManager {
     kept_fds: BTreeMap<u32, VcpuFd>,
     exit_monitor: ExitMonitor,
     exit_flag: Arc<AtomicBool>,
-    logger: Logger,
+    /// The upcall client [`resize_vcpus`](Self::resize_vcpus) asks the guest with.
+    pub(crate) upcall: Option<Arc<hotplug::UpcallClient>>,
+    pub(crate) logger: Logger,
 }
 
 impl VcpuManager {
@@ -203,6 +205,7 @@ impl VcpuManager {
             kept_fds: BTreeMap::new(),
             exit_monitor: ExitMonitor::new()?,
             exit_flag: Arc::new(AtomicBool::new(false)),
+            upcall: None,
             logger,
         })
     }
