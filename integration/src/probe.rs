@@ -45,6 +45,14 @@ const MAILBOX_ACK: u64 = MAILBOX_ADDR + 8;
 /// The mailbox value that makes the BSP write the VM's shutdown port instead of waking a vCPU.
 const SHUTDOWN_REQUEST: u32 = u32::MAX;
 
+// The areas do not overlap: counters, mailbox, queries, result tables, in that order.
+const _: () = {
+    assert!(COUNTERS_ADDR + 256 * COUNTER_STRIDE <= MAILBOX_ADDR);
+    assert!(MAILBOX_ADDR + 12 <= QUERIES_ADDR);
+    assert!(QUERIES_ADDR + 8 + MAX_QUERIES as u64 * 8 <= RESULTS_ADDR);
+    assert!(MAX_QUERIES as u64 * 16 <= 1 << RESULTS_SHIFT);
+};
+
 /// The guest address of the result table of the vCPU with APIC ID `apic_id` (below 256).
 pub const fn results_addr(apic_id: u32) -> u64 {
     RESULTS_ADDR + ((apic_id as u64 % 256) << RESULTS_SHIFT)
@@ -325,13 +333,5 @@ mod tests {
         assert!(!p.code.is_empty());
         let ap = p.ap_entry.expect("AP entry");
         assert!(ap > 0 && ap < p.code.len() as u64);
-    }
-
-    #[test]
-    fn results_tables_do_not_overlap_the_mailbox_or_counters() {
-        assert!(results_addr(0) > MAILBOX_ADDR + 12);
-        assert!(results_addr(255) + (MAX_QUERIES as u64) * 16 <= RESULTS_ADDR + (256 << 12));
-        assert!(QUERIES_ADDR + 8 + MAX_QUERIES as u64 * 8 <= RESULTS_ADDR);
-        assert!(COUNTERS_ADDR + 256 * COUNTER_STRIDE <= MAILBOX_ADDR);
     }
 }
