@@ -67,6 +67,12 @@ impl From<IntegrationError> for CliError {
     }
 }
 
+impl From<topology::TopologyError> for CliError {
+    fn from(e: topology::TopologyError) -> Self {
+        Self::usage(e.to_string())
+    }
+}
+
 impl From<VmmError> for CliError {
     fn from(e: VmmError) -> Self {
         IntegrationError::Vmm(e).into()

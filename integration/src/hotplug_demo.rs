@@ -145,3 +145,71 @@ pub fn demo_resize(
     }
     Ok(steps)
 }
+
+/// One row of the hotplug benchmark.
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct HotplugBenchRow {
+    /// vCPUs added (then removed) at once.
+    pub added: u32,
+    /// `resize_vcpus(1 + added)`: request until the reply is in, every new vCPU having run
+    /// guest code and reported its APIC ID.
+    pub add_total: Duration,
+    /// The part spent creating, configuring and starting the vCPUs.
+    pub add_vcpu_work: Duration,
+    /// The part spent in the upcall round trip (the guest waking them).
+    pub add_upcall: Duration,
+    /// Bare KVM: `KVM_CREATE_VCPU` + `KVM_SET_CPUID2` for as many vCPUs.
+    pub bare_create: Duration,
+    /// `resize_vcpus(1)` back.
+    pub remove_total: Duration,
+}
+
+/// Hot-adds `added` vCPUs to a 1-vCPU probe VM (1 socket x `max` cores) and removes them
+/// again, next to the bare cost of creating as many KVM vCPUs.
+pub fn bench_resize(added: u32, logger: &slog::Logger) -> Result<HotplugBenchRow, CliError> {
+    let max = (added + 1).max(2);
+    let spec = VmSpec {
+        smp: topology::SmpConfig::new(1, max, topology::CpuTopology::new(1, 1, max, 1)?)?,
+        vpmu: vpmu::VpmuFeatureLevel::Disabled,
+        memory_mib: 64,
+        logger: logger.clone(),
+    };
+    let kvm = crate::cli::open_kvm()?;
+    let mut probe = ProbeVm::boot(kvm, &spec, 1)?;
+    let socket =
+        std::env::temp_dir().join(format!("vcpuctl-bench-{}-{added}.sock", std::process::id()));
+    let _guest = attach_upcall(&mut probe.guest, &socket, logger, ONLINE_TIMEOUT * 2)?;
+    let add = probe.guest.vcpus.resize_vcpus(1 + added)?;
+    let remove = probe.guest.vcpus.resize_vcpus(1)?;
+    probe.guest.vcpus.exit_all()?;
+    let bare_create = crate::bench::bare_startup(added)?;
+    Ok(HotplugBenchRow {
+        added,
+        add_total: add.total,
+        add_vcpu_work: add.vcpu_work,
+        add_upcall: add.upcall,
+        bare_create,
+        remove_total: remove.total,
+    })
+}
+
+/// The hotplug benchmark's table (milliseconds).
+pub fn format_hotplug_table(rows: &[HotplugBenchRow]) -> String {
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let mut s = String::from(
+        "  +N | add ms | vCPU work ms | upcall ms | bare create+CPUID ms | work/bare | remove ms\n",
+    );
+    for r in rows {
+        s.push_str(&format!(
+            "{:>4} | {:>6.2} | {:>12.2} | {:>9.2} | {:>20.2} | {:>9.2} | {:>9.2}\n",
+            r.added,
+            ms(r.add_total),
+            ms(r.add_vcpu_work),
+            ms(r.add_upcall),
+            ms(r.bare_create),
+            ms(r.add_vcpu_work) / ms(r.bare_create).max(1e-6),
+            ms(r.remove_total),
+        ));
+    }
+    s
+}

@@ -9,6 +9,7 @@
 
 pub mod bench;
 pub mod cli;
+pub mod cmd_bench;
 pub mod guest;
 pub mod hotplug_demo;
 pub mod probe;

@@ -91,7 +91,9 @@ fn bench_quick_json_has_both_sides() {
         return;
     }
     let v = run_json(&["bench", "--quick", "--json"]);
-    let rows = v.as_array().expect("rows");
+    let hot = v["hotplug"].as_array().expect("hotplug rows");
+    assert_eq!(hot.len(), 2);
+    let rows = v["vcpus"].as_array().expect("rows");
     assert_eq!(rows.len(), 2);
     for r in rows {
         for key in [

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use clap::{Args, Parser, Subcommand};
 use integration::cli::{self, CliError, ExitCode, Out, VmSpec};
+use integration::hotplug_demo::{bench_resize, format_hotplug_table};
 use slog::{o, Drain};
 use topology::SmpConfig;
 use vpmu::VpmuFeatureLevel;
@@ -168,10 +169,10 @@ fn run(cli: Cli) -> Result<(), CliError> {
             rounds,
             quick,
         } => {
-            let (vcpus, rounds) = if quick {
-                (vec![1, 8], 3)
+            let (vcpus, rounds, hot) = if quick {
+                (vec![1, 8], 3, vec![1, 7])
             } else {
-                (vcpus, rounds)
+                (vcpus, rounds, vec![1, 7, 63])
             };
             cli::open_kvm()?;
             let mut rows = Vec::new();
@@ -179,10 +180,18 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 out.line(format!("measuring {n} vCPUs ({rounds} rounds)..."));
                 rows.push(integration::bench::bench_vcpus(n, rounds)?);
             }
+            let mut hotplug = Vec::new();
+            for n in hot {
+                out.line(format!("measuring hot-add and hot-remove of {n} vCPUs..."));
+                hotplug.push(bench_resize(n, &spec.logger)?);
+            }
             if a.json {
-                json(&rows)?;
+                json(&serde_json::json!({ "vcpus": rows, "hotplug": hotplug }))?;
             } else {
+                println!("vCPU manager vs bare KVM (ms, ratio = manager / bare):");
                 print!("{}", integration::bench::format_table(&rows));
+                println!("\nhotplug over upcall (ms; bare = KVM_CREATE_VCPU + KVM_SET_CPUID2):");
+                print!("{}", format_hotplug_table(&hotplug));
             }
         }
         Command::Boot {
