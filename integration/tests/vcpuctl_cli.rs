@@ -94,14 +94,10 @@ fn bench_quick_json_has_both_sides() {
     let hot = v["hotplug"].as_array().expect("hotplug rows");
     assert_eq!(hot.len(), 2);
     let rows = v["vcpus"].as_array().expect("rows");
-    assert_eq!(rows.len(), 2);
+    // Startup, pause and resume (at least) for each of the 2 vCPU counts.
+    assert!(rows.len() >= 6, "{rows:?}");
     for r in rows {
-        for key in [
-            "startup_manager",
-            "startup_bare",
-            "pause_manager",
-            "pause_bare",
-        ] {
+        for key in ["benchmark", "vcpus", "ours_ms", "bare_ms", "ratio"] {
             assert!(r.get(key).is_some(), "{key} missing in {r}");
         }
     }

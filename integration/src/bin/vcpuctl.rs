@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use clap::{Args, Parser, Subcommand};
 use integration::cli::{self, CliError, ExitCode, Out, VmSpec};
+use integration::cmd_bench;
 use integration::hotplug_demo::{bench_resize, format_hotplug_table};
 use slog::{o, Drain};
 use topology::SmpConfig;
@@ -185,11 +186,13 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 out.line(format!("measuring hot-add and hot-remove of {n} vCPUs..."));
                 hotplug.push(bench_resize(n, &spec.logger)?);
             }
+            let lines = cmd_bench::lines(&rows);
             if a.json {
-                json(&serde_json::json!({ "vcpus": rows, "hotplug": hotplug }))?;
+                json(&serde_json::json!({ "vcpus": lines, "hotplug": hotplug }))?;
             } else {
-                println!("vCPU manager vs bare KVM (ms, ratio = manager / bare):");
-                print!("{}", integration::bench::format_table(&rows));
+                println!("vCPU manager vs bare KVM (ratio = ours / bare):");
+                print!("{}", cmd_bench::table(&lines));
+                println!("({})", cmd_bench::EXIT_RATE_NOTE);
                 println!("\nhotplug over upcall (ms; bare = KVM_CREATE_VCPU + KVM_SET_CPUID2):");
                 print!("{}", format_hotplug_table(&hotplug));
             }
