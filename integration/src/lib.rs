@@ -7,6 +7,7 @@
 //! assert_eq!(integration::guest::counter_addr(1), 0x30_0040);
 //! ```
 
+pub mod agent;
 pub mod bench;
 pub mod cli;
 pub mod cmd_bench;

@@ -475,4 +475,42 @@ pub enum VmmError {
         #[source]
         source: hotplug::HotplugError,
     },
+    /// A background resize was asked for while another one is still running.
+    #[error(
+        "cannot start a resize to {target} vCPUs: a resize to {in_flight} vCPUs is still running; \
+         wait for its ResizeHandle and retry"
+    )]
+    ResizeBusy {
+        /// The target asked for.
+        target: u32,
+        /// The target of the resize in flight.
+        in_flight: u32,
+    },
+    /// A background resize did not finish within the wait; it goes on.
+    #[error(
+        "the resize to {target} vCPUs has not finished after {waited:?}; it goes on in the \
+         background: wait on its ResizeHandle again"
+    )]
+    ResizeStillRunning {
+        /// The target of the resize.
+        target: u32,
+        /// How long this wait lasted.
+        waited: std::time::Duration,
+    },
+    /// The outcome of a background resize was already taken, or its thread ended without one.
+    #[error(
+        "the outcome of the resize to {target} vCPUs is gone (already taken by an earlier wait, \
+         or its thread ended abnormally): check VcpuManager::present_vcpus"
+    )]
+    ResizeOutcomeGone {
+        /// The target of the resize.
+        target: u32,
+    },
+    /// The thread of a background resize could not be started.
+    #[error("cannot start the background resize thread: {source}")]
+    ResizeThread {
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
 }

@@ -10,6 +10,8 @@
 //!   them (CPUID from `topology` + `vpmu`, MSRs, LAPIC, FPU, BSP registers through a
 //!   [`BootEntry`]), starts, pauses, resumes and exits them, and turns a vCPU's
 //!   `waiting_exit` into a stop of the whole VM ([`exit`]);
+//! - vCPU hot-add and hot-remove over upcall ([`resize`]: [`VcpuManager::resize_vcpus`], and
+//!   [`AsyncResizer`] for a background resize waited on with a timeout);
 //! - the vPMU KVM actions ([`pmu`]);
 //! - a loader for small 64-bit guest programs ([`loader`]); Linux boot is in [`boot`].
 //!
@@ -58,7 +60,7 @@ pub use config::{InterruptMode, KvmLimits, VcpuConfig};
 pub use error::VmmError;
 pub use exit::{ExitMonitor, ExitSignal, StopCause, VmStopReason};
 pub use manager::{build_vm, VcpuInfo, VcpuManager, VcpuManagerOptions};
-pub use resize::{ResizeOutcome, VcpuSlot};
+pub use resize::{AsyncResizer, ResizeHandle, ResizeOutcome, VcpuSlot};
 pub use vm::{Vm, VmOptions};
 
 /// How the BSP is set up for what was loaded into guest memory: registers, segments, paging.

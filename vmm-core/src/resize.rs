@@ -13,9 +13,12 @@
 //! on part of the request; the error says so ([`VmmError::HotplugFailed`]).
 //!
 //! One resize at a time: the method takes `&mut self`, and the [`hotplug::UpcallClient`]
-//! answers `Busy` to a second request on the same channel.
+//! answers `Busy` to a second request on the same channel. [`AsyncResizer`] runs a resize of
+//! a shared manager on a background thread; the caller waits on its [`ResizeHandle`] with a
+//! timeout, and a second start while one runs is [`VmmError::ResizeBusy`].
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -58,7 +61,7 @@ impl VcpuManager {
     }
 
     /// Grows or shrinks the present vCPUs to `target`, in `[1, max_vcpu_count]`, asking the
-    /// guest over upcall to online or offline them (see the [module](self) docs).
+    /// guest over upcall to online or offline them (see the [module](crate::resize) docs).
     pub fn resize_vcpus(&mut self, target: u32) -> Result<ResizeOutcome, VmmError> {
         let max = self.config().max_vcpu_count;
         if target == 0 || target > max {
@@ -222,5 +225,128 @@ impl VcpuManager {
         self.exit_vcpus(indices)?;
         *vcpu_work = t.elapsed();
         Ok(slots)
+    }
+}
+
+/// Runs resizes of a shared [`VcpuManager`] in the background, one at a time: a second
+/// [`start`](Self::start) while one runs is [`VmmError::ResizeBusy`].
+///
+/// Cloning gives another handle on the same manager and the same one-at-a-time rule.
+#[derive(Clone)]
+pub struct AsyncResizer {
+    manager: Arc<Mutex<VcpuManager>>,
+    /// The target of the resize in flight, or [`IDLE`].
+    in_flight: Arc<AtomicU64>,
+}
+
+/// No resize in flight (outside the range of any `u32` target).
+const IDLE: u64 = u64::MAX;
+
+impl std::fmt::Debug for AsyncResizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AsyncResizer")
+            .field("in_flight", &self.in_flight_target())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Clears the in-flight marker when the worker ends, whatever happens in it.
+struct InFlightGuard(Arc<AtomicU64>);
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.0.store(IDLE, Ordering::SeqCst);
+    }
+}
+
+impl AsyncResizer {
+    /// A resizer for `manager` (shared with whoever else uses it; a resize holds the lock for
+    /// its whole duration).
+    pub fn new(manager: Arc<Mutex<VcpuManager>>) -> Self {
+        Self {
+            manager,
+            in_flight: Arc::new(AtomicU64::new(IDLE)),
+        }
+    }
+
+    /// The shared manager.
+    pub fn manager(&self) -> &Arc<Mutex<VcpuManager>> {
+        &self.manager
+    }
+
+    /// The target of the resize running now, if any.
+    pub fn in_flight_target(&self) -> Option<u32> {
+        u32::try_from(self.in_flight.load(Ordering::SeqCst)).ok()
+    }
+
+    /// Starts [`VcpuManager::resize_vcpus`]`(target)` on a background thread and returns at
+    /// once; wait for the outcome with [`ResizeHandle::wait_timeout`].
+    pub fn start(&self, target: u32) -> Result<ResizeHandle, VmmError> {
+        if let Err(in_flight) = self.in_flight.compare_exchange(
+            IDLE,
+            u64::from(target),
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        ) {
+            return Err(VmmError::ResizeBusy {
+                target,
+                in_flight: u32::try_from(in_flight).unwrap_or(u32::MAX),
+            });
+        }
+        let guard = InFlightGuard(Arc::clone(&self.in_flight));
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let manager = Arc::clone(&self.manager);
+        std::thread::Builder::new()
+            .name(format!("vcpu-resize-{target}"))
+            .spawn(move || {
+                let outcome = manager
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .resize_vcpus(target);
+                // Idle again, and this thread's share of the manager released, before the
+                // outcome is seen: the waiter may start the next one (or take the manager back)
+                // at once. A panic above also clears the marker, through the guard's drop.
+                drop(manager);
+                drop(guard);
+                // The handle may be gone: nobody waits, the outcome is dropped.
+                let _ = tx.send(outcome);
+            })
+            // The closure (and the guard in it) is dropped on failure: the marker is cleared.
+            .map_err(|source| VmmError::ResizeThread { source })?;
+        Ok(ResizeHandle { target, rx })
+    }
+}
+
+/// A resize running in the background ([`AsyncResizer::start`]).
+#[derive(Debug)]
+pub struct ResizeHandle {
+    target: u32,
+    rx: crossbeam_channel::Receiver<Result<ResizeOutcome, VmmError>>,
+}
+
+impl ResizeHandle {
+    /// The target vCPU count of this resize.
+    pub fn target(&self) -> u32 {
+        self.target
+    }
+
+    /// Waits at most `timeout` for the outcome. [`VmmError::ResizeStillRunning`] if it has not
+    /// finished (wait again later); [`VmmError::ResizeOutcomeGone`] if an earlier wait already
+    /// took it.
+    pub fn wait_timeout(&self, timeout: Duration) -> Result<ResizeOutcome, VmmError> {
+        match self.rx.recv_timeout(timeout) {
+            Ok(outcome) => outcome,
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                Err(VmmError::ResizeStillRunning {
+                    target: self.target,
+                    waited: timeout,
+                })
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                Err(VmmError::ResizeOutcomeGone {
+                    target: self.target,
+                })
+            }
+        }
     }
 }

@@ -23,6 +23,11 @@
 //! interrupts off ([`ApMode::Halt`]: it uses no host CPU, for benchmarks with many vCPUs).
 //! Either way the VMM can pause it, and only INIT takes it out of its loop.
 //!
+//! For hotplug, [`attach_upcall`] puts the guest-side upcall server of `hotplug` (whose
+//! callback is [`GuestAgent::cpu_callback`]) behind a vsock muxer stub and gives the VM's
+//! manager a connected client, so that `resize_vcpus` runs end to end; [`bench::bench_resize`]
+//! times it.
+//!
 //! # Ports (the agent device)
 //!
 //! | port | width | direction | meaning |
@@ -55,8 +60,12 @@
 //! ```
 
 mod asm;
+pub mod bench;
+pub mod upcall;
 
-use std::collections::{BTreeMap, BTreeSet};
+pub use upcall::{attach_upcall, AgentUpcall, AgentUpcallOptions};
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::{fence, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -68,8 +77,8 @@ use vcpu_actor::{DeviceError, IoOutcome};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_core::loader::{layout as loader_layout, load_program, GuestProgram, Privilege};
 use vmm_core::{
-    build_vm, BusAccess, BusDevice, BusSpace, IoBus, VcpuConfig, VcpuManager,
-    VcpuManagerOptions, Vm, VmOptions,
+    build_vm, BusAccess, BusDevice, BusSpace, IoBus, VcpuConfig, VcpuManager, VcpuManagerOptions,
+    Vm, VmOptions,
 };
 
 use crate::IntegrationError;
@@ -115,6 +124,18 @@ pub mod layout {
         RESULTS_ADDR + (((apic_id % APIC_ID_SLOTS) as u64) << RESULTS_SHIFT)
     }
 }
+
+/// The layout's rules, checked when the crate compiles: the mailbox is above the program
+/// area, the query list ends before the per-CPU lines, the lines end before the result tables,
+/// a result table holds [`layout::MAX_QUERIES`] results, and everything fits in
+/// [`MIN_MEMORY_SIZE`].
+const _: () = {
+    assert!(layout::MAILBOX_ADDR >= loader_layout::PROGRAM_AREA_START + 0x10_0000);
+    assert!(layout::QUERIES_ADDR + 8 + 8 * (layout::MAX_QUERIES as u64) <= layout::CPU_LINES_ADDR);
+    assert!(layout::counter_addr(255) + 64 <= layout::RESULTS_ADDR);
+    assert!(16 * (layout::MAX_QUERIES as u64) <= 1 << layout::RESULTS_SHIFT);
+    assert!(layout::END <= MIN_MEMORY_SIZE);
+};
 
 /// The agent device's ports.
 pub mod ports {
@@ -200,6 +221,8 @@ struct AgentState {
     online: BTreeMap<u32, OnlineReport>,
     parked: BTreeSet<u32>,
     acked: u32,
+    /// The commands the BSP acknowledged, oldest first (at most [`MAX_TRACKED`]).
+    carried_out: VecDeque<(AgentCommand, u32)>,
 }
 
 /// The VMM side of the guest agent: a device on the VM's I/O bus plus the mailbox in guest
@@ -329,6 +352,22 @@ impl GuestAgent {
         lock(&self.state).parked.iter().copied().collect()
     }
 
+    /// The commands the BSP carried out (acknowledged), oldest first, with their argument;
+    /// the most recent 4096 are kept.
+    pub fn commands_carried_out(&self) -> Vec<(AgentCommand, u32)> {
+        lock(&self.state).carried_out.iter().copied().collect()
+    }
+
+    /// The APIC IDs the BSP sent INIT and SIPI to ([`AgentCommand::Wake`]), in order.
+    pub fn woken_apic_ids(&self) -> Vec<u32> {
+        lock(&self.state)
+            .carried_out
+            .iter()
+            .filter(|(cmd, _)| *cmd == AgentCommand::Wake)
+            .map(|(_, arg)| *arg)
+            .collect()
+    }
+
     /// Waits until every APIC ID of `apic_ids` reported online, or `timeout`.
     pub fn wait_online(&self, apic_ids: &[u32], timeout: Duration) -> Result<(), IntegrationError> {
         let state = lock(&self.state);
@@ -385,10 +424,17 @@ impl GuestAgent {
             return Ok(());
         }
         let state = lock(&self.state);
-        let (_state, res) = self
+        let (mut state, res) = self
             .changed
             .wait_timeout_while(state, timeout, |s| s.acked != next)
             .unwrap_or_else(PoisonError::into_inner);
+        if !res.timed_out() {
+            if state.carried_out.len() >= MAX_TRACKED {
+                state.carried_out.pop_front();
+            }
+            state.carried_out.push_back((cmd, arg));
+        }
+        drop(state);
         if res.timed_out() {
             return Err(IntegrationError::Guest(format!(
                 "the guest's BSP did not carry out {cmd:?} {arg} within {timeout:?} (is vCPU 0 \
@@ -494,7 +540,11 @@ impl BusDevice for GuestAgent {
                 s.parked.remove(&access.vcpu_id);
             }
             Ok(ports::ACK) => s.acked = value,
-            _ => return Err(DeviceError(format!("no guest agent register at port {port:#x}"))),
+            _ => {
+                return Err(DeviceError(format!(
+                    "no guest agent register at port {port:#x}"
+                )))
+            }
         }
         drop(s);
         self.changed.notify_all();
@@ -613,12 +663,7 @@ mod tests {
 
     #[test]
     fn layout_fits_and_does_not_overlap() {
-        assert!(layout::MAILBOX_ADDR >= loader_layout::PROGRAM_AREA_START + 0x10_0000);
-        assert!(layout::QUERIES_ADDR + 8 + 8 * u64::from(layout::MAX_QUERIES)
-            <= layout::CPU_LINES_ADDR);
-        assert!(layout::counter_addr(255) + 64 <= layout::RESULTS_ADDR);
-        assert!(16 * u64::from(layout::MAX_QUERIES) <= 1 << layout::RESULTS_SHIFT);
-        assert!(layout::END <= MIN_MEMORY_SIZE);
+        // The layout's own rules are checked at compile time (the `const _` after `layout`).
         assert_eq!(layout::counter_addr(256), layout::counter_addr(0));
         // The agent's ports are clear of the other guest programs' and the VM's.
         let agent = u32::from(ports::BASE)..u32::from(ports::BASE + ports::LEN);
@@ -634,8 +679,8 @@ mod tests {
     }
 
     fn agent() -> Arc<GuestAgent> {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MIN_MEMORY_SIZE as usize)])
-            .unwrap();
+        let mem =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MIN_MEMORY_SIZE as usize)]).unwrap();
         GuestAgent::new(mem, Logger::root(slog::Discard, o!()))
     }
 
@@ -650,9 +695,12 @@ mod tests {
     #[test]
     fn device_records_reports_and_rejects_bad_writes() {
         let a = agent();
-        a.write(access(8, ports::ONLINE), &8u32.to_le_bytes()).unwrap();
-        a.write(access(8, ports::ONLINE), &8u32.to_le_bytes()).unwrap();
-        a.write(access(2, ports::ONLINE), &3u32.to_le_bytes()).unwrap();
+        a.write(access(8, ports::ONLINE), &8u32.to_le_bytes())
+            .unwrap();
+        a.write(access(8, ports::ONLINE), &8u32.to_le_bytes())
+            .unwrap();
+        a.write(access(2, ports::ONLINE), &3u32.to_le_bytes())
+            .unwrap();
         assert_eq!(a.reported_apic_ids(), [2, 8]);
         assert_eq!(a.online_reports()[1].times, 2);
         a.wait_online(&[8], Duration::from_millis(1)).unwrap();
@@ -687,7 +735,9 @@ mod tests {
                         .mem
                         .read_obj::<u32>(GuestAddress(layout::MAILBOX_ARG))
                         .unwrap();
-                    guest.write(access(0, ports::ACK), &1u32.to_le_bytes()).unwrap();
+                    guest
+                        .write(access(0, ports::ACK), &1u32.to_le_bytes())
+                        .unwrap();
                     return (cmd, arg);
                 }
                 std::thread::sleep(Duration::from_millis(1));
