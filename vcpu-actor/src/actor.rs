@@ -93,6 +93,16 @@ impl Shared {
     }
 }
 
+/// A failed [`VcpuActor::spawn_keeping_fd`]: why, and the vCPU fd when it could be kept.
+#[derive(Debug)]
+pub struct SpawnFailure {
+    /// Why the actor did not start.
+    pub error: VcpuError,
+    /// The vCPU fd, unless it was lost with a thread that could not be created or did not
+    /// answer in time.
+    pub vcpu: Option<VcpuFd>,
+}
+
 /// Spawns vCPU actor threads. See the crate documentation for an example.
 #[derive(Debug)]
 pub struct VcpuActor;
@@ -114,16 +124,43 @@ impl VcpuActor {
         exit_evt: EventFd,
         options: VcpuOptions,
     ) -> Result<VcpuHandle, VcpuError> {
+        Self::spawn_keeping_fd(id, vcpu, vcpu_mmap_size, handler, exit_evt, options)
+            .map_err(|failure| failure.error)
+    }
+
+    /// [`spawn`](Self::spawn), but a failure gives the vCPU fd back where it can
+    /// ([`SpawnFailure::vcpu`]): KVM cannot destroy a vCPU, so a VMM that loses the fd can
+    /// never create a vCPU with that id again.
+    pub fn spawn_keeping_fd(
+        id: u32,
+        vcpu: VcpuFd,
+        vcpu_mmap_size: usize,
+        handler: Arc<dyn ExitHandler>,
+        exit_evt: EventFd,
+        options: VcpuOptions,
+    ) -> Result<VcpuHandle, SpawnFailure> {
         let logger = options.logger.new(o!("vcpu" => id));
-        let kick_signal = kick::kick_signal(options.kick_signal_offset)?;
-        let filter = options
-            .seccomp
-            .compile()
-            .map_err(|reason| VcpuError::SeccompBuild {
-                vcpu_id: id,
-                reason,
-            })?;
-        let kvm_run = KvmRunMapping::new(id, vcpu.as_raw_fd(), vcpu_mmap_size)?;
+        // Everything that can fail before the thread owns the fd.
+        let prepared = kick::kick_signal(options.kick_signal_offset).and_then(|signal| {
+            let filter = options
+                .seccomp
+                .compile()
+                .map_err(|reason| VcpuError::SeccompBuild {
+                    vcpu_id: id,
+                    reason,
+                })?;
+            let kvm_run = KvmRunMapping::new(id, vcpu.as_raw_fd(), vcpu_mmap_size)?;
+            Ok((signal, filter, kvm_run))
+        });
+        let (kick_signal, filter, kvm_run) = match prepared {
+            Ok(p) => p,
+            Err(error) => {
+                return Err(SpawnFailure {
+                    error,
+                    vcpu: Some(vcpu),
+                })
+            }
+        };
         let shared = Arc::new(Shared {
             id,
             state: AtomicVcpuState::new(VcpuState::Paused),
@@ -153,9 +190,12 @@ impl VcpuActor {
         }
         let join = builder
             .spawn(move || thread.run(kick_signal, filter, ready_tx, done_tx))
-            .map_err(|source| VcpuError::SpawnThread {
-                vcpu_id: id,
-                source,
+            .map_err(|source| SpawnFailure {
+                error: VcpuError::SpawnThread {
+                    vcpu_id: id,
+                    source,
+                },
+                vcpu: None,
             })?;
 
         let started = match ready_rx.recv_timeout(STARTUP_TIMEOUT) {
@@ -173,10 +213,13 @@ impl VcpuActor {
                 message: "the thread ended before it was ready".to_string(),
             }),
         };
-        if let Err(e) = started {
-            // The thread ends on its own once its mailbox is gone (or has already ended).
+        if let Err(error) = started {
+            // The thread ends on its own once its mailbox is gone (or has already ended); a
+            // thread that failed to install its filter hands the fd back first.
             drop(tx);
-            return Err(e);
+            let vcpu = done_rx.recv_timeout(STARTUP_TIMEOUT).ok();
+            let _ = join.join();
+            return Err(SpawnFailure { error, vcpu });
         }
         debug!(logger, "vCPU thread started"; "tid" => shared.tid.load(Ordering::Relaxed));
         Ok(VcpuHandle {
@@ -443,9 +486,11 @@ impl VcpuThread {
         if let Some(prog) = &filter {
             if let Err(e) = seccompiler::apply_filter(prog) {
                 error!(self.logger, "cannot install the seccomp filter"; "error" => %e);
-                let _ = ready.send(Err(e.to_string()));
                 // No exit event for a thread that never became ready.
                 guard.exit_evt = None;
+                // The fd goes back to the spawner, which may create this vCPU again.
+                let _ = done.send(self.vcpu);
+                let _ = ready.send(Err(e.to_string()));
                 return;
             }
             debug!(self.logger, "seccomp filter installed"; "instructions" => prog.len());

@@ -86,7 +86,7 @@ mod request;
 mod seccomp;
 pub mod state;
 
-pub use actor::{VcpuActor, VcpuHandle, VcpuOptions};
+pub use actor::{SpawnFailure, VcpuActor, VcpuHandle, VcpuOptions};
 pub use error::VcpuError;
 pub use exit::{DeviceError, ExitHandler, IoOutcome, VcpuExitReason};
 pub use metrics::{ExitCounts, VcpuMetricsSnapshot};

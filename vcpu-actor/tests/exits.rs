@@ -306,3 +306,43 @@ fn the_default_allow_list_is_enough_for_the_actor_itself() {
     expect(&h, VcpuRequest::Exit, ReplyOutcome::Exited);
     h.join(TIMEOUT).expect("join");
 }
+
+#[test]
+fn a_failed_spawn_gives_the_vcpu_fd_back() {
+    let Some(kvm) = kvm_or_skip("a_failed_spawn_gives_the_vcpu_fd_back") else {
+        return;
+    };
+    let vm = TestVm::new(kvm, false);
+    vm.load(guests::fault(), CODE_ADDR);
+    let vcpu = vm.new_cpl3_vcpu(0, CODE_ADDR, DATA_ADDR, 0x512, 0);
+    let evt = EventFd::new(EFD_NONBLOCK).expect("eventfd");
+    // An empty BPF program: the thread cannot install it.
+    let options = VcpuOptions {
+        seccomp: SeccompMode::Custom(Vec::new()),
+        ..VcpuOptions::default()
+    };
+    let failure = VcpuActor::spawn_keeping_fd(
+        0,
+        vcpu,
+        vm.mmap_size,
+        Recorder::new(),
+        evt.try_clone().expect("eventfd"),
+        options,
+    )
+    .expect_err("an empty filter cannot be installed");
+    assert!(
+        failure.error.to_string().contains("seccomp"),
+        "{}",
+        failure.error
+    );
+    let vcpu = failure.vcpu.expect("the fd comes back");
+    // The same KVM vCPU runs under a new actor: the guest triple-faults as it should.
+    let (h, evt) = spawn(&vm, 0, vcpu, Recorder::new(), VcpuOptions::default());
+    expect(&h, VcpuRequest::Resume, ReplyOutcome::Resumed);
+    assert_eq!(wait_event(&evt), 1);
+    assert!(matches!(
+        h.exit_reason(),
+        Some(VcpuExitReason::TripleFault { vcpu_id: 0, .. })
+    ));
+    h.join(TIMEOUT).expect("join");
+}

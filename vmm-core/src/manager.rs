@@ -324,17 +324,30 @@ impl VcpuManager {
         }
         let mut vcpu_options = self.options.vcpu.clone();
         vcpu_options.logger = self.logger.new(o!("vcpu_index" => index));
-        let handle = VcpuActor::spawn(
+        let exit_evt = match self.exit_monitor.vcpu_exit_eventfd() {
+            Ok(evt) => evt,
+            Err(e) => {
+                self.kept_fds.insert(apic_id, fd);
+                return Err(e);
+            }
+        };
+        // KVM cannot destroy a vCPU: a failed spawn hands the fd back to keep for reuse.
+        let handle = VcpuActor::spawn_keeping_fd(
             apic_id,
             fd,
             self.vm.vcpu_mmap_size(),
             Arc::clone(self.vm.io_bus()) as Arc<dyn ExitHandler>,
-            self.exit_monitor.vcpu_exit_eventfd()?,
+            exit_evt,
             vcpu_options,
         )
-        .map_err(|source| VmmError::Vcpu {
-            vcpu_id: apic_id,
-            source,
+        .map_err(|failure| {
+            if let Some(fd) = failure.vcpu {
+                self.kept_fds.insert(apic_id, fd);
+            }
+            VmmError::Vcpu {
+                vcpu_id: apic_id,
+                source: failure.error,
+            }
         })?;
         debug!(self.logger, "vCPU created"; "index" => index, "apic_id" => apic_id);
         self.vcpus.insert(index, handle);
