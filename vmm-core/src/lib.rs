@@ -50,6 +50,7 @@ pub mod loader;
 pub mod manager;
 pub mod pmu;
 pub mod resize;
+pub mod segment;
 pub mod vm;
 
 use kvm_ioctls::VcpuFd;

@@ -26,10 +26,11 @@
 //! On PVM hosts with AMD CPUs `cpuid` at CPL 3 is not trapped: it returns the host CPU's
 //! values. Programs that must see the vCPU's CPUID (APIC IDs, topology) execute it at CPL 0.
 
-use kvm_bindings::{kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msrs};
+use kvm_bindings::{kvm_msr_entry, kvm_regs, kvm_sregs, Msrs};
 use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
+use crate::segment::Descriptor;
 use crate::{BootEntry, VmmError};
 
 /// Guest physical addresses used by the loader. Everything below [`layout::PROGRAM_AREA_START`]
@@ -327,31 +328,6 @@ pub fn ap_trampoline() -> &'static [u8] {
     }
 }
 
-/// One 8-byte segment descriptor.
-pub fn segment_descriptor(base: u32, limit: u32, access: u8, flags: u8) -> u64 {
-    let base = u64::from(base);
-    let limit = u64::from(limit);
-    (limit & 0xffff)
-        | (base & 0xff_ffff) << 16
-        | u64::from(access) << 40
-        | ((limit >> 16) & 0xf) << 48
-        | u64::from(flags & 0xf) << 52
-        | (base >> 24 & 0xff) << 56
-}
-
-/// Descriptor access bytes (present, type; accessed bit set so loading never writes the GDT).
-mod access {
-    pub const CODE_DPL0: u8 = 0x9b;
-    pub const DATA_DPL0: u8 = 0x93;
-    pub const CODE_DPL3: u8 = 0xfb;
-    pub const DATA_DPL3: u8 = 0xf3;
-    /// Present, 64-bit TSS (available).
-    pub const TSS64: u8 = 0x89;
-}
-/// Descriptor flags: G | L (64-bit code).
-const FLAGS_CODE64: u8 = 0xa;
-/// Descriptor flags: G | D/B (32-bit code, data).
-const FLAGS_32: u8 = 0xc;
 /// The TSS proper (104 bytes), then the I/O permission bitmap for all 65536 ports, then the
 /// 0xFF byte the CPU may read past the bitmap.
 const TSS_SIZE: u64 = 0x68;
@@ -361,22 +337,45 @@ const TSS_LIMIT: u32 = (TSS_SIZE + IO_BITMAP_SIZE) as u32;
 
 /// The GDT the loader writes, slot by slot.
 pub fn gdt_entries() -> Vec<u64> {
-    let tss = layout::TSS_ADDR;
+    let code32 = Descriptor {
+        long: false,
+        db: true,
+        ..Descriptor::CODE64
+    };
+    let user = |d: Descriptor| Descriptor { dpl: 3, ..d };
     let mut g = vec![
         0,
-        segment_descriptor(0, 0xf_ffff, access::CODE_DPL0, FLAGS_CODE64),
-        segment_descriptor(0, 0xf_ffff, access::DATA_DPL0, FLAGS_32),
-        segment_descriptor(0, 0xf_ffff, access::CODE_DPL0, FLAGS_32),
+        Descriptor::CODE64.encode(),
+        Descriptor::DATA.encode(),
+        code32.encode(),
         0,
-        segment_descriptor(0, 0xf_ffff, access::CODE_DPL3, FLAGS_CODE64),
-        segment_descriptor(0, 0xf_ffff, access::DATA_DPL3, FLAGS_32),
+        user(Descriptor::CODE64).encode(),
+        user(Descriptor::DATA).encode(),
         0,
     ];
     for _ in 0..layout::APIC_ID_SLOTS {
-        g.push(segment_descriptor(tss as u32, TSS_LIMIT, access::TSS64, 0));
-        g.push(tss >> 32);
+        g.push(tss_descriptor(TSS_TYPE_AVAILABLE).encode());
+        g.push(layout::TSS_ADDR >> 32);
     }
     g
+}
+
+/// 64-bit TSS descriptor types: available (in the GDT) and busy (in TR once loaded).
+const TSS_TYPE_AVAILABLE: u8 = 0x9;
+const TSS_TYPE_BUSY: u8 = 0xb;
+
+/// The shared TSS with its I/O permission bitmap.
+fn tss_descriptor(type_: u8) -> Descriptor {
+    Descriptor {
+        base: layout::TSS_ADDR as u32,
+        limit: TSS_LIMIT,
+        type_,
+        system: true,
+        dpl: 0,
+        long: false,
+        db: false,
+        granularity: false,
+    }
 }
 
 /// The PD entry that maps the 2 MiB page at `addr` (identity, U bit, PCD|PWT on MMIO).
@@ -525,47 +524,28 @@ pub fn entry_rflags() -> u64 {
     RFLAGS_RESERVED | RFLAGS_IOPL3
 }
 
-fn flat_segment(selector: u16, code: bool, dpl: u8) -> kvm_segment {
-    kvm_segment {
-        base: 0,
-        limit: 0xffff_ffff,
-        selector,
-        // Execute/read + accessed, or read/write + accessed.
-        type_: if code { 0xb } else { 0x3 },
-        present: 1,
-        dpl,
-        db: u8::from(!code),
-        s: 1,
-        l: u8::from(code),
-        g: 1,
-        avl: 0,
-        unusable: 0,
-        padding: 0,
-    }
-}
-
 /// The special registers of a vCPU entering 64-bit mode at `privilege`.
 pub fn long_mode_sregs(mut sregs: kvm_sregs, privilege: Privilege) -> kvm_sregs {
     let (code, data, dpl) = match privilege {
         Privilege::Kernel => (gdt::KERNEL_CODE64, gdt::KERNEL_DATA, 0),
         Privilege::User => (gdt::USER_CODE64, gdt::USER_DATA, 3),
     };
-    sregs.cs = flat_segment(code, true, dpl);
-    let d = flat_segment(data, false, dpl);
+    sregs.cs = Descriptor {
+        dpl,
+        ..Descriptor::CODE64
+    }
+    .to_kvm_segment(code);
+    let d = Descriptor {
+        dpl,
+        ..Descriptor::DATA
+    }
+    .to_kvm_segment(data);
     sregs.ds = d;
     sregs.es = d;
     sregs.fs = d;
     sregs.gs = d;
     sregs.ss = d;
-    sregs.tr = kvm_segment {
-        base: layout::TSS_ADDR,
-        limit: TSS_LIMIT,
-        selector: gdt::tss_selector(0),
-        type_: 0xb, // busy 64-bit TSS
-        present: 1,
-        s: 0,
-        ..Default::default()
-    };
+    sregs.tr = tss_descriptor(TSS_TYPE_BUSY).to_kvm_segment(gdt::tss_selector(0));
     sregs.gdt.base = layout::GDT_ADDR;
     sregs.gdt.limit = gdt::LIMIT;
     // No IDT: any exception triple-faults, which the VMM reports as the guest stopping.
@@ -685,10 +665,7 @@ mod tests {
         // sysexit's fixed layout.
         assert_eq!(gdt::USER_CODE64 & !3, gdt::KERNEL_CODE64 + 32);
         assert_eq!(gdt::USER_DATA & !3, gdt::KERNEL_CODE64 + 40);
-        assert_eq!(
-            segment_descriptor(0, 0xf_ffff, 0x9b, 0xa),
-            0x00af_9b00_0000_ffff
-        );
+        assert_eq!(Descriptor::CODE64.encode(), 0x00af_9b00_0000_ffff);
     }
 
     #[test]
