@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use raw_cpuid::{CpuId, CpuIdReader, CpuIdResult, TopologyType};
 use serde::Serialize;
 use topology::hwloc::{topology_queries, write_hwloc_dump_results, CpuidResult};
 use topology::SmpConfig;
@@ -14,8 +13,11 @@ use vcpu_actor::VcpuMetricsSnapshot;
 use vmm_core::{VcpuConfig, VcpuManagerOptions, VmOptions, VmStopReason, VmmError};
 use vpmu::VpmuFeatureLevel;
 
+use crate::agent::{
+    attach_upcall, AgentUpcallOptions, AgentVm, AgentVmOptions, ApMode, GuestAgent,
+};
 use crate::guest::GuestVm;
-use crate::probe::{cpuid_probe, read_results, request_guest_shutdown, write_queries};
+use crate::probe::{cpuid_probe, read_results, write_queries};
 use crate::IntegrationError;
 
 /// How long a guest may take to do what it was asked before we give up (generous: CPL-0 code
@@ -148,66 +150,34 @@ pub struct GuestLocation {
     pub thread: u32,
 }
 
-/// A CPUID source that answers from what guest code read (zeros for what it did not ask).
-#[derive(Clone)]
-struct GuestRead(Arc<Vec<CpuidResult>>);
-
-impl CpuIdReader for GuestRead {
-    fn cpuid2(&self, eax: u32, ecx: u32) -> CpuIdResult {
-        // Leaves without subleaves were read with ECX = 0.
-        let hit = self
-            .0
-            .iter()
-            .find(|r| r.leaf == eax && r.subleaf == ecx)
-            .or_else(|| self.0.iter().find(|r| r.leaf == eax && r.subleaf == 0));
-        hit.map_or(
-            CpuIdResult {
-                eax: 0,
-                ebx: 0,
-                ecx: 0,
-                edx: 0,
-            },
-            |r| CpuIdResult {
-                eax: r.eax,
-                ebx: r.ebx,
-                ecx: r.ecx,
-                edx: r.edx,
-            },
-        )
-    }
+/// Decodes a vCPU's location with `raw-cpuid` from the leaves guest code read: leaf 0x1F if
+/// it has levels (it has the die level), else leaf 0xB ([`crate::cpuid_view`]). `None` if
+/// neither has a topology. Whatever the guest wrote, this does not panic.
+pub fn decode_location(read: &[CpuidResult]) -> Option<GuestLocation> {
+    let l = crate::cpuid_view::decode_location(read).ok()?;
+    Some(GuestLocation {
+        x2apic_id: l.x2apic_id,
+        socket: l.socket,
+        die: l.die,
+        core: l.core,
+        thread: l.thread,
+    })
 }
 
-/// Decodes a vCPU's location with `raw-cpuid` from the leaves guest code read: leaf 0x1F if
-/// present (it has the die level), else leaf 0xB. `None` if neither has a topology.
-pub fn decode_location(read: &[CpuidResult]) -> Option<GuestLocation> {
-    let cpuid = CpuId::with_cpuid_reader(GuestRead(Arc::new(read.to_vec())));
-    let levels: Vec<(TopologyType, u32, u32)> = cpuid
-        .get_extended_topology_info_v2()
-        .map(|it| it.collect::<Vec<_>>())
-        .filter(|l| !l.is_empty())
-        .or_else(|| cpuid.get_extended_topology_info().map(|it| it.collect()))?
-        .iter()
-        .map(|l| {
-            (
-                l.level_type(),
-                l.shift_right_for_next_apic_id(),
-                l.x2apic_id(),
-            )
-        })
-        .collect();
-    let x2apic_id = levels.first()?.2;
-    let shift_of = |t: TopologyType| levels.iter().find(|l| l.0 == t).map(|l| l.1);
-    let smt = shift_of(TopologyType::SMT).unwrap_or(0);
-    let core = shift_of(TopologyType::Core).unwrap_or(smt);
-    let die = shift_of(TopologyType::Die).unwrap_or(core);
-    let field = |lo: u32, hi: u32| (x2apic_id >> lo) & ((1u32 << (hi - lo)) - 1);
-    Some(GuestLocation {
-        x2apic_id,
-        socket: x2apic_id >> die,
-        die: field(core, die),
-        core: field(smt, core),
-        thread: field(0, smt),
-    })
+impl VcpuCpuidView {
+    /// The view of vCPU `index` (APIC ID `apic_id`) from what its guest code read.
+    pub fn new(index: u32, apic_id: u32, registers: Vec<CpuidResult>) -> Self {
+        Self {
+            index,
+            apic_id,
+            leaf1_apic_id: registers
+                .iter()
+                .find(|r| r.leaf == 1 && r.subleaf == 0)
+                .map(|r| r.ebx >> 24),
+            location: decode_location(&registers),
+            registers,
+        }
+    }
 }
 
 /// What one vCPU's guest code read and what it means.
@@ -296,11 +266,45 @@ impl ProbeVm {
     }
 }
 
-/// `vcpuctl cpuid`: boots every possible vCPU, returns what each read; writes hwloc dumps.
+/// The agent VM options for `spec` with APs in `mode`.
+fn agent_options(spec: &VmSpec, mode: ApMode) -> AgentVmOptions {
+    AgentVmOptions {
+        memory_size: spec.memory_mib << 20,
+        ap_mode: mode,
+        manager: VcpuManagerOptions {
+            logger: spec.logger.clone(),
+            ..VcpuManagerOptions::default()
+        },
+    }
+}
+
+/// What the present vCPUs of `vm` read from CPUID (those in `only`, if given), by index.
+pub fn agent_views(vm: &AgentVm, only: Option<&[u32]>) -> Result<Vec<VcpuCpuidView>, CliError> {
+    let mut views = Vec::new();
+    for v in vm.vcpus.present_vcpus() {
+        if only.is_some_and(|ids| !ids.contains(&v.apic_id)) {
+            continue;
+        }
+        views.push(VcpuCpuidView::new(
+            v.index,
+            v.apic_id,
+            vm.cpuid_results(v.apic_id)?,
+        ));
+    }
+    Ok(views)
+}
+
+/// `vcpuctl cpuid`: boots every possible vCPU of the guest agent (APs halt once they read
+/// their CPUID), returns what each read and writes hwloc dumps of it to `hwloc_dir`.
 pub fn cpuid(spec: &VmSpec, hwloc_dir: Option<&PathBuf>) -> Result<Vec<VcpuCpuidView>, CliError> {
     let kvm = open_kvm()?;
-    let mut probe = ProbeVm::boot(kvm, spec, spec.smp.max_cpus)?;
-    let views = probe.views()?;
+    let mut vm = AgentVm::create(
+        kvm,
+        spec.vcpu_config(spec.smp.max_cpus),
+        agent_options(spec, ApMode::Halt),
+    )?;
+    vm.start(GUEST_TIMEOUT)?;
+    let views = agent_views(&vm, None)?;
     if let Some(dir) = hwloc_dir {
         let per_cpu: Vec<Vec<CpuidResult>> = views.iter().map(|v| v.registers.clone()).collect();
         write_hwloc_dump_results(dir, &per_cpu).map_err(|e| CliError {
@@ -308,7 +312,7 @@ pub fn cpuid(spec: &VmSpec, hwloc_dir: Option<&PathBuf>) -> Result<Vec<VcpuCpuid
             message: format!("writing hwloc dumps to {}: {e}", dir.display()),
         })?;
     }
-    probe.guest.vcpus.exit_all()?;
+    vm.vcpus.exit_all()?;
     Ok(views)
 }
 
@@ -336,8 +340,25 @@ pub struct ResizeStep {
     pub to: u32,
     /// Request to reply (and, when growing, every new vCPU running guest code).
     pub latency_ms: f64,
+    /// The part spent creating/configuring/starting (or exiting) vCPU threads.
+    pub vcpu_work_ms: f64,
+    /// The part spent in the upcall round trip (the guest acting on the CPUs).
+    pub upcall_ms: f64,
     /// The APIC IDs of the present vCPUs afterwards.
     pub present_apic_ids: Vec<u32>,
+    /// The APIC IDs the guest's BSP sent INIT/SIPI to during this step.
+    pub woken_by_guest: Vec<u32>,
+    /// The APIC IDs the guest's BSP parked (INIT) during this step.
+    pub parked_by_guest: Vec<u32>,
+    /// What the added vCPUs' guest code read from CPUID.
+    pub added: Vec<VcpuCpuidView>,
+    /// Progress counters of the added vCPUs once each had moved (they run guest code).
+    pub added_counters: Vec<u64>,
+    /// Progress counters of the removed vCPUs (by APIC ID) after the step, and 50 ms later
+    /// (equal: they stopped).
+    pub removed_counters: [Vec<u64>; 2],
+    /// APIC IDs whose KVM vCPU fd is kept for reuse afterwards.
+    pub kept_fds: Vec<u32>,
 }
 
 /// Everything `vcpuctl demo` shows, for `--json`.
@@ -382,6 +403,46 @@ impl Out {
             println!("{}", s.as_ref());
         }
     }
+
+    /// Announces a step (`<what>...`) and, while the returned guard lives, prints a progress
+    /// line on stderr every second (`  ... <what>: 3 s`), so that nothing over a second runs
+    /// silently.
+    pub fn progress(&self, what: impl Into<String>) -> Progress {
+        let what = what.into();
+        self.line(format!("{what}..."));
+        let (stop, ticks) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("vcpuctl-progress".into())
+            .spawn(move || {
+                let start = Instant::now();
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    ticks.recv_timeout(Duration::from_secs(1))
+                {
+                    eprintln!("  ... {what}: {} s", start.elapsed().as_secs());
+                }
+            })
+            .ok();
+        Progress {
+            stop: Some(stop),
+            thread,
+        }
+    }
+}
+
+/// A step in progress (see [`Out::progress`]); dropping it ends the progress lines.
+pub struct Progress {
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        // Dropping the sender wakes the ticker at once.
+        self.stop.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// A table of index, APIC IDs and decoded location per vCPU.
@@ -404,16 +465,22 @@ pub fn location_table(views: &[VcpuCpuidView]) -> String {
     s
 }
 
-fn wait_all_advanced(guest: &GuestVm, before: &[u64]) -> Result<Vec<u64>, CliError> {
+/// Waits until every counter of `apic_ids` is above its value in `before`.
+fn wait_all_advanced(
+    agent: &GuestAgent,
+    apic_ids: &[u32],
+    before: &[u64],
+) -> Result<Vec<u64>, CliError> {
     let deadline = Instant::now() + GUEST_TIMEOUT;
     loop {
-        let now = guest.counters();
+        let now = agent.progress_of(apic_ids);
         if now.iter().zip(before).all(|(n, b)| n > b) {
             return Ok(now);
         }
         if Instant::now() > deadline {
             return Err(IntegrationError::Guest(format!(
-                "guest counters did not all advance within {GUEST_TIMEOUT:?}: {before:?} -> {now:?}"
+                "the progress counters of APIC IDs {apic_ids:?} did not all advance within \
+                 {GUEST_TIMEOUT:?}: {before:?} -> {now:?}"
             ))
             .into());
         }
@@ -423,6 +490,108 @@ fn wait_all_advanced(guest: &GuestVm, before: &[u64]) -> Result<Vec<u64>, CliErr
 
 fn micros(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
+}
+
+fn millis(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// The demo's resize steps: to the maximum, then back to 3, over upcall; the guest agent wakes
+/// the new vCPUs (INIT/SIPI from the BSP) and parks the removed ones (INIT) as a guest kernel
+/// would, before their threads are exited.
+fn demo_resize(vm: &mut AgentVm, spec: &VmSpec, out: &Out) -> Result<Vec<ResizeStep>, CliError> {
+    let _upcall = attach_upcall(
+        vm,
+        AgentUpcallOptions {
+            logger: spec.logger.clone(),
+            ..AgentUpcallOptions::default()
+        },
+    )?;
+    let max = spec.smp.max_cpus;
+    let mut steps = Vec::new();
+    for target in [max, 3.min(max)] {
+        let from = vm.vcpus.present_vcpu_count();
+        if target == from {
+            continue;
+        }
+        let woken_before = vm.agent.woken_apic_ids().len();
+        let parked_before = vm.agent.parked_apic_ids();
+        let outcome = {
+            let _p = out.progress(format!("resize {from} -> {target} vCPUs over upcall"));
+            vm.vcpus.resize_vcpus(target)?
+        };
+        let present = vm.present_apic_ids();
+        out.line(format!(
+            "  done in {:.1} ms (vCPU threads {:.1} ms, upcall round trip {:.1} ms); present \
+             APIC IDs {present:?}",
+            millis(outcome.total),
+            millis(outcome.vcpu_work),
+            millis(outcome.upcall),
+        ));
+        let woken: Vec<u32> = vm.agent.woken_apic_ids()[woken_before..].to_vec();
+        let parked: Vec<u32> = vm
+            .agent
+            .parked_apic_ids()
+            .into_iter()
+            .filter(|id| !parked_before.contains(id))
+            .collect();
+        let added_ids: Vec<u32> = outcome.added.iter().map(|s| s.apic_id).collect();
+        let mut removed_ids: Vec<u32> = outcome.removed.iter().map(|s| s.apic_id).collect();
+        removed_ids.sort_unstable();
+        let mut step = ResizeStep {
+            from,
+            to: target,
+            latency_ms: millis(outcome.total),
+            vcpu_work_ms: millis(outcome.vcpu_work),
+            upcall_ms: millis(outcome.upcall),
+            present_apic_ids: present,
+            woken_by_guest: woken,
+            parked_by_guest: parked,
+            added: Vec::new(),
+            added_counters: Vec::new(),
+            removed_counters: [Vec::new(), Vec::new()],
+            kept_fds: Vec::new(),
+        };
+        if !added_ids.is_empty() {
+            step.added = agent_views(vm, Some(&added_ids))?;
+            step.added_counters =
+                wait_all_advanced(&vm.agent, &added_ids, &vec![0; added_ids.len()])?;
+            out.line(format!(
+                "  the guest's BSP sent INIT/SIPI to {:?}; what their guest code read:",
+                step.woken_by_guest
+            ));
+            out.line(location_table(&step.added).trim_end());
+            out.line(format!(
+                "  their progress counters (they run guest code): {:?}",
+                step.added_counters
+            ));
+        }
+        if !removed_ids.is_empty() {
+            let first = vm.agent.progress_of(&removed_ids);
+            std::thread::sleep(Duration::from_millis(50));
+            let second = vm.agent.progress_of(&removed_ids);
+            out.line(format!(
+                "  the guest parked {:?} (INIT from its BSP) before their threads were exited; \
+                 their counters {first:?}, 50 ms later {second:?} ({})",
+                step.parked_by_guest,
+                if first == second {
+                    "stopped"
+                } else {
+                    "STILL MOVING"
+                }
+            ));
+            step.removed_counters = [first, second];
+        }
+        step.kept_fds = vm.vcpus.kept_vcpu_fds();
+        if !step.kept_fds.is_empty() {
+            out.line(format!(
+                "  KVM vCPU fds kept for reuse (KVM cannot destroy a vCPU): APIC IDs {:?}",
+                step.kept_fds
+            ));
+        }
+        steps.push(step);
+    }
+    Ok(steps)
 }
 
 /// `vcpuctl demo`.
@@ -440,28 +609,40 @@ pub fn demo(spec: &VmSpec, out: &Out) -> Result<DemoReport, CliError> {
         "  topology {topo}; APIC IDs by vCPU index: {apic_ids:?}"
     ));
     let kvm = open_kvm()?;
-    out.line(format!(
-        "booting {} of {} vCPUs (CPUID probe guest)...",
-        smp.boot_cpus, smp.max_cpus
-    ));
-    let mut probe = ProbeVm::boot(kvm, spec, smp.boot_cpus)?;
-    let boot_vcpus = probe.views()?;
+    let mut vm = {
+        let _p = out.progress(format!(
+            "booting {} of {} vCPUs (guest agent; the BSP wakes the APs with INIT/SIPI)",
+            smp.boot_cpus, smp.max_cpus
+        ));
+        let vm = AgentVm::create(
+            kvm,
+            spec.vcpu_config(smp.boot_cpus),
+            agent_options(spec, ApMode::Count),
+        )?;
+        let took = vm.start(GUEST_TIMEOUT)?;
+        out.line(format!(
+            "  every boot vCPU read its CPUID and reported in {:.1} ms",
+            millis(took)
+        ));
+        vm
+    };
+    let boot_vcpus = agent_views(&vm, None)?;
     out.line("what guest code read from CPUID, decoded with raw-cpuid:");
-    out.line(location_table(&boot_vcpus));
+    out.line(location_table(&boot_vcpus).trim_end());
 
-    // Pause and resume, with proof from the guests' own counters.
-    let guest = &probe.guest;
-    wait_all_advanced(guest, &vec![0; guest.counters().len()])?;
+    // Pause and resume, with proof from the guests' own progress counters.
+    let ids = vm.present_apic_ids();
+    wait_all_advanced(&vm.agent, &ids, &vec![0; ids.len()])?;
     let t = Instant::now();
-    guest.vcpus.pause_all()?;
+    vm.vcpus.pause_all()?;
     let pause = t.elapsed();
-    let counters_paused = guest.counters();
+    let counters_paused = vm.agent.progress_of(&ids);
     std::thread::sleep(Duration::from_millis(50));
-    let counters_still = guest.counters();
+    let counters_still = vm.agent.progress_of(&ids);
     let t = Instant::now();
-    guest.vcpus.resume_all()?;
+    vm.vcpus.resume_all()?;
     let resume = t.elapsed();
-    let counters_resumed = wait_all_advanced(guest, &counters_still)?;
+    let counters_resumed = wait_all_advanced(&vm.agent, &ids, &counters_still)?;
     out.line(format!(
         "pause all: {:.0} us; counters {counters_paused:?}, 50 ms later {counters_still:?} ({})",
         micros(pause),
@@ -483,20 +664,26 @@ pub fn demo(spec: &VmSpec, out: &Out) -> Result<DemoReport, CliError> {
         counters_resumed,
     };
 
-    let resize = crate::hotplug_demo::demo_resize(&mut probe, spec, out)?;
+    let resize = demo_resize(&mut vm, spec, out)?;
 
     // The counters end with the vCPUs' threads: read them while the vCPUs are present.
-    let metrics: Vec<VcpuMetricsSnapshot> = probe
-        .guest
+    let metrics: Vec<VcpuMetricsSnapshot> = vm
         .vcpus
         .vcpu_metrics()
         .into_iter()
         .map(|(_, m)| m)
         .collect();
-    out.line("guest asks to shut down (BSP writes the shutdown port at CPL 3)...");
-    request_guest_shutdown(probe.guest.vm.memory())?;
-    let stop: VmStopReason = probe.guest.vcpus.run_until_exit()?;
-    out.line(format!("VM stopped through the exit event: {stop}"));
+    out.line("the guest asks to shut down (its BSP writes the shutdown port at CPL 3)...");
+    vm.agent.request_shutdown()?;
+    let stop: VmStopReason = vm
+        .vcpus
+        .wait_for_exit(Some(GUEST_TIMEOUT))?
+        .ok_or_else(|| {
+            IntegrationError::Guest(format!(
+                "the guest did not stop the VM within {GUEST_TIMEOUT:?} of being asked"
+            ))
+        })?;
+    out.line(format!("VM stopped, seen through the exit event: {stop}"));
     out.line("per-vCPU metrics:");
     out.line("  vCPU  io_in  io_out  mmio_r  mmio_w  eintr  eagain  pauses  resumes  run ms");
     for m in &metrics {

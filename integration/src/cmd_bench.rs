@@ -1,5 +1,7 @@
-//! `vcpuctl bench`: the routines of [`crate::bench`] gathered in one table of
-//! (benchmark, vCPUs, ours, bare KVM, ratio), in text or JSON.
+//! `vcpuctl bench`: every benchmark of the workspace gathered in one table of
+//! (benchmark, vCPUs, ours, bare KVM, ratio), in text or JSON: the vCPU manager's startup and
+//! pause/resume ([`crate::bench`]), the vCPU actor's exit path and idle pause/resume
+//! ([`crate::actor_bench`]), and hot-add/hot-remove over upcall ([`crate::agent::bench`]).
 //!
 //! ```
 //! use std::time::Duration;
@@ -25,12 +27,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::agent::bench::{ResizeBenchReport, ResizeSample};
 use crate::bench::BenchRow;
-
-/// Where the benchmark of guest exits through the actor vs bare `VcpuFd::run` lives: it is a
-/// private routine of the `vcpu-actor` crate's benchmark, not repeated here.
-pub const EXIT_RATE_NOTE: &str = "exit rate (actor vs bare VcpuFd::run): \
-    cargo bench -p vcpu-actor --bench actor";
 
 /// One line of the table.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -56,8 +54,8 @@ pub struct BenchReport {
     pub lines: Vec<BenchLine>,
     /// Pause/resume rounds per vCPU count.
     pub rounds: u32,
-    /// Benchmarks that exist elsewhere and are not run here.
-    pub not_run_here: Vec<&'static str>,
+    /// Every hot-add/hot-remove sample, in the order taken.
+    pub hotplug: Vec<ResizeSample>,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -120,13 +118,24 @@ pub fn lines(rows: &[BenchRow]) -> Vec<BenchLine> {
 /// The table as text, one line per measurement, then what each benchmark compares.
 pub fn table(lines: &[BenchLine]) -> String {
     let mut s = format!(
-        "{:<11} {:>6} {:>12} {:>12} {:>7}\n",
+        "{:<12} {:>6} {:>12} {:>12} {:>7}\n",
         "benchmark", "vCPUs", "ours ms", "bare KVM ms", "ratio"
     );
+    let num = |v: f64, width: usize, prec: usize| {
+        if v.is_finite() {
+            format!("{v:>width$.prec$}")
+        } else {
+            format!("{:>width$}", "-")
+        }
+    };
     for l in lines {
         s.push_str(&format!(
-            "{:<11} {:>6} {:>12.3} {:>12.3} {:>7.2}\n",
-            l.benchmark, l.vcpus, l.ours_ms, l.bare_ms, l.ratio
+            "{:<12} {:>6} {} {} {}\n",
+            l.benchmark,
+            l.vcpus,
+            num(l.ours_ms, 12, 3),
+            num(l.bare_ms, 12, 3),
+            num(l.ratio, 7, 2)
         ));
     }
     let mut seen: Vec<&str> = Vec::new();
@@ -139,6 +148,53 @@ pub fn table(lines: &[BenchLine]) -> String {
     s
 }
 
+/// The table's lines for a hot-add/hot-remove run, three per step `n` (from 1 vCPU to
+/// `1 + n` and back), from the median sample (by total) of each direction:
+/// - `hot_add`: request until the reply, every new vCPU having run guest code, against bare
+///   `KVM_CREATE_VCPU` + `KVM_SET_CPUID2` of `n` vCPUs (`bare_create[i]` for `steps[i]`);
+/// - `hot_add_vcpu`: the part of it spent creating, configuring and starting the vCPUs (the
+///   rest is the upcall round trip, the guest waking them), against the same bare cost;
+/// - `hot_remove`: request until the threads are gone (no bare equivalent: `-`).
+pub fn hotplug_lines(
+    report: &ResizeBenchReport,
+    steps: &[u32],
+    bare_create: &[Duration],
+) -> Vec<BenchLine> {
+    let mut out = Vec::new();
+    for (&n, &bare) in steps.iter().zip(bare_create) {
+        let to = n.saturating_add(1);
+        if let Some(add) = report.median(1, to) {
+            out.push(line(
+                "hot_add",
+                "resize_vcpus(1 -> 1+N) over upcall until every new vCPU ran guest code; bare: \
+                 KVM_CREATE_VCPU+KVM_SET_CPUID2 of N vCPUs",
+                n,
+                add.total,
+                bare,
+            ));
+            out.push(line(
+                "hot_add_vcpu",
+                "the vCPU creation/configuration/start share of hot_add (the rest is the upcall \
+                 round trip); bare as hot_add",
+                n,
+                add.vcpu_work,
+                bare,
+            ));
+        }
+        if let Some(remove) = report.median(to, 1) {
+            out.push(BenchLine {
+                benchmark: "hot_remove",
+                detail: "resize_vcpus(1+N -> 1) over upcall until the removed threads ended",
+                vcpus: n,
+                ours_ms: ms(remove.total),
+                bare_ms: f64::NAN,
+                ratio: f64::NAN,
+            });
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,5 +204,39 @@ mod tests {
         let z = Duration::ZERO;
         let l = line("x", "y", 1, Duration::from_millis(1), z);
         assert!(l.ratio.is_finite());
+    }
+
+    #[test]
+    fn hotplug_lines_take_the_medians_and_leave_remove_without_bare() {
+        let s = |from, to, ms: u64| ResizeSample {
+            from,
+            to,
+            reused_fds: false,
+            total: Duration::from_millis(ms),
+            vcpu_work: Duration::from_millis(ms / 2),
+            upcall: Duration::from_millis(ms / 2),
+        };
+        let report = ResizeBenchReport {
+            samples: vec![
+                s(1, 8, 10),
+                s(8, 1, 2),
+                s(1, 8, 30),
+                s(8, 1, 4),
+                s(1, 8, 20),
+            ],
+        };
+        let l = hotplug_lines(&report, &[7], &[Duration::from_millis(5)]);
+        assert_eq!(l.len(), 3);
+        assert_eq!(
+            (l[0].benchmark, l[0].vcpus, l[0].ours_ms),
+            ("hot_add", 7, 20.0)
+        );
+        assert_eq!((l[1].ours_ms, l[1].ratio), (10.0, 2.0));
+        assert_eq!(l[2].ours_ms, 4.0);
+        assert!(l[2].bare_ms.is_nan());
+        assert!(table(&l).contains("hot_remove"));
+        assert!(table(&l)
+            .lines()
+            .any(|x| x.starts_with("hot_remove") && x.trim_end().ends_with('-')));
     }
 }

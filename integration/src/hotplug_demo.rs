@@ -5,15 +5,15 @@
 //!
 //! Offlining: the guest server accepts `DEL_CPU` and the VMM then exits those vCPU threads;
 //! the probe's APs have no parking code of their own (a real guest kernel parks them first).
+//! The guest agent ([`crate::agent::attach_upcall`]) does park them; `vcpuctl` uses it.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use hotplug::guest::{CpuAction, GuestServerOptions, GuestUpcallServer, VsockMuxerStub, EIO};
 use hotplug::{HybridVsockConnector, UpcallClient, UpcallConfig, UPCALL_GUEST_PORT};
 
-use crate::cli::{CliError, Out, ProbeVm, ResizeStep, VmSpec};
 use crate::guest::GuestVm;
 use crate::probe::wake_ap;
 use crate::IntegrationError;
@@ -85,131 +85,4 @@ pub fn attach_upcall(
         muxer: Some(muxer),
         path: socket.to_path_buf(),
     })
-}
-
-/// Resizes to the maximum and back to 3 vCPUs over upcall, with latency.
-pub fn demo_resize(
-    probe: &mut ProbeVm,
-    spec: &VmSpec,
-    out: &Out,
-) -> Result<Vec<ResizeStep>, CliError> {
-    let socket = std::env::temp_dir().join(format!("vcpuctl-upcall-{}.sock", std::process::id()));
-    let _guest = attach_upcall(
-        &mut probe.guest,
-        &socket,
-        &spec.logger,
-        hotplug::UpcallConfig::default()
-            .reply_timeout
-            .max(ONLINE_TIMEOUT * 2),
-    )?;
-    let max = spec.smp.max_cpus;
-    let mut steps = Vec::new();
-    for target in [max, 3.min(max)] {
-        let from = probe.guest.vcpus.present_vcpu_count();
-        if target == from {
-            continue;
-        }
-        out.line(format!("resize {from} -> {target} vCPUs over upcall..."));
-        let t = Instant::now();
-        let outcome = probe.guest.vcpus.resize_vcpus(target)?;
-        let latency = t.elapsed();
-        let present: Vec<u32> = probe
-            .guest
-            .vcpus
-            .present_vcpus()
-            .iter()
-            .map(|v| v.apic_id)
-            .collect();
-        out.line(format!(
-            "  done in {:.1} ms (vCPU work {:.1} ms, upcall round trip {:.1} ms); present APIC \
-             IDs {present:?}",
-            latency.as_secs_f64() * 1e3,
-            outcome.vcpu_work.as_secs_f64() * 1e3,
-            outcome.upcall.as_secs_f64() * 1e3,
-        ));
-        if !outcome.added.is_empty() {
-            let views = probe.views()?;
-            let added: Vec<_> = views
-                .into_iter()
-                .filter(|v| outcome.added.iter().any(|a| a.index == v.index))
-                .collect();
-            out.line("  the new vCPUs' guest code read:");
-            out.line(crate::cli::location_table(&added));
-        }
-        steps.push(ResizeStep {
-            from,
-            to: target,
-            latency_ms: latency.as_secs_f64() * 1e3,
-            present_apic_ids: present,
-        });
-    }
-    Ok(steps)
-}
-
-/// One row of the hotplug benchmark.
-#[derive(Clone, Copy, Debug, serde::Serialize)]
-pub struct HotplugBenchRow {
-    /// vCPUs added (then removed) at once.
-    pub added: u32,
-    /// `resize_vcpus(1 + added)`: request until the reply is in, every new vCPU having run
-    /// guest code and reported its APIC ID.
-    pub add_total: Duration,
-    /// The part spent creating, configuring and starting the vCPUs.
-    pub add_vcpu_work: Duration,
-    /// The part spent in the upcall round trip (the guest waking them).
-    pub add_upcall: Duration,
-    /// Bare KVM: `KVM_CREATE_VCPU` + `KVM_SET_CPUID2` for as many vCPUs.
-    pub bare_create: Duration,
-    /// `resize_vcpus(1)` back.
-    pub remove_total: Duration,
-}
-
-/// Hot-adds `added` vCPUs to a 1-vCPU probe VM (1 socket x `max` cores) and removes them
-/// again, next to the bare cost of creating as many KVM vCPUs.
-pub fn bench_resize(added: u32, logger: &slog::Logger) -> Result<HotplugBenchRow, CliError> {
-    let max = (added + 1).max(2);
-    let spec = VmSpec {
-        smp: topology::SmpConfig::new(1, max, topology::CpuTopology::new(1, 1, max, 1)?)?,
-        vpmu: vpmu::VpmuFeatureLevel::Disabled,
-        memory_mib: 64,
-        logger: logger.clone(),
-    };
-    let kvm = crate::cli::open_kvm()?;
-    let mut probe = ProbeVm::boot(kvm, &spec, 1)?;
-    let socket =
-        std::env::temp_dir().join(format!("vcpuctl-bench-{}-{added}.sock", std::process::id()));
-    let _guest = attach_upcall(&mut probe.guest, &socket, logger, ONLINE_TIMEOUT * 2)?;
-    let add = probe.guest.vcpus.resize_vcpus(1 + added)?;
-    let remove = probe.guest.vcpus.resize_vcpus(1)?;
-    probe.guest.vcpus.exit_all()?;
-    let bare_create = crate::bench::bare_startup(added)?;
-    Ok(HotplugBenchRow {
-        added,
-        add_total: add.total,
-        add_vcpu_work: add.vcpu_work,
-        add_upcall: add.upcall,
-        bare_create,
-        remove_total: remove.total,
-    })
-}
-
-/// The hotplug benchmark's table (milliseconds).
-pub fn format_hotplug_table(rows: &[HotplugBenchRow]) -> String {
-    let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    let mut s = String::from(
-        "  +N | add ms | vCPU work ms | upcall ms | bare create+CPUID ms | work/bare | remove ms\n",
-    );
-    for r in rows {
-        s.push_str(&format!(
-            "{:>4} | {:>6.2} | {:>12.2} | {:>9.2} | {:>20.2} | {:>9.2} | {:>9.2}\n",
-            r.added,
-            ms(r.add_total),
-            ms(r.add_vcpu_work),
-            ms(r.add_upcall),
-            ms(r.bare_create),
-            ms(r.add_vcpu_work) / ms(r.bare_create).max(1e-6),
-            ms(r.remove_total),
-        ));
-    }
-    s
 }

@@ -7,12 +7,15 @@
 //! assert_eq!(integration::guest::counter_addr(1), 0x30_0040);
 //! ```
 
+pub mod actor_bench;
 pub mod agent;
 pub mod bench;
 pub mod cli;
 pub mod cmd_bench;
+pub mod cpuid_view;
 pub mod guest;
 pub mod hotplug_demo;
+pub mod lstopo;
 pub mod probe;
 
 /// The one error type of this crate.

@@ -1,7 +1,7 @@
 //! `vcpuctl cpuid` for ten topologies (non-powers of two among them), checked with hwloc's
 //! `lstopo` (an independent decoder) reading the dumps of what guest code read on each vCPU:
-//! Package, Core and PU counts and which PUs share a package and a core equal the
-//! configuration; every vCPU's leaf 0xB EDX equals its APIC ID, computed here from the
+//! Package, Core and PU counts and which PUs share a package, a core and an L3 cache (per die)
+//! equal the configuration; every vCPU's leaf 0xB EDX equals its APIC ID, computed here from the
 //! topology rules (thread, core, die, socket fields of `ceil(log2(n))` bits each).
 //!
 //! Die objects: hwloc makes them from leaf 0x1F, which it reads on Intel only, so they are
@@ -11,15 +11,11 @@
 //! `lstopo-no-graphics` (Debian package `hwloc`; fails under `CI=true` or
 //! `VCPU_REQUIRE_KVM=1` when missing, skipped loudly otherwise).
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::io::ErrorKind;
-use std::path::Path;
-use std::process::Command as Process;
+use std::collections::BTreeMap;
 
 use assert_cmd::Command;
+use integration::lstopo::{lstopo_dump, LSTOPO};
 use serde_json::Value;
-
-const LSTOPO: &str = "lstopo-no-graphics";
 
 /// (sockets, dies per socket, cores per die, threads per core).
 const SHAPES: &[(u32, u32, u32, u32)] = &[
@@ -57,107 +53,25 @@ fn apic_id(shape: (u32, u32, u32, u32), i: u32) -> u32 {
     so << (tw + cw + dw) | di << (tw + cw) | co << tw | th
 }
 
-/// One `<object>` of lstopo's XML.
-#[derive(Debug)]
-struct XmlObject {
-    kind: String,
-    os_index: Option<u32>,
-    parent: Option<usize>,
-}
-
-fn attr<'a>(tag: &'a str, name: &str) -> Option<&'a str> {
-    let key = format!(" {name}=\"");
-    let start = tag.find(&key)? + key.len();
-    let len = tag[start..].find('"')?;
-    Some(&tag[start..start + len])
-}
-
-/// A minimal parser for lstopo's XML: the tree of `<object type=.. os_index=..>` elements.
-fn parse_objects(xml: &str) -> Vec<XmlObject> {
-    let mut objects: Vec<XmlObject> = Vec::new();
-    let mut stack: Vec<usize> = Vec::new();
-    let mut rest = xml;
-    while let Some(open) = rest.find('<') {
-        let Some(close) = rest[open..].find('>') else {
-            break;
-        };
-        let tag = &rest[open..open + close + 1];
-        rest = &rest[open + close + 1..];
-        if tag.starts_with("</object") {
-            stack.pop();
-        } else if tag.starts_with("<object ") {
-            objects.push(XmlObject {
-                kind: attr(tag, "type").unwrap_or_default().to_string(),
-                os_index: attr(tag, "os_index").and_then(|v| v.parse().ok()),
-                parent: stack.last().copied(),
-            });
-            if !tag.ends_with("/>") {
-                stack.push(objects.len() - 1);
-            }
-        }
-    }
-    objects
-}
-
-fn count(objects: &[XmlObject], kind: &str) -> usize {
-    objects.iter().filter(|o| o.kind == kind).count()
-}
-
-/// The PUs (by OS index) grouped by their nearest ancestor of type `kind`.
-fn partition_by(objects: &[XmlObject], kind: &str) -> BTreeSet<BTreeSet<u32>> {
-    let mut m: BTreeMap<usize, BTreeSet<u32>> = BTreeMap::new();
-    for pu in objects.iter().filter(|o| o.kind == "PU") {
-        let mut at = pu.parent;
-        while let Some(i) = at {
-            if objects[i].kind == kind {
-                break;
-            }
-            at = objects[i].parent;
-        }
-        if let (Some(a), Some(os)) = (at, pu.os_index) {
-            m.entry(a).or_default().insert(os);
-        }
-    }
-    m.into_values().collect()
-}
-
-/// The vCPU indices grouped by a key of their configured location.
-fn expected_partition<K: Ord>(
+/// The vCPU indices grouped by a key of their configured location (each group sorted,
+/// groups sorted, as `HwlocTopology::groups_of_pus` gives them).
+fn expected_groups<K: Ord>(
     shape: (u32, u32, u32, u32),
     key: impl Fn((u32, u32, u32, u32)) -> K,
-) -> BTreeSet<BTreeSet<u32>> {
+) -> Vec<Vec<u32>> {
     let (s, d, c, t) = shape;
-    let mut m: BTreeMap<K, BTreeSet<u32>> = BTreeMap::new();
+    let mut m: BTreeMap<K, Vec<u32>> = BTreeMap::new();
     for i in 0..s * d * c * t {
-        m.entry(key(location(shape, i))).or_default().insert(i);
+        m.entry(key(location(shape, i))).or_default().push(i);
     }
-    m.into_values().collect()
+    let mut groups: Vec<Vec<u32>> = m.into_values().collect();
+    groups.sort();
+    groups
 }
 
 fn lstopo_required() -> bool {
     std::env::var("VCPU_REQUIRE_KVM").is_ok_and(|v| v == "1")
         || std::env::var("CI").is_ok_and(|v| v == "true")
-}
-
-/// lstopo's XML for a dump directory; `None` when lstopo is not installed.
-fn lstopo_xml(dir: &Path) -> Option<String> {
-    let out = Process::new(LSTOPO)
-        .args(["--of", "xml", "-"])
-        .env("HWLOC_CPUID_PATH", dir)
-        .env("HWLOC_COMPONENTS", "x86,stop")
-        .output();
-    let out = match out {
-        Ok(o) => o,
-        Err(e) if e.kind() == ErrorKind::NotFound => return None,
-        Err(e) => panic!("cannot run {LSTOPO}: {e}"),
-    };
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{LSTOPO} failed: {stderr}");
-    assert!(
-        !stderr.contains("Couldn't find") && !stderr.contains("Ignoring dumped cpuid"),
-        "{LSTOPO} did not take the dump as complete: {stderr}"
-    );
-    Some(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// The register of one query in a vCPU's JSON record.
@@ -209,37 +123,41 @@ fn check(shape: (u32, u32, u32, u32)) -> bool {
     // "Genu" in leaf 0 EBX: Intel, whose leaf 0x1F hwloc reads for Die objects.
     let intel = reg(&vcpus[0], 0, 0, "ebx") == Some(0x756e_6547);
 
-    let Some(xml) = lstopo_xml(dir.path()) else {
-        return false;
+    let hw = match lstopo_dump(dir.path()) {
+        Ok(Some(hw)) => hw,
+        Ok(None) => return false,
+        Err(e) => panic!("{smp}: {e}"),
     };
-    let objects = parse_objects(&xml);
-    assert_eq!(count(&objects, "PU"), max as usize, "{smp}: PUs\n{xml}");
+    let xml = &hw.xml;
+    assert!(
+        hw.from_x86_backend(),
+        "{smp}: not hwloc's x86 backend\n{xml}"
+    );
+    assert_eq!(hw.pus(), (0..max).collect::<Vec<_>>(), "{smp}: PUs\n{xml}");
     assert_eq!(
-        count(&objects, "Core"),
+        hw.count("Core"),
         (s * d * c) as usize,
         "{smp}: cores\n{xml}"
     );
-    assert_eq!(
-        count(&objects, "Package"),
-        s as usize,
-        "{smp}: packages\n{xml}"
-    );
-    if intel && d > 1 {
-        assert_eq!(
-            count(&objects, "Die"),
-            (s * d) as usize,
-            "{smp}: dies\n{xml}"
-        );
+    assert_eq!(hw.count("Package"), s as usize, "{smp}: packages\n{xml}");
+    if intel {
+        assert_eq!(hw.count("Die"), (s * d) as usize, "{smp}: dies\n{xml}");
     }
     assert_eq!(
-        partition_by(&objects, "Package"),
-        expected_partition(shape, |l| l.0),
+        hw.groups_of_pus("Package"),
+        expected_groups(shape, |l| l.0),
         "{smp}: PUs per package"
     );
     assert_eq!(
-        partition_by(&objects, "Core"),
-        expected_partition(shape, |l| (l.0, l.1, l.2)),
+        hw.groups_of_pus("Core"),
+        expected_groups(shape, |l| (l.0, l.1, l.2)),
         "{smp}: PUs per core"
+    );
+    // The L3 cache is per die (leaves 0x4 / 0x8000_001D): how hwloc shows dies on AMD.
+    assert_eq!(
+        hw.groups_of_pus("L3Cache"),
+        expected_groups(shape, |l| (l.0, l.1)),
+        "{smp}: PUs per L3 (die)"
     );
     true
 }

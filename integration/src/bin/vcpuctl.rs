@@ -3,11 +3,13 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use integration::actor_bench;
+use integration::agent::bench::{bench_resize as resize_bench, ResizeBenchOptions};
 use integration::cli::{self, CliError, ExitCode, Out, VmSpec};
 use integration::cmd_bench;
-use integration::hotplug_demo::{bench_resize, format_hotplug_table};
 use slog::{o, Drain};
 use topology::SmpConfig;
 use vpmu::VpmuFeatureLevel;
@@ -35,8 +37,9 @@ struct VmArgs {
     /// vPMU level: off, limited or full.
     #[arg(long, global = true, default_value = "off", value_parser = parse_vpmu)]
     vpmu: VpmuFeatureLevel,
-    /// Guest memory in MiB.
-    #[arg(long, global = true, default_value_t = 64)]
+    /// Guest memory in MiB (at least 16).
+    #[arg(long, global = true, default_value_t = 64,
+          value_parser = clap::value_parser!(u64).range(16..=1 << 20))]
     memory: u64,
     /// Machine-readable output (JSON on stdout; progress goes to stderr).
     #[arg(long, global = true)]
@@ -50,7 +53,8 @@ struct VmArgs {
 enum Command {
     /// Boot vCPUs, show what the guest reads from CPUID, pause/resume, hotplug, stop (default).
     Demo,
-    /// Boot every possible vCPU of the CPUID probe and dump what each read.
+    /// Boot every possible vCPU; each executes CPUID for what hwloc reads and the results are
+    /// dumped (JSON, hwloc's format).
     Cpuid {
         /// Write hwloc CPUID dumps here (then: HWLOC_CPUID_PATH=DIR lstopo).
         #[arg(long)]
@@ -58,13 +62,16 @@ enum Command {
     },
     /// Every benchmark in one table: ours, bare KVM, ratio.
     Bench {
-        /// vCPU counts to measure.
+        /// vCPU counts for startup and pause/resume.
         #[arg(long, value_delimiter = ',', default_values_t = [1u32, 8, 64])]
         vcpus: Vec<u32>,
+        /// vCPUs hot-added (then removed) at once, each from 1 vCPU.
+        #[arg(long, value_delimiter = ',', default_values_t = [1u32, 7, 63])]
+        hotplug: Vec<u32>,
         /// Pause/resume rounds per count.
         #[arg(long, default_value_t = 20)]
         rounds: u32,
-        /// A smoke run: 1 and 8 vCPUs, 3 rounds.
+        /// A smoke run: 1 and 8 vCPUs, 3 rounds, hot-add of 1 and 7.
         #[arg(long)]
         quick: bool,
     },
@@ -136,11 +143,13 @@ fn run(cli: Cli) -> Result<(), CliError> {
             }
         }
         Command::Cpuid { hwloc_dir } => {
-            out.line(format!(
-                "booting all {} vCPUs of -smp {} (CPUID probe guest)...",
-                spec.smp.max_cpus, spec.smp
-            ));
-            let views = cli::cpuid(&spec, hwloc_dir.as_ref())?;
+            let views = {
+                let _p = out.progress(format!(
+                    "booting all {} vCPUs of -smp {}; each reads its CPUID in guest code",
+                    spec.smp.max_cpus, spec.smp
+                ));
+                cli::cpuid(&spec, hwloc_dir.as_ref())?
+            };
             if a.json {
                 json(&views)?;
             } else {
@@ -167,34 +176,56 @@ fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::Bench {
             vcpus,
+            hotplug,
             rounds,
             quick,
         } => {
-            let (vcpus, rounds, hot) = if quick {
-                (vec![1, 8], 3, vec![1, 7])
+            let kvm = cli::open_kvm()?;
+            let (vcpus, rounds, hot, window, exit_rounds) = if quick {
+                (vec![1, 8], 3, vec![1, 7], Duration::from_millis(100), 1)
             } else {
-                (vcpus, rounds, vec![1, 7, 63])
+                (vcpus, rounds, hotplug, Duration::from_millis(500), 5)
             };
-            cli::open_kvm()?;
-            let mut rows = Vec::new();
-            for n in vcpus {
-                out.line(format!("measuring {n} vCPUs ({rounds} rounds)..."));
-                rows.push(integration::bench::bench_vcpus(n, rounds)?);
+            let mut lines = Vec::new();
+            for &n in &vcpus {
+                let _p = out.progress(format!("manager vs bare KVM, {n} vCPUs ({rounds} rounds)"));
+                lines.extend(cmd_bench::lines(&[integration::bench::bench_vcpus(
+                    n, rounds,
+                )?]));
             }
-            let mut hotplug = Vec::new();
-            for n in hot {
-                out.line(format!("measuring hot-add and hot-remove of {n} vCPUs..."));
-                hotplug.push(bench_resize(n, &spec.logger)?);
+            let exits = {
+                let _p = out.progress("port-I/O exit rate, vCPU actor vs bare loop");
+                actor_bench::exit_rate(window, exit_rounds)?
+            };
+            let mut idle = Vec::new();
+            for &n in &vcpus {
+                let _p = out.progress(format!("idle pause/resume, {n} vCPUs"));
+                idle.push(actor_bench::idle_pause_resume(n, rounds)?);
             }
-            let lines = cmd_bench::lines(&rows);
+            lines.extend(actor_bench::bench_lines(Some(&exits), &idle));
+            let report = {
+                let _p = out.progress(format!("hot-add and hot-remove of {hot:?} vCPUs"));
+                let options = ResizeBenchOptions {
+                    steps: hot.clone(),
+                    rounds: if quick { 1 } else { 5 },
+                    logger: spec.logger.clone(),
+                };
+                resize_bench(kvm, &options)?
+            };
+            let bare = hot
+                .iter()
+                .map(|&n| integration::bench::bare_startup(n))
+                .collect::<Result<Vec<_>, _>>()?;
+            lines.extend(cmd_bench::hotplug_lines(&report, &hot, &bare));
             if a.json {
-                json(&serde_json::json!({ "vcpus": lines, "hotplug": hotplug }))?;
+                json(&cmd_bench::BenchReport {
+                    lines,
+                    rounds,
+                    hotplug: report.samples,
+                })?;
             } else {
-                println!("vCPU manager vs bare KVM (ratio = ours / bare):");
+                println!("every benchmark, ours next to bare KVM (ms; ratio = ours / bare):");
                 print!("{}", cmd_bench::table(&lines));
-                println!("({})", cmd_bench::EXIT_RATE_NOTE);
-                println!("\nhotplug over upcall (ms; bare = KVM_CREATE_VCPU + KVM_SET_CPUID2):");
-                print!("{}", format_hotplug_table(&hotplug));
             }
         }
         Command::Boot {
