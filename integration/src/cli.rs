@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use topology::hwloc::{topology_queries, write_hwloc_dump_results, CpuidResult};
+use topology::hwloc::{write_hwloc_dump_results, CpuidResult};
 use topology::SmpConfig;
 use vcpu_actor::VcpuMetricsSnapshot;
 use vmm_core::{VcpuConfig, VcpuManagerOptions, VmOptions, VmStopReason, VmmError};
@@ -16,8 +16,6 @@ use vpmu::VpmuFeatureLevel;
 use crate::agent::{
     attach_upcall, AgentUpcallOptions, AgentVm, AgentVmOptions, ApMode, GuestAgent,
 };
-use crate::guest::GuestVm;
-use crate::probe::{cpuid_probe, read_results, write_queries};
 use crate::IntegrationError;
 
 /// How long a guest may take to do what it was asked before we give up (generous: CPL-0 code
@@ -193,77 +191,6 @@ pub struct VcpuCpuidView {
     pub location: Option<GuestLocation>,
     /// Every (leaf, subleaf) the guest executed, with its result.
     pub registers: Vec<CpuidResult>,
-}
-
-/// A VM running the CPUID probe guest.
-pub struct ProbeVm {
-    /// The VM and its vCPUs.
-    pub guest: GuestVm,
-    /// The queries the vCPUs execute.
-    pub queries: Vec<(u32, u32)>,
-}
-
-impl ProbeVm {
-    /// Builds the VM with `boot` vCPUs running the probe, starts them and waits until every
-    /// one has read its CPUID.
-    pub fn boot(kvm: kvm_ioctls::Kvm, spec: &VmSpec, boot: u32) -> Result<Self, CliError> {
-        let options = VcpuManagerOptions {
-            logger: spec.logger.clone(),
-            ..VcpuManagerOptions::default()
-        };
-        let vm_options = VmOptions {
-            memory_size: spec.memory_mib << 20,
-            logger: spec.logger.clone(),
-            ..VmOptions::default()
-        };
-        let guest = GuestVm::create(
-            kvm,
-            cpuid_probe(),
-            spec.vcpu_config(boot),
-            vm_options,
-            options,
-        )?;
-        let queries = topology_queries(&guest.vcpus.vcpu_cpuid(0)?);
-        write_queries(guest.vm.memory(), &queries)?;
-        guest.vcpus.start_boot_vcpus()?;
-        let probe = Self { guest, queries };
-        probe.wait_reports(boot as usize)?;
-        Ok(probe)
-    }
-
-    /// Waits until `n` vCPUs reported.
-    pub fn wait_reports(&self, n: usize) -> Result<(), CliError> {
-        let deadline = Instant::now() + GUEST_TIMEOUT;
-        while self.guest.reports.complete() < n {
-            if Instant::now() > deadline {
-                return Err(IntegrationError::Guest(format!(
-                    "only {} of {n} vCPUs reported their CPUID within {GUEST_TIMEOUT:?}",
-                    self.guest.reports.complete()
-                ))
-                .into());
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        Ok(())
-    }
-
-    /// What each present vCPU's guest code read, decoded.
-    pub fn views(&self) -> Result<Vec<VcpuCpuidView>, CliError> {
-        let reports = self.guest.reports.reports();
-        let mut views = Vec::new();
-        for v in self.guest.vcpus.present_vcpus() {
-            let registers = read_results(self.guest.vm.memory(), v.apic_id, &self.queries)?;
-            let report = reports.iter().find(|r| r.vcpu_id == v.apic_id);
-            views.push(VcpuCpuidView {
-                index: v.index,
-                apic_id: v.apic_id,
-                leaf1_apic_id: report.and_then(|r| r.leaf1_apic_id()),
-                location: decode_location(&registers),
-                registers,
-            });
-        }
-        Ok(views)
-    }
 }
 
 /// The agent VM options for `spec` with APs in `mode`.

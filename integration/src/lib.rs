@@ -14,9 +14,7 @@ pub mod cli;
 pub mod cmd_bench;
 pub mod cpuid_view;
 pub mod guest;
-pub mod hotplug_demo;
 pub mod lstopo;
-pub mod probe;
 
 /// The one error type of this crate.
 #[derive(Debug, thiserror::Error)]

@@ -51,15 +51,6 @@ impl CpuidReports {
         r
     }
 
-    /// Forgets what the vCPU with id `vcpu_id` reported (before it reports again, e.g. when a
-    /// hot-removed vCPU is added back).
-    pub fn forget(&self, vcpu_id: u32) {
-        self.reports
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|r| r.vcpu_id != vcpu_id);
-    }
-
     /// Vcpus whose both values are in.
     pub fn complete(&self) -> usize {
         self.reports
