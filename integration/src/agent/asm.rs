@@ -10,20 +10,10 @@ use super::layout::{
     MAX_QUERIES, QUERIES_ADDR, RESULTS_ADDR, RESULTS_SHIFT,
 };
 use super::{ports, AgentCommand, SHUTDOWN_VALUE};
-use vmm_core::loader::layout::{LAPIC_ADDR, SIPI_VECTOR};
-
-/// LAPIC registers (xAPIC MMIO).
-const LAPIC_SVR: u64 = LAPIC_ADDR + 0xf0;
-const LAPIC_ICR_LOW: u64 = LAPIC_ADDR + 0x300;
-const LAPIC_ICR_HIGH: u64 = LAPIC_ADDR + 0x310;
-/// SVR: APIC software-enabled, spurious vector 0xFF.
-const SVR_ENABLE: u32 = 0x1ff;
-/// ICR: level assert (bit 14) and delivery mode INIT (101) or STARTUP (110) in bits 10:8.
-const ICR_ASSERT: u32 = 1 << 14;
-const ICR_INIT: u32 = ICR_ASSERT | (0b101 << 8);
-const ICR_SIPI: u32 = ICR_ASSERT | (0b110 << 8) | SIPI_VECTOR as u32;
-/// ICR destination shorthand "all excluding self" (bits 19:18 = 11).
-const ICR_ALL_BUT_SELF: u32 = 0b11 << 18;
+use crate::guest::lapic::{
+    ICR_ALL_BUT_SELF, ICR_HIGH as LAPIC_ICR_HIGH, ICR_INIT, ICR_LOW as LAPIC_ICR_LOW, ICR_SIPI,
+    SVR as LAPIC_SVR, SVR_ENABLE,
+};
 
 // Entered at CPL 0, the BSP through the loader's registers and the APs through its
 // trampoline. CPUID runs at CPL 0 (on PVM hosts with AMD CPUs, CPUID at CPL 3 returns the

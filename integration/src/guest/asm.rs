@@ -2,20 +2,11 @@
 //! a start and an end symbol; code refers to its own labels only PC-relatively and to guest
 //! addresses as constants, so the bytes run wherever the loader puts them.
 
+use super::lapic::{
+    ICR_ALL_BUT_SELF, ICR_HIGH, ICR_INIT, ICR_LOW, ICR_SIPI, SVR as LAPIC_SVR, SVR_ENABLE,
+};
 use super::{ports, COUNTERS_ADDR, COUNTER_STRIDE, SHUTDOWN_VALUE};
-use vmm_core::loader::layout::{LAPIC_ADDR, SIPI_VECTOR};
 
-/// LAPIC register offsets and ICR values.
-const LAPIC_SVR: u64 = LAPIC_ADDR + 0xf0;
-const LAPIC_ICR_LOW: u64 = LAPIC_ADDR + 0x300;
-const LAPIC_ICR_HIGH: u64 = LAPIC_ADDR + 0x310;
-/// SVR: APIC software-enabled, spurious vector 0xFF.
-const SVR_ENABLE: u32 = 0x1ff;
-/// ICR: shorthand "all excluding self" (bits 19:18 = 11), level assert (bit 14).
-const ICR_ALL_EXCLUDING_SELF: u32 = (0b11 << 18) | (1 << 14);
-/// ICR delivery mode INIT (101) and STARTUP (110), bits 10:8.
-const ICR_INIT: u32 = ICR_ALL_EXCLUDING_SELF | (0b101 << 8);
-const ICR_SIPI: u32 = ICR_ALL_EXCLUDING_SELF | (0b110 << 8) | SIPI_VECTOR as u32;
 const COUNTER_SHIFT: u32 = COUNTER_STRIDE.trailing_zeros();
 
 // The SMP counter. Entered at CPL 0 (BSP through the loader's registers, APs through its
@@ -73,10 +64,10 @@ core::arch::global_asm!(
     ".popsection",
     svr = const LAPIC_SVR,
     svr_enable = const SVR_ENABLE,
-    icr_high = const LAPIC_ICR_HIGH,
-    icr_low = const LAPIC_ICR_LOW,
-    icr_init = const ICR_INIT,
-    icr_sipi = const ICR_SIPI,
+    icr_high = const ICR_HIGH,
+    icr_low = const ICR_LOW,
+    icr_init = const ICR_INIT | ICR_ALL_BUT_SELF,
+    icr_sipi = const ICR_SIPI | ICR_ALL_BUT_SELF,
     counter_shift = const COUNTER_SHIFT,
     counters = const COUNTERS_ADDR,
     port_leaf1 = const ports::CPUID_LEAF1_EBX,
