@@ -179,12 +179,7 @@ impl VcpuManager {
                 warn!(self.logger, "hot-add failed, rolling back"; "apic_ids" => ?ids,
                       "error" => %source);
                 self.roll_back(indices);
-                Err(VmmError::HotplugFailed {
-                    op: "hot-add",
-                    apic_ids: slots.iter().map(|s| s.apic_id).collect(),
-                    guest_state_unknown: source.outcome_unknown(),
-                    source,
-                })
+                Err(hotplug_failed("hot-add", &slots, source))
             }
         }
     }
@@ -213,18 +208,23 @@ impl VcpuManager {
         let reply = client.del_cpus(&ids);
         *upcall = t.elapsed();
         if let Err(source) = reply {
-            return Err(VmmError::HotplugFailed {
-                op: "hot-remove",
-                apic_ids: slots.iter().map(|s| s.apic_id).collect(),
-                guest_state_unknown: source.outcome_unknown(),
-                source,
-            });
+            return Err(hotplug_failed("hot-remove", &slots, source));
         }
         // The guest has parked them: only now do their threads stop.
         let t = Instant::now();
         self.exit_vcpus(indices)?;
         *vcpu_work = t.elapsed();
         Ok(slots)
+    }
+}
+
+/// The error of a failed upcall request about `slots`.
+fn hotplug_failed(op: &'static str, slots: &[VcpuSlot], source: hotplug::HotplugError) -> VmmError {
+    VmmError::HotplugFailed {
+        op,
+        apic_ids: slots.iter().map(|s| s.apic_id).collect(),
+        guest_state_unknown: source.outcome_unknown(),
+        source,
     }
 }
 
