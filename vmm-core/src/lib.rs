@@ -72,6 +72,16 @@ pub trait BootEntry: Send + Sync {
     fn setup_bsp(&self, vcpu: &VcpuFd, mem: &GuestMemoryMmap) -> Result<(), VmmError>;
 }
 
+/// Maps a failed KVM call `op` on the BSP (vCPU id 0) to its error, for [`BootEntry`]
+/// implementations.
+pub(crate) fn bsp_kvm_error(op: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmmError {
+    move |source| VmmError::VcpuKvm {
+        vcpu_id: 0,
+        op,
+        source,
+    }
+}
+
 /// A [`vcpu_actor::DeviceError`] with this message.
 pub(crate) fn device_error(msg: String) -> vcpu_actor::DeviceError {
     vcpu_actor::DeviceError(msg)

@@ -560,13 +560,7 @@ pub fn long_mode_sregs(mut sregs: kvm_sregs, privilege: Privilege) -> kvm_sregs 
 
 impl BootEntry for LoadedProgram {
     fn setup_bsp(&self, vcpu: &VcpuFd, _mem: &GuestMemoryMmap) -> Result<(), VmmError> {
-        let err = |op| {
-            move |source| VmmError::VcpuKvm {
-                vcpu_id: 0,
-                op,
-                source,
-            }
-        };
+        let err = crate::bsp_kvm_error;
         let sregs = vcpu.get_sregs().map_err(err("KVM_GET_SREGS"))?;
         vcpu.set_sregs(&long_mode_sregs(sregs, self.privilege))
             .map_err(err("KVM_SET_SREGS"))?;

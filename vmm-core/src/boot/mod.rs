@@ -122,13 +122,7 @@ impl BootEntry for LinuxBootEntry {
     /// `RSI` = the zero page, interrupts off.
     fn setup_bsp(&self, vcpu: &VcpuFd, _mem: &GuestMemoryMmap) -> Result<(), VmmError> {
         // The BSP is vCPU index 0, whose APIC ID is 0 in every topology.
-        let err = |op| {
-            move |source| VmmError::VcpuKvm {
-                vcpu_id: 0,
-                op,
-                source,
-            }
-        };
+        let err = crate::bsp_kvm_error;
         let sregs = vcpu.get_sregs().map_err(err("KVM_GET_SREGS"))?;
         vcpu.set_sregs(&cpu::entry_sregs(sregs))
             .map_err(err("KVM_SET_SREGS"))?;
