@@ -46,8 +46,15 @@ pub struct ResizeOutcome {
     pub added: Vec<VcpuSlot>,
     /// The vCPUs removed (shrinking).
     pub removed: Vec<VcpuSlot>,
-    /// Time spent creating, configuring and starting (growing) or exiting (shrinking) vCPUs.
+    /// Time spent creating, configuring and starting (growing) or exiting (shrinking) vCPUs:
+    /// [`vcpu_create`](Self::vcpu_create) + [`vcpu_start`](Self::vcpu_start) when growing.
     pub vcpu_work: Duration,
+    /// Growing: creating (or reusing) and configuring the KVM vCPUs and spawning their
+    /// threads, one after the other. Zero when shrinking.
+    pub vcpu_create: Duration,
+    /// Growing: starting the new threads (every `Resume` sent, then every acknowledgement
+    /// awaited). Zero when shrinking.
+    pub vcpu_start: Duration,
     /// Time spent in the upcall round trip (the guest onlining/offlining the vCPUs).
     pub upcall: Duration,
     /// The whole resize.
@@ -77,6 +84,8 @@ impl VcpuManager {
             added: Vec::new(),
             removed: Vec::new(),
             vcpu_work: Duration::ZERO,
+            vcpu_create: Duration::ZERO,
+            vcpu_start: Duration::ZERO,
             upcall: Duration::ZERO,
             total: Duration::ZERO,
         };
@@ -85,12 +94,7 @@ impl VcpuManager {
                 .filter(|i| !present.contains(i))
                 .take((target - from) as usize)
                 .collect();
-            outcome.added = self.grow(
-                &client,
-                &indices,
-                &mut outcome.vcpu_work,
-                &mut outcome.upcall,
-            )?;
+            outcome.added = self.grow(&client, &indices, &mut outcome)?;
         } else if target < from {
             // Highest indices first, never vCPU 0.
             let indices: Vec<u32> = present
@@ -100,16 +104,14 @@ impl VcpuManager {
                 .filter(|i| *i != 0)
                 .take((from - target) as usize)
                 .collect();
-            outcome.removed = self.shrink(
-                &client,
-                &indices,
-                &mut outcome.vcpu_work,
-                &mut outcome.upcall,
-            )?;
+            outcome.removed = self.shrink(&client, &indices, &mut outcome)?;
         }
         outcome.to = self.present_vcpu_count();
         outcome.total = started.elapsed();
         info!(self.logger, "vCPUs resized"; "from" => from, "to" => outcome.to,
+              "vcpu_create_us" => outcome.vcpu_create.as_micros() as u64,
+              "vcpu_start_us" => outcome.vcpu_start.as_micros() as u64,
+              "vcpu_work_us" => outcome.vcpu_work.as_micros() as u64,
               "upcall_us" => outcome.upcall.as_micros() as u64,
               "total_us" => outcome.total.as_micros() as u64);
         Ok(outcome)
@@ -146,33 +148,39 @@ impl VcpuManager {
             .collect()
     }
 
+    /// Creates and starts the vCPUs at `indices`, then asks the guest to online them; records
+    /// the times in `outcome`.
     fn grow(
         &mut self,
         client: &hotplug::UpcallClient,
         indices: &[u32],
-        vcpu_work: &mut Duration,
-        upcall: &mut Duration,
+        outcome: &mut ResizeOutcome,
     ) -> Result<Vec<VcpuSlot>, VmmError> {
         let slots = self.slots(indices)?;
         let ids = Self::upcall_ids(&slots)?;
         let t = Instant::now();
         let mut created = Vec::new();
-        let mut setup = || -> Result<(), VmmError> {
+        let mut create = || -> Result<(), VmmError> {
             for &index in indices {
                 self.create_vcpu(index)?;
                 created.push(index);
             }
+            Ok(())
+        };
+        let setup = create().and_then(|()| {
+            outcome.vcpu_create = t.elapsed();
             // The new threads enter KVM_RUN and wait there for the guest's INIT/SIPI.
             self.start_vcpus(indices)
-        };
-        if let Err(e) = setup() {
+        });
+        if let Err(e) = setup {
             self.roll_back(&created);
             return Err(e);
         }
-        *vcpu_work = t.elapsed();
+        outcome.vcpu_work = t.elapsed();
+        outcome.vcpu_start = outcome.vcpu_work.saturating_sub(outcome.vcpu_create);
         let t = Instant::now();
         let reply = client.add_cpus(&ids, hotplug::DEFAULT_APIC_VERSION);
-        *upcall = t.elapsed();
+        outcome.upcall = t.elapsed();
         match reply {
             Ok(_) => Ok(slots),
             Err(source) => {
@@ -195,25 +203,26 @@ impl VcpuManager {
         }
     }
 
+    /// Asks the guest to offline the vCPUs at `indices`, then exits their threads; records
+    /// the times in `outcome`.
     fn shrink(
         &mut self,
         client: &hotplug::UpcallClient,
         indices: &[u32],
-        vcpu_work: &mut Duration,
-        upcall: &mut Duration,
+        outcome: &mut ResizeOutcome,
     ) -> Result<Vec<VcpuSlot>, VmmError> {
         let slots = self.slots(indices)?;
         let ids = Self::upcall_ids(&slots)?;
         let t = Instant::now();
         let reply = client.del_cpus(&ids);
-        *upcall = t.elapsed();
+        outcome.upcall = t.elapsed();
         if let Err(source) = reply {
             return Err(hotplug_failed("hot-remove", &slots, source));
         }
         // The guest has parked them: only now do their threads stop.
         let t = Instant::now();
         self.exit_vcpus(indices)?;
-        *vcpu_work = t.elapsed();
+        outcome.vcpu_work = t.elapsed();
         Ok(slots)
     }
 }
@@ -231,7 +240,10 @@ fn hotplug_failed(op: &'static str, slots: &[VcpuSlot], source: hotplug::Hotplug
 /// Runs resizes of a shared [`VcpuManager`] in the background, one at a time: a second
 /// [`start`](Self::start) while one runs is [`VmmError::ResizeBusy`].
 ///
-/// Cloning gives another handle on the same manager and the same one-at-a-time rule.
+/// Cloning gives another handle on the same manager and the same one-at-a-time rule. Make one
+/// resizer per manager and clone it: two made with [`new`](Self::new) on the same manager do
+/// not see each other's resize (the second one's thread waits for the manager's lock instead
+/// of its start failing with [`VmmError::ResizeBusy`]).
 #[derive(Clone)]
 pub struct AsyncResizer {
     manager: Arc<Mutex<VcpuManager>>,

@@ -220,9 +220,18 @@ fn resize_grow_shrink_grow_reuses_fds() {
     h.assert_present(0..MAX);
     assert!(h.vcpus.kept_vcpu_fds().is_empty());
     assert_eq!(h.ids(0..MAX), vec![0, 1, 2, 3, 4, 5, 8, 9, 10, 11, 12, 13]);
+    // The timing split adds up: creation + start is the vCPU work, within the total.
+    assert_eq!(out.vcpu_create + out.vcpu_start, out.vcpu_work);
+    assert!(out.vcpu_work + out.upcall <= out.total, "{out:?}");
 
     // Shrink to 3: highest indices first; their threads end, their fds are kept.
     let out = h.vcpus.resize_vcpus(3).expect("resize 12 -> 3");
+    // Shrinking creates and starts nothing; its vCPU work is the exit of the threads.
+    assert_eq!(
+        (out.vcpu_create, out.vcpu_start),
+        (Duration::ZERO, Duration::ZERO)
+    );
+    assert!(out.vcpu_work + out.upcall <= out.total, "{out:?}");
     assert_eq!((out.from, out.to), (MAX, 3));
     assert_eq!(out.removed, h.slots((3..MAX).rev()));
     assert!(out.added.is_empty());
