@@ -5,7 +5,7 @@
 #
 # It also extracts the uncompressed ELF vmlinux from the bzImage's payload, next to it, as
 # boot/vmlinux-VERSION: on hosts where KVM emulates guest kernel code (PVM, see
-# shared/docs/host-kvm.md) the bzImage's self-decompression alone takes many minutes, while
+# docs/host-notes.md) the bzImage's self-decompression alone takes many minutes, while
 # the ELF starts at once.
 #
 # Usage: scripts/fetch-test-kernel.sh [DIR]     (default: target/test-kernel in the workspace)
