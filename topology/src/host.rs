@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use crate::cpuid::cache::{CacheDescriptor, CacheKind, CacheLeafFlavor};
-use crate::cpuid::{leaf, leaf_has_subleaves};
+use crate::cpuid::{cache_leaf, leaf, leaf_has_subleaves};
 use crate::cpuid_entry::CpuidEntry;
 use crate::error::TopologyError;
 use crate::hwloc::MASK_ECX;
@@ -29,17 +29,14 @@ fn brand_string(brand: &str) -> [CpuidEntry; 3] {
         *d = s;
     }
     let word = |i: usize| u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
-    let entry = |n: usize| {
-        let b = n * 16;
-        CpuidEntry::leaf(
-            leaf::BRAND_STRING_FIRST + n as u32,
-            word(b),
-            word(b + 4),
-            word(b + 8),
-            word(b + 12),
-        )
+    let entry = |function: u32, b: usize| {
+        CpuidEntry::leaf(function, word(b), word(b + 4), word(b + 8), word(b + 12))
     };
-    [entry(0), entry(1), entry(2)]
+    [
+        entry(leaf::BRAND_STRING_FIRST, 0),
+        entry(leaf::BRAND_STRING_FIRST + 1, 16),
+        entry(leaf::BRAND_STRING_LAST, 32),
+    ]
 }
 
 /// A host cache leaf as a real CPU would report it for itself (sharing sized for a big
@@ -55,23 +52,7 @@ fn host_cache_subleaves(
         die_bits: 0,
         socket_bits: 1,
     };
-    let mut out: Vec<CpuidEntry> = caches
-        .iter()
-        .zip(0u32..)
-        .map(|(c, i)| {
-            let [eax, ebx, ecx, edx] = c.encode(flavor, &host_layout);
-            CpuidEntry::subleaf(leaf_no, i, eax, ebx, ecx, edx)
-        })
-        .collect();
-    out.push(CpuidEntry::subleaf(
-        leaf_no,
-        caches.len() as u32,
-        0,
-        0,
-        0,
-        0,
-    ));
-    out
+    cache_leaf(leaf_no, flavor, caches, &host_layout)
 }
 
 /// A **synthetic** Intel host CPUID (not a real CPU; plausible values): `GenuineIntel`,
