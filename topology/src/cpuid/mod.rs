@@ -135,19 +135,23 @@ pub struct TopologyLevel {
     pub logical_count: u32,
 }
 
+/// The SMT level, the first of both topology leaves: the threads of a core.
+fn smt_level(t: &CpuTopology) -> TopologyLevel {
+    TopologyLevel {
+        kind: LevelType::Smt,
+        shift: t.apic_id_layout().core_shift(),
+        logical_count: t.threads(),
+    }
+}
+
 /// The levels of leaf 0xB for `t` (without the terminating invalid level): SMT, then Core
 /// with the package shift (leaf 0xB has no die level, so the die bits fold into the core).
 pub fn leaf_0xb_levels(t: &CpuTopology) -> Vec<TopologyLevel> {
-    let l = t.apic_id_layout();
     vec![
-        TopologyLevel {
-            kind: LevelType::Smt,
-            shift: l.core_shift(),
-            logical_count: t.threads(),
-        },
+        smt_level(t),
         TopologyLevel {
             kind: LevelType::Core,
-            shift: l.package_shift(),
+            shift: t.apic_id_layout().package_shift(),
             logical_count: t.threads_per_socket(),
         },
     ]
@@ -159,11 +163,7 @@ pub fn leaf_0xb_levels(t: &CpuTopology) -> Vec<TopologyLevel> {
 pub fn leaf_0x1f_levels(t: &CpuTopology) -> Vec<TopologyLevel> {
     let l = t.apic_id_layout();
     vec![
-        TopologyLevel {
-            kind: LevelType::Smt,
-            shift: l.core_shift(),
-            logical_count: t.threads(),
-        },
+        smt_level(t),
         TopologyLevel {
             kind: LevelType::Core,
             shift: l.die_shift(),
