@@ -19,7 +19,8 @@
 use std::fmt;
 use std::str::FromStr;
 
-use serde::{Deserialize, Serialize};
+use serde::de::Error as _;
+use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::error::TopologyError;
 use crate::topology::CpuTopology;
@@ -28,8 +29,7 @@ use crate::topology::CpuTopology;
 ///
 /// Parsing, [`SmpConfig::new`] and deserialization check it ([`SmpConfig::validate`]); the
 /// fields are public, so code that edits them calls [`SmpConfig::validate`] again.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(try_from = "SmpFields", into = "SmpFields")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 pub struct SmpConfig {
     /// vCPUs present at boot (`cpus`).
     pub boot_cpus: u32,
@@ -39,29 +39,17 @@ pub struct SmpConfig {
     pub topology: CpuTopology,
 }
 
-/// The serialized form of [`SmpConfig`]; deserialization validates it.
-#[derive(Serialize, Deserialize)]
-struct SmpFields {
-    boot_cpus: u32,
-    max_cpus: u32,
-    topology: CpuTopology,
-}
-
-impl TryFrom<SmpFields> for SmpConfig {
-    type Error = TopologyError;
-
-    fn try_from(f: SmpFields) -> Result<Self, Self::Error> {
-        Self::new(f.boot_cpus, f.max_cpus, f.topology)
-    }
-}
-
-impl From<SmpConfig> for SmpFields {
-    fn from(c: SmpConfig) -> Self {
-        Self {
-            boot_cpus: c.boot_cpus,
-            max_cpus: c.max_cpus,
-            topology: c.topology,
+impl<'de> Deserialize<'de> for SmpConfig {
+    /// The serialized fields, checked by [`SmpConfig::new`].
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        struct Unchecked {
+            boot_cpus: u32,
+            max_cpus: u32,
+            topology: CpuTopology,
         }
+        let u = Unchecked::deserialize(deserializer)?;
+        Self::new(u.boot_cpus, u.max_cpus, u.topology).map_err(D::Error::custom)
     }
 }
 
@@ -332,5 +320,15 @@ mod tests {
             "2,maxcpus=12,sockets=2,dies=1,cores=3,threads=2"
         );
         assert_eq!(smp(&c.to_string()), c);
+    }
+
+    #[test]
+    fn deserializing_validates() {
+        let c = smp("2,maxcpus=12,sockets=2,cores=3,threads=2");
+        let json = serde_json::to_string(&c).unwrap();
+        assert_eq!(serde_json::from_str::<SmpConfig>(&json).unwrap(), c);
+        let boot_over_max = json.replace("\"boot_cpus\":2", "\"boot_cpus\":13");
+        let e = serde_json::from_str::<SmpConfig>(&boot_over_max).unwrap_err();
+        assert!(e.to_string().contains("13 boot vCPUs"), "{e}");
     }
 }

@@ -50,17 +50,20 @@ pub fn field_width(n: u32) -> u32 {
 /// # Ok::<(), TopologyError>(())
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(try_from = "TopologyFields", into = "TopologyFields")]
+#[serde(try_from = "TopologyFields")]
 pub struct CpuTopology {
     sockets: u32,
+    #[serde(rename = "dies_per_socket")]
     dies: u32,
+    #[serde(rename = "cores_per_die")]
     cores: u32,
+    #[serde(rename = "threads_per_core")]
     threads: u32,
 }
 
-/// The serialized form of [`CpuTopology`] (the field names it had as a plain struct), which
-/// deserialization turns into a topology through [`CpuTopology::new`].
-#[derive(Serialize, Deserialize)]
+/// What deserialization reads (the names [`CpuTopology`] serializes) before
+/// [`CpuTopology::new`] checks it.
+#[derive(Deserialize)]
 struct TopologyFields {
     sockets: u32,
     dies_per_socket: u32,
@@ -78,17 +81,6 @@ impl TryFrom<TopologyFields> for CpuTopology {
             f.cores_per_die,
             f.threads_per_core,
         )
-    }
-}
-
-impl From<CpuTopology> for TopologyFields {
-    fn from(t: CpuTopology) -> Self {
-        Self {
-            sockets: t.sockets,
-            dies_per_socket: t.dies,
-            cores_per_die: t.cores,
-            threads_per_core: t.threads,
-        }
     }
 }
 

@@ -17,8 +17,8 @@ use std::process::Command;
 
 mod common;
 
-use common::{shapes, this_host_base};
-use topology::{build_vcpu_cpuid, host, hwloc, CpuLocation, CpuTopology, CpuVendor, CpuidEntry};
+use common::{expected_partition, partition, shapes, this_host_base, Partition};
+use topology::{build_vcpu_cpuid, host, hwloc, CpuTopology, CpuVendor, CpuidEntry};
 
 const LSTOPO: &str = "lstopo-no-graphics";
 
@@ -82,26 +82,12 @@ fn ancestors_of_pus(objects: &[XmlObject], kind: &str) -> BTreeMap<u32, Option<u
 }
 
 /// The partition of PUs by their `kind` ancestor (PUs without one are left out).
-fn partition_by(objects: &[XmlObject], kind: &str) -> BTreeSet<BTreeSet<u32>> {
-    let mut m: BTreeMap<usize, BTreeSet<u32>> = BTreeMap::new();
-    for (pu, anc) in ancestors_of_pus(objects, kind) {
-        if let Some(a) = anc {
-            m.entry(a).or_default().insert(pu);
-        }
-    }
-    m.into_values().collect()
-}
-
-/// The partition of vCPUs by a location key, from the configuration.
-fn expected_partition<K: Ord>(
-    t: &CpuTopology,
-    key: impl Fn(CpuLocation) -> K,
-) -> BTreeSet<BTreeSet<u32>> {
-    let mut m: BTreeMap<K, BTreeSet<u32>> = BTreeMap::new();
-    for i in 0..t.max_vcpus() {
-        m.entry(key(t.location(i).unwrap())).or_default().insert(i);
-    }
-    m.into_values().collect()
+fn partition_by(objects: &[XmlObject], kind: &str) -> Partition {
+    partition(
+        ancestors_of_pus(objects, kind)
+            .into_iter()
+            .filter_map(|(pu, ancestor)| ancestor.map(|a| (pu, a))),
+    )
 }
 
 fn count(objects: &[XmlObject], kind: &str) -> usize {

@@ -2,13 +2,13 @@
 //! a custom CPUID source, for Intel and AMD bases, and checks threads per core, logical
 //! processors per package, each vCPU's x2APIC ID, die membership and cache sharing.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::rc::Rc;
 
 use raw_cpuid::{CacheType, CpuId, CpuIdReader, CpuIdResult, TopologyType};
 mod common;
 
-use common::{shapes, synthetic_bases, this_host_base};
+use common::{expected_partition, partition, shapes, synthetic_bases, this_host_base, Partition};
 use topology::{build_vcpu_cpuid, host, CpuLocation, CpuTopology, CpuVendor, CpuidEntry};
 
 /// A CPUID source answering from a vCPU's entries, the way KVM does: the entry for
@@ -244,27 +244,9 @@ fn decode(vendor: CpuVendor, t: &CpuTopology, index: u32, entries: Vec<CpuidEntr
     }
 }
 
-/// Groups vCPU indexes by a decoded key.
-fn groups<K: Ord>(decoded: &[Decoded], key: impl Fn(&Decoded) -> K) -> BTreeSet<BTreeSet<usize>> {
-    let mut m: BTreeMap<K, BTreeSet<usize>> = BTreeMap::new();
-    for (i, d) in decoded.iter().enumerate() {
-        m.entry(key(d)).or_default().insert(i);
-    }
-    m.into_values().collect()
-}
-
-/// The same grouping computed from the configured locations.
-fn expected_groups<K: Ord>(
-    t: &CpuTopology,
-    key: impl Fn(CpuLocation) -> K,
-) -> BTreeSet<BTreeSet<usize>> {
-    let mut m: BTreeMap<K, BTreeSet<usize>> = BTreeMap::new();
-    for i in 0..t.max_vcpus() {
-        m.entry(key(t.location(i).unwrap()))
-            .or_default()
-            .insert(i as usize);
-    }
-    m.into_values().collect()
+/// The vCPUs grouped by a decoded key.
+fn groups<K: Ord>(decoded: &[Decoded], key: impl Fn(&Decoded) -> K) -> Partition {
+    partition(decoded.iter().zip(0u32..).map(|(d, i)| (i, key(d))))
 }
 
 fn check_shape(vendor: CpuVendor, base: &[CpuidEntry], t: &CpuTopology) {
@@ -303,7 +285,7 @@ fn check_shape(vendor: CpuVendor, base: &[CpuidEntry], t: &CpuTopology) {
     for (what, decoded_key, configured_key) in partitions {
         assert_eq!(
             groups(&decoded, decoded_key),
-            expected_groups(t, configured_key),
+            expected_partition(t, configured_key),
             "{vendor:?} {t}: {what}"
         );
     }

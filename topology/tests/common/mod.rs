@@ -3,7 +3,9 @@
 
 #![allow(dead_code)] // Each test binary uses a different subset.
 
-use topology::{host, CpuTopology, CpuVendor, CpuidEntry, SmpConfig};
+use std::collections::{BTreeMap, BTreeSet};
+
+use topology::{host, CpuLocation, CpuTopology, CpuVendor, CpuidEntry, SmpConfig};
 
 /// The shapes the decoders must agree on, in `-smp` syntax: non-powers of two, 1-wide
 /// levels, several dies and more than two threads per core among them.
@@ -59,4 +61,21 @@ pub fn this_host_base() -> Option<(CpuVendor, Vec<CpuidEntry>)> {
         return None;
     };
     Some((vendor, base))
+}
+
+/// Sets of vCPU indexes (or PU numbers) that share something: a package, a die, a cache ...
+pub type Partition = BTreeSet<BTreeSet<u32>>;
+
+/// The members of `(member, key)` pairs grouped by key.
+pub fn partition<K: Ord>(pairs: impl IntoIterator<Item = (u32, K)>) -> Partition {
+    let mut m: BTreeMap<K, BTreeSet<u32>> = BTreeMap::new();
+    for (member, key) in pairs {
+        m.entry(key).or_default().insert(member);
+    }
+    m.into_values().collect()
+}
+
+/// The vCPUs of `t` grouped by a key of their configured location.
+pub fn expected_partition<K: Ord>(t: &CpuTopology, key: impl Fn(CpuLocation) -> K) -> Partition {
+    partition((0..t.max_vcpus()).map(|i| (i, key(t.location(i).unwrap()))))
 }
