@@ -225,6 +225,10 @@ fn host_subleaves(leaf_no: u32, read: &impl Fn(u32, u32) -> [u32; 4]) -> Vec<(u3
 /// instruction: every basic and extended leaf up to the highest (at most
 /// [`MAX_HOST_LEAVES`] each), with the subleaves of leaves that have them (at most
 /// [`MAX_HOST_SUBLEAVES`] each).
+///
+/// # Errors
+///
+/// None on x86_64; [`TopologyError::HostCpuidUnsupported`] elsewhere.
 #[cfg(target_arch = "x86_64")]
 pub fn this_host() -> Result<Vec<CpuidEntry>, TopologyError> {
     let read = |l: u32, s: u32| {
@@ -252,6 +256,10 @@ pub fn this_host() -> Result<Vec<CpuidEntry>, TopologyError> {
 }
 
 /// This machine's CPUID: not available off x86_64.
+///
+/// # Errors
+///
+/// Always [`TopologyError::HostCpuidUnsupported`].
 #[cfg(not(target_arch = "x86_64"))]
 pub fn this_host() -> Result<Vec<CpuidEntry>, TopologyError> {
     Err(TopologyError::HostCpuidUnsupported)
@@ -261,6 +269,10 @@ pub fn this_host() -> Result<Vec<CpuidEntry>, TopologyError> {
 /// `hwloc-gather-cpuid`). Lines whose input mask has ECX (`0x4`) become subleaf entries.
 /// Blank lines and `#` comments are skipped; the first line for a (leaf, subleaf) wins, as
 /// in hwloc. `path` only names the source in errors.
+///
+/// # Errors
+///
+/// [`TopologyError::HostCpuidParse`] naming the line and what is wrong with it.
 pub fn parse_hwloc_dump(text: &str, path: &Path) -> Result<Vec<CpuidEntry>, TopologyError> {
     let mut out: Vec<CpuidEntry> = Vec::new();
     for (n, raw) in text.lines().enumerate() {
@@ -308,6 +320,11 @@ pub fn parse_hwloc_dump(text: &str, path: &Path) -> Result<Vec<CpuidEntry>, Topo
 
 /// Reads a host CPUID base from `path`: a file in hwloc's dump format, or an hwloc dump
 /// directory (its `pu0` is read).
+///
+/// # Errors
+///
+/// [`TopologyError::HostCpuidIo`] when the file cannot be read, else as
+/// [`parse_hwloc_dump`].
 pub fn read_host_file(path: &Path) -> Result<Vec<CpuidEntry>, TopologyError> {
     let file = if path.is_dir() {
         path.join("pu0")

@@ -203,6 +203,10 @@ pub fn hwloc_pu_file(results: &[CpuidResult]) -> String {
 /// `hwloc-cpuid-info` and `pu0` .. `pu{n-1}`, one per element of `per_cpu`. Stale `puN`
 /// files with `N >= n` (from an earlier, larger dump) are removed, since hwloc reads every
 /// `puN` file of the directory.
+///
+/// # Errors
+///
+/// The I/O error of the first file operation that fails.
 pub fn write_hwloc_dump_results(dir: &Path, per_cpu: &[Vec<CpuidResult>]) -> io::Result<()> {
     fs::create_dir_all(dir)?;
     fs::write(dir.join(CPUID_INFO_FILE), CPUID_INFO_CONTENTS)?;
@@ -227,6 +231,10 @@ pub fn write_hwloc_dump_results(dir: &Path, per_cpu: &[Vec<CpuidResult>]) -> io:
 
 /// Writes an hwloc CPUID dump for vCPUs with these CPUID entry sets (one set per vCPU, in
 /// vCPU index order): each vCPU's [`topology_queries`] answered from its entries.
+///
+/// # Errors
+///
+/// As [`write_hwloc_dump_results`].
 pub fn write_hwloc_dump(dir: &Path, per_cpu: &[Vec<CpuidEntry>]) -> io::Result<()> {
     let results: Vec<Vec<CpuidResult>> = per_cpu
         .iter()
