@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use crate::cpuid::cache::{CacheDescriptor, CacheKind, CacheLeafFlavor};
-use crate::cpuid::{leaf, leaf_has_subleaves};
+use crate::cpuid::{cache_leaf, leaf, leaf_has_subleaves};
 use crate::cpuid_entry::CpuidEntry;
 use crate::error::TopologyError;
 use crate::hwloc::MASK_ECX;
@@ -29,17 +29,14 @@ fn brand_string(brand: &str) -> [CpuidEntry; 3] {
         *d = s;
     }
     let word = |i: usize| u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
-    let entry = |n: usize| {
-        let b = n * 16;
-        CpuidEntry::leaf(
-            leaf::BRAND_STRING_FIRST + n as u32,
-            word(b),
-            word(b + 4),
-            word(b + 8),
-            word(b + 12),
-        )
+    let entry = |function: u32, b: usize| {
+        CpuidEntry::leaf(function, word(b), word(b + 4), word(b + 8), word(b + 12))
     };
-    [entry(0), entry(1), entry(2)]
+    [
+        entry(leaf::BRAND_STRING_FIRST, 0),
+        entry(leaf::BRAND_STRING_FIRST + 1, 16),
+        entry(leaf::BRAND_STRING_LAST, 32),
+    ]
 }
 
 /// A host cache leaf as a real CPU would report it for itself (sharing sized for a big
@@ -55,23 +52,7 @@ fn host_cache_subleaves(
         die_bits: 0,
         socket_bits: 1,
     };
-    let mut out: Vec<CpuidEntry> = caches
-        .iter()
-        .zip(0u32..)
-        .map(|(c, i)| {
-            let [eax, ebx, ecx, edx] = c.encode(flavor, &host_layout);
-            CpuidEntry::subleaf(leaf_no, i, eax, ebx, ecx, edx)
-        })
-        .collect();
-    out.push(CpuidEntry::subleaf(
-        leaf_no,
-        caches.len() as u32,
-        0,
-        0,
-        0,
-        0,
-    ));
-    out
+    cache_leaf(leaf_no, flavor, caches, &host_layout)
 }
 
 /// A **synthetic** Intel host CPUID (not a real CPU; plausible values): `GenuineIntel`,
@@ -244,6 +225,10 @@ fn host_subleaves(leaf_no: u32, read: &impl Fn(u32, u32) -> [u32; 4]) -> Vec<(u3
 /// instruction: every basic and extended leaf up to the highest (at most
 /// [`MAX_HOST_LEAVES`] each), with the subleaves of leaves that have them (at most
 /// [`MAX_HOST_SUBLEAVES`] each).
+///
+/// # Errors
+///
+/// None on x86_64; [`TopologyError::HostCpuidUnsupported`] elsewhere.
 #[cfg(target_arch = "x86_64")]
 pub fn this_host() -> Result<Vec<CpuidEntry>, TopologyError> {
     let read = |l: u32, s: u32| {
@@ -271,6 +256,10 @@ pub fn this_host() -> Result<Vec<CpuidEntry>, TopologyError> {
 }
 
 /// This machine's CPUID: not available off x86_64.
+///
+/// # Errors
+///
+/// Always [`TopologyError::HostCpuidUnsupported`].
 #[cfg(not(target_arch = "x86_64"))]
 pub fn this_host() -> Result<Vec<CpuidEntry>, TopologyError> {
     Err(TopologyError::HostCpuidUnsupported)
@@ -280,6 +269,10 @@ pub fn this_host() -> Result<Vec<CpuidEntry>, TopologyError> {
 /// `hwloc-gather-cpuid`). Lines whose input mask has ECX (`0x4`) become subleaf entries.
 /// Blank lines and `#` comments are skipped; the first line for a (leaf, subleaf) wins, as
 /// in hwloc. `path` only names the source in errors.
+///
+/// # Errors
+///
+/// [`TopologyError::HostCpuidParse`] naming the line and what is wrong with it.
 pub fn parse_hwloc_dump(text: &str, path: &Path) -> Result<Vec<CpuidEntry>, TopologyError> {
     let mut out: Vec<CpuidEntry> = Vec::new();
     for (n, raw) in text.lines().enumerate() {
@@ -327,6 +320,11 @@ pub fn parse_hwloc_dump(text: &str, path: &Path) -> Result<Vec<CpuidEntry>, Topo
 
 /// Reads a host CPUID base from `path`: a file in hwloc's dump format, or an hwloc dump
 /// directory (its `pu0` is read).
+///
+/// # Errors
+///
+/// [`TopologyError::HostCpuidIo`] when the file cannot be read, else as
+/// [`parse_hwloc_dump`].
 pub fn read_host_file(path: &Path) -> Result<Vec<CpuidEntry>, TopologyError> {
     let file = if path.is_dir() {
         path.join("pu0")

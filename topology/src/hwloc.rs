@@ -142,25 +142,27 @@ pub fn topology_queries(entries: &[CpuidEntry]) -> Vec<(u32, u32)> {
     for l in leaf::EXT_FEATURES_AMD..=max_ext.min(leaf::ADDRESS_SIZES) {
         q.push((l, 0));
     }
-    let cache_end = |r: &CpuidResult| CACHE_EAX_TYPE.get(r.eax) == 0;
-    let topo_end = |r: &CpuidResult| r.eax == 0 && r.ebx == 0;
-    if max_basic >= leaf::CACHE_PARAMS {
-        subleaves_until(entries, leaf::CACHE_PARAMS, cache_end, &mut q);
-    }
-    if max_basic >= leaf::EXT_TOPOLOGY {
-        subleaves_until(entries, leaf::EXT_TOPOLOGY, topo_end, &mut q);
-    }
-    if max_basic >= leaf::HYBRID {
-        q.push((leaf::HYBRID, 0));
-    }
-    if max_basic >= leaf::EXT_TOPOLOGY_V2 {
-        subleaves_until(entries, leaf::EXT_TOPOLOGY_V2, topo_end, &mut q);
-    }
-    if max_ext >= leaf::AMD_CACHE_PARAMS {
-        subleaves_until(entries, leaf::AMD_CACHE_PARAMS, cache_end, &mut q);
-    }
-    if max_ext >= leaf::AMD_TOPOLOGY {
-        q.push((leaf::AMD_TOPOLOGY, 0));
+    // The rest, in hwloc's order: a leaf with subleaves is read up to its terminator.
+    let cache_end: fn(&CpuidResult) -> bool = |r| CACHE_EAX_TYPE.get(r.eax) == 0;
+    let topo_end: fn(&CpuidResult) -> bool = |r| r.eax == 0 && r.ebx == 0;
+    for (l, until) in [
+        (leaf::CACHE_PARAMS, Some(cache_end)),
+        (leaf::EXT_TOPOLOGY, Some(topo_end)),
+        (leaf::HYBRID, None),
+        (leaf::EXT_TOPOLOGY_V2, Some(topo_end)),
+        (leaf::AMD_CACHE_PARAMS, Some(cache_end)),
+        (leaf::AMD_TOPOLOGY, None),
+    ] {
+        let highest = if l >= leaf::EXT_MAX {
+            max_ext
+        } else {
+            max_basic
+        };
+        match until {
+            _ if highest < l => {}
+            Some(is_last) => subleaves_until(entries, l, is_last, &mut q),
+            None => q.push((l, 0)),
+        }
     }
     q
 }
@@ -201,6 +203,10 @@ pub fn hwloc_pu_file(results: &[CpuidResult]) -> String {
 /// `hwloc-cpuid-info` and `pu0` .. `pu{n-1}`, one per element of `per_cpu`. Stale `puN`
 /// files with `N >= n` (from an earlier, larger dump) are removed, since hwloc reads every
 /// `puN` file of the directory.
+///
+/// # Errors
+///
+/// The I/O error of the first file operation that fails.
 pub fn write_hwloc_dump_results(dir: &Path, per_cpu: &[Vec<CpuidResult>]) -> io::Result<()> {
     fs::create_dir_all(dir)?;
     fs::write(dir.join(CPUID_INFO_FILE), CPUID_INFO_CONTENTS)?;
@@ -225,6 +231,10 @@ pub fn write_hwloc_dump_results(dir: &Path, per_cpu: &[Vec<CpuidResult>]) -> io:
 
 /// Writes an hwloc CPUID dump for vCPUs with these CPUID entry sets (one set per vCPU, in
 /// vCPU index order): each vCPU's [`topology_queries`] answered from its entries.
+///
+/// # Errors
+///
+/// As [`write_hwloc_dump_results`].
 pub fn write_hwloc_dump(dir: &Path, per_cpu: &[Vec<CpuidEntry>]) -> io::Result<()> {
     let results: Vec<Vec<CpuidResult>> = per_cpu
         .iter()

@@ -3,8 +3,11 @@
 //!
 //! This crate owns:
 //!
-//! - [`CpuTopology`]: sockets x dies x cores x threads, its validation, and the mapping
-//!   vCPU index <-> APIC ID <-> [`CpuLocation`]. Each level is a bit field of the APIC ID of
+//! - [`CpuTopology`]: sockets x dies x cores x threads, and the mapping vCPU index <-> APIC
+//!   ID <-> [`CpuLocation`]. Its fields are private: [`CpuTopology::new`] and deserialization
+//!   validate once, so every `CpuTopology` is a usable shape (no zero level, APIC IDs within
+//!   [`MAX_APIC_ID_BITS`], no overflow anywhere) and only real input (an index, an APIC ID)
+//!   can still be out of range. Each level is a bit field of the APIC ID of
 //!   width `ceil(log2(n))` (thread lowest, then core, die, socket), so shapes whose levels
 //!   are not powers of two get sparse APIC IDs; vCPU indexes run thread fastest, then core,
 //!   die, socket. [`CpuTopology::check_xapic`] rejects shapes that need an APIC ID >= 255.
@@ -28,7 +31,7 @@
 //!
 //! // 3 cores need a 2-bit core field: APIC IDs are sparse.
 //! let t = smp.topology;
-//! assert_eq!(t.apic_ids()?, [0, 1, 2, 3, 4, 5, 8, 9, 10, 11, 12, 13]);
+//! assert_eq!(t.apic_ids(), [0, 1, 2, 3, 4, 5, 8, 9, 10, 11, 12, 13]);
 //! assert_eq!(t.apic_id(6)?, 8);
 //! assert_eq!(t.location(6)?.socket, 1);
 //! assert_eq!(t.index_of_apic_id(8)?, 6);
@@ -42,8 +45,6 @@
 //! assert_eq!(leaf_b.eax, 3); // shift to the package ID: 1 thread bit + 2 core bits
 //! # Ok::<(), topology::TopologyError>(())
 //! ```
-
-#![warn(missing_docs)]
 
 pub mod cpuid;
 mod cpuid_entry;

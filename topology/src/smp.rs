@@ -19,13 +19,17 @@
 use std::fmt;
 use std::str::FromStr;
 
-use serde::{Deserialize, Serialize};
+use serde::de::Error as _;
+use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::error::TopologyError;
 use crate::topology::CpuTopology;
 
 /// A parsed `-smp` configuration: boot vCPUs, maximum vCPUs and the topology.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+///
+/// Parsing, [`SmpConfig::new`] and deserialization check it ([`SmpConfig::validate`]); the
+/// fields are public, so code that edits them calls [`SmpConfig::validate`] again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 pub struct SmpConfig {
     /// vCPUs present at boot (`cpus`).
     pub boot_cpus: u32,
@@ -35,8 +39,26 @@ pub struct SmpConfig {
     pub topology: CpuTopology,
 }
 
+impl<'de> Deserialize<'de> for SmpConfig {
+    /// The serialized fields, checked by [`SmpConfig::new`].
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        struct Unchecked {
+            boot_cpus: u32,
+            max_cpus: u32,
+            topology: CpuTopology,
+        }
+        let u = Unchecked::deserialize(deserializer)?;
+        Self::new(u.boot_cpus, u.max_cpus, u.topology).map_err(D::Error::custom)
+    }
+}
+
 impl SmpConfig {
-    /// A validated configuration (see [`SmpConfig::validate`]).
+    /// A validated configuration.
+    ///
+    /// # Errors
+    ///
+    /// As [`SmpConfig::validate`].
     pub fn new(
         boot_cpus: u32,
         max_cpus: u32,
@@ -52,17 +74,26 @@ impl SmpConfig {
     }
 
     /// `n` vCPUs, all present at boot, in the default shape (1 socket of `n` cores).
+    ///
+    /// # Errors
+    ///
+    /// As [`CpuTopology::from_vcpu_count`].
     pub fn from_vcpu_count(n: u32) -> Result<Self, TopologyError> {
         Self::new(n, n, CpuTopology::from_vcpu_count(n)?)
     }
 
-    /// Checks `1 <= boot_cpus <= max_cpus` and that the topology is valid with exactly
-    /// `max_cpus` vCPUs.
+    /// Checks `1 <= boot_cpus <= max_cpus` and that the topology has exactly `max_cpus`
+    /// vCPUs.
+    ///
+    /// # Errors
+    ///
+    /// [`TopologyError::ZeroCpus`] for a zero count, [`TopologyError::ProductMismatch`] when
+    /// the topology's product is not `max_cpus`, [`TopologyError::BootExceedsMax`].
     pub fn validate(&self) -> Result<(), TopologyError> {
         if self.boot_cpus == 0 {
             return Err(TopologyError::ZeroCpus { key: "cpus" });
         }
-        self.topology.validate_for(self.max_cpus)?;
+        self.topology.check_max_vcpus(self.max_cpus)?;
         if self.boot_cpus > self.max_cpus {
             return Err(TopologyError::BootExceedsMax {
                 boot: self.boot_cpus,
@@ -201,23 +232,23 @@ impl SmpArgs {
                 max
             }
         };
-        let topology = CpuTopology {
-            sockets: sockets.unwrap_or(1),
-            dies_per_socket: dies,
-            cores_per_die: cores.unwrap_or(1),
-            threads_per_core: threads.unwrap_or(1),
-        };
+        let (sockets, cores, threads) = (
+            sockets.unwrap_or(1),
+            cores.unwrap_or(1),
+            threads.unwrap_or(1),
+        );
         // A derived level of 0 (e.g. `4,sockets=8`) is a product mismatch, as in QEMU.
-        if topology.sockets == 0 || topology.cores_per_die == 0 || topology.threads_per_core == 0 {
+        if sockets == 0 || cores == 0 || threads == 0 {
             return Err(TopologyError::ProductMismatch {
-                sockets: topology.sockets,
+                sockets,
                 dies,
-                cores: topology.cores_per_die,
-                threads: topology.threads_per_core,
+                cores,
+                threads,
                 product: 0,
                 max_cpus,
             });
         }
+        let topology = CpuTopology::new(sockets, dies, cores, threads)?;
         SmpConfig::new(self.cpus.unwrap_or(max_cpus), max_cpus, topology)
     }
 }
@@ -252,10 +283,10 @@ mod tests {
         (
             c.boot_cpus,
             c.max_cpus,
-            t.sockets,
-            t.dies_per_socket,
-            t.cores_per_die,
-            t.threads_per_core,
+            t.sockets(),
+            t.dies(),
+            t.cores(),
+            t.threads(),
         )
     }
 
@@ -289,5 +320,15 @@ mod tests {
             "2,maxcpus=12,sockets=2,dies=1,cores=3,threads=2"
         );
         assert_eq!(smp(&c.to_string()), c);
+    }
+
+    #[test]
+    fn deserializing_validates() {
+        let c = smp("2,maxcpus=12,sockets=2,cores=3,threads=2");
+        let json = serde_json::to_string(&c).unwrap();
+        assert_eq!(serde_json::from_str::<SmpConfig>(&json).unwrap(), c);
+        let boot_over_max = json.replace("\"boot_cpus\":2", "\"boot_cpus\":13");
+        let e = serde_json::from_str::<SmpConfig>(&boot_over_max).unwrap_err();
+        assert!(e.to_string().contains("13 boot vCPUs"), "{e}");
     }
 }

@@ -2,11 +2,14 @@
 //! a custom CPUID source, for Intel and AMD bases, and checks threads per core, logical
 //! processors per package, each vCPU's x2APIC ID, die membership and cache sharing.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::rc::Rc;
 
 use raw_cpuid::{CacheType, CpuId, CpuIdReader, CpuIdResult, TopologyType};
-use topology::{build_vcpu_cpuid, host, CpuTopology, CpuVendor, CpuidEntry};
+mod common;
+
+use common::{expected_partition, partition, shapes, synthetic_bases, this_host_base, Partition};
+use topology::{build_vcpu_cpuid, host, CpuLocation, CpuTopology, CpuVendor, CpuidEntry};
 
 /// A CPUID source answering from a vCPU's entries, the way KVM does: the entry for
 /// (leaf, subleaf) if the leaf is subleaf-indexed, else the leaf's entry; zeros if none.
@@ -36,29 +39,6 @@ impl CpuIdReader for VcpuCpuid {
     }
 }
 
-const SHAPES: &[(u32, u32, u32, u32)] = &[
-    (1, 1, 1, 1),
-    (2, 1, 3, 2),
-    (1, 3, 3, 1),
-    (3, 1, 5, 1),
-    (5, 1, 1, 1),
-    (1, 1, 7, 1),
-    (2, 2, 3, 2),
-    (1, 1, 5, 3),
-    (4, 1, 6, 2),
-    (2, 3, 2, 1),
-    (1, 5, 1, 1),
-    (2, 1, 16, 2),
-    (1, 2, 12, 4),
-];
-
-fn bases() -> Vec<(CpuVendor, Vec<CpuidEntry>)> {
-    vec![
-        (CpuVendor::Intel, host::synthetic_intel()),
-        (CpuVendor::Amd, host::synthetic_amd()),
-    ]
-}
-
 /// What one vCPU's CPUID says, as raw-cpuid decodes it.
 #[derive(Debug, Default)]
 struct Decoded {
@@ -76,7 +56,7 @@ fn decode(vendor: CpuVendor, t: &CpuTopology, index: u32, entries: Vec<CpuidEntr
     let ctx = format!("{vendor:?} {t} vCPU {index}");
     let apic_id = t.apic_id(index).unwrap();
     let loc = t.location(index).unwrap();
-    let threads_per_package = t.dies_per_socket * t.cores_per_die * t.threads_per_core;
+    let threads_per_package = t.threads_per_socket();
     let cpuid = CpuId::with_cpuid_reader(VcpuCpuid(Rc::new(entries)));
 
     // Leaf 0x1.
@@ -107,7 +87,7 @@ fn decode(vendor: CpuVendor, t: &CpuTopology, index: u32, entries: Vec<CpuidEntr
     assert_eq!(levels[1].level_type(), TopologyType::Core, "{ctx}");
     assert_eq!(
         u32::from(levels[0].processors()),
-        t.threads_per_core,
+        t.threads(),
         "{ctx}: threads per core"
     );
     assert_eq!(
@@ -144,10 +124,10 @@ fn decode(vendor: CpuVendor, t: &CpuTopology, index: u32, entries: Vec<CpuidEntr
         [TopologyType::SMT, TopologyType::Core, TopologyType::Die],
         "{ctx}"
     );
-    assert_eq!(u32::from(v2[0].processors()), t.threads_per_core, "{ctx}");
+    assert_eq!(u32::from(v2[0].processors()), t.threads(), "{ctx}");
     assert_eq!(
         u32::from(v2[1].processors()),
-        t.cores_per_die * t.threads_per_core,
+        t.cores() * t.threads(),
         "{ctx}"
     );
     assert_eq!(u32::from(v2[2].processors()), threads_per_package, "{ctx}");
@@ -171,7 +151,7 @@ fn decode(vendor: CpuVendor, t: &CpuTopology, index: u32, entries: Vec<CpuidEntr
     let mut l2_id = None;
     let mut l3_id = None;
     for c in &caches {
-        let sharing = c.max_cores_for_cache() as u32;
+        let sharing = u32::try_from(c.max_cores_for_cache()).expect("cache sharing fits u32");
         assert!(
             sharing.is_power_of_two(),
             "{ctx}: L{} sharing {sharing}",
@@ -190,7 +170,11 @@ fn decode(vendor: CpuVendor, t: &CpuTopology, index: u32, entries: Vec<CpuidEntr
         }
         if vendor == CpuVendor::Intel {
             let core_ids = 1u32 << (pkg_shift - smt_shift);
-            assert_eq!(c.max_cores_for_package() as u32, core_ids.min(64), "{ctx}");
+            assert_eq!(
+                c.max_cores_for_package(),
+                core_ids.min(64) as usize,
+                "{ctx}"
+            );
         }
     }
 
@@ -209,8 +193,8 @@ fn decode(vendor: CpuVendor, t: &CpuTopology, index: u32, entries: Vec<CpuidEntr
             .get_processor_capacity_feature_info()
             .expect("leaf 0x8000_0008");
         assert_eq!(
-            cap.num_phys_threads() as u32,
-            threads_per_package,
+            cap.num_phys_threads(),
+            threads_per_package as usize,
             "{ctx}: NC + 1"
         );
         assert_eq!(
@@ -232,11 +216,7 @@ fn decode(vendor: CpuVendor, t: &CpuTopology, index: u32, entries: Vec<CpuidEntr
             apic_id,
             "{ctx}: 0x8000_001E extended APIC ID"
         );
-        assert_eq!(
-            u32::from(topo.threads_per_core()),
-            t.threads_per_core,
-            "{ctx}"
-        );
+        assert_eq!(u32::from(topo.threads_per_core()), t.threads(), "{ctx}");
         assert_eq!(
             u32::from(topo.core_id()),
             core_in_pkg,
@@ -244,12 +224,12 @@ fn decode(vendor: CpuVendor, t: &CpuTopology, index: u32, entries: Vec<CpuidEntr
         );
         assert_eq!(
             u32::from(topo.nodes_per_processor()),
-            t.dies_per_socket,
+            t.dies(),
             "{ctx}: nodes"
         );
         assert_eq!(
             u32::from(topo.node_id()),
-            loc.socket * t.dies_per_socket + loc.die,
+            loc.socket * t.dies() + loc.die,
             "{ctx}: node ID"
         );
     }
@@ -264,27 +244,9 @@ fn decode(vendor: CpuVendor, t: &CpuTopology, index: u32, entries: Vec<CpuidEntr
     }
 }
 
-/// Groups vCPU indexes by a decoded key.
-fn groups<K: Ord>(decoded: &[Decoded], key: impl Fn(&Decoded) -> K) -> BTreeSet<BTreeSet<usize>> {
-    let mut m: BTreeMap<K, BTreeSet<usize>> = BTreeMap::new();
-    for (i, d) in decoded.iter().enumerate() {
-        m.entry(key(d)).or_default().insert(i);
-    }
-    m.into_values().collect()
-}
-
-/// The same grouping computed from the configured locations.
-fn expected_groups<K: Ord>(
-    t: &CpuTopology,
-    key: impl Fn(topology::CpuLocation) -> K,
-) -> BTreeSet<BTreeSet<usize>> {
-    let mut m: BTreeMap<K, BTreeSet<usize>> = BTreeMap::new();
-    for i in 0..t.max_vcpus() {
-        m.entry(key(t.location(i).unwrap()))
-            .or_default()
-            .insert(i as usize);
-    }
-    m.into_values().collect()
+/// The vCPUs grouped by a decoded key.
+fn groups<K: Ord>(decoded: &[Decoded], key: impl Fn(&Decoded) -> K) -> Partition {
+    partition(decoded.iter().zip(0u32..).map(|(d, i)| (i, key(d))))
 }
 
 fn check_shape(vendor: CpuVendor, base: &[CpuidEntry], t: &CpuTopology) {
@@ -298,38 +260,41 @@ fn check_shape(vendor: CpuVendor, base: &[CpuidEntry], t: &CpuTopology) {
         "{vendor:?} {t}: x2APIC IDs unique"
     );
 
-    assert_eq!(
-        groups(&decoded, |d| d.package),
-        expected_groups(t, |l| l.socket),
-        "{vendor:?} {t}: packages"
-    );
-    assert_eq!(
-        groups(&decoded, |d| d.die),
-        expected_groups(t, |l| (l.socket, l.die)),
-        "{vendor:?} {t}: dies"
-    );
-    assert_eq!(
-        groups(&decoded, |d| d.core),
-        expected_groups(t, |l| (l.socket, l.die, l.core)),
-        "{vendor:?} {t}: cores"
-    );
-    assert_eq!(
-        groups(&decoded, |d| d.l3_id),
-        expected_groups(t, |l| (l.socket, l.die)),
-        "{vendor:?} {t}: L3 per die"
-    );
-    assert_eq!(
-        groups(&decoded, |d| d.l2_id),
-        expected_groups(t, |l| (l.socket, l.die, l.core)),
-        "{vendor:?} {t}: L2 per core"
-    );
+    // (what, the key decoded from CPUID, the same key from the configured location).
+    type DecodedKey = fn(&Decoded) -> Vec<u32>;
+    type ConfiguredKey = fn(CpuLocation) -> Vec<u32>;
+    let partitions: [(&str, DecodedKey, ConfiguredKey); 5] = [
+        ("packages", |d| vec![d.package], |l| vec![l.socket]),
+        (
+            "dies",
+            |d| vec![d.die.0, d.die.1],
+            |l| vec![l.socket, l.die],
+        ),
+        (
+            "cores",
+            |d| vec![d.core.0, d.core.1],
+            |l| vec![l.socket, l.die, l.core],
+        ),
+        ("L3 per die", |d| vec![d.l3_id], |l| vec![l.socket, l.die]),
+        (
+            "L2 per core",
+            |d| vec![d.l2_id],
+            |l| vec![l.socket, l.die, l.core],
+        ),
+    ];
+    for (what, decoded_key, configured_key) in partitions {
+        assert_eq!(
+            groups(&decoded, decoded_key),
+            expected_partition(t, configured_key),
+            "{vendor:?} {t}: {what}"
+        );
+    }
 }
 
 #[test]
 fn raw_cpuid_decodes_configured_topology() {
-    for (vendor, base) in bases() {
-        for &(s, d, c, th) in SHAPES {
-            let t = CpuTopology::new(s, d, c, th).unwrap();
+    for (vendor, base) in synthetic_bases() {
+        for t in shapes() {
             check_shape(vendor, &base, &t);
         }
     }
@@ -337,25 +302,17 @@ fn raw_cpuid_decodes_configured_topology() {
 
 #[test]
 fn raw_cpuid_on_this_hosts_base() {
-    let base = match host::this_host() {
-        Ok(b) => b,
-        Err(e) => {
-            eprintln!("SKIPPED (cannot read this machine's CPUID): {e}");
-            return;
-        }
-    };
-    let Some(vendor) = CpuVendor::from_entries(&base) else {
-        eprintln!("SKIPPED (this machine's CPUID names an unknown vendor)");
+    let Some((vendor, base)) = this_host_base() else {
         return;
     };
-    for &(s, d, c, th) in SHAPES {
-        check_shape(vendor, &base, &CpuTopology::new(s, d, c, th).unwrap());
+    for t in shapes() {
+        check_shape(vendor, &base, &t);
     }
 }
 
 #[test]
 fn leaves_not_owned_pass_through() {
-    let mut bases = bases();
+    let mut bases = synthetic_bases();
     bases.push((CpuVendor::Hygon, host::synthetic_hygon()));
     let owned_partly = [0x0, 0x1, 0x8000_0000, 0x8000_0001, 0x8000_0008];
     let rebuilt = [0x4, 0xb, 0x1f, 0x8000_001d, 0x8000_001e];

@@ -38,7 +38,10 @@ pub const LIMITED_INTEL_EVENTS: u32 =
 ///   counters, and (Linux 6.1 and later) reports NumPerfCtrCore = 4 for a legacy-only PMU.
 ///   A vPMU of a legacy-only host on an older kernel is therefore refused, never assumed.
 ///
-/// The error names the level and what is missing; a level is never silently downgraded.
+/// # Errors
+///
+/// [`VpmuError::HostLacksPmu`] naming the level and what is missing ([`HostPmuGap`]); a
+/// level is never silently downgraded.
 pub fn check_host_support(
     level: VpmuFeatureLevel,
     vendor: CpuVendor,
@@ -136,6 +139,10 @@ fn amd_gap(host: &[CpuidEntry]) -> Option<HostPmuGap> {
 ///
 /// Entries that are absent stay absent (KVM answers an absent leaf inside the enumerated
 /// range with zeros). No entry other than these is touched.
+///
+/// # Errors
+///
+/// As [`check_host_support`]; `entries` is then left as it was.
 #[allow(clippy::ptr_arg)] // The agreed signature takes the Vec so a level may add entries.
 pub fn apply_cpuid(
     level: VpmuFeatureLevel,

@@ -87,6 +87,7 @@ impl fmt::Display for HostPmuGap {
 
 /// Everything that can go wrong in this crate.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum VpmuError {
     /// A vPMU level string that is none of the accepted spellings.
     #[error(
@@ -124,6 +125,20 @@ pub enum VpmuError {
         level: VpmuFeatureLevel,
         /// The missing capability.
         capability: KvmCapability,
+    },
+    /// KVM offers a vPMU but cannot turn it off for the VM (see [`crate::check_kvm_support`]).
+    #[error(
+        "vPMU level `off` needs KVM to turn the VM's PMU off, but this host's KVM offers a vPMU \
+         and its {} ({}) reports {reported}, without the KVM_PMU_CAP_DISABLE bit (1): use a \
+         host kernel of Linux 5.18 or later, or load the kvm module with enable_pmu=N",
+        capability.name,
+        capability.number
+    )]
+    KvmCannotDisablePmu {
+        /// `KVM_CAP_PMU_CAPABILITY`.
+        capability: KvmCapability,
+        /// What `KVM_CHECK_EXTENSION` returned for it.
+        reported: i32,
     },
     /// An event filter KVM would reject or silently misread.
     #[error("invalid PMU event filter: {reason}")]

@@ -32,8 +32,9 @@
 //! - KVM rejects more than 300 events (`KVM_PMU_EVENT_FILTER_MAX_EVENTS`) with `E2BIG`.
 
 use serde::{Deserialize, Serialize};
-use topology::CpuVendor;
+use topology::{CpuVendor, CpuidEntry};
 
+use crate::cpuid::host_has_pmu;
 use crate::error::VpmuError;
 use crate::level::VpmuFeatureLevel;
 
@@ -181,6 +182,10 @@ impl PmuEventFilter {
 
     /// Checks what KVM would reject (too many events, unknown flags) or silently ignore (a
     /// legacy-format event with bits outside `vendor`'s event select and unit mask).
+    ///
+    /// # Errors
+    ///
+    /// [`VpmuError::InvalidEventFilter`] saying which rule the filter breaks.
     pub fn validate(&self, vendor: CpuVendor) -> Result<(), VpmuError> {
         if self.events.len() > Self::MAX_EVENTS {
             return Err(VpmuError::InvalidEventFilter {
@@ -321,8 +326,29 @@ pub fn optional_kvm_caps(level: VpmuFeatureLevel) -> Vec<KvmCapability> {
 }
 
 /// Checks [`required_kvm_caps`] against `check_extension`, a function that returns what
-/// `KVM_CHECK_EXTENSION` says for a capability number (e.g. `|n| kvm.check_extension_raw(n
-/// as _)` with kvm-ioctls).
+/// `KVM_CHECK_EXTENSION` says for a capability number (with kvm-ioctls:
+/// `|n| vm.check_extension_raw(u64::from(n))`).
+///
+/// This is the level-only part of [`check_kvm_support`], which also knows whether the
+/// host's KVM has a vPMU to disable; a VMM calls that one.
+///
+/// # Errors
+///
+/// [`VpmuError::KvmLacksCapability`] naming the first required capability that KVM reports
+/// as 0 (or negative).
+///
+/// ```
+/// use vpmu::{check_kvm_caps, KvmCapability, VpmuError, VpmuFeatureLevel};
+///
+/// // A KVM that reports KVM_CAP_PMU_EVENT_FILTER (173) and nothing else.
+/// let kvm = |cap: u32| i32::from(cap == KvmCapability::PMU_EVENT_FILTER.number);
+/// check_kvm_caps(VpmuFeatureLevel::LimitedlyEnabled, kvm)?;
+///
+/// let old_kvm = |_: u32| 0;
+/// let err = check_kvm_caps(VpmuFeatureLevel::LimitedlyEnabled, old_kvm).unwrap_err();
+/// assert!(matches!(err, VpmuError::KvmLacksCapability { .. }));
+/// # Ok::<(), VpmuError>(())
+/// ```
 pub fn check_kvm_caps(
     level: VpmuFeatureLevel,
     check_extension: impl Fn(u32) -> i32,
@@ -334,6 +360,67 @@ pub fn check_kvm_caps(
         Some(capability) => Err(VpmuError::KvmLacksCapability { level, capability }),
         None => Ok(()),
     }
+}
+
+/// Checks that the host's KVM can enforce `level`, before the VM gets any vCPU:
+///
+/// - every capability of [`required_kvm_caps`] is reported (see [`check_kvm_caps`]);
+/// - [`VpmuFeatureLevel::Disabled`] on a host whose KVM offers a vPMU ([`host_has_pmu`] on
+///   `supported`, the `KVM_GET_SUPPORTED_CPUID` entries) needs `KVM_CAP_PMU_CAPABILITY`
+///   with the [`KVM_PMU_CAP_DISABLE`] bit: CPUID cannot hide AMD's four legacy counters, so
+///   only KVM can take them away. Where KVM has no vPMU at all (`enable_pmu=N`) there is
+///   nothing to disable and the capability is not needed.
+///
+/// `check_extension` returns what `KVM_CHECK_EXTENSION` says for a capability number (with
+/// kvm-ioctls: `|n| vm.check_extension_raw(u64::from(n))`). After this succeeds, carry out
+/// [`kvm_actions`] with [`KvmPmuActions::should_enable_pmu_disable`] and
+/// [`PmuEventFilter::to_kvm_abi_words`].
+///
+/// # Errors
+///
+/// [`VpmuError::KvmLacksCapability`] for a missing required capability,
+/// [`VpmuError::KvmCannotDisablePmu`] when the vPMU is on and cannot be turned off.
+///
+/// ```
+/// use topology::{CpuVendor, CpuidEntry};
+/// use vpmu::{check_kvm_support, KvmCapability, VpmuError, VpmuFeatureLevel};
+///
+/// let off = VpmuFeatureLevel::Disabled;
+/// let with_pmu = [CpuidEntry::leaf(0xA, 0x0730_0404, 0, 0, 0x603)];
+/// let without_pmu = [CpuidEntry::leaf(0xA, 0, 0, 0, 0)];
+/// // A KVM older than Linux 5.18: no KVM_CAP_PMU_CAPABILITY.
+/// let old_kvm = |_: u32| 0;
+///
+/// // Its vPMU cannot be turned off ...
+/// let err = check_kvm_support(off, CpuVendor::Intel, &with_pmu, old_kvm).unwrap_err();
+/// assert!(matches!(err, VpmuError::KvmCannotDisablePmu { .. }));
+/// // ... unless it has none.
+/// check_kvm_support(off, CpuVendor::Intel, &without_pmu, old_kvm)?;
+///
+/// // A KVM that can disable it (the capability reports KVM_PMU_CAP_DISABLE = 1).
+/// let kvm = |cap: u32| i32::from(cap == KvmCapability::PMU_CAPABILITY.number);
+/// check_kvm_support(off, CpuVendor::Intel, &with_pmu, kvm)?;
+/// # Ok::<(), VpmuError>(())
+/// ```
+pub fn check_kvm_support(
+    level: VpmuFeatureLevel,
+    vendor: CpuVendor,
+    supported: &[CpuidEntry],
+    check_extension: impl Fn(u32) -> i32,
+) -> Result<(), VpmuError> {
+    check_kvm_caps(level, &check_extension)?;
+    if kvm_actions(level, vendor).disable_pmu && host_has_pmu(vendor, supported) {
+        let capability = KvmCapability::PMU_CAPABILITY;
+        let reported = check_extension(capability.number);
+        let can_disable = u32::try_from(reported).is_ok_and(|b| b & KVM_PMU_CAP_DISABLE != 0);
+        if !can_disable {
+            return Err(VpmuError::KvmCannotDisablePmu {
+                capability,
+                reported,
+            });
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -388,6 +475,46 @@ mod tests {
         assert!(msg.contains("limited"), "{msg}");
         assert!(
             check_kvm_caps(VpmuFeatureLevel::LimitedlyEnabled, |n| i32::from(n == 173)).is_ok()
+        );
+    }
+
+    #[test]
+    fn kvm_support_for_disabling() {
+        let with_pmu = [CpuidEntry::leaf(0xA, 0x0730_0404, 0, 0, 0x603)];
+        let without_pmu = [CpuidEntry::leaf(0xA, 0, 0, 0, 0)];
+        let off = VpmuFeatureLevel::Disabled;
+        let caps = |pmu_capability: i32| {
+            move |n: u32| {
+                if n == KvmCapability::PMU_CAPABILITY.number {
+                    pmu_capability
+                } else {
+                    0
+                }
+            }
+        };
+        for reported in [0, -1, 2] {
+            let err =
+                check_kvm_support(off, CpuVendor::Intel, &with_pmu, caps(reported)).unwrap_err();
+            let msg = err.to_string();
+            assert!(
+                matches!(err, VpmuError::KvmCannotDisablePmu { reported: r, .. } if r == reported),
+                "{err:?}"
+            );
+            assert!(
+                msg.contains("KVM_CAP_PMU_CAPABILITY") && msg.contains("212"),
+                "{msg}"
+            );
+            assert!(check_kvm_support(off, CpuVendor::Intel, &without_pmu, caps(reported)).is_ok());
+        }
+        assert!(check_kvm_support(off, CpuVendor::Intel, &with_pmu, caps(1)).is_ok());
+        // Full needs nothing; Limited needs the filter whatever the PMU capability says.
+        let full = VpmuFeatureLevel::FullyEnabled;
+        assert!(check_kvm_support(full, CpuVendor::Amd, &with_pmu, caps(0)).is_ok());
+        let limited = VpmuFeatureLevel::LimitedlyEnabled;
+        let err = check_kvm_support(limited, CpuVendor::Intel, &with_pmu, caps(1)).unwrap_err();
+        assert!(
+            matches!(err, VpmuError::KvmLacksCapability { .. }),
+            "{err:?}"
         );
     }
 }

@@ -2,34 +2,41 @@
 
 mod common;
 
-use common::{decoder, load_fixture, regs, set_entry, without_leaves, INTEL_G4600};
+use common::{assert_refused, decoder, load_fixture, regs, set_entry, without_leaves, INTEL_G4600};
 use topology::{CpuVendor, CpuidEntry};
-use vpmu::{apply_cpuid, check_host_support, HostPmuGap, VpmuError, VpmuFeatureLevel};
+use vpmu::{check_host_support, HostPmuGap, VpmuError, VpmuFeatureLevel};
 
 /// Leaves the vPMU may edit on Intel.
 const PMU_LEAVES: [u32; 4] = [0x1, 0x7, 0xA, 0x23];
 
+/// `host` after `apply_cpuid` for `level` on Intel.
 fn transformed(level: VpmuFeatureLevel, host: &[CpuidEntry]) -> Vec<CpuidEntry> {
-    let mut entries = host.to_vec();
-    apply_cpuid(level, CpuVendor::Intel, &mut entries)
-        .unwrap_or_else(|e| panic!("apply_cpuid({level}) on the Intel fixture: {e}"));
-    entries
+    common::transformed(level, CpuVendor::Intel, host)
+}
+
+/// Asserts that `guest` equals `host` outside the leaves the vPMU may edit.
+fn assert_only_pmu_leaves_differ(guest: &[CpuidEntry], host: &[CpuidEntry]) {
+    assert_eq!(
+        without_leaves(guest, &PMU_LEAVES),
+        without_leaves(host, &PMU_LEAVES)
+    );
+}
+
+/// Asserts the fixture's own PMU: version 4, 4 general purpose and 3 fixed counters, PDCM.
+fn assert_kaby_lake_pmu(entries: &[CpuidEntry]) {
+    let cpuid = decoder(entries);
+    let pm = cpuid.get_performance_monitoring_info().expect("leaf 0xA");
+    assert_eq!(pm.version_id(), 4);
+    assert_eq!(pm.number_of_counters(), 4);
+    assert_eq!(pm.fixed_function_counters(), 3);
+    assert!(cpuid.get_feature_info().expect("leaf 1").has_pdcm());
 }
 
 #[test]
 fn fixture_is_an_intel_host_with_a_version_4_pmu() {
     let host = load_fixture(INTEL_G4600);
     assert_eq!(CpuVendor::from_entries(&host), Some(CpuVendor::Intel));
-    let pm = decoder(&host)
-        .get_performance_monitoring_info()
-        .expect("leaf 0xA");
-    assert_eq!(pm.version_id(), 4);
-    assert_eq!(pm.number_of_counters(), 4);
-    assert_eq!(pm.fixed_function_counters(), 3);
-    assert!(decoder(&host)
-        .get_feature_info()
-        .expect("leaf 1")
-        .has_pdcm());
+    assert_kaby_lake_pmu(&host);
 }
 
 #[test]
@@ -38,12 +45,16 @@ fn disabled_zeroes_leaf_0xa_and_clears_pdcm() {
     let guest = transformed(VpmuFeatureLevel::Disabled, &host);
     let cpuid = decoder(&guest);
     let pm = cpuid.get_performance_monitoring_info().expect("leaf 0xA");
-    assert_eq!(pm.version_id(), 0);
-    assert_eq!(pm.number_of_counters(), 0);
-    assert_eq!(pm.counter_bit_width(), 0);
-    assert_eq!(pm.ebx_length(), 0);
-    assert_eq!(pm.fixed_function_counters(), 0);
-    assert_eq!(pm.fixed_function_counters_bit_width(), 0);
+    // Version, counters, their width, events, fixed counters, their width: all 0.
+    let shown = (
+        pm.version_id(),
+        pm.number_of_counters(),
+        pm.counter_bit_width(),
+        pm.ebx_length(),
+        pm.fixed_function_counters(),
+        pm.fixed_function_counters_bit_width(),
+    );
+    assert_eq!(shown, (0, 0, 0, 0, 0, 0));
     assert_eq!(regs(&guest, 0xA, 0), (0, 0, 0, 0));
     let features = cpuid.get_feature_info().expect("leaf 1");
     assert!(!features.has_pdcm());
@@ -51,10 +62,7 @@ fn disabled_zeroes_leaf_0xa_and_clears_pdcm() {
     let (_, _, host_ecx, _) = regs(&host, 1, 0);
     let (_, _, guest_ecx, _) = regs(&guest, 1, 0);
     assert_eq!(host_ecx ^ guest_ecx, 1 << 15);
-    assert_eq!(
-        without_leaves(&guest, &PMU_LEAVES),
-        without_leaves(&host, &PMU_LEAVES)
-    );
+    assert_only_pmu_leaves_differ(&guest, &host);
 }
 
 #[test]
@@ -77,20 +85,20 @@ fn limited_shows_version_2_with_two_counters_of_each_kind() {
     assert_eq!(pm.fixed_function_counters_bit_width(), 48);
     assert!(!pm.has_any_thread_deprecation());
     // Only core cycles and instructions retired are available.
-    assert!(!pm.is_core_cyc_ev_unavailable());
-    assert!(!pm.is_inst_ret_ev_unavailable());
-    assert!(pm.is_ref_cycle_ev_unavailable());
-    assert!(pm.is_cache_ref_ev_unavailable());
-    assert!(pm.is_ll_cache_miss_ev_unavailable());
-    assert!(pm.is_branch_inst_ret_ev_unavailable());
-    assert!(pm.is_branch_midpred_ev_unavailable());
+    let unavailable = [
+        pm.is_core_cyc_ev_unavailable(),
+        pm.is_inst_ret_ev_unavailable(),
+        pm.is_ref_cycle_ev_unavailable(),
+        pm.is_cache_ref_ev_unavailable(),
+        pm.is_ll_cache_miss_ev_unavailable(),
+        pm.is_branch_inst_ret_ev_unavailable(),
+        pm.is_branch_midpred_ev_unavailable(),
+    ];
+    assert_eq!(unavailable, [false, false, true, true, true, true, true]);
     // ECX (fixed counter bitmap, version 5+) is not used by a version 2 PMU.
     assert_eq!(regs(&guest, 0xA, 0).2, 0);
     assert!(!cpuid.get_feature_info().expect("leaf 1").has_pdcm());
-    assert_eq!(
-        without_leaves(&guest, &PMU_LEAVES),
-        without_leaves(&host, &PMU_LEAVES)
-    );
+    assert_only_pmu_leaves_differ(&guest, &host);
 }
 
 #[test]
@@ -98,16 +106,7 @@ fn full_passes_the_host_leaves_through() {
     let host = load_fixture(INTEL_G4600);
     let guest = transformed(VpmuFeatureLevel::FullyEnabled, &host);
     assert_eq!(guest, host);
-    let pm = decoder(&guest)
-        .get_performance_monitoring_info()
-        .expect("leaf 0xA");
-    assert_eq!(pm.version_id(), 4);
-    assert_eq!(pm.number_of_counters(), 4);
-    assert_eq!(pm.fixed_function_counters(), 3);
-    assert!(decoder(&guest)
-        .get_feature_info()
-        .expect("leaf 1")
-        .has_pdcm());
+    assert_kaby_lake_pmu(&guest);
 }
 
 #[test]
@@ -184,18 +183,8 @@ fn a_host_without_pmu_refuses_limited_and_full_but_not_disabled() {
         VpmuFeatureLevel::FullyEnabled,
     ] {
         assert_eq!(expect_gap(level, &host), HostPmuGap::NoArchPerfmon);
-        let msg = check_host_support(level, CpuVendor::Intel, &host)
-            .unwrap_err()
-            .to_string();
-        assert!(msg.contains(&format!("`{level}`")), "{msg}");
-        assert!(
-            msg.contains("leaf 0xA") && msg.contains("version 0"),
-            "{msg}"
-        );
-        assert!(msg.contains("GenuineIntel") && msg.contains("off"), "{msg}");
-        let mut entries = host.clone();
-        assert!(apply_cpuid(level, CpuVendor::Intel, &mut entries).is_err());
-        assert_eq!(entries, host, "{level}: a refused level edits nothing");
+        let parts = ["leaf 0xA", "version 0", "GenuineIntel", "off"];
+        assert_refused(level, CpuVendor::Intel, &host, &parts);
     }
     let guest = transformed(VpmuFeatureLevel::Disabled, &host);
     assert_eq!(regs(&guest, 0xA, 0), (0, 0, 0, 0));

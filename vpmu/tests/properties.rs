@@ -53,15 +53,16 @@ fn vendor() -> impl Strategy<Value = CpuVendor> {
     prop::sample::select(vec![CpuVendor::Intel, CpuVendor::Amd, CpuVendor::Hygon])
 }
 
+/// An arbitrary host CPUID set, a level and a vendor.
+fn case() -> impl Strategy<Value = (Vec<CpuidEntry>, VpmuFeatureLevel, CpuVendor)> {
+    (prop::collection::vec(entry(), 0..24), level(), vendor())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
 
     #[test]
-    fn apply_only_touches_pmu_leaves(
-        entries in prop::collection::vec(entry(), 0..24),
-        level in level(),
-        vendor in vendor(),
-    ) {
+    fn apply_only_touches_pmu_leaves((entries, level, vendor) in case()) {
         let mut out = entries.clone();
         match apply_cpuid(level, vendor, &mut out) {
             Ok(()) => {
@@ -88,11 +89,7 @@ proptest! {
     }
 
     #[test]
-    fn applying_twice_is_applying_once(
-        entries in prop::collection::vec(entry(), 0..24),
-        level in level(),
-        vendor in vendor(),
-    ) {
+    fn applying_twice_is_applying_once((entries, level, vendor) in case()) {
         let mut once = entries.clone();
         if apply_cpuid(level, vendor, &mut once).is_ok() {
             let mut twice = once.clone();

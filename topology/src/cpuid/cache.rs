@@ -147,12 +147,11 @@ impl CacheDescriptor {
     /// for values that make no sense (reserved type, level 0 or above 4).
     pub fn decode(eax: u32, ebx: u32, ecx: u32, edx: u32) -> Option<Self> {
         let kind = CacheKind::from_code(CACHE_EAX_TYPE.get(eax))?;
-        let level = CACHE_EAX_LEVEL.get(eax);
-        if !(1..=4).contains(&level) {
-            return None;
-        }
+        let level = u8::try_from(CACHE_EAX_LEVEL.get(eax))
+            .ok()
+            .filter(|l| (1..=4).contains(l))?;
         Some(Self {
-            level: level as u8,
+            level,
             kind,
             line_size: CACHE_EBX_LINE_MINUS_1.get(ebx) + 1,
             partitions: CACHE_EBX_PARTITIONS_MINUS_1.get(ebx) + 1,

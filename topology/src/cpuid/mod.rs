@@ -135,19 +135,23 @@ pub struct TopologyLevel {
     pub logical_count: u32,
 }
 
+/// The SMT level, the first of both topology leaves: the threads of a core.
+fn smt_level(t: &CpuTopology) -> TopologyLevel {
+    TopologyLevel {
+        kind: LevelType::Smt,
+        shift: t.apic_id_layout().core_shift(),
+        logical_count: t.threads(),
+    }
+}
+
 /// The levels of leaf 0xB for `t` (without the terminating invalid level): SMT, then Core
 /// with the package shift (leaf 0xB has no die level, so the die bits fold into the core).
 pub fn leaf_0xb_levels(t: &CpuTopology) -> Vec<TopologyLevel> {
-    let l = t.apic_id_layout();
     vec![
-        TopologyLevel {
-            kind: LevelType::Smt,
-            shift: l.core_shift(),
-            logical_count: t.threads_per_core,
-        },
+        smt_level(t),
         TopologyLevel {
             kind: LevelType::Core,
-            shift: l.package_shift(),
+            shift: t.apic_id_layout().package_shift(),
             logical_count: t.threads_per_socket(),
         },
     ]
@@ -159,11 +163,7 @@ pub fn leaf_0xb_levels(t: &CpuTopology) -> Vec<TopologyLevel> {
 pub fn leaf_0x1f_levels(t: &CpuTopology) -> Vec<TopologyLevel> {
     let l = t.apic_id_layout();
     vec![
-        TopologyLevel {
-            kind: LevelType::Smt,
-            shift: l.core_shift(),
-            logical_count: t.threads_per_core,
-        },
+        smt_level(t),
         TopologyLevel {
             kind: LevelType::Core,
             shift: l.die_shift(),
@@ -200,7 +200,7 @@ fn topology_leaf(function: u32, levels: &[TopologyLevel], apic_id: u32) -> Vec<C
 }
 
 /// The subleaves of a cache leaf: one per cache, then a zero terminator.
-fn cache_leaf(
+pub(crate) fn cache_leaf(
     function: u32,
     flavor: CacheLeafFlavor,
     caches: &[cache::CacheDescriptor],
@@ -248,15 +248,17 @@ fn is_rebuilt_leaf(function: u32, vendor: CpuVendor) -> bool {
 /// documentation](self) for the leaves it owns; all others pass through untouched. The
 /// result is sorted by (leaf, subleaf).
 ///
-/// Errors: an invalid topology, `vcpu_index` out of range, or a `vendor` that differs from
-/// the one in the host's leaf 0.
+/// # Errors
+///
+/// [`TopologyError::IndexOutOfRange`] for a `vcpu_index` beyond the topology,
+/// [`TopologyError::VendorMismatch`] for a `vendor` that differs from the one in the host's
+/// leaf 0.
 pub fn build_vcpu_cpuid(
     host: &[CpuidEntry],
     vendor: CpuVendor,
     topology: &CpuTopology,
     vcpu_index: u32,
 ) -> Result<Vec<CpuidEntry>, TopologyError> {
-    topology.validate()?;
     let apic_id = topology.apic_id(vcpu_index)?;
     let loc = topology.location(vcpu_index)?;
     if let Some(host_vendor) = CpuVendor::from_entries(host) {
@@ -335,11 +337,11 @@ pub fn build_vcpu_cpuid(
 
         let package_mask = layout.ids_per_package() - 1;
         let core_in_package = (apic_id & package_mask) >> layout.core_shift();
-        let node_id = loc.socket * topology.dies_per_socket + loc.die;
+        let node_id = loc.socket * topology.dies() + loc.die;
         let ebx = AMD_TOPO_EBX_CORE_ID.with_low_bits(0, core_in_package);
-        let ebx = AMD_TOPO_EBX_THREADS_MINUS_1.with(ebx, topology.threads_per_core - 1);
+        let ebx = AMD_TOPO_EBX_THREADS_MINUS_1.with(ebx, topology.threads() - 1);
         let ecx = AMD_TOPO_ECX_NODE_ID.with_low_bits(0, node_id);
-        let ecx = AMD_TOPO_ECX_NODES_MINUS_1.with(ecx, topology.dies_per_socket - 1);
+        let ecx = AMD_TOPO_ECX_NODES_MINUS_1.with(ecx, topology.dies() - 1);
         out.push(CpuidEntry::leaf(leaf::AMD_TOPOLOGY, apic_id, ebx, ecx, 0));
     }
 

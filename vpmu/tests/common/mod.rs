@@ -5,7 +5,8 @@
 use std::path::PathBuf;
 
 use raw_cpuid::{CpuId, CpuIdResult};
-use topology::{find_entry, CpuidEntry};
+use topology::{find_entry, CpuVendor, CpuidEntry};
+use vpmu::{apply_cpuid, check_host_support, VpmuFeatureLevel};
 
 /// The Intel fixture (bare metal Kaby Lake).
 pub const INTEL_G4600: &str = "intel_pentium_g4600_kaby_lake.txt";
@@ -104,4 +105,36 @@ pub fn without_leaves(entries: &[CpuidEntry], leaves: &[u32]) -> Vec<CpuidEntry>
         .filter(|e| !leaves.contains(&e.function))
         .copied()
         .collect()
+}
+
+/// `host` after [`apply_cpuid`] for `level` on `vendor`; panics (naming both) on an error.
+pub fn transformed(
+    level: VpmuFeatureLevel,
+    vendor: CpuVendor,
+    host: &[CpuidEntry],
+) -> Vec<CpuidEntry> {
+    let mut entries = host.to_vec();
+    apply_cpuid(level, vendor, &mut entries)
+        .unwrap_or_else(|e| panic!("apply_cpuid({level}, {vendor:?}): {e}"));
+    entries
+}
+
+/// Asserts that `host` refuses `level`: the message names the level and each of `parts`,
+/// and [`apply_cpuid`] fails without editing anything.
+pub fn assert_refused(
+    level: VpmuFeatureLevel,
+    vendor: CpuVendor,
+    host: &[CpuidEntry],
+    parts: &[&str],
+) {
+    let msg = check_host_support(level, vendor, host)
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains(&format!("`{level}`")), "{msg}");
+    for part in parts {
+        assert!(msg.contains(part), "{msg} should name {part:?}");
+    }
+    let mut entries = host.to_vec();
+    assert!(apply_cpuid(level, vendor, &mut entries).is_err());
+    assert_eq!(entries, host, "{level}: a refused level edits nothing");
 }
