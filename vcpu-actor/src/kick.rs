@@ -190,17 +190,8 @@ mod tests {
 
     #[test]
     fn mapping_shares_immediate_exit_with_the_vcpu_fd() {
-        let kvm = match kvm_ioctls::Kvm::new() {
-            Ok(kvm) => kvm,
-            Err(e) => {
-                assert_ne!(
-                    std::env::var("VCPU_REQUIRE_KVM").as_deref(),
-                    Ok("1"),
-                    "VCPU_REQUIRE_KVM=1 but /dev/kvm cannot be opened: {e}"
-                );
-                eprintln!("SKIPPED (no /dev/kvm): mapping_shares_immediate_exit: {e}");
-                return;
-            }
+        let Some(kvm) = crate::test_util::kvm_or_skip("mapping_shares_immediate_exit") else {
+            return;
         };
         let vm = kvm.create_vm().unwrap();
         let mut vcpu = vm.create_vcpu(0).unwrap();

@@ -85,6 +85,8 @@ mod metrics;
 mod request;
 mod seccomp;
 pub mod state;
+#[cfg(feature = "test-util")]
+pub mod test_util;
 
 pub use actor::{SpawnFailure, VcpuActor, VcpuHandle, VcpuOptions};
 pub use error::VcpuError;

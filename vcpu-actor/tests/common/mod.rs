@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_segment, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+pub use vcpu_actor::test_util::kvm_or_skip;
 use vcpu_actor::{DeviceError, ExitHandler, IoOutcome};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
@@ -31,20 +32,6 @@ pub const CODE_ADDR: u64 = 0x10000;
 pub const DATA_ADDR: u64 = 0x100000;
 /// Generous timeout for every wait: turns a hang into a failure.
 pub const TIMEOUT: Duration = Duration::from_secs(20);
-
-/// Opens /dev/kvm, or returns `None` after a loud SKIPPED line (fails if VCPU_REQUIRE_KVM=1).
-pub fn kvm_or_skip(test: &str) -> Option<Kvm> {
-    match Kvm::new() {
-        Ok(kvm) => Some(kvm),
-        Err(e) => {
-            if std::env::var("VCPU_REQUIRE_KVM").as_deref() == Ok("1") {
-                panic!("{test}: VCPU_REQUIRE_KVM=1 but /dev/kvm cannot be opened: {e}");
-            }
-            eprintln!("SKIPPED (no /dev/kvm): {test}: {e}");
-            None
-        }
-    }
-}
 
 /// A VM with `MEM_SIZE` bytes at guest-physical 0, page tables and a GDT.
 pub struct TestVm {
