@@ -3,34 +3,24 @@
 
 mod common;
 
-use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{
-    guests, kvm_or_skip, wait_until, Recorder, TestVm, AP_CODE_ADDR, CODE_ADDR, DATA_ADDR, TIMEOUT,
+    expect, guests, kvm_or_skip, wait_event, wait_until, Recorder, TestVm, AP_CODE_ADDR, CODE_ADDR,
+    DATA_ADDR, TIMEOUT,
 };
 use vcpu_actor::{
-    ReplyOutcome, SeccompMode, VcpuActor, VcpuExitReason, VcpuHandle, VcpuOptions, VcpuRequest,
-    VcpuState,
+    PendingVcpu, ReplyOutcome, SeccompMode, VcpuError, VcpuExitReason, VcpuHandle, VcpuOptions,
+    VcpuRequest, VcpuState,
 };
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-
-fn expect(h: &VcpuHandle, req: VcpuRequest, outcome: ReplyOutcome) {
-    let reply = h.request(req, TIMEOUT).expect("reply");
-    assert_eq!((reply.vcpu_id, reply.request), (h.id(), req));
-    assert_eq!(
-        reply.outcome,
-        outcome,
-        "reply to {req}; {:?}",
-        h.exit_reason()
-    );
-}
 
 fn expect_not_allowed(h: &VcpuHandle, req: VcpuRequest) {
     let reply = h.request(req, TIMEOUT).expect("reply");
     match &reply.outcome {
-        ReplyOutcome::NotAllowed(why) => {
+        ReplyOutcome::NotAllowed { request, state } => {
+            assert_eq!((*request, *state), (req, VcpuState::WaitingExit));
+            let why = reply.refusal().expect("a refusal").to_string();
             assert!(
                 why.contains("waiting_exit") && why.contains(&req.to_string()),
                 "{why}"
@@ -38,43 +28,7 @@ fn expect_not_allowed(h: &VcpuHandle, req: VcpuRequest) {
         }
         other => panic!("{req} in waiting_exit: expected NotAllowed, got {other:?}"),
     }
-}
-
-/// Waits until the eventfd is readable and returns its counter.
-fn wait_event(evt: &EventFd) -> u64 {
-    let mut pfd = libc::pollfd {
-        fd: evt.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let ms = TIMEOUT.as_millis() as i32;
-    // SAFETY: one valid pollfd.
-    let n = unsafe { libc::poll(&mut pfd, 1, ms) };
-    assert_eq!(
-        n, 1,
-        "the exit event did not become readable within {TIMEOUT:?}"
-    );
-    evt.read().expect("read exit event")
-}
-
-fn spawn(
-    vm: &TestVm,
-    id: u32,
-    vcpu: kvm_ioctls::VcpuFd,
-    rec: Arc<Recorder>,
-    options: VcpuOptions,
-) -> (VcpuHandle, EventFd) {
-    let evt = EventFd::new(EFD_NONBLOCK).expect("eventfd");
-    let h = VcpuActor::spawn(
-        id,
-        vcpu,
-        vm.mmap_size,
-        rec,
-        evt.try_clone().expect("eventfd"),
-        options,
-    )
-    .expect("spawn");
-    (h, evt)
+    assert!(!reply.is_ok());
 }
 
 #[test]
@@ -83,10 +37,9 @@ fn triple_fault_waits_for_exit() {
         return;
     };
     let vm = TestVm::new(kvm, false);
-    vm.load(guests::fault(), CODE_ADDR);
-    let vcpu = vm.new_cpl3_vcpu(0, CODE_ADDR, DATA_ADDR, 0x512, 0);
     let rec = Recorder::new();
-    let (h, evt) = spawn(&vm, 0, vcpu, rec.clone(), VcpuOptions::default());
+    let options = VcpuOptions::default();
+    let (h, evt) = vm.spawn_program(guests::fault(), DATA_ADDR, 0x512, rec.clone(), options);
     assert!(
         evt.read().is_err(),
         "the exit event fired before the guest ran"
@@ -127,13 +80,12 @@ fn device_stop_and_device_errors() {
         return;
     };
     let vm = TestVm::new(kvm, false);
-    vm.load(guests::counter(), CODE_ADDR);
     // The counter lives at 0x300000, past guest RAM: every store is an MMIO write that the
     // recorder rejects. The guest keeps going; its report port then stops the VM.
     let counter = 0x30_0000;
-    let vcpu = vm.new_cpl3_vcpu(0, CODE_ADDR, counter, 0x513, 0);
     let rec = Recorder::stopping_on(0x513);
-    let (h, evt) = spawn(&vm, 0, vcpu, rec, VcpuOptions::default());
+    let options = VcpuOptions::default();
+    let (h, evt) = vm.spawn_program(guests::counter(), counter, 0x513, rec, options);
     // The MMIO exits are slow (~60 us each here): pause after a while instead of waiting for
     // 2^20 of them.
     expect(&h, VcpuRequest::Resume, ReplyOutcome::Resumed);
@@ -150,10 +102,9 @@ fn device_stop_and_device_errors() {
 
     // Same program with the counter in RAM: the first report stops the VM.
     let vm = TestVm::new(kvm_ioctls::Kvm::new().expect("kvm"), false);
-    vm.load(guests::counter(), CODE_ADDR);
-    let vcpu = vm.new_cpl3_vcpu(0, CODE_ADDR, DATA_ADDR, 0x513, 0);
     let rec = Recorder::stopping_on(0x513);
-    let (h, evt) = spawn(&vm, 0, vcpu, rec, VcpuOptions::default());
+    let options = VcpuOptions::default();
+    let (h, evt) = vm.spawn_program(guests::counter(), DATA_ADDR, 0x513, rec, options);
     expect(&h, VcpuRequest::Resume, ReplyOutcome::Resumed);
     assert_eq!(wait_event(&evt), 1);
     match h.exit_reason() {
@@ -184,8 +135,19 @@ fn ap_runs_only_after_init_sipi() {
         ap.get_mp_state().expect("mp state").mp_state,
         kvm_bindings::KVM_MP_STATE_UNINITIALIZED
     );
-    let (bsp_h, bsp_evt) = spawn(&vm, 0, bsp, rec.clone(), VcpuOptions::default());
-    let (ap_h, ap_evt) = spawn(&vm, 1, ap, rec.clone(), VcpuOptions::default());
+    // Both threads are started before either is waited for.
+    let (bsp_parts, bsp_evt) = vm.parts(0, bsp, rec.clone());
+    let (ap_parts, ap_evt) = vm.parts(1, ap, rec.clone());
+    let pending: Vec<PendingVcpu> = [bsp_parts, ap_parts]
+        .into_iter()
+        .map(|parts| PendingVcpu::start(parts, VcpuOptions::default()).expect("start"))
+        .collect();
+    assert_eq!(
+        pending.iter().map(PendingVcpu::id).collect::<Vec<_>>(),
+        [0, 1]
+    );
+    let mut handles = pending.into_iter().map(|p| p.wait_ready().expect("ready"));
+    let (bsp_h, ap_h) = (handles.next().expect("bsp"), handles.next().expect("ap"));
 
     // The AP's thread is running but blocked inside KVM_RUN: no guest exits, and it still
     // answers (each request kicks it out with EINTR).
@@ -233,8 +195,6 @@ fn seccomp_refuses_a_syscall_outside_the_list() {
         return;
     };
     let vm = TestVm::new(kvm, false);
-    vm.load(guests::pio(), CODE_ADDR);
-    let vcpu = vm.new_cpl3_vcpu(0, CODE_ADDR, DATA_ADDR, 0x515, 0);
     // The handler calls getpid(2) (not in the allow-list) on every port write and keeps
     // what the calls returned (bounded).
     let results = Arc::new(Mutex::new(Vec::<(i64, i32)>::new()));
@@ -252,7 +212,7 @@ fn seccomp_refuses_a_syscall_outside_the_list() {
         seccomp: SeccompMode::errno_eperm(),
         ..VcpuOptions::default()
     };
-    let (h, _evt) = spawn(&vm, 0, vcpu, rec.clone(), options);
+    let (h, _evt) = vm.spawn_program(guests::pio(), DATA_ADDR, 0x515, rec.clone(), options);
     expect(&h, VcpuRequest::Resume, ReplyOutcome::Resumed);
     rec.wait_port(0x515, 50, TIMEOUT);
     // The vCPU keeps working: it pauses, resumes and makes progress.
@@ -285,14 +245,12 @@ fn the_default_allow_list_is_enough_for_the_actor_itself() {
     };
     // Any syscall the actor makes outside the list would kill this test process.
     let vm = TestVm::new(kvm, false);
-    vm.load(guests::pio(), CODE_ADDR);
-    let vcpu = vm.new_cpl3_vcpu(0, CODE_ADDR, DATA_ADDR, 0x516, 0);
     let rec = Recorder::new();
     let options = VcpuOptions {
         seccomp: SeccompMode::kill(),
         ..VcpuOptions::default()
     };
-    let (h, _evt) = spawn(&vm, 0, vcpu, rec.clone(), options);
+    let (h, _evt) = vm.spawn_program(guests::pio(), DATA_ADDR, 0x516, rec.clone(), options);
     for round in 1..=3u64 {
         expect(&h, VcpuRequest::Resume, ReplyOutcome::Resumed);
         rec.wait_port(0x516, 20 * round, TIMEOUT);
@@ -315,29 +273,40 @@ fn a_failed_spawn_gives_the_vcpu_fd_back() {
     let vm = TestVm::new(kvm, false);
     vm.load(guests::fault(), CODE_ADDR);
     let vcpu = vm.new_cpl3_vcpu(0, CODE_ADDR, DATA_ADDR, 0x512, 0);
-    let evt = EventFd::new(EFD_NONBLOCK).expect("eventfd");
+    let (parts, _) = vm.parts(0, vcpu, Recorder::new());
     // An empty BPF program: the thread cannot install it.
     let options = VcpuOptions {
         seccomp: SeccompMode::Custom(Vec::new()),
         ..VcpuOptions::default()
     };
-    let failure = VcpuActor::spawn_keeping_fd(
-        0,
-        vcpu,
-        vm.mmap_size,
-        Recorder::new(),
-        evt.try_clone().expect("eventfd"),
-        options,
-    )
-    .expect_err("an empty filter cannot be installed");
+    let failure =
+        VcpuHandle::spawn(parts, options).expect_err("an empty filter cannot be installed");
     assert!(
         failure.error.to_string().contains("seccomp"),
         "{}",
         failure.error
     );
     let vcpu = failure.vcpu.expect("the fd comes back");
+
+    // A kick signal that already has someone else's handler is refused, the fd comes back.
+    let offset = 9;
+    let sig = vmm_sys_util::signal::SIGRTMIN() + offset;
+    vmm_sys_util::signal::register_signal_handler(sig, foreign_handler).expect("sigaction");
+    let (parts, _) = vm.parts(0, vcpu, Recorder::new());
+    let options = VcpuOptions {
+        kick_signal_offset: offset,
+        ..VcpuOptions::default()
+    };
+    let failure = VcpuHandle::spawn(parts, options).expect_err("the signal is someone else's");
+    assert!(
+        matches!(failure.error, VcpuError::KickSignalInUse { signal, .. } if signal == sig),
+        "{}",
+        failure.error
+    );
+    let vcpu = failure.vcpu.expect("the fd comes back");
+
     // The same KVM vCPU runs under a new actor: the guest triple-faults as it should.
-    let (h, evt) = spawn(&vm, 0, vcpu, Recorder::new(), VcpuOptions::default());
+    let (h, evt) = vm.spawn(0, vcpu, Recorder::new(), VcpuOptions::default());
     expect(&h, VcpuRequest::Resume, ReplyOutcome::Resumed);
     assert_eq!(wait_event(&evt), 1);
     assert!(matches!(
@@ -346,3 +315,5 @@ fn a_failed_spawn_gives_the_vcpu_fd_back() {
     ));
     h.join(TIMEOUT).expect("join");
 }
+
+extern "C" fn foreign_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}

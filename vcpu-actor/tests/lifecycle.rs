@@ -6,32 +6,19 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{guests, kvm_or_skip, wait_until, Recorder, TestVm, CODE_ADDR, DATA_ADDR, TIMEOUT};
-use vcpu_actor::{
-    ReplyOutcome, VcpuActor, VcpuError, VcpuHandle, VcpuOptions, VcpuRequest, VcpuState,
+use common::{
+    expect, expect_gone_or_refused, guests, kvm_or_skip, wait_until, Recorder, TestVm, CODE_ADDR,
+    DATA_ADDR, TIMEOUT,
 };
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vcpu_actor::{ReplyOutcome, VcpuError, VcpuHandle, VcpuOptions, VcpuRequest, VcpuState};
 
 const REPORT_PORT: u16 = 0x510;
 
 /// Spawns vCPU 0 running the counter guest, which counts at DATA_ADDR.
 fn counter_actor(vm: &TestVm, rec: Arc<Recorder>) -> VcpuHandle {
-    vm.load(guests::counter(), CODE_ADDR);
-    let vcpu = vm.new_cpl3_vcpu(0, CODE_ADDR, DATA_ADDR, REPORT_PORT.into(), 0);
-    let evt = EventFd::new(EFD_NONBLOCK).expect("eventfd");
-    VcpuActor::spawn(0, vcpu, vm.mmap_size, rec, evt, VcpuOptions::default()).expect("spawn")
-}
-
-fn expect(h: &VcpuHandle, req: VcpuRequest, outcome: ReplyOutcome) {
-    let reply = h.request(req, TIMEOUT).expect("reply");
-    assert_eq!(reply.vcpu_id, h.id());
-    assert_eq!(reply.request, req);
-    assert_eq!(
-        reply.outcome,
-        outcome,
-        "reply to {req}; exit reason: {:?}",
-        h.exit_reason()
-    );
+    let options = VcpuOptions::default();
+    vm.spawn_program(guests::counter(), DATA_ADDR, REPORT_PORT, rec, options)
+        .0
 }
 
 #[test]
@@ -133,18 +120,8 @@ fn rapid_messages_from_other_threads_are_all_answered() {
     let vm = TestVm::new(kvm, false);
     // The pio guest exits on every iteration, so messages also arrive while an exit is
     // being handled, not only while the guest runs.
-    vm.load(guests::pio(), CODE_ADDR);
-    let vcpu = vm.new_cpl3_vcpu(0, CODE_ADDR, DATA_ADDR, 0x511, 0);
-    let evt = EventFd::new(EFD_NONBLOCK).expect("eventfd");
-    let h = VcpuActor::spawn(
-        0,
-        vcpu,
-        vm.mmap_size,
-        Recorder::new(),
-        evt,
-        VcpuOptions::default(),
-    )
-    .expect("spawn");
+    let options = VcpuOptions::default();
+    let (h, _evt) = vm.spawn_program(guests::pio(), DATA_ADDR, 0x511, Recorder::new(), options);
     let h = Arc::new(h);
     expect(&h, VcpuRequest::Resume, ReplyOutcome::Resumed);
 
@@ -223,11 +200,7 @@ fn requests_in_paused_and_running_states() {
     // Exit straight from running.
     expect(&h, VcpuRequest::Exit, ReplyOutcome::Exited);
     // After exit: either the send fails or the queued request is refused.
-    match h.request(VcpuRequest::Resume, TIMEOUT) {
-        Err(VcpuError::ThreadGone { state, .. }) => assert_eq!(state, VcpuState::Exited),
-        Ok(r) => assert!(matches!(r.outcome, ReplyOutcome::NotAllowed(_)), "{r:?}"),
-        Err(e) => panic!("unexpected error {e}"),
-    }
+    expect_gone_or_refused(&h, VcpuRequest::Resume);
     h.join(TIMEOUT).expect("join");
 }
 
@@ -239,7 +212,7 @@ fn exit_while_paused_and_drop_without_join() {
     let vm = TestVm::new(kvm, false);
     let h = counter_actor(&vm, Recorder::new());
     expect(&h, VcpuRequest::Exit, ReplyOutcome::Exited);
-    expect_gone_or_refused(&h);
+    expect_gone_or_refused(&h, VcpuRequest::Pause);
     h.join(TIMEOUT).expect("join");
 
     // join() on a running actor sends Exit itself.
@@ -256,12 +229,4 @@ fn exit_while_paused_and_drop_without_join() {
 
 fn vm_again() -> TestVm {
     TestVm::new(kvm_ioctls::Kvm::new().expect("kvm"), false)
-}
-
-fn expect_gone_or_refused(h: &VcpuHandle) {
-    match h.request(VcpuRequest::Pause, TIMEOUT) {
-        Err(VcpuError::ThreadGone { .. }) => {}
-        Ok(r) => assert!(matches!(r.outcome, ReplyOutcome::NotAllowed(_)), "{r:?}"),
-        Err(e) => panic!("unexpected error {e}"),
-    }
 }

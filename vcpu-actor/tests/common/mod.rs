@@ -1,18 +1,23 @@
-//! Shared helpers for the vcpu-actor tests and benchmark: a KVM VM with identity-mapped
-//! memory, CPL-3 long-mode vCPUs, and an exit handler that records port writes.
+//! Shared helpers for the vcpu-actor tests: a KVM VM with identity-mapped memory, CPL-3
+//! long-mode vCPUs, an exit handler that records port writes, and the request helpers.
 #![allow(dead_code)]
 
 pub mod guests;
 
 use std::collections::HashMap;
+use std::os::fd::AsRawFd;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_segment, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 pub use vcpu_actor::test_util::kvm_or_skip;
-use vcpu_actor::{DeviceError, ExitHandler, IoOutcome};
+use vcpu_actor::{
+    DeviceError, ExitHandler, IoOutcome, ReplyOutcome, VcpuError, VcpuHandle, VcpuOptions,
+    VcpuParts, VcpuRequest, VcpuState,
+};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Guest memory size.
 pub const MEM_SIZE: usize = 2 << 20;
@@ -125,6 +130,48 @@ impl TestVm {
         self.mem
             .write_slice(program, GuestAddress(addr))
             .expect("load program");
+    }
+
+    /// The parts of an actor for `vcpu`, with a non-blocking exit EventFd (a clone of it is
+    /// returned beside).
+    pub fn parts(&self, id: u32, vcpu: VcpuFd, handler: Arc<Recorder>) -> (VcpuParts, EventFd) {
+        let exit_evt = EventFd::new(EFD_NONBLOCK).expect("eventfd");
+        let mine = exit_evt.try_clone().expect("eventfd");
+        let parts = VcpuParts {
+            id,
+            vcpu,
+            vcpu_mmap_size: self.mmap_size,
+            handler,
+            exit_evt,
+        };
+        (parts, mine)
+    }
+
+    /// Spawns an actor for `vcpu`; returns its handle and its exit event.
+    pub fn spawn(
+        &self,
+        id: u32,
+        vcpu: VcpuFd,
+        handler: Arc<Recorder>,
+        options: VcpuOptions,
+    ) -> (VcpuHandle, EventFd) {
+        let (parts, evt) = self.parts(id, vcpu, handler);
+        (VcpuHandle::spawn(parts, options).expect("spawn"), evt)
+    }
+
+    /// Loads `program` at `CODE_ADDR` and spawns vCPU 0 running it at CPL 3 with
+    /// `rdi = data` and `rdx = port`.
+    pub fn spawn_program(
+        &self,
+        program: &[u8],
+        data: u64,
+        port: u16,
+        handler: Arc<Recorder>,
+        options: VcpuOptions,
+    ) -> (VcpuHandle, EventFd) {
+        self.load(program, CODE_ADDR);
+        let vcpu = self.new_cpl3_vcpu(0, CODE_ADDR, data, port.into(), 0);
+        self.spawn(0, vcpu, handler, options)
     }
 
     /// A vCPU with the host's supported CPUID and nothing else (an AP stays
@@ -311,4 +358,45 @@ pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
         );
         std::thread::sleep(Duration::from_millis(1));
     }
+}
+
+/// Sends `req`, waits for its reply and checks that it matches and has `outcome`.
+pub fn expect(h: &VcpuHandle, req: VcpuRequest, outcome: ReplyOutcome) {
+    let reply = h.request(req, TIMEOUT).expect("reply");
+    assert_eq!((reply.vcpu_id, reply.request), (h.id(), req));
+    assert_eq!(
+        reply.outcome,
+        outcome,
+        "reply to {req}; exit reason: {:?}",
+        h.exit_reason()
+    );
+}
+
+/// After `Exit`: sending `req` either fails (the thread is gone) or is refused.
+pub fn expect_gone_or_refused(h: &VcpuHandle, req: VcpuRequest) {
+    match h.request(req, TIMEOUT) {
+        Err(VcpuError::ThreadGone { state, .. }) => assert_eq!(state, VcpuState::Exited),
+        Ok(r) => assert!(
+            matches!(r.outcome, ReplyOutcome::NotAllowed { request, .. } if request == req),
+            "{r:?}"
+        ),
+        Err(e) => panic!("unexpected error {e}"),
+    }
+}
+
+/// Waits until the eventfd is readable and returns its counter.
+pub fn wait_event(evt: &EventFd) -> u64 {
+    let mut pfd = libc::pollfd {
+        fd: evt.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = i32::try_from(TIMEOUT.as_millis()).expect("timeout in ms fits in i32");
+    // SAFETY: one valid pollfd.
+    let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+    assert_eq!(
+        n, 1,
+        "the exit event did not become readable within {TIMEOUT:?}"
+    );
+    evt.read().expect("read exit event")
 }
