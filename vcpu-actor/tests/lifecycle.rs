@@ -230,3 +230,71 @@ fn exit_while_paused_and_drop_without_join() {
 fn vm_again() -> TestVm {
     TestVm::new(kvm_ioctls::Kvm::new().expect("kvm"), false)
 }
+
+/// The lowest address and the size of the calling thread's stack.
+fn current_stack() -> (usize, usize) {
+    let mut attr = std::mem::MaybeUninit::<libc::pthread_attr_t>::uninit();
+    // SAFETY: pthread_self has no preconditions.
+    let me = unsafe { libc::pthread_self() };
+    // SAFETY: `attr` is valid for writes; pthread_getattr_np initializes it.
+    assert_eq!(
+        unsafe { libc::pthread_getattr_np(me, attr.as_mut_ptr()) },
+        0
+    );
+    let (mut addr, mut size) = (std::ptr::null_mut(), 0usize);
+    // SAFETY: `attr` was initialized above; the out-pointers are valid.
+    assert_eq!(
+        unsafe { libc::pthread_attr_getstack(attr.as_ptr(), &mut addr, &mut size) },
+        0
+    );
+    // SAFETY: destroys the attr initialized above, once.
+    unsafe { libc::pthread_attr_destroy(attr.as_mut_ptr()) };
+    (addr as usize, size)
+}
+
+/// How many bytes of `[addr, addr + size)` are resident: the pages a stack has touched.
+fn resident_bytes(addr: usize, size: usize) -> usize {
+    let page = 4096;
+    let mut vec = vec![0u8; size.div_ceil(page)];
+    // SAFETY: the range is the vCPU thread's mapped stack (the thread is alive and paused);
+    // `vec` has one byte per page.
+    let rc = unsafe { libc::mincore(addr as *mut libc::c_void, size, vec.as_mut_ptr()) };
+    assert_eq!(rc, 0, "mincore: {}", std::io::Error::last_os_error());
+    vec.iter().filter(|&&b| b & 1 != 0).count() * page
+}
+
+#[test]
+fn the_default_stack_leaves_a_wide_margin() {
+    let Some(kvm) = kvm_or_skip("the_default_stack_leaves_a_wide_margin") else {
+        return;
+    };
+    let vm = TestVm::new(kvm, false);
+    let stack = Arc::new(std::sync::OnceLock::new());
+    let seen = Arc::clone(&stack);
+    let rec = Recorder::with_hook(move |_, _| {
+        seen.get_or_init(current_stack);
+    });
+    // Port exits through the handler, kicks (the signal frame lands on this stack) and
+    // every request, on the default stack size.
+    let options = VcpuOptions::default();
+    let (h, _evt) = vm.spawn_program(guests::pio(), DATA_ADDR, 0x517, rec.clone(), options);
+    for round in 1..=50u64 {
+        expect(&h, VcpuRequest::Resume, ReplyOutcome::Resumed);
+        rec.wait_port(0x517, 10 * round, TIMEOUT);
+        expect(
+            &h,
+            VcpuRequest::GetState,
+            ReplyOutcome::State(VcpuState::Running),
+        );
+        expect(&h, VcpuRequest::Pause, ReplyOutcome::Paused);
+    }
+    let &(addr, size) = stack.get().expect("the handler ran");
+    assert_eq!(size, VcpuOptions::DEFAULT_STACK_SIZE);
+    let used = resident_bytes(addr, size);
+    eprintln!("vCPU thread stack: {used} of {size} bytes touched");
+    assert!(
+        used <= size / 2,
+        "the vCPU thread touched {used} of its {size} stack bytes: raise DEFAULT_STACK_SIZE"
+    );
+    h.join(TIMEOUT).expect("join");
+}
