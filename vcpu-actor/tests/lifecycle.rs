@@ -298,3 +298,34 @@ fn the_default_stack_leaves_a_wide_margin() {
     );
     h.join(TIMEOUT).expect("join");
 }
+
+#[test]
+fn duration_max_waits_without_deadline_and_unwinding_drops_cleanly() {
+    let Some(kvm) = kvm_or_skip("duration_max_waits_without_deadline_and_unwinding_drops_cleanly")
+    else {
+        return;
+    };
+    let vm = TestVm::new(kvm, false);
+    let h = counter_actor(&vm, Recorder::new());
+    // A timeout that cannot be added to the current time means "no deadline", never an
+    // overflow panic.
+    let reply = h
+        .request(VcpuRequest::Resume, Duration::MAX)
+        .expect("reply");
+    assert_eq!(reply.outcome, ReplyOutcome::Resumed);
+    let id = h.send(VcpuRequest::Pause).expect("send");
+    let reply = h.wait_reply(id, Duration::MAX).expect("reply");
+    assert_eq!(reply.outcome, ReplyOutcome::Paused);
+    h.join(Duration::MAX).expect("join without deadline");
+
+    // A handle dropped while its owner unwinds from a panic asks the thread to exit and
+    // does not panic again (which would abort the process).
+    let h = counter_actor(&vm_again(), Recorder::new());
+    expect(&h, VcpuRequest::Resume, ReplyOutcome::Resumed);
+    let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+        let _owner = h;
+        panic!("the VMM's own panic");
+    }));
+    let payload = unwound.expect_err("the closure panics");
+    assert_eq!(payload.downcast_ref::<&str>(), Some(&"the VMM's own panic"));
+}
