@@ -237,16 +237,12 @@ fn current_stack() -> (usize, usize) {
     // SAFETY: pthread_self has no preconditions.
     let me = unsafe { libc::pthread_self() };
     // SAFETY: `attr` is valid for writes; pthread_getattr_np initializes it.
-    assert_eq!(
-        unsafe { libc::pthread_getattr_np(me, attr.as_mut_ptr()) },
-        0
-    );
+    let rc = unsafe { libc::pthread_getattr_np(me, attr.as_mut_ptr()) };
+    assert_eq!(rc, 0);
     let (mut addr, mut size) = (std::ptr::null_mut(), 0usize);
     // SAFETY: `attr` was initialized above; the out-pointers are valid.
-    assert_eq!(
-        unsafe { libc::pthread_attr_getstack(attr.as_ptr(), &mut addr, &mut size) },
-        0
-    );
+    let rc = unsafe { libc::pthread_attr_getstack(attr.as_ptr(), &mut addr, &mut size) };
+    assert_eq!(rc, 0);
     // SAFETY: destroys the attr initialized above, once.
     unsafe { libc::pthread_attr_destroy(attr.as_mut_ptr()) };
     (addr as usize, size)
