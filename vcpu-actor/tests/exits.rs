@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{
-    expect, guests, kvm_or_skip, wait_event, wait_until, Recorder, TestVm, AP_CODE_ADDR, CODE_ADDR,
-    DATA_ADDR, TIMEOUT,
+    exit_and_join, expect, guests, run_in_rounds, wait_event, wait_until, Recorder, TestVm,
+    AP_CODE_ADDR, CODE_ADDR, DATA_ADDR, TIMEOUT,
 };
 use vcpu_actor::{
     PendingVcpu, ReplyOutcome, SeccompMode, VcpuError, VcpuExitReason, VcpuHandle, VcpuOptions,
@@ -33,10 +33,9 @@ fn expect_not_allowed(h: &VcpuHandle, req: VcpuRequest) {
 
 #[test]
 fn triple_fault_waits_for_exit() {
-    let Some(kvm) = kvm_or_skip("triple_fault_waits_for_exit") else {
+    let Some(vm) = TestVm::or_skip("triple_fault_waits_for_exit", false) else {
         return;
     };
-    let vm = TestVm::new(kvm, false);
     let rec = Recorder::new();
     let options = VcpuOptions::default();
     let (h, evt) = vm.spawn_program(guests::fault(), DATA_ADDR, 0x512, rec.clone(), options);
@@ -70,16 +69,14 @@ fn triple_fault_waits_for_exit() {
     let m = h.metrics();
     assert_eq!((m.exits.shutdown, m.exits.io_out), (1, 1), "{m:?}");
 
-    expect(&h, VcpuRequest::Exit, ReplyOutcome::Exited);
-    h.join(TIMEOUT).expect("join");
+    exit_and_join(h);
 }
 
 #[test]
 fn device_stop_and_device_errors() {
-    let Some(kvm) = kvm_or_skip("device_stop_and_device_errors") else {
+    let Some(vm) = TestVm::or_skip("device_stop_and_device_errors", false) else {
         return;
     };
-    let vm = TestVm::new(kvm, false);
     // The counter lives at 0x300000, past guest RAM: every store is an MMIO write that the
     // recorder rejects. The guest keeps going; its report port then stops the VM.
     let counter = 0x30_0000;
@@ -96,9 +93,8 @@ fn device_stop_and_device_errors() {
     let m = h.metrics();
     assert_eq!(m.device_errors, m.exits.mmio_write, "{m:?}");
     assert_eq!(h.state(), VcpuState::Paused, "device errors are not fatal");
-    expect(&h, VcpuRequest::Exit, ReplyOutcome::Exited);
     assert!(evt.read().is_err());
-    h.join(TIMEOUT).expect("join");
+    exit_and_join(h);
 
     // Same program with the counter in RAM: the first report stops the VM.
     let vm = TestVm::new(kvm_ioctls::Kvm::new().expect("kvm"), false);
@@ -115,16 +111,14 @@ fn device_stop_and_device_errors() {
         other => panic!("expected DeviceRequestedStop, got {other:?}"),
     }
     assert_eq!(vm.read_u64(DATA_ADDR), 1 << 20);
-    expect(&h, VcpuRequest::Exit, ReplyOutcome::Exited);
-    h.join(TIMEOUT).expect("join");
+    exit_and_join(h);
 }
 
 #[test]
 fn ap_runs_only_after_init_sipi() {
-    let Some(kvm) = kvm_or_skip("ap_runs_only_after_init_sipi") else {
+    let Some(vm) = TestVm::or_skip("ap_runs_only_after_init_sipi", true) else {
         return;
     };
-    let vm = TestVm::new(kvm, true);
     vm.load(guests::bsp_sipi(), CODE_ADDR);
     vm.load(guests::ap(), AP_CODE_ADDR);
     let rec = Recorder::stopping_on(0x514);
@@ -191,10 +185,9 @@ fn ap_runs_only_after_init_sipi() {
 
 #[test]
 fn seccomp_refuses_a_syscall_outside_the_list() {
-    let Some(kvm) = kvm_or_skip("seccomp_refuses_a_syscall_outside_the_list") else {
+    let Some(vm) = TestVm::or_skip("seccomp_refuses_a_syscall_outside_the_list", false) else {
         return;
     };
-    let vm = TestVm::new(kvm, false);
     // The handler calls getpid(2) (not in the allow-list) on every port write and keeps
     // what the calls returned (bounded).
     let results = Arc::new(Mutex::new(Vec::<(i64, i32)>::new()));
@@ -220,8 +213,7 @@ fn seccomp_refuses_a_syscall_outside_the_list() {
     let count = rec.port(0x515).0;
     expect(&h, VcpuRequest::Resume, ReplyOutcome::Resumed);
     rec.wait_port(0x515, count + 50, TIMEOUT);
-    expect(&h, VcpuRequest::Exit, ReplyOutcome::Exited);
-    h.join(TIMEOUT).expect("join");
+    exit_and_join(h);
 
     let results = results.lock().expect("lock");
     assert!(results.len() >= 100);
@@ -238,37 +230,26 @@ fn seccomp_refuses_a_syscall_outside_the_list() {
 
 #[test]
 fn the_default_allow_list_is_enough_for_the_actor_itself() {
-    let Some(kvm) = kvm_or_skip("the_default_allow_list_is_enough_for_the_actor_itself") else {
+    let test = "the_default_allow_list_is_enough_for_the_actor_itself";
+    let Some(vm) = TestVm::or_skip(test, false) else {
         return;
     };
     // Any syscall the actor makes outside the list would kill this test process.
-    let vm = TestVm::new(kvm, false);
     let rec = Recorder::new();
     let options = VcpuOptions {
         seccomp: SeccompMode::kill(),
         ..VcpuOptions::default()
     };
     let (h, _evt) = vm.spawn_program(guests::pio(), DATA_ADDR, 0x516, rec.clone(), options);
-    for round in 1..=3u64 {
-        expect(&h, VcpuRequest::Resume, ReplyOutcome::Resumed);
-        rec.wait_port(0x516, 20 * round, TIMEOUT);
-        expect(
-            &h,
-            VcpuRequest::GetTid,
-            ReplyOutcome::Tid(h.tid().expect("tid")),
-        );
-        expect(&h, VcpuRequest::Pause, ReplyOutcome::Paused);
-    }
-    expect(&h, VcpuRequest::Exit, ReplyOutcome::Exited);
-    h.join(TIMEOUT).expect("join");
+    run_in_rounds(&h, &rec, 0x516, 3, 20);
+    exit_and_join(h);
 }
 
 #[test]
 fn a_failed_spawn_gives_the_vcpu_fd_back() {
-    let Some(kvm) = kvm_or_skip("a_failed_spawn_gives_the_vcpu_fd_back") else {
+    let Some(vm) = TestVm::or_skip("a_failed_spawn_gives_the_vcpu_fd_back", false) else {
         return;
     };
-    let vm = TestVm::new(kvm, false);
     vm.load(guests::fault(), CODE_ADDR);
     let vcpu = vm.new_cpl3_vcpu(0, CODE_ADDR, DATA_ADDR, 0x512, 0);
     let (parts, _) = vm.parts(0, vcpu, Recorder::new());
@@ -311,7 +292,7 @@ fn a_failed_spawn_gives_the_vcpu_fd_back() {
         h.exit_reason(),
         Some(VcpuExitReason::TripleFault { vcpu_id: 0, .. })
     ));
-    h.join(TIMEOUT).expect("join");
+    exit_and_join(h);
 }
 
 extern "C" fn foreign_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}

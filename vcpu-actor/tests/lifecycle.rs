@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{
-    expect, expect_gone_or_refused, guests, kvm_or_skip, wait_until, Recorder, TestVm, CODE_ADDR,
-    DATA_ADDR, TIMEOUT,
+    expect, expect_gone_or_refused, expect_queries, guests, run_in_rounds, wait_until, Recorder,
+    TestVm, CODE_ADDR, DATA_ADDR, TIMEOUT,
 };
 use vcpu_actor::{ReplyOutcome, VcpuError, VcpuHandle, VcpuOptions, VcpuRequest, VcpuState};
 
@@ -23,10 +23,9 @@ fn counter_actor(vm: &TestVm, rec: Arc<Recorder>) -> VcpuHandle {
 
 #[test]
 fn counter_guest_follows_pause_and_resume() {
-    let Some(kvm) = kvm_or_skip("counter_guest_follows_pause_and_resume") else {
+    let Some(vm) = TestVm::or_skip("counter_guest_follows_pause_and_resume", false) else {
         return;
     };
-    let vm = TestVm::new(kvm, false);
     let rec = Recorder::new();
     let h = counter_actor(&vm, rec.clone());
     assert_eq!(h.state(), VcpuState::Paused);
@@ -75,10 +74,9 @@ fn counter_guest_follows_pause_and_resume() {
 
 #[test]
 fn thousand_pause_resume_cycles_lose_no_reply() {
-    let Some(kvm) = kvm_or_skip("thousand_pause_resume_cycles_lose_no_reply") else {
+    let Some(vm) = TestVm::or_skip("thousand_pause_resume_cycles_lose_no_reply", false) else {
         return;
     };
-    let vm = TestVm::new(kvm, false);
     let h = counter_actor(&vm, Recorder::new());
 
     // One at a time.
@@ -114,10 +112,10 @@ fn thousand_pause_resume_cycles_lose_no_reply() {
 
 #[test]
 fn rapid_messages_from_other_threads_are_all_answered() {
-    let Some(kvm) = kvm_or_skip("rapid_messages_from_other_threads_are_all_answered") else {
+    let Some(vm) = TestVm::or_skip("rapid_messages_from_other_threads_are_all_answered", false)
+    else {
         return;
     };
-    let vm = TestVm::new(kvm, false);
     // The pio guest exits on every iteration, so messages also arrive while an exit is
     // being handled, not only while the guest runs.
     let options = VcpuOptions::default();
@@ -171,30 +169,19 @@ fn rapid_messages_from_other_threads_are_all_answered() {
 
 #[test]
 fn requests_in_paused_and_running_states() {
-    let Some(kvm) = kvm_or_skip("requests_in_paused_and_running_states") else {
+    let Some(vm) = TestVm::or_skip("requests_in_paused_and_running_states", false) else {
         return;
     };
-    let vm = TestVm::new(kvm, false);
     let h = counter_actor(&vm, Recorder::new());
     let tid = h.tid().expect("tid");
 
     expect(&h, VcpuRequest::Pause, ReplyOutcome::Paused);
-    expect(
-        &h,
-        VcpuRequest::GetState,
-        ReplyOutcome::State(VcpuState::Paused),
-    );
-    expect(&h, VcpuRequest::GetTid, ReplyOutcome::Tid(tid));
+    expect_queries(&h, VcpuState::Paused, tid);
     assert_eq!(h.metrics().pauses, 0, "pause while paused is a no-op");
 
     expect(&h, VcpuRequest::Resume, ReplyOutcome::Resumed);
     expect(&h, VcpuRequest::Resume, ReplyOutcome::Resumed);
-    expect(
-        &h,
-        VcpuRequest::GetState,
-        ReplyOutcome::State(VcpuState::Running),
-    );
-    expect(&h, VcpuRequest::GetTid, ReplyOutcome::Tid(tid));
+    expect_queries(&h, VcpuState::Running, tid);
     assert_eq!(h.metrics().resumes, 1, "resume while running is a no-op");
 
     // Exit straight from running.
@@ -206,10 +193,9 @@ fn requests_in_paused_and_running_states() {
 
 #[test]
 fn exit_while_paused_and_drop_without_join() {
-    let Some(kvm) = kvm_or_skip("exit_while_paused_and_drop_without_join") else {
+    let Some(vm) = TestVm::or_skip("exit_while_paused_and_drop_without_join", false) else {
         return;
     };
-    let vm = TestVm::new(kvm, false);
     let h = counter_actor(&vm, Recorder::new());
     expect(&h, VcpuRequest::Exit, ReplyOutcome::Exited);
     expect_gone_or_refused(&h, VcpuRequest::Pause);
@@ -261,10 +247,9 @@ fn resident_bytes(addr: usize, size: usize) -> usize {
 
 #[test]
 fn the_default_stack_leaves_a_wide_margin() {
-    let Some(kvm) = kvm_or_skip("the_default_stack_leaves_a_wide_margin") else {
+    let Some(vm) = TestVm::or_skip("the_default_stack_leaves_a_wide_margin", false) else {
         return;
     };
-    let vm = TestVm::new(kvm, false);
     let stack = Arc::new(std::sync::OnceLock::new());
     let seen = Arc::clone(&stack);
     let rec = Recorder::with_hook(move |_, _| {
@@ -274,16 +259,7 @@ fn the_default_stack_leaves_a_wide_margin() {
     // every request, on the default stack size.
     let options = VcpuOptions::default();
     let (h, _evt) = vm.spawn_program(guests::pio(), DATA_ADDR, 0x517, rec.clone(), options);
-    for round in 1..=50u64 {
-        expect(&h, VcpuRequest::Resume, ReplyOutcome::Resumed);
-        rec.wait_port(0x517, 10 * round, TIMEOUT);
-        expect(
-            &h,
-            VcpuRequest::GetState,
-            ReplyOutcome::State(VcpuState::Running),
-        );
-        expect(&h, VcpuRequest::Pause, ReplyOutcome::Paused);
-    }
+    run_in_rounds(&h, &rec, 0x517, 50, 10);
     let &(addr, size) = stack.get().expect("the handler ran");
     assert_eq!(size, VcpuOptions::DEFAULT_STACK_SIZE);
     let used = resident_bytes(addr, size);
@@ -297,11 +273,12 @@ fn the_default_stack_leaves_a_wide_margin() {
 
 #[test]
 fn duration_max_waits_without_deadline_and_unwinding_drops_cleanly() {
-    let Some(kvm) = kvm_or_skip("duration_max_waits_without_deadline_and_unwinding_drops_cleanly")
-    else {
+    let Some(vm) = TestVm::or_skip(
+        "duration_max_waits_without_deadline_and_unwinding_drops_cleanly",
+        false,
+    ) else {
         return;
     };
-    let vm = TestVm::new(kvm, false);
     let h = counter_actor(&vm, Recorder::new());
     // A timeout that cannot be added to the current time means "no deadline", never an
     // overflow panic.

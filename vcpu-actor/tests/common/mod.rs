@@ -47,6 +47,11 @@ pub struct TestVm {
 }
 
 impl TestVm {
+    /// The VM of test `test`, or `None` after [`kvm_or_skip`]'s SKIPPED line.
+    pub fn or_skip(test: &str, irqchip: bool) -> Option<TestVm> {
+        kvm_or_skip(test).map(|kvm| TestVm::new(kvm, irqchip))
+    }
+
     /// Creates the VM; `irqchip` adds the in-kernel PIC/IOAPIC/LAPICs (needed for INIT/SIPI).
     pub fn new(kvm: Kvm, irqchip: bool) -> TestVm {
         let vm = kvm.create_vm().expect("KVM_CREATE_VM");
@@ -399,4 +404,28 @@ pub fn wait_event(evt: &EventFd) -> u64 {
         "the exit event did not become readable within {TIMEOUT:?}"
     );
     evt.read().expect("read exit event")
+}
+
+/// Sends `Exit`, checks the reply and joins the thread; returns the vCPU fd.
+pub fn exit_and_join(h: VcpuHandle) -> VcpuFd {
+    expect(&h, VcpuRequest::Exit, ReplyOutcome::Exited);
+    h.join(TIMEOUT).expect("join")
+}
+
+/// Checks what `GetState` and `GetTid` answer.
+pub fn expect_queries(h: &VcpuHandle, state: VcpuState, tid: i32) {
+    expect(h, VcpuRequest::GetState, ReplyOutcome::State(state));
+    expect(h, VcpuRequest::GetTid, ReplyOutcome::Tid(tid));
+}
+
+/// `rounds` times: resume, wait until `port` has `per_round` more writes, check the
+/// queries while running, pause.
+pub fn run_in_rounds(h: &VcpuHandle, rec: &Recorder, port: u16, rounds: u64, per_round: u64) {
+    let tid = h.tid().expect("tid");
+    for round in 1..=rounds {
+        expect(h, VcpuRequest::Resume, ReplyOutcome::Resumed);
+        rec.wait_port(port, per_round * round, TIMEOUT);
+        expect_queries(h, VcpuState::Running, tid);
+        expect(h, VcpuRequest::Pause, ReplyOutcome::Paused);
+    }
 }
