@@ -1,4 +1,4 @@
-//! The crate's single error type.
+//! The crate's error type.
 
 use std::time::Duration;
 
@@ -7,15 +7,8 @@ use crate::state::VcpuState;
 
 /// Everything that can go wrong when spawning or talking to a vCPU actor.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum VcpuError {
-    /// `dup(2)` of the vCPU fd failed while preparing the kick mapping.
-    #[error("vCPU {vcpu_id}: cannot duplicate the vCPU fd for the kick mapping: {source}; check the process fd limit (ulimit -n)")]
-    DupVcpuFd {
-        /// The vCPU id.
-        vcpu_id: u32,
-        /// The OS error.
-        source: std::io::Error,
-    },
     /// `mmap(2)` of the vCPU's `kvm_run` area failed.
     #[error("vCPU {vcpu_id}: cannot mmap {size} bytes of kvm_run from the vCPU fd: {source}; pass Kvm::get_vcpu_mmap_size() as vcpu_mmap_size")]
     MmapKvmRun {
@@ -43,6 +36,15 @@ pub enum VcpuError {
         signal: i32,
         /// The OS error.
         source: vmm_sys_util::errno::Error,
+    },
+    /// Something else in the process has a handler (or `SIG_IGN`) for the kick signal; this
+    /// crate does not replace it.
+    #[error("the vCPU kick signal {signal} (SIGRTMIN+{offset}) already has a handler that is not vcpu-actor's; choose another kick_signal_offset in VcpuOptions, or leave that signal to vcpu-actor")]
+    KickSignalInUse {
+        /// The signal number.
+        signal: i32,
+        /// The offset from `SIGRTMIN` that was asked for.
+        offset: i32,
     },
     /// The kick signal offset does not name a real-time signal.
     #[error("kick signal SIGRTMIN+{offset} is past SIGRTMAX; choose a smaller kick_signal_offset")]

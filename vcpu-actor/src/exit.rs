@@ -107,29 +107,24 @@ pub enum VcpuExitReason {
 impl VcpuExitReason {
     /// The vCPU this reason is about.
     pub fn vcpu_id(&self) -> u32 {
-        match *self {
-            VcpuExitReason::GuestShutdown { vcpu_id, .. }
-            | VcpuExitReason::GuestReset { vcpu_id, .. }
-            | VcpuExitReason::TripleFault { vcpu_id, .. }
-            | VcpuExitReason::InternalError { vcpu_id, .. }
-            | VcpuExitReason::FailEntry { vcpu_id, .. }
-            | VcpuExitReason::Unknown { vcpu_id, .. }
-            | VcpuExitReason::DeviceRequestedStop { vcpu_id, .. }
-            | VcpuExitReason::KvmRunError { vcpu_id, .. } => vcpu_id,
-        }
+        self.vcpu_and_rip().0
     }
 
     /// The guest RIP at the exit, where known.
     pub fn rip(&self) -> Option<u64> {
+        self.vcpu_and_rip().1
+    }
+
+    fn vcpu_and_rip(&self) -> (u32, Option<u64>) {
         match *self {
-            VcpuExitReason::GuestShutdown { rip, .. }
-            | VcpuExitReason::GuestReset { rip, .. }
-            | VcpuExitReason::TripleFault { rip, .. }
-            | VcpuExitReason::InternalError { rip, .. }
-            | VcpuExitReason::FailEntry { rip, .. }
-            | VcpuExitReason::Unknown { rip, .. }
-            | VcpuExitReason::DeviceRequestedStop { rip, .. } => Some(rip),
-            VcpuExitReason::KvmRunError { .. } => None,
+            VcpuExitReason::GuestShutdown { vcpu_id, rip }
+            | VcpuExitReason::GuestReset { vcpu_id, rip }
+            | VcpuExitReason::TripleFault { vcpu_id, rip }
+            | VcpuExitReason::InternalError { vcpu_id, rip, .. }
+            | VcpuExitReason::FailEntry { vcpu_id, rip, .. }
+            | VcpuExitReason::Unknown { vcpu_id, rip, .. }
+            | VcpuExitReason::DeviceRequestedStop { vcpu_id, rip } => (vcpu_id, Some(rip)),
+            VcpuExitReason::KvmRunError { vcpu_id, .. } => (vcpu_id, None),
         }
     }
 }
@@ -175,5 +170,43 @@ impl fmt::Display for VcpuExitReason {
                 std::io::Error::from_raw_os_error(errno)
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vcpu_id_and_rip_of_every_reason() {
+        let with_rip = [
+            VcpuExitReason::GuestShutdown { vcpu_id: 1, rip: 2 },
+            VcpuExitReason::GuestReset { vcpu_id: 1, rip: 2 },
+            VcpuExitReason::TripleFault { vcpu_id: 1, rip: 2 },
+            VcpuExitReason::InternalError {
+                vcpu_id: 1,
+                rip: 2,
+                suberror: 3,
+            },
+            VcpuExitReason::FailEntry {
+                vcpu_id: 1,
+                rip: 2,
+                reason: 3,
+            },
+            VcpuExitReason::Unknown {
+                vcpu_id: 1,
+                rip: 2,
+                exit: 3,
+            },
+            VcpuExitReason::DeviceRequestedStop { vcpu_id: 1, rip: 2 },
+        ];
+        for r in with_rip {
+            assert_eq!((r.vcpu_id(), r.rip()), (1, Some(2)), "{r}");
+        }
+        let r = VcpuExitReason::KvmRunError {
+            vcpu_id: 4,
+            errno: libc::EFAULT,
+        };
+        assert_eq!((r.vcpu_id(), r.rip()), (4, None));
     }
 }

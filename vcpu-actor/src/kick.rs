@@ -27,7 +27,7 @@
 //! needs no signal. The signal handler does nothing but a fence: its only job is to make the
 //! ioctl return `EINTR`, so it is installed without `SA_RESTART`.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::ptr::NonNull;
 use std::sync::atomic::{fence, AtomicU8, Ordering};
 use std::sync::Mutex;
@@ -39,13 +39,15 @@ use crate::VcpuError;
 
 /// A shared mapping of one vCPU's `kvm_run` page, used only through atomic accesses to
 /// `immediate_exit`.
+///
+/// It is mapped from the vCPU fd itself (no duplicate fd: each vCPU costs one fd). A mapping
+/// holds its own reference to the open file, and the file keeps the vCPU (and its VM)
+/// alive, so the mapping stays valid until it is unmapped whatever happens to the fd it was
+/// made from: closed, handed back by `join`, or mapped again by a new actor.
 #[derive(Debug)]
 pub(crate) struct KvmRunMapping {
     addr: NonNull<u8>,
     size: usize,
-    // A duplicate of the vCPU fd, owned by this mapping so that the mapping never depends on
-    // the lifetime or the number of the fd inside `VcpuFd`.
-    _fd: OwnedFd,
 }
 
 // SAFETY: the mapping is only accessed through `AtomicU8` operations on `immediate_exit`,
@@ -55,31 +57,24 @@ unsafe impl Send for KvmRunMapping {}
 unsafe impl Sync for KvmRunMapping {}
 
 impl KvmRunMapping {
-    /// Maps `size` bytes of `kvm_run` from a dup of `vcpu_fd`.
-    pub(crate) fn new(vcpu_id: u32, vcpu_fd: c_int, size: usize) -> Result<Self, VcpuError> {
+    /// Maps `size` bytes of `kvm_run` from the vCPU fd `vcpu`.
+    pub(crate) fn new(vcpu_id: u32, vcpu: &impl AsRawFd, size: usize) -> Result<Self, VcpuError> {
         let min = std::mem::size_of::<kvm_run>();
         if size < min {
             return Err(VcpuError::MmapSizeTooSmall { vcpu_id, size, min });
         }
-        // SAFETY: dup of an fd we were given; the result is checked.
-        let dup = unsafe { libc::fcntl(vcpu_fd, libc::F_DUPFD_CLOEXEC, 0) };
-        if dup < 0 {
-            return Err(VcpuError::DupVcpuFd {
-                vcpu_id,
-                source: std::io::Error::last_os_error(),
-            });
-        }
-        // SAFETY: `dup` is a fresh fd that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(dup) };
-        // SAFETY: a new shared mapping of the vCPU fd at offset 0 (the kvm_run area); the
-        // result is checked.
+        // SAFETY: a new shared mapping at an address the kernel chooses, so no existing memory
+        // is affected; offset 0 of a vCPU fd is its kvm_run area. The result is checked. The
+        // mapping does not depend on the fd staying open (see the type's documentation); it
+        // lives until `drop` unmaps it, i.e. until the handle and the thread (which share it
+        // through an `Arc`) are both gone, so every write to `immediate_exit` lands in it.
         let addr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 size,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
-                fd.as_raw_fd(),
+                vcpu.as_raw_fd(),
                 0,
             )
         };
@@ -95,18 +90,16 @@ impl KvmRunMapping {
             size,
             source: std::io::Error::from_raw_os_error(libc::EFAULT),
         })?;
-        Ok(KvmRunMapping {
-            addr,
-            size,
-            _fd: fd,
-        })
+        Ok(KvmRunMapping { addr, size })
     }
 
     fn immediate_exit_cell(&self) -> &AtomicU8 {
         let off = std::mem::offset_of!(kvm_run, immediate_exit);
-        // SAFETY: `off` is inside the mapping (size >= size_of::<kvm_run>() was checked), the
-        // byte is valid for the mapping's lifetime, and AtomicU8 has the layout of u8.
-        unsafe { &*self.addr.as_ptr().add(off).cast::<AtomicU8>() }
+        // SAFETY: `off` is inside the mapping (size >= size_of::<kvm_run>() was checked).
+        let byte = unsafe { self.addr.as_ptr().add(off) };
+        // SAFETY: the byte is valid for the mapping's lifetime (which bounds the returned
+        // borrow), only ever accessed atomically, and AtomicU8 has the layout of u8.
+        unsafe { &*byte.cast::<AtomicU8>() }
     }
 
     /// Sets `kvm_run.immediate_exit` to 1 (the sender's step S2).
@@ -143,27 +136,56 @@ extern "C" fn kick_handler(_: c_int, _: *mut siginfo_t, _: *mut c_void) {
     fence(Ordering::SeqCst);
 }
 
-/// Bit `n` set: the handler for `SIGRTMIN + n` is installed.
-static INSTALLED: Mutex<u64> = Mutex::new(0);
+/// Serializes the check and the installation of kick handlers.
+static INSTALL_LOCK: Mutex<()> = Mutex::new(());
 
-/// The kick signal number for `offset`, installing its handler once per process.
+/// The address `sigaction` reports for [`kick_handler`].
+fn kick_handler_address() -> libc::sighandler_t {
+    kick_handler as *const () as libc::sighandler_t
+}
+
+/// The current handler of `sig` (`SIG_DFL`, `SIG_IGN` or a function's address).
+fn current_handler(sig: c_int) -> Result<libc::sighandler_t, VcpuError> {
+    let mut old = std::mem::MaybeUninit::<libc::sigaction>::zeroed();
+    // SAFETY: a query only (no new action); `old` is valid for writes of a `sigaction`.
+    let rc = unsafe { libc::sigaction(sig, std::ptr::null(), old.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(VcpuError::SignalHandler {
+            signal: sig,
+            source: vmm_sys_util::errno::Error::last(),
+        });
+    }
+    // SAFETY: all-zero is a valid `sigaction` (a plain C struct), and sigaction(2) succeeded.
+    let old = unsafe { old.assume_init() };
+    Ok(old.sa_sigaction)
+}
+
+/// The kick signal number for `offset`, installing its handler where the signal has the
+/// default disposition. A signal that already has this crate's handler is used as is; one
+/// with any other handler (or `SIG_IGN`) is refused: it belongs to someone else.
 pub(crate) fn kick_signal(offset: i32) -> Result<c_int, VcpuError> {
     let sig = vmm_sys_util::signal::SIGRTMIN().saturating_add(offset);
     if !(0..64).contains(&offset) || sig > vmm_sys_util::signal::SIGRTMAX() {
         return Err(VcpuError::InvalidKickSignal { offset });
     }
-    let bit = 1u64 << offset;
-    let mut installed = INSTALLED.lock().unwrap_or_else(|p| p.into_inner());
-    if *installed & bit == 0 {
-        // register_signal_handler uses SA_SIGINFO without SA_RESTART.
-        vmm_sys_util::signal::register_signal_handler(sig, kick_handler).map_err(|source| {
-            VcpuError::SignalHandler {
-                signal: sig,
-                source,
-            }
-        })?;
-        *installed |= bit;
+    let _lock = INSTALL_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let current = current_handler(sig)?;
+    if current == kick_handler_address() {
+        return Ok(sig);
     }
+    if current != libc::SIG_DFL {
+        return Err(VcpuError::KickSignalInUse {
+            signal: sig,
+            offset,
+        });
+    }
+    // register_signal_handler uses SA_SIGINFO without SA_RESTART.
+    vmm_sys_util::signal::register_signal_handler(sig, kick_handler).map_err(|source| {
+        VcpuError::SignalHandler {
+            signal: sig,
+            source,
+        }
+    })?;
     Ok(sig)
 }
 
@@ -190,22 +212,13 @@ mod tests {
 
     #[test]
     fn mapping_shares_immediate_exit_with_the_vcpu_fd() {
-        let kvm = match kvm_ioctls::Kvm::new() {
-            Ok(kvm) => kvm,
-            Err(e) => {
-                assert_ne!(
-                    std::env::var("VCPU_REQUIRE_KVM").as_deref(),
-                    Ok("1"),
-                    "VCPU_REQUIRE_KVM=1 but /dev/kvm cannot be opened: {e}"
-                );
-                eprintln!("SKIPPED (no /dev/kvm): mapping_shares_immediate_exit: {e}");
-                return;
-            }
+        let Some(kvm) = crate::test_util::kvm_or_skip("mapping_shares_immediate_exit") else {
+            return;
         };
         let vm = kvm.create_vm().unwrap();
         let mut vcpu = vm.create_vcpu(0).unwrap();
         let size = kvm.get_vcpu_mmap_size().unwrap();
-        let map = KvmRunMapping::new(0, vcpu.as_raw_fd(), size).unwrap();
+        let map = KvmRunMapping::new(0, &vcpu, size).unwrap();
         assert!(!map.immediate_exit());
         map.request_immediate_exit();
         assert_eq!(vcpu.get_kvm_run().immediate_exit, 1);
@@ -221,12 +234,53 @@ mod tests {
     #[test]
     fn too_small_mapping_is_refused() {
         assert!(matches!(
-            KvmRunMapping::new(3, -1, 16),
+            KvmRunMapping::new(3, &std::io::stdin(), 16),
             Err(VcpuError::MmapSizeTooSmall {
                 vcpu_id: 3,
                 size: 16,
                 ..
             })
         ));
+    }
+
+    extern "C" fn foreign_handler(_: c_int, _: *mut siginfo_t, _: *mut c_void) {}
+
+    #[test]
+    fn a_handler_that_is_not_ours_is_not_replaced() {
+        // Offsets no other test of this process uses.
+        let (foreign, ignored) = (5, 6);
+        let sig = vmm_sys_util::signal::SIGRTMIN() + foreign;
+        vmm_sys_util::signal::register_signal_handler(sig, foreign_handler).unwrap();
+        let refused = kick_signal(foreign).unwrap_err();
+        assert!(
+            matches!(refused, VcpuError::KickSignalInUse { signal, offset } if signal == sig && offset == foreign),
+            "{refused:?}"
+        );
+        let text = refused.to_string();
+        assert!(text.contains("kick_signal_offset"), "{text}");
+        assert_eq!(
+            current_handler(sig).unwrap(),
+            foreign_handler as *const () as usize
+        );
+
+        let sig = vmm_sys_util::signal::SIGRTMIN() + ignored;
+        // SAFETY: setting SIG_IGN for a real-time signal nothing in this test process uses.
+        let old = unsafe { libc::signal(sig, libc::SIG_IGN) };
+        assert_ne!(old, libc::SIG_ERR);
+        assert!(matches!(
+            kick_signal(ignored),
+            Err(VcpuError::KickSignalInUse { .. })
+        ));
+        assert_eq!(current_handler(sig).unwrap(), libc::SIG_IGN);
+    }
+
+    #[test]
+    fn our_own_handler_is_reused_and_the_default_replaced() {
+        let offset = 4;
+        let sig = vmm_sys_util::signal::SIGRTMIN() + offset;
+        assert_eq!(current_handler(sig).unwrap(), libc::SIG_DFL);
+        assert_eq!(kick_signal(offset).unwrap(), sig);
+        assert_eq!(current_handler(sig).unwrap(), kick_handler_address());
+        assert_eq!(kick_signal(offset).unwrap(), sig);
     }
 }

@@ -11,6 +11,9 @@
 //!
 //! The manager talks to each actor through a [`VcpuHandle`]: [`VcpuHandle::send`] returns a
 //! [`RequestId`], and every [`VcpuReply`] carries it back together with the request.
+//! [`VcpuHandle::spawn`] starts one actor and waits until its thread is ready; to start many,
+//! start each with [`PendingVcpu::start`] and then [`wait_ready`](PendingVcpu::wait_ready) on
+//! each, so that the threads get ready in parallel.
 //!
 //! # Example
 //!
@@ -20,7 +23,8 @@
 //!
 //! use kvm_ioctls::Kvm;
 //! use vcpu_actor::{
-//!     DeviceError, ExitHandler, IoOutcome, ReplyOutcome, VcpuActor, VcpuOptions, VcpuRequest,
+//!     DeviceError, ExitHandler, IoOutcome, ReplyOutcome, VcpuHandle, VcpuOptions, VcpuParts,
+//!     VcpuRequest,
 //! };
 //! use vmm_sys_util::eventfd::EventFd;
 //!
@@ -50,14 +54,15 @@
 //! // ... guest memory, registers and CPUID are the VMM's business ...
 //! let vcpu = vm.create_vcpu(0)?;
 //! let exit_evt = EventFd::new(0)?;
-//! let handle = VcpuActor::spawn(
-//!     0,
+//! let parts = VcpuParts {
+//!     id: 0,
 //!     vcpu,
-//!     kvm.get_vcpu_mmap_size()?,
-//!     Arc::new(EmptyBus),
-//!     exit_evt.try_clone()?,
-//!     VcpuOptions::default(),
-//! )?;
+//!     vcpu_mmap_size: kvm.get_vcpu_mmap_size()?,
+//!     handler: Arc::new(EmptyBus),
+//!     exit_evt: exit_evt.try_clone()?,
+//! };
+//! // On failure, `SpawnFailure::vcpu` gives the fd back where it can.
+//! let handle = VcpuHandle::spawn(parts, VcpuOptions::default())?;
 //! let timeout = Duration::from_secs(5);
 //! let reply = handle.request(VcpuRequest::Resume, timeout)?;
 //! assert_eq!(reply.outcome, ReplyOutcome::Resumed);
@@ -74,22 +79,34 @@
 //! once per process, without `SA_RESTART`) does nothing. A kick that lands while an exit
 //! handler is in a blocking system call makes that call fail with `EINTR`, so handlers should
 //! not block, or must retry on `EINTR`.
+//!
+//! The handler is installed only over the default disposition: a spawn whose kick signal
+//! already has another handler (or `SIG_IGN`) fails with [`VcpuError::KickSignalInUse`];
+//! choose another offset then. Once vCPUs are spawned, the embedder must not change the
+//! kick signal's disposition nor block it in vCPU threads: with `SIG_IGN` pauses time out,
+//! with `SIG_DFL` the first kick kills the process.
 
 #![deny(missing_docs)]
 
-mod actor;
 mod error;
 mod exit;
+mod handle;
 mod kick;
+mod mailbox;
 mod metrics;
 mod request;
 mod seccomp;
+mod spawn;
 pub mod state;
+#[cfg(feature = "test-util")]
+pub mod test_util;
+mod thread;
 
-pub use actor::{SpawnFailure, VcpuActor, VcpuHandle, VcpuOptions};
 pub use error::VcpuError;
 pub use exit::{DeviceError, ExitHandler, IoOutcome, VcpuExitReason};
+pub use handle::VcpuHandle;
 pub use metrics::{ExitCounts, VcpuMetricsSnapshot};
-pub use request::{ReplyOutcome, RequestId, VcpuReply, VcpuRequest};
+pub use request::{ReplyOutcome, RequestId, RequestRefused, VcpuReply, VcpuRequest};
 pub use seccomp::{default_allowed_syscalls, SeccompMode, ViolationAction};
+pub use spawn::{PendingVcpu, SpawnFailure, VcpuOptions, VcpuParts};
 pub use state::VcpuState;

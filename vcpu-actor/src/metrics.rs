@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
-/// The kinds of `KVM_RUN` outcome the actor counts.
+/// The kinds of `KVM_RUN` outcome the actor counts (the discriminant indexes the counters).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ExitKind {
     IoIn,
@@ -21,22 +21,15 @@ pub(crate) enum ExitKind {
     Eagain,
 }
 
+/// How many [`ExitKind`]s there are.
+const EXIT_KINDS: usize = ExitKind::Eagain as usize + 1;
+
 /// Live counters of one vCPU, written by the vCPU thread only (relaxed atomics: each counter
 /// is exact, a snapshot of several is not one instant).
 #[derive(Debug, Default)]
 pub(crate) struct VcpuMetrics {
-    io_in: AtomicU64,
-    io_out: AtomicU64,
-    mmio_read: AtomicU64,
-    mmio_write: AtomicU64,
-    hlt: AtomicU64,
-    shutdown: AtomicU64,
-    system_event: AtomicU64,
-    internal_error: AtomicU64,
-    fail_entry: AtomicU64,
-    unknown: AtomicU64,
-    eintr: AtomicU64,
-    eagain: AtomicU64,
+    /// Indexed by `ExitKind as usize`.
+    exits: [AtomicU64; EXIT_KINDS],
     device_errors: AtomicU64,
     pauses: AtomicU64,
     resumes: AtomicU64,
@@ -57,20 +50,7 @@ fn add(c: &AtomicU64, n: u64) -> u64 {
 
 impl VcpuMetrics {
     pub(crate) fn count_exit(&self, kind: ExitKind) {
-        bump(match kind {
-            ExitKind::IoIn => &self.io_in,
-            ExitKind::IoOut => &self.io_out,
-            ExitKind::MmioRead => &self.mmio_read,
-            ExitKind::MmioWrite => &self.mmio_write,
-            ExitKind::Hlt => &self.hlt,
-            ExitKind::Shutdown => &self.shutdown,
-            ExitKind::SystemEvent => &self.system_event,
-            ExitKind::InternalError => &self.internal_error,
-            ExitKind::FailEntry => &self.fail_entry,
-            ExitKind::Unknown => &self.unknown,
-            ExitKind::Eintr => &self.eintr,
-            ExitKind::Eagain => &self.eagain,
-        })
+        bump(&self.exits[kind as usize])
     }
 
     /// Counts a device error and returns the new total.
@@ -92,21 +72,22 @@ impl VcpuMetrics {
 
     pub(crate) fn snapshot(&self, vcpu_id: u32) -> VcpuMetricsSnapshot {
         let r = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let e = |kind: ExitKind| r(&self.exits[kind as usize]);
         VcpuMetricsSnapshot {
             vcpu_id,
             exits: ExitCounts {
-                io_in: r(&self.io_in),
-                io_out: r(&self.io_out),
-                mmio_read: r(&self.mmio_read),
-                mmio_write: r(&self.mmio_write),
-                hlt: r(&self.hlt),
-                shutdown: r(&self.shutdown),
-                system_event: r(&self.system_event),
-                internal_error: r(&self.internal_error),
-                fail_entry: r(&self.fail_entry),
-                unknown: r(&self.unknown),
-                eintr: r(&self.eintr),
-                eagain: r(&self.eagain),
+                io_in: e(ExitKind::IoIn),
+                io_out: e(ExitKind::IoOut),
+                mmio_read: e(ExitKind::MmioRead),
+                mmio_write: e(ExitKind::MmioWrite),
+                hlt: e(ExitKind::Hlt),
+                shutdown: e(ExitKind::Shutdown),
+                system_event: e(ExitKind::SystemEvent),
+                internal_error: e(ExitKind::InternalError),
+                fail_entry: e(ExitKind::FailEntry),
+                unknown: e(ExitKind::Unknown),
+                eintr: e(ExitKind::Eintr),
+                eagain: e(ExitKind::Eagain),
             },
             device_errors: r(&self.device_errors),
             pauses: r(&self.pauses),
@@ -176,4 +157,52 @@ pub struct VcpuMetricsSnapshot {
     pub resumes: u64,
     /// Nanoseconds spent inside the `KVM_RUN` ioctl.
     pub run_time_ns: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_exit_kind_has_its_own_counter() {
+        let m = VcpuMetrics::default();
+        let kinds = [
+            ExitKind::IoIn,
+            ExitKind::IoOut,
+            ExitKind::MmioRead,
+            ExitKind::MmioWrite,
+            ExitKind::Hlt,
+            ExitKind::Shutdown,
+            ExitKind::SystemEvent,
+            ExitKind::InternalError,
+            ExitKind::FailEntry,
+            ExitKind::Unknown,
+            ExitKind::Eintr,
+            ExitKind::Eagain,
+        ];
+        assert_eq!(kinds.len(), EXIT_KINDS);
+        // Kind number i is counted i + 1 times.
+        for (i, kind) in kinds.into_iter().enumerate() {
+            for _ in 0..=i {
+                m.count_exit(kind);
+            }
+        }
+        let e = m.snapshot(7).exits;
+        let got = [
+            e.io_in,
+            e.io_out,
+            e.mmio_read,
+            e.mmio_write,
+            e.hlt,
+            e.shutdown,
+            e.system_event,
+            e.internal_error,
+            e.fail_entry,
+            e.unknown,
+            e.eintr,
+            e.eagain,
+        ];
+        assert_eq!(got, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]);
+        assert_eq!(e.guest_exits(), (1..=10).sum::<u64>());
+    }
 }

@@ -49,6 +49,7 @@ impl fmt::Display for VcpuRequest {
 /// What came of a request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum ReplyOutcome {
     /// The vCPU is running (it was resumed, or already running).
     Resumed,
@@ -60,10 +61,34 @@ pub enum ReplyOutcome {
     Tid(i32),
     /// The state of the vCPU.
     State(VcpuState),
-    /// The request is not allowed in the current state; the text says why.
-    NotAllowed(String),
-    /// The request failed; the text says why.
-    Error(String),
+    /// `request` is not allowed in `state` (see [`transition`](crate::state::transition));
+    /// nothing changed. [`VcpuReply::refusal`] makes it an error with a message.
+    NotAllowed {
+        /// The request that was refused.
+        request: VcpuRequest,
+        /// The state the vCPU was in.
+        state: VcpuState,
+    },
+}
+
+/// A request the vCPU refused because its state does not allow it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("vCPU {vcpu_id}: {request} is not allowed in state {state}{}", refusal_hint(*state))]
+pub struct RequestRefused {
+    /// The vCPU that refused.
+    pub vcpu_id: u32,
+    /// The request.
+    pub request: VcpuRequest,
+    /// The state the vCPU was in.
+    pub state: VcpuState,
+}
+
+fn refusal_hint(state: VcpuState) -> &'static str {
+    match state {
+        VcpuState::WaitingExit => "; only exit is (the guest stopped)",
+        VcpuState::Exited => "; the vCPU thread has ended",
+        VcpuState::Paused | VcpuState::Running => "",
+    }
 }
 
 /// The reply to one request; `request_id` and `request` match it to what was sent.
@@ -83,9 +108,18 @@ impl VcpuReply {
     /// True for the outcomes that mean the request did what it asked (`Resumed`, `Paused`,
     /// `Exited`, `Tid`, `State`).
     pub fn is_ok(&self) -> bool {
-        !matches!(
-            self.outcome,
-            ReplyOutcome::NotAllowed(_) | ReplyOutcome::Error(_)
-        )
+        self.refusal().is_none()
+    }
+
+    /// The refusal, for a [`ReplyOutcome::NotAllowed`] outcome.
+    pub fn refusal(&self) -> Option<RequestRefused> {
+        match self.outcome {
+            ReplyOutcome::NotAllowed { request, state } => Some(RequestRefused {
+                vcpu_id: self.vcpu_id,
+                request,
+                state,
+            }),
+            _ => None,
+        }
     }
 }

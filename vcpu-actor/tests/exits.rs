@@ -3,34 +3,24 @@
 
 mod common;
 
-use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{
-    guests, kvm_or_skip, wait_until, Recorder, TestVm, AP_CODE_ADDR, CODE_ADDR, DATA_ADDR, TIMEOUT,
+    exit_and_join, expect, guests, run_in_rounds, wait_event, wait_until, Recorder, TestVm,
+    AP_CODE_ADDR, CODE_ADDR, DATA_ADDR, TIMEOUT,
 };
 use vcpu_actor::{
-    ReplyOutcome, SeccompMode, VcpuActor, VcpuExitReason, VcpuHandle, VcpuOptions, VcpuRequest,
-    VcpuState,
+    PendingVcpu, ReplyOutcome, SeccompMode, VcpuError, VcpuExitReason, VcpuHandle, VcpuOptions,
+    VcpuRequest, VcpuState,
 };
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-
-fn expect(h: &VcpuHandle, req: VcpuRequest, outcome: ReplyOutcome) {
-    let reply = h.request(req, TIMEOUT).expect("reply");
-    assert_eq!((reply.vcpu_id, reply.request), (h.id(), req));
-    assert_eq!(
-        reply.outcome,
-        outcome,
-        "reply to {req}; {:?}",
-        h.exit_reason()
-    );
-}
 
 fn expect_not_allowed(h: &VcpuHandle, req: VcpuRequest) {
     let reply = h.request(req, TIMEOUT).expect("reply");
     match &reply.outcome {
-        ReplyOutcome::NotAllowed(why) => {
+        ReplyOutcome::NotAllowed { request, state } => {
+            assert_eq!((*request, *state), (req, VcpuState::WaitingExit));
+            let why = reply.refusal().expect("a refusal").to_string();
             assert!(
                 why.contains("waiting_exit") && why.contains(&req.to_string()),
                 "{why}"
@@ -38,55 +28,17 @@ fn expect_not_allowed(h: &VcpuHandle, req: VcpuRequest) {
         }
         other => panic!("{req} in waiting_exit: expected NotAllowed, got {other:?}"),
     }
-}
-
-/// Waits until the eventfd is readable and returns its counter.
-fn wait_event(evt: &EventFd) -> u64 {
-    let mut pfd = libc::pollfd {
-        fd: evt.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let ms = TIMEOUT.as_millis() as i32;
-    // SAFETY: one valid pollfd.
-    let n = unsafe { libc::poll(&mut pfd, 1, ms) };
-    assert_eq!(
-        n, 1,
-        "the exit event did not become readable within {TIMEOUT:?}"
-    );
-    evt.read().expect("read exit event")
-}
-
-fn spawn(
-    vm: &TestVm,
-    id: u32,
-    vcpu: kvm_ioctls::VcpuFd,
-    rec: Arc<Recorder>,
-    options: VcpuOptions,
-) -> (VcpuHandle, EventFd) {
-    let evt = EventFd::new(EFD_NONBLOCK).expect("eventfd");
-    let h = VcpuActor::spawn(
-        id,
-        vcpu,
-        vm.mmap_size,
-        rec,
-        evt.try_clone().expect("eventfd"),
-        options,
-    )
-    .expect("spawn");
-    (h, evt)
+    assert!(!reply.is_ok());
 }
 
 #[test]
 fn triple_fault_waits_for_exit() {
-    let Some(kvm) = kvm_or_skip("triple_fault_waits_for_exit") else {
+    let Some(vm) = TestVm::or_skip("triple_fault_waits_for_exit", false) else {
         return;
     };
-    let vm = TestVm::new(kvm, false);
-    vm.load(guests::fault(), CODE_ADDR);
-    let vcpu = vm.new_cpl3_vcpu(0, CODE_ADDR, DATA_ADDR, 0x512, 0);
     let rec = Recorder::new();
-    let (h, evt) = spawn(&vm, 0, vcpu, rec.clone(), VcpuOptions::default());
+    let options = VcpuOptions::default();
+    let (h, evt) = vm.spawn_program(guests::fault(), DATA_ADDR, 0x512, rec.clone(), options);
     assert!(
         evt.read().is_err(),
         "the exit event fired before the guest ran"
@@ -117,23 +69,20 @@ fn triple_fault_waits_for_exit() {
     let m = h.metrics();
     assert_eq!((m.exits.shutdown, m.exits.io_out), (1, 1), "{m:?}");
 
-    expect(&h, VcpuRequest::Exit, ReplyOutcome::Exited);
-    h.join(TIMEOUT).expect("join");
+    exit_and_join(h);
 }
 
 #[test]
 fn device_stop_and_device_errors() {
-    let Some(kvm) = kvm_or_skip("device_stop_and_device_errors") else {
+    let Some(vm) = TestVm::or_skip("device_stop_and_device_errors", false) else {
         return;
     };
-    let vm = TestVm::new(kvm, false);
-    vm.load(guests::counter(), CODE_ADDR);
     // The counter lives at 0x300000, past guest RAM: every store is an MMIO write that the
     // recorder rejects. The guest keeps going; its report port then stops the VM.
     let counter = 0x30_0000;
-    let vcpu = vm.new_cpl3_vcpu(0, CODE_ADDR, counter, 0x513, 0);
     let rec = Recorder::stopping_on(0x513);
-    let (h, evt) = spawn(&vm, 0, vcpu, rec, VcpuOptions::default());
+    let options = VcpuOptions::default();
+    let (h, evt) = vm.spawn_program(guests::counter(), counter, 0x513, rec, options);
     // The MMIO exits are slow (~60 us each here): pause after a while instead of waiting for
     // 2^20 of them.
     expect(&h, VcpuRequest::Resume, ReplyOutcome::Resumed);
@@ -144,16 +93,14 @@ fn device_stop_and_device_errors() {
     let m = h.metrics();
     assert_eq!(m.device_errors, m.exits.mmio_write, "{m:?}");
     assert_eq!(h.state(), VcpuState::Paused, "device errors are not fatal");
-    expect(&h, VcpuRequest::Exit, ReplyOutcome::Exited);
     assert!(evt.read().is_err());
-    h.join(TIMEOUT).expect("join");
+    exit_and_join(h);
 
     // Same program with the counter in RAM: the first report stops the VM.
     let vm = TestVm::new(kvm_ioctls::Kvm::new().expect("kvm"), false);
-    vm.load(guests::counter(), CODE_ADDR);
-    let vcpu = vm.new_cpl3_vcpu(0, CODE_ADDR, DATA_ADDR, 0x513, 0);
     let rec = Recorder::stopping_on(0x513);
-    let (h, evt) = spawn(&vm, 0, vcpu, rec, VcpuOptions::default());
+    let options = VcpuOptions::default();
+    let (h, evt) = vm.spawn_program(guests::counter(), DATA_ADDR, 0x513, rec, options);
     expect(&h, VcpuRequest::Resume, ReplyOutcome::Resumed);
     assert_eq!(wait_event(&evt), 1);
     match h.exit_reason() {
@@ -164,16 +111,14 @@ fn device_stop_and_device_errors() {
         other => panic!("expected DeviceRequestedStop, got {other:?}"),
     }
     assert_eq!(vm.read_u64(DATA_ADDR), 1 << 20);
-    expect(&h, VcpuRequest::Exit, ReplyOutcome::Exited);
-    h.join(TIMEOUT).expect("join");
+    exit_and_join(h);
 }
 
 #[test]
 fn ap_runs_only_after_init_sipi() {
-    let Some(kvm) = kvm_or_skip("ap_runs_only_after_init_sipi") else {
+    let Some(vm) = TestVm::or_skip("ap_runs_only_after_init_sipi", true) else {
         return;
     };
-    let vm = TestVm::new(kvm, true);
     vm.load(guests::bsp_sipi(), CODE_ADDR);
     vm.load(guests::ap(), AP_CODE_ADDR);
     let rec = Recorder::stopping_on(0x514);
@@ -184,8 +129,19 @@ fn ap_runs_only_after_init_sipi() {
         ap.get_mp_state().expect("mp state").mp_state,
         kvm_bindings::KVM_MP_STATE_UNINITIALIZED
     );
-    let (bsp_h, bsp_evt) = spawn(&vm, 0, bsp, rec.clone(), VcpuOptions::default());
-    let (ap_h, ap_evt) = spawn(&vm, 1, ap, rec.clone(), VcpuOptions::default());
+    // Both threads are started before either is waited for.
+    let (bsp_parts, bsp_evt) = vm.parts(0, bsp, rec.clone());
+    let (ap_parts, ap_evt) = vm.parts(1, ap, rec.clone());
+    let pending: Vec<PendingVcpu> = [bsp_parts, ap_parts]
+        .into_iter()
+        .map(|parts| PendingVcpu::start(parts, VcpuOptions::default()).expect("start"))
+        .collect();
+    assert_eq!(
+        pending.iter().map(PendingVcpu::id).collect::<Vec<_>>(),
+        [0, 1]
+    );
+    let mut handles = pending.into_iter().map(|p| p.wait_ready().expect("ready"));
+    let (bsp_h, ap_h) = (handles.next().expect("bsp"), handles.next().expect("ap"));
 
     // The AP's thread is running but blocked inside KVM_RUN: no guest exits, and it still
     // answers (each request kicks it out with EINTR).
@@ -229,12 +185,9 @@ fn ap_runs_only_after_init_sipi() {
 
 #[test]
 fn seccomp_refuses_a_syscall_outside_the_list() {
-    let Some(kvm) = kvm_or_skip("seccomp_refuses_a_syscall_outside_the_list") else {
+    let Some(vm) = TestVm::or_skip("seccomp_refuses_a_syscall_outside_the_list", false) else {
         return;
     };
-    let vm = TestVm::new(kvm, false);
-    vm.load(guests::pio(), CODE_ADDR);
-    let vcpu = vm.new_cpl3_vcpu(0, CODE_ADDR, DATA_ADDR, 0x515, 0);
     // The handler calls getpid(2) (not in the allow-list) on every port write and keeps
     // what the calls returned (bounded).
     let results = Arc::new(Mutex::new(Vec::<(i64, i32)>::new()));
@@ -252,7 +205,7 @@ fn seccomp_refuses_a_syscall_outside_the_list() {
         seccomp: SeccompMode::errno_eperm(),
         ..VcpuOptions::default()
     };
-    let (h, _evt) = spawn(&vm, 0, vcpu, rec.clone(), options);
+    let (h, _evt) = vm.spawn_program(guests::pio(), DATA_ADDR, 0x515, rec.clone(), options);
     expect(&h, VcpuRequest::Resume, ReplyOutcome::Resumed);
     rec.wait_port(0x515, 50, TIMEOUT);
     // The vCPU keeps working: it pauses, resumes and makes progress.
@@ -260,8 +213,7 @@ fn seccomp_refuses_a_syscall_outside_the_list() {
     let count = rec.port(0x515).0;
     expect(&h, VcpuRequest::Resume, ReplyOutcome::Resumed);
     rec.wait_port(0x515, count + 50, TIMEOUT);
-    expect(&h, VcpuRequest::Exit, ReplyOutcome::Exited);
-    h.join(TIMEOUT).expect("join");
+    exit_and_join(h);
 
     let results = results.lock().expect("lock");
     assert!(results.len() >= 100);
@@ -271,78 +223,76 @@ fn seccomp_refuses_a_syscall_outside_the_list() {
         &results[..3]
     );
     // The filter confines the vCPU thread only.
-    // SAFETY: as above.
-    assert_eq!(
-        unsafe { libc::syscall(libc::SYS_getpid) },
-        i64::from(std::process::id())
-    );
+    // SAFETY: getpid has no arguments and no side effects.
+    let pid = unsafe { libc::syscall(libc::SYS_getpid) };
+    assert_eq!(pid, i64::from(std::process::id()));
 }
 
 #[test]
 fn the_default_allow_list_is_enough_for_the_actor_itself() {
-    let Some(kvm) = kvm_or_skip("the_default_allow_list_is_enough_for_the_actor_itself") else {
+    let test = "the_default_allow_list_is_enough_for_the_actor_itself";
+    let Some(vm) = TestVm::or_skip(test, false) else {
         return;
     };
     // Any syscall the actor makes outside the list would kill this test process.
-    let vm = TestVm::new(kvm, false);
-    vm.load(guests::pio(), CODE_ADDR);
-    let vcpu = vm.new_cpl3_vcpu(0, CODE_ADDR, DATA_ADDR, 0x516, 0);
     let rec = Recorder::new();
     let options = VcpuOptions {
         seccomp: SeccompMode::kill(),
         ..VcpuOptions::default()
     };
-    let (h, _evt) = spawn(&vm, 0, vcpu, rec.clone(), options);
-    for round in 1..=3u64 {
-        expect(&h, VcpuRequest::Resume, ReplyOutcome::Resumed);
-        rec.wait_port(0x516, 20 * round, TIMEOUT);
-        expect(
-            &h,
-            VcpuRequest::GetTid,
-            ReplyOutcome::Tid(h.tid().expect("tid")),
-        );
-        expect(&h, VcpuRequest::Pause, ReplyOutcome::Paused);
-    }
-    expect(&h, VcpuRequest::Exit, ReplyOutcome::Exited);
-    h.join(TIMEOUT).expect("join");
+    let (h, _evt) = vm.spawn_program(guests::pio(), DATA_ADDR, 0x516, rec.clone(), options);
+    run_in_rounds(&h, &rec, 0x516, 3, 20);
+    exit_and_join(h);
 }
 
 #[test]
 fn a_failed_spawn_gives_the_vcpu_fd_back() {
-    let Some(kvm) = kvm_or_skip("a_failed_spawn_gives_the_vcpu_fd_back") else {
+    let Some(vm) = TestVm::or_skip("a_failed_spawn_gives_the_vcpu_fd_back", false) else {
         return;
     };
-    let vm = TestVm::new(kvm, false);
     vm.load(guests::fault(), CODE_ADDR);
     let vcpu = vm.new_cpl3_vcpu(0, CODE_ADDR, DATA_ADDR, 0x512, 0);
-    let evt = EventFd::new(EFD_NONBLOCK).expect("eventfd");
+    let (parts, _) = vm.parts(0, vcpu, Recorder::new());
     // An empty BPF program: the thread cannot install it.
     let options = VcpuOptions {
         seccomp: SeccompMode::Custom(Vec::new()),
         ..VcpuOptions::default()
     };
-    let failure = VcpuActor::spawn_keeping_fd(
-        0,
-        vcpu,
-        vm.mmap_size,
-        Recorder::new(),
-        evt.try_clone().expect("eventfd"),
-        options,
-    )
-    .expect_err("an empty filter cannot be installed");
+    let failure =
+        VcpuHandle::spawn(parts, options).expect_err("an empty filter cannot be installed");
     assert!(
         failure.error.to_string().contains("seccomp"),
         "{}",
         failure.error
     );
     let vcpu = failure.vcpu.expect("the fd comes back");
+
+    // A kick signal that already has someone else's handler is refused, the fd comes back.
+    let offset = 9;
+    let sig = vmm_sys_util::signal::SIGRTMIN() + offset;
+    vmm_sys_util::signal::register_signal_handler(sig, foreign_handler).expect("sigaction");
+    let (parts, _) = vm.parts(0, vcpu, Recorder::new());
+    let options = VcpuOptions {
+        kick_signal_offset: offset,
+        ..VcpuOptions::default()
+    };
+    let failure = VcpuHandle::spawn(parts, options).expect_err("the signal is someone else's");
+    assert!(
+        matches!(failure.error, VcpuError::KickSignalInUse { signal, .. } if signal == sig),
+        "{}",
+        failure.error
+    );
+    let vcpu = failure.vcpu.expect("the fd comes back");
+
     // The same KVM vCPU runs under a new actor: the guest triple-faults as it should.
-    let (h, evt) = spawn(&vm, 0, vcpu, Recorder::new(), VcpuOptions::default());
+    let (h, evt) = vm.spawn(0, vcpu, Recorder::new(), VcpuOptions::default());
     expect(&h, VcpuRequest::Resume, ReplyOutcome::Resumed);
     assert_eq!(wait_event(&evt), 1);
     assert!(matches!(
         h.exit_reason(),
         Some(VcpuExitReason::TripleFault { vcpu_id: 0, .. })
     ));
-    h.join(TIMEOUT).expect("join");
+    exit_and_join(h);
 }
+
+extern "C" fn foreign_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}

@@ -6,40 +6,26 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{guests, kvm_or_skip, wait_until, Recorder, TestVm, CODE_ADDR, DATA_ADDR, TIMEOUT};
-use vcpu_actor::{
-    ReplyOutcome, VcpuActor, VcpuError, VcpuHandle, VcpuOptions, VcpuRequest, VcpuState,
+use common::{
+    expect, expect_gone_or_refused, expect_queries, guests, run_in_rounds, wait_until, Recorder,
+    TestVm, CODE_ADDR, DATA_ADDR, TIMEOUT,
 };
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vcpu_actor::{ReplyOutcome, VcpuError, VcpuHandle, VcpuOptions, VcpuRequest, VcpuState};
 
 const REPORT_PORT: u16 = 0x510;
 
 /// Spawns vCPU 0 running the counter guest, which counts at DATA_ADDR.
 fn counter_actor(vm: &TestVm, rec: Arc<Recorder>) -> VcpuHandle {
-    vm.load(guests::counter(), CODE_ADDR);
-    let vcpu = vm.new_cpl3_vcpu(0, CODE_ADDR, DATA_ADDR, REPORT_PORT.into(), 0);
-    let evt = EventFd::new(EFD_NONBLOCK).expect("eventfd");
-    VcpuActor::spawn(0, vcpu, vm.mmap_size, rec, evt, VcpuOptions::default()).expect("spawn")
-}
-
-fn expect(h: &VcpuHandle, req: VcpuRequest, outcome: ReplyOutcome) {
-    let reply = h.request(req, TIMEOUT).expect("reply");
-    assert_eq!(reply.vcpu_id, h.id());
-    assert_eq!(reply.request, req);
-    assert_eq!(
-        reply.outcome,
-        outcome,
-        "reply to {req}; exit reason: {:?}",
-        h.exit_reason()
-    );
+    let options = VcpuOptions::default();
+    vm.spawn_program(guests::counter(), DATA_ADDR, REPORT_PORT, rec, options)
+        .0
 }
 
 #[test]
 fn counter_guest_follows_pause_and_resume() {
-    let Some(kvm) = kvm_or_skip("counter_guest_follows_pause_and_resume") else {
+    let Some(vm) = TestVm::or_skip("counter_guest_follows_pause_and_resume", false) else {
         return;
     };
-    let vm = TestVm::new(kvm, false);
     let rec = Recorder::new();
     let h = counter_actor(&vm, rec.clone());
     assert_eq!(h.state(), VcpuState::Paused);
@@ -88,10 +74,9 @@ fn counter_guest_follows_pause_and_resume() {
 
 #[test]
 fn thousand_pause_resume_cycles_lose_no_reply() {
-    let Some(kvm) = kvm_or_skip("thousand_pause_resume_cycles_lose_no_reply") else {
+    let Some(vm) = TestVm::or_skip("thousand_pause_resume_cycles_lose_no_reply", false) else {
         return;
     };
-    let vm = TestVm::new(kvm, false);
     let h = counter_actor(&vm, Recorder::new());
 
     // One at a time.
@@ -127,24 +112,14 @@ fn thousand_pause_resume_cycles_lose_no_reply() {
 
 #[test]
 fn rapid_messages_from_other_threads_are_all_answered() {
-    let Some(kvm) = kvm_or_skip("rapid_messages_from_other_threads_are_all_answered") else {
+    let Some(vm) = TestVm::or_skip("rapid_messages_from_other_threads_are_all_answered", false)
+    else {
         return;
     };
-    let vm = TestVm::new(kvm, false);
     // The pio guest exits on every iteration, so messages also arrive while an exit is
     // being handled, not only while the guest runs.
-    vm.load(guests::pio(), CODE_ADDR);
-    let vcpu = vm.new_cpl3_vcpu(0, CODE_ADDR, DATA_ADDR, 0x511, 0);
-    let evt = EventFd::new(EFD_NONBLOCK).expect("eventfd");
-    let h = VcpuActor::spawn(
-        0,
-        vcpu,
-        vm.mmap_size,
-        Recorder::new(),
-        evt,
-        VcpuOptions::default(),
-    )
-    .expect("spawn");
+    let options = VcpuOptions::default();
+    let (h, _evt) = vm.spawn_program(guests::pio(), DATA_ADDR, 0x511, Recorder::new(), options);
     let h = Arc::new(h);
     expect(&h, VcpuRequest::Resume, ReplyOutcome::Resumed);
 
@@ -194,52 +169,36 @@ fn rapid_messages_from_other_threads_are_all_answered() {
 
 #[test]
 fn requests_in_paused_and_running_states() {
-    let Some(kvm) = kvm_or_skip("requests_in_paused_and_running_states") else {
+    let Some(vm) = TestVm::or_skip("requests_in_paused_and_running_states", false) else {
         return;
     };
-    let vm = TestVm::new(kvm, false);
     let h = counter_actor(&vm, Recorder::new());
     let tid = h.tid().expect("tid");
 
     expect(&h, VcpuRequest::Pause, ReplyOutcome::Paused);
-    expect(
-        &h,
-        VcpuRequest::GetState,
-        ReplyOutcome::State(VcpuState::Paused),
-    );
-    expect(&h, VcpuRequest::GetTid, ReplyOutcome::Tid(tid));
+    expect_queries(&h, VcpuState::Paused, tid);
     assert_eq!(h.metrics().pauses, 0, "pause while paused is a no-op");
 
     expect(&h, VcpuRequest::Resume, ReplyOutcome::Resumed);
     expect(&h, VcpuRequest::Resume, ReplyOutcome::Resumed);
-    expect(
-        &h,
-        VcpuRequest::GetState,
-        ReplyOutcome::State(VcpuState::Running),
-    );
-    expect(&h, VcpuRequest::GetTid, ReplyOutcome::Tid(tid));
+    expect_queries(&h, VcpuState::Running, tid);
     assert_eq!(h.metrics().resumes, 1, "resume while running is a no-op");
 
     // Exit straight from running.
     expect(&h, VcpuRequest::Exit, ReplyOutcome::Exited);
     // After exit: either the send fails or the queued request is refused.
-    match h.request(VcpuRequest::Resume, TIMEOUT) {
-        Err(VcpuError::ThreadGone { state, .. }) => assert_eq!(state, VcpuState::Exited),
-        Ok(r) => assert!(matches!(r.outcome, ReplyOutcome::NotAllowed(_)), "{r:?}"),
-        Err(e) => panic!("unexpected error {e}"),
-    }
+    expect_gone_or_refused(&h, VcpuRequest::Resume);
     h.join(TIMEOUT).expect("join");
 }
 
 #[test]
 fn exit_while_paused_and_drop_without_join() {
-    let Some(kvm) = kvm_or_skip("exit_while_paused_and_drop_without_join") else {
+    let Some(vm) = TestVm::or_skip("exit_while_paused_and_drop_without_join", false) else {
         return;
     };
-    let vm = TestVm::new(kvm, false);
     let h = counter_actor(&vm, Recorder::new());
     expect(&h, VcpuRequest::Exit, ReplyOutcome::Exited);
-    expect_gone_or_refused(&h);
+    expect_gone_or_refused(&h, VcpuRequest::Pause);
     h.join(TIMEOUT).expect("join");
 
     // join() on a running actor sends Exit itself.
@@ -258,10 +217,88 @@ fn vm_again() -> TestVm {
     TestVm::new(kvm_ioctls::Kvm::new().expect("kvm"), false)
 }
 
-fn expect_gone_or_refused(h: &VcpuHandle) {
-    match h.request(VcpuRequest::Pause, TIMEOUT) {
-        Err(VcpuError::ThreadGone { .. }) => {}
-        Ok(r) => assert!(matches!(r.outcome, ReplyOutcome::NotAllowed(_)), "{r:?}"),
-        Err(e) => panic!("unexpected error {e}"),
-    }
+/// The lowest address and the size of the calling thread's stack.
+fn current_stack() -> (usize, usize) {
+    let mut attr = std::mem::MaybeUninit::<libc::pthread_attr_t>::uninit();
+    // SAFETY: pthread_self has no preconditions.
+    let me = unsafe { libc::pthread_self() };
+    // SAFETY: `attr` is valid for writes; pthread_getattr_np initializes it.
+    let rc = unsafe { libc::pthread_getattr_np(me, attr.as_mut_ptr()) };
+    assert_eq!(rc, 0);
+    let (mut addr, mut size) = (std::ptr::null_mut(), 0usize);
+    // SAFETY: `attr` was initialized above; the out-pointers are valid.
+    let rc = unsafe { libc::pthread_attr_getstack(attr.as_ptr(), &mut addr, &mut size) };
+    assert_eq!(rc, 0);
+    // SAFETY: destroys the attr initialized above, once.
+    unsafe { libc::pthread_attr_destroy(attr.as_mut_ptr()) };
+    (addr as usize, size)
+}
+
+/// How many bytes of `[addr, addr + size)` are resident: the pages a stack has touched.
+fn resident_bytes(addr: usize, size: usize) -> usize {
+    let page = 4096;
+    let mut vec = vec![0u8; size.div_ceil(page)];
+    // SAFETY: the range is the vCPU thread's mapped stack (the thread is alive and paused);
+    // `vec` has one byte per page.
+    let rc = unsafe { libc::mincore(addr as *mut libc::c_void, size, vec.as_mut_ptr()) };
+    assert_eq!(rc, 0, "mincore: {}", std::io::Error::last_os_error());
+    vec.iter().filter(|&&b| b & 1 != 0).count() * page
+}
+
+#[test]
+fn the_default_stack_leaves_a_wide_margin() {
+    let Some(vm) = TestVm::or_skip("the_default_stack_leaves_a_wide_margin", false) else {
+        return;
+    };
+    let stack = Arc::new(std::sync::OnceLock::new());
+    let seen = Arc::clone(&stack);
+    let rec = Recorder::with_hook(move |_, _| {
+        seen.get_or_init(current_stack);
+    });
+    // Port exits through the handler, kicks (the signal frame lands on this stack) and
+    // every request, on the default stack size.
+    let options = VcpuOptions::default();
+    let (h, _evt) = vm.spawn_program(guests::pio(), DATA_ADDR, 0x517, rec.clone(), options);
+    run_in_rounds(&h, &rec, 0x517, 50, 10);
+    let &(addr, size) = stack.get().expect("the handler ran");
+    assert_eq!(size, VcpuOptions::DEFAULT_STACK_SIZE);
+    let used = resident_bytes(addr, size);
+    eprintln!("vCPU thread stack: {used} of {size} bytes touched");
+    assert!(
+        used <= size / 2,
+        "the vCPU thread touched {used} of its {size} stack bytes: raise DEFAULT_STACK_SIZE"
+    );
+    h.join(TIMEOUT).expect("join");
+}
+
+#[test]
+fn duration_max_waits_without_deadline_and_unwinding_drops_cleanly() {
+    let Some(vm) = TestVm::or_skip(
+        "duration_max_waits_without_deadline_and_unwinding_drops_cleanly",
+        false,
+    ) else {
+        return;
+    };
+    let h = counter_actor(&vm, Recorder::new());
+    // A timeout that cannot be added to the current time means "no deadline", never an
+    // overflow panic.
+    let reply = h
+        .request(VcpuRequest::Resume, Duration::MAX)
+        .expect("reply");
+    assert_eq!(reply.outcome, ReplyOutcome::Resumed);
+    let id = h.send(VcpuRequest::Pause).expect("send");
+    let reply = h.wait_reply(id, Duration::MAX).expect("reply");
+    assert_eq!(reply.outcome, ReplyOutcome::Paused);
+    h.join(Duration::MAX).expect("join without deadline");
+
+    // A handle dropped while its owner unwinds from a panic asks the thread to exit and
+    // does not panic again (which would abort the process).
+    let h = counter_actor(&vm_again(), Recorder::new());
+    expect(&h, VcpuRequest::Resume, ReplyOutcome::Resumed);
+    let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+        let _owner = h;
+        panic!("the VMM's own panic");
+    }));
+    let payload = unwound.expect_err("the closure panics");
+    assert_eq!(payload.downcast_ref::<&str>(), Some(&"the VMM's own panic"));
 }

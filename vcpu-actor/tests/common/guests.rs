@@ -1,6 +1,6 @@
 //! Guest programs, assembled into `.rodata` and copied into guest memory by the tests.
 //!
-//! Long-mode programs run at CPL 3 (native speed on PVM, see shared/docs/host-kvm.md) and
+//! Long-mode programs run at CPL 3 (native speed on the PVM test hosts, see docs/host-notes.md) and
 //! take their parameters in registers set by `TestVm::new_cpl3_vcpu`: `rdi` = a data address,
 //! `rdx` = an I/O port, `rsi` = a program-specific value.
 

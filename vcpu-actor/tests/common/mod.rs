@@ -1,17 +1,23 @@
-//! Shared helpers for the vcpu-actor tests and benchmark: a KVM VM with identity-mapped
-//! memory, CPL-3 long-mode vCPUs, and an exit handler that records port writes.
+//! Shared helpers for the vcpu-actor tests: a KVM VM with identity-mapped memory, CPL-3
+//! long-mode vCPUs, an exit handler that records port writes, and the request helpers.
 #![allow(dead_code)]
 
 pub mod guests;
 
 use std::collections::HashMap;
+use std::os::fd::AsRawFd;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_segment, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
-use vcpu_actor::{DeviceError, ExitHandler, IoOutcome};
+pub use vcpu_actor::test_util::kvm_or_skip;
+use vcpu_actor::{
+    DeviceError, ExitHandler, IoOutcome, ReplyOutcome, VcpuError, VcpuHandle, VcpuOptions,
+    VcpuParts, VcpuRequest, VcpuState,
+};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Guest memory size.
 pub const MEM_SIZE: usize = 2 << 20;
@@ -32,20 +38,6 @@ pub const DATA_ADDR: u64 = 0x100000;
 /// Generous timeout for every wait: turns a hang into a failure.
 pub const TIMEOUT: Duration = Duration::from_secs(20);
 
-/// Opens /dev/kvm, or returns `None` after a loud SKIPPED line (fails if VCPU_REQUIRE_KVM=1).
-pub fn kvm_or_skip(test: &str) -> Option<Kvm> {
-    match Kvm::new() {
-        Ok(kvm) => Some(kvm),
-        Err(e) => {
-            if std::env::var("VCPU_REQUIRE_KVM").as_deref() == Ok("1") {
-                panic!("{test}: VCPU_REQUIRE_KVM=1 but /dev/kvm cannot be opened: {e}");
-            }
-            eprintln!("SKIPPED (no /dev/kvm): {test}: {e}");
-            None
-        }
-    }
-}
-
 /// A VM with `MEM_SIZE` bytes at guest-physical 0, page tables and a GDT.
 pub struct TestVm {
     pub kvm: Kvm,
@@ -55,6 +47,11 @@ pub struct TestVm {
 }
 
 impl TestVm {
+    /// The VM of test `test`, or `None` after [`kvm_or_skip`]'s SKIPPED line.
+    pub fn or_skip(test: &str, irqchip: bool) -> Option<TestVm> {
+        kvm_or_skip(test).map(|kvm| TestVm::new(kvm, irqchip))
+    }
+
     /// Creates the VM; `irqchip` adds the in-kernel PIC/IOAPIC/LAPICs (needed for INIT/SIPI).
     pub fn new(kvm: Kvm, irqchip: bool) -> TestVm {
         let vm = kvm.create_vm().expect("KVM_CREATE_VM");
@@ -138,6 +135,48 @@ impl TestVm {
         self.mem
             .write_slice(program, GuestAddress(addr))
             .expect("load program");
+    }
+
+    /// The parts of an actor for `vcpu`, with a non-blocking exit EventFd (a clone of it is
+    /// returned beside).
+    pub fn parts(&self, id: u32, vcpu: VcpuFd, handler: Arc<Recorder>) -> (VcpuParts, EventFd) {
+        let exit_evt = EventFd::new(EFD_NONBLOCK).expect("eventfd");
+        let mine = exit_evt.try_clone().expect("eventfd");
+        let parts = VcpuParts {
+            id,
+            vcpu,
+            vcpu_mmap_size: self.mmap_size,
+            handler,
+            exit_evt,
+        };
+        (parts, mine)
+    }
+
+    /// Spawns an actor for `vcpu`; returns its handle and its exit event.
+    pub fn spawn(
+        &self,
+        id: u32,
+        vcpu: VcpuFd,
+        handler: Arc<Recorder>,
+        options: VcpuOptions,
+    ) -> (VcpuHandle, EventFd) {
+        let (parts, evt) = self.parts(id, vcpu, handler);
+        (VcpuHandle::spawn(parts, options).expect("spawn"), evt)
+    }
+
+    /// Loads `program` at `CODE_ADDR` and spawns vCPU 0 running it at CPL 3 with
+    /// `rdi = data` and `rdx = port`.
+    pub fn spawn_program(
+        &self,
+        program: &[u8],
+        data: u64,
+        port: u16,
+        handler: Arc<Recorder>,
+        options: VcpuOptions,
+    ) -> (VcpuHandle, EventFd) {
+        self.load(program, CODE_ADDR);
+        let vcpu = self.new_cpl3_vcpu(0, CODE_ADDR, data, port.into(), 0);
+        self.spawn(0, vcpu, handler, options)
     }
 
     /// A vCPU with the host's supported CPUID and nothing else (an AP stays
@@ -323,5 +362,70 @@ pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
             "timed out after {TIMEOUT:?} waiting for {what}"
         );
         std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Sends `req`, waits for its reply and checks that it matches and has `outcome`.
+pub fn expect(h: &VcpuHandle, req: VcpuRequest, outcome: ReplyOutcome) {
+    let reply = h.request(req, TIMEOUT).expect("reply");
+    assert_eq!((reply.vcpu_id, reply.request), (h.id(), req));
+    assert_eq!(
+        reply.outcome,
+        outcome,
+        "reply to {req}; exit reason: {:?}",
+        h.exit_reason()
+    );
+}
+
+/// After `Exit`: sending `req` either fails (the thread is gone) or is refused.
+pub fn expect_gone_or_refused(h: &VcpuHandle, req: VcpuRequest) {
+    match h.request(req, TIMEOUT) {
+        Err(VcpuError::ThreadGone { state, .. }) => assert_eq!(state, VcpuState::Exited),
+        Ok(r) => assert!(
+            matches!(r.outcome, ReplyOutcome::NotAllowed { request, .. } if request == req),
+            "{r:?}"
+        ),
+        Err(e) => panic!("unexpected error {e}"),
+    }
+}
+
+/// Waits until the eventfd is readable and returns its counter.
+pub fn wait_event(evt: &EventFd) -> u64 {
+    let mut pfd = libc::pollfd {
+        fd: evt.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = i32::try_from(TIMEOUT.as_millis()).expect("timeout in ms fits in i32");
+    // SAFETY: one valid pollfd.
+    let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+    assert_eq!(
+        n, 1,
+        "the exit event did not become readable within {TIMEOUT:?}"
+    );
+    evt.read().expect("read exit event")
+}
+
+/// Sends `Exit`, checks the reply and joins the thread; returns the vCPU fd.
+pub fn exit_and_join(h: VcpuHandle) -> VcpuFd {
+    expect(&h, VcpuRequest::Exit, ReplyOutcome::Exited);
+    h.join(TIMEOUT).expect("join")
+}
+
+/// Checks what `GetState` and `GetTid` answer.
+pub fn expect_queries(h: &VcpuHandle, state: VcpuState, tid: i32) {
+    expect(h, VcpuRequest::GetState, ReplyOutcome::State(state));
+    expect(h, VcpuRequest::GetTid, ReplyOutcome::Tid(tid));
+}
+
+/// `rounds` times: resume, wait until `port` has `per_round` more writes, check the
+/// queries while running, pause.
+pub fn run_in_rounds(h: &VcpuHandle, rec: &Recorder, port: u16, rounds: u64, per_round: u64) {
+    let tid = h.tid().expect("tid");
+    for round in 1..=rounds {
+        expect(h, VcpuRequest::Resume, ReplyOutcome::Resumed);
+        rec.wait_port(port, per_round * round, TIMEOUT);
+        expect_queries(h, VcpuState::Running, tid);
+        expect(h, VcpuRequest::Pause, ReplyOutcome::Paused);
     }
 }

@@ -1,0 +1,274 @@
+//! The manager's end of a vCPU actor ([`VcpuHandle`]) and what it shares with the thread.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use kvm_ioctls::VcpuFd;
+use slog::{debug, warn, Logger};
+
+use crate::kick::KvmRunMapping;
+use crate::metrics::VcpuMetrics;
+use crate::state::AtomicVcpuState;
+use crate::VcpuState;
+use crate::{RequestId, VcpuError, VcpuExitReason, VcpuMetricsSnapshot, VcpuReply, VcpuRequest};
+
+/// A request as it travels through the mailbox.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Envelope {
+    pub(crate) id: RequestId,
+    pub(crate) request: VcpuRequest,
+}
+
+/// Replies not yet claimed by `wait_reply`.
+#[derive(Debug, Default)]
+pub(crate) struct ReplyBox {
+    pub(crate) replies: BTreeMap<u64, VcpuReply>,
+    /// The thread has dropped its mailbox: no further replies will come.
+    pub(crate) finished: bool,
+}
+
+/// What the handle and the thread share.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) id: u32,
+    pub(crate) state: AtomicVcpuState,
+    pub(crate) metrics: VcpuMetrics,
+    /// 0 until the thread has started.
+    pub(crate) tid: AtomicI32,
+    pub(crate) exit_reason: OnceLock<VcpuExitReason>,
+    pub(crate) replies: Mutex<ReplyBox>,
+    pub(crate) reply_ready: Condvar,
+    /// Dropped (unmapped) with the last of the handle and the thread, so every write to
+    /// `immediate_exit`, from either side, lands in a live mapping.
+    pub(crate) kvm_run: KvmRunMapping,
+}
+
+impl Shared {
+    pub(crate) fn new(id: u32, kvm_run: KvmRunMapping) -> Self {
+        Shared {
+            id,
+            state: AtomicVcpuState::new(VcpuState::Paused),
+            metrics: VcpuMetrics::default(),
+            tid: AtomicI32::new(0),
+            exit_reason: OnceLock::new(),
+            replies: Mutex::new(ReplyBox::default()),
+            reply_ready: Condvar::new(),
+            kvm_run,
+        }
+    }
+
+    pub(crate) fn lock_replies(&self) -> MutexGuard<'_, ReplyBox> {
+        // A poisoned lock only means a waiter panicked; the map itself is consistent.
+        self.replies.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The manager's end of one vCPU actor, made by [`VcpuHandle::spawn`] or
+/// [`PendingVcpu::wait_ready`](crate::PendingVcpu::wait_ready). `Send + Sync`: any thread may
+/// send requests and wait for their replies. Dropping the handle without
+/// [`join`](Self::join) asks the thread to exit and detaches it.
+#[derive(Debug)]
+pub struct VcpuHandle {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) tx: Sender<Envelope>,
+    pub(crate) done_rx: Receiver<VcpuFd>,
+    pub(crate) join: Option<JoinHandle<()>>,
+    /// Valid while `join` is `Some` (the thread is not joined, so the id is not reused).
+    pub(crate) pthread: libc::pthread_t,
+    pub(crate) next_id: AtomicU64,
+    pub(crate) kick_signal: libc::c_int,
+    pub(crate) logger: Logger,
+}
+
+impl VcpuHandle {
+    /// The vCPU id.
+    pub fn id(&self) -> u32 {
+        self.shared.id
+    }
+
+    /// Enqueues `req` and kicks the thread out of `KVM_RUN` so that it sees it promptly.
+    /// The reply is taken with [`wait_reply`](Self::wait_reply).
+    ///
+    /// # Errors
+    ///
+    /// [`VcpuError::ThreadGone`] when the thread has closed its mailbox.
+    pub fn send(&self, req: VcpuRequest) -> Result<RequestId, VcpuError> {
+        let id = RequestId(self.next_id.fetch_add(1, Ordering::Relaxed));
+        self.tx
+            .send(Envelope { id, request: req })
+            .map_err(|_| self.thread_gone())?;
+        self.kick();
+        Ok(id)
+    }
+
+    /// Makes the thread leave `KVM_RUN` (if it is in it) and look at its mailbox; see the
+    /// ordering argument in the `kick` module.
+    fn kick(&self) {
+        self.shared.kvm_run.request_immediate_exit();
+        if self.shared.state.load() == VcpuState::Running && self.join.is_some() {
+            // SAFETY: `pthread` belongs to a thread that has not been joined (`join` is Some),
+            // so the id is valid even if the thread has ended (pthread_kill then says ESRCH).
+            let rc = unsafe { libc::pthread_kill(self.pthread, self.kick_signal) };
+            if rc != 0 && rc != libc::ESRCH {
+                warn!(self.logger, "cannot signal the vCPU thread";
+                      "signal" => self.kick_signal, "errno" => rc);
+            }
+        }
+    }
+
+    fn thread_gone(&self) -> VcpuError {
+        VcpuError::ThreadGone {
+            vcpu_id: self.shared.id,
+            state: self.shared.state.load(),
+        }
+    }
+
+    /// Waits up to `timeout` for the reply to request `id` and takes it (each reply can be
+    /// taken once). A `timeout` too large to add to the current time (e.g. `Duration::MAX`)
+    /// waits without a deadline.
+    ///
+    /// # Errors
+    ///
+    /// [`VcpuError::UnknownRequest`] for an id this handle did not issue,
+    /// [`VcpuError::ReplyTimeout`] when no reply came in time (or it was already taken),
+    /// [`VcpuError::ThreadGone`] when the thread ended without answering.
+    pub fn wait_reply(&self, id: RequestId, timeout: Duration) -> Result<VcpuReply, VcpuError> {
+        if id.0 >= self.next_id.load(Ordering::Relaxed) {
+            return Err(VcpuError::UnknownRequest {
+                vcpu_id: self.shared.id,
+                request_id: id,
+            });
+        }
+        let deadline = Instant::now().checked_add(timeout);
+        let mut replies = self.shared.lock_replies();
+        loop {
+            if let Some(reply) = replies.replies.remove(&id.0) {
+                return Ok(reply);
+            }
+            if replies.finished {
+                return Err(self.thread_gone());
+            }
+            let now = Instant::now();
+            let left = match deadline {
+                Some(d) if d > now => d - now,
+                Some(_) => {
+                    return Err(VcpuError::ReplyTimeout {
+                        vcpu_id: self.shared.id,
+                        request_id: id,
+                        timeout,
+                        state: self.shared.state.load(),
+                    })
+                }
+                // A timeout too large for Instant: wait in long slices.
+                None => Duration::from_secs(3600),
+            };
+            replies = self
+                .shared
+                .reply_ready
+                .wait_timeout(replies, left)
+                .map(|(guard, _)| guard)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+    }
+
+    /// [`send`](Self::send) then [`wait_reply`](Self::wait_reply).
+    ///
+    /// # Errors
+    ///
+    /// Those of [`send`](Self::send) and [`wait_reply`](Self::wait_reply).
+    pub fn request(&self, req: VcpuRequest, timeout: Duration) -> Result<VcpuReply, VcpuError> {
+        let id = self.send(req)?;
+        self.wait_reply(id, timeout)
+    }
+
+    /// The state last published by the thread (a lock-free read).
+    pub fn state(&self) -> VcpuState {
+        self.shared.state.load()
+    }
+
+    /// Why the vCPU went to [`VcpuState::WaitingExit`], once it has.
+    pub fn exit_reason(&self) -> Option<VcpuExitReason> {
+        self.shared.exit_reason.get().cloned()
+    }
+
+    /// A copy of the vCPU's counters.
+    pub fn metrics(&self) -> VcpuMetricsSnapshot {
+        self.shared.metrics.snapshot(self.shared.id)
+    }
+
+    /// The Linux thread id of the vCPU thread (known once the handle exists).
+    pub fn tid(&self) -> Option<i32> {
+        match self.shared.tid.load(Ordering::Relaxed) {
+            0 => None,
+            tid => Some(tid),
+        }
+    }
+
+    /// Waits up to `timeout` for the thread to end and gives the vCPU fd back. If the actor
+    /// has not exited yet, `Exit` is sent first. A `timeout` too large to add to the current
+    /// time (e.g. `Duration::MAX`) waits without a deadline.
+    ///
+    /// # Errors
+    ///
+    /// [`VcpuError::JoinTimeout`] when the thread did not end in time (it stays detached,
+    /// the fd is lost), [`VcpuError::ThreadPanicked`] when it ended without the fd.
+    pub fn join(mut self, timeout: Duration) -> Result<VcpuFd, VcpuError> {
+        if self.shared.state.load() != VcpuState::Exited {
+            // The thread may be gone already; what matters is what done_rx says.
+            let _ = self.send(VcpuRequest::Exit);
+        }
+        let id = self.shared.id;
+        // crossbeam's recv_timeout waits without a deadline when `timeout` overflows Instant.
+        match self.done_rx.recv_timeout(timeout) {
+            Ok(fd) => {
+                if let Some(join) = self.join.take() {
+                    // The thread sent the fd as its last act; this returns promptly.
+                    let _ = join.join();
+                }
+                Ok(fd)
+            }
+            Err(RecvTimeoutError::Timeout) => Err(VcpuError::JoinTimeout {
+                vcpu_id: id,
+                timeout,
+                state: self.shared.state.load(),
+            }),
+            Err(RecvTimeoutError::Disconnected) => {
+                let message = match self.join.take().map(JoinHandle::join) {
+                    Some(Err(payload)) => panic_message(payload.as_ref()),
+                    _ => "the thread ended without giving the vCPU fd back".to_string(),
+                };
+                Err(VcpuError::ThreadPanicked {
+                    vcpu_id: id,
+                    message,
+                })
+            }
+        }
+    }
+}
+
+impl Drop for VcpuHandle {
+    fn drop(&mut self) {
+        if self.join.is_some() && self.shared.state.load() != VcpuState::Exited {
+            debug!(
+                self.logger,
+                "handle dropped without join: asking the vCPU thread to exit"
+            );
+            let _ = self.send(VcpuRequest::Exit);
+        }
+    }
+}
+
+/// The text of a panic payload.
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a non-string panic payload".to_string()
+    }
+}

@@ -1,0 +1,90 @@
+//! How the vCPU thread answers requests: the state table applied, replies stored for
+//! `wait_reply`.
+
+use std::sync::atomic::Ordering;
+
+use crossbeam_channel::TryRecvError;
+use slog::{debug, warn};
+
+use crate::handle::Envelope;
+use crate::state::{transition, Event, Transition};
+use crate::thread::VcpuThread;
+use crate::{ReplyOutcome, VcpuReply, VcpuRequest, VcpuState};
+
+/// At most this many replies wait unclaimed per vCPU; older ones are dropped (with a warning).
+const MAX_UNCLAIMED_REPLIES: usize = 4096;
+
+impl VcpuThread {
+    /// Handles every queued request (T2 of the kick protocol).
+    pub(crate) fn drain_mailbox(&mut self) {
+        loop {
+            match self.mailbox.try_recv() {
+                Ok(env) => self.handle(env),
+                Err(TryRecvError::Empty) => return,
+                Err(TryRecvError::Disconnected) => {
+                    self.set_state(VcpuState::Exited);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Answers one request.
+    pub(crate) fn handle(&mut self, env: Envelope) {
+        let outcome = match env.request {
+            VcpuRequest::GetTid => ReplyOutcome::Tid(self.shared.tid.load(Ordering::Relaxed)),
+            VcpuRequest::GetState => ReplyOutcome::State(self.state),
+            VcpuRequest::Resume => self.apply(Event::Resume, env.request, ReplyOutcome::Resumed),
+            VcpuRequest::Pause => self.apply(Event::Pause, env.request, ReplyOutcome::Paused),
+            VcpuRequest::Exit => self.apply(Event::Exit, env.request, ReplyOutcome::Exited),
+        };
+        self.reply(env, outcome);
+    }
+
+    fn apply(&mut self, event: Event, request: VcpuRequest, ok: ReplyOutcome) -> ReplyOutcome {
+        let from = self.state;
+        match transition(from, event) {
+            Transition::NotAllowed => ReplyOutcome::NotAllowed {
+                request,
+                state: from,
+            },
+            Transition::To(to) => {
+                if from == VcpuState::Running && to == VcpuState::Paused {
+                    self.shared.metrics.count_pause();
+                    // Tell the guest's kvmclock that it was stopped on purpose (no soft-lockup
+                    // warnings). A guest without kvmclock makes this fail: that is fine.
+                    if let Err(e) = self.vcpu.kvmclock_ctrl() {
+                        debug!(self.logger, "KVM_KVMCLOCK_CTRL not applied"; "error" => %e);
+                    }
+                }
+                if from == VcpuState::Paused && to == VcpuState::Running {
+                    self.shared.metrics.count_resume();
+                }
+                if from != to {
+                    debug!(self.logger, "state change"; "from" => %from, "to" => %to);
+                    self.set_state(to);
+                }
+                ok
+            }
+        }
+    }
+
+    fn reply(&self, env: Envelope, outcome: ReplyOutcome) {
+        let reply = VcpuReply {
+            vcpu_id: self.shared.id,
+            request_id: env.id,
+            request: env.request,
+            outcome,
+        };
+        let mut replies = self.shared.lock_replies();
+        if replies.replies.len() >= MAX_UNCLAIMED_REPLIES {
+            if let Some((old, _)) = replies.replies.pop_first() {
+                warn!(self.logger, "too many unclaimed replies, dropping the oldest";
+                      "request" => old);
+            }
+        }
+        replies.replies.insert(env.id.0, reply);
+        drop(replies);
+        self.shared.reply_ready.notify_all();
+    }
+}

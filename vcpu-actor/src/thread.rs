@@ -1,0 +1,323 @@
+//! The vCPU thread: its start, its loop around `KVM_RUN`, and why it leaves the loop.
+//! Requests are handled in `mailbox`.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crossbeam_channel::{Receiver, Sender};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use slog::{debug, error, info, warn, Logger};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::handle::{Envelope, Shared};
+use crate::kick;
+use crate::metrics::ExitKind;
+use crate::state::{transition, Event, Transition};
+use crate::{DeviceError, ExitHandler, IoOutcome, VcpuExitReason, VcpuState};
+
+// `kvm_system_event.type` values (include/uapi/linux/kvm.h).
+const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
+const KVM_SYSTEM_EVENT_RESET: u32 = 2;
+const KVM_SYSTEM_EVENT_CRASH: u32 = 3;
+
+/// What one trip through `KVM_RUN` asks the loop to do next.
+enum Step {
+    /// Look at the mailbox and run again.
+    Continue,
+    /// Go to `WaitingExit` for this reason (built once the exit borrow has ended).
+    Stop(LoopEnd),
+}
+
+/// Why the run loop ends its `Running` phase: the raw material of a [`VcpuExitReason`].
+enum LoopEnd {
+    Shutdown,
+    Reset,
+    TripleFault,
+    InternalError,
+    FailEntry(u64),
+    Unknown(Option<u32>),
+    DeviceStop,
+    RunError(i32),
+}
+
+/// Everything the vCPU thread owns.
+pub(crate) struct VcpuThread {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) vcpu: VcpuFd,
+    handler: Arc<dyn ExitHandler>,
+    exit_evt: EventFd,
+    pub(crate) mailbox: Receiver<Envelope>,
+    pub(crate) logger: Logger,
+    /// The thread's own copy of the state; published to `shared.state` on every change.
+    pub(crate) state: VcpuState,
+}
+
+/// Sets `finished` and wakes all waiters when the thread ends, even by a panic.
+struct FinishGuard {
+    shared: Arc<Shared>,
+    exit_evt: Option<EventFd>,
+}
+
+impl Drop for FinishGuard {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.shared.state.store(VcpuState::Exited);
+            if let Some(evt) = &self.exit_evt {
+                let _ = evt.write(1);
+            }
+        }
+        self.shared.lock_replies().finished = true;
+        self.shared.reply_ready.notify_all();
+    }
+}
+
+impl VcpuThread {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        vcpu: VcpuFd,
+        handler: Arc<dyn ExitHandler>,
+        exit_evt: EventFd,
+        mailbox: Receiver<Envelope>,
+        logger: &Logger,
+    ) -> Self {
+        VcpuThread {
+            shared,
+            vcpu,
+            handler,
+            exit_evt,
+            mailbox,
+            logger: logger.clone(),
+            state: VcpuState::Paused,
+        }
+    }
+
+    /// The body of the thread: get ready (kick signal, seccomp), report, loop, hand the fd
+    /// back through `done`.
+    pub(crate) fn run(
+        mut self,
+        kick_signal: libc::c_int,
+        filter: Option<seccompiler::BpfProgram>,
+        ready: Sender<Result<(), String>>,
+        done: Sender<VcpuFd>,
+    ) {
+        let mut guard = FinishGuard {
+            shared: Arc::clone(&self.shared),
+            exit_evt: self.exit_evt.try_clone().ok(),
+        };
+        // SAFETY: gettid has no preconditions and cannot fail.
+        let tid = unsafe { libc::gettid() };
+        self.shared.tid.store(tid, Ordering::Relaxed);
+        kick::unblock_in_current_thread(kick_signal);
+        if let Some(prog) = &filter {
+            if let Err(e) = seccompiler::apply_filter(prog) {
+                error!(self.logger, "cannot install the seccomp filter"; "error" => %e);
+                // No exit event for a thread that never became ready.
+                guard.exit_evt = None;
+                // The fd goes back to the spawner, which may create this vCPU again.
+                let _ = done.send(self.vcpu);
+                let _ = ready.send(Err(e.to_string()));
+                return;
+            }
+            debug!(self.logger, "seccomp filter installed"; "instructions" => prog.len());
+        }
+        if ready.send(Ok(())).is_err() {
+            return;
+        }
+        drop(ready);
+
+        self.main_loop();
+
+        // Answer what is still queued (in state Exited: Exit and queries succeed, the rest is
+        // not allowed), then close the mailbox so that later senders learn at once.
+        while let Ok(env) = self.mailbox.try_recv() {
+            self.handle(env);
+        }
+        let VcpuThread {
+            vcpu,
+            mailbox,
+            logger,
+            ..
+        } = self;
+        drop(mailbox);
+        info!(logger, "vCPU thread exits");
+        let _ = done.send(vcpu);
+        drop(guard);
+    }
+
+    fn main_loop(&mut self) {
+        loop {
+            match self.state {
+                VcpuState::Exited => return,
+                VcpuState::Paused | VcpuState::WaitingExit => match self.mailbox.recv() {
+                    Ok(env) => self.handle(env),
+                    // Every handle is gone: nobody can ask for anything any more.
+                    Err(_) => self.set_state(VcpuState::Exited),
+                },
+                VcpuState::Running => {
+                    // T1 then T2 of the kick protocol (see the `kick` module): the mailbox
+                    // is looked at only when a sender has set immediate_exit.
+                    let kicked = self.shared.kvm_run.clear_immediate_exit();
+                    if kicked {
+                        self.drain_mailbox();
+                    }
+                    if self.state != VcpuState::Running {
+                        continue;
+                    }
+                    // T3.
+                    match self.run_once() {
+                        Step::Continue => {}
+                        Step::Stop(end) => self.enter_waiting_exit(end),
+                    }
+                }
+            }
+        }
+    }
+
+    pub(crate) fn set_state(&mut self, s: VcpuState) {
+        self.state = s;
+        self.shared.state.store(s);
+    }
+
+    /// One `KVM_RUN` and the handling of its exit.
+    fn run_once(&mut self) -> Step {
+        let id = self.shared.id;
+        let start = Instant::now();
+        let result = self.vcpu.run();
+        let ns = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let metrics = &self.shared.metrics;
+        metrics.add_run_time_ns(ns);
+        let handler = &*self.handler;
+        let device = |r: Result<IoOutcome, DeviceError>, what: &str, at: u64| match r {
+            Ok(IoOutcome::Handled) => Step::Continue,
+            Ok(IoOutcome::StopVm) => Step::Stop(LoopEnd::DeviceStop),
+            Err(e) => {
+                let n = metrics.count_device_error();
+                // Rate-limited: a guest can hammer a failing device.
+                if n <= 16 || n.is_power_of_two() {
+                    warn!(self.logger, "device error"; "access" => what,
+                          "address" => format!("{at:#x}"), "error" => %e, "count" => n);
+                }
+                Step::Continue
+            }
+        };
+        match result {
+            Ok(VcpuExit::IoIn(port, data)) => {
+                metrics.count_exit(ExitKind::IoIn);
+                let r = handler.pio_read(id, port, data);
+                if r.is_err() {
+                    data.fill(0xff);
+                }
+                device(r, "pio_read", port.into())
+            }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                metrics.count_exit(ExitKind::IoOut);
+                device(handler.pio_write(id, port, data), "pio_write", port.into())
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                metrics.count_exit(ExitKind::MmioRead);
+                let r = handler.mmio_read(id, addr, data);
+                if r.is_err() {
+                    data.fill(0xff);
+                }
+                device(r, "mmio_read", addr)
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                metrics.count_exit(ExitKind::MmioWrite);
+                device(handler.mmio_write(id, addr, data), "mmio_write", addr)
+            }
+            Ok(VcpuExit::Hlt) => {
+                // Only without an in-kernel irqchip. KVM resumes the guest after the `hlt`
+                // on the next KVM_RUN; nothing else can wake it, so carry on.
+                metrics.count_exit(ExitKind::Hlt);
+                Step::Continue
+            }
+            Ok(VcpuExit::Shutdown) => {
+                metrics.count_exit(ExitKind::Shutdown);
+                Step::Stop(LoopEnd::TripleFault)
+            }
+            Ok(VcpuExit::SystemEvent(kind, _)) => {
+                metrics.count_exit(ExitKind::SystemEvent);
+                Step::Stop(match kind {
+                    KVM_SYSTEM_EVENT_SHUTDOWN | KVM_SYSTEM_EVENT_CRASH => LoopEnd::Shutdown,
+                    KVM_SYSTEM_EVENT_RESET => LoopEnd::Reset,
+                    _ => LoopEnd::Unknown(Some(kvm_bindings::KVM_EXIT_SYSTEM_EVENT)),
+                })
+            }
+            Ok(VcpuExit::InternalError) => {
+                metrics.count_exit(ExitKind::InternalError);
+                Step::Stop(LoopEnd::InternalError)
+            }
+            Ok(VcpuExit::FailEntry(reason, _cpu)) => {
+                metrics.count_exit(ExitKind::FailEntry);
+                Step::Stop(LoopEnd::FailEntry(reason))
+            }
+            Ok(VcpuExit::Unsupported(exit)) => {
+                metrics.count_exit(ExitKind::Unknown);
+                Step::Stop(LoopEnd::Unknown(Some(exit)))
+            }
+            Ok(_) => {
+                metrics.count_exit(ExitKind::Unknown);
+                Step::Stop(LoopEnd::Unknown(None))
+            }
+            Err(e) if e.errno() == libc::EINTR => {
+                metrics.count_exit(ExitKind::Eintr);
+                Step::Continue
+            }
+            Err(e) if e.errno() == libc::EAGAIN => {
+                metrics.count_exit(ExitKind::Eagain);
+                Step::Continue
+            }
+            Err(e) => Step::Stop(LoopEnd::RunError(e.errno())),
+        }
+    }
+
+    fn enter_waiting_exit(&mut self, end: LoopEnd) {
+        let vcpu_id = self.shared.id;
+        let rip = match self.vcpu.get_regs() {
+            Ok(regs) => regs.rip,
+            Err(e) => {
+                warn!(self.logger, "cannot read RIP for the exit reason; reporting 0";
+                      "error" => %e);
+                0
+            }
+        };
+        let reason = match end {
+            LoopEnd::Shutdown => VcpuExitReason::GuestShutdown { vcpu_id, rip },
+            LoopEnd::Reset => VcpuExitReason::GuestReset { vcpu_id, rip },
+            LoopEnd::TripleFault => VcpuExitReason::TripleFault { vcpu_id, rip },
+            LoopEnd::InternalError => {
+                // SAFETY: exit_reason was KVM_EXIT_INTERNAL_ERROR, so `internal` is the union
+                // member KVM filled in.
+                let suberror =
+                    unsafe { self.vcpu.get_kvm_run().__bindgen_anon_1.internal.suberror };
+                VcpuExitReason::InternalError {
+                    vcpu_id,
+                    rip,
+                    suberror,
+                }
+            }
+            LoopEnd::FailEntry(reason) => VcpuExitReason::FailEntry {
+                vcpu_id,
+                rip,
+                reason,
+            },
+            LoopEnd::Unknown(exit) => VcpuExitReason::Unknown {
+                vcpu_id,
+                rip,
+                exit: exit.unwrap_or_else(|| self.vcpu.get_kvm_run().exit_reason),
+            },
+            LoopEnd::DeviceStop => VcpuExitReason::DeviceRequestedStop { vcpu_id, rip },
+            LoopEnd::RunError(errno) => VcpuExitReason::KvmRunError { vcpu_id, errno },
+        };
+        if let Transition::To(to) = transition(self.state, Event::FatalExit) {
+            error!(self.logger, "vCPU stopped, waiting for exit"; "reason" => %reason);
+            // The reason is published before the state, so whoever sees WaitingExit sees it.
+            let _ = self.shared.exit_reason.set(reason);
+            self.set_state(to);
+            if let Err(e) = self.exit_evt.write(1) {
+                error!(self.logger, "cannot signal the exit event"; "error" => %e);
+            }
+        }
+    }
+}
