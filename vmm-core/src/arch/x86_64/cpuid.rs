@@ -1,9 +1,12 @@
-//! Conversion between KVM's `kvm_cpuid_entry2` and the KVM-free [`topology::CpuidEntry`].
+//! Conversion between KVM's `kvm_cpuid_entry2` and the KVM-free [`topology::CpuidEntry`], and
+//! setting a vCPU's CPUID ([`set_cpuid`]).
 //!
 //! The two have the same fields with the same meaning, so this is a field-by-field copy; it
-//! lives here so that no other module touches the KVM layout.
+//! lives here so that no other module touches the KVM layout. What the entries say (topology
+//! leaves, vPMU edits) is decided by the `topology` and `vpmu` crates.
 
 use kvm_bindings::{kvm_cpuid_entry2, CpuId};
+use kvm_ioctls::VcpuFd;
 use topology::CpuidEntry;
 
 use crate::VmmError;
@@ -47,6 +50,33 @@ pub fn entries_to_kvm(entries: &[CpuidEntry]) -> Result<CpuId, VmmError> {
         count: entries.len(),
         max: kvm_bindings::KVM_MAX_CPUID_ENTRIES,
     })
+}
+
+/// What [`set_cpuid`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CpuidSet {
+    /// KVM took the entries.
+    Set,
+    /// A vCPU fd that has run before kept its CPUID: KVM refuses to change CPUID once a vCPU
+    /// has run (EINVAL unless identical, and KVM edits some bits at run time).
+    KeptFromEarlierRun,
+}
+
+/// Sets `entries` as the CPUID of `vcpu` (KVM vCPU id `vcpu_id`). With `reused` (a kept vCPU
+/// fd, whose APIC ID fixes its index and so its CPUID), KVM's EINVAL means the vCPU keeps the
+/// CPUID it already has.
+pub fn set_cpuid(
+    vcpu: &VcpuFd,
+    vcpu_id: u32,
+    entries: &[CpuidEntry],
+    reused: bool,
+) -> Result<CpuidSet, VmmError> {
+    let cpuid = entries_to_kvm(entries)?;
+    match vcpu.set_cpuid2(&cpuid) {
+        Ok(()) => Ok(CpuidSet::Set),
+        Err(e) if reused && e.errno() == libc::EINVAL => Ok(CpuidSet::KeptFromEarlierRun),
+        Err(e) => Err(crate::vcpu_kvm_error(vcpu_id, "KVM_SET_CPUID2")(e)),
+    }
 }
 
 #[cfg(test)]
