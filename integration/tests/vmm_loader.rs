@@ -1,11 +1,9 @@
 //! The loader on real KVM, without the vCPU manager: a program entered at CPL 3 and at CPL 0
 //! does port I/O (CPL 3 through the TSS I/O bitmap the loader provides).
 
-mod common;
-
-use common::kvm_or_skip;
+use integration::kvm_or_skip;
+use integration::loader::{load_program, GuestProgram, Privilege};
 use kvm_ioctls::{Kvm, VcpuExit};
-use vmm_core::loader::{load_program, GuestProgram, Privilege};
 use vmm_core::{BootEntry, Vm, VmOptions};
 
 const PORT: u16 = 0x610;

@@ -6,20 +6,18 @@
 //! exits and keeps, and what it asks the guest. The server's callback only records the actions
 //! (and fails them on demand).
 
-mod common;
-
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::kvm_or_skip;
 use hotplug::guest::{
     CpuAction, GuestFault, GuestServerOptions, GuestUpcallServer, VsockMuxerStub, EINVAL, EIO,
 };
 use hotplug::{HotplugError, HybridVsockConnector, UpcallClient, UpcallConfig, UPCALL_GUEST_PORT};
+use integration::kvm_or_skip;
+use integration::loader::{load_program, GuestProgram};
 use kvm_ioctls::Kvm;
 use topology::CpuTopology;
-use vmm_core::loader::{load_program, GuestProgram};
 use vmm_core::{
     build_vm, AsyncResizer, VcpuConfig, VcpuManager, VcpuManagerOptions, VcpuSlot, VmOptions,
     VmmError,
