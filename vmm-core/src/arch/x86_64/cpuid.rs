@@ -13,29 +13,19 @@ use crate::VmmError;
 
 /// One KVM entry as a [`CpuidEntry`].
 pub fn entry_from_kvm(e: &kvm_cpuid_entry2) -> CpuidEntry {
+    let regs = CpuidEntry::subleaf(e.function, e.index, e.eax, e.ebx, e.ecx, e.edx);
     CpuidEntry {
-        function: e.function,
-        index: e.index,
         flags: e.flags,
-        eax: e.eax,
-        ebx: e.ebx,
-        ecx: e.ecx,
-        edx: e.edx,
+        ..regs
     }
 }
 
 /// One [`CpuidEntry`] as a KVM entry.
 pub fn entry_to_kvm(e: &CpuidEntry) -> kvm_cpuid_entry2 {
-    kvm_cpuid_entry2 {
-        function: e.function,
-        index: e.index,
-        flags: e.flags,
-        eax: e.eax,
-        ebx: e.ebx,
-        ecx: e.ecx,
-        edx: e.edx,
-        ..Default::default()
-    }
+    let mut k = kvm_cpuid_entry2::default();
+    (k.function, k.index, k.flags) = (e.function, e.index, e.flags);
+    (k.eax, k.ebx, k.ecx, k.edx) = (e.eax, e.ebx, e.ecx, e.edx);
+    k
 }
 
 /// A whole KVM CPUID set as [`CpuidEntry`]s.
