@@ -38,15 +38,17 @@
 //!   host CPU's values; programs that must see the vCPU's CPUID (APIC IDs, topology) execute
 //!   it at CPL 0, as the trampoline does for the APIC ID.
 
+use std::mem::offset_of;
+
 use kvm_bindings::kvm_regs;
 use kvm_ioctls::VcpuFd;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{ByteValued, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_core::arch::x86_64::gdt::{Descriptor, Gdt};
+use vmm_core::arch::x86_64::msr;
 use vmm_core::arch::x86_64::paging::IdentityMap;
 use vmm_core::arch::x86_64::regs::{
     cr0, cr4, efer, rflags, LongModeEntry, CR0_LONG_MODE, CR4_LONG_MODE,
 };
-use vmm_core::arch::x86_64::msr;
 use vmm_core::vm::{write_guest, MMIO_GAP_START};
 use vmm_core::{BootEntry, VmmError};
 
@@ -178,7 +180,9 @@ pub struct LoadedProgram {
     pub privilege: Privilege,
 }
 
-/// The trampoline's parameter block at [`layout::AP_PARAMS_ADDR`].
+/// The trampoline's parameter block at [`layout::AP_PARAMS_ADDR`], byte for byte (packed:
+/// the trampoline reads each field at its offset).
+#[repr(C, packed)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TrampolineParams {
     /// Where the AP continues in 64-bit mode.
@@ -189,40 +193,26 @@ pub struct TrampolineParams {
     pub user_mode: u32,
     /// `CR3`.
     pub cr3: u32,
-    /// The GDT limit for `lgdt`.
+    /// The GDT limit for `lgdt` (followed by the base: the operand of `lgdt`).
     pub gdt_limit: u16,
     /// The GDT base for `lgdt` (below 4 GiB).
     pub gdt_base: u32,
 }
 
-impl TrampolineParams {
-    // Offsets inside the block; the trampoline's assembly uses the same numbers.
-    const ENTRY: u64 = 0x00;
-    const RFLAGS: u64 = 0x08;
-    const USER_MODE: u64 = 0x10;
-    const CR3: u64 = 0x14;
-    const GDTR: u64 = 0x18;
-    /// The block's size.
-    const SIZE: usize = 0x1e;
+// SAFETY: `repr(C, packed)` and made only of integers: no padding, and every bit pattern is a
+// valid value.
+unsafe impl ByteValued for TrampolineParams {}
 
-    /// The block's bytes, at the offsets the trampoline reads.
-    fn bytes(&self) -> [u8; Self::SIZE] {
-        let mut b = [0u8; Self::SIZE];
-        let mut put = |offset: u64, bytes: &[u8]| {
-            let o = offset as usize;
-            b[o..o + bytes.len()].copy_from_slice(bytes);
-        };
-        put(Self::ENTRY, &self.entry.to_le_bytes());
-        put(Self::RFLAGS, &self.rflags.to_le_bytes());
-        put(Self::USER_MODE, &self.user_mode.to_le_bytes());
-        put(Self::CR3, &self.cr3.to_le_bytes());
-        put(Self::GDTR, &self.gdt_limit.to_le_bytes());
-        put(Self::GDTR + 2, &self.gdt_base.to_le_bytes());
-        b
-    }
+impl TrampolineParams {
+    // Offsets inside the block, for the trampoline's assembly.
+    const ENTRY: usize = offset_of!(TrampolineParams, entry);
+    const RFLAGS: usize = offset_of!(TrampolineParams, rflags);
+    const USER_MODE: usize = offset_of!(TrampolineParams, user_mode);
+    const CR3: usize = offset_of!(TrampolineParams, cr3);
+    const GDTR: usize = offset_of!(TrampolineParams, gdt_limit);
 
     fn write(&self, mem: &GuestMemoryMmap) -> Result<(), VmmError> {
-        write_guest(mem, layout::AP_PARAMS_ADDR, &self.bytes())
+        write_guest(mem, layout::AP_PARAMS_ADDR, self.as_slice())
     }
 }
 

@@ -65,20 +65,21 @@ fn first_exit(kvm: Kvm, privilege: Privilege) -> (u16, Vec<u8>) {
     })
 }
 
-#[test]
-fn cpl3_program_does_port_io() {
-    let Some(kvm) = kvm_or_skip("cpl3_program_does_port_io") else {
+/// The first exit of the program at `privilege` is its `out` of VALUE to PORT.
+fn check_port_io(test: &str, privilege: Privilege) {
+    let Some(kvm) = kvm_or_skip(test) else {
         return;
     };
     let expected = (PORT, VALUE.to_le_bytes().to_vec());
-    assert_eq!(first_exit(kvm, Privilege::User), expected);
+    assert_eq!(first_exit(kvm, privilege), expected);
+}
+
+#[test]
+fn cpl3_program_does_port_io() {
+    check_port_io("cpl3_program_does_port_io", Privilege::User);
 }
 
 #[test]
 fn cpl0_program_does_port_io() {
-    let Some(kvm) = kvm_or_skip("cpl0_program_does_port_io") else {
-        return;
-    };
-    let expected = (PORT, VALUE.to_le_bytes().to_vec());
-    assert_eq!(first_exit(kvm, Privilege::Kernel), expected);
+    check_port_io("cpl0_program_does_port_io", Privilege::Kernel);
 }
