@@ -14,6 +14,7 @@ pub mod cli;
 pub mod cmd_bench;
 pub mod cpuid_view;
 pub mod guest;
+pub mod loader;
 pub mod lstopo;
 
 /// The one error type of this crate.

@@ -230,6 +230,30 @@ impl IoBus {
         result
     }
 
+    /// The device that claims `addr` and the access it sees; `None` (counted and logged as
+    /// unhandled) if no device claims it.
+    fn claim(
+        &self,
+        space: BusSpace,
+        vcpu_id: u32,
+        addr: u64,
+        write: bool,
+    ) -> Option<(Arc<dyn BusDevice>, BusAccess)> {
+        let Some((base, dev)) = self.space(space).find(addr) else {
+            self.unhandled(space, vcpu_id, addr, write);
+            return None;
+        };
+        let offset = addr - base;
+        Some((
+            dev,
+            BusAccess {
+                vcpu_id,
+                base,
+                offset,
+            },
+        ))
+    }
+
     /// Routes a guest read; unclaimed addresses read as all ones, like an empty ISA bus.
     pub fn read(
         &self,
@@ -238,21 +262,11 @@ impl IoBus {
         addr: u64,
         data: &mut [u8],
     ) -> Result<IoOutcome, DeviceError> {
-        match self.space(space).find(addr) {
-            Some((base, dev)) => {
-                let access = BusAccess {
-                    vcpu_id,
-                    base,
-                    offset: addr - base,
-                };
-                self.counted(dev.read(access, data))
-            }
-            None => {
-                data.fill(0xff);
-                self.unhandled(space, vcpu_id, addr, false);
-                Ok(IoOutcome::Handled)
-            }
+        if let Some((dev, access)) = self.claim(space, vcpu_id, addr, false) {
+            return self.counted(dev.read(access, data));
         }
+        data.fill(0xff);
+        Ok(IoOutcome::Handled)
     }
 
     /// Routes a guest write; writes to unclaimed addresses are dropped.
@@ -263,19 +277,9 @@ impl IoBus {
         addr: u64,
         data: &[u8],
     ) -> Result<IoOutcome, DeviceError> {
-        match self.space(space).find(addr) {
-            Some((base, dev)) => {
-                let access = BusAccess {
-                    vcpu_id,
-                    base,
-                    offset: addr - base,
-                };
-                self.counted(dev.write(access, data))
-            }
-            None => {
-                self.unhandled(space, vcpu_id, addr, true);
-                Ok(IoOutcome::Handled)
-            }
+        match self.claim(space, vcpu_id, addr, true) {
+            Some((dev, access)) => self.counted(dev.write(access, data)),
+            None => Ok(IoOutcome::Handled),
         }
     }
 }

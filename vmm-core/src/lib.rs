@@ -7,31 +7,54 @@
 //!   port-I/O/MMIO [`IoBus`] (the vCPU actors' exit handler), a 16550 console and the
 //!   shutdown port ([`devices`]);
 //! - [`VcpuManager`]: creates the vCPUs (KVM vCPU id = the topology's APIC ID), configures
-//!   them (CPUID from `topology` + `vpmu`, MSRs, LAPIC, FPU, BSP registers through a
-//!   [`BootEntry`]), starts, pauses, resumes and exits them, and turns a vCPU's
+//!   them (CPUID from `topology` + `vpmu`, then the x86 setup of [`arch`]; BSP registers
+//!   through a [`BootEntry`]), starts, pauses, resumes and exits them, and turns a vCPU's
 //!   `waiting_exit` into a stop of the whole VM ([`exit`]);
 //! - vCPU hot-add and hot-remove over upcall ([`resize`]: [`VcpuManager::resize_vcpus`], and
 //!   [`AsyncResizer`] for a background resize waited on with a timeout);
 //! - the vPMU KVM actions ([`pmu`]);
-//! - a loader for small 64-bit guest programs ([`loader`]); Linux boot is in [`boot`].
+//! - the x86 setup ([`arch::x86_64`]): memory layout, CPUID, MSRs, LAPIC, FPU, GDT, page
+//!   tables, long-mode registers, MP table, e820;
+//! - Linux boot ([`boot`]), a [`BootEntry`] built on [`arch`].
+//!
+//! Guest software other than Linux (the small test programs of the `integration` crate) is
+//! loaded outside this crate, through its own [`BootEntry`].
 //!
 //! # Example
 //!
+//! A [`BootEntry`] that starts the BSP in real mode at `0x1000`, where it writes to the
+//! shutdown port, which stops the VM:
+//!
 //! ```no_run
 //! use std::sync::Arc;
-//! use vmm_core::loader::{load_program, GuestProgram};
-//! use vmm_core::{build_vm, VcpuConfig, VcpuManagerOptions, VmOptions};
+//! use kvm_ioctls::VcpuFd;
+//! use vm_memory::GuestMemoryMmap;
+//! use vmm_core::{build_vm, BootEntry, VcpuConfig, VcpuManagerOptions, VmOptions, VmmError};
 //!
-//! # fn main() -> Result<(), vmm_core::VmmError> {
-//! let kvm = kvm_ioctls::Kvm::new().map_err(vmm_core::VmmError::KvmOpen)?;
+//! /// Real mode, CS:IP = 0000:1000.
+//! struct RealMode;
+//!
+//! impl BootEntry for RealMode {
+//!     fn setup_bsp(&self, vcpu: &VcpuFd, _mem: &GuestMemoryMmap) -> Result<(), VmmError> {
+//!         let err = |source| VmmError::VcpuKvm { vcpu_id: 0, op: "KVM_SET_[S]REGS", source };
+//!         let mut sregs = vcpu.get_sregs().map_err(err)?;
+//!         sregs.cs.base = 0;
+//!         sregs.cs.selector = 0;
+//!         vcpu.set_sregs(&sregs).map_err(err)?;
+//!         let regs = kvm_bindings::kvm_regs { rip: 0x1000, rflags: 2, ..Default::default() };
+//!         vcpu.set_regs(&regs).map_err(err)
+//!     }
+//! }
+//!
+//! # fn main() -> Result<(), VmmError> {
+//! let kvm = kvm_ioctls::Kvm::new().map_err(VmmError::KvmOpen)?;
 //! // 2 boot vCPUs of at most 4 (1 socket x 4 cores), no vPMU.
 //! let config = VcpuConfig::with_counts(2, 4)?;
 //! let (vm, mut vcpus) =
 //!     build_vm(kvm, VmOptions::default(), config, VcpuManagerOptions::default())?;
-//! // A CPL-3 program: write to the shutdown port (out %al, $0x600 needs dx).
-//! let code = [0x66, 0xba, 0x00, 0x06, 0xee]; // mov $0x600, %dx; out %al, (%dx)
-//! let entry = load_program(vm.memory(), &GuestProgram::user("stop", &code, 0))?;
-//! vcpus.create_boot_vcpus(Arc::new(entry))?;
+//! // mov $0x600, %dx; out %al, (%dx)
+//! vmm_core::vm::write_guest(vm.memory(), 0x1000, &[0xba, 0x00, 0x06, 0xee])?;
+//! vcpus.create_boot_vcpus(Arc::new(RealMode))?;
 //! vcpus.start_boot_vcpus()?;
 //! let stop = vcpus.run_until_exit()?;
 //! println!("{stop}"); // the VM stopped: vCPU 0 ... device requested stop
@@ -39,19 +62,20 @@
 //! # }
 //! ```
 
+pub mod arch;
 pub mod boot;
 pub mod bus;
 pub mod config;
-pub mod cpuid;
 pub mod devices;
 mod error;
 pub mod exit;
-pub mod loader;
 pub mod manager;
 pub mod pmu;
 pub mod resize;
-pub mod segment;
 pub mod vm;
+
+// The CPUID conversions' old place, for the modules that still use it.
+pub(crate) use arch::x86_64::cpuid;
 
 use kvm_ioctls::VcpuFd;
 use vm_memory::GuestMemoryMmap;
@@ -65,18 +89,21 @@ pub use resize::{AsyncResizer, ResizeHandle, ResizeOutcome, VcpuSlot};
 pub use vm::{Vm, VmOptions};
 
 /// How the BSP is set up for what was loaded into guest memory: registers, segments, paging.
-/// Implemented by the guest-program loader ([`loader::LoadedProgram`]) and by the Linux boot
-/// code in [`boot`].
+/// Implemented by the Linux boot code in [`boot`] ([`boot::LinuxBootEntry`]) and by loaders
+/// outside this crate (the `integration` crate's test-program loader), which build the state
+/// with [`arch::x86_64`]'s GDT, page-table and register builders.
 pub trait BootEntry: Send + Sync {
     /// Sets the BSP's registers (and anything else it needs) so that it starts at the entry.
     fn setup_bsp(&self, vcpu: &VcpuFd, mem: &GuestMemoryMmap) -> Result<(), VmmError>;
 }
 
-/// Maps a failed KVM call `op` on the BSP (vCPU id 0) to its error, for [`BootEntry`]
-/// implementations.
-pub(crate) fn bsp_kvm_error(op: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmmError {
+/// Maps a failed KVM call `op` on the vCPU with KVM id `vcpu_id` to its error.
+pub(crate) fn vcpu_kvm_error(
+    vcpu_id: u32,
+    op: &'static str,
+) -> impl Fn(kvm_ioctls::Error) -> VmmError {
     move |source| VmmError::VcpuKvm {
-        vcpu_id: 0,
+        vcpu_id,
         op,
         source,
     }

@@ -10,10 +10,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{
-    kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, Msrs, KVM_MP_STATE_RUNNABLE,
-    KVM_MP_STATE_UNINITIALIZED,
-};
 use kvm_ioctls::VcpuFd;
 use serde::{Deserialize, Serialize};
 use slog::{debug, info, o, warn, Logger};
@@ -23,8 +19,8 @@ use vcpu_actor::{
     VcpuOptions, VcpuRequest, VcpuState,
 };
 
+use crate::arch::x86_64::{self, cpuid};
 use crate::config::{InterruptMode, KvmLimits, VcpuConfig};
-use crate::cpuid::entries_to_kvm;
 use crate::exit::{ExitMonitor, ExitSignal, StopCause, VmStopReason};
 use crate::pmu::{apply_pmu_actions, PmuActionsReport};
 use crate::vm::Vm;
@@ -69,89 +65,6 @@ pub struct VcpuInfo {
     pub state: VcpuState,
     /// Linux thread id of the vCPU thread.
     pub tid: Option<i32>,
-}
-
-/// The MSRs every vCPU gets at creation: SYSENTER/SYSCALL MSRs cleared, TSC 0, fast strings
-/// on, MTRRs enabled with write-back as the default type.
-pub fn boot_msrs() -> Vec<kvm_msr_entry> {
-    const MSR_IA32_TSC: u32 = 0x10;
-    const MSR_IA32_SYSENTER_CS: u32 = 0x174;
-    const MSR_IA32_SYSENTER_ESP: u32 = 0x175;
-    const MSR_IA32_SYSENTER_EIP: u32 = 0x176;
-    const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
-    const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
-    const MSR_STAR: u32 = 0xc000_0081;
-    const MSR_LSTAR: u32 = 0xc000_0082;
-    const MSR_CSTAR: u32 = 0xc000_0083;
-    const MSR_SYSCALL_MASK: u32 = 0xc000_0084;
-    const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
-    const MISC_ENABLE_FAST_STRING: u64 = 1;
-    const MTRR_ENABLE: u64 = 1 << 11;
-    const MTRR_TYPE_WRITE_BACK: u64 = 6;
-    let msr = |index, data| kvm_msr_entry {
-        index,
-        data,
-        ..Default::default()
-    };
-    vec![
-        msr(MSR_IA32_SYSENTER_CS, 0),
-        msr(MSR_IA32_SYSENTER_ESP, 0),
-        msr(MSR_IA32_SYSENTER_EIP, 0),
-        msr(MSR_STAR, 0),
-        msr(MSR_LSTAR, 0),
-        msr(MSR_CSTAR, 0),
-        msr(MSR_SYSCALL_MASK, 0),
-        msr(MSR_KERNEL_GS_BASE, 0),
-        msr(MSR_IA32_TSC, 0),
-        msr(MSR_IA32_MISC_ENABLE, MISC_ENABLE_FAST_STRING),
-        msr(MSR_MTRR_DEF_TYPE, MTRR_ENABLE | MTRR_TYPE_WRITE_BACK),
-    ]
-}
-
-/// Local APIC register offsets and LVT delivery modes used at vCPU creation.
-pub mod lapic {
-    use kvm_bindings::kvm_lapic_state;
-
-    /// LVT LINT0.
-    pub const LVT_LINT0: usize = 0x350;
-    /// LVT LINT1.
-    pub const LVT_LINT1: usize = 0x360;
-
-    /// LVT delivery modes (bits 10:8).
-    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-    pub enum DeliveryMode {
-        /// Fixed vector.
-        Fixed = 0b000,
-        /// Non-maskable interrupt.
-        Nmi = 0b100,
-        /// External interrupt (the 8259 PIC's INTR).
-        ExtInt = 0b111,
-    }
-
-    /// Reads a 32-bit APIC register.
-    pub fn read_register(state: &kvm_lapic_state, offset: usize) -> u32 {
-        let mut b = [0u8; 4];
-        for (dst, src) in b.iter_mut().zip(&state.regs[offset..offset + 4]) {
-            *dst = *src as u8;
-        }
-        u32::from_le_bytes(b)
-    }
-
-    /// Writes a 32-bit APIC register.
-    pub fn write_register(state: &mut kvm_lapic_state, offset: usize, value: u32) {
-        for (dst, src) in state.regs[offset..offset + 4]
-            .iter_mut()
-            .zip(value.to_le_bytes())
-        {
-            *dst = src as _;
-        }
-    }
-
-    /// Sets the delivery mode of the LVT entry at `offset`, keeping its other bits.
-    pub fn set_lvt_delivery_mode(state: &mut kvm_lapic_state, offset: usize, mode: DeliveryMode) {
-        let v = read_register(state, offset);
-        write_register(state, offset, (v & !(0b111 << 8)) | ((mode as u32) << 8));
-    }
 }
 
 /// All vCPUs of one VM. See the crate documentation for an example.
@@ -354,8 +267,8 @@ impl VcpuManager {
         Ok(())
     }
 
-    /// CPUID, MSRs, LAPIC LINT0/LINT1, FPU, then BSP registers (index 0) or the
-    /// wait-for-SIPI state (APs).
+    /// CPUID, then the architectural setup ([`x86_64::setup_vcpu`]: MSRs, LAPIC LINT0/LINT1,
+    /// FPU), then BSP registers (index 0) or the wait-for-SIPI state (APs).
     fn configure_vcpu(
         &self,
         fd: &VcpuFd,
@@ -363,54 +276,11 @@ impl VcpuManager {
         apic_id: u32,
         reused: bool,
     ) -> Result<(), VmmError> {
-        let err = |op| {
-            move |source| VmmError::VcpuKvm {
-                vcpu_id: apic_id,
-                op,
-                source,
-            }
-        };
-        let cpuid = entries_to_kvm(&self.vcpu_cpuid(index)?)?;
-        match fd.set_cpuid2(&cpuid) {
-            Ok(()) => {}
-            // KVM refuses to change CPUID once a vCPU has run (EINVAL unless identical, and
-            // KVM edits some bits at run time). A kept fd already has this vCPU's CPUID: the
-            // APIC ID fixes the index, and the index fixes the CPUID.
-            Err(e) if reused && e.errno() == libc::EINVAL => {
-                debug!(self.logger, "reused vCPU keeps its CPUID"; "apic_id" => apic_id);
-            }
-            Err(e) => return Err(err("KVM_SET_CPUID2")(e)),
+        let cpuid = self.vcpu_cpuid(index)?;
+        if cpuid::set_cpuid(fd, apic_id, &cpuid, reused)? == cpuid::CpuidSet::KeptFromEarlierRun {
+            debug!(self.logger, "reused vCPU keeps its CPUID"; "apic_id" => apic_id);
         }
-
-        let entries = boot_msrs();
-        let msrs = Msrs::from_entries(&entries).map_err(|_| VmmError::MsrRejected {
-            vcpu_id: apic_id,
-            msr: entries.first().map_or(0, |e| e.index),
-            set: 0,
-            total: entries.len(),
-        })?;
-        let set = fd.set_msrs(&msrs).map_err(err("KVM_SET_MSRS"))?;
-        if set != entries.len() {
-            return Err(VmmError::MsrRejected {
-                vcpu_id: apic_id,
-                msr: entries.get(set).map_or(0, |e| e.index),
-                set,
-                total: entries.len(),
-            });
-        }
-
-        let mut state: kvm_lapic_state = fd.get_lapic().map_err(err("KVM_GET_LAPIC"))?;
-        lapic::set_lvt_delivery_mode(&mut state, lapic::LVT_LINT0, lapic::DeliveryMode::ExtInt);
-        lapic::set_lvt_delivery_mode(&mut state, lapic::LVT_LINT1, lapic::DeliveryMode::Nmi);
-        fd.set_lapic(&state).map_err(err("KVM_SET_LAPIC"))?;
-
-        let fpu = kvm_fpu {
-            fcw: 0x37f,
-            mxcsr: 0x1f80,
-            ..Default::default()
-        };
-        fd.set_fpu(&fpu).map_err(err("KVM_SET_FPU"))?;
-
+        x86_64::setup_vcpu(fd, apic_id)?;
         if index == 0 {
             let entry = self
                 .boot_entry
@@ -420,18 +290,9 @@ impl VcpuManager {
                     reason: "no boot entry: use create_boot_vcpus".into(),
                 })?;
             entry.setup_bsp(fd, self.vm.memory())?;
-            fd.set_mp_state(kvm_mp_state {
-                mp_state: KVM_MP_STATE_RUNNABLE,
-            })
-            .map_err(err("KVM_SET_MP_STATE"))?;
-        } else {
-            // Waits in KVM_RUN until the guest sends INIT and SIPI.
-            fd.set_mp_state(kvm_mp_state {
-                mp_state: KVM_MP_STATE_UNINITIALIZED,
-            })
-            .map_err(err("KVM_SET_MP_STATE"))?;
         }
-        Ok(())
+        // The APs wait in KVM_RUN until the guest sends INIT and SIPI.
+        x86_64::set_boot_mp_state(fd, apic_id, index == 0)
     }
 
     /// Starts every present vCPU together: all are sent `Resume` first, then every
@@ -727,30 +588,4 @@ pub fn build_vm(
     let vm = Arc::new(Vm::new(kvm, vm_options)?);
     let manager = VcpuManager::new(Arc::clone(&vm), config, options)?;
     Ok((vm, manager))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn lvt_delivery_modes_keep_other_bits() {
-        let mut s = kvm_lapic_state::default();
-        lapic::write_register(&mut s, lapic::LVT_LINT0, 0x0001_0000); // masked
-        lapic::set_lvt_delivery_mode(&mut s, lapic::LVT_LINT0, lapic::DeliveryMode::ExtInt);
-        lapic::set_lvt_delivery_mode(&mut s, lapic::LVT_LINT1, lapic::DeliveryMode::Nmi);
-        assert_eq!(lapic::read_register(&s, lapic::LVT_LINT0), 0x0001_0700);
-        assert_eq!(lapic::read_register(&s, lapic::LVT_LINT1), 0x0000_0400);
-        lapic::set_lvt_delivery_mode(&mut s, lapic::LVT_LINT1, lapic::DeliveryMode::Fixed);
-        assert_eq!(lapic::read_register(&s, lapic::LVT_LINT1), 0);
-    }
-
-    #[test]
-    fn boot_msrs_are_unique() {
-        let m = boot_msrs();
-        let mut idx: Vec<u32> = m.iter().map(|e| e.index).collect();
-        idx.sort_unstable();
-        idx.dedup();
-        assert_eq!(idx.len(), m.len());
-    }
 }

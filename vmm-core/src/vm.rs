@@ -7,7 +7,9 @@ use std::sync::Arc;
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
 use slog::{debug, o, Logger};
-use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::bus::{BusSpace, IoBus};
@@ -16,11 +18,8 @@ use crate::devices::{
 };
 use crate::VmmError;
 
-/// Guest RAM stops here below 4 GiB; `MMIO_GAP_START..MMIO_GAP_END` holds the LAPIC, IOAPIC
-/// and other MMIO. RAM beyond `MMIO_GAP_START` continues at `MMIO_GAP_END`.
-pub const MMIO_GAP_START: u64 = 0xc000_0000;
-/// The end of the MMIO gap (4 GiB).
-pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
+pub use crate::arch::x86_64::layout::{MMIO_GAP_END, MMIO_GAP_START};
+
 /// The smallest guest memory accepted (what the guest-program loader needs).
 pub const MIN_MEMORY_SIZE: u64 = 4 << 20;
 /// Where KVM's Intel real-mode TSS goes (3 pages just below the BIOS area at the top of 4 GiB).
@@ -194,6 +193,17 @@ impl Vm {
     pub fn logger(&self) -> &Logger {
         &self.logger
     }
+}
+
+/// Writes `bytes` at guest physical address `addr`; the error names the range that is not
+/// guest RAM.
+pub fn write_guest(mem: &GuestMemoryMmap, addr: u64, bytes: &[u8]) -> Result<(), VmmError> {
+    mem.write_slice(bytes, GuestAddress(addr))
+        .map_err(|source| VmmError::GuestMemory {
+            addr,
+            len: bytes.len(),
+            source,
+        })
 }
 
 #[cfg(test)]

@@ -1,12 +1,16 @@
 //! The BSP's state at the kernel's 64-bit entry, as the Linux x86 boot protocol asks:
 //! long mode, CPL 0, paging on with an identity map that covers the kernel, the zero page and
 //! the command line, a GDT with the flat segments `__BOOT_CS` (0x10) and `__BOOT_DS` (0x18)
-//! loaded, interrupts off, and `RSI` pointing at the zero page.
+//! loaded, interrupts off, and `RSI` pointing at the zero page. Built from [`crate::arch`]'s
+//! GDT, page-table and register builders.
 
-use kvm_bindings::{kvm_regs, kvm_sregs};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use kvm_bindings::kvm_regs;
+use vm_memory::GuestMemoryMmap;
 
-use super::layout::{BOOT_STACK_TOP, GDT_ADDR, IDENTITY_MAPPED, PDPT_ADDR, PD_ADDR, PML4_ADDR};
+use crate::arch::x86_64::gdt::{Descriptor, Gdt};
+use crate::arch::x86_64::layout::{BOOT_STACK_TOP, GDT_ADDR};
+use crate::arch::x86_64::paging::IdentityMap;
+use crate::arch::x86_64::regs::{rflags, LongModeEntry, CR0_LONG_MODE, CR4_LONG_MODE};
 use crate::VmmError;
 
 /// GDT selectors of the boot protocol.
@@ -19,99 +23,33 @@ pub mod selector {
     pub const BOOT_TSS: u16 = 0x20;
 }
 
-/// Control register and EFER bits used at the entry.
-pub mod bits {
-    /// CR0.PE: protected mode.
-    pub const CR0_PE: u64 = 1 << 0;
-    /// CR0.MP: monitor coprocessor.
-    pub const CR0_MP: u64 = 1 << 1;
-    /// CR0.ET: extension type (always 1).
-    pub const CR0_ET: u64 = 1 << 4;
-    /// CR0.NE: native x87 errors.
-    pub const CR0_NE: u64 = 1 << 5;
-    /// CR0.PG: paging.
-    pub const CR0_PG: u64 = 1 << 31;
-    /// CR4.PAE: physical address extension (required for long mode).
-    pub const CR4_PAE: u64 = 1 << 5;
-    /// EFER.LME: long mode enable.
-    pub const EFER_LME: u64 = 1 << 8;
-    /// EFER.LMA: long mode active.
-    pub const EFER_LMA: u64 = 1 << 10;
-    /// RFLAGS bit 1, always set; IF (bit 9) stays clear.
-    pub const RFLAGS_RESERVED: u64 = 1 << 1;
-}
-
-/// Page table entry bits.
-mod pte {
-    pub const PRESENT: u64 = 1 << 0;
-    pub const WRITABLE: u64 = 1 << 1;
-    pub const HUGE: u64 = 1 << 7;
-}
-
-pub use crate::segment::Descriptor;
-
 /// The boot GDT: null, null, `__BOOT_CS`, `__BOOT_DS`, TSS (one 16-byte system descriptor).
-pub fn gdt() -> [u64; 6] {
-    [
-        0,
-        0,
-        Descriptor::CODE64.encode(),
-        Descriptor::DATA.encode(),
-        Descriptor::TSS.encode(),
-        0, // upper half of the TSS descriptor: base bits 63:32 = 0
-    ]
-}
-
-fn write_u64(mem: &GuestMemoryMmap, addr: u64, value: u64) -> Result<(), VmmError> {
-    mem.write_obj(value, GuestAddress(addr))
-        .map_err(|source| VmmError::GuestMemory {
-            addr,
-            len: 8,
-            source,
-        })
+pub fn gdt() -> Gdt {
+    Gdt::new()
+        .with(selector::BOOT_CS, Descriptor::CODE64)
+        .with(selector::BOOT_DS, Descriptor::DATA)
+        .with(selector::BOOT_TSS, Descriptor::TSS)
 }
 
 /// Writes the GDT and the identity page tables for the first 4 GiB (2 MiB pages).
 pub fn write_cpu_tables(mem: &GuestMemoryMmap) -> Result<(), VmmError> {
-    for (i, d) in gdt().iter().enumerate() {
-        write_u64(mem, GDT_ADDR + 8 * i as u64, *d)?;
-    }
-    let table = pte::PRESENT | pte::WRITABLE;
-    write_u64(mem, PML4_ADDR, PDPT_ADDR | table)?;
-    let gibs = IDENTITY_MAPPED >> 30;
-    for gib in 0..gibs {
-        let pd = PD_ADDR + gib * 0x1000;
-        write_u64(mem, PDPT_ADDR + gib * 8, pd | table)?;
-        for i in 0..512u64 {
-            let page = (gib << 30) | (i << 21);
-            write_u64(mem, pd + i * 8, page | table | pte::HUGE)?;
-        }
-    }
-    Ok(())
+    gdt().write(mem, GDT_ADDR)?;
+    IdentityMap::LINUX_BOOT.write(mem)
 }
 
-/// The special registers at the entry, starting from the vCPU's current ones (which keep
-/// what this does not set, e.g. the LDT and APIC base).
-pub fn entry_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
-    let code = Descriptor::CODE64.to_kvm_segment(selector::BOOT_CS);
-    let data = Descriptor::DATA.to_kvm_segment(selector::BOOT_DS);
-    sregs.cs = code;
-    sregs.ds = data;
-    sregs.es = data;
-    sregs.fs = data;
-    sregs.gs = data;
-    sregs.ss = data;
-    sregs.tr = Descriptor::TSS.to_kvm_segment(selector::BOOT_TSS);
-    sregs.gdt.base = GDT_ADDR;
-    sregs.gdt.limit = (std::mem::size_of::<[u64; 6]>() - 1) as u16;
-    // No IDT: interrupts are off and the kernel installs its own before enabling them.
-    sregs.idt.base = 0;
-    sregs.idt.limit = 0;
-    sregs.cr0 = bits::CR0_PE | bits::CR0_MP | bits::CR0_ET | bits::CR0_NE | bits::CR0_PG;
-    sregs.cr3 = PML4_ADDR;
-    sregs.cr4 = bits::CR4_PAE;
-    sregs.efer = bits::EFER_LME | bits::EFER_LMA;
-    sregs
+/// The special registers at the entry: CPL 0 on the boot GDT's segments, the boot page
+/// tables, the least control registers of long mode.
+pub fn entry() -> LongModeEntry {
+    LongModeEntry {
+        code: (selector::BOOT_CS, Descriptor::CODE64),
+        data: (selector::BOOT_DS, Descriptor::DATA),
+        task: (selector::BOOT_TSS, Descriptor::TSS),
+        gdt_base: GDT_ADDR,
+        gdt_limit: gdt().limit(),
+        cr3: IdentityMap::LINUX_BOOT.pml4,
+        cr0: CR0_LONG_MODE,
+        cr4: CR4_LONG_MODE,
+    }
 }
 
 /// The general registers at the entry: `RIP` = the entry, `RSI` = the zero page, interrupts
@@ -122,7 +60,7 @@ pub fn entry_regs(entry: u64, zero_page: u64) -> kvm_regs {
         rsi: zero_page,
         rsp: BOOT_STACK_TOP,
         rbp: BOOT_STACK_TOP,
-        rflags: bits::RFLAGS_RESERVED,
+        rflags: rflags::RESERVED,
         ..Default::default()
     }
 }
@@ -130,19 +68,8 @@ pub fn entry_regs(entry: u64, zero_page: u64) -> kvm_regs {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn descriptors_encode_the_usual_flat_segments() {
-        // The values every x86-64 boot loader uses for these segments.
-        assert_eq!(Descriptor::CODE64.encode(), 0x00af_9b00_0000_ffff);
-        assert_eq!(Descriptor::DATA.encode(), 0x00cf_9300_0000_ffff);
-        assert_eq!(Descriptor::TSS.encode(), 0x0000_8b00_0000_0067);
-        let cs = Descriptor::CODE64.to_kvm_segment(selector::BOOT_CS);
-        assert_eq!(
-            (cs.selector, cs.limit, cs.l, cs.db, cs.s),
-            (0x10, 0xffff_ffff, 1, 0, 1)
-        );
-    }
+    use crate::arch::x86_64::layout::{PDPT_ADDR, PD_ADDR, PML4_ADDR};
+    use vm_memory::{Bytes, GuestAddress};
 
     #[test]
     fn page_tables_identity_map_4_gib() {
@@ -159,5 +86,13 @@ mod tests {
         }
         assert_eq!(rd(GDT_ADDR + 0x10), Descriptor::CODE64.encode());
         assert_eq!(rd(GDT_ADDR + 0x18), Descriptor::DATA.encode());
+    }
+
+    #[test]
+    fn entry_registers_are_the_boot_protocols() {
+        let s = entry().sregs(Default::default());
+        assert_eq!((s.cs.selector, s.cs.l, s.ds.selector), (0x10, 1, 0x18));
+        assert_eq!((s.gdt.base, s.gdt.limit), (GDT_ADDR, 47));
+        assert_eq!((s.cr0, s.cr4, s.efer), (0x8000_0033, 0x20, 0x500));
     }
 }

@@ -10,7 +10,7 @@ use linux_loader::loader::bootparam::setup_header;
 use linux_loader::loader::{BzImage, Elf, KernelLoader};
 use vm_memory::{ByteValued, GuestAddress, GuestMemoryMmap};
 
-use super::layout::HIGH_MEMORY_START;
+use crate::arch::x86_64::layout::HIGH_MEMORY_START;
 use crate::VmmError;
 
 /// The kind of kernel image.

@@ -8,16 +8,20 @@
 //! - an optional initrd, as high as the kernel's `initrd_addr_max`, the end of low RAM and the
 //!   kernel's own footprint allow ([`params::place_initrd`]);
 //! - the command line, checked against the kernel's `cmdline_size`;
-//! - the zero page (`struct boot_params`) with an e820 map of guest memory ([`e820`]);
-//! - the MP table listing every possible vCPU ([`mptable`]), in the EBDA, which the BIOS data
-//!   area points to and the e820 map reserves;
+//! - the zero page (`struct boot_params`) with an e820 map of guest memory
+//!   ([`build_e820`]);
+//! - the MP table listing every possible vCPU ([`setup_mptable`]), in the EBDA, which the BIOS
+//!   data area points to and the e820 map reserves;
 //! - a GDT (`__BOOT_CS` 0x10, `__BOOT_DS` 0x18) and identity page tables for the first
 //!   4 GiB ([`cpu`]).
+//!
+//! This module knows the boot protocol; the x86 pieces it writes (e820, MP table, GDT, page
+//! tables, registers) come from [`crate::arch::x86_64`].
 //!
 //! The APs are not touched: the vCPU manager leaves them waiting for INIT/SIPI, which the
 //! kernel sends when it brings them up. The console is the VM's 16550 at 0x3F8, whose IRQ 4
 //! reaches the in-kernel irqchip through an irqfd on GSI 4 ([`crate::Vm::new`]); the MP table
-//! wires ISA IRQ 4 to I/O APIC pin 4 to match. Memory layout: [`layout`].
+//! wires ISA IRQ 4 to I/O APIC pin 4 to match. Memory layout: [`crate::arch::x86_64::layout`].
 //!
 //! # Example
 //!
@@ -46,10 +50,7 @@
 //! ```
 
 pub mod cpu;
-pub mod e820;
 pub mod kernel;
-pub mod layout;
-pub mod mptable;
 pub mod params;
 #[cfg(test)]
 mod tests;
@@ -59,13 +60,15 @@ use std::path::PathBuf;
 
 use kvm_ioctls::VcpuFd;
 use slog::{info, o, Logger};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 
-pub use e820::{build_e820, E820Entry, E820Type};
+pub use crate::arch::x86_64::e820::{build_e820, E820Entry, E820Type};
+pub use crate::arch::x86_64::mptable::{setup_mptable, MpCpu};
 pub use kernel::{KernelFormat, LoadedKernel};
-pub use mptable::{setup_mptable, MpCpu};
 pub use params::InitrdPlacement;
 
+use crate::arch::x86_64::{e820, layout};
+use crate::vm::write_guest;
 use crate::{BootEntry, VcpuConfig, VmmError};
 
 /// What to boot.
@@ -122,12 +125,8 @@ impl BootEntry for LinuxBootEntry {
     /// `RSI` = the zero page, interrupts off.
     fn setup_bsp(&self, vcpu: &VcpuFd, _mem: &GuestMemoryMmap) -> Result<(), VmmError> {
         // The BSP is vCPU index 0, whose APIC ID is 0 in every topology.
-        let err = crate::bsp_kvm_error;
-        let sregs = vcpu.get_sregs().map_err(err("KVM_GET_SREGS"))?;
-        vcpu.set_sregs(&cpu::entry_sregs(sregs))
-            .map_err(err("KVM_SET_SREGS"))?;
-        vcpu.set_regs(&cpu::entry_regs(self.kernel.entry, self.zero_page))
-            .map_err(err("KVM_SET_REGS"))
+        let regs = cpu::entry_regs(self.kernel.entry, self.zero_page);
+        cpu::entry().apply(vcpu, 0, &regs)
     }
 }
 
@@ -153,15 +152,6 @@ pub fn mp_cpus(config: &VcpuConfig) -> Result<Vec<MpCpu>, VmmError> {
             })
         })
         .collect()
-}
-
-fn write_guest(mem: &GuestMemoryMmap, addr: u64, bytes: &[u8]) -> Result<(), VmmError> {
-    mem.write_slice(bytes, GuestAddress(addr))
-        .map_err(|source| VmmError::GuestMemory {
-            addr,
-            len: bytes.len(),
-            source,
-        })
 }
 
 /// Loads the initrd at `path` as high as it may go, above `lowest`.
@@ -251,12 +241,7 @@ pub fn load_linux(
         .into_string()
         .unwrap_or_default();
     let zero_page = params::build_boot_params(&kernel, cmdline.len(), initrd, &e820);
-    mem.write_obj(zero_page, GuestAddress(layout::ZERO_PAGE_ADDR))
-        .map_err(|source| VmmError::GuestMemory {
-            addr: layout::ZERO_PAGE_ADDR,
-            len: std::mem::size_of_val(&zero_page),
-            source,
-        })?;
+    write_guest(mem, layout::ZERO_PAGE_ADDR, zero_page.as_slice())?;
     // The BIOS data area: where the EBDA is, and the base memory below it in KiB.
     write_guest(
         mem,

@@ -3,9 +3,9 @@
 use linux_loader::cmdline::Cmdline;
 use linux_loader::loader::bootparam::boot_params;
 
-use super::e820::E820Entry;
 use super::kernel::{header, LoadedKernel};
-use super::layout::{CMDLINE_ADDR, CMDLINE_AREA_SIZE};
+use crate::arch::x86_64::e820::E820Entry;
+use crate::arch::x86_64::layout::{CMDLINE_ADDR, CMDLINE_AREA_SIZE};
 use crate::VmmError;
 
 /// Page size, the initrd's alignment.
@@ -68,7 +68,7 @@ pub fn place_initrd(
 
 /// The zero page for `kernel` with the command line at [`CMDLINE_ADDR`] (`cmdline_len` bytes
 /// without the NUL), the optional initrd and the e820 map (at most 128 entries, checked by
-/// [`super::e820::build_e820`]).
+/// [`super::build_e820`]).
 pub fn build_boot_params(
     kernel: &LoadedKernel,
     cmdline_len: usize,

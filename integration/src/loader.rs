@@ -1,20 +1,19 @@
-//! The guest-program loader: runs small 64-bit programs (tests, demos, benchmarks) without
-//! firmware or a kernel.
+//! The test-program loader: runs small 64-bit programs (tests, demos, benchmarks) without
+//! firmware or a kernel, on top of `vmm-core`'s x86 builders ([`vmm_core::arch::x86_64`]).
 //!
 //! [`load_program`] writes into guest memory:
 //! - a GDT ([`layout::GDT_ADDR`], selectors in [`gdt`]) with 64-bit code and data segments at
-//!   DPL 0 and DPL 3 and one 64-bit TSS descriptor per APIC ID;
-//! - a TSS ([`layout::TSS_ADDR`]) whose I/O permission bitmap allows every port, so CPL-3
-//!   code can use `in`/`out` (PVM hosts ignore `RFLAGS.IOPL` for guest user code);
-//! - identity-mapped page tables for the first 4 GiB ([`layout::PML4_ADDR`]) with 2 MiB pages,
-//!   the U bit at every level (so CPL-3 code can reach everything, including the local APIC
-//!   page at `0xFEE0_0000`), and PCD|PWT on the MMIO gap above 3 GiB;
+//!   DPL 0 and DPL 3 and one 64-bit TSS descriptor per APIC ID ([`system_gdt`]);
+//! - a TSS ([`layout::TSS_ADDR`]) whose I/O permission bitmap allows every port;
+//! - identity-mapped page tables for the first 4 GiB ([`layout::PML4_ADDR`], [`page_tables`])
+//!   with 2 MiB pages, the U bit at every level (so CPL-3 code can reach everything,
+//!   including the local APIC page at `0xFEE0_0000`), and PCD|PWT on the MMIO gap above
+//!   3 GiB;
 //! - the program's code and data at the addresses it asks for;
 //! - if the program has an AP entry, a real-mode trampoline at [`layout::SIPI_PAGE`]
 //!   (SIPI vector [`layout::SIPI_VECTOR`]) that takes a woken AP through protected mode to
 //!   64-bit mode, loads its TSS, gives it its own stack, and enters the AP entry at the
-//!   program's privilege level (CPL 3 through `sysexit`: KVM's instruction emulator, which
-//!   runs CPL-0 code on PVM hosts, cannot `iretq` to CPL 3).
+//!   program's privilege level.
 //!
 //! The returned [`LoadedProgram`] is a [`BootEntry`]: it puts the BSP in 64-bit mode at the
 //! BSP entry, at CPL 0 or CPL 3. Every entry has `RDI` = the vCPU's APIC ID (0 for the BSP),
@@ -23,17 +22,38 @@
 //! with `sysexit` (REX.W; `RDX` = user RIP, `RCX` = user RSP). There is no IDT: any exception
 //! triple-faults.
 //!
-//! On PVM hosts with AMD CPUs `cpuid` at CPL 3 is not trapped: it returns the host CPU's
-//! values. Programs that must see the vCPU's CPUID (APIC IDs, topology) execute it at CPL 0.
+//! # What the test hosts need
+//!
+//! The project's development and CI machines run the PVM flavour of nested KVM (see
+//! `docs/host-notes.md`): guest CPL-0 code is emulated instruction by instruction, CPL-3 code
+//! runs natively. Three things in this loader exist because of these hosts, not because x86
+//! or KVM in general needs them; on ordinary KVM hosts they are harmless:
+//! - **The TSS I/O permission bitmap.** PVM runs guest user code with an effective IOPL of 0,
+//!   whatever `RFLAGS.IOPL` says, and checks the TSS bitmap; an all-zero bitmap is what lets
+//!   CPL-3 programs use `in`/`out`. Elsewhere `RFLAGS.IOPL = 3` alone would do.
+//! - **`sysexit` to reach CPL 3 from the AP trampoline.** KVM's instruction emulator, which
+//!   runs every CPL-0 instruction here, cannot `iretq` to CPL 3; `sysexit` it can. Hence
+//!   `IA32_SYSENTER_CS` and the user selectors at the fixed offsets `sysexit` expects.
+//! - **CPUID at CPL 0 on AMD hosts.** There `cpuid` at CPL 3 is not trapped and returns the
+//!   host CPU's values; programs that must see the vCPU's CPUID (APIC IDs, topology) execute
+//!   it at CPL 0, as the trampoline does for the APIC ID.
 
-use kvm_bindings::{kvm_msr_entry, kvm_regs, kvm_sregs, Msrs};
+use std::mem::offset_of;
+
+use kvm_bindings::kvm_regs;
 use kvm_ioctls::VcpuFd;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{ByteValued, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_core::arch::x86_64::gdt::{Descriptor, Gdt};
+use vmm_core::arch::x86_64::msr;
+use vmm_core::arch::x86_64::paging::IdentityMap;
+use vmm_core::arch::x86_64::regs::{
+    cr0, cr4, efer, rflags, LongModeEntry, CR0_LONG_MODE, CR4_LONG_MODE,
+};
+use vmm_core::vm::{write_guest, MMIO_GAP_START};
+use vmm_core::{BootEntry, VmmError};
 
-use crate::segment::Descriptor;
-use crate::{BootEntry, VmmError};
-
-/// Guest physical addresses used by the loader. Everything below [`layout::PROGRAM_AREA_START`]
+/// Guest physical addresses used by the loader, inside `vmm-core`'s memory map
+/// ([`vmm_core::arch::x86_64::layout`]). Everything below [`layout::PROGRAM_AREA_START`]
 /// belongs to the loader.
 pub mod layout {
     /// The GDT ([`super::gdt`]: fixed segments, then one TSS descriptor per APIC ID).
@@ -67,8 +87,8 @@ pub mod layout {
     pub const PROGRAM_AREA_START: u64 = 0x20_0000;
     /// The default load address of a program's code.
     pub const DEFAULT_LOAD_ADDR: u64 = PROGRAM_AREA_START;
-    /// The local APIC's MMIO page.
-    pub const LAPIC_ADDR: u64 = 0xfee0_0000;
+    /// The local APIC's MMIO page (the VMM's, [`vmm_core::arch::x86_64::layout::LAPIC_ADDR`]).
+    pub const LAPIC_ADDR: u64 = vmm_core::arch::x86_64::layout::LAPIC_ADDR as u64;
 
     /// The top of the program stack of the vCPU with APIC ID `apic_id` (IDs are taken modulo
     /// 256; xAPIC IDs are below 255).
@@ -160,7 +180,9 @@ pub struct LoadedProgram {
     pub privilege: Privilege,
 }
 
-/// The trampoline's parameter block at [`layout::AP_PARAMS_ADDR`].
+/// The trampoline's parameter block at [`layout::AP_PARAMS_ADDR`], byte for byte (packed:
+/// the trampoline reads each field at its offset).
+#[repr(C, packed)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TrampolineParams {
     /// Where the AP continues in 64-bit mode.
@@ -171,61 +193,41 @@ pub struct TrampolineParams {
     pub user_mode: u32,
     /// `CR3`.
     pub cr3: u32,
-    /// The GDT limit for `lgdt`.
+    /// The GDT limit for `lgdt` (followed by the base: the operand of `lgdt`).
     pub gdt_limit: u16,
     /// The GDT base for `lgdt` (below 4 GiB).
     pub gdt_base: u32,
 }
 
+// SAFETY: `repr(C, packed)` and made only of integers: no padding, and every bit pattern is a
+// valid value.
+unsafe impl ByteValued for TrampolineParams {}
+
 impl TrampolineParams {
-    // Offsets inside the block; the trampoline's assembly uses the same numbers.
-    const ENTRY: u64 = 0x00;
-    const RFLAGS: u64 = 0x08;
-    const USER_MODE: u64 = 0x10;
-    const CR3: u64 = 0x14;
-    const GDTR: u64 = 0x18;
+    // Offsets inside the block, for the trampoline's assembly.
+    const ENTRY: usize = offset_of!(TrampolineParams, entry);
+    const RFLAGS: usize = offset_of!(TrampolineParams, rflags);
+    const USER_MODE: usize = offset_of!(TrampolineParams, user_mode);
+    const CR3: usize = offset_of!(TrampolineParams, cr3);
+    const GDTR: usize = offset_of!(TrampolineParams, gdt_limit);
 
     fn write(&self, mem: &GuestMemoryMmap) -> Result<(), VmmError> {
-        let base = layout::AP_PARAMS_ADDR;
-        write_obj(mem, base + Self::ENTRY, self.entry)?;
-        write_obj(mem, base + Self::RFLAGS, self.rflags)?;
-        write_obj(mem, base + Self::USER_MODE, self.user_mode)?;
-        write_obj(mem, base + Self::CR3, self.cr3)?;
-        write_obj(mem, base + Self::GDTR, self.gdt_limit)?;
-        write_obj(mem, base + Self::GDTR + 2, self.gdt_base)
+        write_guest(mem, layout::AP_PARAMS_ADDR, self.as_slice())
     }
 }
 
-/// `IA32_SYSENTER_CS`: the loader sets it to [`gdt::KERNEL_CODE64`] on every vCPU.
-const MSR_IA32_SYSENTER_CS: u32 = 0x174;
-/// `RFLAGS` bit 1 is always set.
-const RFLAGS_RESERVED: u64 = 1 << 1;
-/// `RFLAGS.IOPL = 3`.
-const RFLAGS_IOPL3: u64 = 3 << 12;
-/// CR0: PE | MP | ET | NE | WP | PG.
-const CR0_LONG_MODE: u64 = 0x8001_0033;
-/// CR4: PAE | OSFXSR | OSXMMEXCPT.
-const CR4_LONG_MODE: u64 = 0x620;
-/// EFER: LME | LMA.
-const EFER_LONG_MODE: u64 = 0x500;
-
-/// Page-table entry bits.
-mod pte {
-    pub const PRESENT: u64 = 1 << 0;
-    pub const WRITABLE: u64 = 1 << 1;
-    pub const USER: u64 = 1 << 2;
-    pub const PWT: u64 = 1 << 3;
-    pub const PCD: u64 = 1 << 4;
-    pub const HUGE: u64 = 1 << 7;
-}
+/// CR0 at every entry: long mode with write protection.
+const CR0: u64 = CR0_LONG_MODE | cr0::WP;
+/// CR4 at every entry: long mode with SSE enabled (programs may use SSE instructions).
+const CR4: u64 = CR4_LONG_MODE | cr4::OSFXSR | cr4::OSXMMEXCPT;
 
 // The AP trampoline. It is data for the guest, assembled with the host binary: every address
 // in it is a constant or a difference of labels in this section, never a relocation.
 core::arch::global_asm!(
-    ".pushsection .rodata.vmm_core_ap_trampoline,\"a\"",
-    ".globl vmm_core_ap_trampoline_start",
-    ".globl vmm_core_ap_trampoline_end",
-    "vmm_core_ap_trampoline_start:",
+    ".pushsection .rodata.integration_loader_ap_trampoline,\"a\"",
+    ".globl integration_loader_ap_trampoline_start",
+    ".globl integration_loader_ap_trampoline_end",
+    "integration_loader_ap_trampoline_start:",
     ".code16",
     "cli",
     "xorl %eax, %eax",
@@ -234,9 +236,9 @@ core::arch::global_asm!(
     "movl %cr0, %eax",
     "orl $1, %eax",
     "movl %eax, %cr0",
-    "ljmpl ${code32}, ${sipi} + (.Lvmm_core_ap32 - vmm_core_ap_trampoline_start)",
+    "ljmpl ${code32}, ${sipi} + (.Lintegration_loader_ap32 - integration_loader_ap_trampoline_start)",
     ".code32",
-    ".Lvmm_core_ap32:",
+    ".Lintegration_loader_ap32:",
     "movw ${data0}, %ax",
     "movw %ax, %ds",
     "movw %ax, %es",
@@ -245,15 +247,15 @@ core::arch::global_asm!(
     "movl %eax, %cr4",
     "movl {params}+{cr3_off}, %eax",
     "movl %eax, %cr3",
-    "movl $0xc0000080, %ecx",
+    "movl ${efer_msr}, %ecx",
     "rdmsr",
-    "orl $0x100, %eax",
+    "orl ${efer_lme}, %eax",
     "wrmsr",
     "movl ${cr0}, %eax",
     "movl %eax, %cr0",
-    "ljmpl ${code64}, ${sipi} + (.Lvmm_core_ap64 - vmm_core_ap_trampoline_start)",
+    "ljmpl ${code64}, ${sipi} + (.Lintegration_loader_ap64 - integration_loader_ap_trampoline_start)",
     ".code64",
-    ".Lvmm_core_ap64:",
+    ".Lintegration_loader_ap64:",
     // EBX[31:24] of leaf 1: this AP's APIC ID.
     "movl $1, %eax",
     "xorl %ecx, %ecx",
@@ -274,7 +276,7 @@ core::arch::global_asm!(
     "popfq",
     // IA32_SYSENTER_CS = KERNEL_CODE64: sysexit loads USER_CODE64 / USER_DATA (for us here,
     // and for CPL-0 programs that drop to CPL 3 themselves).
-    "movl $0x174, %ecx",
+    "movl ${sysenter_cs}, %ecx",
     "movl ${code64}, %eax",
     "xorl %edx, %edx",
     "wrmsr",
@@ -285,13 +287,13 @@ core::arch::global_asm!(
     "movq {params}+{entry_off}, %rdx",
     "movl %ebx, %edi",
     "cmpl $0, {params}+{user_off}",
-    "jne .Lvmm_core_ap_user",
+    "jne .Lintegration_loader_ap_user",
     "movq %rcx, %rsp",
     "jmpq *%rdx",
-    ".Lvmm_core_ap_user:",
+    ".Lintegration_loader_ap_user:",
     // sysexit with REX.W: CPL 3, 64-bit, RIP = RDX, RSP = RCX.
     ".byte 0x48, 0x0f, 0x35",
-    "vmm_core_ap_trampoline_end:",
+    "integration_loader_ap_trampoline_end:",
     ".popsection",
     params = const layout::AP_PARAMS_ADDR,
     gdtr = const TrampolineParams::GDTR,
@@ -303,8 +305,11 @@ core::arch::global_asm!(
     code32 = const gdt::KERNEL_CODE32,
     code64 = const gdt::KERNEL_CODE64,
     data0 = const gdt::KERNEL_DATA,
-    cr4 = const CR4_LONG_MODE,
-    cr0 = const CR0_LONG_MODE,
+    cr4 = const CR4,
+    cr0 = const CR0,
+    efer_msr = const msr::EFER,
+    efer_lme = const efer::LME,
+    sysenter_cs = const msr::IA32_SYSENTER_CS,
     tstacks = const layout::TRAMPOLINE_STACKS,
     tss_base = const gdt::TSS_BASE,
     gdt_addr = const layout::GDT_ADDR,
@@ -313,8 +318,8 @@ core::arch::global_asm!(
 );
 
 extern "C" {
-    static vmm_core_ap_trampoline_start: u8;
-    static vmm_core_ap_trampoline_end: u8;
+    static integration_loader_ap_trampoline_start: u8;
+    static integration_loader_ap_trampoline_end: u8;
 }
 
 /// The AP trampoline's machine code (real mode at [`layout::SIPI_PAGE`]).
@@ -322,8 +327,8 @@ pub fn ap_trampoline() -> &'static [u8] {
     // SAFETY: both symbols are in the same read-only section emitted by the global_asm!
     // above, `end` after `start`; the bytes between them are initialized and never written.
     unsafe {
-        let start = std::ptr::addr_of!(vmm_core_ap_trampoline_start);
-        let end = std::ptr::addr_of!(vmm_core_ap_trampoline_end);
+        let start = std::ptr::addr_of!(integration_loader_ap_trampoline_start);
+        let end = std::ptr::addr_of!(integration_loader_ap_trampoline_end);
         std::slice::from_raw_parts(start, end as usize - start as usize)
     }
 }
@@ -334,112 +339,49 @@ const TSS_SIZE: u64 = 0x68;
 const IO_BITMAP_SIZE: u64 = 0x2000;
 /// TSS limit: the TSS, the bitmap and the terminating byte.
 const TSS_LIMIT: u32 = (TSS_SIZE + IO_BITMAP_SIZE) as u32;
+/// The TSS field holding the I/O permission bitmap's offset.
+const TSS_IO_MAP_BASE: u64 = 0x66;
 
-/// The GDT the loader writes, slot by slot.
-pub fn gdt_entries() -> Vec<u64> {
+/// The shared TSS with its I/O permission bitmap, available (in the GDT) or busy (in TR).
+fn tss_descriptor(busy: bool) -> Descriptor {
+    Descriptor::tss64(layout::TSS_ADDR as u32, TSS_LIMIT, busy)
+}
+
+/// The GDT the loader writes (see [`gdt`] for the selectors).
+pub fn system_gdt() -> Gdt {
     let code32 = Descriptor {
         long: false,
         db: true,
         ..Descriptor::CODE64
     };
-    let user = |d: Descriptor| Descriptor { dpl: 3, ..d };
-    let mut g = vec![
-        0,
-        Descriptor::CODE64.encode(),
-        Descriptor::DATA.encode(),
-        code32.encode(),
-        0,
-        user(Descriptor::CODE64).encode(),
-        user(Descriptor::DATA).encode(),
-        0,
-    ];
-    for _ in 0..layout::APIC_ID_SLOTS {
-        g.push(tss_descriptor(TSS_TYPE_AVAILABLE).encode());
-        g.push(layout::TSS_ADDR >> 32);
+    let mut g = Gdt::new()
+        .with(gdt::KERNEL_CODE64, Descriptor::CODE64)
+        .with(gdt::KERNEL_DATA, Descriptor::DATA)
+        .with(gdt::KERNEL_CODE32, code32)
+        .with(gdt::USER_CODE64, Descriptor::CODE64.with_dpl(3))
+        .with(gdt::USER_DATA, Descriptor::DATA.with_dpl(3));
+    for apic_id in 0..layout::APIC_ID_SLOTS as u32 {
+        g = g.with(gdt::tss_selector(apic_id), tss_descriptor(false));
     }
     g
 }
 
-/// 64-bit TSS descriptor types: available (in the GDT) and busy (in TR once loaded).
-const TSS_TYPE_AVAILABLE: u8 = 0x9;
-const TSS_TYPE_BUSY: u8 = 0xb;
-
-/// The shared TSS with its I/O permission bitmap.
-fn tss_descriptor(type_: u8) -> Descriptor {
-    Descriptor {
-        base: layout::TSS_ADDR as u32,
-        limit: TSS_LIMIT,
-        type_,
-        system: true,
-        dpl: 0,
-        long: false,
-        db: false,
-        granularity: false,
-    }
-}
-
-/// The PD entry that maps the 2 MiB page at `addr` (identity, U bit, PCD|PWT on MMIO).
-pub fn pd_entry(addr: u64) -> u64 {
-    let mut e = addr | pte::PRESENT | pte::WRITABLE | pte::USER | pte::HUGE;
-    if addr >= crate::vm::MMIO_GAP_START {
-        e |= pte::PCD | pte::PWT;
-    }
-    e
-}
-
-fn write_obj<T: vm_memory::ByteValued>(
-    mem: &GuestMemoryMmap,
-    addr: u64,
-    value: T,
-) -> Result<(), VmmError> {
-    mem.write_obj(value, GuestAddress(addr))
-        .map_err(|source| VmmError::GuestMemory {
-            addr,
-            len: std::mem::size_of::<T>(),
-            source,
-        })
-}
-
-fn write_bytes(mem: &GuestMemoryMmap, addr: u64, bytes: &[u8]) -> Result<(), VmmError> {
-    mem.write_slice(bytes, GuestAddress(addr))
-        .map_err(|source| VmmError::GuestMemory {
-            addr,
-            len: bytes.len(),
-            source,
-        })
+/// The identity map the loader writes: 4 GiB, reachable from CPL 3, MMIO uncached.
+pub fn page_tables() -> IdentityMap {
+    IdentityMap::user_with_mmio(layout::PML4_ADDR, layout::PDPT_ADDR, layout::PD_ADDR)
 }
 
 /// Writes the GDT, the TSS and the page tables (the parts every program shares).
 pub fn write_system_tables(mem: &GuestMemoryMmap) -> Result<(), VmmError> {
-    for (i, e) in gdt_entries().iter().enumerate() {
-        write_obj(mem, layout::GDT_ADDR + 8 * i as u64, *e)?;
-    }
-    // A zero bitmap allows every port at CPL 3. IOPL = 3 would too, but PVM hosts run guest
-    // user code with IOPL 0 whatever RFLAGS says, and check the bitmap.
-    write_bytes(
-        mem,
-        layout::TSS_ADDR,
-        &[0u8; (TSS_SIZE + IO_BITMAP_SIZE) as usize],
-    )?;
-    write_obj(mem, layout::TSS_ADDR + 0x66, TSS_SIZE as u16)?;
-    write_obj(mem, layout::TSS_ADDR + TSS_SIZE + IO_BITMAP_SIZE, 0xffu8)?;
-    write_obj(
-        mem,
-        layout::PML4_ADDR,
-        layout::PDPT_ADDR | pte::PRESENT | pte::WRITABLE | pte::USER,
-    )?;
-    for gib in 0..4u64 {
-        let pd = layout::PD_ADDR + gib * 0x1000;
-        write_obj(
-            mem,
-            layout::PDPT_ADDR + gib * 8,
-            pd | pte::PRESENT | pte::WRITABLE | pte::USER,
-        )?;
-        for i in 0..512u64 {
-            write_obj(mem, pd + i * 8, pd_entry((gib << 30) | (i << 21)))?;
-        }
-    }
-    Ok(())
+    system_gdt().write(mem, layout::GDT_ADDR)?;
+    // A zero bitmap allows every port at CPL 3 (see the module documentation: these hosts
+    // ignore IOPL = 3 for guest user code and check the bitmap).
+    let mut tss = vec![0u8; (TSS_SIZE + IO_BITMAP_SIZE + 1) as usize];
+    let io_map_base = TSS_IO_MAP_BASE as usize;
+    tss[io_map_base..io_map_base + 2].copy_from_slice(&(TSS_SIZE as u16).to_le_bytes());
+    tss[(TSS_SIZE + IO_BITMAP_SIZE) as usize] = 0xff;
+    write_guest(mem, layout::TSS_ADDR, &tss)?;
+    page_tables().write(mem)
 }
 
 fn check_placement(
@@ -461,7 +403,7 @@ fn check_placement(
     if len > 0 && !mem.check_range(GuestAddress(addr), len as usize) {
         return Err(err("outside guest RAM"));
     }
-    if end > crate::vm::MMIO_GAP_START {
+    if end > MMIO_GAP_START {
         return Err(err("above 3 GiB (the MMIO gap)"));
     }
     Ok(())
@@ -496,12 +438,12 @@ pub fn load_program(
         .transpose()?;
 
     write_system_tables(mem)?;
-    write_bytes(mem, program.load_addr, program.code)?;
+    write_guest(mem, program.load_addr, program.code)?;
     for (addr, bytes) in &program.data {
-        write_bytes(mem, *addr, bytes)?;
+        write_guest(mem, *addr, bytes)?;
     }
     if let Some(entry) = ap_rip {
-        write_bytes(mem, layout::SIPI_PAGE, ap_trampoline())?;
+        write_guest(mem, layout::SIPI_PAGE, ap_trampoline())?;
         TrampolineParams {
             entry,
             rflags: entry_rflags(),
@@ -521,49 +463,30 @@ pub fn load_program(
 
 /// `RFLAGS` at every entry: reserved bit, `IOPL = 3`, interrupts off.
 pub fn entry_rflags() -> u64 {
-    RFLAGS_RESERVED | RFLAGS_IOPL3
+    rflags::RESERVED | rflags::IOPL3
 }
 
-/// The special registers of a vCPU entering 64-bit mode at `privilege`.
-pub fn long_mode_sregs(mut sregs: kvm_sregs, privilege: Privilege) -> kvm_sregs {
+/// The special registers of a vCPU entering 64-bit mode at `privilege`: the loader's GDT,
+/// page tables and the BSP's TSS.
+pub fn long_mode_entry(privilege: Privilege) -> LongModeEntry {
     let (code, data, dpl) = match privilege {
         Privilege::Kernel => (gdt::KERNEL_CODE64, gdt::KERNEL_DATA, 0),
         Privilege::User => (gdt::USER_CODE64, gdt::USER_DATA, 3),
     };
-    sregs.cs = Descriptor {
-        dpl,
-        ..Descriptor::CODE64
+    LongModeEntry {
+        code: (code, Descriptor::CODE64.with_dpl(dpl)),
+        data: (data, Descriptor::DATA.with_dpl(dpl)),
+        task: (gdt::tss_selector(0), tss_descriptor(true)),
+        gdt_base: layout::GDT_ADDR,
+        gdt_limit: gdt::LIMIT,
+        cr3: layout::PML4_ADDR,
+        cr0: CR0,
+        cr4: CR4,
     }
-    .to_kvm_segment(code);
-    let d = Descriptor {
-        dpl,
-        ..Descriptor::DATA
-    }
-    .to_kvm_segment(data);
-    sregs.ds = d;
-    sregs.es = d;
-    sregs.fs = d;
-    sregs.gs = d;
-    sregs.ss = d;
-    sregs.tr = tss_descriptor(TSS_TYPE_BUSY).to_kvm_segment(gdt::tss_selector(0));
-    sregs.gdt.base = layout::GDT_ADDR;
-    sregs.gdt.limit = gdt::LIMIT;
-    // No IDT: any exception triple-faults, which the VMM reports as the guest stopping.
-    sregs.idt.base = 0;
-    sregs.idt.limit = 0;
-    sregs.cr0 = CR0_LONG_MODE;
-    sregs.cr3 = layout::PML4_ADDR;
-    sregs.cr4 = CR4_LONG_MODE;
-    sregs.efer = EFER_LONG_MODE;
-    sregs
 }
 
 impl BootEntry for LoadedProgram {
     fn setup_bsp(&self, vcpu: &VcpuFd, _mem: &GuestMemoryMmap) -> Result<(), VmmError> {
-        let err = crate::bsp_kvm_error;
-        let sregs = vcpu.get_sregs().map_err(err("KVM_GET_SREGS"))?;
-        vcpu.set_sregs(&long_mode_sregs(sregs, self.privilege))
-            .map_err(err("KVM_SET_SREGS"))?;
         let regs = kvm_regs {
             rip: self.bsp_rip,
             rsp: layout::stack_top(0),
@@ -571,28 +494,9 @@ impl BootEntry for LoadedProgram {
             rdi: 0,
             ..Default::default()
         };
-        vcpu.set_regs(&regs).map_err(err("KVM_SET_REGS"))?;
-        let msrs = Msrs::from_entries(&[kvm_msr_entry {
-            index: MSR_IA32_SYSENTER_CS,
-            data: u64::from(gdt::KERNEL_CODE64),
-            ..Default::default()
-        }])
-        .map_err(|_| VmmError::MsrRejected {
-            vcpu_id: 0,
-            msr: MSR_IA32_SYSENTER_CS,
-            set: 0,
-            total: 1,
-        })?;
-        match vcpu.set_msrs(&msrs) {
-            Ok(1) => Ok(()),
-            Ok(set) => Err(VmmError::MsrRejected {
-                vcpu_id: 0,
-                msr: MSR_IA32_SYSENTER_CS,
-                set,
-                total: 1,
-            }),
-            Err(source) => Err(err("KVM_SET_MSRS")(source)),
-        }
+        long_mode_entry(self.privilege).apply(vcpu, 0, &regs)?;
+        let sysenter_cs = msr::entry(msr::IA32_SYSENTER_CS, u64::from(gdt::KERNEL_CODE64));
+        msr::set_msrs(vcpu, 0, &[sysenter_cs])
     }
 }
 
@@ -605,26 +509,11 @@ mod tests {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap()
     }
 
-    /// Walks the 4-level page tables like the CPU: (physical address, U at every level,
+    /// Walks the loader's page tables like the CPU: (physical address, U at every level,
     /// PCD of the leaf).
     fn walk(mem: &GuestMemoryMmap, va: u64) -> Option<(u64, bool, bool)> {
-        let rd = |a: u64| mem.read_obj::<u64>(GuestAddress(a)).unwrap();
-        let mut table = layout::PML4_ADDR;
-        let mut user = true;
-        for (level, shift) in [(4, 39), (3, 30), (2, 21)] {
-            let e = rd(table + ((va >> shift) & 0x1ff) * 8);
-            if e & pte::PRESENT == 0 {
-                return None;
-            }
-            user &= e & pte::USER != 0;
-            if level == 2 {
-                assert_ne!(e & pte::HUGE, 0, "PD entries map 2 MiB pages");
-                let pa = (e & 0x000f_ffff_ffe0_0000) | (va & 0x1f_ffff);
-                return Some((pa, user, e & pte::PCD != 0));
-            }
-            table = e & 0x000f_ffff_ffff_f000;
-        }
-        None
+        let t = page_tables().translate(mem, va)?;
+        Some((t.phys, t.user, t.uncached))
     }
 
     #[test]
@@ -649,7 +538,9 @@ mod tests {
 
     #[test]
     fn gdt_matches_the_selectors() {
-        let g = gdt_entries();
+        let gdt_table = system_gdt();
+        let g = gdt_table.entries();
+        assert_eq!((g.len(), gdt_table.limit()), (gdt::ENTRIES, gdt::LIMIT));
         let dpl = |e: u64| (e >> 45) & 3;
         let long = |e: u64| (e >> 53) & 1;
         assert_eq!((dpl(g[1]), long(g[1])), (0, 1));

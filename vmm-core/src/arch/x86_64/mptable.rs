@@ -21,9 +21,10 @@
 use std::collections::BTreeSet;
 use std::mem::size_of;
 
-use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{ByteValued, GuestMemoryMmap};
 
 use super::layout::{EBDA_END, IOAPIC_ADDR, LAPIC_ADDR, MPTABLE_START};
+use super::write_guest;
 use crate::VmmError;
 
 /// One possible vCPU as the MP table lists it.
@@ -453,16 +454,8 @@ pub fn setup_mptable(mem: &GuestMemoryMmap, cpus: &[MpCpu]) -> Result<(), VmmErr
         return Err(VmmError::MpTableTooLarge { size, room });
     }
     let mpf = floating_pointer(table_addr as u32);
-    let write = |addr: u64, bytes: &[u8]| {
-        mem.write_slice(bytes, GuestAddress(addr))
-            .map_err(|source| VmmError::GuestMemory {
-                addr,
-                len: bytes.len(),
-                source,
-            })
-    };
-    write(MPTABLE_START, mpf.as_slice())?;
-    write(table_addr, &table)
+    write_guest(mem, MPTABLE_START, mpf.as_slice())?;
+    write_guest(mem, table_addr, &table)
 }
 
 #[cfg(test)]
@@ -471,6 +464,7 @@ mod tests {
     //! (offsets as numbers), not with the writer's structs.
 
     use super::*;
+    use vm_memory::{Bytes, GuestAddress};
 
     fn mem() -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap()

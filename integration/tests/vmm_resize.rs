@@ -6,20 +6,18 @@
 //! exits and keeps, and what it asks the guest. The server's callback only records the actions
 //! (and fails them on demand).
 
-mod common;
-
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::kvm_or_skip;
 use hotplug::guest::{
     CpuAction, GuestFault, GuestServerOptions, GuestUpcallServer, VsockMuxerStub, EINVAL, EIO,
 };
 use hotplug::{HotplugError, HybridVsockConnector, UpcallClient, UpcallConfig, UPCALL_GUEST_PORT};
+use integration::kvm_or_skip;
+use integration::loader::{load_program, GuestProgram};
 use kvm_ioctls::Kvm;
 use topology::CpuTopology;
-use vmm_core::loader::{load_program, GuestProgram};
 use vmm_core::{
     build_vm, AsyncResizer, VcpuConfig, VcpuManager, VcpuManagerOptions, VcpuSlot, VmOptions,
     VmmError,
@@ -63,6 +61,11 @@ fn config() -> VcpuConfig {
         topology: CpuTopology::new(2, 1, 3, 2).expect("2x1x3x2 is a valid topology"),
         vpmu: VpmuFeatureLevel::Disabled,
     }
+}
+
+/// The harness for `test`, or `None` without KVM (see [`kvm_or_skip`]).
+fn harness_or_skip(test: &str, reply_timeout: Duration) -> Option<Harness> {
+    kvm_or_skip(test).map(|kvm| harness(kvm, reply_timeout))
 }
 
 fn harness(kvm: Kvm, reply_timeout: Duration) -> Harness {
@@ -205,10 +208,12 @@ fn offline(ids: &[u32]) -> Vec<CpuAction> {
 
 #[test]
 fn resize_grow_shrink_grow_reuses_fds() {
-    let Some(kvm) = kvm_or_skip("resize_grow_shrink_grow_reuses_fds") else {
+    let Some(mut h) = harness_or_skip(
+        "resize_grow_shrink_grow_reuses_fds",
+        Duration::from_secs(30),
+    ) else {
         return;
     };
-    let mut h = harness(kvm, Duration::from_secs(30));
     h.assert_present(0..2);
 
     // Grow to the maximum: the lowest free indices, sent with their (sparse) APIC IDs.
@@ -256,10 +261,12 @@ fn resize_grow_shrink_grow_reuses_fds() {
 
 #[test]
 fn resize_out_of_range_changes_nothing() {
-    let Some(kvm) = kvm_or_skip("resize_out_of_range_changes_nothing") else {
+    let Some(mut h) = harness_or_skip(
+        "resize_out_of_range_changes_nothing",
+        Duration::from_secs(30),
+    ) else {
         return;
     };
-    let mut h = harness(kvm, Duration::from_secs(30));
     for target in [0, MAX + 1] {
         match h.vcpus.resize_vcpus(target) {
             Err(VmmError::ResizeOutOfRange { target: t, max }) => {
@@ -293,10 +300,10 @@ fn resize_without_upcall_client_is_a_typed_error() {
 
 #[test]
 fn resize_guest_error_rolls_back() {
-    let Some(kvm) = kvm_or_skip("resize_guest_error_rolls_back") else {
+    let Some(mut h) = harness_or_skip("resize_guest_error_rolls_back", Duration::from_secs(30))
+    else {
         return;
     };
-    let mut h = harness(kvm, Duration::from_secs(30));
     h.online_errno.store(EINVAL, Ordering::SeqCst);
     let err = h.vcpus.resize_vcpus(4).expect_err("the guest refuses");
     match &err {
@@ -330,10 +337,12 @@ fn resize_guest_error_rolls_back() {
 
 #[test]
 fn resize_silent_guest_times_out_and_rolls_back() {
-    let Some(kvm) = kvm_or_skip("resize_silent_guest_times_out_and_rolls_back") else {
+    let Some(mut h) = harness_or_skip(
+        "resize_silent_guest_times_out_and_rolls_back",
+        Duration::from_millis(300),
+    ) else {
         return;
     };
-    let mut h = harness(kvm, Duration::from_millis(300));
     h.server.inject_fault(GuestFault::Silent);
     let err = h
         .vcpus
@@ -354,10 +363,12 @@ fn resize_silent_guest_times_out_and_rolls_back() {
 
 #[test]
 fn resize_hang_up_is_not_success_and_rolls_back() {
-    let Some(kvm) = kvm_or_skip("resize_hang_up_is_not_success_and_rolls_back") else {
+    let Some(mut h) = harness_or_skip(
+        "resize_hang_up_is_not_success_and_rolls_back",
+        Duration::from_secs(30),
+    ) else {
         return;
     };
-    let mut h = harness(kvm, Duration::from_secs(30));
     h.server.inject_fault(GuestFault::HangUp);
     let err = h.vcpus.resize_vcpus(3).expect_err("the guest hangs up");
     match &err {
@@ -387,11 +398,12 @@ fn resize_hang_up_is_not_success_and_rolls_back() {
 
 #[test]
 fn resize_never_removes_vcpu_0_and_a_refused_shrink_changes_nothing() {
-    let Some(kvm) = kvm_or_skip("resize_never_removes_vcpu_0_and_a_refused_shrink_changes_nothing")
-    else {
+    let Some(mut h) = harness_or_skip(
+        "resize_never_removes_vcpu_0_and_a_refused_shrink_changes_nothing",
+        Duration::from_secs(30),
+    ) else {
         return;
     };
-    let mut h = harness(kvm, Duration::from_secs(30));
     h.vcpus.resize_vcpus(4).expect("resize 2 -> 4");
     h.take_actions();
 
@@ -422,12 +434,12 @@ fn resize_never_removes_vcpu_0_and_a_refused_shrink_changes_nothing() {
 
 #[test]
 fn async_resize_is_waited_on_with_a_timeout_and_a_second_one_is_busy() {
-    let Some(kvm) =
-        kvm_or_skip("async_resize_is_waited_on_with_a_timeout_and_a_second_one_is_busy")
-    else {
+    let Some(mut h) = harness_or_skip(
+        "async_resize_is_waited_on_with_a_timeout_and_a_second_one_is_busy",
+        Duration::from_secs(30),
+    ) else {
         return;
     };
-    let mut h = harness(kvm, Duration::from_secs(30));
     // The manager moves behind a mutex for the resizer; a stand-in takes its place in `h`.
     let (_vm, spare) = build_vm(
         Kvm::new().expect("/dev/kvm opened once already"),

@@ -1,11 +1,9 @@
 //! The loader on real KVM, without the vCPU manager: a program entered at CPL 3 and at CPL 0
 //! does port I/O (CPL 3 through the TSS I/O bitmap the loader provides).
 
-mod common;
-
-use common::kvm_or_skip;
+use integration::kvm_or_skip;
+use integration::loader::{load_program, GuestProgram, Privilege};
 use kvm_ioctls::{Kvm, VcpuExit};
-use vmm_core::loader::{load_program, GuestProgram, Privilege};
 use vmm_core::{BootEntry, Vm, VmOptions};
 
 const PORT: u16 = 0x610;
@@ -67,20 +65,21 @@ fn first_exit(kvm: Kvm, privilege: Privilege) -> (u16, Vec<u8>) {
     })
 }
 
-#[test]
-fn cpl3_program_does_port_io() {
-    let Some(kvm) = kvm_or_skip("cpl3_program_does_port_io") else {
+/// The first exit of the program at `privilege` is its `out` of VALUE to PORT.
+fn check_port_io(test: &str, privilege: Privilege) {
+    let Some(kvm) = kvm_or_skip(test) else {
         return;
     };
     let expected = (PORT, VALUE.to_le_bytes().to_vec());
-    assert_eq!(first_exit(kvm, Privilege::User), expected);
+    assert_eq!(first_exit(kvm, privilege), expected);
+}
+
+#[test]
+fn cpl3_program_does_port_io() {
+    check_port_io("cpl3_program_does_port_io", Privilege::User);
 }
 
 #[test]
 fn cpl0_program_does_port_io() {
-    let Some(kvm) = kvm_or_skip("cpl0_program_does_port_io") else {
-        return;
-    };
-    let expected = (PORT, VALUE.to_le_bytes().to_vec());
-    assert_eq!(first_exit(kvm, Privilege::Kernel), expected);
+    check_port_io("cpl0_program_does_port_io", Privilege::Kernel);
 }

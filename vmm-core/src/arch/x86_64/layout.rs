@@ -1,7 +1,12 @@
-//! Where Linux boot puts things in guest physical memory.
+//! The guest physical memory map of every VM this crate builds.
 //!
-//! Everything the VMM writes for the kernel lives in the first MiB, except the kernel itself
-//! (from 1 MiB, or where an ELF vmlinux asks) and the initrd (as high as it may go):
+//! RAM starts at 0 and runs up to [`MMIO_GAP_START`] (3 GiB); what does not fit below the gap
+//! continues at [`MMIO_GAP_END`] (4 GiB). The gap holds the I/O APIC ([`IOAPIC_ADDR`]), the
+//! local APICs ([`LAPIC_ADDR`]) and KVM's own pages.
+//!
+//! For a Linux guest ([`crate::boot`]) the VMM writes everything in the first MiB, except the
+//! kernel itself (from 1 MiB, or where an ELF vmlinux asks) and the initrd (as high as it may
+//! go):
 //!
 //! | address | what |
 //! | --- | --- |
@@ -13,7 +18,16 @@
 //! | [`CMDLINE_ADDR`] | the command line, at most [`CMDLINE_AREA_SIZE`] bytes with its NUL |
 //! | [`EBDA_START`]..[`EBDA_END`] | extended BIOS data area: the MP table; e820 `reserved` |
 //! | [`HIGH_MEMORY_START`] | the protected-mode kernel of a bzImage (its `code32_start`) |
+//! | [`MMIO_GAP_START`]..[`MMIO_GAP_END`] | no RAM: [`IOAPIC_ADDR`], [`LAPIC_ADDR`], KVM's pages |
+//!
+//! Other guest software loaders (such as the test-program loader of the `integration` crate)
+//! keep to the same RAM and MMIO gap and place their own structures as they need.
 
+/// Guest RAM stops here below 4 GiB; `MMIO_GAP_START..MMIO_GAP_END` holds the LAPIC, IOAPIC
+/// and other MMIO. RAM beyond `MMIO_GAP_START` continues at `MMIO_GAP_END`.
+pub const MMIO_GAP_START: u64 = 0xc000_0000;
+/// The end of the MMIO gap (4 GiB).
+pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
 /// The BIOS data area field holding the EBDA's real-mode segment (`u16`).
 pub const BDA_EBDA_SEGMENT: u64 = 0x40e;
 /// The BIOS data area field holding the base memory size in KiB (`u16`).

@@ -1,0 +1,27 @@
+//! The x87/SSE state every vCPU gets at creation: the values after `fninit` and the default
+//! MXCSR (all exceptions masked, round to nearest).
+
+use kvm_bindings::kvm_fpu;
+use kvm_ioctls::VcpuFd;
+
+use crate::VmmError;
+
+/// The x87 control word after `fninit`: all exceptions masked, 64-bit precision.
+pub const FCW_DEFAULT: u16 = 0x37f;
+/// The MXCSR at reset: all SIMD exceptions masked, round to nearest.
+pub const MXCSR_DEFAULT: u32 = 0x1f80;
+
+/// The FPU state at creation.
+pub fn boot_fpu() -> kvm_fpu {
+    kvm_fpu {
+        fcw: FCW_DEFAULT,
+        mxcsr: MXCSR_DEFAULT,
+        ..Default::default()
+    }
+}
+
+/// Sets [`boot_fpu`] on `vcpu` (KVM vCPU id `vcpu_id`).
+pub fn setup_fpu(vcpu: &VcpuFd, vcpu_id: u32) -> Result<(), VmmError> {
+    vcpu.set_fpu(&boot_fpu())
+        .map_err(crate::vcpu_kvm_error(vcpu_id, "KVM_SET_FPU"))
+}

@@ -1,0 +1,61 @@
+//! Everything that knows x86 registers and firmware tables.
+//!
+//! | module | what |
+//! | --- | --- |
+//! | [`layout`] | the guest physical memory map: RAM, the MMIO gap, where Linux boot puts things |
+//! | [`cpuid`] | KVM's CPUID entries to and from `topology`'s, and setting them on a vCPU |
+//! | [`msr`] | MSR indices and the MSRs every vCPU gets at creation |
+//! | [`lapic`] | local APIC registers and the LINT0/LINT1 wiring |
+//! | [`fpu`] | the x87/SSE state at creation |
+//! | [`gdt`] | segment descriptors and GDTs |
+//! | [`paging`] | identity page tables for a direct 64-bit entry |
+//! | [`regs`] | CR0/CR4/EFER/RFLAGS bits and the 64-bit entry's special registers |
+//! | [`mptable`] | the MP table (processors, I/O APIC, interrupt wiring) |
+//! | [`e820`] | the e820 memory map |
+//!
+//! [`setup_vcpu`] is what the vCPU manager does to every new vCPU after its CPUID; a boot
+//! entry (Linux boot in [`crate::boot`], or a loader outside this crate) then sets the BSP's
+//! registers with [`gdt`], [`paging`] and [`regs`].
+//!
+//! Coming x86 work has its place here: ACPI tables (`acpi.rs`, next to [`mptable`] and
+//! [`e820`], placed in [`layout`]), x2APIC (in [`lapic`], with the MSR-based register access
+//! in [`msr`]), and saving and restoring a vCPU's state (`state.rs`: regs, sregs, MSRs, LAPIC,
+//! FPU/XSAVE and MP state, each read and written through the modules above).
+
+pub mod cpuid;
+pub mod e820;
+pub mod fpu;
+pub mod gdt;
+pub mod lapic;
+pub mod layout;
+pub mod mptable;
+pub mod msr;
+pub mod paging;
+pub mod regs;
+
+use kvm_bindings::{kvm_mp_state, KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_UNINITIALIZED};
+use kvm_ioctls::VcpuFd;
+
+pub(crate) use crate::vm::write_guest;
+use crate::VmmError;
+
+/// The architectural setup of a new vCPU (KVM vCPU id `vcpu_id`) after its CPUID: the boot
+/// MSRs ([`msr::boot_msrs`]), LINT0/LINT1 ([`lapic::setup_lint`]) and the FPU
+/// ([`fpu::setup_fpu`]).
+pub fn setup_vcpu(vcpu: &VcpuFd, vcpu_id: u32) -> Result<(), VmmError> {
+    msr::set_msrs(vcpu, vcpu_id, &msr::boot_msrs())?;
+    lapic::setup_lint(vcpu, vcpu_id)?;
+    fpu::setup_fpu(vcpu, vcpu_id)
+}
+
+/// Makes `vcpu` (KVM vCPU id `vcpu_id`) runnable (the BSP, whose registers are set), or
+/// leaves it waiting in `KVM_RUN` for the guest's INIT and SIPI (an AP).
+pub fn set_boot_mp_state(vcpu: &VcpuFd, vcpu_id: u32, bsp: bool) -> Result<(), VmmError> {
+    let mp_state = if bsp {
+        KVM_MP_STATE_RUNNABLE
+    } else {
+        KVM_MP_STATE_UNINITIALIZED
+    };
+    vcpu.set_mp_state(kvm_mp_state { mp_state })
+        .map_err(crate::vcpu_kvm_error(vcpu_id, "KVM_SET_MP_STATE"))
+}
