@@ -53,6 +53,52 @@ macro_rules! asm_blob {
 }
 pub(crate) use asm_blob;
 
+/// Opens the read-only section of program `name` and places its start symbol,
+/// `integration_guest_<name>_start` (its end symbol is declared global here too).
+macro_rules! program_start_asm {
+    ($name:literal) => {
+        concat!(
+            ".pushsection .rodata.integration_guest_",
+            $name,
+            ",\"a\"\n",
+            ".globl integration_guest_",
+            $name,
+            "_start\n",
+            ".globl integration_guest_",
+            $name,
+            "_end\n",
+            "integration_guest_",
+            $name,
+            "_start:",
+        )
+    };
+}
+
+/// A second entry point of program `name`: the global symbol `integration_guest_<name>_<entry>`.
+macro_rules! program_entry_asm {
+    ($name:literal, $entry:literal) => {
+        concat!(
+            ".globl integration_guest_",
+            $name,
+            "_",
+            $entry,
+            "\n",
+            "integration_guest_",
+            $name,
+            "_",
+            $entry,
+            ":",
+        )
+    };
+}
+
+/// Places the end symbol of program `name` and closes its section.
+macro_rules! program_end_asm {
+    ($name:literal) => {
+        concat!("integration_guest_", $name, "_end:\n", ".popsection")
+    };
+}
+
 /// `sysexit` (REX.W) to CPL 3 at `label`, keeping the stack (RCX = RSP); RBX and the other
 /// registers survive.
 macro_rules! to_cpl3_asm {
@@ -116,15 +162,11 @@ core::arch::global_asm!(
     // BSP and APs (through the loader's trampoline) enter at CPL 0: report leaf 0xB EDX and
     // leaf 0x1 EBX, the BSP wakes the APs, then everyone counts at CPL 3.
     ".code64",
-    ".pushsection .rodata.integration_guest_smp_counter,\"a\"",
-    ".globl integration_guest_smp_counter_start",
-    ".globl integration_guest_smp_counter_ap",
-    ".globl integration_guest_smp_counter_end",
-    "integration_guest_smp_counter_start:",
+    program_start_asm!("smp_counter"),
     "call .Lsmp_report",
     wake_all_aps_asm!(),
     "jmp .Lsmp_to_user",
-    "integration_guest_smp_counter_ap:",
+    program_entry_asm!("smp_counter", "ap"),
     "call .Lsmp_report",
     ".Lsmp_to_user:",
     to_cpl3_asm!(".Lsmp_loop"),
@@ -138,21 +180,13 @@ core::arch::global_asm!(
     "shrl $24, %ebx",
     per_cpu_addr_asm!("counter_shift", "counters"),
     "ret",
-    "integration_guest_smp_counter_end:",
-    ".popsection",
+    program_end_asm!("smp_counter"),
     // --- triple_fault: ud2 with no IDT ----------------------------------------------------
-    ".pushsection .rodata.integration_guest_triple_fault,\"a\"",
-    ".globl integration_guest_triple_fault_start",
-    ".globl integration_guest_triple_fault_end",
-    "integration_guest_triple_fault_start:",
+    program_start_asm!("triple_fault"),
     "ud2",
-    "integration_guest_triple_fault_end:",
-    ".popsection",
+    program_end_asm!("triple_fault"),
     // --- shutdown_port: print a message on COM1, write the shutdown port, spin -------------
-    ".pushsection .rodata.integration_guest_shutdown_port,\"a\"",
-    ".globl integration_guest_shutdown_port_start",
-    ".globl integration_guest_shutdown_port_end",
-    "integration_guest_shutdown_port_start:",
+    program_start_asm!("shutdown_port"),
     "leaq .Lshutdown_msg(%rip), %rsi",
     "movw ${com1}, %dx",
     ".Lshutdown_print:",
@@ -171,39 +205,26 @@ core::arch::global_asm!(
     ".Lshutdown_msg:",
     // Keep in sync with programs::SHUTDOWN_MESSAGE (a unit test checks).
     ".asciz \"shutting down\\n\"",
-    "integration_guest_shutdown_port_end:",
-    ".popsection",
+    program_end_asm!("shutdown_port"),
     // --- spin: pause; jmp, touching nothing -----------------------------------------------
-    ".pushsection .rodata.integration_guest_spin,\"a\"",
-    ".globl integration_guest_spin_start",
-    ".globl integration_guest_spin_end",
-    "integration_guest_spin_start:",
+    program_start_asm!("spin"),
     ".Lspin:",
     "pause",
     "jmp .Lspin",
-    "integration_guest_spin_end:",
-    ".popsection",
+    program_end_asm!("spin"),
     // --- pio_loop: one `out` to the bench port per iteration ------------------------------
-    ".pushsection .rodata.integration_guest_pio_loop,\"a\"",
-    ".globl integration_guest_pio_loop_start",
-    ".globl integration_guest_pio_loop_end",
-    "integration_guest_pio_loop_start:",
+    program_start_asm!("pio_loop"),
     "movw ${port_bench}, %dx",
     "xorl %eax, %eax",
     ".Lpio_loop:",
     "incl %eax",
     "outl %eax, %dx",
     "jmp .Lpio_loop",
-    "integration_guest_pio_loop_end:",
-    ".popsection",
+    program_end_asm!("pio_loop"),
     // --- the guest agent (see agent/mod.rs) -------------------------------------------------
     // Registers: RBX = this vCPU's progress counter, R12 = its APIC ID (from CPUID), R13 =
     // (BSP) the last mailbox sequence handled.
-    ".pushsection .rodata.integration_guest_agent,\"a\"",
-    ".globl integration_guest_agent_start",
-    ".globl integration_guest_agent_ap",
-    ".globl integration_guest_agent_end",
-    "integration_guest_agent_start:",
+    program_start_asm!("agent"),
     "call .Lagent_probe",
     wake_all_aps_asm!(),
     "xorl %r13d, %r13d",
@@ -244,7 +265,7 @@ core::arch::global_asm!(
     "outl %eax, %dx",
     "jmp .Lagent_bsp_loop",
     // APs: probe, then count at CPL 3 (mode 0) or halt at CPL 0 with interrupts off (mode 1).
-    "integration_guest_agent_ap:",
+    program_entry_asm!("agent", "ap"),
     "call .Lagent_probe",
     "cmpl $0, {mb_mode}",
     "jne .Lagent_halt",
@@ -294,8 +315,7 @@ core::arch::global_asm!(
     "movl %r12d, %ebx",
     per_cpu_addr_asm!("line_shift", "lines"),
     "ret",
-    "integration_guest_agent_end:",
-    ".popsection",
+    program_end_asm!("agent"),
     // Shared constants.
     svr = const SVR,
     svr_enable = const SVR_ENABLE,
