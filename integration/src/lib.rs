@@ -2,7 +2,7 @@
 //!
 //! - [`guest`]: the guest-program framework (the guest agent, the small test programs, the
 //!   devices and VMs that run them);
-//! - [`bench`]: every benchmark, each measurement once, next to bare KVM;
+//! - [`bench`](mod@bench): every benchmark, each measurement once, next to bare KVM;
 //! - [`cmd`]: the `vcpuctl` subcommands (`src/bin/vcpuctl.rs` only parses and dispatches);
 //! - [`cpuid_view`] and [`lstopo`]: independent decoders of what guest code read (`raw-cpuid`,
 //!   hwloc);

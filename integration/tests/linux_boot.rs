@@ -4,7 +4,7 @@
 //! e820 map (equal to ours), the MP table (processors, I/O APIC) and
 //! `smpboot: Allowing 6 CPUs, 4 hotplug CPUs`.
 //!
-//! On hosts whose KVM emulates guest kernel code (PVM, see the repository's host notes) the kernel
+//! On hosts whose KVM emulates guest kernel code (PVM, see `docs/host-notes.md`) the kernel
 //! runs slowly (the smpboot line comes about 45 s in) and stops soon after with
 //! `KVM internal error: emulation failure`; so the main test stops the VM as soon as the line
 //! is seen, and boots the uncompressed ELF vmlinux that the fetch script extracts (a

@@ -1,6 +1,6 @@
-//! `vcpuctl`, one module per subcommand ([`demo`], [`cpuid`], [`bench`], [`boot`]), and what
-//! they share: the VM options ([`VmSpec`]), progress output ([`Out`]) and the exit codes
-//! ([`ExitCode`], [`CliError`]). `src/bin/vcpuctl.rs` parses the arguments and dispatches here.
+//! `vcpuctl`, one module per subcommand ([`demo`], [`cpuid`], [`bench`](mod@bench),
+//! [`boot`]), and what they share: the VM options ([`VmSpec`]), progress output ([`Out`]) and
+//! the exit codes ([`ExitCode`], [`CliError`]). `src/bin/vcpuctl.rs` parses the arguments and dispatches here.
 
 pub mod bench;
 pub mod boot;
@@ -124,7 +124,7 @@ impl VmSpec {
         }
     }
 
-    /// The agent VM options for `spec` with APs in `mode`.
+    /// The guest agent's VM options for this spec, with APs in `mode`.
     pub(crate) fn agent_options(&self, mode: ApMode) -> AgentVmOptions {
         AgentVmOptions {
             memory_size: self.memory_mib << 20,

@@ -8,7 +8,7 @@
 //! the loader puts them. Local labels carry the program's name (`.Lsmp_`, `.Lagent_` ...):
 //! they share one assembler scope.
 //!
-//! Two habits come from the PVM test hosts (see the repository's host notes): CPUID runs at
+//! Two habits come from the PVM test hosts (see `docs/host-notes.md`): CPUID runs at
 //! CPL 0 (an AMD PVM host answers CPUID at CPL 3 with its own values), everything that loops
 //! runs at CPL 3 (CPL-0 code is emulated instruction by instruction), hence the `sysexit`
 //! after the short CPL-0 part. And absolute addresses of the local APIC go through a register:

@@ -25,8 +25,8 @@
 //!
 //! For hotplug, [`attach_upcall`] puts the guest-side upcall server of `hotplug` (whose
 //! callback is [`GuestAgent::cpu_callback`]) behind a vsock muxer stub and gives the VM's
-//! manager a connected client, so that `resize_vcpus` runs end to end; [`bench::bench_resize`]
-//! times it.
+//! manager a connected client, so that `resize_vcpus` runs end to end;
+//! [`crate::bench::hotplug::bench_resize`] times it.
 //!
 //! # Ports
 //!
