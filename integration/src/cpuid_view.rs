@@ -1,6 +1,6 @@
 //! What a vCPU's CPUID says about where it sits, decoded with the `raw-cpuid` crate (an
 //! independent decoder, not this workspace's `topology` crate) from the results guest code
-//! read ([`crate::agent`]).
+//! read ([`crate::guest::agent`]).
 //!
 //! ```
 //! use integration::cpuid_view::decode_location;

@@ -1,7 +1,6 @@
 //! hwloc's view of a CPUID dump directory: runs
 //! `HWLOC_CPUID_PATH=DIR HWLOC_COMPONENTS=x86,stop lstopo-no-graphics --of xml -` and reads
-//! the object tree (packages, dies, caches, cores, PUs) from its XML, so that tests and
-//! `vcpuctl cpuid --check` can compare it with the configured topology.
+//! the object tree (packages, dies, caches, cores, PUs) from its XML, so that tests can compare it with the configured topology.
 //!
 //! ```
 //! use integration::lstopo::HwlocTopology;
@@ -46,10 +45,8 @@ pub struct HwlocTopology {
 }
 
 fn attribute<'a>(tag: &'a str, name: &str) -> Option<&'a str> {
-    let key = format!(" {name}=\"");
-    let start = tag.find(&key)? + key.len();
-    let end = tag[start..].find('"')?;
-    Some(&tag[start..start + end])
+    let (_, rest) = tag.split_once(&format!(" {name}=\""))?;
+    rest.split_once('"').map(|(value, _)| value)
 }
 
 impl HwlocTopology {
@@ -132,6 +129,22 @@ impl HwlocTopology {
     pub fn from_x86_backend(&self) -> bool {
         self.xml.contains("name=\"Backend\" value=\"x86\"")
     }
+}
+
+/// Whether a missing lstopo fails the run instead of skipping: under `VCPU_REQUIRE_KVM=1`
+/// ([`crate::kvm_required`]) or `CI=true` (CI installs hwloc).
+pub fn lstopo_required() -> bool {
+    crate::kvm_required() || std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+/// What a test does when [`lstopo_dump`] found no lstopo: panics when [`lstopo_required`],
+/// else prints a loud `SKIPPED` line naming `what` was not checked.
+pub fn skip_without_lstopo(what: &str) {
+    assert!(
+        !lstopo_required(),
+        "{LSTOPO} not found but CI=true or VCPU_REQUIRE_KVM=1: apt-get install hwloc"
+    );
+    eprintln!("SKIPPED (no {LSTOPO}; apt-get install hwloc): {what}");
 }
 
 /// Runs lstopo on the CPUID dump in `dir`. `Ok(None)` when lstopo is not installed. Fails when

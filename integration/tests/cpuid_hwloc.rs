@@ -14,7 +14,7 @@
 use std::collections::BTreeMap;
 
 use assert_cmd::Command;
-use integration::lstopo::{lstopo_dump, LSTOPO};
+use integration::lstopo::{lstopo_dump, skip_without_lstopo};
 use serde_json::Value;
 
 /// (sockets, dies per socket, cores per die, threads per core).
@@ -67,11 +67,6 @@ fn expected_groups<K: Ord>(
     let mut groups: Vec<Vec<u32>> = m.into_values().collect();
     groups.sort();
     groups
-}
-
-fn lstopo_required() -> bool {
-    std::env::var("VCPU_REQUIRE_KVM").is_ok_and(|v| v == "1")
-        || std::env::var("CI").is_ok_and(|v| v == "true")
 }
 
 /// The register of one query in a vCPU's JSON record.
@@ -171,11 +166,7 @@ fn hwloc_sees_the_configured_topology_in_what_guest_code_read() {
     }
     for &shape in SHAPES {
         if !check(shape) {
-            assert!(
-                !lstopo_required(),
-                "{LSTOPO} not found but CI=true or VCPU_REQUIRE_KVM=1: apt-get install hwloc"
-            );
-            eprintln!("SKIPPED (no {LSTOPO}; apt-get install hwloc): hwloc check of vcpuctl cpuid");
+            skip_without_lstopo("hwloc check of vcpuctl cpuid");
             return;
         }
     }

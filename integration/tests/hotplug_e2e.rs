@@ -20,15 +20,10 @@ fn agent_config() -> vmm_core::VcpuConfig {
 }
 
 /// Waits (in short sleeps, only to turn a hang into a failure) until `cond` holds.
-fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while !cond() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+fn wait_until(what: &str, cond: impl FnMut() -> bool) {
+    let step = Duration::from_millis(5);
+    let held = integration::poll_until(Duration::from_secs(60), step, cond);
+    assert!(held, "timed out waiting for {what}");
 }
 
 #[test]
@@ -38,14 +33,14 @@ fn agent_guest_wakes_exactly_the_requested_apic_ids_and_parks_removed_ones() {
     else {
         return;
     };
-    use integration::agent::{AgentVm, AgentVmOptions};
+    use integration::guest::agent::{AgentVm, AgentVmOptions};
     let mut vm = AgentVm::create(kvm, agent_config(), AgentVmOptions::default()).expect("agent VM");
     vm.start(Duration::from_secs(60))
         .expect("boot vCPUs report");
     let dir = tempfile::tempdir().unwrap();
-    let upcall = integration::agent::attach_upcall(
+    let upcall = integration::guest::agent::attach_upcall(
         &mut vm,
-        integration::agent::AgentUpcallOptions {
+        integration::guest::agent::AgentUpcallOptions {
             socket: Some(dir.path().join("agent-upcall.sock")),
             ..Default::default()
         },
@@ -117,7 +112,7 @@ fn bench_resize_reports_add_and_remove_latency_split() {
     let Some(kvm) = kvm_or_skip("bench_resize_reports_add_and_remove_latency_split") else {
         return;
     };
-    use integration::agent::bench::{bench_resize, ResizeBenchOptions};
+    use integration::bench::hotplug::{bench_resize, ResizeBenchOptions};
     let options = ResizeBenchOptions {
         steps: vec![1, 7],
         rounds: 2,

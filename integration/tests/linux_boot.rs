@@ -4,7 +4,7 @@
 //! e820 map (equal to ours), the MP table (processors, I/O APIC) and
 //! `smpboot: Allowing 6 CPUs, 4 hotplug CPUs`.
 //!
-//! On hosts whose KVM emulates guest kernel code (PVM, see docs/host-notes.md) the kernel
+//! On hosts whose KVM emulates guest kernel code (PVM, see `docs/host-notes.md`) the kernel
 //! runs slowly (the smpboot line comes about 45 s in) and stops soon after with
 //! `KVM internal error: emulation failure`; so the main test stops the VM as soon as the line
 //! is seen, and boots the uncompressed ELF vmlinux that the fetch script extracts (a
@@ -85,6 +85,16 @@ fn kernel_or_skip(test: &str, env_var: &str, prefix: &str) -> Option<PathBuf> {
     }
     eprintln!("SKIPPED (no test kernel): {test}: {why}");
     None
+}
+
+/// KVM and the kernel to boot, or `None` after a loud SKIPPED for what is missing.
+fn kvm_and_kernel_or_skip(
+    test: &str,
+    env_var: &str,
+    prefix: &str,
+) -> Option<(kvm_ioctls::Kvm, PathBuf)> {
+    let kvm = kvm_or_skip(test)?;
+    Some((kvm, kernel_or_skip(test, env_var, prefix)?))
 }
 
 /// The serial console: keeps every byte, and asks the VM to stop when a line contains
@@ -247,10 +257,7 @@ fn message(line: &str) -> &str {
 #[test]
 fn debian_kernel_reports_our_e820_map_and_hotplug_cpus() {
     let test = "debian_kernel_reports_our_e820_map_and_hotplug_cpus";
-    let Some(kvm) = kvm_or_skip(test) else {
-        return;
-    };
-    let Some(kernel) = kernel_or_skip(test, "VCPU_TEST_KERNEL", "vmlinux-") else {
+    let Some((kvm, kernel)) = kvm_and_kernel_or_skip(test, "VCPU_TEST_KERNEL", "vmlinux-") else {
         return;
     };
     let b = boot(kvm, &kernel, CMDLINE, Some(SMPBOOT_LINE));
@@ -299,10 +306,7 @@ fn guest_stopping_by_itself_is_reported_through_the_exit_path() {
     // `panic=-1` turns that into a reset. Either way the VM stops by itself and the stop
     // reason names vCPU 0.
     let test = "guest_stopping_by_itself_is_reported_through_the_exit_path";
-    let Some(kvm) = kvm_or_skip(test) else {
-        return;
-    };
-    let Some(kernel) = kernel_or_skip(test, "VCPU_TEST_KERNEL", "vmlinux-") else {
+    let Some((kvm, kernel)) = kvm_and_kernel_or_skip(test, "VCPU_TEST_KERNEL", "vmlinux-") else {
         return;
     };
     let b = boot(kvm, &kernel, &format!("{CMDLINE} panic=-1"), None);
@@ -343,10 +347,7 @@ fn debian_bzimage_decompressor_reads_our_command_line() {
     // line and prints (always, with a serial earlyprintk) that `nokaslr` disabled KASLR.
     const KASLR_LINE: &str = "KASLR disabled: 'nokaslr' on cmdline.";
     let test = "debian_bzimage_decompressor_reads_our_command_line";
-    let Some(kvm) = kvm_or_skip(test) else {
-        return;
-    };
-    let Some(kernel) = kernel_or_skip(test, "VCPU_TEST_BZIMAGE", "vmlinuz-") else {
+    let Some((kvm, kernel)) = kvm_and_kernel_or_skip(test, "VCPU_TEST_BZIMAGE", "vmlinuz-") else {
         return;
     };
     let b = boot(

@@ -23,6 +23,17 @@ fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// Runs `vcpuctl args` and asserts that it exits `code` with a message naming `token`.
+fn assert_exits_naming(args: &[&str], code: i32, token: &str) {
+    let out = vcpuctl(args);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(code), "vcpuctl {args:?}: {err}");
+    assert!(
+        err.contains(token),
+        "vcpuctl {args:?}: the message does not name `{token}`: {err}"
+    );
+}
+
 #[test]
 fn help_documents_the_exit_codes() {
     let out = vcpuctl(&["--help"]);
@@ -53,18 +64,7 @@ fn bad_arguments_exit_2_naming_the_value() {
         ),
         (&["bench", "--vcpus", "1,x"][..], "x"),
     ] {
-        let out = vcpuctl(args);
-        assert_eq!(
-            out.status.code(),
-            Some(2),
-            "vcpuctl {args:?}: {}",
-            stderr(&out)
-        );
-        assert!(
-            stderr(&out).contains(token),
-            "vcpuctl {args:?}: the message does not name `{token}`: {}",
-            stderr(&out)
-        );
+        assert_exits_naming(args, 2, token);
     }
 }
 
@@ -104,17 +104,6 @@ fn a_vpmu_the_host_lacks_exits_4() {
         return;
     }
     for level in ["limited", "full"] {
-        let out = vcpuctl(&["cpuid", "--vpmu", level]);
-        assert_eq!(
-            out.status.code(),
-            Some(4),
-            "--vpmu {level}: {}",
-            stderr(&out)
-        );
-        assert!(
-            stderr(&out).contains(level),
-            "--vpmu {level}: {}",
-            stderr(&out)
-        );
+        assert_exits_naming(&["cpuid", "--vpmu", level], 4, level);
     }
 }

@@ -3,7 +3,7 @@
 //! APIC IDs from CPUID; pause/resume/exit of all vCPUs.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use integration::guest::{smp_counter, GuestVm};
 use integration::kvm_or_skip;
@@ -25,15 +25,9 @@ fn config() -> VcpuConfig {
 }
 
 /// Waits (blocking in short sleeps, only to turn a hang into a failure) until `cond` holds.
-fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + GENEROUS;
-    while !cond() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {GENEROUS:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    }
+fn wait_until(what: &str, cond: impl FnMut() -> bool) {
+    let held = integration::poll_until(GENEROUS, Duration::from_millis(2), cond);
+    assert!(held, "timed out after {GENEROUS:?} waiting for {what}");
 }
 
 fn all_advanced(g: &GuestVm, before: &[u64]) -> bool {

@@ -1,15 +1,11 @@
-//! `vcpuctl`: see the vCPU manager work on this machine's KVM.
+//! `vcpuctl`: see the vCPU manager work on this machine's KVM. This file parses the arguments,
+//! dispatches to the subcommand's module in [`integration::cmd`] and turns its error into the
+//! exit code.
 
-use std::io::Write;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use integration::actor_bench;
-use integration::agent::bench::{bench_resize as resize_bench, ResizeBenchOptions};
-use integration::cli::{self, CliError, ExitCode, Out, VmSpec};
-use integration::cmd_bench;
+use integration::cmd::{self, bench::BenchOptions, CliError, Out, VmSpec};
 use slog::{o, Drain};
 use topology::SmpConfig;
 use vpmu::VpmuFeatureLevel;
@@ -117,17 +113,8 @@ fn logger(verbose: u8) -> slog::Logger {
     slog::Logger::root(drain, o!())
 }
 
-fn json<T: serde::Serialize>(value: &T) -> Result<(), CliError> {
-    let text = serde_json::to_string_pretty(value).map_err(|e| CliError {
-        code: ExitCode::Failure,
-        message: format!("cannot write JSON: {e}"),
-    })?;
-    println!("{text}");
-    Ok(())
-}
-
 fn run(cli: Cli) -> Result<(), CliError> {
-    let a = &cli.vm;
+    let a = cli.vm;
     let spec = VmSpec {
         smp: a.smp,
         vpmu: a.vpmu,
@@ -136,110 +123,28 @@ fn run(cli: Cli) -> Result<(), CliError> {
     };
     let out = Out::new(a.json);
     match cli.command.unwrap_or(Command::Demo) {
-        Command::Demo => {
-            let report = cli::demo(&spec, &out)?;
-            if a.json {
-                json(&report)?;
-            }
-        }
-        Command::Cpuid { hwloc_dir } => {
-            let views = {
-                let _p = out.progress(format!(
-                    "booting all {} vCPUs of -smp {}; each reads its CPUID in guest code",
-                    spec.smp.max_cpus, spec.smp
-                ));
-                cli::cpuid(&spec, hwloc_dir.as_ref())?
-            };
-            if a.json {
-                json(&views)?;
-            } else {
-                for v in &views {
-                    let l = v.location;
-                    println!(
-                        "vCPU {:>3}  APIC ID {:>3}  {}",
-                        v.index,
-                        v.apic_id,
-                        l.map_or("no topology leaves".into(), |l| format!(
-                            "socket {} die {} core {} thread {} (x2APIC ID {})",
-                            l.socket, l.die, l.core, l.thread, l.x2apic_id
-                        ))
-                    );
-                }
-                if let Some(dir) = hwloc_dir {
-                    println!(
-                        "hwloc dumps in {0}; see them with: HWLOC_CPUID_PATH={0} \
-                         HWLOC_COMPONENTS=x86,stop lstopo-no-graphics",
-                        dir.display()
-                    );
-                }
-            }
-        }
+        Command::Demo => cmd::demo::run(&spec, &out, a.json),
+        Command::Cpuid { hwloc_dir } => cmd::cpuid::run(&spec, &out, hwloc_dir, a.json),
         Command::Bench {
             vcpus,
             hotplug,
             rounds,
             quick,
         } => {
-            let kvm = cli::open_kvm()?;
-            let (vcpus, rounds, hot, window, exit_rounds) = if quick {
-                (vec![1, 8], 3, vec![1, 7], Duration::from_millis(100), 1)
-            } else {
-                (vcpus, rounds, hotplug, Duration::from_millis(500), 5)
+            let options = BenchOptions {
+                vcpus,
+                hotplug,
+                rounds,
+                quick,
             };
-            let mut lines = Vec::new();
-            for &n in &vcpus {
-                let _p = out.progress(format!("manager vs bare KVM, {n} vCPUs ({rounds} rounds)"));
-                lines.extend(cmd_bench::lines(&[integration::bench::bench_vcpus(
-                    n, rounds,
-                )?]));
-            }
-            let exits = {
-                let _p = out.progress("port-I/O exit rate, vCPU actor vs bare loop");
-                actor_bench::exit_rate(window, exit_rounds)?
-            };
-            let mut idle = Vec::new();
-            for &n in &vcpus {
-                let _p = out.progress(format!("idle pause/resume, {n} vCPUs"));
-                idle.push(actor_bench::idle_pause_resume(n, rounds)?);
-            }
-            lines.extend(actor_bench::bench_lines(Some(&exits), &idle));
-            let report = {
-                let _p = out.progress(format!("hot-add and hot-remove of {hot:?} vCPUs"));
-                let options = ResizeBenchOptions {
-                    steps: hot.clone(),
-                    rounds: if quick { 1 } else { 5 },
-                    logger: spec.logger.clone(),
-                };
-                resize_bench(kvm, &options)?
-            };
-            let bare = hot
-                .iter()
-                .map(|&n| integration::bench::bare_startup(n))
-                .collect::<Result<Vec<_>, _>>()?;
-            lines.extend(cmd_bench::hotplug_lines(&report, &hot, &bare));
-            if a.json {
-                json(&cmd_bench::BenchReport {
-                    lines,
-                    rounds,
-                    hotplug: report.samples,
-                })?;
-            } else {
-                println!("every benchmark, ours next to bare KVM (ms; ratio = ours / bare):");
-                print!("{}", cmd_bench::table(&lines));
-            }
+            cmd::bench::run(&spec, &out, options, a.json)
         }
         Command::Boot {
             kernel,
             initrd,
             cmdline,
-        } => {
-            let console = Arc::new(Mutex::new(std::io::stdout()));
-            let stop = cli::boot_linux(&spec, &kernel, initrd.as_deref(), &cmdline, console)?;
-            let _ = std::io::stdout().flush();
-            eprintln!("\nvcpuctl: {stop}");
-        }
+        } => cmd::boot::run(&spec, &kernel, initrd.as_deref(), &cmdline),
     }
-    Ok(())
 }
 
 fn main() {

@@ -1,98 +1,192 @@
-//! The assembly of the guest programs. Each program sits in its own read-only section between
-//! a start and an end symbol; code refers to its own labels only PC-relatively and to guest
-//! addresses as constants, so the bytes run wherever the loader puts them.
+//! The assembly of every guest program, in one `global_asm!` block so that the snippets the
+//! programs share are written once (the `*_asm!` macros below) and the constants they use are
+//! bound once.
+//!
+//! Each program sits between a `<name>_start` and a `<name>_end` symbol of its own read-only
+//! section; [`asm_blob!`] turns such a pair into the program's bytes. Code refers to its own
+//! labels only PC-relatively and to guest addresses as constants, so the bytes run wherever
+//! the loader puts them. Local labels carry the program's name (`.Lsmp_`, `.Lagent_` ...):
+//! they share one assembler scope.
+//!
+//! Two habits come from the PVM test hosts (see `docs/host-notes.md`): CPUID runs at
+//! CPL 0 (an AMD PVM host answers CPUID at CPL 3 with its own values), everything that loops
+//! runs at CPL 3 (CPL-0 code is emulated instruction by instruction), hence the `sysexit`
+//! after the short CPL-0 part. And absolute addresses of the local APIC go through a register:
+//! `movl $imm, disp32` would sign-extend 0xFEE0_0xxx.
 
-use super::lapic::{
-    ICR_ALL_BUT_SELF, ICR_HIGH, ICR_INIT, ICR_LOW, ICR_SIPI, SVR as LAPIC_SVR, SVR_ENABLE,
+use super::agent::layout::{
+    CPU_LINES_ADDR, CPU_LINE_SHIFT, MAILBOX_ARG, MAILBOX_CMD, MAILBOX_MODE, MAILBOX_SEQ,
+    MAX_QUERIES, QUERIES_ADDR, RESULTS_ADDR, RESULTS_SHIFT,
 };
-use super::{ports, COUNTERS_ADDR, COUNTER_STRIDE, SHUTDOWN_VALUE};
+use super::agent::{AgentCommand, SHUTDOWN_VALUE as AGENT_SHUTDOWN_VALUE};
+use super::lapic::{ICR_ALL_BUT_SELF, ICR_HIGH, ICR_INIT, ICR_LOW, ICR_SIPI, SVR, SVR_ENABLE};
+use super::ports;
+use super::programs::{COUNTERS_ADDR, COUNTER_STRIDE, SHUTDOWN_VALUE};
 
-const COUNTER_SHIFT: u32 = COUNTER_STRIDE.trailing_zeros();
+/// The bytes of a program that `global_asm!` placed between two symbols of one section:
+/// `asm_blob!(start, end)` is a `&'static [u8]`; `asm_blob!(start, end; entry)` is the bytes
+/// and the offset of the symbol `entry` (which lies between them) from `start`.
+///
+/// Only for symbols that delimit initialized, never-written bytes of one read-only section,
+/// `start` before `end` (as every `.pushsection ...,"a"` block here emits them).
+macro_rules! asm_blob {
+    ($start:ident, $end:ident) => {{
+        extern "C" {
+            static $start: u8;
+            static $end: u8;
+        }
+        let start = std::ptr::addr_of!($start);
+        let len = std::ptr::addr_of!($end) as usize - start as usize;
+        // SAFETY: the caller names symbols that delimit initialized, never-written bytes of
+        // one read-only section, `start` first (see the macro's contract).
+        let bytes: &'static [u8] = unsafe { std::slice::from_raw_parts(start, len) };
+        bytes
+    }};
+    ($start:ident, $end:ident; $entry:ident) => {{
+        extern "C" {
+            static $entry: u8;
+        }
+        let bytes = $crate::guest::asm_blob!($start, $end);
+        let entry = std::ptr::addr_of!($entry) as usize - bytes.as_ptr() as usize;
+        (bytes, entry as u64)
+    }};
+}
+pub(crate) use asm_blob;
 
-// The SMP counter. Entered at CPL 0 (BSP through the loader's registers, APs through its
-// trampoline): CPUID must run at CPL 0 to be the vCPU's (at CPL 3 an AMD PVM host answers with
-// its own). The reports and the wake-up are a few dozen emulated instructions; then `sysexit`
-// to CPL 3, where the counting loop runs natively.
+/// Opens the read-only section of program `name` and places its start symbol,
+/// `integration_guest_<name>_start` (its end symbol is declared global here too).
+macro_rules! program_start_asm {
+    ($name:literal) => {
+        concat!(
+            ".pushsection .rodata.integration_guest_",
+            $name,
+            ",\"a\"\n",
+            ".globl integration_guest_",
+            $name,
+            "_start\n",
+            ".globl integration_guest_",
+            $name,
+            "_end\n",
+            "integration_guest_",
+            $name,
+            "_start:",
+        )
+    };
+}
+
+/// A second entry point of program `name`: the global symbol `integration_guest_<name>_<entry>`.
+macro_rules! program_entry_asm {
+    ($name:literal, $entry:literal) => {
+        concat!(
+            ".globl integration_guest_",
+            $name,
+            "_",
+            $entry,
+            "\n",
+            "integration_guest_",
+            $name,
+            "_",
+            $entry,
+            ":",
+        )
+    };
+}
+
+/// Places the end symbol of program `name` and closes its section.
+macro_rules! program_end_asm {
+    ($name:literal) => {
+        concat!("integration_guest_", $name, "_end:\n", ".popsection")
+    };
+}
+
+/// `sysexit` (REX.W) to CPL 3 at `label`, keeping the stack (RCX = RSP); RBX and the other
+/// registers survive.
+macro_rules! to_cpl3_asm {
+    ($label:literal) => {
+        concat!(
+            "leaq ",
+            $label,
+            "(%rip), %rdx\n",
+            "movq %rsp, %rcx\n",
+            ".byte 0x48, 0x0f, 0x35",
+        )
+    };
+}
+
+/// CPUID leaf `leaf` subleaf 0, then a 4-byte `out` of register `reg` to the port bound to
+/// the operand named `port`. Clobbers RAX, RBX, RCX, RDX.
+macro_rules! cpuid_out_asm {
+    ($leaf:literal, $reg:literal, $port:literal) => {
+        concat!(
+            "movl $",
+            $leaf,
+            ", %eax\n",
+            "xorl %ecx, %ecx\n",
+            "cpuid\n",
+            "movl %",
+            $reg,
+            ", %eax\n",
+            "movw ${",
+            $port,
+            "}, %dx\n",
+            "outl %eax, %dx",
+        )
+    };
+}
+
+/// The BSP software-enables its local APIC and sends INIT, then SIPI, to every other vCPU
+/// (shorthand "all excluding self"). Clobbers RSI.
+macro_rules! wake_all_aps_asm {
+    () => {
+        concat!(
+            "movl ${svr}, %esi\n",
+            "movl ${svr_enable}, (%rsi)\n",
+            "movl ${icr_high}, %esi\n",
+            "movl $0, (%rsi)\n",
+            "movl ${icr_low}, %esi\n",
+            "movl ${icr_init_all}, (%rsi)\n",
+            "movl ${icr_sipi_all}, (%rsi)",
+        )
+    };
+}
+
+/// `RBX` = `base + (RBX << shift)`: a per-vCPU address from an index in `EBX`.
+macro_rules! per_cpu_addr_asm {
+    ($shift:literal, $base:literal) => {
+        concat!("shll ${", $shift, "}, %ebx\n", "addq ${", $base, "}, %rbx",)
+    };
+}
+
 core::arch::global_asm!(
-    ".pushsection .rodata.integration_guest_smp_counter,\"a\"",
-    ".globl integration_guest_smp_counter_start",
-    ".globl integration_guest_smp_counter_ap",
-    ".globl integration_guest_smp_counter_end",
+    // --- smp_counter --------------------------------------------------------------------
+    // BSP and APs (through the loader's trampoline) enter at CPL 0: report leaf 0xB EDX and
+    // leaf 0x1 EBX, the BSP wakes the APs, then everyone counts at CPL 3.
     ".code64",
-    "integration_guest_smp_counter_start:",
-    // BSP.
+    program_start_asm!("smp_counter"),
     "call .Lsmp_report",
-    // The addresses go through a register: `movl $imm, disp32` would sign-extend 0xFEE0_0xxx.
-    "movl ${svr}, %esi",
-    "movl ${svr_enable}, (%rsi)",
-    "movl ${icr_high}, %esi",
-    "movl $0, (%rsi)",
-    "movl ${icr_low}, %esi",
-    "movl ${icr_init}, (%rsi)",
-    "movl ${icr_sipi}, (%rsi)",
+    wake_all_aps_asm!(),
     "jmp .Lsmp_to_user",
-    // APs arrive here from the loader's trampoline, at CPL 0 with their own stack.
-    "integration_guest_smp_counter_ap:",
+    program_entry_asm!("smp_counter", "ap"),
     "call .Lsmp_report",
     ".Lsmp_to_user:",
-    // sysexit (REX.W): CPL 3 at RDX with stack RCX; RBX (the counter) survives.
-    "leaq .Lsmp_loop(%rip), %rdx",
-    "movq %rsp, %rcx",
-    ".byte 0x48, 0x0f, 0x35",
+    to_cpl3_asm!(".Lsmp_loop"),
     ".Lsmp_loop:",
     "incq (%rbx)",
     "jmp .Lsmp_loop",
-    // Reports leaf 0x1 EBX and leaf 0xB EDX; leaves RBX = this vCPU's counter address.
+    // Reports leaf 0xB EDX and leaf 0x1 EBX; leaves RBX = this vCPU's counter address.
     ".Lsmp_report:",
-    "movl $0xb, %eax",
-    "xorl %ecx, %ecx",
-    "cpuid",
-    "movl %edx, %eax",
-    "movw ${port_leafb}, %dx",
-    "outl %eax, %dx",
-    "movl $1, %eax",
-    "xorl %ecx, %ecx",
-    "cpuid",
-    "movl %ebx, %eax",
-    "movw ${port_leaf1}, %dx",
-    "outl %eax, %dx",
+    cpuid_out_asm!("0xb", "edx", "port_leafb"),
+    cpuid_out_asm!("1", "ebx", "port_leaf1"),
     "shrl $24, %ebx",
-    "shll ${counter_shift}, %ebx",
-    "addq ${counters}, %rbx",
+    per_cpu_addr_asm!("counter_shift", "counters"),
     "ret",
-    "integration_guest_smp_counter_end:",
-    ".popsection",
-    svr = const LAPIC_SVR,
-    svr_enable = const SVR_ENABLE,
-    icr_high = const ICR_HIGH,
-    icr_low = const ICR_LOW,
-    icr_init = const ICR_INIT | ICR_ALL_BUT_SELF,
-    icr_sipi = const ICR_SIPI | ICR_ALL_BUT_SELF,
-    counter_shift = const COUNTER_SHIFT,
-    counters = const COUNTERS_ADDR,
-    port_leaf1 = const ports::CPUID_LEAF1_EBX,
-    port_leafb = const ports::CPUID_LEAFB_EDX,
-    options(att_syntax),
-);
-
-core::arch::global_asm!(
-    ".pushsection .rodata.integration_guest_triple_fault,\"a\"",
-    ".globl integration_guest_triple_fault_start",
-    ".globl integration_guest_triple_fault_end",
-    ".code64",
-    "integration_guest_triple_fault_start:",
+    program_end_asm!("smp_counter"),
+    // --- triple_fault: ud2 with no IDT ----------------------------------------------------
+    program_start_asm!("triple_fault"),
     "ud2",
-    "integration_guest_triple_fault_end:",
-    ".popsection",
-    options(att_syntax),
-);
-
-core::arch::global_asm!(
-    ".pushsection .rodata.integration_guest_shutdown_port,\"a\"",
-    ".globl integration_guest_shutdown_port_start",
-    ".globl integration_guest_shutdown_port_end",
-    ".code64",
-    "integration_guest_shutdown_port_start:",
+    program_end_asm!("triple_fault"),
+    // --- shutdown_port: print a message on COM1, write the shutdown port, spin -------------
+    program_start_asm!("shutdown_port"),
     "leaq .Lshutdown_msg(%rip), %rsi",
     "movw ${com1}, %dx",
     ".Lshutdown_print:",
@@ -103,100 +197,206 @@ core::arch::global_asm!(
     "incq %rsi",
     "jmp .Lshutdown_print",
     ".Lshutdown_stop:",
-    "movw ${port}, %dx",
-    "movl ${value}, %eax",
+    "movw ${shutdown_port}, %dx",
+    "movl ${shutdown_value}, %eax",
     "outl %eax, %dx",
     ".Lshutdown_spin:",
     "jmp .Lshutdown_spin",
     ".Lshutdown_msg:",
-    // Keep in sync with super::SHUTDOWN_MESSAGE (a unit test checks).
+    // Keep in sync with programs::SHUTDOWN_MESSAGE (a unit test checks).
     ".asciz \"shutting down\\n\"",
-    "integration_guest_shutdown_port_end:",
-    ".popsection",
-    com1 = const vmm_core::devices::COM1_PORT,
-    port = const ports::SHUTDOWN,
-    value = const SHUTDOWN_VALUE,
-    options(att_syntax),
-);
-
-core::arch::global_asm!(
-    ".pushsection .rodata.integration_guest_spin,\"a\"",
-    ".globl integration_guest_spin_start",
-    ".globl integration_guest_spin_end",
-    ".code64",
-    "integration_guest_spin_start:",
+    program_end_asm!("shutdown_port"),
+    // --- spin: pause; jmp, touching nothing -----------------------------------------------
+    program_start_asm!("spin"),
     ".Lspin:",
     "pause",
     "jmp .Lspin",
-    "integration_guest_spin_end:",
-    ".popsection",
+    program_end_asm!("spin"),
+    // --- pio_loop: one `out` to the bench port per iteration ------------------------------
+    program_start_asm!("pio_loop"),
+    "movw ${port_bench}, %dx",
+    "xorl %eax, %eax",
+    ".Lpio_loop:",
+    "incl %eax",
+    "outl %eax, %dx",
+    "jmp .Lpio_loop",
+    program_end_asm!("pio_loop"),
+    // --- the guest agent (see agent/mod.rs) -------------------------------------------------
+    // Registers: RBX = this vCPU's progress counter, R12 = its APIC ID (from CPUID), R13 =
+    // (BSP) the last mailbox sequence handled.
+    program_start_asm!("agent"),
+    "call .Lagent_probe",
+    wake_all_aps_asm!(),
+    "xorl %r13d, %r13d",
+    to_cpl3_asm!(".Lagent_bsp_loop"),
+    // The BSP's CPL-3 loop: count, and carry out each new mailbox request.
+    ".Lagent_bsp_loop:",
+    "incq (%rbx)",
+    "movl {mb_seq}, %eax",
+    "cmpl %eax, %r13d",
+    "je .Lagent_bsp_loop",
+    "movl %eax, %r13d",
+    "movl {mb_cmd}, %ecx",
+    "cmpl ${cmd_shutdown}, %ecx",
+    "je .Lagent_shutdown",
+    "cmpl ${cmd_wake}, %ecx",
+    "je .Lagent_ipi",
+    "cmpl ${cmd_park}, %ecx",
+    "jne .Lagent_ack",
+    // Wake and park: INIT to the APIC ID in the argument; a wake adds SIPI.
+    ".Lagent_ipi:",
+    "movl {mb_arg}, %eax",
+    "shll $24, %eax",
+    "movl ${icr_high}, %esi",
+    "movl %eax, (%rsi)",
+    "movl ${icr_low}, %esi",
+    "movl ${icr_init}, (%rsi)",
+    "cmpl ${cmd_wake}, %ecx",
+    "jne .Lagent_ack",
+    "movl ${icr_sipi}, (%rsi)",
+    "jmp .Lagent_ack",
+    ".Lagent_shutdown:",
+    "movw ${shutdown_port}, %dx",
+    "movl ${agent_shutdown_value}, %eax",
+    "outl %eax, %dx",
+    ".Lagent_ack:",
+    "movl %r13d, %eax",
+    "movw ${port_ack}, %dx",
+    "outl %eax, %dx",
+    "jmp .Lagent_bsp_loop",
+    // APs: probe, then count at CPL 3 (mode 0) or halt at CPL 0 with interrupts off (mode 1).
+    program_entry_asm!("agent", "ap"),
+    "call .Lagent_probe",
+    "cmpl $0, {mb_mode}",
+    "jne .Lagent_halt",
+    to_cpl3_asm!(".Lagent_ap_loop"),
+    ".Lagent_ap_loop:",
+    "incq (%rbx)",
+    "jmp .Lagent_ap_loop",
+    ".Lagent_halt:",
+    "cli",
+    "hlt",
+    "jmp .Lagent_halt",
+    // Executes the query list into this vCPU's result table, reports the x2APIC ID (leaf 0xB
+    // EDX) through the online port once the table is complete, and returns RBX = this
+    // vCPU's progress counter. The table and counter are indexed by leaf 0x1 EBX[31:24].
+    ".Lagent_probe:",
+    "movl $1, %eax",
+    "xorl %ecx, %ecx",
+    "cpuid",
+    "shrl $24, %ebx",
+    "movl %ebx, %r12d",
+    "movq %r12, %rdi",
+    "shlq ${results_shift}, %rdi",
+    "addq ${results}, %rdi",
+    "movl ${queries}, %esi",
+    "movl (%rsi), %r8d",
+    "cmpl ${max_queries}, %r8d",
+    "jbe .Lagent_count_ok",
+    "movl ${max_queries}, %r8d",
+    ".Lagent_count_ok:",
+    "addq $8, %rsi",
+    ".Lagent_next:",
+    "testl %r8d, %r8d",
+    "jz .Lagent_done",
+    "movl (%rsi), %eax",
+    "movl 4(%rsi), %ecx",
+    "cpuid",
+    "movl %eax, (%rdi)",
+    "movl %ebx, 4(%rdi)",
+    "movl %ecx, 8(%rdi)",
+    "movl %edx, 12(%rdi)",
+    "addq $8, %rsi",
+    "addq $16, %rdi",
+    "decl %r8d",
+    "jmp .Lagent_next",
+    ".Lagent_done:",
+    cpuid_out_asm!("0xb", "edx", "port_online"),
+    "movl %r12d, %ebx",
+    per_cpu_addr_asm!("line_shift", "lines"),
+    "ret",
+    program_end_asm!("agent"),
+    // Shared constants.
+    svr = const SVR,
+    svr_enable = const SVR_ENABLE,
+    icr_high = const ICR_HIGH,
+    icr_low = const ICR_LOW,
+    icr_init_all = const ICR_INIT | ICR_ALL_BUT_SELF,
+    icr_sipi_all = const ICR_SIPI | ICR_ALL_BUT_SELF,
+    icr_init = const ICR_INIT,
+    icr_sipi = const ICR_SIPI,
+    com1 = const ports::COM1,
+    shutdown_port = const ports::SHUTDOWN,
+    // smp_counter and shutdown_port.
+    counter_shift = const COUNTER_STRIDE.trailing_zeros(),
+    counters = const COUNTERS_ADDR,
+    port_leaf1 = const ports::CPUID_LEAF1_EBX,
+    port_leafb = const ports::CPUID_LEAFB_EDX,
+    shutdown_value = const SHUTDOWN_VALUE,
+    port_bench = const ports::BENCH,
+    // The agent.
+    mb_seq = const MAILBOX_SEQ,
+    mb_cmd = const MAILBOX_CMD,
+    mb_arg = const MAILBOX_ARG,
+    mb_mode = const MAILBOX_MODE,
+    cmd_wake = const AgentCommand::Wake as u32,
+    cmd_park = const AgentCommand::Park as u32,
+    cmd_shutdown = const AgentCommand::Shutdown as u32,
+    agent_shutdown_value = const AGENT_SHUTDOWN_VALUE,
+    port_ack = const ports::ACK,
+    port_online = const ports::ONLINE,
+    results_shift = const RESULTS_SHIFT,
+    results = const RESULTS_ADDR,
+    queries = const QUERIES_ADDR,
+    max_queries = const MAX_QUERIES,
+    line_shift = const CPU_LINE_SHIFT,
+    lines = const CPU_LINES_ADDR,
     options(att_syntax),
 );
 
-extern "C" {
-    static integration_guest_spin_start: u8;
-    static integration_guest_spin_end: u8;
-    static integration_guest_smp_counter_start: u8;
-    static integration_guest_smp_counter_ap: u8;
-    static integration_guest_smp_counter_end: u8;
-    static integration_guest_triple_fault_start: u8;
-    static integration_guest_triple_fault_end: u8;
-    static integration_guest_shutdown_port_start: u8;
-    static integration_guest_shutdown_port_end: u8;
-}
-
-/// The bytes between two symbols of one section.
-///
-/// # Safety
-/// `start` and `end` must delimit initialized, never-written bytes of one section, in order.
-unsafe fn bytes_between(start: *const u8, end: *const u8) -> &'static [u8] {
-    // SAFETY: as the caller promises.
-    unsafe { std::slice::from_raw_parts(start, end as usize - start as usize) }
-}
-
-/// The SMP counter program and its AP entry offset.
+/// The SMP counter's bytes and AP entry offset.
 pub(super) fn smp_counter() -> (&'static [u8], u64) {
-    // SAFETY: the symbols delimit the read-only section emitted above; `ap` lies inside it.
-    unsafe {
-        let start = std::ptr::addr_of!(integration_guest_smp_counter_start);
-        let ap = std::ptr::addr_of!(integration_guest_smp_counter_ap);
-        let end = std::ptr::addr_of!(integration_guest_smp_counter_end);
-        (
-            bytes_between(start, end),
-            (ap as usize - start as usize) as u64,
-        )
-    }
+    asm_blob!(
+        integration_guest_smp_counter_start,
+        integration_guest_smp_counter_end;
+        integration_guest_smp_counter_ap
+    )
 }
 
-/// The triple-fault program.
+/// The triple-fault program's bytes.
 pub(super) fn triple_fault() -> &'static [u8] {
-    // SAFETY: the symbols delimit the read-only section emitted above.
-    unsafe {
-        bytes_between(
-            std::ptr::addr_of!(integration_guest_triple_fault_start),
-            std::ptr::addr_of!(integration_guest_triple_fault_end),
-        )
-    }
+    asm_blob!(
+        integration_guest_triple_fault_start,
+        integration_guest_triple_fault_end
+    )
 }
 
-/// The shutdown-port program.
+/// The shutdown-port program's bytes.
 pub(super) fn shutdown_port() -> &'static [u8] {
-    // SAFETY: the symbols delimit the read-only section emitted above.
-    unsafe {
-        bytes_between(
-            std::ptr::addr_of!(integration_guest_shutdown_port_start),
-            std::ptr::addr_of!(integration_guest_shutdown_port_end),
-        )
-    }
+    asm_blob!(
+        integration_guest_shutdown_port_start,
+        integration_guest_shutdown_port_end
+    )
 }
 
-/// The spin program.
+/// The spin program's bytes.
 pub(super) fn spin() -> &'static [u8] {
-    // SAFETY: the symbols delimit the read-only section emitted above.
-    unsafe {
-        bytes_between(
-            std::ptr::addr_of!(integration_guest_spin_start),
-            std::ptr::addr_of!(integration_guest_spin_end),
-        )
-    }
+    asm_blob!(integration_guest_spin_start, integration_guest_spin_end)
+}
+
+/// The port-I/O loop's bytes.
+pub(super) fn pio_loop() -> &'static [u8] {
+    asm_blob!(
+        integration_guest_pio_loop_start,
+        integration_guest_pio_loop_end
+    )
+}
+
+/// The agent's bytes and AP entry offset.
+pub(super) fn agent() -> (&'static [u8], u64) {
+    asm_blob!(
+        integration_guest_agent_start,
+        integration_guest_agent_end;
+        integration_guest_agent_ap
+    )
 }

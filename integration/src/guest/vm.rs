@@ -1,14 +1,30 @@
-//! A VM running one of the guest programs, as the tests and benchmarks use it.
+//! A VM running one of the guest programs, as the tests and benchmarks use it, and the one
+//! builder every guest VM of this crate goes through ([`build_with_program`]).
 
 use std::sync::Arc;
 
 use vm_memory::{Bytes, GuestAddress};
-use vmm_core::loader::load_program;
-use vmm_core::{
-    build_vm, BusSpace, VcpuConfig, VcpuManager, VcpuManagerOptions, Vm, VmOptions, VmmError,
-};
+use vmm_core::loader::{load_program, LoadedProgram};
+use vmm_core::{build_vm, BusSpace, VcpuConfig, VcpuManager, VcpuManagerOptions, Vm, VmOptions};
 
 use super::{counter_addr, ports, CpuidReports, GuestCode};
+use crate::IntegrationError;
+
+/// Builds the VM and its vCPU manager for `config` and loads `code` into its memory; returns
+/// them with the program's entry, ready for
+/// [`create_boot_vcpus`](VcpuManager::create_boot_vcpus) once the caller registered its
+/// devices.
+pub fn build_with_program(
+    kvm: kvm_ioctls::Kvm,
+    code: &GuestCode,
+    config: VcpuConfig,
+    vm_options: VmOptions,
+    options: VcpuManagerOptions,
+) -> Result<(Arc<Vm>, VcpuManager, Arc<LoadedProgram>), IntegrationError> {
+    let (vm, vcpus) = build_vm(kvm, vm_options, config, options)?;
+    let entry = load_program(vm.memory(), &code.program())?;
+    Ok((vm, vcpus, Arc::new(entry)))
+}
 
 /// A VM with a guest program loaded, the report ports registered and the boot vCPUs created
 /// (not started).
@@ -22,15 +38,16 @@ pub struct GuestVm {
 }
 
 impl GuestVm {
-    /// Builds the VM for `config`, loads `code` at CPL 3 and creates the boot vCPUs.
+    /// Builds the VM for `config`, loads `code`, registers the report ports and creates the
+    /// boot vCPUs.
     pub fn create(
         kvm: kvm_ioctls::Kvm,
         code: GuestCode,
         config: VcpuConfig,
         vm_options: VmOptions,
         options: VcpuManagerOptions,
-    ) -> Result<Self, VmmError> {
-        let (vm, mut vcpus) = build_vm(kvm, vm_options, config, options)?;
+    ) -> Result<Self, IntegrationError> {
+        let (vm, mut vcpus, entry) = build_with_program(kvm, &code, config, vm_options, options)?;
         let reports = Arc::new(CpuidReports::new());
         vm.io_bus().register(
             BusSpace::Pio,
@@ -39,8 +56,7 @@ impl GuestVm {
             "cpuid-reports",
             reports.clone(),
         )?;
-        let entry = load_program(vm.memory(), &code.program())?;
-        vcpus.create_boot_vcpus(Arc::new(entry))?;
+        vcpus.create_boot_vcpus(entry)?;
         Ok(Self { vm, vcpus, reports })
     }
 

@@ -1,4 +1,5 @@
-//! Hotplug latency on the agent guest: [`bench_resize`].
+//! Hotplug latency on the agent guest: [`bench_resize`], and the `hot_add`, `hot_add_vcpu`
+//! and `hot_remove` rows ([`hotplug_lines`]).
 //!
 //! Each step is one [`VcpuManager::resize_vcpus`](vmm_core::VcpuManager::resize_vcpus) over
 //! upcall, timed from the request until the reply came back; a grow returns only once the
@@ -12,8 +13,8 @@ use std::time::Duration;
 use serde::Serialize;
 use vmm_core::{VcpuConfig, VcpuManagerOptions};
 
-use super::upcall::{attach_upcall, AgentUpcallOptions};
-use super::{AgentVm, AgentVmOptions, ApMode};
+use super::{median_by, BenchLine};
+use crate::guest::agent::{attach_upcall, AgentUpcallOptions, AgentVm, AgentVmOptions, ApMode};
 use crate::IntegrationError;
 
 /// What [`bench_resize`] measures.
@@ -66,13 +67,12 @@ pub struct ResizeBenchReport {
 impl ResizeBenchReport {
     /// The median sample (by total) of the resizes from `from` to `to`, if any ran.
     pub fn median(&self, from: u32, to: u32) -> Option<&ResizeSample> {
-        let mut v: Vec<&ResizeSample> = self
+        let v: Vec<&ResizeSample> = self
             .samples
             .iter()
             .filter(|s| s.from == from && s.to == to)
             .collect();
-        v.sort_by_key(|s| s.total);
-        v.get(v.len() / 2).copied()
+        median_by(v, |a, b| a.total.cmp(&b.total))
     }
 }
 
@@ -134,6 +134,52 @@ pub fn bench_resize(
     Ok(report)
 }
 
+/// The table's lines for a hot-add/hot-remove run, three per step `n` (from 1 vCPU to
+/// `1 + n` and back), from the median sample (by total) of each direction:
+/// - `hot_add`: request until the reply, every new vCPU having run guest code, against bare
+///   `KVM_CREATE_VCPU` + `KVM_SET_CPUID2` of `n` vCPUs (`bare_create[i]` for `steps[i]`);
+/// - `hot_add_vcpu`: the part of it spent creating, configuring and starting the vCPUs (the
+///   rest is the upcall round trip, the guest waking them), against the same bare cost;
+/// - `hot_remove`: request until the threads are gone (no bare equivalent: `-`).
+pub fn hotplug_lines(
+    report: &ResizeBenchReport,
+    steps: &[u32],
+    bare_create: &[Duration],
+) -> Vec<BenchLine> {
+    let mut out = Vec::new();
+    for (&n, &bare) in steps.iter().zip(bare_create) {
+        let to = n.saturating_add(1);
+        if let Some(add) = report.median(1, to) {
+            out.push(BenchLine::new(
+                "hot_add",
+                "resize_vcpus(1 -> 1+N) over upcall until every new vCPU ran guest code; bare: \
+                 KVM_CREATE_VCPU+KVM_SET_CPUID2 of N vCPUs",
+                n,
+                add.total,
+                Some(bare),
+            ));
+            out.push(BenchLine::new(
+                "hot_add_vcpu",
+                "the vCPU creation/configuration/start share of hot_add (the rest is the upcall \
+                 round trip); bare as hot_add",
+                n,
+                add.vcpu_work,
+                Some(bare),
+            ));
+        }
+        if let Some(remove) = report.median(to, 1) {
+            out.push(BenchLine::new(
+                "hot_remove",
+                "resize_vcpus(1+N -> 1) over upcall until the removed threads ended",
+                n,
+                remove.total,
+                None,
+            ));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -160,5 +206,39 @@ mod tests {
             Some(Duration::from_millis(1))
         );
         assert!(r.median(1, 8).is_none());
+    }
+
+    #[test]
+    fn hotplug_lines_take_the_medians_and_leave_remove_without_bare() {
+        let s = |from, to, ms: u64| ResizeSample {
+            from,
+            to,
+            reused_fds: false,
+            total: Duration::from_millis(ms),
+            vcpu_work: Duration::from_millis(ms / 2),
+            upcall: Duration::from_millis(ms / 2),
+        };
+        let report = ResizeBenchReport {
+            samples: vec![
+                s(1, 8, 10),
+                s(8, 1, 2),
+                s(1, 8, 30),
+                s(8, 1, 4),
+                s(1, 8, 20),
+            ],
+        };
+        let l = hotplug_lines(&report, &[7], &[Duration::from_millis(5)]);
+        assert_eq!(l.len(), 3);
+        assert_eq!(
+            (l[0].benchmark, l[0].vcpus, l[0].ours_ms),
+            ("hot_add", 7, 20.0)
+        );
+        assert_eq!((l[1].ours_ms, l[1].ratio), (10.0, 2.0));
+        assert_eq!(l[2].ours_ms, 4.0);
+        assert!(l[2].bare_ms.is_nan());
+        assert!(super::super::table(&l).contains("hot_remove"));
+        assert!(super::super::table(&l)
+            .lines()
+            .any(|x| x.starts_with("hot_remove") && x.trim_end().ends_with('-')));
     }
 }

@@ -1,0 +1,167 @@
+//! `vcpuctl cpuid`: every possible vCPU executes CPUID in guest code; what each read, decoded,
+//! and hwloc dumps of it.
+
+use std::path::PathBuf;
+
+use serde::Serialize;
+use topology::hwloc::{write_hwloc_dump_results, CpuidResult};
+
+use super::{open_kvm, print_json, CliError, ExitCode, Out, VmSpec, GUEST_TIMEOUT};
+use crate::guest::agent::{AgentVm, ApMode};
+
+/// A location as decoded by `raw-cpuid` from what guest code read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct GuestLocation {
+    /// x2APIC ID (leaf 0xB/0x1F EDX).
+    pub x2apic_id: u32,
+    /// Package.
+    pub socket: u32,
+    /// Die within the package (0 when the guest sees no die level).
+    pub die: u32,
+    /// Core within the die.
+    pub core: u32,
+    /// Thread within the core.
+    pub thread: u32,
+}
+
+/// Decodes a vCPU's location with `raw-cpuid` from the leaves guest code read: leaf 0x1F if
+/// it has levels (it has the die level), else leaf 0xB ([`crate::cpuid_view`]). `None` if
+/// neither has a topology. Whatever the guest wrote, this does not panic.
+pub fn decode_location(read: &[CpuidResult]) -> Option<GuestLocation> {
+    let l = crate::cpuid_view::decode_location(read).ok()?;
+    Some(GuestLocation {
+        x2apic_id: l.x2apic_id,
+        socket: l.socket,
+        die: l.die,
+        core: l.core,
+        thread: l.thread,
+    })
+}
+
+impl VcpuCpuidView {
+    /// The view of vCPU `index` (APIC ID `apic_id`) from what its guest code read.
+    pub fn new(index: u32, apic_id: u32, registers: Vec<CpuidResult>) -> Self {
+        Self {
+            index,
+            apic_id,
+            leaf1_apic_id: registers
+                .iter()
+                .find(|r| r.leaf == 1 && r.subleaf == 0)
+                .map(|r| r.ebx >> 24),
+            location: decode_location(&registers),
+            registers,
+        }
+    }
+}
+
+/// What one vCPU's guest code read and what it means.
+#[derive(Clone, Debug, Serialize)]
+pub struct VcpuCpuidView {
+    /// vCPU index.
+    pub index: u32,
+    /// APIC ID (= KVM vCPU id) the VMM gave it.
+    pub apic_id: u32,
+    /// The APIC ID in leaf 0x1 EBX\[31:24\] as the guest read it.
+    pub leaf1_apic_id: Option<u32>,
+    /// Decoded by `raw-cpuid` from what the guest read.
+    pub location: Option<GuestLocation>,
+    /// Every (leaf, subleaf) the guest executed, with its result.
+    pub registers: Vec<CpuidResult>,
+}
+
+/// What the present vCPUs of `vm` read from CPUID (those in `only`, if given), by index.
+pub fn agent_views(vm: &AgentVm, only: Option<&[u32]>) -> Result<Vec<VcpuCpuidView>, CliError> {
+    let mut views = Vec::new();
+    for v in vm.vcpus.present_vcpus() {
+        if only.is_some_and(|ids| !ids.contains(&v.apic_id)) {
+            continue;
+        }
+        views.push(VcpuCpuidView::new(
+            v.index,
+            v.apic_id,
+            vm.cpuid_results(v.apic_id)?,
+        ));
+    }
+    Ok(views)
+}
+
+/// `vcpuctl cpuid`: boots every possible vCPU of the guest agent (APs halt once they read
+/// their CPUID), returns what each read and writes hwloc dumps of it to `hwloc_dir`.
+pub fn cpuid(spec: &VmSpec, hwloc_dir: Option<&PathBuf>) -> Result<Vec<VcpuCpuidView>, CliError> {
+    let kvm = open_kvm()?;
+    let mut vm = AgentVm::create(
+        kvm,
+        spec.vcpu_config(spec.smp.max_cpus),
+        spec.agent_options(ApMode::Halt),
+    )?;
+    vm.start(GUEST_TIMEOUT)?;
+    let views = agent_views(&vm, None)?;
+    if let Some(dir) = hwloc_dir {
+        let per_cpu: Vec<Vec<CpuidResult>> = views.iter().map(|v| v.registers.clone()).collect();
+        write_hwloc_dump_results(dir, &per_cpu).map_err(|e| CliError {
+            code: ExitCode::Failure,
+            message: format!("writing hwloc dumps to {}: {e}", dir.display()),
+        })?;
+    }
+    vm.vcpus.exit_all()?;
+    Ok(views)
+}
+
+/// A table of index, APIC IDs and decoded location per vCPU.
+pub fn location_table(views: &[VcpuCpuidView]) -> String {
+    let mut s = String::from("  index  APIC ID  leaf1 ID  socket  die  core  thread\n");
+    for v in views {
+        let opt = |x: Option<u32>| x.map_or("-".to_string(), |x| x.to_string());
+        let l = v.location;
+        s.push_str(&format!(
+            "  {:>5}  {:>7}  {:>8}  {:>6}  {:>3}  {:>4}  {:>6}\n",
+            v.index,
+            opt(l.map(|l| l.x2apic_id)),
+            opt(v.leaf1_apic_id),
+            opt(l.map(|l| l.socket)),
+            opt(l.map(|l| l.die)),
+            opt(l.map(|l| l.core)),
+            opt(l.map(|l| l.thread)),
+        ));
+    }
+    s
+}
+
+/// Runs `vcpuctl cpuid` and prints its result (JSON with `json`).
+pub fn run(
+    spec: &VmSpec,
+    out: &Out,
+    hwloc_dir: Option<PathBuf>,
+    json: bool,
+) -> Result<(), CliError> {
+    let views = {
+        let _p = out.progress(format!(
+            "booting all {} vCPUs of -smp {}; each reads its CPUID in guest code",
+            spec.smp.max_cpus, spec.smp
+        ));
+        cpuid(spec, hwloc_dir.as_ref())?
+    };
+    if json {
+        return print_json(&views);
+    }
+    for v in &views {
+        let l = v.location;
+        println!(
+            "vCPU {:>3}  APIC ID {:>3}  {}",
+            v.index,
+            v.apic_id,
+            l.map_or("no topology leaves".into(), |l| format!(
+                "socket {} die {} core {} thread {} (x2APIC ID {})",
+                l.socket, l.die, l.core, l.thread, l.x2apic_id
+            ))
+        );
+    }
+    if let Some(dir) = hwloc_dir {
+        println!(
+            "hwloc dumps in {0}; see them with: HWLOC_CPUID_PATH={0} \
+             HWLOC_COMPONENTS=x86,stop lstopo-no-graphics",
+            dir.display()
+        );
+    }
+    Ok(())
+}

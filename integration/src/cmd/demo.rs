@@ -1,0 +1,328 @@
+//! `vcpuctl demo`: boot vCPUs of the guest agent, show what the guest reads from CPUID,
+//! pause/resume all with proof from the guests' counters, hotplug over upcall, stop.
+
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use vcpu_actor::VcpuMetricsSnapshot;
+use vmm_core::VmStopReason;
+
+use super::cpuid::{agent_views, location_table, VcpuCpuidView};
+use super::{micros, millis, open_kvm, print_json, CliError, Out, VmSpec, GUEST_TIMEOUT};
+use crate::guest::agent::{attach_upcall, AgentUpcallOptions, AgentVm, ApMode, GuestAgent};
+use crate::IntegrationError;
+
+/// The demo's record of one pause or resume.
+#[derive(Clone, Debug, Serialize)]
+pub struct PauseResumeStep {
+    /// `pause_all` latency.
+    pub pause_us: f64,
+    /// Guest counters right after the pause.
+    pub counters_paused: Vec<u64>,
+    /// Guest counters 50 ms later (equal: the guests stopped).
+    pub counters_still: Vec<u64>,
+    /// `resume_all` latency.
+    pub resume_us: f64,
+    /// Guest counters once every one advanced again.
+    pub counters_resumed: Vec<u64>,
+}
+
+/// The demo's record of one resize.
+#[derive(Clone, Debug, Serialize)]
+pub struct ResizeStep {
+    /// From this many vCPUs.
+    pub from: u32,
+    /// To this many.
+    pub to: u32,
+    /// Request to reply (and, when growing, every new vCPU running guest code).
+    pub latency_ms: f64,
+    /// The part spent creating/configuring/starting (or exiting) vCPU threads.
+    pub vcpu_work_ms: f64,
+    /// The part spent in the upcall round trip (the guest acting on the CPUs).
+    pub upcall_ms: f64,
+    /// The APIC IDs of the present vCPUs afterwards.
+    pub present_apic_ids: Vec<u32>,
+    /// The APIC IDs the guest's BSP sent INIT/SIPI to during this step.
+    pub woken_by_guest: Vec<u32>,
+    /// The APIC IDs the guest's BSP parked (INIT) during this step.
+    pub parked_by_guest: Vec<u32>,
+    /// What the added vCPUs' guest code read from CPUID.
+    pub added: Vec<VcpuCpuidView>,
+    /// Progress counters of the added vCPUs once each had moved (they run guest code).
+    pub added_counters: Vec<u64>,
+    /// Progress counters of the removed vCPUs (by APIC ID) after the step, and 50 ms later
+    /// (equal: they stopped).
+    pub removed_counters: [Vec<u64>; 2],
+    /// APIC IDs whose KVM vCPU fd is kept for reuse afterwards.
+    pub kept_fds: Vec<u32>,
+}
+
+/// Everything `vcpuctl demo` shows, for `--json`.
+#[derive(Clone, Debug, Serialize)]
+pub struct DemoReport {
+    /// The `-smp` configuration.
+    pub smp: String,
+    /// The vPMU level.
+    pub vpmu: String,
+    /// APIC ID of every possible vCPU, by index.
+    pub apic_ids: Vec<u32>,
+    /// What the boot vCPUs read.
+    pub boot_vcpus: Vec<VcpuCpuidView>,
+    /// Pause and resume of all vCPUs.
+    pub pause_resume: PauseResumeStep,
+    /// Hotplug steps.
+    pub resize: Vec<ResizeStep>,
+    /// Why the VM stopped.
+    pub stop: String,
+    /// The stopping vCPU's APIC ID.
+    pub stop_vcpu_id: Option<u32>,
+    /// Per-vCPU metrics at the end.
+    pub metrics: Vec<VcpuMetricsSnapshot>,
+}
+
+/// Waits until every counter of `apic_ids` is above its value in `before`.
+fn wait_all_advanced(
+    agent: &GuestAgent,
+    apic_ids: &[u32],
+    before: &[u64],
+) -> Result<Vec<u64>, CliError> {
+    let mut now = Vec::new();
+    if crate::poll_until(GUEST_TIMEOUT, Duration::from_millis(1), || {
+        now = agent.progress_of(apic_ids);
+        now.iter().zip(before).all(|(n, b)| n > b)
+    }) {
+        return Ok(now);
+    }
+    Err(IntegrationError::Guest(format!(
+        "the progress counters of APIC IDs {apic_ids:?} did not all advance within \
+         {GUEST_TIMEOUT:?}: {before:?} -> {now:?}"
+    ))
+    .into())
+}
+
+/// The demo's resize steps: to the maximum, then back to 3, over upcall; the guest agent wakes
+/// the new vCPUs (INIT/SIPI from the BSP) and parks the removed ones (INIT) as a guest kernel
+/// would, before their threads are exited.
+fn demo_resize(vm: &mut AgentVm, spec: &VmSpec, out: &Out) -> Result<Vec<ResizeStep>, CliError> {
+    let _upcall = attach_upcall(
+        vm,
+        AgentUpcallOptions {
+            logger: spec.logger.clone(),
+            ..AgentUpcallOptions::default()
+        },
+    )?;
+    let max = spec.smp.max_cpus;
+    let mut steps = Vec::new();
+    for target in [max, 3.min(max)] {
+        let from = vm.vcpus.present_vcpu_count();
+        if target == from {
+            continue;
+        }
+        let woken_before = vm.agent.woken_apic_ids().len();
+        let parked_before = vm.agent.parked_apic_ids();
+        let outcome = {
+            let _p = out.progress(format!("resize {from} -> {target} vCPUs over upcall"));
+            vm.vcpus.resize_vcpus(target)?
+        };
+        let present = vm.present_apic_ids();
+        out.line(format!(
+            "  done in {:.1} ms (vCPU threads {:.1} ms, upcall round trip {:.1} ms); present \
+             APIC IDs {present:?}",
+            millis(outcome.total),
+            millis(outcome.vcpu_work),
+            millis(outcome.upcall),
+        ));
+        let woken: Vec<u32> = vm.agent.woken_apic_ids()[woken_before..].to_vec();
+        let parked: Vec<u32> = vm
+            .agent
+            .parked_apic_ids()
+            .into_iter()
+            .filter(|id| !parked_before.contains(id))
+            .collect();
+        let added_ids: Vec<u32> = outcome.added.iter().map(|s| s.apic_id).collect();
+        let mut removed_ids: Vec<u32> = outcome.removed.iter().map(|s| s.apic_id).collect();
+        removed_ids.sort_unstable();
+        let mut step = ResizeStep {
+            from,
+            to: target,
+            latency_ms: millis(outcome.total),
+            vcpu_work_ms: millis(outcome.vcpu_work),
+            upcall_ms: millis(outcome.upcall),
+            present_apic_ids: present,
+            woken_by_guest: woken,
+            parked_by_guest: parked,
+            added: Vec::new(),
+            added_counters: Vec::new(),
+            removed_counters: [Vec::new(), Vec::new()],
+            kept_fds: Vec::new(),
+        };
+        if !added_ids.is_empty() {
+            step.added = agent_views(vm, Some(&added_ids))?;
+            step.added_counters =
+                wait_all_advanced(&vm.agent, &added_ids, &vec![0; added_ids.len()])?;
+            out.line(format!(
+                "  the guest's BSP sent INIT/SIPI to {:?}; what their guest code read:",
+                step.woken_by_guest
+            ));
+            out.line(location_table(&step.added).trim_end());
+            out.line(format!(
+                "  their progress counters (they run guest code): {:?}",
+                step.added_counters
+            ));
+        }
+        if !removed_ids.is_empty() {
+            let first = vm.agent.progress_of(&removed_ids);
+            std::thread::sleep(Duration::from_millis(50));
+            let second = vm.agent.progress_of(&removed_ids);
+            out.line(format!(
+                "  the guest parked {:?} (INIT from its BSP) before their threads were exited; \
+                 their counters {first:?}, 50 ms later {second:?} ({})",
+                step.parked_by_guest,
+                if first == second {
+                    "stopped"
+                } else {
+                    "STILL MOVING"
+                }
+            ));
+            step.removed_counters = [first, second];
+        }
+        step.kept_fds = vm.vcpus.kept_vcpu_fds();
+        if !step.kept_fds.is_empty() {
+            out.line(format!(
+                "  KVM vCPU fds kept for reuse (KVM cannot destroy a vCPU): APIC IDs {:?}",
+                step.kept_fds
+            ));
+        }
+        steps.push(step);
+    }
+    Ok(steps)
+}
+
+/// `vcpuctl demo`.
+pub fn demo(spec: &VmSpec, out: &Out) -> Result<DemoReport, CliError> {
+    let smp = &spec.smp;
+    let topo = smp.topology;
+    let apic_ids = topo
+        .apic_ids()
+        .map_err(|e| CliError::usage(e.to_string()))?;
+    out.line(format!(
+        "config: -smp {smp}  vpmu={}  memory={} MiB",
+        spec.vpmu, spec.memory_mib
+    ));
+    out.line(format!(
+        "  topology {topo}; APIC IDs by vCPU index: {apic_ids:?}"
+    ));
+    let kvm = open_kvm()?;
+    let mut vm = {
+        let _p = out.progress(format!(
+            "booting {} of {} vCPUs (guest agent; the BSP wakes the APs with INIT/SIPI)",
+            smp.boot_cpus, smp.max_cpus
+        ));
+        let vm = AgentVm::create(
+            kvm,
+            spec.vcpu_config(smp.boot_cpus),
+            spec.agent_options(ApMode::Count),
+        )?;
+        let took = vm.start(GUEST_TIMEOUT)?;
+        out.line(format!(
+            "  every boot vCPU read its CPUID and reported in {:.1} ms",
+            millis(took)
+        ));
+        vm
+    };
+    let boot_vcpus = agent_views(&vm, None)?;
+    out.line("what guest code read from CPUID, decoded with raw-cpuid:");
+    out.line(location_table(&boot_vcpus).trim_end());
+
+    // Pause and resume, with proof from the guests' own progress counters.
+    let ids = vm.present_apic_ids();
+    wait_all_advanced(&vm.agent, &ids, &vec![0; ids.len()])?;
+    let t = Instant::now();
+    vm.vcpus.pause_all()?;
+    let pause = t.elapsed();
+    let counters_paused = vm.agent.progress_of(&ids);
+    std::thread::sleep(Duration::from_millis(50));
+    let counters_still = vm.agent.progress_of(&ids);
+    let t = Instant::now();
+    vm.vcpus.resume_all()?;
+    let resume = t.elapsed();
+    let counters_resumed = wait_all_advanced(&vm.agent, &ids, &counters_still)?;
+    out.line(format!(
+        "pause all: {:.0} us; counters {counters_paused:?}, 50 ms later {counters_still:?} ({})",
+        micros(pause),
+        if counters_paused == counters_still {
+            "stopped"
+        } else {
+            "STILL MOVING"
+        }
+    ));
+    out.line(format!(
+        "resume all: {:.0} us; counters advanced to {counters_resumed:?}",
+        micros(resume)
+    ));
+    let pause_resume = PauseResumeStep {
+        pause_us: micros(pause),
+        counters_paused,
+        counters_still,
+        resume_us: micros(resume),
+        counters_resumed,
+    };
+
+    let resize = demo_resize(&mut vm, spec, out)?;
+
+    // The counters end with the vCPUs' threads: read them while the vCPUs are present.
+    let metrics: Vec<VcpuMetricsSnapshot> = vm
+        .vcpus
+        .vcpu_metrics()
+        .into_iter()
+        .map(|(_, m)| m)
+        .collect();
+    out.line("the guest asks to shut down (its BSP writes the shutdown port at CPL 3)...");
+    vm.agent.request_shutdown()?;
+    let stop: VmStopReason = vm
+        .vcpus
+        .wait_for_exit(Some(GUEST_TIMEOUT))?
+        .ok_or_else(|| {
+            IntegrationError::Guest(format!(
+                "the guest did not stop the VM within {GUEST_TIMEOUT:?} of being asked"
+            ))
+        })?;
+    out.line(format!("VM stopped, seen through the exit event: {stop}"));
+    out.line("per-vCPU metrics:");
+    out.line("  vCPU  io_in  io_out  mmio_r  mmio_w  eintr  eagain  pauses  resumes  run ms");
+    for m in &metrics {
+        out.line(format!(
+            "  {:>4}  {:>5}  {:>6}  {:>6}  {:>6}  {:>5}  {:>6}  {:>6}  {:>7}  {:>6.1}",
+            m.vcpu_id,
+            m.exits.io_in,
+            m.exits.io_out,
+            m.exits.mmio_read,
+            m.exits.mmio_write,
+            m.exits.eintr,
+            m.exits.eagain,
+            m.pauses,
+            m.resumes,
+            m.run_time_ns as f64 / 1e6
+        ));
+    }
+    Ok(DemoReport {
+        smp: smp.to_string(),
+        vpmu: spec.vpmu.to_string(),
+        apic_ids,
+        boot_vcpus,
+        pause_resume,
+        resize,
+        stop: stop.to_string(),
+        stop_vcpu_id: stop.vcpu_id,
+        metrics,
+    })
+}
+
+/// Runs `vcpuctl demo` (its JSON report on stdout with `json`).
+pub fn run(spec: &VmSpec, out: &Out, json: bool) -> Result<(), CliError> {
+    let report = demo(spec, out)?;
+    if json {
+        print_json(&report)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,21 @@
+//! The xAPIC registers and ICR values the guest programs use (MMIO at
+//! [`LAPIC_ADDR`], mapped for CPL 3 by the loader).
+
+use vmm_core::loader::layout::{LAPIC_ADDR, SIPI_VECTOR};
+
+/// Spurious-interrupt vector register.
+pub const SVR: u64 = LAPIC_ADDR + 0xf0;
+/// Interrupt command register, low half (writing it sends the IPI).
+pub const ICR_LOW: u64 = LAPIC_ADDR + 0x300;
+/// Interrupt command register, high half (destination APIC ID in bits 31:24).
+pub const ICR_HIGH: u64 = LAPIC_ADDR + 0x310;
+/// SVR: APIC software-enabled, spurious vector 0xFF.
+pub const SVR_ENABLE: u32 = 0x1ff;
+/// ICR: level assert (bit 14).
+const ICR_ASSERT: u32 = 1 << 14;
+/// ICR: delivery mode INIT (101 in bits 10:8).
+pub const ICR_INIT: u32 = ICR_ASSERT | (0b101 << 8);
+/// ICR: delivery mode STARTUP (110) with the loader's SIPI vector.
+pub const ICR_SIPI: u32 = ICR_ASSERT | (0b110 << 8) | SIPI_VECTOR as u32;
+/// ICR destination shorthand "all excluding self" (bits 19:18 = 11).
+pub const ICR_ALL_BUT_SELF: u32 = 0b11 << 18;
