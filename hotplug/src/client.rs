@@ -17,11 +17,19 @@ use crate::protocol::{
 const MIN_DURATION: Duration = Duration::from_millis(1);
 
 /// Timeouts and the reconnect policy of an [`UpcallClient`].
+///
+/// Fields missing from a serialized configuration take their default values.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct UpcallConfig {
     /// How long the guest has to answer a request (default 5 s). On expiry the request fails
     /// with [`HotplugError::Timeout`] and the connection is dropped.
     pub reply_timeout: Duration,
+    /// How long writing one request (or the service byte) may take (default 5 s). A guest that
+    /// stops reading its socket fills it, and a write then blocks: on expiry the request fails
+    /// with [`HotplugError::Timeout`] during [`Phase::Request`], the connection is dropped and
+    /// the next request reconnects.
+    pub write_timeout: Duration,
     /// How long the guest has to send its greeting after the service byte (default 5 s).
     pub greeting_timeout: Duration,
     /// The delay before the first reconnect attempt (default 10 ms, as Dragonball).
@@ -38,6 +46,7 @@ impl Default for UpcallConfig {
     fn default() -> Self {
         UpcallConfig {
             reply_timeout: Duration::from_secs(5),
+            write_timeout: Duration::from_secs(5),
             greeting_timeout: Duration::from_secs(5),
             connect_retry_delay: Duration::from_millis(10),
             connect_retry_max_delay: Duration::from_millis(10),
@@ -119,6 +128,7 @@ impl UpcallState {
             | HotplugError::UnexpectedMsgSize { .. }
             | HotplugError::ApicIndexMismatch { .. }
             | HotplugError::InvalidResult { .. }
+            | HotplugError::UnsolicitedData { .. }
             | HotplugError::HandshakeLineTooLong { .. }
             | HotplugError::HandshakeRejected { .. } => UpcallState::Broken(BrokenReason::Protocol),
             _ => UpcallState::Broken(BrokenReason::Io),
@@ -196,6 +206,7 @@ impl UpcallClient {
     pub fn new(connector: Box<dyn UpcallConnector>, config: UpcallConfig, logger: Logger) -> Self {
         let config = UpcallConfig {
             reply_timeout: config.reply_timeout.max(MIN_DURATION),
+            write_timeout: config.write_timeout.max(MIN_DURATION),
             greeting_timeout: config.greeting_timeout.max(MIN_DURATION),
             connect_retry_delay: config.connect_retry_delay.max(MIN_DURATION),
             connect_retry_max_delay: config.connect_retry_max_delay.max(MIN_DURATION),
@@ -363,8 +374,23 @@ impl UpcallClient {
                 bytes: 0,
             }));
         };
+        let timeout = self.config.write_timeout;
+        // A timeout too large for the clock means "no deadline".
+        let deadline = Instant::now().checked_add(timeout);
         let mut sent = 0;
         while sent < MSG_SIZE {
+            let remaining = match remaining_until(deadline) {
+                Some(Duration::ZERO) => {
+                    return Err(SendFailure::Partial(HotplugError::Timeout {
+                        during,
+                        timeout,
+                    }))
+                }
+                remaining => remaining,
+            };
+            if let Err(source) = stream.set_write_timeout(remaining) {
+                return Err(SendFailure::Partial(HotplugError::Io { during, source }));
+            }
             match stream.write(&msg[sent..]) {
                 Ok(0) => {
                     let e = HotplugError::ConnectionReset {
@@ -380,7 +406,7 @@ impl UpcallClient {
                 Ok(n) => sent += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    let e = io_error(during, sent, self.config.reply_timeout, e);
+                    let e = io_error(during, sent, timeout, e);
                     let reset = matches!(e, HotplugError::ConnectionReset { .. });
                     return Err(if sent == 0 && reset {
                         SendFailure::NothingSent(e)
@@ -392,7 +418,7 @@ impl UpcallClient {
         }
         stream
             .flush()
-            .map_err(|e| SendFailure::Partial(io_error(during, sent, self.config.reply_timeout, e)))
+            .map_err(|e| SendFailure::Partial(io_error(during, sent, timeout, e)))
     }
 
     /// Connects with retries; on success the stream is in `conn` (state left to the caller).
@@ -437,11 +463,13 @@ impl UpcallClient {
     /// One attempt: connector, service byte, greeting.
     fn connect_once(&self, conn: &mut Conn) -> Result<Box<dyn UpcallStream>, HotplugError> {
         let mut stream = conn.connector.connect()?;
-        let timeout = self.config.greeting_timeout;
+        let write_timeout = self.config.write_timeout;
         stream
-            .write_all(&[DEV_MGR_SERVICE_BYTE])
+            .set_write_timeout(Some(write_timeout))
+            .and_then(|()| stream.write_all(&[DEV_MGR_SERVICE_BYTE]))
             .and_then(|()| stream.flush())
-            .map_err(|e| io_error(Phase::ServiceByte, 0, timeout, e))?;
+            .map_err(|e| io_error(Phase::ServiceByte, 0, write_timeout, e))?;
+        let timeout = self.config.greeting_timeout;
         self.set_state(UpcallState::WaitingGreeting);
         let greeting = read_message_within(stream.as_mut(), Phase::Greeting, timeout)?;
         decode_greeting(&greeting)?;
@@ -459,15 +487,9 @@ fn read_message_within(
     let deadline = Instant::now().checked_add(timeout);
     let mut reader = MessageReader::new();
     loop {
-        let remaining = match deadline {
-            Some(deadline) => {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return Err(HotplugError::Timeout { during, timeout });
-                }
-                Some(left)
-            }
-            None => None,
+        let remaining = match remaining_until(deadline) {
+            Some(Duration::ZERO) => return Err(HotplugError::Timeout { during, timeout }),
+            remaining => remaining,
         };
         stream
             .set_read_timeout(remaining)
@@ -489,4 +511,9 @@ fn read_message_within(
             Err(e) => return Err(io_error(during, reader.filled(), timeout, e)),
         }
     }
+}
+
+/// The time left until `deadline` (zero once passed), `None` for no deadline.
+fn remaining_until(deadline: Option<Instant>) -> Option<Duration> {
+    deadline.map(|d| d.saturating_duration_since(Instant::now()))
 }

@@ -21,6 +21,8 @@ pub enum Phase {
     Request,
     /// Receiving (client) or sending (guest) the reply message.
     Reply,
+    /// Between two requests, when nothing may arrive.
+    Idle,
 }
 
 impl std::fmt::Display for Phase {
@@ -32,6 +34,7 @@ impl std::fmt::Display for Phase {
             Phase::Greeting => "the greeting",
             Phase::Request => "the request",
             Phase::Reply => "the reply",
+            Phase::Idle => "the time between two requests",
         })
     }
 }
@@ -203,6 +206,18 @@ pub enum HotplugError {
         /// The error of the last attempt.
         #[source]
         last: Box<HotplugError>,
+    },
+
+    /// Bytes arrived while no request was in flight: a duplicate, late or unsolicited reply.
+    #[error(
+        "the guest sent {bytes} or more bytes while no request was in flight (a duplicate, late \
+         or unsolicited reply): they were discarded with the connection and never taken as an \
+         answer, and the fresh connection got more of them; the guest's upcall server \
+         misbehaves, check its kernel log"
+    )]
+    UnsolicitedData {
+        /// How many bytes were found (a lower bound).
+        bytes: usize,
     },
 
     /// A message whose `magic_version` is not [`MSG_MAGIC_VERSION`].
