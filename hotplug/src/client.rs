@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use slog::{debug, info, o, warn, Logger};
 
-use crate::connector::{UpcallConnector, UpcallStream};
+use crate::connector::{Unsolicited, UpcallConnector, UpcallStream};
 use crate::error::{io_error, HotplugError, Operation, Phase};
 use crate::protocol::{
     decode_cpu_reply, decode_greeting, encode_cpu_request, CpuDevReply, CpuDevRequest, CpuOp,
@@ -182,8 +182,18 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 ///
 /// `Send + Sync`; every method takes `&self`. A caller that arrives while another operation is
 /// in flight gets [`HotplugError::Busy`] at once (nothing is queued). Requests connect first
-/// when there is no connection. Any error other than the guest's refusal drops the
-/// connection, so a late or stray reply can never be taken for the answer to a later request.
+/// when there is no connection.
+///
+/// A reply is only ever taken as the answer to the request sent just before it, and it must
+/// be of that request's type (and, on success, count exactly its CPUs):
+/// - any error other than the guest's refusal drops the connection, so the late answer to a
+///   timed-out request never reaches a later one;
+/// - before sending, the client checks that nothing is waiting on the connection: bytes that
+///   arrived between two requests (the guest answered twice, or sent a reply nobody asked
+///   for) drop the connection, and the request goes out on a fresh one;
+/// - every write has a deadline ([`UpcallConfig::write_timeout`]) and every reply one
+///   ([`UpcallConfig::reply_timeout`]), so a guest that stops reading or answering costs one
+///   timeout, never a blocked client.
 pub struct UpcallClient {
     shared: Mutex<Shared>,
     conn: Mutex<Conn>,
@@ -335,9 +345,7 @@ impl UpcallClient {
         msg: &MsgBuf,
         count: u8,
     ) -> Result<CpuDevReply, HotplugError> {
-        if conn.stream.is_none() {
-            self.connect_locked(conn)?;
-        }
+        self.idle_connection(conn)?;
         self.set_state(UpcallState::Busy(op));
         match self.send_request(conn, msg) {
             Ok(()) => {}
@@ -347,7 +355,7 @@ impl UpcallClient {
                 info!(self.logger, "upcall connection found dead before sending, reconnecting";
                     "error" => %e);
                 conn.stream = None;
-                self.connect_locked(conn)?;
+                self.idle_connection(conn)?;
                 self.set_state(UpcallState::Busy(op));
                 self.send_request(conn, msg).map_err(|f| match f {
                     SendFailure::NothingSent(e) | SendFailure::Partial(e) => e,
@@ -364,6 +372,41 @@ impl UpcallClient {
             })?;
         let reply = read_message_within(stream, Phase::Reply, self.config.reply_timeout)?;
         decode_cpu_reply(&reply, op, count)
+    }
+
+    /// Gives `conn` a connection on which nothing is waiting, connecting if there is none.
+    ///
+    /// Between two requests the guest has nothing to say: bytes waiting now are a duplicate,
+    /// late or unsolicited reply, and taking them as the answer to the coming request would
+    /// shift every later answer. Such a connection (or one the guest closed) is dropped and
+    /// replaced, once; a fresh connection that already holds bytes fails the request with
+    /// [`HotplugError::UnsolicitedData`]. Nothing of the request has been sent either way.
+    fn idle_connection(&self, conn: &mut Conn) -> Result<(), HotplugError> {
+        let mut fresh = false;
+        loop {
+            let stream = match conn.stream.as_deref_mut() {
+                Some(stream) => stream,
+                None => {
+                    self.connect_locked(conn)?;
+                    fresh = true;
+                    continue;
+                }
+            };
+            let during = Phase::Idle;
+            let problem = match stream.poll_unsolicited() {
+                Ok(Unsolicited::Nothing) => return Ok(()),
+                Ok(Unsolicited::Data(bytes)) => HotplugError::UnsolicitedData { bytes },
+                Ok(Unsolicited::Closed) => HotplugError::ConnectionReset { during, bytes: 0 },
+                Err(source) => HotplugError::Io { during, source },
+            };
+            conn.stream = None;
+            if fresh {
+                warn!(self.logger, "fresh upcall connection is not idle"; "error" => %problem);
+                return Err(problem);
+            }
+            warn!(self.logger, "upcall connection is not idle before a request, reconnecting";
+                "error" => %problem);
+        }
     }
 
     fn send_request(&self, conn: &mut Conn, msg: &MsgBuf) -> Result<(), SendFailure> {
