@@ -9,9 +9,12 @@ use slog::{debug, info, o, warn, Logger};
 use crate::connector::{Unsolicited, UpcallConnector, UpcallStream};
 use crate::error::{io_error, HotplugError, Operation, Phase};
 use crate::protocol::{
-    decode_cpu_reply, decode_greeting, encode_cpu_request, CpuDevReply, CpuDevRequest, CpuOp,
-    MessageReader, MsgBuf, ReadProgress, DEV_MGR_SERVICE_BYTE, MSG_SIZE,
+    decode_cpu_reply, decode_greeting, encode_cpu_request, validate_apic_ids, CpuDevReply,
+    CpuDevRequest, CpuOp, MessageReader, MsgBuf, ReadProgress, DEV_MGR_SERVICE_BYTE, MSG_SIZE,
 };
+
+/// The `apic_ver` sent with `DEL_CPU` (the guest ignores it; Dragonball sends this).
+const DEL_CPU_APIC_VERSION: u8 = crate::protocol::DEFAULT_APIC_VERSION;
 
 /// The shortest timeout or delay the client uses (a zero would mean "block" to the OS).
 const MIN_DURATION: Duration = Duration::from_millis(1);
@@ -52,6 +55,40 @@ impl Default for UpcallConfig {
             connect_retry_max_delay: Duration::from_millis(10),
             connect_retry_budget: 500,
         }
+    }
+}
+
+/// How far a one-APIC-ID-per-request operation got
+/// ([`UpcallClient::add_cpus_one_by_one`], [`UpcallClient::del_cpus_one_by_one`]).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{op} one CPU per request stopped {}after confirming {} of {} APIC IDs ({done:?}): {source}",
+    match failed { Some(id) => format!("at APIC ID {id} "), None => String::new() },
+    done.len(),
+    done.len() + usize::from(failed.is_some()) + not_sent.len()
+)]
+pub struct StepwiseError {
+    /// The operation.
+    pub op: CpuOp,
+    /// The APIC IDs the guest confirmed, in order: online after `ADD_CPU`, offline after
+    /// `DEL_CPU`.
+    pub done: Vec<u8>,
+    /// The APIC ID whose request failed; `None` when nothing was sent (an invalid list, or the
+    /// client was busy).
+    pub failed: Option<u8>,
+    /// The APIC IDs after the failed one, never sent.
+    pub not_sent: Vec<u8>,
+    /// Why the request for `failed` failed.
+    #[source]
+    pub source: HotplugError,
+}
+
+impl StepwiseError {
+    /// Whether the state of the `failed` CPU is known: the guest answered (it refused, and a
+    /// refused one-CPU request changes nothing) or the request was never sent. False when the
+    /// answer was lost ([`HotplugError::outcome_unknown`]).
+    pub fn failed_state_known(&self) -> bool {
+        !self.source.outcome_unknown()
     }
 }
 
@@ -270,21 +307,92 @@ impl UpcallClient {
         Ok(())
     }
 
-    /// Asks the guest to online the CPUs with these APIC IDs, in this order.
+    /// Asks the guest to online the CPUs with these APIC IDs, in this order, in one request.
     ///
-    /// The vCPUs must exist and wait for INIT/SIPI before this is called. On
-    /// [`HotplugError::GuestError`] the CPUs before the failing one may be online (the guest
-    /// does not roll back); on [`HotplugError::Timeout`] / [`HotplugError::ConnectionReset`]
-    /// the outcome is unknown ([`HotplugError::outcome_unknown`]).
+    /// The vCPUs must exist and wait for INIT/SIPI before this is called.
+    ///
+    /// # Errors
+    ///
+    /// - [`HotplugError::NoApicIds`], [`HotplugError::TooManyApicIds`],
+    ///   [`HotplugError::InvalidApicId`], [`HotplugError::DuplicateApicId`]: the list cannot be
+    ///   sent; nothing was.
+    /// - [`HotplugError::Busy`]: another operation is in flight; nothing was sent.
+    /// - [`HotplugError::GuestError`]: the guest refused or failed, with its errno. The guest
+    ///   handles the CPUs in order and stops at the first it cannot bring up, leaving the ones
+    ///   before it online, and its failure reply does not say how far it got: for more than
+    ///   one APIC ID, which CPUs are online is unknown. Use
+    ///   [`add_cpus_one_by_one`](Self::add_cpus_one_by_one) to know exactly.
+    /// - [`HotplugError::Timeout`], [`HotplugError::ConnectionReset`], [`HotplugError::Io`] or a
+    ///   protocol error ([`HotplugError::outcome_unknown`] is true): the answer was lost; the
+    ///   guest may have acted on any part of the request. The connection was dropped.
+    /// - Connection errors ([`HotplugError::ConnectBudgetExhausted`],
+    ///   [`HotplugError::UnsolicitedData`], ...): no request was sent.
     pub fn add_cpus(&self, apic_ids: &[u8], apic_ver: u8) -> Result<CpuDevReply, HotplugError> {
         self.cpu_request(CpuOp::Add, apic_ids, apic_ver)
     }
 
-    /// Asks the guest to offline the CPUs with these APIC IDs, in this order. Only after
-    /// success may the VMM stop those vCPU threads.
+    /// Asks the guest to offline the CPUs with these APIC IDs, in this order, in one request.
+    /// Only after success may the VMM stop those vCPU threads.
+    ///
+    /// # Errors
+    ///
+    /// As [`add_cpus`](Self::add_cpus). On [`HotplugError::GuestError`] the CPUs before the
+    /// failing one may be offline already (the guest does not bring them back), and the reply
+    /// does not say which: use [`del_cpus_one_by_one`](Self::del_cpus_one_by_one) to know
+    /// exactly.
     pub fn del_cpus(&self, apic_ids: &[u8]) -> Result<CpuDevReply, HotplugError> {
-        // The guest ignores apic_ver for DEL_CPU; send what Dragonball sends.
-        self.cpu_request(CpuOp::Del, apic_ids, crate::protocol::DEFAULT_APIC_VERSION)
+        self.cpu_request(CpuOp::Del, apic_ids, DEL_CPU_APIC_VERSION)
+    }
+
+    /// Onlines the CPUs with these APIC IDs one request per APIC ID, in this order, and stops
+    /// at the first failure: the error says exactly which APIC IDs the guest confirmed.
+    ///
+    /// The outcome is exact because a failed one-CPU request changes nothing in the guest
+    /// (the CPU that failed to come up is unregistered again). It costs one round trip per
+    /// CPU instead of one per batch. The client stays claimed for the whole sequence.
+    ///
+    /// # Errors
+    ///
+    /// [`StepwiseError`], with the confirmed APIC IDs, the one that failed (whose state is
+    /// known unless [`StepwiseError::failed_state_known`] is false) and those not sent.
+    pub fn add_cpus_one_by_one(&self, apic_ids: &[u8], apic_ver: u8) -> Result<(), StepwiseError> {
+        self.one_by_one(CpuOp::Add, apic_ids, apic_ver)
+    }
+
+    /// Offlines the CPUs with these APIC IDs one request per APIC ID, in this order, and
+    /// stops at the first failure: the error says exactly which APIC IDs the guest confirmed
+    /// offline (their vCPU threads may be stopped; the others may not).
+    ///
+    /// # Errors
+    ///
+    /// As [`add_cpus_one_by_one`](Self::add_cpus_one_by_one).
+    pub fn del_cpus_one_by_one(&self, apic_ids: &[u8]) -> Result<(), StepwiseError> {
+        self.one_by_one(CpuOp::Del, apic_ids, DEL_CPU_APIC_VERSION)
+    }
+
+    fn one_by_one(&self, op: CpuOp, apic_ids: &[u8], apic_ver: u8) -> Result<(), StepwiseError> {
+        let stop = |done: usize, failed: Option<u8>, source: HotplugError| {
+            let rest = if failed.is_some() { done + 1 } else { done };
+            StepwiseError {
+                op,
+                done: apic_ids.get(..done).unwrap_or_default().to_vec(),
+                failed,
+                not_sent: apic_ids.get(rest..).unwrap_or_default().to_vec(),
+                source,
+            }
+        };
+        // The whole list is checked before anything is sent.
+        validate_apic_ids(apic_ids).map_err(|e| stop(0, None, e))?;
+        let _in_flight = self
+            .begin(Operation::Cpu(op))
+            .map_err(|e| stop(0, None, e))?;
+        let mut conn = lock(&self.conn);
+        for (done, &apic_id) in apic_ids.iter().enumerate() {
+            if let Err(e) = self.claimed_request(&mut conn, op, &[apic_id], apic_ver) {
+                return Err(stop(done, Some(apic_id), e));
+            }
+        }
+        Ok(())
     }
 
     fn cpu_request(
@@ -294,13 +402,25 @@ impl UpcallClient {
         apic_ver: u8,
     ) -> Result<CpuDevReply, HotplugError> {
         // Validate before touching the connection: a bad request changes nothing.
-        let request = CpuDevRequest::new(apic_ids, apic_ver)?;
-        let msg = encode_cpu_request(op, &request)?;
+        validate_apic_ids(apic_ids)?;
         let _in_flight = self.begin(Operation::Cpu(op))?;
         let mut conn = lock(&self.conn);
+        self.claimed_request(&mut conn, op, apic_ids, apic_ver)
+    }
+
+    /// One request, the client already claimed for it.
+    fn claimed_request(
+        &self,
+        conn: &mut Conn,
+        op: CpuOp,
+        apic_ids: &[u8],
+        apic_ver: u8,
+    ) -> Result<CpuDevReply, HotplugError> {
+        let request = CpuDevRequest::new(apic_ids, apic_ver)?;
+        let msg = encode_cpu_request(op, &request)?;
         debug!(self.logger, "sending upcall request"; "op" => %op, "apic_ids" => ?apic_ids);
-        let result = self.exchange(&mut conn, op, &msg, request.count());
-        self.finish(&mut conn, &result);
+        let result = self.exchange(conn, op, &msg, request.count());
+        self.finish(conn, &result);
         match &result {
             Ok(reply) => info!(self.logger, "upcall request done";
                 "op" => %op, "apic_ids" => ?apic_ids, "apic_index" => reply.apic_index),

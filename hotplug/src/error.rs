@@ -291,11 +291,18 @@ pub enum HotplugError {
     },
 
     /// The guest refused or failed the request; `errno` is positive (22 for `-EINVAL`).
+    ///
+    /// For a request of several CPUs, which of them the guest handled is unknown: it stops at
+    /// the first failure without undoing the CPUs before it, and its failure reply does not
+    /// say how far it got. A request of one CPU that fails changes nothing.
     #[error(
-        "the guest refused the CPU request with errno {errno} ({}): for ADD_CPU an APIC ID was \
-         already present or a CPU failed to come online (earlier ones of the request stay \
-         online); for DEL_CPU an APIC ID was unknown, the boot CPU, or it would leave no CPU; \
-         see the guest's kernel log",
+        "the guest refused the CPU request with errno {errno} ({}); the guest handles the CPUs \
+         of a request in order and stops at the first it cannot, keeping the ones before it \
+         online (ADD_CPU) or offline (DEL_CPU), and its reply does not say how many: for a \
+         request of several CPUs the progress is unknown, so check the guest's CPUs, or send \
+         one APIC ID per request to know exactly; common causes: an APIC ID already present or \
+         a CPU that did not come online (ADD_CPU), an unknown APIC ID, the boot CPU or every \
+         CPU (DEL_CPU); see the guest's kernel log",
         errno_text(*.errno)
     )]
     GuestError {

@@ -57,7 +57,7 @@ pub mod error;
 pub mod guest;
 pub mod protocol;
 
-pub use client::{BrokenReason, UpcallClient, UpcallConfig, UpcallState};
+pub use client::{BrokenReason, StepwiseError, UpcallClient, UpcallConfig, UpcallState};
 pub use connector::{
     HybridVsockConnector, UpcallConnector, UpcallStream, DEFAULT_HANDSHAKE_TIMEOUT,
     HANDSHAKE_LINE_LIMIT,

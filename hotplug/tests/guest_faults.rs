@@ -100,7 +100,7 @@ fn partial_add_onlines_the_first_k_and_says_only_the_errno() {
     let err = client.add_cpus(&[1, 2, 3, 4], 0x14).unwrap_err();
     assert_eq!(err.guest_errno(), Some(EIO), "{err:?}");
     assert!(
-        err.to_string().contains("unknown"),
+        err.to_string().contains("the progress is unknown"),
         "the error says progress is unknown: {err}"
     );
     assert_eq!(s.server.online_apic_ids(), set(&[0, 1, 2]));
@@ -301,4 +301,51 @@ fn each_connection_has_its_own_zeroed_reply_buffer() {
     second.write_all(&add_request(6)).unwrap();
     second.read_exact(&mut reply).unwrap();
     assert_eq!(reply[16..24], [0xEA, 0xFF, 0xFF, 0xFF, 0, 0, 0, 0]);
+}
+
+#[test]
+fn one_apic_id_per_request_says_exactly_what_the_guest_did() {
+    let s = setup(&[0]);
+    let client = client_for(&s.socket, config());
+    // 0 is present: its request is refused, and nothing after it is sent.
+    let err = client.add_cpus_one_by_one(&[1, 2, 0, 5], 0x14).unwrap_err();
+    assert_eq!(err.op, CpuOp::Add);
+    assert_eq!(err.done, vec![1, 2]);
+    assert_eq!(err.failed, Some(0));
+    assert_eq!(err.not_sent, vec![5]);
+    assert_eq!(err.source.guest_errno(), Some(EINVAL));
+    assert!(err.failed_state_known());
+    assert_eq!(s.server.online_apic_ids(), set(&[0, 1, 2]));
+    assert!(err.to_string().contains("confirming 2 of 4"), "{err}");
+
+    client.add_cpus_one_by_one(&[5, 6], 0x14).unwrap();
+    // The boot CPU in the middle: exactly the CPU before it is offline.
+    let err = client.del_cpus_one_by_one(&[6, 0, 5]).unwrap_err();
+    assert_eq!(
+        (err.done, err.failed, err.not_sent),
+        (vec![6], Some(0), vec![5])
+    );
+    assert_eq!(s.server.online_apic_ids(), set(&[0, 1, 2, 5]));
+
+    // A lost answer: the failed CPU's state is not known.
+    let impatient = client_for(
+        &s.socket,
+        UpcallConfig {
+            reply_timeout: Duration::from_millis(100),
+            ..config()
+        },
+    );
+    s.server.inject_fault(GuestFault::Silent);
+    let err = impatient.add_cpus_one_by_one(&[7, 8], 0x14).unwrap_err();
+    assert_eq!((err.failed, &err.not_sent[..]), (Some(7), &[8u8][..]));
+    assert!(!err.failed_state_known());
+
+    // An invalid list sends nothing.
+    let err = client.add_cpus_one_by_one(&[9, 9], 0x14).unwrap_err();
+    assert_eq!(err.failed, None);
+    assert!(err.done.is_empty());
+    assert!(matches!(
+        err.source,
+        HotplugError::DuplicateApicId { apic_id: 9 }
+    ));
 }
