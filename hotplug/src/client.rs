@@ -285,6 +285,13 @@ impl UpcallClient {
 
     /// Connects if not connected: stream from the connector, service byte `d`, greeting check.
     /// Retries retryable failures with backoff within the budget.
+    ///
+    /// # Errors
+    ///
+    /// [`HotplugError::Busy`] while another operation is in flight;
+    /// [`HotplugError::ConnectBudgetExhausted`] when every attempt failed in a retryable way;
+    /// the first non-retryable error otherwise (a greeting [`HotplugError::Timeout`],
+    /// [`HotplugError::BadGreeting`], [`HotplugError::HandshakeLineTooLong`], ...).
     pub fn connect(&self) -> Result<(), HotplugError> {
         let _in_flight = self.begin(Operation::Connect)?;
         let mut conn = lock(&self.conn);
@@ -297,6 +304,10 @@ impl UpcallClient {
     }
 
     /// Drops the connection (if any); the state becomes `Disconnected`.
+    ///
+    /// # Errors
+    ///
+    /// [`HotplugError::Busy`] while another operation is in flight (the connection stays).
     pub fn disconnect(&self) -> Result<(), HotplugError> {
         let _in_flight = self.begin(Operation::Connect)?;
         let mut conn = lock(&self.conn);

@@ -123,6 +123,11 @@ impl UpcallStream for UnixStream {
 /// `FnMut() -> Result<Box<dyn UpcallStream>, HotplugError>` are connectors too.
 pub trait UpcallConnector: Send {
     /// Opens one stream.
+    ///
+    /// # Errors
+    ///
+    /// Whatever keeps the transport from giving a stream; [`HotplugError::is_retryable`] says
+    /// whether the client tries again.
     fn connect(&mut self) -> Result<Box<dyn UpcallStream>, HotplugError>;
 }
 
@@ -173,6 +178,12 @@ pub enum LineError {
 
 /// Reads one `\n`-terminated line of at most [`HANDSHAKE_LINE_LIMIT`] bytes, one byte at a
 /// time so that nothing after the newline is consumed.
+///
+/// # Errors
+///
+/// [`LineError::Eof`] with the bytes so far when the stream ends first,
+/// [`LineError::TooLong`] after [`HANDSHAKE_LINE_LIMIT`] bytes without a newline,
+/// [`LineError::Io`] for a failed read (other than `Interrupted`).
 pub fn read_line_bounded<R: Read + ?Sized>(reader: &mut R) -> Result<HandshakeLine, LineError> {
     let mut line = HandshakeLine {
         buf: [0u8; HANDSHAKE_LINE_LIMIT],

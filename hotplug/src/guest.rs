@@ -842,6 +842,11 @@ const FIRST_HOST_PORT: u32 = 1024;
 
 impl VsockMuxerStub {
     /// Listens on `path` (which must not exist) for connections to `guest_port`.
+    ///
+    /// # Errors
+    ///
+    /// [`HotplugError::Bind`] when the socket cannot be created (the path exists, the
+    /// directory is missing) or the accepting thread cannot start.
     pub fn start(
         path: impl Into<PathBuf>,
         guest_port: u32,

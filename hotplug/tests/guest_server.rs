@@ -17,7 +17,7 @@ fn request(magic: u32, msg_type: u32, ids: &[u8]) -> MsgBuf {
         msg_flags: 0,
     }
     .write_to(&mut buf);
-    buf[16] = ids.len() as u8;
+    buf[16] = u8::try_from(ids.len()).expect("at most 255 IDs");
     buf[17] = 0x14;
     buf[18..18 + ids.len()].copy_from_slice(ids);
     buf
