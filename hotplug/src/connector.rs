@@ -19,12 +19,99 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 pub trait UpcallStream: Read + Write + Send {
     /// Sets the timeout of subsequent reads (`None`: block); the client sets it before every
     /// read so that a silent guest turns into [`HotplugError::Timeout`].
+    ///
+    /// # Errors
+    ///
+    /// The transport's error if it cannot set the timeout.
     fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
+
+    /// Sets the timeout of subsequent writes (`None`: block); the client sets it before every
+    /// write so that a guest that stops reading its socket turns into
+    /// [`HotplugError::Timeout`] instead of blocking the client for good. A write that runs
+    /// out of time must fail with [`io::ErrorKind::WouldBlock`] or [`io::ErrorKind::TimedOut`]
+    /// (or return the bytes it wrote so far).
+    ///
+    /// # Errors
+    ///
+    /// The transport's error if it cannot set the timeout.
+    fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
+
+    /// Without blocking, reads what the peer sent that nobody asked for (at most a few bytes;
+    /// what is read is gone) and says whether the stream is still idle.
+    ///
+    /// The client calls it before every request: a reply is only ever taken as the answer to
+    /// the request sent just before it, so anything already waiting is a protocol error. The
+    /// default implementation does one read with a 1 µs read timeout; override it when the
+    /// transport can look without waiting.
+    ///
+    /// # Errors
+    ///
+    /// The transport's error other than "nothing to read" (the stream is then unusable).
+    fn poll_unsolicited(&mut self) -> io::Result<Unsolicited> {
+        self.set_read_timeout(Some(Duration::from_micros(1)))?;
+        let mut probe = [0u8; UNSOLICITED_PROBE];
+        let result = loop {
+            match self.read(&mut probe) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                other => break other,
+            }
+        };
+        unsolicited_from_read(result)
+    }
+}
+
+/// The most bytes [`UpcallStream::poll_unsolicited`] reads (enough to know they are there).
+pub const UNSOLICITED_PROBE: usize = 16;
+
+/// What an idle stream holds (see [`UpcallStream::poll_unsolicited`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Unsolicited {
+    /// Nothing: the stream is idle, as it should be between requests.
+    Nothing,
+    /// The peer sent this many bytes (at least; the count is capped) that answer no request.
+    Data(usize),
+    /// The peer closed the stream.
+    Closed,
+}
+
+/// Maps the result of a probing read (no data: `WouldBlock` / `TimedOut`).
+fn unsolicited_from_read(result: io::Result<usize>) -> io::Result<Unsolicited> {
+    match result {
+        Ok(0) => Ok(Unsolicited::Closed),
+        Ok(n) => Ok(Unsolicited::Data(n)),
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
+            Ok(Unsolicited::Nothing)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 impl UpcallStream for UnixStream {
     fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
         UnixStream::set_read_timeout(self, timeout)
+    }
+
+    fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        UnixStream::set_write_timeout(self, timeout)
+    }
+
+    fn poll_unsolicited(&mut self) -> io::Result<Unsolicited> {
+        self.set_nonblocking(true)?;
+        let mut probe = [0u8; UNSOLICITED_PROBE];
+        let result = loop {
+            match self.read(&mut probe) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                other => break other,
+            }
+        };
+        // Back to blocking reads and writes (with their timeouts) before anything else.
+        self.set_nonblocking(false)?;
+        unsolicited_from_read(result)
     }
 }
 
@@ -36,6 +123,11 @@ impl UpcallStream for UnixStream {
 /// `FnMut() -> Result<Box<dyn UpcallStream>, HotplugError>` are connectors too.
 pub trait UpcallConnector: Send {
     /// Opens one stream.
+    ///
+    /// # Errors
+    ///
+    /// Whatever keeps the transport from giving a stream; [`HotplugError::is_retryable`] says
+    /// whether the client tries again.
     fn connect(&mut self) -> Result<Box<dyn UpcallStream>, HotplugError>;
 }
 
@@ -86,6 +178,12 @@ pub enum LineError {
 
 /// Reads one `\n`-terminated line of at most [`HANDSHAKE_LINE_LIMIT`] bytes, one byte at a
 /// time so that nothing after the newline is consumed.
+///
+/// # Errors
+///
+/// [`LineError::Eof`] with the bytes so far when the stream ends first,
+/// [`LineError::TooLong`] after [`HANDSHAKE_LINE_LIMIT`] bytes without a newline,
+/// [`LineError::Io`] for a failed read (other than `Interrupted`).
 pub fn read_line_bounded<R: Read + ?Sized>(reader: &mut R) -> Result<HandshakeLine, LineError> {
     let mut line = HandshakeLine {
         buf: [0u8; HANDSHAKE_LINE_LIMIT],

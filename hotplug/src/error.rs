@@ -21,6 +21,8 @@ pub enum Phase {
     Request,
     /// Receiving (client) or sending (guest) the reply message.
     Reply,
+    /// Between two requests, when nothing may arrive.
+    Idle,
 }
 
 impl std::fmt::Display for Phase {
@@ -32,6 +34,7 @@ impl std::fmt::Display for Phase {
             Phase::Greeting => "the greeting",
             Phase::Request => "the request",
             Phase::Reply => "the reply",
+            Phase::Idle => "the time between two requests",
         })
     }
 }
@@ -205,6 +208,18 @@ pub enum HotplugError {
         last: Box<HotplugError>,
     },
 
+    /// Bytes arrived while no request was in flight: a duplicate, late or unsolicited reply.
+    #[error(
+        "the guest sent {bytes} or more bytes while no request was in flight (a duplicate, late \
+         or unsolicited reply): they were discarded with the connection and never taken as an \
+         answer, and the fresh connection got more of them; the guest's upcall server \
+         misbehaves, check its kernel log"
+    )]
+    UnsolicitedData {
+        /// How many bytes were found (a lower bound).
+        bytes: usize,
+    },
+
     /// A message whose `magic_version` is not [`MSG_MAGIC_VERSION`].
     #[error(
         "upcall message during {during} has magic 0x{found:08x}, expected 0x{:08x}: the peer \
@@ -276,11 +291,18 @@ pub enum HotplugError {
     },
 
     /// The guest refused or failed the request; `errno` is positive (22 for `-EINVAL`).
+    ///
+    /// For a request of several CPUs, which of them the guest handled is unknown: it stops at
+    /// the first failure without undoing the CPUs before it, and its failure reply does not
+    /// say how far it got. A request of one CPU that fails changes nothing.
     #[error(
-        "the guest refused the CPU request with errno {errno} ({}): for ADD_CPU an APIC ID was \
-         already present or a CPU failed to come online (earlier ones of the request stay \
-         online); for DEL_CPU an APIC ID was unknown, the boot CPU, or it would leave no CPU; \
-         see the guest's kernel log",
+        "the guest refused the CPU request with errno {errno} ({}); the guest handles the CPUs \
+         of a request in order and stops at the first it cannot, keeping the ones before it \
+         online (ADD_CPU) or offline (DEL_CPU), and its reply does not say how many: for a \
+         request of several CPUs the progress is unknown, so check the guest's CPUs, or send \
+         one APIC ID per request to know exactly; common causes: an APIC ID already present or \
+         a CPU that did not come online (ADD_CPU), an unknown APIC ID, the boot CPU or every \
+         CPU (DEL_CPU); see the guest's kernel log",
         errno_text(*.errno)
     )]
     GuestError {

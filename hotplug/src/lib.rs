@@ -4,12 +4,16 @@
 //! This crate owns the upcall wire format ([`protocol`]: 1024-byte messages, strict decoding
 //! that never panics or allocates on what a guest sends), the connection ([`UpcallConnector`],
 //! with [`HybridVsockConnector`] for Firecracker / Cloud Hypervisor style vsock muxers) and
-//! [`UpcallClient`], a state machine with one request in flight, a reply timeout and
-//! reconnection with backoff and a budget. The wire protocol is described in
-//! `shared/docs/upcall-protocol.md`.
+//! [`UpcallClient`], a state machine with one request in flight, a deadline on every write and
+//! every reply, strict matching of replies to requests (bytes that arrive between requests are
+//! never taken as an answer) and reconnection with backoff and a budget. The wire protocol is
+//! described in the repository's `docs/upcall-protocol.md`.
 //!
 //! The VMM creates the vCPUs (threads waiting for INIT/SIPI) before [`UpcallClient::add_cpus`]
-//! and stops them only after [`UpcallClient::del_cpus`] succeeded.
+//! and stops them only after [`UpcallClient::del_cpus`] succeeded. A guest that fails part-way
+//! through a request of several CPUs keeps the ones it already handled and does not say which:
+//! [`UpcallClient::add_cpus_one_by_one`] and [`UpcallClient::del_cpus_one_by_one`] send one
+//! APIC ID per request so that the outcome is exact ([`StepwiseError`]).
 //!
 //! ```
 //! use hotplug::guest::{CpuAction, GuestServerOptions, GuestUpcallServer, VsockMuxerStub};
@@ -57,7 +61,7 @@ pub mod error;
 pub mod guest;
 pub mod protocol;
 
-pub use client::{BrokenReason, UpcallClient, UpcallConfig, UpcallState};
+pub use client::{BrokenReason, StepwiseError, UpcallClient, UpcallConfig, UpcallState};
 pub use connector::{
     HybridVsockConnector, UpcallConnector, UpcallStream, DEFAULT_HANDSHAKE_TIMEOUT,
     HANDSHAKE_LINE_LIMIT,

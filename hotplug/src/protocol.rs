@@ -1,6 +1,6 @@
 //! The upcall wire format: fixed 1024-byte, zero-padded, little-endian messages.
 //!
-//! Layout (see `shared/docs/upcall-protocol.md`):
+//! Layout (see the repository's `docs/upcall-protocol.md`):
 //!
 //! | offset | size | field |
 //! | --- | --- | --- |
@@ -28,8 +28,10 @@ pub const MSG_SIZE: usize = 1024;
 pub const MSG_HEADER_SIZE: usize = 16;
 /// Number of APIC ID slots in a CPU request (only the first `count` are used).
 pub const APIC_ID_SLOTS: usize = 256;
+// The request's msg_size counts the slots (written as a literal to stay a `u32` constant).
+const _: () = assert!(CPU_REQUEST_PAYLOAD_SIZE as usize == 2 + APIC_ID_SLOTS);
 /// `msg_size` of an x86_64 CPU request: `count` + `apic_ver` + 256 APIC IDs.
-pub const CPU_REQUEST_PAYLOAD_SIZE: u32 = 2 + APIC_ID_SLOTS as u32;
+pub const CPU_REQUEST_PAYLOAD_SIZE: u32 = 2 + 256;
 /// `msg_size` of a successful CPU reply (the guest counts only `apic_index`).
 pub const CPU_REPLY_SUCCESS_SIZE: u32 = 4;
 /// `msg_size` of a failed CPU reply.
@@ -249,6 +251,10 @@ impl MsgHeader {
     }
 
     /// Checks the magic, reporting `during` on failure.
+    ///
+    /// # Errors
+    ///
+    /// [`HotplugError::BadMagic`] when `magic_version` is not [`MSG_MAGIC_VERSION`].
     pub fn check_magic(&self, during: Phase) -> Result<(), HotplugError> {
         if self.has_valid_magic() {
             Ok(())
@@ -269,6 +275,11 @@ pub fn encode_greeting() -> MsgBuf {
 }
 
 /// Checks a greeting: magic, and `msg_size`, `msg_type`, `msg_flags` all 0.
+///
+/// # Errors
+///
+/// [`HotplugError::BadMagic`] for a wrong magic, [`HotplugError::BadGreeting`] naming the
+/// first header field that is not 0.
 pub fn decode_greeting(buf: &MsgBuf) -> Result<(), HotplugError> {
     let header = MsgHeader::read_from(buf);
     header.check_magic(Phase::Greeting)?;
@@ -294,6 +305,12 @@ pub fn decode_greeting(buf: &MsgBuf) -> Result<(), HotplugError> {
 }
 
 /// Checks a list of APIC IDs for a CPU request: 1 to 255 of them, each below 255, no repeats.
+///
+/// # Errors
+///
+/// [`HotplugError::NoApicIds`] (empty), [`HotplugError::TooManyApicIds`] (over 255),
+/// [`HotplugError::InvalidApicId`] (255, the broadcast ID), [`HotplugError::DuplicateApicId`]
+/// (the first repeated ID).
 pub fn validate_apic_ids(apic_ids: &[u8]) -> Result<(), HotplugError> {
     if apic_ids.is_empty() {
         return Err(HotplugError::NoApicIds);
@@ -327,7 +344,11 @@ pub struct CpuDevRequest {
 }
 
 impl CpuDevRequest {
-    /// A validated request (see [`validate_apic_ids`]).
+    /// A validated request.
+    ///
+    /// # Errors
+    ///
+    /// As [`validate_apic_ids`].
     pub fn new(apic_ids: &[u8], apic_ver: u8) -> Result<Self, HotplugError> {
         validate_apic_ids(apic_ids)?;
         Ok(CpuDevRequest {
@@ -337,6 +358,10 @@ impl CpuDevRequest {
     }
 
     /// Checks the APIC IDs again (the fields are public).
+    ///
+    /// # Errors
+    ///
+    /// As [`validate_apic_ids`].
     pub fn validate(&self) -> Result<(), HotplugError> {
         validate_apic_ids(&self.apic_ids)
     }
@@ -348,6 +373,10 @@ impl CpuDevRequest {
 }
 
 /// Encodes a CPU request message after validating it.
+///
+/// # Errors
+///
+/// As [`validate_apic_ids`]; nothing is encoded then.
 pub fn encode_cpu_request(op: CpuOp, request: &CpuDevRequest) -> Result<MsgBuf, HotplugError> {
     request.validate()?;
     let mut buf = [0u8; MSG_SIZE];
@@ -384,6 +413,11 @@ impl<'a> RawCpuPayload<'a> {
 }
 
 /// Strictly decodes a CPU request: magic, type `ADD_CPU`/`DEL_CPU`, `msg_size` 258, valid IDs.
+///
+/// # Errors
+///
+/// [`HotplugError::BadMagic`], [`HotplugError::UnexpectedMsgType`] (not a CPU request),
+/// [`HotplugError::UnexpectedMsgSize`] (not 258), or the errors of [`validate_apic_ids`].
 pub fn decode_cpu_request(buf: &MsgBuf) -> Result<(CpuOp, CpuDevRequest), HotplugError> {
     let header = MsgHeader::read_from(buf);
     header.check_magic(Phase::Request)?;
@@ -440,7 +474,9 @@ pub struct CpuDevReply {
 /// Reads only what the reply's type and result promise: a failure reply's `msg_size` and
 /// `apic_index` are not looked at (the guest leaves them stale).
 ///
-/// Errors: [`HotplugError::BadMagic`], [`HotplugError::UnexpectedMsgType`] (not the request's
+/// # Errors
+///
+/// [`HotplugError::BadMagic`], [`HotplugError::UnexpectedMsgType`] (not the request's
 /// type), [`HotplugError::GuestError`] (negative result), [`HotplugError::InvalidResult`]
 /// (positive or `i32::MIN`), [`HotplugError::UnexpectedMsgSize`] (success without size 4),
 /// [`HotplugError::ApicIndexMismatch`] (success with `apic_index != count`).
@@ -529,8 +565,10 @@ impl MessageReader {
 
     /// Does one `read` for the missing bytes (retrying on `Interrupted`).
     ///
-    /// I/O errors (including read timeouts) are returned as they are; the bytes buffered so
-    /// far stay, so the caller may call again.
+    /// # Errors
+    ///
+    /// The reader's I/O errors (including read timeouts) as they are, except `Interrupted`;
+    /// the bytes buffered so far stay, so the caller may call again.
     pub fn read_from<R: Read + ?Sized>(&mut self, reader: &mut R) -> io::Result<ReadProgress> {
         if self.filled == MSG_SIZE {
             return Ok(ReadProgress::Complete);
@@ -567,9 +605,12 @@ impl MessageReader {
 
 /// Reads one whole message from a blocking stream (no deadline of its own).
 ///
+/// # Errors
+///
 /// End of stream before the first byte or part-way gives [`HotplugError::ConnectionReset`]
 /// with the number of bytes received; a read timeout set on the stream gives
-/// [`HotplugError::Timeout`] (with a zero `timeout`, as this function does not know it).
+/// [`HotplugError::Timeout`] (with a zero `timeout`, as this function does not know it);
+/// other read errors give [`HotplugError::Io`] (or `ConnectionReset` for resets).
 pub fn read_message<R: Read + ?Sized>(
     reader: &mut R,
     during: Phase,

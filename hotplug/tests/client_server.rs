@@ -73,6 +73,7 @@ fn fast_config() -> UpcallConfig {
         connect_retry_delay: Duration::from_millis(1),
         connect_retry_max_delay: Duration::from_millis(4),
         connect_retry_budget: 3,
+        ..UpcallConfig::default()
     }
 }
 

@@ -1,5 +1,5 @@
 //! Golden bytes: messages encoded by hand from the documented layout
-//! (`shared/docs/upcall-protocol.md`), compared with what the crate encodes and decodes.
+//! (the repository's `docs/upcall-protocol.md`), compared with what the crate encodes and decodes.
 
 use hotplug::protocol::{RawCpuPayload, MSG_SIZE};
 use hotplug::{
