@@ -9,7 +9,7 @@ use integration::guest::{smp_counter, GuestVm};
 use integration::kvm_or_skip;
 use topology::CpuTopology;
 use vcpu_actor::VcpuState;
-use vmm_core::loader::load_program;
+use integration::loader::load_program;
 use vmm_core::{VcpuConfig, VcpuManagerOptions, VmOptions};
 use vpmu::VpmuFeatureLevel;
 

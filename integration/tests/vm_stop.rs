@@ -8,7 +8,7 @@ use std::time::Duration;
 use integration::guest::{self, smp_counter, GuestCode, GuestVm, SHUTDOWN_MESSAGE, SHUTDOWN_VALUE};
 use integration::kvm_or_skip;
 use vcpu_actor::VcpuExitReason;
-use vmm_core::loader::layout::DEFAULT_LOAD_ADDR;
+use integration::loader::layout::DEFAULT_LOAD_ADDR;
 use vmm_core::{StopCause, VcpuConfig, VcpuManagerOptions, VmOptions, VmStopReason, VmmError};
 
 const GENEROUS: Duration = Duration::from_secs(30);

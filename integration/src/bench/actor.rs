@@ -2,7 +2,7 @@
 //! is the one place these are measured): the `pio_exit`, `pause_idle` and `resume_idle` rows.
 //!
 //! - [`exit_rate`]: port-I/O exits per second of one vCPU running a CPL-3 `out` loop
-//!   ([`crate::guest::pio_loop`]) through a [`VcpuActor`] with a counting [`ExitHandler`],
+//!   ([`crate::guest::pio_loop`]) through a vCPU actor ([`VcpuHandle`]) with a counting [`ExitHandler`],
 //!   next to a bare `VcpuFd::run` loop calling the same handler on its own thread. Rounds
 //!   alternate the two so that background load hits both alike.
 //! - [`idle_pause_resume`]: pause-all and resume-all latency of N actors whose vCPUs are APs
@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use serde::Serialize;
 use vcpu_actor::{
-    DeviceError, ExitHandler, IoOutcome, ReplyOutcome, VcpuActor, VcpuHandle, VcpuOptions,
+    DeviceError, ExitHandler, IoOutcome, ReplyOutcome, VcpuHandle, VcpuOptions, VcpuParts,
     VcpuRequest,
 };
 use vmm_core::Vm;
@@ -81,15 +81,15 @@ fn spawn_actor(
     handler: Arc<dyn ExitHandler>,
 ) -> Result<VcpuHandle, IntegrationError> {
     let evt = EventFd::new(EFD_NONBLOCK).map_err(|e| guest_err(format!("eventfd: {e}")))?;
-    VcpuActor::spawn(
+    let parts = VcpuParts {
         id,
-        fd,
-        vm.vcpu_mmap_size(),
+        vcpu: fd,
+        vcpu_mmap_size: vm.vcpu_mmap_size(),
         handler,
-        evt,
-        VcpuOptions::default(),
-    )
-    .map_err(|e| guest_err(format!("spawning vCPU actor {id}: {e}")))
+        exit_evt: evt,
+    };
+    VcpuHandle::spawn(parts, VcpuOptions::default())
+        .map_err(|e| guest_err(format!("spawning vCPU actor {id}: {}", e.error)))
 }
 
 /// Asks the actor to exit and joins it.

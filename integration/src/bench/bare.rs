@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_mp_state, kvm_run, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE};
 use kvm_ioctls::VcpuFd;
-use vmm_core::loader::load_program;
+use crate::loader::load_program;
 use vmm_core::{BootEntry, Vm, VmOptions};
 
 use super::ACK_TIMEOUT;

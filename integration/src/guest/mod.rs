@@ -1,7 +1,7 @@
 //! The guest-program framework of the end-to-end tests, the benchmarks and `vcpuctl`: guest
 //! programs written as assembly in source (`global_asm!` into read-only data sections, never
 //! run by the host, sliced out with one `asm_blob!` macro), loaded with
-//! [`vmm_core::loader`], and the VMM-side devices and VMs that run them.
+//! [`crate::loader`], and the VMM-side devices and VMs that run them.
 //!
 //! - [`agent`]: the guest agent, a program that behaves like a small guest kernel (CPUID at
 //!   CPL 0 on every vCPU, a mailbox polled by the BSP, INIT/SIPI wake and INIT park of APs,
@@ -29,7 +29,7 @@
 //!
 //! # Memory
 //!
-//! Programs load at [`vmm_core::loader::layout::DEFAULT_LOAD_ADDR`]; the [`smp_counter`]
+//! Programs load at [`crate::loader::layout::DEFAULT_LOAD_ADDR`]; the [`smp_counter`]
 //! counters are at [`counter_addr`] (one 64-byte line per APIC ID from [`COUNTERS_ADDR`]); the
 //! agent's mailbox, query list, progress lines and result tables are in [`agent::layout`].
 

@@ -1,7 +1,7 @@
 //! The small guest programs: [`smp_counter`], [`triple_fault`], [`shutdown_port`], [`spin`]
 //! and [`pio_loop`] (the agent is [`super::agent`]). Their assembly is in `asm.rs`.
 
-use vmm_core::loader::{layout, GuestProgram, Privilege};
+use crate::loader::{layout, GuestProgram, Privilege};
 
 use super::asm;
 

@@ -63,7 +63,7 @@ pub use upcall::{attach_upcall, AgentUpcall, AgentUpcallOptions};
 pub use vm::{AgentVm, AgentVmOptions};
 
 use serde::Serialize;
-use vmm_core::loader::layout as loader_layout;
+use crate::loader::layout as loader_layout;
 
 pub use super::ports;
 use super::{asm, GuestCode};
@@ -160,7 +160,7 @@ pub fn agent_program() -> GuestCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vmm_core::loader::Privilege;
+    use crate::loader::Privilege;
 
     #[test]
     fn program_entries_are_inside_the_code() {
