@@ -6,7 +6,7 @@
 use kvm_bindings::{kvm_cpuid_entry2, CpuId};
 use topology::CpuidEntry;
 
-use crate::VmmError;
+use crate::error::VcpuSetupError;
 
 /// One KVM entry as a [`CpuidEntry`].
 pub fn entry_from_kvm(e: &kvm_cpuid_entry2) -> CpuidEntry {
@@ -41,9 +41,13 @@ pub fn entries_from_kvm(entries: &[kvm_cpuid_entry2]) -> Vec<CpuidEntry> {
 }
 
 /// A whole [`CpuidEntry`] set as KVM's `CpuId` (for `KVM_SET_CPUID2`).
-pub fn entries_to_kvm(entries: &[CpuidEntry]) -> Result<CpuId, VmmError> {
+///
+/// # Errors
+///
+/// [`VcpuSetupError::TooManyCpuidEntries`] if the set is larger than KVM takes.
+pub fn entries_to_kvm(entries: &[CpuidEntry]) -> Result<CpuId, VcpuSetupError> {
     let kvm: Vec<kvm_cpuid_entry2> = entries.iter().map(entry_to_kvm).collect();
-    CpuId::from_entries(&kvm).map_err(|_| VmmError::TooManyCpuidEntries {
+    CpuId::from_entries(&kvm).map_err(|_| VcpuSetupError::TooManyCpuidEntries {
         count: entries.len(),
         max: kvm_bindings::KVM_MAX_CPUID_ENTRIES,
     })

@@ -15,6 +15,13 @@
 //! - the vPMU KVM actions ([`pmu`]);
 //! - a loader for small 64-bit guest programs ([`loader`]); Linux boot is in [`boot`].
 //!
+//! Each operation has its own error enum ([`ConfigError`], [`VmError`], [`VcpuSetupError`],
+//! [`VcpuControlError`], [`BootError`], [`ResizeError`], ...; see [`error`]); [`VmmError`]
+//! wraps them all for code that spans several. The types of the `topology`, `vpmu`,
+//! `vcpu-actor` and `hotplug` crates that this API uses are re-exported here (e.g.
+//! [`SmpConfig`], [`VpmuFeatureLevel`], [`VcpuState`]), so an embedder needs only this crate
+//! and `kvm-ioctls`.
+//!
 //! # Example
 //!
 //! ```no_run
@@ -23,7 +30,7 @@
 //! use vmm_core::{build_vm, VcpuConfig, VcpuManagerOptions, VmOptions};
 //!
 //! # fn main() -> Result<(), vmm_core::VmmError> {
-//! let kvm = kvm_ioctls::Kvm::new().map_err(vmm_core::VmmError::KvmOpen)?;
+//! let kvm = kvm_ioctls::Kvm::new().map_err(vmm_core::VmError::KvmOpen)?;
 //! // 2 boot vCPUs of at most 4 (1 socket x 4 cores), no vPMU.
 //! let config = VcpuConfig::with_counts(2, 4)?;
 //! let (vm, mut vcpus) =
@@ -44,7 +51,7 @@ pub mod bus;
 pub mod config;
 pub mod cpuid;
 pub mod devices;
-mod error;
+pub mod error;
 pub mod exit;
 pub mod loader;
 pub mod manager;
@@ -58,24 +65,41 @@ use vm_memory::GuestMemoryMmap;
 
 pub use bus::{BusAccess, BusDevice, BusSpace, IoBus};
 pub use config::{InterruptMode, KvmLimits, VcpuConfig};
-pub use error::VmmError;
+pub use error::{
+    BootError, BusError, ConfigError, HotplugOp, KvmOp, ManagerOp, OsError, OsOp, PmuError,
+    ResizeError, VcpuControlError, VcpuSetupError, VmError, VmmError,
+};
 pub use exit::{ExitMonitor, ExitSignal, StopCause, VmStopReason};
 pub use manager::{build_vm, VcpuInfo, VcpuManager, VcpuManagerOptions};
 pub use resize::{AsyncResizer, ResizeHandle, ResizeOutcome, VcpuSlot};
 pub use vm::{Vm, VmOptions};
+
+// The types of other workspace crates that this crate's public API takes or returns, so that
+// an embedder needs only this crate (and kvm-ioctls for `Kvm`).
+pub use hotplug::{HotplugError, UpcallClient};
+pub use topology::{CpuTopology, CpuVendor, CpuidEntry, SmpConfig, TopologyError};
+pub use vcpu_actor::{
+    DeviceError, ExitCounts, ExitHandler, IoOutcome, SeccompMode, VcpuError, VcpuExitReason,
+    VcpuMetricsSnapshot, VcpuOptions, VcpuRequest, VcpuState, ViolationAction,
+};
+pub use vpmu::{KvmCapability, KvmPmuActions, PmuEventFilter, VpmuError, VpmuFeatureLevel};
 
 /// How the BSP is set up for what was loaded into guest memory: registers, segments, paging.
 /// Implemented by the guest-program loader ([`loader::LoadedProgram`]) and by the Linux boot
 /// code in [`boot`].
 pub trait BootEntry: Send + Sync {
     /// Sets the BSP's registers (and anything else it needs) so that it starts at the entry.
-    fn setup_bsp(&self, vcpu: &VcpuFd, mem: &GuestMemoryMmap) -> Result<(), VmmError>;
+    ///
+    /// # Errors
+    ///
+    /// [`VcpuSetupError`] (usually [`VcpuSetupError::Kvm`]) if a KVM call on the BSP fails.
+    fn setup_bsp(&self, vcpu: &VcpuFd, mem: &GuestMemoryMmap) -> Result<(), VcpuSetupError>;
 }
 
 /// Maps a failed KVM call `op` on the BSP (vCPU id 0) to its error, for [`BootEntry`]
 /// implementations.
-pub(crate) fn bsp_kvm_error(op: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmmError {
-    move |source| VmmError::VcpuKvm {
+pub(crate) fn bsp_kvm_error(op: KvmOp) -> impl Fn(kvm_ioctls::Error) -> VcpuSetupError {
+    move |source| VcpuSetupError::Kvm {
         vcpu_id: 0,
         op,
         source,

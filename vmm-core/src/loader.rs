@@ -30,8 +30,9 @@ use kvm_bindings::{kvm_msr_entry, kvm_regs, kvm_sregs, Msrs};
 use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
+use crate::error::{BootError, KvmOp, VcpuSetupError};
 use crate::segment::Descriptor;
-use crate::{BootEntry, VmmError};
+use crate::BootEntry;
 
 /// Guest physical addresses used by the loader. Everything below [`layout::PROGRAM_AREA_START`]
 /// belongs to the loader.
@@ -185,7 +186,7 @@ impl TrampolineParams {
     const CR3: u64 = 0x14;
     const GDTR: u64 = 0x18;
 
-    fn write(&self, mem: &GuestMemoryMmap) -> Result<(), VmmError> {
+    fn write(&self, mem: &GuestMemoryMmap) -> Result<(), BootError> {
         let base = layout::AP_PARAMS_ADDR;
         write_obj(mem, base + Self::ENTRY, self.entry)?;
         write_obj(mem, base + Self::RFLAGS, self.rflags)?;
@@ -391,18 +392,18 @@ fn write_obj<T: vm_memory::ByteValued>(
     mem: &GuestMemoryMmap,
     addr: u64,
     value: T,
-) -> Result<(), VmmError> {
+) -> Result<(), BootError> {
     mem.write_obj(value, GuestAddress(addr))
-        .map_err(|source| VmmError::GuestMemory {
+        .map_err(|source| BootError::GuestMemory {
             addr,
             len: std::mem::size_of::<T>(),
             source,
         })
 }
 
-fn write_bytes(mem: &GuestMemoryMmap, addr: u64, bytes: &[u8]) -> Result<(), VmmError> {
+fn write_bytes(mem: &GuestMemoryMmap, addr: u64, bytes: &[u8]) -> Result<(), BootError> {
     mem.write_slice(bytes, GuestAddress(addr))
-        .map_err(|source| VmmError::GuestMemory {
+        .map_err(|source| BootError::GuestMemory {
             addr,
             len: bytes.len(),
             source,
@@ -410,7 +411,11 @@ fn write_bytes(mem: &GuestMemoryMmap, addr: u64, bytes: &[u8]) -> Result<(), Vmm
 }
 
 /// Writes the GDT, the TSS and the page tables (the parts every program shares).
-pub fn write_system_tables(mem: &GuestMemoryMmap) -> Result<(), VmmError> {
+///
+/// # Errors
+///
+/// [`BootError::GuestMemory`] if `mem` does not cover the loader's low memory.
+pub fn write_system_tables(mem: &GuestMemoryMmap) -> Result<(), BootError> {
     for (i, e) in gdt_entries().iter().enumerate() {
         write_obj(mem, layout::GDT_ADDR + 8 * i as u64, *e)?;
     }
@@ -447,8 +452,8 @@ fn check_placement(
     what: &'static str,
     addr: u64,
     len: u64,
-) -> Result<(), VmmError> {
-    let err = |reason| VmmError::ProgramLayout {
+) -> Result<(), BootError> {
+    let err = |reason| BootError::ProgramLayout {
         what,
         addr,
         len,
@@ -468,10 +473,15 @@ fn check_placement(
 }
 
 /// Loads `program` into `mem` (see the module documentation).
+///
+/// # Errors
+///
+/// [`BootError::ProgramLayout`] if a piece of the program does not fit where it should go
+/// (nothing is written then), [`BootError::GuestMemory`] if a write fails.
 pub fn load_program(
     mem: &GuestMemoryMmap,
     program: &GuestProgram<'_>,
-) -> Result<LoadedProgram, VmmError> {
+) -> Result<LoadedProgram, BootError> {
     let code_len = program.code.len() as u64;
     check_placement(mem, "code", program.load_addr, code_len)?;
     for (addr, bytes) in &program.data {
@@ -481,7 +491,7 @@ pub fn load_program(
         if offset < code_len {
             Ok(program.load_addr + offset)
         } else {
-            Err(VmmError::ProgramLayout {
+            Err(BootError::ProgramLayout {
                 what,
                 addr: program.load_addr.saturating_add(offset),
                 len: 0,
@@ -559,11 +569,11 @@ pub fn long_mode_sregs(mut sregs: kvm_sregs, privilege: Privilege) -> kvm_sregs 
 }
 
 impl BootEntry for LoadedProgram {
-    fn setup_bsp(&self, vcpu: &VcpuFd, _mem: &GuestMemoryMmap) -> Result<(), VmmError> {
+    fn setup_bsp(&self, vcpu: &VcpuFd, _mem: &GuestMemoryMmap) -> Result<(), VcpuSetupError> {
         let err = crate::bsp_kvm_error;
-        let sregs = vcpu.get_sregs().map_err(err("KVM_GET_SREGS"))?;
+        let sregs = vcpu.get_sregs().map_err(err(KvmOp::GetSregs))?;
         vcpu.set_sregs(&long_mode_sregs(sregs, self.privilege))
-            .map_err(err("KVM_SET_SREGS"))?;
+            .map_err(err(KvmOp::SetSregs))?;
         let regs = kvm_regs {
             rip: self.bsp_rip,
             rsp: layout::stack_top(0),
@@ -571,13 +581,13 @@ impl BootEntry for LoadedProgram {
             rdi: 0,
             ..Default::default()
         };
-        vcpu.set_regs(&regs).map_err(err("KVM_SET_REGS"))?;
+        vcpu.set_regs(&regs).map_err(err(KvmOp::SetRegs))?;
         let msrs = Msrs::from_entries(&[kvm_msr_entry {
             index: MSR_IA32_SYSENTER_CS,
             data: u64::from(gdt::KERNEL_CODE64),
             ..Default::default()
         }])
-        .map_err(|_| VmmError::MsrRejected {
+        .map_err(|_| VcpuSetupError::MsrRejected {
             vcpu_id: 0,
             msr: MSR_IA32_SYSENTER_CS,
             set: 0,
@@ -585,13 +595,13 @@ impl BootEntry for LoadedProgram {
         })?;
         match vcpu.set_msrs(&msrs) {
             Ok(1) => Ok(()),
-            Ok(set) => Err(VmmError::MsrRejected {
+            Ok(set) => Err(VcpuSetupError::MsrRejected {
                 vcpu_id: 0,
                 msr: MSR_IA32_SYSENTER_CS,
                 set,
                 total: 1,
             }),
-            Err(source) => Err(err("KVM_SET_MSRS")(source)),
+            Err(source) => Err(err(KvmOp::SetMsrs)(source)),
         }
     }
 }
@@ -696,18 +706,18 @@ mod tests {
         p.bsp_entry = 4;
         assert!(matches!(
             load_program(&m, &p),
-            Err(VmmError::ProgramLayout { .. })
+            Err(BootError::ProgramLayout { .. })
         ));
         p.bsp_entry = 0;
         p.load_addr = 0x1000;
         assert!(matches!(
             load_program(&m, &p),
-            Err(VmmError::ProgramLayout { .. })
+            Err(BootError::ProgramLayout { .. })
         ));
         p.load_addr = (8 << 20) - 2;
         assert!(matches!(
             load_program(&m, &p),
-            Err(VmmError::ProgramLayout { .. })
+            Err(BootError::ProgramLayout { .. })
         ));
     }
 }

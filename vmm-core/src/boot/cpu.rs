@@ -7,7 +7,7 @@ use kvm_bindings::{kvm_regs, kvm_sregs};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::layout::{BOOT_STACK_TOP, GDT_ADDR, IDENTITY_MAPPED, PDPT_ADDR, PD_ADDR, PML4_ADDR};
-use crate::VmmError;
+use crate::error::BootError;
 
 /// GDT selectors of the boot protocol.
 pub mod selector {
@@ -62,9 +62,9 @@ pub fn gdt() -> [u64; 6] {
     ]
 }
 
-fn write_u64(mem: &GuestMemoryMmap, addr: u64, value: u64) -> Result<(), VmmError> {
+fn write_u64(mem: &GuestMemoryMmap, addr: u64, value: u64) -> Result<(), BootError> {
     mem.write_obj(value, GuestAddress(addr))
-        .map_err(|source| VmmError::GuestMemory {
+        .map_err(|source| BootError::GuestMemory {
             addr,
             len: 8,
             source,
@@ -72,7 +72,11 @@ fn write_u64(mem: &GuestMemoryMmap, addr: u64, value: u64) -> Result<(), VmmErro
 }
 
 /// Writes the GDT and the identity page tables for the first 4 GiB (2 MiB pages).
-pub fn write_cpu_tables(mem: &GuestMemoryMmap) -> Result<(), VmmError> {
+///
+/// # Errors
+///
+/// [`BootError::GuestMemory`] if `mem` does not cover the tables' low memory.
+pub fn write_cpu_tables(mem: &GuestMemoryMmap) -> Result<(), BootError> {
     for (i, d) in gdt().iter().enumerate() {
         write_u64(mem, GDT_ADDR + 8 * i as u64, *d)?;
     }
