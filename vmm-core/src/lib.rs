@@ -27,12 +27,15 @@
 //! ```no_run
 //! use std::sync::Arc;
 //! use vmm_core::loader::{load_program, GuestProgram};
-//! use vmm_core::{build_vm, VcpuConfig, VcpuManagerOptions, VmOptions};
+//! use vmm_core::{
+//!     build_vm, SmpConfig, VcpuConfig, VcpuManagerOptions, VmError, VmOptions, VpmuFeatureLevel,
+//! };
 //!
 //! # fn main() -> Result<(), vmm_core::VmmError> {
-//! let kvm = kvm_ioctls::Kvm::new().map_err(vmm_core::VmError::KvmOpen)?;
-//! // 2 boot vCPUs of at most 4 (1 socket x 4 cores), no vPMU.
-//! let config = VcpuConfig::with_counts(2, 4)?;
+//! let kvm = kvm_ioctls::Kvm::new().map_err(VmError::KvmOpen)?;
+//! // 2 boot vCPUs of at most 4 (1 socket x 2 cores x 2 threads), no vPMU.
+//! let smp: SmpConfig = "2,maxcpus=4,cores=2,threads=2".parse()?;
+//! let config = VcpuConfig::from_smp(smp, VpmuFeatureLevel::Disabled);
 //! let (vm, mut vcpus) =
 //!     build_vm(kvm, VmOptions::default(), config, VcpuManagerOptions::default())?;
 //! // A CPL-3 program: write to the shutdown port (out %al, $0x600 needs dx).

@@ -64,4 +64,44 @@ pub enum VmmError {
     /// An EventFd or epoll call of the exit monitor failed.
     #[error(transparent)]
     Os(#[from] OsError),
+    /// Parsing or building an SMP configuration or topology failed (e.g. a `-smp` string
+    /// given to [`SmpConfig`](crate::SmpConfig)'s `FromStr`).
+    #[error(transparent)]
+    Topology(#[from] topology::TopologyError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ops_display_their_usual_names() {
+        assert_eq!(KvmOp::SetCpuid2.to_string(), "KVM_SET_CPUID2");
+        assert_eq!(KvmOp::IrqfdCom1.to_string(), "KVM_IRQFD (COM1)");
+        assert_eq!(OsOp::EpollWait.to_string(), "epoll_wait");
+        assert_eq!(HotplugOp::Remove.to_string(), "hot-remove");
+        assert_eq!(
+            ManagerOp::Send(vcpu_actor::VcpuRequest::Pause).to_string(),
+            "pause"
+        );
+    }
+
+    #[test]
+    fn the_umbrella_keeps_the_inner_message() {
+        let inner = VcpuControlError::InvalidState {
+            op: ManagerOp::ResumeAll,
+            reason: "the VM is stopping".into(),
+        };
+        let text = inner.to_string();
+        let outer: VmmError = inner.into();
+        assert_eq!(outer.to_string(), text);
+        assert_eq!(text, "cannot resume the vCPUs: the VM is stopping");
+        assert!(matches!(
+            outer,
+            VmmError::VcpuControl(VcpuControlError::InvalidState {
+                op: ManagerOp::ResumeAll,
+                ..
+            })
+        ));
+    }
 }
