@@ -79,6 +79,8 @@ pub use vm::{Vm, VmOptions};
 
 // The types of other workspace crates that this crate's public API takes or returns, so that
 // an embedder needs only this crate (and kvm-ioctls for `Kvm`).
+// The crates themselves too, for what goes beyond (e.g. `hotplug::UpcallConfig` to connect
+// an upcall client, `topology::host` to read a host CPUID).
 pub use hotplug::{HotplugError, UpcallClient};
 pub use topology::{CpuTopology, CpuVendor, CpuidEntry, SmpConfig, TopologyError};
 pub use vcpu_actor::{
@@ -86,6 +88,7 @@ pub use vcpu_actor::{
     VcpuMetricsSnapshot, VcpuOptions, VcpuRequest, VcpuState, ViolationAction,
 };
 pub use vpmu::{KvmCapability, KvmPmuActions, PmuEventFilter, VpmuError, VpmuFeatureLevel};
+pub use {hotplug, topology, vcpu_actor, vpmu};
 
 /// How the BSP is set up for what was loaded into guest memory: registers, segments, paging.
 /// Implemented by the guest-program loader ([`loader::LoadedProgram`]) and by the Linux boot
