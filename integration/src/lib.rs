@@ -48,6 +48,30 @@ pub enum IntegrationError {
     Guest(String),
 }
 
+/// `?` on the error of one VMM operation (each has its own enum) gives an
+/// [`IntegrationError::Vmm`], as on the umbrella [`vmm_core::VmmError`].
+macro_rules! from_vmm_errors {
+    ($($err:ident),* $(,)?) => {$(
+        impl From<vmm_core::$err> for IntegrationError {
+            fn from(e: vmm_core::$err) -> Self {
+                Self::Vmm(e.into())
+            }
+        }
+    )*};
+}
+
+from_vmm_errors!(
+    ConfigError,
+    VmError,
+    BusError,
+    PmuError,
+    VcpuSetupError,
+    VcpuControlError,
+    BootError,
+    ResizeError,
+    OsError,
+);
+
 impl IntegrationError {
     /// The error of a failed KVM call `op`, for `map_err`.
     pub fn kvm(op: &'static str) -> impl Fn(kvm_ioctls::Error) -> Self {

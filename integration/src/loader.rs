@@ -50,7 +50,7 @@ use vmm_core::arch::x86_64::regs::{
     cr0, cr4, efer, rflags, LongModeEntry, CR0_LONG_MODE, CR4_LONG_MODE,
 };
 use vmm_core::vm::{write_guest, MMIO_GAP_START};
-use vmm_core::{BootEntry, VmmError};
+use vmm_core::{BootEntry, BootError, VcpuSetupError};
 
 /// Guest physical addresses used by the loader, inside `vmm-core`'s memory map
 /// ([`vmm_core::arch::x86_64::layout`]). Everything below [`layout::PROGRAM_AREA_START`]
@@ -211,7 +211,7 @@ impl TrampolineParams {
     const CR3: usize = offset_of!(TrampolineParams, cr3);
     const GDTR: usize = offset_of!(TrampolineParams, gdt_limit);
 
-    fn write(&self, mem: &GuestMemoryMmap) -> Result<(), VmmError> {
+    fn write(&self, mem: &GuestMemoryMmap) -> Result<(), BootError> {
         write_guest(mem, layout::AP_PARAMS_ADDR, self.as_slice())
     }
 }
@@ -372,7 +372,7 @@ pub fn page_tables() -> IdentityMap {
 }
 
 /// Writes the GDT, the TSS and the page tables (the parts every program shares).
-pub fn write_system_tables(mem: &GuestMemoryMmap) -> Result<(), VmmError> {
+pub fn write_system_tables(mem: &GuestMemoryMmap) -> Result<(), BootError> {
     system_gdt().write(mem, layout::GDT_ADDR)?;
     // A zero bitmap allows every port at CPL 3 (see the module documentation: these hosts
     // ignore IOPL = 3 for guest user code and check the bitmap).
@@ -389,8 +389,8 @@ fn check_placement(
     what: &'static str,
     addr: u64,
     len: u64,
-) -> Result<(), VmmError> {
-    let err = |reason| VmmError::ProgramLayout {
+) -> Result<(), BootError> {
+    let err = |reason| BootError::ProgramLayout {
         what,
         addr,
         len,
@@ -410,10 +410,15 @@ fn check_placement(
 }
 
 /// Loads `program` into `mem` (see the module documentation).
+///
+/// # Errors
+///
+/// [`BootError::ProgramLayout`] if a piece of the program does not fit where it should go
+/// (nothing is written then), [`BootError::GuestMemory`] if a write fails.
 pub fn load_program(
     mem: &GuestMemoryMmap,
     program: &GuestProgram<'_>,
-) -> Result<LoadedProgram, VmmError> {
+) -> Result<LoadedProgram, BootError> {
     let code_len = program.code.len() as u64;
     check_placement(mem, "code", program.load_addr, code_len)?;
     for (addr, bytes) in &program.data {
@@ -423,7 +428,7 @@ pub fn load_program(
         if offset < code_len {
             Ok(program.load_addr + offset)
         } else {
-            Err(VmmError::ProgramLayout {
+            Err(BootError::ProgramLayout {
                 what,
                 addr: program.load_addr.saturating_add(offset),
                 len: 0,
@@ -486,7 +491,7 @@ pub fn long_mode_entry(privilege: Privilege) -> LongModeEntry {
 }
 
 impl BootEntry for LoadedProgram {
-    fn setup_bsp(&self, vcpu: &VcpuFd, _mem: &GuestMemoryMmap) -> Result<(), VmmError> {
+    fn setup_bsp(&self, vcpu: &VcpuFd, _mem: &GuestMemoryMmap) -> Result<(), VcpuSetupError> {
         let regs = kvm_regs {
             rip: self.bsp_rip,
             rsp: layout::stack_top(0),
@@ -587,18 +592,18 @@ mod tests {
         p.bsp_entry = 4;
         assert!(matches!(
             load_program(&m, &p),
-            Err(VmmError::ProgramLayout { .. })
+            Err(BootError::ProgramLayout { .. })
         ));
         p.bsp_entry = 0;
         p.load_addr = 0x1000;
         assert!(matches!(
             load_program(&m, &p),
-            Err(VmmError::ProgramLayout { .. })
+            Err(BootError::ProgramLayout { .. })
         ));
         p.load_addr = (8 << 20) - 2;
         assert!(matches!(
             load_program(&m, &p),
-            Err(VmmError::ProgramLayout { .. })
+            Err(BootError::ProgramLayout { .. })
         ));
     }
 }

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use integration::kvm_or_skip;
-use vmm_core::VmmError;
+use vmm_core::ResizeError;
 use vpmu::VpmuFeatureLevel;
 
 fn agent_config() -> vmm_core::VcpuConfig {
@@ -53,7 +53,7 @@ fn agent_guest_wakes_exactly_the_requested_apic_ids_and_parks_removed_ones() {
     for bad in [0, 13] {
         let e = vm.vcpus.resize_vcpus(bad).unwrap_err();
         assert!(
-            matches!(e, VmmError::ResizeOutOfRange { target, max: 12 } if target == bad),
+            matches!(e, ResizeError::OutOfRange { target, max: 12 } if target == bad),
             "{e}"
         );
         assert_eq!(vm.present_apic_ids(), [0, 1]);

@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use integration::guest::{smp_counter, GuestVm};
 use integration::kvm_or_skip;
+use integration::loader::load_program;
 use topology::CpuTopology;
 use vcpu_actor::VcpuState;
-use integration::loader::load_program;
 use vmm_core::{VcpuConfig, VcpuManagerOptions, VmOptions};
 use vpmu::VpmuFeatureLevel;
 
@@ -213,10 +213,10 @@ fn vm_smp_pause_timeout_names_the_vcpu_that_did_not_answer() {
         vcpus.vcpu_metrics()[0].1.exits.io_out > 0
     });
     match vcpus.pause_all() {
-        Err(vmm_core::VmmError::VcpusDidNotAnswer {
+        Err(vmm_core::VcpuControlError::VcpusDidNotAnswer {
             request, vcpu_ids, ..
         }) => {
-            assert_eq!(request, "pause");
+            assert_eq!(request, vmm_core::VcpuRequest::Pause);
             assert_eq!(vcpu_ids, [0]);
         }
         other => panic!("expected vCPU 0 not to answer, got {other:?}"),
@@ -259,11 +259,11 @@ fn vm_smp_add_and_remove_a_vcpu_at_an_index_reusing_its_fd() {
     assert_eq!(g.vcpus.removable_vcpus(), [5]);
     assert!(matches!(
         g.vcpus.create_vcpu(5),
-        Err(vmm_core::VmmError::InvalidManagerState { .. })
+        Err(vmm_core::VcpuSetupError::InvalidState { .. })
     ));
     assert!(matches!(
         g.vcpus.create_vcpu(8),
-        Err(vmm_core::VmmError::VcpuIndexOutOfRange { index: 8, max: 8 })
+        Err(vmm_core::VcpuSetupError::IndexOutOfRange { index: 8, max: 8 })
     ));
 
     // Remove it: thread joined, fd kept; add it again: the fd is reused.

@@ -7,9 +7,11 @@ use std::time::Duration;
 
 use integration::guest::{self, smp_counter, GuestCode, GuestVm, SHUTDOWN_MESSAGE, SHUTDOWN_VALUE};
 use integration::kvm_or_skip;
-use vcpu_actor::VcpuExitReason;
 use integration::loader::layout::DEFAULT_LOAD_ADDR;
-use vmm_core::{StopCause, VcpuConfig, VcpuManagerOptions, VmOptions, VmStopReason, VmmError};
+use vcpu_actor::VcpuExitReason;
+use vmm_core::{
+    StopCause, VcpuConfig, VcpuControlError, VcpuManagerOptions, VmOptions, VmStopReason,
+};
 
 const GENEROUS: Duration = Duration::from_secs(30);
 
@@ -52,7 +54,7 @@ fn assert_stopped(g: &GuestVm) {
     assert!(g.vcpus.exit_requested());
     assert!(matches!(
         g.vcpus.resume_all(),
-        Err(VmmError::InvalidManagerState { .. })
+        Err(VcpuControlError::InvalidState { .. })
     ));
 }
 

@@ -17,12 +17,10 @@ use hotplug::{HotplugError, HybridVsockConnector, UpcallClient, UpcallConfig, UP
 use integration::kvm_or_skip;
 use integration::loader::{load_program, GuestProgram};
 use kvm_ioctls::Kvm;
-use topology::CpuTopology;
 use vmm_core::{
-    build_vm, AsyncResizer, VcpuConfig, VcpuManager, VcpuManagerOptions, VcpuSlot, VmOptions,
-    VmmError,
+    build_vm, AsyncResizer, CpuTopology, ResizeError, VcpuConfig, VcpuManager, VcpuManagerOptions,
+    VcpuSlot, VmOptions, VpmuFeatureLevel,
 };
-use vpmu::VpmuFeatureLevel;
 
 /// `jmp .` at CPL 3.
 const SPIN: [u8; 2] = [0xeb, 0xfe];
@@ -269,7 +267,7 @@ fn resize_out_of_range_changes_nothing() {
     };
     for target in [0, MAX + 1] {
         match h.vcpus.resize_vcpus(target) {
-            Err(VmmError::ResizeOutOfRange { target: t, max }) => {
+            Err(ResizeError::OutOfRange { target: t, max }) => {
                 assert_eq!((t, max), (target, MAX));
             }
             other => panic!("resize to {target}: expected ResizeOutOfRange, got {other:?}"),
@@ -293,7 +291,7 @@ fn resize_without_upcall_client_is_a_typed_error() {
     )
     .expect("build the VM");
     let err = vcpus.resize_vcpus(4).expect_err("no client");
-    assert!(matches!(err, VmmError::NoUpcallClient), "{err:?}");
+    assert!(matches!(err, ResizeError::NoUpcallClient), "{err:?}");
     assert!(err.to_string().contains("set_upcall_client"), "{err}");
     assert_eq!(vcpus.present_vcpu_count(), 0);
 }
@@ -307,7 +305,7 @@ fn resize_guest_error_rolls_back() {
     h.online_errno.store(EINVAL, Ordering::SeqCst);
     let err = h.vcpus.resize_vcpus(4).expect_err("the guest refuses");
     match &err {
-        VmmError::HotplugFailed {
+        ResizeError::HotplugFailed {
             source,
             guest_state_unknown,
             apic_ids,
@@ -349,7 +347,7 @@ fn resize_silent_guest_times_out_and_rolls_back() {
         .resize_vcpus(5)
         .expect_err("the guest never answers");
     match &err {
-        VmmError::HotplugFailed {
+        ResizeError::HotplugFailed {
             source: HotplugError::Timeout { .. },
             guest_state_unknown: true,
             ..
@@ -372,7 +370,7 @@ fn resize_hang_up_is_not_success_and_rolls_back() {
     h.server.inject_fault(GuestFault::HangUp);
     let err = h.vcpus.resize_vcpus(3).expect_err("the guest hangs up");
     match &err {
-        VmmError::HotplugFailed {
+        ResizeError::HotplugFailed {
             source,
             guest_state_unknown: true,
             ..
@@ -414,7 +412,7 @@ fn resize_never_removes_vcpu_0_and_a_refused_shrink_changes_nothing() {
         .resize_vcpus(1)
         .expect_err("the guest refuses to offline");
     match &err {
-        VmmError::HotplugFailed { source, .. } => {
+        ResizeError::HotplugFailed { source, .. } => {
             assert_eq!(source.guest_errno(), Some(EIO), "{err}")
         }
         other => panic!("expected HotplugFailed, got {other:?}"),
@@ -455,14 +453,14 @@ fn async_resize_is_waited_on_with_a_timeout_and_a_second_one_is_busy() {
     let handle = resizer.start(4).expect("start 2 -> 4");
     assert_eq!(handle.target(), 4);
     match resizer.start(6) {
-        Err(VmmError::ResizeBusy {
+        Err(ResizeError::Busy {
             target: 6,
             in_flight: 4,
         }) => {}
         other => panic!("expected ResizeBusy, got {other:?}"),
     }
     match handle.wait_timeout(Duration::from_millis(50)) {
-        Err(VmmError::ResizeStillRunning { target: 4, .. }) => {}
+        Err(ResizeError::StillRunning { target: 4, .. }) => {}
         other => panic!("expected ResizeStillRunning, got {other:?}"),
     }
     h.hold.store(false, Ordering::SeqCst);
@@ -472,7 +470,7 @@ fn async_resize_is_waited_on_with_a_timeout_and_a_second_one_is_busy() {
     assert_eq!((out.from, out.to), (2, 4));
     assert!(matches!(
         handle.wait_timeout(Duration::from_millis(1)),
-        Err(VmmError::ResizeOutcomeGone { target: 4 })
+        Err(ResizeError::OutcomeGone { target: 4 })
     ));
     assert_eq!(resizer.in_flight_target(), None);
 
@@ -480,7 +478,7 @@ fn async_resize_is_waited_on_with_a_timeout_and_a_second_one_is_busy() {
     let handle = resizer.start(0).expect("start a resize to 0");
     assert!(matches!(
         handle.wait_timeout(Duration::from_secs(60)),
-        Err(VmmError::ResizeOutOfRange { target: 0, .. })
+        Err(ResizeError::OutOfRange { target: 0, .. })
     ));
     let guard = manager.lock().unwrap_or_else(|e| e.into_inner());
     assert_eq!(guard.present_vcpu_count(), 4);

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use slog::{debug, o, Logger};
 use vcpu_actor::{DeviceError, ExitHandler, IoOutcome};
 
-use crate::VmmError;
+use crate::error::BusError;
 
 /// The two address spaces a vCPU exit can target.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -139,6 +139,11 @@ impl IoBus {
 
     /// Registers `device` on `base..base+len` of `space`. Fails if the range is empty, wraps
     /// around, or overlaps a registered range (naming it).
+    ///
+    /// # Errors
+    ///
+    /// [`BusError::RangeInvalid`] for an empty or wrapping range, [`BusError::RangeOverlap`]
+    /// for one that overlaps a registered range.
     pub fn register(
         &self,
         space: BusSpace,
@@ -146,14 +151,14 @@ impl IoBus {
         len: u64,
         name: &str,
         device: Arc<dyn BusDevice>,
-    ) -> Result<(), VmmError> {
+    ) -> Result<(), BusError> {
         let limit = match space {
             BusSpace::Pio => 1u64 << 16,
             BusSpace::Mmio => u64::MAX,
         };
         let end = base.checked_add(len);
         if len == 0 || end.is_none_or(|end| end > limit) {
-            return Err(VmmError::BusRangeInvalid { space, base, len });
+            return Err(BusError::RangeInvalid { space, base, len });
         }
         let end = end.unwrap_or(limit);
         let mut map = self.space(space).write_lock();
@@ -161,7 +166,7 @@ impl IoBus {
         let after = map.range(base..).next();
         for (existing_base, e) in before.into_iter().chain(after) {
             if *existing_base < end && base < existing_base.saturating_add(e.len) {
-                return Err(VmmError::BusRangeOverlap {
+                return Err(BusError::RangeOverlap {
                     space,
                     base,
                     len,
@@ -255,6 +260,10 @@ impl IoBus {
     }
 
     /// Routes a guest read; unclaimed addresses read as all ones, like an empty ISA bus.
+    ///
+    /// # Errors
+    ///
+    /// The device's [`DeviceError`], which stops the vCPU that made the access.
     pub fn read(
         &self,
         space: BusSpace,
@@ -270,6 +279,10 @@ impl IoBus {
     }
 
     /// Routes a guest write; writes to unclaimed addresses are dropped.
+    ///
+    /// # Errors
+    ///
+    /// The device's [`DeviceError`], which stops the vCPU that made the access.
     pub fn write(
         &self,
         space: BusSpace,
@@ -352,7 +365,7 @@ mod tests {
             (0x300, 0x200),
         ] {
             match bus.register(BusSpace::Pio, base, len, "x", dev.clone()) {
-                Err(VmmError::BusRangeOverlap {
+                Err(BusError::RangeOverlap {
                     existing_base,
                     existing_len,
                     ..
@@ -386,7 +399,7 @@ mod tests {
         ] {
             assert!(matches!(
                 bus.register(space, base, len, "bad", dev.clone()),
-                Err(VmmError::BusRangeInvalid { .. })
+                Err(BusError::RangeInvalid { .. })
             ));
         }
         bus.register(BusSpace::Pio, 0xffff, 1, "last", dev).unwrap();

@@ -1,19 +1,22 @@
 //! The vCPU configuration and its validation against this host's KVM.
 //!
 //! Validation is pure: [`VcpuConfig::validate`] takes a [`KvmLimits`] that is either queried
-//! from `/dev/kvm` ([`KvmLimits::query`]) or filled by hand, so every rule can be checked
-//! before any VM or vCPU exists (and in unit tests without KVM).
+//! from `/dev/kvm` once ([`KvmLimits::query`]) or filled by hand, so every rule can be checked
+//! before any VM or vCPU exists (and in unit tests without KVM). The SMP rules (counts and
+//! topology) are the `topology` crate's ([`SmpConfig::validate`]); this module adds what
+//! KVM, the interrupt mode and the vPMU level allow.
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Cap, Kvm};
 use serde::{Deserialize, Serialize};
-use topology::{CpuTopology, CpuVendor, CpuidEntry};
+use topology::{CpuTopology, CpuVendor, CpuidEntry, SmpConfig};
 use vpmu::VpmuFeatureLevel;
 
 use crate::cpuid::entries_from_kvm;
-use crate::VmmError;
+use crate::error::{ConfigError, KvmOp, VmError};
 
 /// How interrupts reach the vCPUs, which bounds the APIC IDs a VM may use.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -46,7 +49,9 @@ impl fmt::Display for InterruptMode {
     }
 }
 
-/// What this host's KVM allows, as far as the vCPU configuration is concerned.
+/// What this host's KVM allows, as far as the vCPU configuration is concerned. Query it once
+/// ([`KvmLimits::query`]) and hand it to [`VcpuConfig::validate`] and
+/// [`VcpuManager::new`](crate::VcpuManager::new).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KvmLimits {
     /// `KVM_CAP_MAX_VCPUS`: the most vCPUs one VM may have.
@@ -55,41 +60,74 @@ pub struct KvmLimits {
     pub max_vcpu_id: u32,
     /// `KVM_GET_SUPPORTED_CPUID`, converted.
     pub supported_cpuid: Vec<CpuidEntry>,
+    /// What `KVM_CHECK_EXTENSION` answered for each capability a vPMU level needs or uses
+    /// (`vpmu::required_kvm_caps`, `vpmu::optional_kvm_caps`), by capability number. A
+    /// capability not in the map counts as absent (0).
+    pub capabilities: BTreeMap<u32, i32>,
 }
 
 impl KvmLimits {
     /// Asks KVM (only the `/dev/kvm` fd: no VM is created).
-    pub fn query(kvm: &Kvm) -> Result<Self, VmmError> {
+    ///
+    /// # Errors
+    ///
+    /// [`VmError::Kvm`] with [`KvmOp::GetSupportedCpuid`] if KVM does not report its supported
+    /// CPUID.
+    pub fn query(kvm: &Kvm) -> Result<Self, VmError> {
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(|source| VmmError::Kvm {
-                op: "KVM_GET_SUPPORTED_CPUID",
+            .map_err(|source| VmError::Kvm {
+                op: KvmOp::GetSupportedCpuid,
                 source,
             })?;
         // KVM_CHECK_EXTENSION answers with an int; a negative answer would be a kernel bug.
         let cap = |c: Cap, fallback: usize| -> u32 {
-            let v = kvm.check_extension_int(c);
-            let v = if v > 0 { v as usize } else { fallback };
+            let v = usize::try_from(kvm.check_extension_int(c))
+                .ok()
+                .filter(|v| *v > 0)
+                .unwrap_or(fallback);
             u32::try_from(v).unwrap_or(u32::MAX)
         };
         // The kernel's documented fallbacks: MAX_VCPUS defaults to NR_VCPUS, MAX_VCPU_ID to
         // MAX_VCPUS.
         let max_vcpus = cap(Cap::MaxVcpus, kvm.get_nr_vcpus());
         let max_vcpu_id = cap(Cap::MaxVcpuId, max_vcpus as usize);
+        let capabilities = VpmuFeatureLevel::ALL
+            .iter()
+            .flat_map(|level| {
+                vpmu::required_kvm_caps(*level)
+                    .into_iter()
+                    .chain(vpmu::optional_kvm_caps(*level))
+            })
+            .map(|c| (c.number, kvm.check_extension_raw(u64::from(c.number))))
+            .collect();
         Ok(Self {
             max_vcpus,
             max_vcpu_id,
             supported_cpuid: entries_from_kvm(cpuid.as_slice()),
+            capabilities,
         })
     }
 
+    /// What `KVM_CHECK_EXTENSION` answered for capability `number` (0 if it was not asked).
+    pub fn capability(&self, number: u32) -> i32 {
+        self.capabilities.get(&number).copied().unwrap_or(0)
+    }
+
     /// The CPU vendor KVM reports in leaf 0.
-    pub fn vendor(&self) -> Result<CpuVendor, VmmError> {
-        CpuVendor::from_entries(&self.supported_cpuid).ok_or(VmmError::UnknownCpuVendor)
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::UnknownCpuVendor`] if leaf 0 names no vendor we support.
+    pub fn vendor(&self) -> Result<CpuVendor, ConfigError> {
+        CpuVendor::from_entries(&self.supported_cpuid).ok_or(ConfigError::UnknownCpuVendor)
     }
 }
 
 /// The vCPUs of a VM: how many boot, how many at most, their topology and vPMU level.
+///
+/// The counts and topology are those of an [`SmpConfig`] ([`VcpuConfig::from_smp`],
+/// [`VcpuConfig::smp`]), and are checked by its rules.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VcpuConfig {
     /// vCPUs created and started at boot (indices `0..boot_vcpu_count`).
@@ -103,54 +141,76 @@ pub struct VcpuConfig {
 }
 
 impl VcpuConfig {
-    /// A configuration with the default topology (1 socket, 1 die, `max` cores, 1 thread) and
-    /// no vPMU.
-    pub fn with_counts(boot: u32, max: u32) -> Result<Self, VmmError> {
-        Ok(Self {
-            boot_vcpu_count: boot,
-            max_vcpu_count: max,
-            topology: CpuTopology::from_vcpu_count(max)?,
-            vpmu: VpmuFeatureLevel::default(),
-        })
+    /// The vCPUs of `smp` (e.g. parsed from QEMU's `-smp` syntax) with the vPMU level `vpmu`.
+    pub fn from_smp(smp: SmpConfig, vpmu: VpmuFeatureLevel) -> Self {
+        Self {
+            boot_vcpu_count: smp.boot_cpus,
+            max_vcpu_count: smp.max_cpus,
+            topology: smp.topology,
+            vpmu,
+        }
     }
 
-    /// Checks every rule, in this order: boot count not 0, boot <= max, max within
-    /// `KVM_CAP_MAX_VCPUS`, topology product == max, every APIC ID below
-    /// `KVM_CAP_MAX_VCPU_ID` and within the interrupt mode's range, vPMU level available on the
-    /// host. The first violation is returned.
-    pub fn validate(&self, limits: &KvmLimits, mode: InterruptMode) -> Result<(), VmmError> {
-        let boot = self.boot_vcpu_count;
+    /// A configuration with the default topology (1 socket, 1 die, `max` cores, 1 thread) and
+    /// no vPMU.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::DefaultTopology`] if `max` is 0 or too large for one die of cores,
+    /// [`ConfigError::Smp`] if `boot` is 0 or larger than `max`.
+    pub fn with_counts(boot: u32, max: u32) -> Result<Self, ConfigError> {
+        let topology = CpuTopology::from_vcpu_count(max)
+            .map_err(|source| ConfigError::DefaultTopology { max, source })?;
+        let smp = SmpConfig::new(boot, max, topology).map_err(|source| ConfigError::Smp {
+            boot,
+            max,
+            topology,
+            source,
+        })?;
+        Ok(Self::from_smp(smp, VpmuFeatureLevel::default()))
+    }
+
+    /// The counts and topology, as the `topology` crate's SMP configuration (not checked: see
+    /// [`SmpConfig::validate`]).
+    pub fn smp(&self) -> SmpConfig {
+        SmpConfig {
+            boot_cpus: self.boot_vcpu_count,
+            max_cpus: self.max_vcpu_count,
+            topology: self.topology,
+        }
+    }
+
+    /// Checks every rule, in this order: the SMP rules ([`SmpConfig::validate`]: boot count
+    /// not 0, every level at least 1, topology product == max, boot <= max), max within
+    /// `KVM_CAP_MAX_VCPUS`, every APIC ID below `KVM_CAP_MAX_VCPU_ID` and within the interrupt
+    /// mode's range, vPMU level available on the host (its CPUID, then its KVM capabilities).
+    ///
+    /// # Errors
+    ///
+    /// The first rule broken: [`ConfigError::Smp`], [`ConfigError::MaxVcpusOverKvmLimit`],
+    /// [`ConfigError::ApicIdOverKvmLimit`], [`ConfigError::ApicIdTooLargeForInterruptMode`],
+    /// [`ConfigError::UnknownCpuVendor`] or [`ConfigError::VpmuUnsupported`].
+    pub fn validate(&self, limits: &KvmLimits, mode: InterruptMode) -> Result<(), ConfigError> {
+        let smp_error = |source| ConfigError::Smp {
+            boot: self.boot_vcpu_count,
+            max: self.max_vcpu_count,
+            topology: self.topology,
+            source,
+        };
+        self.smp().validate().map_err(smp_error)?;
         let max = self.max_vcpu_count;
-        if boot == 0 {
-            return Err(VmmError::ZeroBootVcpus);
-        }
-        if boot > max {
-            return Err(VmmError::BootExceedsMax { boot, max });
-        }
         if max > limits.max_vcpus {
-            return Err(VmmError::MaxVcpusOverKvmLimit {
+            return Err(ConfigError::MaxVcpusOverKvmLimit {
                 max,
                 kvm_limit: limits.max_vcpus,
             });
         }
-        let t = &self.topology;
-        let product = u64::from(t.sockets)
-            * u64::from(t.dies_per_socket)
-            * u64::from(t.cores_per_die)
-            * u64::from(t.threads_per_core);
-        if product != u64::from(max) {
-            return Err(VmmError::TopologyMismatch {
-                topology: topology_string(t),
-                product,
-                max,
-            });
-        }
         // APIC IDs grow with the index (each level's field is above the one before), so the
-        // last index has the largest.
-        let index = max - 1;
-        let apic_id = t.apic_id(index)?;
+        // last index has the largest. max >= 1: the SMP rules hold.
+        let index = max.saturating_sub(1);
+        let apic_id = self.topology.apic_id(index).map_err(smp_error)?;
         if apic_id >= limits.max_vcpu_id {
-            return Err(VmmError::ApicIdOverKvmLimit {
+            return Err(ConfigError::ApicIdOverKvmLimit {
                 index,
                 apic_id,
                 kvm_limit: limits.max_vcpu_id,
@@ -158,7 +218,7 @@ impl VcpuConfig {
         }
         if let Some(limit) = mode.apic_id_limit() {
             if apic_id >= limit {
-                return Err(VmmError::ApicIdTooLargeForInterruptMode {
+                return Err(ConfigError::ApicIdTooLargeForInterruptMode {
                     index,
                     apic_id,
                     mode,
@@ -167,27 +227,21 @@ impl VcpuConfig {
             }
         }
         let vendor = limits.vendor()?;
-        vpmu::check_host_support(self.vpmu, vendor, &limits.supported_cpuid).map_err(|source| {
-            VmmError::VpmuUnsupported {
-                level: self.vpmu,
-                source,
-            }
-        })?;
+        let unsupported = |source| ConfigError::VpmuUnsupported {
+            level: self.vpmu,
+            source,
+        };
+        vpmu::check_host_support(self.vpmu, vendor, &limits.supported_cpuid)
+            .map_err(unsupported)?;
+        vpmu::check_kvm_caps(self.vpmu, |n| limits.capability(n)).map_err(unsupported)?;
         Ok(())
     }
-}
-
-/// `sockets=S,dies=D,cores=C,threads=T`, for messages.
-pub(crate) fn topology_string(t: &CpuTopology) -> String {
-    format!(
-        "sockets={},dies={},cores={},threads={}",
-        t.sockets, t.dies_per_socket, t.cores_per_die, t.threads_per_core
-    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use topology::TopologyError;
 
     /// Limits filled by hand: this host's KVM numbers over a synthetic Intel CPUID with no
     /// PMU (leaf 0xA zero), like the PVM hosts.
@@ -200,6 +254,7 @@ mod tests {
             max_vcpus: 1024,
             max_vcpu_id: 4096,
             supported_cpuid: cpuid,
+            capabilities: BTreeMap::new(),
         }
     }
 
@@ -207,17 +262,12 @@ mod tests {
         VcpuConfig {
             boot_vcpu_count: boot,
             max_vcpu_count: max,
-            topology: CpuTopology {
-                sockets: s,
-                dies_per_socket: 1,
-                cores_per_die: c,
-                threads_per_core: t,
-            },
+            topology: CpuTopology::new(s, 1, c, t).unwrap(),
             vpmu: VpmuFeatureLevel::Disabled,
         }
     }
 
-    fn check(c: &VcpuConfig) -> Result<(), VmmError> {
+    fn check(c: &VcpuConfig) -> Result<(), ConfigError> {
         c.validate(&limits(), InterruptMode::XApic)
     }
 
@@ -237,7 +287,10 @@ mod tests {
     fn zero_boot_vcpus() {
         assert!(matches!(
             check(&config(0, 8, 2, 2, 2)),
-            Err(VmmError::ZeroBootVcpus)
+            Err(ConfigError::Smp {
+                source: TopologyError::ZeroCpus { key: "cpus" },
+                ..
+            })
         ));
     }
 
@@ -245,7 +298,13 @@ mod tests {
     fn boot_over_max() {
         let e = check(&config(9, 8, 2, 2, 2)).unwrap_err();
         assert!(
-            matches!(e, VmmError::BootExceedsMax { boot: 9, max: 8 }),
+            matches!(
+                e,
+                ConfigError::Smp {
+                    source: TopologyError::BootExceedsMax { boot: 9, max: 8 },
+                    ..
+                }
+            ),
             "{e}"
         );
         assert!(e.to_string().contains("boot_vcpu_count 9"), "{e}");
@@ -257,7 +316,7 @@ mod tests {
         assert!(
             matches!(
                 e,
-                VmmError::MaxVcpusOverKvmLimit {
+                ConfigError::MaxVcpusOverKvmLimit {
                     max: 2048,
                     kvm_limit: 1024
                 }
@@ -272,9 +331,12 @@ mod tests {
         assert!(
             matches!(
                 e,
-                VmmError::TopologyMismatch {
-                    product: 6,
-                    max: 8,
+                ConfigError::Smp {
+                    source: TopologyError::ProductMismatch {
+                        product: 6,
+                        max_cpus: 8,
+                        ..
+                    },
                     ..
                 }
             ),
@@ -284,10 +346,10 @@ mod tests {
             e.to_string().contains("sockets=1,dies=1,cores=3,threads=2"),
             "{e}"
         );
-        // A zero level is a mismatch too, not a panic.
+        // A zero level cannot even be built: topology refuses it, typed, not a panic.
         assert!(matches!(
-            check(&config(1, 4, 0, 4, 1)),
-            Err(VmmError::TopologyMismatch { product: 0, .. })
+            CpuTopology::new(0, 1, 4, 1),
+            Err(TopologyError::ZeroLevel { level: "sockets" })
         ));
     }
 
@@ -303,7 +365,7 @@ mod tests {
         assert!(
             matches!(
                 e,
-                VmmError::ApicIdOverKvmLimit {
+                ConfigError::ApicIdOverKvmLimit {
                     index: 8,
                     apic_id: 10,
                     kvm_limit: 8
@@ -322,7 +384,7 @@ mod tests {
         assert!(
             matches!(
                 e,
-                VmmError::ApicIdTooLargeForInterruptMode {
+                ConfigError::ApicIdTooLargeForInterruptMode {
                     index: 319,
                     apic_id: 415,
                     mode: InterruptMode::XApic,
@@ -335,7 +397,7 @@ mod tests {
         // 256 cores: the last APIC ID is 255, the broadcast ID.
         assert!(matches!(
             check(&config(1, 256, 1, 256, 1)),
-            Err(VmmError::ApicIdTooLargeForInterruptMode { apic_id: 255, .. })
+            Err(ConfigError::ApicIdTooLargeForInterruptMode { apic_id: 255, .. })
         ));
     }
 
@@ -347,7 +409,7 @@ mod tests {
         assert!(
             matches!(
                 e,
-                VmmError::VpmuUnsupported {
+                ConfigError::VpmuUnsupported {
                     level: VpmuFeatureLevel::LimitedlyEnabled,
                     ..
                 }
@@ -358,6 +420,20 @@ mod tests {
         let mut l = limits();
         l.supported_cpuid = topology::host::synthetic_intel();
         if topology::find_entry(&l.supported_cpuid, 0xa, 0).is_some_and(|e| e.eax & 0xff != 0) {
+            // ... once KVM also has the event filter the level needs.
+            let e = c.validate(&l, InterruptMode::XApic).unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    ConfigError::VpmuUnsupported {
+                        source: vpmu::VpmuError::KvmLacksCapability { .. },
+                        ..
+                    }
+                ),
+                "{e}"
+            );
+            l.capabilities
+                .insert(vpmu::KvmCapability::PMU_EVENT_FILTER.number, 1);
             c.validate(&l, InterruptMode::XApic).unwrap();
         }
     }
@@ -368,7 +444,40 @@ mod tests {
         l.supported_cpuid.retain(|e| e.function != 0);
         assert!(matches!(
             config(1, 1, 1, 1, 1).validate(&l, InterruptMode::XApic),
-            Err(VmmError::UnknownCpuVendor)
+            Err(ConfigError::UnknownCpuVendor)
+        ));
+    }
+
+    #[test]
+    fn topology_product_overflow_is_an_error_not_a_panic() {
+        assert!(CpuTopology::new(u32::MAX, u32::MAX, u32::MAX, u32::MAX).is_err());
+        let mut c = config(1, 1, 1, 1, 1);
+        c.max_vcpu_count = u32::MAX;
+        assert!(matches!(check(&c), Err(ConfigError::Smp { .. })));
+    }
+
+    #[test]
+    fn from_smp_keeps_the_counts_and_topology() {
+        let smp: SmpConfig = "4,maxcpus=8,sockets=2,cores=2,threads=2".parse().unwrap();
+        let c = VcpuConfig::from_smp(smp, VpmuFeatureLevel::Disabled);
+        assert_eq!(c, config(4, 8, 2, 2, 2));
+        assert_eq!(c.smp(), smp);
+        check(&c).unwrap();
+    }
+
+    #[test]
+    fn with_counts_checks_the_counts() {
+        assert_eq!(VcpuConfig::with_counts(2, 4).unwrap().topology.cores(), 4);
+        assert!(matches!(
+            VcpuConfig::with_counts(3, 2),
+            Err(ConfigError::Smp {
+                source: TopologyError::BootExceedsMax { boot: 3, max: 2 },
+                ..
+            })
+        ));
+        assert!(matches!(
+            VcpuConfig::with_counts(1, 0),
+            Err(ConfigError::DefaultTopology { max: 0, .. })
         ));
     }
 }

@@ -69,6 +69,10 @@ impl SerialConsole {
     }
 
     /// Queues bytes for the guest to read (console input).
+    ///
+    /// # Errors
+    ///
+    /// A [`DeviceError`] if the UART's input FIFO is full or its interrupt cannot be raised.
     pub fn enqueue_input(&self, bytes: &[u8]) -> Result<usize, DeviceError> {
         self.uart()
             .enqueue_raw_bytes(bytes)

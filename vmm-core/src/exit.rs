@@ -12,7 +12,7 @@ use vcpu_actor::VcpuExitReason;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::VmmError;
+use crate::error::{OsError, OsOp};
 
 const TOKEN_VCPU_EXIT: u64 = 1;
 const TOKEN_STOP_REQUEST: u64 = 2;
@@ -81,17 +81,18 @@ pub struct ExitMonitor {
     events: Arc<Events>,
 }
 
-fn os(op: &'static str) -> impl FnOnce(std::io::Error) -> VmmError {
-    move |source| VmmError::Os { op, source }
-}
-
 impl ExitMonitor {
     /// Creates both EventFds and the epoll set.
-    pub fn new() -> Result<Self, VmmError> {
-        let vcpu_exit = EventFd::new(EFD_NONBLOCK).map_err(os("creating the exit EventFd"))?;
+    ///
+    /// # Errors
+    ///
+    /// [`OsError`] if an EventFd or the epoll set cannot be made.
+    pub fn new() -> Result<Self, OsError> {
+        let os = OsError::of;
+        let vcpu_exit = EventFd::new(EFD_NONBLOCK).map_err(os(OsOp::CreateExitEventFd))?;
         let stop_request =
-            EventFd::new(EFD_NONBLOCK).map_err(os("creating the stop-request EventFd"))?;
-        let epoll = Epoll::new().map_err(os("epoll_create"))?;
+            EventFd::new(EFD_NONBLOCK).map_err(os(OsOp::CreateStopRequestEventFd))?;
+        let epoll = Epoll::new().map_err(os(OsOp::EpollCreate))?;
         for (fd, token) in [
             (vcpu_exit.as_raw_fd(), TOKEN_VCPU_EXIT),
             (stop_request.as_raw_fd(), TOKEN_STOP_REQUEST),
@@ -102,7 +103,7 @@ impl ExitMonitor {
                     fd,
                     EpollEvent::new(EventSet::IN, token),
                 )
-                .map_err(os("epoll_ctl"))?;
+                .map_err(os(OsOp::EpollCtl))?;
         }
         Ok(Self {
             events: Arc::new(Events {
@@ -114,24 +115,37 @@ impl ExitMonitor {
     }
 
     /// A clone of the exit EventFd, for one vCPU actor.
-    pub fn vcpu_exit_eventfd(&self) -> Result<EventFd, VmmError> {
+    ///
+    /// # Errors
+    ///
+    /// [`OsError`] with [`OsOp::CloneExitEventFd`] if the fd cannot be duplicated.
+    pub fn vcpu_exit_eventfd(&self) -> Result<EventFd, OsError> {
         self.events
             .vcpu_exit
             .try_clone()
-            .map_err(os("cloning the exit EventFd"))
+            .map_err(OsError::of(OsOp::CloneExitEventFd))
     }
 
     /// Asks whoever waits on this monitor to stop the VM.
-    pub fn request_stop(&self) -> Result<(), VmmError> {
+    ///
+    /// # Errors
+    ///
+    /// [`OsError`] with [`OsOp::WriteStopRequest`] if the EventFd cannot be written.
+    pub fn request_stop(&self) -> Result<(), OsError> {
         self.events
             .stop_request
             .write(1)
-            .map_err(os("writing the stop-request EventFd"))
+            .map_err(OsError::of(OsOp::WriteStopRequest))
     }
 
     /// Blocks until a vCPU exits or a stop is requested, or `timeout` passes (`None`: no
     /// limit). Consumes the signal it returns. A vCPU exit wins over a stop request.
-    pub fn wait(&self, timeout: Option<Duration>) -> Result<Option<ExitSignal>, VmmError> {
+    ///
+    /// # Errors
+    ///
+    /// [`OsError`] if `epoll_wait` or reading an EventFd fails (other than by a signal or
+    /// because another waiter took the event).
+    pub fn wait(&self, timeout: Option<Duration>) -> Result<Option<ExitSignal>, OsError> {
         let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         let mut events = [EpollEvent::default(); 2];
         loop {
@@ -147,8 +161,8 @@ impl ExitMonitor {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    return Err(VmmError::Os {
-                        op: "epoll_wait",
+                    return Err(OsError {
+                        op: OsOp::EpollWait,
                         source: e,
                     })
                 }
@@ -164,8 +178,8 @@ impl ExitMonitor {
             let take = |evt: &EventFd| match evt.read() {
                 Ok(_) => Ok(true),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
-                Err(e) => Err(VmmError::Os {
-                    op: "reading an exit EventFd",
+                Err(e) => Err(OsError {
+                    op: OsOp::ReadExitEventFd,
                     source: e,
                 }),
             };

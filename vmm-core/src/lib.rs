@@ -20,6 +20,13 @@
 //! Guest software other than Linux (the small test programs of the `integration` crate) is
 //! loaded outside this crate, through its own [`BootEntry`].
 //!
+//! Each operation has its own error enum ([`ConfigError`], [`VmError`], [`VcpuSetupError`],
+//! [`VcpuControlError`], [`BootError`], [`ResizeError`], ...; see [`error`]); [`VmmError`]
+//! wraps them all for code that spans several. The types of the `topology`, `vpmu`,
+//! `vcpu-actor` and `hotplug` crates that this API uses are re-exported here (e.g.
+//! [`SmpConfig`], [`VpmuFeatureLevel`], [`VcpuState`]), so an embedder needs only this crate
+//! and `kvm-ioctls`.
+//!
 //! # Example
 //!
 //! A [`BootEntry`] that starts the BSP in real mode at `0x1000`, where it writes to the
@@ -29,27 +36,32 @@
 //! use std::sync::Arc;
 //! use kvm_ioctls::VcpuFd;
 //! use vm_memory::GuestMemoryMmap;
-//! use vmm_core::{build_vm, BootEntry, VcpuConfig, VcpuManagerOptions, VmOptions, VmmError};
+//! use vmm_core::error::KvmOp;
+//! use vmm_core::{
+//!     build_vm, BootEntry, SmpConfig, VcpuConfig, VcpuManagerOptions, VcpuSetupError, VmError,
+//!     VmOptions, VpmuFeatureLevel,
+//! };
 //!
 //! /// Real mode, CS:IP = 0000:1000.
 //! struct RealMode;
 //!
 //! impl BootEntry for RealMode {
-//!     fn setup_bsp(&self, vcpu: &VcpuFd, _mem: &GuestMemoryMmap) -> Result<(), VmmError> {
-//!         let err = |source| VmmError::VcpuKvm { vcpu_id: 0, op: "KVM_SET_[S]REGS", source };
-//!         let mut sregs = vcpu.get_sregs().map_err(err)?;
+//!     fn setup_bsp(&self, vcpu: &VcpuFd, _mem: &GuestMemoryMmap) -> Result<(), VcpuSetupError> {
+//!         let err = |op| move |source| VcpuSetupError::Kvm { vcpu_id: 0, op, source };
+//!         let mut sregs = vcpu.get_sregs().map_err(err(KvmOp::GetSregs))?;
 //!         sregs.cs.base = 0;
 //!         sregs.cs.selector = 0;
-//!         vcpu.set_sregs(&sregs).map_err(err)?;
+//!         vcpu.set_sregs(&sregs).map_err(err(KvmOp::SetSregs))?;
 //!         let regs = kvm_bindings::kvm_regs { rip: 0x1000, rflags: 2, ..Default::default() };
-//!         vcpu.set_regs(&regs).map_err(err)
+//!         vcpu.set_regs(&regs).map_err(err(KvmOp::SetRegs))
 //!     }
 //! }
 //!
-//! # fn main() -> Result<(), VmmError> {
-//! let kvm = kvm_ioctls::Kvm::new().map_err(VmmError::KvmOpen)?;
-//! // 2 boot vCPUs of at most 4 (1 socket x 4 cores), no vPMU.
-//! let config = VcpuConfig::with_counts(2, 4)?;
+//! # fn main() -> Result<(), vmm_core::VmmError> {
+//! let kvm = kvm_ioctls::Kvm::new().map_err(VmError::KvmOpen)?;
+//! // 2 boot vCPUs of at most 4 (1 socket x 2 cores x 2 threads), no vPMU.
+//! let smp: SmpConfig = "2,maxcpus=4,cores=2,threads=2".parse()?;
+//! let config = VcpuConfig::from_smp(smp, VpmuFeatureLevel::Disabled);
 //! let (vm, mut vcpus) =
 //!     build_vm(kvm, VmOptions::default(), config, VcpuManagerOptions::default())?;
 //! // mov $0x600, %dx; out %al, (%dx)
@@ -67,7 +79,7 @@ pub mod boot;
 pub mod bus;
 pub mod config;
 pub mod devices;
-mod error;
+pub mod error;
 pub mod exit;
 pub mod manager;
 pub mod pmu;
@@ -82,11 +94,27 @@ use vm_memory::GuestMemoryMmap;
 
 pub use bus::{BusAccess, BusDevice, BusSpace, IoBus};
 pub use config::{InterruptMode, KvmLimits, VcpuConfig};
-pub use error::VmmError;
+pub use error::{
+    BootError, BusError, ConfigError, HotplugOp, KvmOp, ManagerOp, OsError, OsOp, PmuError,
+    ResizeError, VcpuControlError, VcpuSetupError, VmError, VmmError,
+};
 pub use exit::{ExitMonitor, ExitSignal, StopCause, VmStopReason};
 pub use manager::{build_vm, VcpuInfo, VcpuManager, VcpuManagerOptions};
 pub use resize::{AsyncResizer, ResizeHandle, ResizeOutcome, VcpuSlot};
 pub use vm::{Vm, VmOptions};
+
+// The types of other workspace crates that this crate's public API takes or returns, so that
+// an embedder needs only this crate (and kvm-ioctls for `Kvm`).
+// The crates themselves too, for what goes beyond (e.g. `hotplug::UpcallConfig` to connect
+// an upcall client, `topology::host` to read a host CPUID).
+pub use hotplug::{HotplugError, UpcallClient};
+pub use topology::{CpuTopology, CpuVendor, CpuidEntry, SmpConfig, TopologyError};
+pub use vcpu_actor::{
+    DeviceError, ExitCounts, ExitHandler, IoOutcome, SeccompMode, VcpuError, VcpuExitReason,
+    VcpuMetricsSnapshot, VcpuOptions, VcpuRequest, VcpuState, ViolationAction,
+};
+pub use vpmu::{KvmCapability, KvmPmuActions, PmuEventFilter, VpmuError, VpmuFeatureLevel};
+pub use {hotplug, topology, vcpu_actor, vpmu};
 
 /// How the BSP is set up for what was loaded into guest memory: registers, segments, paging.
 /// Implemented by the Linux boot code in [`boot`] ([`boot::LinuxBootEntry`]) and by loaders
@@ -94,15 +122,19 @@ pub use vm::{Vm, VmOptions};
 /// with [`arch::x86_64`]'s GDT, page-table and register builders.
 pub trait BootEntry: Send + Sync {
     /// Sets the BSP's registers (and anything else it needs) so that it starts at the entry.
-    fn setup_bsp(&self, vcpu: &VcpuFd, mem: &GuestMemoryMmap) -> Result<(), VmmError>;
+    ///
+    /// # Errors
+    ///
+    /// [`VcpuSetupError`] (usually [`VcpuSetupError::Kvm`]) if a KVM call on the BSP fails.
+    fn setup_bsp(&self, vcpu: &VcpuFd, mem: &GuestMemoryMmap) -> Result<(), VcpuSetupError>;
 }
 
 /// Maps a failed KVM call `op` on the vCPU with KVM id `vcpu_id` to its error.
 pub(crate) fn vcpu_kvm_error(
     vcpu_id: u32,
-    op: &'static str,
-) -> impl Fn(kvm_ioctls::Error) -> VmmError {
-    move |source| VmmError::VcpuKvm {
+    op: KvmOp,
+) -> impl Fn(kvm_ioctls::Error) -> VcpuSetupError {
+    move |source| VcpuSetupError::Kvm {
         vcpu_id,
         op,
         source,

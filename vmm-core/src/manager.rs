@@ -15,16 +15,17 @@ use serde::{Deserialize, Serialize};
 use slog::{debug, info, o, warn, Logger};
 use topology::{CpuVendor, CpuidEntry};
 use vcpu_actor::{
-    ExitHandler, ReplyOutcome, VcpuActor, VcpuExitReason, VcpuHandle, VcpuMetricsSnapshot,
-    VcpuOptions, VcpuRequest, VcpuState,
+    ExitHandler, VcpuExitReason, VcpuHandle, VcpuMetricsSnapshot, VcpuOptions, VcpuParts,
+    VcpuRequest, VcpuState,
 };
 
 use crate::arch::x86_64::{self, cpuid};
 use crate::config::{InterruptMode, KvmLimits, VcpuConfig};
+use crate::error::{KvmOp, ManagerOp, VcpuControlError, VcpuSetupError, VmmError};
 use crate::exit::{ExitMonitor, ExitSignal, StopCause, VmStopReason};
 use crate::pmu::{apply_pmu_actions, PmuActionsReport};
 use crate::vm::Vm;
-use crate::{BootEntry, VmmError};
+use crate::BootEntry;
 
 /// How a [`VcpuManager`] behaves.
 #[derive(Clone, Debug)]
@@ -89,15 +90,31 @@ pub struct VcpuManager {
 }
 
 impl VcpuManager {
-    /// Validates `config` against this host's KVM, then applies the vPMU level's KVM actions
-    /// to the VM. Call before any vCPU of `vm` exists.
+    /// Validates `config` against `limits` (this host's KVM, queried once with
+    /// [`KvmLimits::query`]), then applies the vPMU level's KVM actions to the VM. Call before
+    /// any vCPU of `vm` exists.
+    ///
+    /// # Errors
+    ///
+    /// [`VmmError::Config`] if `config` does not fit `limits`, [`VmmError::Pmu`] if a vPMU
+    /// KVM action fails, [`VmmError::Os`] if the exit monitor's EventFds cannot be made.
     pub fn new(
         vm: Arc<Vm>,
         config: VcpuConfig,
+        limits: KvmLimits,
         options: VcpuManagerOptions,
     ) -> Result<Self, VmmError> {
-        let limits = KvmLimits::query(vm.kvm())?;
         config.validate(&limits, options.interrupt_mode)?;
+        Self::with_valid_config(vm, config, limits, options)
+    }
+
+    /// [`new`](Self::new) for a `config` already validated against `limits`.
+    fn with_valid_config(
+        vm: Arc<Vm>,
+        config: VcpuConfig,
+        limits: KvmLimits,
+        options: VcpuManagerOptions,
+    ) -> Result<Self, VmmError> {
         let vendor = limits.vendor()?;
         let logger = options.logger.new(o!("component" => "vcpu_manager"));
         let actions = vpmu::kvm_actions(config.vpmu, vendor);
@@ -144,14 +161,18 @@ impl VcpuManager {
     }
 
     /// The APIC ID (= KVM vCPU id) of vCPU `index`.
-    pub fn apic_id(&self, index: u32) -> Result<u32, VmmError> {
+    ///
+    /// # Errors
+    ///
+    /// [`VcpuSetupError::IndexOutOfRange`] if `index` is not below `max_vcpu_count`.
+    pub fn apic_id(&self, index: u32) -> Result<u32, VcpuSetupError> {
         self.check_index(index)?;
         Ok(self.config.topology.apic_id(index)?)
     }
 
-    fn check_index(&self, index: u32) -> Result<(), VmmError> {
+    fn check_index(&self, index: u32) -> Result<(), VcpuSetupError> {
         if index >= self.config.max_vcpu_count {
-            return Err(VmmError::VcpuIndexOutOfRange {
+            return Err(VcpuSetupError::IndexOutOfRange {
                 index,
                 max: self.config.max_vcpu_count,
             });
@@ -159,19 +180,37 @@ impl VcpuManager {
         Ok(())
     }
 
-    fn check_running_allowed(&self, op: &'static str) -> Result<(), VmmError> {
-        if self.exit_flag.load(Ordering::Acquire) {
-            return Err(VmmError::InvalidManagerState {
-                op,
-                reason: "the VM is stopping (its exit flag is set)".into(),
-            });
+    /// `None` while the VM may run; otherwise why `op` may not be done: the reason of an
+    /// `InvalidState` error.
+    fn stopping(&self) -> Option<String> {
+        self.exit_flag
+            .load(Ordering::Acquire)
+            .then(|| "the VM is stopping (its exit flag is set)".into())
+    }
+
+    fn check_setup_allowed(&self, op: ManagerOp) -> Result<(), VcpuSetupError> {
+        match self.stopping() {
+            Some(reason) => Err(VcpuSetupError::InvalidState { op, reason }),
+            None => Ok(()),
         }
-        Ok(())
+    }
+
+    fn check_running_allowed(&self, op: ManagerOp) -> Result<(), VcpuControlError> {
+        match self.stopping() {
+            Some(reason) => Err(VcpuControlError::InvalidState { op, reason }),
+            None => Ok(()),
+        }
     }
 
     /// The CPUID set vCPU `index` gets: the topology leaves over KVM's supported CPUID, then
     /// the vPMU level's edits.
-    pub fn vcpu_cpuid(&self, index: u32) -> Result<Vec<CpuidEntry>, VmmError> {
+    ///
+    /// # Errors
+    ///
+    /// [`VcpuSetupError::IndexOutOfRange`] for an index not below `max_vcpu_count`;
+    /// [`VcpuSetupError::Topology`] or [`VcpuSetupError::VpmuCpuid`] if the CPUID cannot be
+    /// built.
+    pub fn vcpu_cpuid(&self, index: u32) -> Result<Vec<CpuidEntry>, VcpuSetupError> {
         let apic_id = self.apic_id(index)?;
         let mut entries = topology::build_vcpu_cpuid(
             &self.supported_cpuid,
@@ -180,7 +219,7 @@ impl VcpuManager {
             index,
         )?;
         vpmu::apply_cpuid(self.config.vpmu, self.vendor, &mut entries).map_err(|source| {
-            VmmError::VpmuCpuid {
+            VcpuSetupError::VpmuCpuid {
                 vcpu_id: apic_id,
                 source,
             }
@@ -191,11 +230,16 @@ impl VcpuManager {
     /// Creates (or reuses) and configures the boot vCPUs `0..boot_vcpu_count`. The BSP is set
     /// up by `entry`; the APs wait for INIT/SIPI. Nothing runs until
     /// [`start_boot_vcpus`](Self::start_boot_vcpus).
-    pub fn create_boot_vcpus(&mut self, entry: Arc<dyn BootEntry>) -> Result<(), VmmError> {
-        self.check_running_allowed("create the boot vCPUs")?;
+    ///
+    /// # Errors
+    ///
+    /// [`VcpuSetupError::InvalidState`] if the VM is stopping or vCPUs are already present;
+    /// otherwise the first error of [`create_vcpu`](Self::create_vcpu).
+    pub fn create_boot_vcpus(&mut self, entry: Arc<dyn BootEntry>) -> Result<(), VcpuSetupError> {
+        self.check_setup_allowed(ManagerOp::CreateBootVcpus)?;
         if !self.vcpus.is_empty() {
-            return Err(VmmError::InvalidManagerState {
-                op: "create the boot vCPUs",
+            return Err(VcpuSetupError::InvalidState {
+                op: ManagerOp::CreateBootVcpus,
                 reason: format!("{} vCPUs are already present", self.vcpus.len()),
             });
         }
@@ -208,12 +252,19 @@ impl VcpuManager {
 
     /// Creates vCPU `index` (reusing its kept KVM fd if it existed before), configures it and
     /// spawns its actor, paused. The building block for boot and for hot-add.
-    pub fn create_vcpu(&mut self, index: u32) -> Result<(), VmmError> {
-        self.check_running_allowed("create a vCPU")?;
+    ///
+    /// # Errors
+    ///
+    /// [`VcpuSetupError::InvalidState`] if the VM is stopping or the vCPU is present;
+    /// [`VcpuSetupError::IndexOutOfRange`]; [`VcpuSetupError::Kvm`] (and the other setup
+    /// errors) if KVM refuses to create or configure it; [`VcpuSetupError::Spawn`] if its
+    /// thread cannot start. The KVM vCPU fd is kept for reuse whatever fails.
+    pub fn create_vcpu(&mut self, index: u32) -> Result<(), VcpuSetupError> {
+        self.check_setup_allowed(ManagerOp::CreateVcpu)?;
         let apic_id = self.apic_id(index)?;
         if self.vcpus.contains_key(&index) {
-            return Err(VmmError::InvalidManagerState {
-                op: "create a vCPU",
+            return Err(VcpuSetupError::InvalidState {
+                op: ManagerOp::CreateVcpu,
                 reason: format!("vCPU index {index} (APIC ID {apic_id}) is already present"),
             });
         }
@@ -223,9 +274,9 @@ impl VcpuManager {
                 self.vm
                     .fd()
                     .create_vcpu(u64::from(apic_id))
-                    .map_err(|source| VmmError::VcpuKvm {
+                    .map_err(|source| VcpuSetupError::Kvm {
                         vcpu_id: apic_id,
-                        op: "KVM_CREATE_VCPU",
+                        op: KvmOp::CreateVcpu,
                         source,
                     })?,
                 false,
@@ -241,23 +292,22 @@ impl VcpuManager {
             Ok(evt) => evt,
             Err(e) => {
                 self.kept_fds.insert(apic_id, fd);
-                return Err(e);
+                return Err(e.into());
             }
         };
         // KVM cannot destroy a vCPU: a failed spawn hands the fd back to keep for reuse.
-        let handle = VcpuActor::spawn_keeping_fd(
-            apic_id,
-            fd,
-            self.vm.vcpu_mmap_size(),
-            Arc::clone(self.vm.io_bus()) as Arc<dyn ExitHandler>,
+        let parts = VcpuParts {
+            id: apic_id,
+            vcpu: fd,
+            vcpu_mmap_size: self.vm.vcpu_mmap_size(),
+            handler: Arc::clone(self.vm.io_bus()) as Arc<dyn ExitHandler>,
             exit_evt,
-            vcpu_options,
-        )
-        .map_err(|failure| {
+        };
+        let handle = VcpuHandle::spawn(parts, vcpu_options).map_err(|failure| {
             if let Some(fd) = failure.vcpu {
                 self.kept_fds.insert(apic_id, fd);
             }
-            VmmError::Vcpu {
+            VcpuSetupError::Spawn {
                 vcpu_id: apic_id,
                 source: failure.error,
             }
@@ -275,7 +325,7 @@ impl VcpuManager {
         index: u32,
         apic_id: u32,
         reused: bool,
-    ) -> Result<(), VmmError> {
+    ) -> Result<(), VcpuSetupError> {
         let cpuid = self.vcpu_cpuid(index)?;
         if cpuid::set_cpuid(fd, apic_id, &cpuid, reused)? == cpuid::CpuidSet::KeptFromEarlierRun {
             debug!(self.logger, "reused vCPU keeps its CPUID"; "apic_id" => apic_id);
@@ -285,8 +335,8 @@ impl VcpuManager {
             let entry = self
                 .boot_entry
                 .as_ref()
-                .ok_or_else(|| VmmError::InvalidManagerState {
-                    op: "configure the boot vCPU",
+                .ok_or_else(|| VcpuSetupError::InvalidState {
+                    op: ManagerOp::ConfigureBootVcpu,
                     reason: "no boot entry: use create_boot_vcpus".into(),
                 })?;
             entry.setup_bsp(fd, self.vm.memory())?;
@@ -297,41 +347,56 @@ impl VcpuManager {
 
     /// Starts every present vCPU together: all are sent `Resume` first, then every
     /// acknowledgement is awaited.
-    pub fn start_boot_vcpus(&self) -> Result<(), VmmError> {
-        self.check_running_allowed("start the vCPUs")?;
-        self.request_all(VcpuRequest::Resume, "resume")
+    ///
+    /// # Errors
+    ///
+    /// [`VcpuControlError::InvalidState`] if the VM is stopping;
+    /// [`VcpuControlError::VcpusDidNotAnswer`] or [`VcpuControlError::VcpuRefused`] if some
+    /// vCPU did not acknowledge in time or refused.
+    pub fn start_boot_vcpus(&self) -> Result<(), VcpuControlError> {
+        self.check_running_allowed(ManagerOp::StartBootVcpus)?;
+        self.request_all(VcpuRequest::Resume)
     }
 
     /// Starts the given present vCPUs (e.g. after hot-add).
-    pub fn start_vcpus(&self, indices: &[u32]) -> Result<(), VmmError> {
-        self.check_running_allowed("start vCPUs")?;
-        self.request_some(indices, VcpuRequest::Resume, "resume")
+    ///
+    /// # Errors
+    ///
+    /// As [`start_boot_vcpus`](Self::start_boot_vcpus), and
+    /// [`VcpuControlError::InvalidState`] for an index that is not present.
+    pub fn start_vcpus(&self, indices: &[u32]) -> Result<(), VcpuControlError> {
+        self.check_running_allowed(ManagerOp::StartVcpus)?;
+        self.request_some(indices, VcpuRequest::Resume)
     }
 
     /// Pauses every present vCPU and waits for every acknowledgement (see
     /// [`VcpuManagerOptions::ack_timeout`]).
-    pub fn pause_all(&self) -> Result<(), VmmError> {
-        self.request_all(VcpuRequest::Pause, "pause")
+    ///
+    /// # Errors
+    ///
+    /// [`VcpuControlError::VcpusDidNotAnswer`] or [`VcpuControlError::VcpuRefused`] if some
+    /// vCPU did not acknowledge in time or refused.
+    pub fn pause_all(&self) -> Result<(), VcpuControlError> {
+        self.request_all(VcpuRequest::Pause)
     }
 
     /// Resumes every present vCPU and waits for every acknowledgement.
-    pub fn resume_all(&self) -> Result<(), VmmError> {
-        self.check_running_allowed("resume the vCPUs")?;
-        self.request_all(VcpuRequest::Resume, "resume")
+    ///
+    /// # Errors
+    ///
+    /// As [`start_boot_vcpus`](Self::start_boot_vcpus).
+    pub fn resume_all(&self) -> Result<(), VcpuControlError> {
+        self.check_running_allowed(ManagerOp::ResumeAll)?;
+        self.request_all(VcpuRequest::Resume)
     }
 
-    fn request_all(&self, req: VcpuRequest, name: &'static str) -> Result<(), VmmError> {
+    fn request_all(&self, req: VcpuRequest) -> Result<(), VcpuControlError> {
         let indices: Vec<u32> = self.vcpus.keys().copied().collect();
-        self.request_some(&indices, req, name)
+        self.request_some(&indices, req)
     }
 
     /// Sends `req` to every vCPU in `indices`, then waits for every reply until one deadline.
-    fn request_some(
-        &self,
-        indices: &[u32],
-        req: VcpuRequest,
-        name: &'static str,
-    ) -> Result<(), VmmError> {
+    fn request_some(&self, indices: &[u32], req: VcpuRequest) -> Result<(), VcpuControlError> {
         let timeout = self.options.ack_timeout;
         let mut sent = Vec::with_capacity(indices.len());
         let mut no_answer = Vec::new();
@@ -340,8 +405,8 @@ impl VcpuManager {
             let handle = self
                 .vcpus
                 .get(index)
-                .ok_or_else(|| VmmError::InvalidManagerState {
-                    op: name,
+                .ok_or_else(|| VcpuControlError::InvalidState {
+                    op: ManagerOp::Send(req),
                     reason: format!("vCPU index {index} is not present"),
                 })?;
             match handle.send(req) {
@@ -349,35 +414,35 @@ impl VcpuManager {
                 Err(e) => refused.push((handle.id(), e.to_string())),
             }
         }
-        let deadline = Instant::now() + timeout;
+        // A timeout too large for an Instant (e.g. Duration::MAX) means no deadline.
+        let deadline = Instant::now().checked_add(timeout);
         for (handle, id) in sent {
-            let left = deadline.saturating_duration_since(Instant::now());
+            let left = deadline.map_or(timeout, |d| d.saturating_duration_since(Instant::now()));
             match handle.wait_reply(id, left) {
-                Ok(reply) => match reply.outcome {
-                    ReplyOutcome::NotAllowed(why) | ReplyOutcome::Error(why) => {
-                        refused.push((handle.id(), why))
+                Ok(reply) => {
+                    if let Some(refusal) = reply.refusal() {
+                        refused.push((handle.id(), refusal.to_string()));
                     }
-                    _ => {}
-                },
+                }
                 Err(vcpu_actor::VcpuError::ReplyTimeout { .. }) => no_answer.push(handle.id()),
                 Err(e) => refused.push((handle.id(), e.to_string())),
             }
         }
         for (id, why) in &refused {
-            warn!(self.logger, "vCPU refused a request"; "vcpu_id" => id, "request" => name,
+            warn!(self.logger, "vCPU refused a request"; "vcpu_id" => id, "request" => %req,
                   "reason" => why);
         }
         if !no_answer.is_empty() {
-            return Err(VmmError::VcpusDidNotAnswer {
-                request: name,
+            return Err(VcpuControlError::VcpusDidNotAnswer {
+                request: req,
                 vcpu_ids: no_answer,
                 timeout,
             });
         }
         if let Some((vcpu_id, reason)) = refused.into_iter().next() {
-            return Err(VmmError::VcpuRefused {
+            return Err(VcpuControlError::VcpuRefused {
                 vcpu_id,
-                request: name,
+                request: req,
                 reason,
             });
         }
@@ -386,21 +451,31 @@ impl VcpuManager {
 
     /// Exits every present vCPU, joins every thread and keeps the KVM vCPU fds for reuse.
     /// Afterwards no vCPU is present.
-    pub fn exit_all(&mut self) -> Result<(), VmmError> {
+    ///
+    /// # Errors
+    ///
+    /// [`VcpuControlError::Join`] for the first vCPU thread that could not be joined (the
+    /// others are still joined).
+    pub fn exit_all(&mut self) -> Result<(), VcpuControlError> {
         let indices: Vec<u32> = self.vcpus.keys().copied().collect();
         self.exit_vcpus(&indices)
     }
 
     /// Exits the given present vCPUs (e.g. after a hot-remove), joins their threads and keeps
     /// their KVM vCPU fds for reuse by [`create_vcpu`](Self::create_vcpu).
-    pub fn exit_vcpus(&mut self, indices: &[u32]) -> Result<(), VmmError> {
+    ///
+    /// # Errors
+    ///
+    /// [`VcpuControlError::InvalidState`] if an index is not present (nothing is done);
+    /// [`VcpuControlError::Join`] for the first vCPU thread that could not be joined.
+    pub fn exit_vcpus(&mut self, indices: &[u32]) -> Result<(), VcpuControlError> {
         if let Some(index) = indices.iter().find(|i| !self.vcpus.contains_key(i)) {
-            return Err(VmmError::InvalidManagerState {
-                op: "exit vCPUs",
+            return Err(VcpuControlError::InvalidState {
+                op: ManagerOp::ExitVcpus,
                 reason: format!("vCPU index {index} is not present"),
             });
         }
-        let asked = self.request_some(indices, VcpuRequest::Exit, "exit");
+        let asked = self.request_some(indices, VcpuRequest::Exit);
         let mut unjoined = Vec::new();
         let mut first_error = None;
         for index in indices {
@@ -414,7 +489,7 @@ impl VcpuManager {
                 }
                 Err(e) => {
                     unjoined.push(id);
-                    first_error.get_or_insert(VmmError::Vcpu {
+                    first_error.get_or_insert(VcpuControlError::Join {
                         vcpu_id: id,
                         source: e,
                     });
@@ -491,7 +566,14 @@ impl VcpuManager {
     /// Stops the VM for `signal` (from [`ExitMonitor::wait`]): sets the exit flag, finds the
     /// vCPUs in `waiting_exit` and their reasons, exits every vCPU and returns why. Returns
     /// `Ok(None)` for a spurious vCPU signal (no vCPU stopped; nothing is done).
-    pub fn stop_vm(&mut self, signal: ExitSignal) -> Result<Option<VmStopReason>, VmmError> {
+    ///
+    /// # Errors
+    ///
+    /// As [`exit_all`](Self::exit_all).
+    pub fn stop_vm(
+        &mut self,
+        signal: ExitSignal,
+    ) -> Result<Option<VmStopReason>, VcpuControlError> {
         let mut stopped: Vec<(u32, u32, Option<VcpuExitReason>)> = self
             .vcpus
             .iter()
@@ -532,10 +614,15 @@ impl VcpuManager {
 
     /// Waits up to `timeout` (`None`: forever) for a vCPU to stop or a stop request, then
     /// stops the VM ([`stop_vm`](Self::stop_vm)). `Ok(None)`: the time passed.
+    ///
+    /// # Errors
+    ///
+    /// [`VcpuControlError::Os`] if waiting on the exit monitor fails; otherwise as
+    /// [`stop_vm`](Self::stop_vm).
     pub fn wait_for_exit(
         &mut self,
         timeout: Option<Duration>,
-    ) -> Result<Option<VmStopReason>, VmmError> {
+    ) -> Result<Option<VmStopReason>, VcpuControlError> {
         let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         loop {
             let left = match (timeout, deadline) {
@@ -557,7 +644,11 @@ impl VcpuManager {
 
     /// Blocks until the VM stops (a vCPU in `waiting_exit` or a stop request), stops it and
     /// returns why.
-    pub fn run_until_exit(&mut self) -> Result<VmStopReason, VmmError> {
+    ///
+    /// # Errors
+    ///
+    /// As [`wait_for_exit`](Self::wait_for_exit).
+    pub fn run_until_exit(&mut self) -> Result<VmStopReason, VcpuControlError> {
         loop {
             if let Some(reason) = self.wait_for_exit(None)? {
                 return Ok(reason);
@@ -576,7 +667,14 @@ impl Drop for VcpuManager {
     }
 }
 
-/// Builds a VM and its vCPU manager, checking `config` before any KVM VM exists.
+/// Builds a VM and its vCPU manager, checking `config` before any KVM VM exists. KVM's limits
+/// and supported CPUID are queried once, here.
+///
+/// # Errors
+///
+/// [`VmmError::Vm`] if KVM cannot be queried or the VM not created, [`VmmError::Config`] if
+/// `config` does not fit this host's KVM (checked first), and the errors of
+/// [`VcpuManager::new`].
 pub fn build_vm(
     kvm: kvm_ioctls::Kvm,
     vm_options: crate::vm::VmOptions,
@@ -586,6 +684,6 @@ pub fn build_vm(
     let limits = KvmLimits::query(&kvm)?;
     config.validate(&limits, options.interrupt_mode)?;
     let vm = Arc::new(Vm::new(kvm, vm_options)?);
-    let manager = VcpuManager::new(Arc::clone(&vm), config, options)?;
+    let manager = VcpuManager::with_valid_config(Arc::clone(&vm), config, limits, options)?;
     Ok((vm, manager))
 }

@@ -10,12 +10,12 @@
 //! Whatever fails, the present vCPUs stay as they were: a failed, timed-out or reset `ADD_CPU`
 //! exits the new threads again; a failed `DEL_CPU` leaves every vCPU running. When the upcall
 //! outcome is unknown (timeout, reset, a reply that does not match), the guest may have acted
-//! on part of the request; the error says so ([`VmmError::HotplugFailed`]).
+//! on part of the request; the error says so ([`ResizeError::HotplugFailed`]).
 //!
 //! One resize at a time: the method takes `&mut self`, and the [`hotplug::UpcallClient`]
 //! answers `Busy` to a second request on the same channel. [`AsyncResizer`] runs a resize of
 //! a shared manager on a background thread; the caller waits on its [`ResizeHandle`] with a
-//! timeout, and a second start while one runs is [`VmmError::ResizeBusy`].
+//! timeout, and a second start while one runs is [`ResizeError::Busy`].
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -24,7 +24,8 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use slog::{info, warn};
 
-use crate::{VcpuManager, VmmError};
+use crate::error::{HotplugOp, ResizeError, VcpuSetupError};
+use crate::VcpuManager;
 
 /// A vCPU by index and APIC ID.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -69,12 +70,19 @@ impl VcpuManager {
 
     /// Grows or shrinks the present vCPUs to `target`, in `[1, max_vcpu_count]`, asking the
     /// guest over upcall to online or offline them (see the [module](crate::resize) docs).
-    pub fn resize_vcpus(&mut self, target: u32) -> Result<ResizeOutcome, VmmError> {
+    ///
+    /// # Errors
+    ///
+    /// [`ResizeError::OutOfRange`], [`ResizeError::NoUpcallClient`],
+    /// [`ResizeError::HotplugFailed`] if the guest did not act (rolled back), or the error of
+    /// creating, starting or exiting the vCPUs ([`ResizeError::VcpuSetup`],
+    /// [`ResizeError::VcpuControl`]).
+    pub fn resize_vcpus(&mut self, target: u32) -> Result<ResizeOutcome, ResizeError> {
         let max = self.config().max_vcpu_count;
         if target == 0 || target > max {
-            return Err(VmmError::ResizeOutOfRange { target, max });
+            return Err(ResizeError::OutOfRange { target, max });
         }
-        let client = self.upcall.clone().ok_or(VmmError::NoUpcallClient)?;
+        let client = self.upcall.clone().ok_or(ResizeError::NoUpcallClient)?;
         let started = Instant::now();
         let present: Vec<u32> = self.present_vcpus().iter().map(|v| v.index).collect();
         let from = present.len() as u32;
@@ -117,7 +125,7 @@ impl VcpuManager {
         Ok(outcome)
     }
 
-    fn slots(&self, indices: &[u32]) -> Result<Vec<VcpuSlot>, VmmError> {
+    fn slots(&self, indices: &[u32]) -> Result<Vec<VcpuSlot>, VcpuSetupError> {
         indices
             .iter()
             .map(|&index| {
@@ -131,17 +139,16 @@ impl VcpuManager {
 
     /// The APIC IDs of `slots` as upcall carries them (8 bits; the config's interrupt mode
     /// already keeps them below 255, this only refuses what upcall cannot say).
-    fn upcall_ids(slots: &[VcpuSlot]) -> Result<Vec<u8>, VmmError> {
+    fn upcall_ids(slots: &[VcpuSlot]) -> Result<Vec<u8>, ResizeError> {
         slots
             .iter()
             .map(|s| {
                 u8::try_from(s.apic_id)
                     .ok()
                     .filter(|id| *id != u8::MAX)
-                    .ok_or(VmmError::ApicIdTooLargeForInterruptMode {
+                    .ok_or(ResizeError::ApicIdTooLargeForUpcall {
                         index: s.index,
                         apic_id: s.apic_id,
-                        mode: crate::InterruptMode::XApic,
                         limit: u32::from(u8::MAX),
                     })
             })
@@ -155,12 +162,12 @@ impl VcpuManager {
         client: &hotplug::UpcallClient,
         indices: &[u32],
         outcome: &mut ResizeOutcome,
-    ) -> Result<Vec<VcpuSlot>, VmmError> {
+    ) -> Result<Vec<VcpuSlot>, ResizeError> {
         let slots = self.slots(indices)?;
         let ids = Self::upcall_ids(&slots)?;
         let t = Instant::now();
         let mut created = Vec::new();
-        let mut create = || -> Result<(), VmmError> {
+        let mut create = || -> Result<(), ResizeError> {
             for &index in indices {
                 self.create_vcpu(index)?;
                 created.push(index);
@@ -170,7 +177,7 @@ impl VcpuManager {
         let setup = create().and_then(|()| {
             outcome.vcpu_create = t.elapsed();
             // The new threads enter KVM_RUN and wait there for the guest's INIT/SIPI.
-            self.start_vcpus(indices)
+            Ok(self.start_vcpus(indices)?)
         });
         if let Err(e) = setup {
             self.roll_back(&created);
@@ -187,7 +194,7 @@ impl VcpuManager {
                 warn!(self.logger, "hot-add failed, rolling back"; "apic_ids" => ?ids,
                       "error" => %source);
                 self.roll_back(indices);
-                Err(hotplug_failed("hot-add", &slots, source))
+                Err(hotplug_failed(HotplugOp::Add, &slots, source))
             }
         }
     }
@@ -210,14 +217,14 @@ impl VcpuManager {
         client: &hotplug::UpcallClient,
         indices: &[u32],
         outcome: &mut ResizeOutcome,
-    ) -> Result<Vec<VcpuSlot>, VmmError> {
+    ) -> Result<Vec<VcpuSlot>, ResizeError> {
         let slots = self.slots(indices)?;
         let ids = Self::upcall_ids(&slots)?;
         let t = Instant::now();
         let reply = client.del_cpus(&ids);
         outcome.upcall = t.elapsed();
         if let Err(source) = reply {
-            return Err(hotplug_failed("hot-remove", &slots, source));
+            return Err(hotplug_failed(HotplugOp::Remove, &slots, source));
         }
         // The guest has parked them: only now do their threads stop.
         let t = Instant::now();
@@ -228,8 +235,8 @@ impl VcpuManager {
 }
 
 /// The error of a failed upcall request about `slots`.
-fn hotplug_failed(op: &'static str, slots: &[VcpuSlot], source: hotplug::HotplugError) -> VmmError {
-    VmmError::HotplugFailed {
+fn hotplug_failed(op: HotplugOp, slots: &[VcpuSlot], source: hotplug::HotplugError) -> ResizeError {
+    ResizeError::HotplugFailed {
         op,
         apic_ids: slots.iter().map(|s| s.apic_id).collect(),
         guest_state_unknown: source.outcome_unknown(),
@@ -238,12 +245,12 @@ fn hotplug_failed(op: &'static str, slots: &[VcpuSlot], source: hotplug::Hotplug
 }
 
 /// Runs resizes of a shared [`VcpuManager`] in the background, one at a time: a second
-/// [`start`](Self::start) while one runs is [`VmmError::ResizeBusy`].
+/// [`start`](Self::start) while one runs is [`ResizeError::Busy`].
 ///
 /// Cloning gives another handle on the same manager and the same one-at-a-time rule. Make one
 /// resizer per manager and clone it: two made with [`new`](Self::new) on the same manager do
 /// not see each other's resize (the second one's thread waits for the manager's lock instead
-/// of its start failing with [`VmmError::ResizeBusy`]).
+/// of its start failing with [`ResizeError::Busy`]).
 #[derive(Clone)]
 pub struct AsyncResizer {
     manager: Arc<Mutex<VcpuManager>>,
@@ -293,14 +300,19 @@ impl AsyncResizer {
 
     /// Starts [`VcpuManager::resize_vcpus`]`(target)` on a background thread and returns at
     /// once; wait for the outcome with [`ResizeHandle::wait_timeout`].
-    pub fn start(&self, target: u32) -> Result<ResizeHandle, VmmError> {
+    ///
+    /// # Errors
+    ///
+    /// [`ResizeError::Busy`] while another resize of this resizer runs,
+    /// [`ResizeError::Thread`] if the thread cannot be started.
+    pub fn start(&self, target: u32) -> Result<ResizeHandle, ResizeError> {
         if let Err(in_flight) = self.in_flight.compare_exchange(
             IDLE,
             u64::from(target),
             Ordering::SeqCst,
             Ordering::SeqCst,
         ) {
-            return Err(VmmError::ResizeBusy {
+            return Err(ResizeError::Busy {
                 target,
                 in_flight: u32::try_from(in_flight).unwrap_or(u32::MAX),
             });
@@ -324,7 +336,7 @@ impl AsyncResizer {
                 let _ = tx.send(outcome);
             })
             // The closure (and the guard in it) is dropped on failure: the marker is cleared.
-            .map_err(|source| VmmError::ResizeThread { source })?;
+            .map_err(|source| ResizeError::Thread { source })?;
         Ok(ResizeHandle { target, rx })
     }
 }
@@ -333,7 +345,7 @@ impl AsyncResizer {
 #[derive(Debug)]
 pub struct ResizeHandle {
     target: u32,
-    rx: crossbeam_channel::Receiver<Result<ResizeOutcome, VmmError>>,
+    rx: crossbeam_channel::Receiver<Result<ResizeOutcome, ResizeError>>,
 }
 
 impl ResizeHandle {
@@ -342,20 +354,21 @@ impl ResizeHandle {
         self.target
     }
 
-    /// Waits at most `timeout` for the outcome. [`VmmError::ResizeStillRunning`] if it has not
-    /// finished (wait again later); [`VmmError::ResizeOutcomeGone`] if an earlier wait already
-    /// took it.
-    pub fn wait_timeout(&self, timeout: Duration) -> Result<ResizeOutcome, VmmError> {
+    /// Waits at most `timeout` for the outcome.
+    ///
+    /// # Errors
+    ///
+    /// The resize's own error; [`ResizeError::StillRunning`] if it has not finished (wait
+    /// again later); [`ResizeError::OutcomeGone`] if an earlier wait already took it.
+    pub fn wait_timeout(&self, timeout: Duration) -> Result<ResizeOutcome, ResizeError> {
         match self.rx.recv_timeout(timeout) {
             Ok(outcome) => outcome,
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-                Err(VmmError::ResizeStillRunning {
-                    target: self.target,
-                    waited: timeout,
-                })
-            }
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => Err(ResizeError::StillRunning {
+                target: self.target,
+                waited: timeout,
+            }),
             Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
-                Err(VmmError::ResizeOutcomeGone {
+                Err(ResizeError::OutcomeGone {
                     target: self.target,
                 })
             }

@@ -16,7 +16,7 @@ use crate::bus::{BusSpace, IoBus};
 use crate::devices::{
     IrqLine, SerialConsole, ShutdownPort, COM1_GSI, COM1_PORT, COM1_PORT_COUNT, SHUTDOWN_PORT,
 };
-use crate::VmmError;
+use crate::error::{BootError, KvmOp, OsError, OsOp, VmError};
 
 pub use crate::arch::x86_64::layout::{MMIO_GAP_END, MMIO_GAP_START};
 
@@ -62,8 +62,12 @@ pub struct Vm {
 }
 
 /// The RAM ranges for `size` bytes: below the MMIO gap, then above 4 GiB.
-pub fn memory_ranges(size: u64) -> Result<Vec<(GuestAddress, usize)>, VmmError> {
-    let invalid = || VmmError::InvalidMemorySize {
+///
+/// # Errors
+///
+/// [`VmError::InvalidMemorySize`] if `size` is below the minimum or not a multiple of 4 KiB.
+pub fn memory_ranges(size: u64) -> Result<Vec<(GuestAddress, usize)>, VmError> {
+    let invalid = || VmError::InvalidMemorySize {
         size,
         min: MIN_MEMORY_SIZE,
     };
@@ -85,25 +89,30 @@ pub fn memory_ranges(size: u64) -> Result<Vec<(GuestAddress, usize)>, VmmError> 
 impl Vm {
     /// Creates the VM: KVM VM, TSS address, in-kernel irqchip, PIT (optional), guest memory,
     /// the COM1 console (interrupt through an irqfd on GSI 4) and the shutdown port.
-    pub fn new(kvm: Kvm, options: VmOptions) -> Result<Self, VmmError> {
+    ///
+    /// # Errors
+    ///
+    /// [`VmError::InvalidMemorySize`], [`VmError::MemoryAllocation`], or [`VmError::Kvm`]
+    /// naming the KVM call that failed.
+    pub fn new(kvm: Kvm, options: VmOptions) -> Result<Self, VmError> {
         let logger = options.logger.new(o!("component" => "vm"));
         let ranges = memory_ranges(options.memory_size)?;
-        let vm_err = |op| move |source| VmmError::Kvm { op, source };
+        let vm_err = |op| move |source| VmError::Kvm { op, source };
         let vcpu_mmap_size = kvm
             .get_vcpu_mmap_size()
-            .map_err(vm_err("KVM_GET_VCPU_MMAP_SIZE"))?;
-        let fd = kvm.create_vm().map_err(vm_err("KVM_CREATE_VM"))?;
+            .map_err(vm_err(KvmOp::GetVcpuMmapSize))?;
+        let fd = kvm.create_vm().map_err(vm_err(KvmOp::CreateVm))?;
         fd.set_tss_address(KVM_TSS_ADDRESS)
-            .map_err(vm_err("KVM_SET_TSS_ADDR"))?;
-        fd.create_irq_chip().map_err(vm_err("KVM_CREATE_IRQCHIP"))?;
+            .map_err(vm_err(KvmOp::SetTssAddr))?;
+        fd.create_irq_chip().map_err(vm_err(KvmOp::CreateIrqchip))?;
         if options.create_pit {
             let pit = kvm_pit_config {
                 flags: KVM_PIT_SPEAKER_DUMMY,
                 ..Default::default()
             };
-            fd.create_pit2(pit).map_err(vm_err("KVM_CREATE_PIT2"))?;
+            fd.create_pit2(pit).map_err(vm_err(KvmOp::CreatePit2))?;
         }
-        let memory = GuestMemoryMmap::from_ranges(&ranges).map_err(VmmError::MemoryAllocation)?;
+        let memory = GuestMemoryMmap::from_ranges(&ranges).map_err(VmError::MemoryAllocation)?;
         for (slot, region) in memory.iter().enumerate() {
             let r = kvm_userspace_memory_region {
                 slot: slot as u32,
@@ -114,17 +123,13 @@ impl Vm {
             };
             // SAFETY: the region is a live mapping of `memory_size` bytes owned by `memory`,
             // which this Vm keeps; the VM fd is declared first so it is dropped first.
-            unsafe { fd.set_user_memory_region(r) }
-                .map_err(vm_err("KVM_SET_USER_MEMORY_REGION"))?;
+            unsafe { fd.set_user_memory_region(r) }.map_err(vm_err(KvmOp::SetUserMemoryRegion))?;
         }
 
         let bus = Arc::new(IoBus::new(logger.clone()));
-        let irq = EventFd::new(EFD_NONBLOCK).map_err(|source| VmmError::Os {
-            op: "creating the serial interrupt EventFd",
-            source,
-        })?;
+        let irq = EventFd::new(EFD_NONBLOCK).map_err(OsError::of(OsOp::CreateSerialIrqEventFd))?;
         fd.register_irqfd(&irq, COM1_GSI)
-            .map_err(vm_err("KVM_IRQFD (COM1)"))?;
+            .map_err(vm_err(KvmOp::IrqfdCom1))?;
         let serial = Arc::new(SerialConsole::new(IrqLine::new(irq), options.serial_output));
         bus.register(
             BusSpace::Pio,
@@ -197,9 +202,9 @@ impl Vm {
 
 /// Writes `bytes` at guest physical address `addr`; the error names the range that is not
 /// guest RAM.
-pub fn write_guest(mem: &GuestMemoryMmap, addr: u64, bytes: &[u8]) -> Result<(), VmmError> {
+pub fn write_guest(mem: &GuestMemoryMmap, addr: u64, bytes: &[u8]) -> Result<(), BootError> {
     mem.write_slice(bytes, GuestAddress(addr))
-        .map_err(|source| VmmError::GuestMemory {
+        .map_err(|source| BootError::GuestMemory {
             addr,
             len: bytes.len(),
             source,
@@ -226,7 +231,7 @@ mod tests {
         for bad in [0, 4096, (4 << 20) + 1] {
             assert!(matches!(
                 memory_ranges(bad),
-                Err(VmmError::InvalidMemorySize { .. })
+                Err(VmError::InvalidMemorySize { .. })
             ));
         }
     }

@@ -5,28 +5,22 @@ mod common;
 
 use common::kvm_or_skip;
 use kvm_ioctls::Kvm;
-use topology::CpuTopology;
 use vmm_core::{
-    build_vm, InterruptMode, KvmLimits, VcpuConfig, VcpuManagerOptions, VmOptions, VmmError,
+    build_vm, ConfigError, CpuTopology, InterruptMode, KvmLimits, TopologyError, VcpuConfig,
+    VcpuManagerOptions, VmError, VmOptions, VmmError, VpmuFeatureLevel,
 };
-use vpmu::VpmuFeatureLevel;
 
 fn cfg(boot: u32, max: u32, (s, c, t): (u32, u32, u32)) -> VcpuConfig {
     VcpuConfig {
         boot_vcpu_count: boot,
         max_vcpu_count: max,
-        topology: CpuTopology {
-            sockets: s,
-            dies_per_socket: 1,
-            cores_per_die: c,
-            threads_per_core: t,
-        },
+        topology: CpuTopology::new(s, 1, c, t).unwrap(),
         vpmu: VpmuFeatureLevel::Disabled,
     }
 }
 
 fn build(c: VcpuConfig) -> Result<(), VmmError> {
-    let kvm = Kvm::new().map_err(VmmError::KvmOpen)?;
+    let kvm = Kvm::new().map_err(VmError::KvmOpen)?;
     build_vm(kvm, VmOptions::default(), c, VcpuManagerOptions::default()).map(|_| ())
 }
 
@@ -40,25 +34,38 @@ fn invalid_configs_are_refused_with_their_error() {
 
     assert!(matches!(
         build(cfg(0, 2, (1, 2, 1))),
-        Err(VmmError::ZeroBootVcpus)
+        Err(VmmError::Config(ConfigError::Smp {
+            source: TopologyError::ZeroCpus { key: "cpus" },
+            ..
+        }))
     ));
     assert!(matches!(
         build(cfg(3, 2, (1, 2, 1))),
-        Err(VmmError::BootExceedsMax { boot: 3, max: 2 })
+        Err(VmmError::Config(ConfigError::Smp {
+            source: TopologyError::BootExceedsMax { boot: 3, max: 2 },
+            ..
+        }))
     ));
     let over = limits.max_vcpus + 1;
     let e = build(cfg(1, over, (1, over, 1))).unwrap_err();
     assert!(
-        matches!(e, VmmError::MaxVcpusOverKvmLimit { max, kvm_limit } if max == over && kvm_limit == limits.max_vcpus),
+        matches!(
+            e,
+            VmmError::Config(ConfigError::MaxVcpusOverKvmLimit { max, kvm_limit })
+                if max == over && kvm_limit == limits.max_vcpus
+        ),
         "{e}"
     );
     assert!(matches!(
         build(cfg(1, 8, (2, 3, 1))),
-        Err(VmmError::TopologyMismatch {
-            product: 6,
-            max: 8,
+        Err(VmmError::Config(ConfigError::Smp {
+            source: TopologyError::ProductMismatch {
+                product: 6,
+                max_cpus: 8,
+                ..
+            },
             ..
-        })
+        }))
     ));
     // 2 sockets x 200 cores fit KVM here but not xAPIC: the last APIC ID is 256 + 199.
     if limits.max_vcpus >= 400 && limits.max_vcpu_id > 455 {
@@ -66,11 +73,11 @@ fn invalid_configs_are_refused_with_their_error() {
         assert!(
             matches!(
                 e,
-                VmmError::ApicIdTooLargeForInterruptMode {
+                VmmError::Config(ConfigError::ApicIdTooLargeForInterruptMode {
                     apic_id: 455,
                     mode: InterruptMode::XApic,
                     ..
-                }
+                })
             ),
             "{e}"
         );

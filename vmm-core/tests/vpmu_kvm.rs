@@ -9,12 +9,12 @@ use std::sync::Arc;
 
 use kvm_bindings::{KVM_CAP_PMU_CAPABILITY, KVM_CAP_PMU_EVENT_FILTER, KVM_PMU_CAP_DISABLE};
 use slog::o;
-use topology::CpuTopology;
 use vmm_core::pmu::{apply_pmu_actions, PmuDisableOutcome};
 use vmm_core::{
-    build_vm, KvmLimits, VcpuConfig, VcpuManager, VcpuManagerOptions, Vm, VmOptions, VmmError,
+    build_vm, ConfigError, CpuTopology, KvmCapability, KvmLimits, KvmPmuActions, PmuError,
+    PmuEventFilter, VcpuConfig, VcpuManager, VcpuManagerOptions, Vm, VmOptions, VmmError,
+    VpmuFeatureLevel,
 };
-use vpmu::{KvmPmuActions, PmuEventFilter, VpmuFeatureLevel};
 
 fn config(vpmu: VpmuFeatureLevel) -> VcpuConfig {
     VcpuConfig {
@@ -69,10 +69,10 @@ fn limited_level_is_rejected_where_the_host_has_no_pmu() {
         assert!(manager.pmu_report().filter_events.is_some());
     } else {
         match r {
-            Err(VmmError::VpmuUnsupported {
+            Err(VmmError::Config(ConfigError::VpmuUnsupported {
                 level: VpmuFeatureLevel::LimitedlyEnabled,
                 ..
-            }) => {}
+            })) => {}
             Err(e) => panic!("expected VpmuUnsupported, got {e}"),
             Ok(_) => panic!("expected VpmuUnsupported, got a VM"),
         }
@@ -102,8 +102,11 @@ fn event_filter_ioctl_follows_the_capability() {
     } else {
         assert!(matches!(
             r,
-            Err(VmmError::MissingKvmCapability {
-                number: KVM_CAP_PMU_EVENT_FILTER,
+            Err(PmuError::MissingKvmCapability {
+                capability: KvmCapability {
+                    number: KVM_CAP_PMU_EVENT_FILTER,
+                    ..
+                },
                 ..
             })
         ));
@@ -124,9 +127,10 @@ fn full_level_needs_no_kvm_action() {
             VcpuManager::new(
                 vm,
                 config(VpmuFeatureLevel::FullyEnabled),
+                limits,
                 VcpuManagerOptions::default()
             ),
-            Err(VmmError::VpmuUnsupported { .. })
+            Err(VmmError::Config(ConfigError::VpmuUnsupported { .. }))
         ));
         return;
     }

@@ -16,9 +16,9 @@ use std::sync::Once;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::loader::load_program;
 use kvm_bindings::{kvm_mp_state, kvm_run, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE};
 use kvm_ioctls::VcpuFd;
-use crate::loader::load_program;
 use vmm_core::{BootEntry, Vm, VmOptions};
 
 use super::ACK_TIMEOUT;

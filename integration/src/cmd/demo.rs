@@ -202,9 +202,7 @@ fn demo_resize(vm: &mut AgentVm, spec: &VmSpec, out: &Out) -> Result<Vec<ResizeS
 pub fn demo(spec: &VmSpec, out: &Out) -> Result<DemoReport, CliError> {
     let smp = &spec.smp;
     let topo = smp.topology;
-    let apic_ids = topo
-        .apic_ids()
-        .map_err(|e| CliError::usage(e.to_string()))?;
+    let apic_ids = topo.apic_ids();
     out.line(format!(
         "config: -smp {smp}  vpmu={}  memory={} MiB",
         spec.vpmu, spec.memory_mib

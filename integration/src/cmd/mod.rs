@@ -10,7 +10,7 @@ pub mod demo;
 use std::time::{Duration, Instant};
 
 use topology::SmpConfig;
-use vmm_core::{VcpuConfig, VcpuManagerOptions, VmmError};
+use vmm_core::{ConfigError, PmuError, VcpuConfig, VcpuManagerOptions, VmError, VmmError};
 use vpmu::VpmuFeatureLevel;
 
 use crate::guest::agent::{AgentVmOptions, ApMode};
@@ -71,26 +71,38 @@ impl From<topology::TopologyError> for CliError {
     }
 }
 
-impl From<VmmError> for CliError {
-    fn from(e: VmmError) -> Self {
-        IntegrationError::Vmm(e).into()
-    }
+/// `?` on a VMM error (the umbrella or one operation's enum) maps it to its exit code.
+macro_rules! cli_from_vmm_errors {
+    ($($err:ident),* $(,)?) => {$(
+        impl From<vmm_core::$err> for CliError {
+            fn from(e: vmm_core::$err) -> Self {
+                IntegrationError::Vmm(e.into()).into()
+            }
+        }
+    )*};
 }
+
+cli_from_vmm_errors!(
+    VmmError,
+    ConfigError,
+    VmError,
+    BusError,
+    PmuError,
+    VcpuSetupError,
+    VcpuControlError,
+    BootError,
+    ResizeError,
+    OsError,
+);
 
 fn vmm_exit_code(e: &VmmError) -> ExitCode {
     match e {
-        VmmError::KvmOpen(_) => ExitCode::NoKvm,
-        VmmError::MissingKvmCapability { .. } | VmmError::VpmuUnsupported { .. } => {
-            ExitCode::HostLacks
-        }
-        VmmError::ZeroBootVcpus
-        | VmmError::BootExceedsMax { .. }
-        | VmmError::MaxVcpusOverKvmLimit { .. }
-        | VmmError::ApicIdOverKvmLimit { .. }
-        | VmmError::TopologyMismatch { .. }
+        VmmError::Vm(VmError::KvmOpen(_)) => ExitCode::NoKvm,
+        VmmError::Pmu(PmuError::MissingKvmCapability { .. })
+        | VmmError::Config(ConfigError::VpmuUnsupported { .. }) => ExitCode::HostLacks,
+        VmmError::Config(_)
         | VmmError::Topology(_)
-        | VmmError::ApicIdTooLargeForInterruptMode { .. }
-        | VmmError::InvalidMemorySize { .. } => ExitCode::Usage,
+        | VmmError::Vm(VmError::InvalidMemorySize { .. }) => ExitCode::Usage,
         _ => ExitCode::Failure,
     }
 }

@@ -3,8 +3,8 @@
 
 use std::sync::Arc;
 
-use vm_memory::{Bytes, GuestAddress};
 use crate::loader::{load_program, LoadedProgram};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_core::{build_vm, BusSpace, VcpuConfig, VcpuManager, VcpuManagerOptions, Vm, VmOptions};
 
 use super::{counter_addr, ports, CpuidReports, GuestCode};

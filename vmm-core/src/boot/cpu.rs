@@ -11,7 +11,7 @@ use crate::arch::x86_64::gdt::{Descriptor, Gdt};
 use crate::arch::x86_64::layout::{BOOT_STACK_TOP, GDT_ADDR};
 use crate::arch::x86_64::paging::IdentityMap;
 use crate::arch::x86_64::regs::{rflags, LongModeEntry, CR0_LONG_MODE, CR4_LONG_MODE};
-use crate::VmmError;
+use crate::error::BootError;
 
 /// GDT selectors of the boot protocol.
 pub mod selector {
@@ -32,7 +32,7 @@ pub fn gdt() -> Gdt {
 }
 
 /// Writes the GDT and the identity page tables for the first 4 GiB (2 MiB pages).
-pub fn write_cpu_tables(mem: &GuestMemoryMmap) -> Result<(), VmmError> {
+pub fn write_cpu_tables(mem: &GuestMemoryMmap) -> Result<(), BootError> {
     gdt().write(mem, GDT_ADDR)?;
     IdentityMap::LINUX_BOOT.write(mem)
 }

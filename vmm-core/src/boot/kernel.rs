@@ -11,7 +11,7 @@ use linux_loader::loader::{BzImage, Elf, KernelLoader};
 use vm_memory::{ByteValued, GuestAddress, GuestMemoryMmap};
 
 use crate::arch::x86_64::layout::HIGH_MEMORY_START;
-use crate::VmmError;
+use crate::error::BootError;
 
 /// The kind of kernel image.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -115,8 +115,8 @@ impl LoadedKernel {
     }
 }
 
-fn read_err(path: &Path) -> impl FnOnce(std::io::Error) -> VmmError + '_ {
-    move |source| VmmError::KernelRead {
+fn read_err(path: &Path) -> impl FnOnce(std::io::Error) -> BootError + '_ {
+    move |source| BootError::KernelRead {
         path: path.to_path_buf(),
         source,
     }
@@ -152,7 +152,12 @@ fn u64_at(b: &[u8], off: usize) -> u64 {
 }
 
 /// Tells a bzImage from a 64-bit x86 ELF by their magic numbers; anything else is refused.
-pub fn detect_format(path: &Path, file: &mut File) -> Result<KernelFormat, VmmError> {
+///
+/// # Errors
+///
+/// [`BootError::KernelRead`] if the file cannot be read, [`BootError::KernelFormat`] if it is
+/// neither.
+pub fn detect_format(path: &Path, file: &mut File) -> Result<KernelFormat, BootError> {
     let mut head = [0u8; header::MAGIC_OFFSET + 4];
     let n = read_prefix(file, &mut head).map_err(read_err(path))?;
     let head = &head[..n];
@@ -164,7 +169,7 @@ pub fn detect_format(path: &Path, file: &mut File) -> Result<KernelFormat, VmmEr
         return if is_x86_64 {
             Ok(KernelFormat::Elf)
         } else {
-            Err(VmmError::KernelFormat {
+            Err(BootError::KernelFormat {
                 path: path.to_path_buf(),
                 detail: "an ELF file, but not 64-bit little-endian x86-64",
             })
@@ -174,14 +179,14 @@ pub fn detect_format(path: &Path, file: &mut File) -> Result<KernelFormat, VmmEr
     {
         return Ok(KernelFormat::BzImage);
     }
-    Err(VmmError::KernelFormat {
+    Err(BootError::KernelFormat {
         path: path.to_path_buf(),
         detail: "neither an ELF magic at offset 0 nor the bzImage magic \"HdrS\" at 0x202",
     })
 }
 
 /// Reads a bzImage's setup header (at 0x1f1).
-fn read_setup_header(path: &Path, file: &mut File) -> Result<setup_header, VmmError> {
+fn read_setup_header(path: &Path, file: &mut File) -> Result<setup_header, BootError> {
     let mut hdr = setup_header::default();
     file.seek(SeekFrom::Start(header::OFFSET))
         .and_then(|_| file.read_exact(hdr.as_mut_slice()))
@@ -208,10 +213,10 @@ fn bzimage_footprint(hdr: &setup_header, file_len: u64) -> u64 {
 }
 
 /// The end (exclusive) of the highest `PT_LOAD` segment of an ELF64 file, in physical memory.
-fn elf_footprint(path: &Path, file: &mut File) -> Result<u64, VmmError> {
+fn elf_footprint(path: &Path, file: &mut File) -> Result<u64, BootError> {
     let mut ehdr = [0u8; elf::HEADER_SIZE];
     let n = read_prefix(file, &mut ehdr).map_err(read_err(path))?;
-    let bad = |detail| VmmError::KernelFormat {
+    let bad = |detail| BootError::KernelFormat {
         path: path.to_path_buf(),
         detail,
     };
@@ -249,20 +254,26 @@ fn elf_footprint(path: &Path, file: &mut File) -> Result<u64, VmmError> {
 ///
 /// Checks before writing anything that the kernel fits: a bzImage needs room for its
 /// decompression (`pref_address + init_size`), an ELF for its segments.
+///
+/// # Errors
+///
+/// [`BootError::KernelRead`], [`BootError::KernelFormat`], [`BootError::KernelNot64Bit`],
+/// [`BootError::MemoryTooSmall`] if it does not fit, [`BootError::KernelLoad`] if
+/// linux-loader refuses it.
 pub fn load_kernel(
     mem: &GuestMemoryMmap,
     path: &Path,
     ram_end: u64,
-) -> Result<LoadedKernel, VmmError> {
+) -> Result<LoadedKernel, BootError> {
     let mut file = File::open(path).map_err(read_err(path))?;
     let file_len = file.metadata().map_err(read_err(path))?.len();
     let format = detect_format(path, &mut file)?;
-    let too_small = |needed| VmmError::BootMemoryTooSmall {
+    let too_small = |needed| BootError::MemoryTooSmall {
         what: "the kernel",
         needed,
         available: ram_end,
     };
-    let load_err = |source| VmmError::KernelLoad {
+    let load_err = |source| BootError::KernelLoad {
         path: path.to_path_buf(),
         format,
         source,
@@ -273,7 +284,7 @@ pub fn load_kernel(
             if hdr.version < header::VERSION_XLOADFLAGS
                 || hdr.xloadflags & header::XLF_KERNEL_64 == 0
             {
-                return Err(VmmError::KernelNot64Bit {
+                return Err(BootError::KernelNot64Bit {
                     path: path.to_path_buf(),
                     version: hdr.version,
                     xloadflags: hdr.xloadflags,
@@ -302,7 +313,7 @@ pub fn load_kernel(
             let r = Elf::load(mem, None, &mut file, Some(GuestAddress(HIGH_MEMORY_START)))
                 .map_err(load_err)?;
             if r.kernel_load.0 >= ram_end {
-                return Err(VmmError::KernelFormat {
+                return Err(BootError::KernelFormat {
                     path: path.to_path_buf(),
                     detail: "an ELF file whose entry point is not a physical address in RAM",
                 });

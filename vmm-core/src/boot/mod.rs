@@ -31,7 +31,7 @@
 //! use vmm_core::{build_vm, VcpuConfig, VcpuManagerOptions, VmOptions};
 //!
 //! # fn main() -> Result<(), vmm_core::VmmError> {
-//! let kvm = kvm_ioctls::Kvm::new().map_err(vmm_core::VmmError::KvmOpen)?;
+//! let kvm = kvm_ioctls::Kvm::new().map_err(vmm_core::VmError::KvmOpen)?;
 //! let config = VcpuConfig::with_counts(2, 4)?;
 //! let vm_options = VmOptions {
 //!     memory_size: 256 << 20,
@@ -68,8 +68,9 @@ pub use kernel::{KernelFormat, LoadedKernel};
 pub use params::InitrdPlacement;
 
 use crate::arch::x86_64::{e820, layout};
+use crate::error::{BootError, VcpuSetupError};
 use crate::vm::write_guest;
-use crate::{BootEntry, VcpuConfig, VmmError};
+use crate::{BootEntry, VcpuConfig};
 
 /// What to boot.
 #[derive(Clone, Debug)]
@@ -123,7 +124,7 @@ impl LinuxBootEntry {
 impl BootEntry for LinuxBootEntry {
     /// Long mode at CPL 0 with the boot GDT and identity paging, `RIP` = the 64-bit entry,
     /// `RSI` = the zero page, interrupts off.
-    fn setup_bsp(&self, vcpu: &VcpuFd, _mem: &GuestMemoryMmap) -> Result<(), VmmError> {
+    fn setup_bsp(&self, vcpu: &VcpuFd, _mem: &GuestMemoryMmap) -> Result<(), VcpuSetupError> {
         // The BSP is vCPU index 0, whose APIC ID is 0 in every topology.
         let regs = cpu::entry_regs(self.kernel.entry, self.zero_page);
         cpu::entry().apply(vcpu, 0, &regs)
@@ -132,14 +133,24 @@ impl BootEntry for LinuxBootEntry {
 
 /// The MP table's processors for `config`: every possible vCPU in index order with its
 /// topology APIC ID, the boot vCPUs enabled, vCPU 0 the BSP.
-pub fn mp_cpus(config: &VcpuConfig) -> Result<Vec<MpCpu>, VmmError> {
+///
+/// # Errors
+///
+/// [`BootError::MpTableCpus`] if the topology cannot place a vCPU or gives it an APIC ID an
+/// MP table cannot hold.
+pub fn mp_cpus(config: &VcpuConfig) -> Result<Vec<MpCpu>, BootError> {
     (0..config.max_vcpu_count)
         .map(|index| {
-            let apic_id = config.topology.apic_id(index)?;
+            let apic_id = config
+                .topology
+                .apic_id(index)
+                .map_err(|e| BootError::MpTableCpus {
+                    reason: format!("vCPU index {index}: {e}"),
+                })?;
             let apic_id = u8::try_from(apic_id)
                 .ok()
                 .filter(|id| *id != 0xff)
-                .ok_or_else(|| VmmError::MpTableCpus {
+                .ok_or_else(|| BootError::MpTableCpus {
                     reason: format!(
                         "vCPU index {index} has APIC ID {apic_id}, which an MP table (8-bit \
                          xAPIC IDs, 255 = broadcast) cannot hold: use a smaller topology"
@@ -161,8 +172,8 @@ fn load_initrd(
     lowest: u64,
     ram_end: u64,
     addr_max: u32,
-) -> Result<InitrdPlacement, VmmError> {
-    let read_err = |source| VmmError::InitrdRead {
+) -> Result<InitrdPlacement, BootError> {
+    let read_err = |source| BootError::InitrdRead {
         path: path.to_path_buf(),
         source,
     };
@@ -170,7 +181,7 @@ fn load_initrd(
     let size = file.metadata().map_err(read_err)?.len();
     let highest = ram_end.min(u64::from(addr_max) + 1);
     let placement = params::place_initrd(size, lowest, ram_end, addr_max).ok_or_else(|| {
-        VmmError::InitrdDoesNotFit {
+        BootError::InitrdDoesNotFit {
             path: path.to_path_buf(),
             size,
             lowest,
@@ -178,14 +189,14 @@ fn load_initrd(
         }
     })?;
     // Fits in memory, so it fits in usize.
-    let len = usize::try_from(size).map_err(|_| VmmError::InitrdDoesNotFit {
+    let len = usize::try_from(size).map_err(|_| BootError::InitrdDoesNotFit {
         path: path.to_path_buf(),
         size,
         lowest,
         highest,
     })?;
     mem.read_exact_volatile_from(GuestAddress(placement.addr), &mut file, len)
-        .map_err(|e| VmmError::InitrdRead {
+        .map_err(|e| BootError::InitrdRead {
             path: path.to_path_buf(),
             source: std::io::Error::other(e.to_string()),
         })?;
@@ -195,21 +206,23 @@ fn load_initrd(
 /// Writes the kernel, initrd, command line, zero page, MP table for `cpus`, GDT and page
 /// tables into `mem` (see the module documentation), and returns the BSP's boot entry.
 ///
-/// Errors: an unreadable kernel or initrd ([`VmmError::KernelRead`],
-/// [`VmmError::InitrdRead`]), a file that is neither bzImage nor ELF
-/// ([`VmmError::KernelFormat`]), a kernel without 64-bit entry
-/// ([`VmmError::KernelNot64Bit`]), memory too small for the kernel
-/// ([`VmmError::BootMemoryTooSmall`]), an initrd that does not fit
-/// ([`VmmError::InitrdDoesNotFit`]), a command line too long
-/// ([`VmmError::CmdlineTooLong`]), a bad CPU list ([`VmmError::MpTableCpus`]).
+/// # Errors
+///
+/// An unreadable kernel or initrd ([`BootError::KernelRead`], [`BootError::InitrdRead`]), a
+/// file that is neither bzImage nor ELF ([`BootError::KernelFormat`]), a kernel without 64-bit
+/// entry ([`BootError::KernelNot64Bit`]), memory too small for the kernel
+/// ([`BootError::MemoryTooSmall`]), an initrd that does not fit
+/// ([`BootError::InitrdDoesNotFit`]), a command line too long ([`BootError::CmdlineTooLong`])
+/// or invalid ([`BootError::CmdlineInvalid`]), a bad CPU list ([`BootError::MpTableCpus`],
+/// [`BootError::MpTableTooLarge`]).
 pub fn load_linux(
     mem: &GuestMemoryMmap,
     config: &LinuxBootConfig,
     cpus: &[MpCpu],
-) -> Result<LinuxBootEntry, VmmError> {
+) -> Result<LinuxBootEntry, BootError> {
     let logger = config.logger.new(o!("component" => "linux_boot"));
     let e820 = build_e820(mem)?;
-    let ram_end = e820::low_ram_end(&e820).ok_or(VmmError::BootMemoryTooSmall {
+    let ram_end = e820::low_ram_end(&e820).ok_or(BootError::MemoryTooSmall {
         what: "the kernel (no RAM above 1 MiB)",
         needed: layout::HIGH_MEMORY_START + 1,
         available: layout::HIGH_MEMORY_START,
@@ -229,13 +242,13 @@ pub fn load_linux(
         None => None,
     };
     linux_loader::loader::load_cmdline(mem, GuestAddress(layout::CMDLINE_ADDR), &cmdline).map_err(
-        |e| VmmError::CmdlineInvalid {
+        |e| BootError::CmdlineInvalid {
             reason: e.to_string(),
         },
     )?;
     let cmdline = cmdline
         .as_cstring()
-        .map_err(|e| VmmError::CmdlineInvalid {
+        .map_err(|e| BootError::CmdlineInvalid {
             reason: e.to_string(),
         })?
         .into_string()

@@ -6,7 +6,7 @@ use linux_loader::loader::bootparam::boot_params;
 use super::kernel::{header, LoadedKernel};
 use crate::arch::x86_64::e820::E820Entry;
 use crate::arch::x86_64::layout::{CMDLINE_ADDR, CMDLINE_AREA_SIZE};
-use crate::VmmError;
+use crate::error::BootError;
 
 /// Page size, the initrd's alignment.
 const PAGE_SIZE: u64 = 4096;
@@ -16,21 +16,26 @@ pub const CMDLINE_AREA_LIMIT: u64 = CMDLINE_AREA_SIZE - 1;
 
 /// Checks `cmdline` against the kernel's limit (`cmdline_limit`, without the NUL) and the
 /// VMM's area, and returns it as linux-loader's [`Cmdline`].
-pub fn check_cmdline(cmdline: &str, cmdline_limit: u32) -> Result<Cmdline, VmmError> {
+///
+/// # Errors
+///
+/// [`BootError::CmdlineTooLong`] over either limit, [`BootError::CmdlineInvalid`] for
+/// characters a command line cannot carry.
+pub fn check_cmdline(cmdline: &str, cmdline_limit: u32) -> Result<Cmdline, BootError> {
     let (limit, limited_by) = if u64::from(cmdline_limit) <= CMDLINE_AREA_LIMIT {
         (u64::from(cmdline_limit), "the kernel's cmdline_size")
     } else {
         (CMDLINE_AREA_LIMIT, "the VMM's command line area")
     };
     if cmdline.len() as u64 > limit {
-        return Err(VmmError::CmdlineTooLong {
+        return Err(BootError::CmdlineTooLong {
             len: cmdline.len(),
             limit: limit as usize,
             limited_by,
         });
     }
     if let Some(pos) = cmdline.find(|c: char| !(' '..='~').contains(&c)) {
-        return Err(VmmError::CmdlineInvalid {
+        return Err(BootError::CmdlineInvalid {
             reason: format!(
                 "character {:?} at byte {pos} is not printable ASCII",
                 cmdline[pos..].chars().next().unwrap_or('?')
@@ -38,7 +43,7 @@ pub fn check_cmdline(cmdline: &str, cmdline_limit: u32) -> Result<Cmdline, VmmEr
         });
     }
     // The length was checked above; limit + 1 leaves room for the NUL.
-    Cmdline::try_from(cmdline, limit as usize + 1).map_err(|e| VmmError::CmdlineInvalid {
+    Cmdline::try_from(cmdline, limit as usize + 1).map_err(|e| BootError::CmdlineInvalid {
         reason: e.to_string(),
     })
 }
@@ -113,7 +118,7 @@ mod tests {
         assert!(
             matches!(
                 e,
-                VmmError::CmdlineTooLong {
+                BootError::CmdlineTooLong {
                     len: 2048,
                     limit: 2047,
                     ..
@@ -127,7 +132,7 @@ mod tests {
         let e = check_cmdline(&huge, u32::MAX).unwrap_err();
         assert!(e.to_string().contains("command line area"), "{e}");
         let e = check_cmdline("a\0b", 2047).unwrap_err();
-        assert!(matches!(e, VmmError::CmdlineInvalid { .. }), "{e}");
+        assert!(matches!(e, BootError::CmdlineInvalid { .. }), "{e}");
     }
 
     #[test]

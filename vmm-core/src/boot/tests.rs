@@ -205,7 +205,7 @@ fn missing_kernel_names_its_path() {
         &cpus(1),
     )
     .unwrap_err();
-    assert!(matches!(e, VmmError::KernelRead { .. }), "{e}");
+    assert!(matches!(e, BootError::KernelRead { .. }), "{e}");
     assert!(e.to_string().contains("/nonexistent/vmlinuz-x"), "{e}");
 }
 
@@ -214,7 +214,7 @@ fn a_directory_is_not_a_readable_kernel() {
     let dir = tempfile::tempdir().unwrap();
     let m = mem(8 << 20);
     let e = load_linux(&m, &config(dir.path(), ""), &cpus(1)).unwrap_err();
-    assert!(matches!(e, VmmError::KernelRead { .. }), "{e}");
+    assert!(matches!(e, BootError::KernelRead { .. }), "{e}");
 }
 
 #[test]
@@ -232,7 +232,7 @@ fn neither_bzimage_nor_elf_is_refused() {
     ] {
         let path = file_with(&dir, name, &bytes);
         let e = load_linux(&m, &config(&path, ""), &cpus(1)).unwrap_err();
-        assert!(matches!(e, VmmError::KernelFormat { .. }), "{name}: {e}");
+        assert!(matches!(e, BootError::KernelFormat { .. }), "{name}: {e}");
         assert!(e.to_string().contains(name), "{e}");
     }
 }
@@ -253,7 +253,7 @@ fn bzimage_without_64_bit_entry_is_refused() {
     ] {
         let kernel = file_with(&dir, "bzImage", &fake.bytes());
         let e = load_linux(&m, &config(&kernel, ""), &cpus(1)).unwrap_err();
-        assert!(matches!(e, VmmError::KernelNot64Bit { .. }), "{e}");
+        assert!(matches!(e, BootError::KernelNot64Bit { .. }), "{e}");
     }
 }
 
@@ -268,7 +268,7 @@ fn memory_too_small_for_the_kernel() {
     let kernel = file_with(&dir, "bzImage", &fake.bytes());
     let e = load_linux(&mem(32 << 20), &config(&kernel, ""), &cpus(1)).unwrap_err();
     assert!(
-        matches!(e, VmmError::BootMemoryTooSmall { needed, available, .. }
+        matches!(e, BootError::MemoryTooSmall { needed, available, .. }
             if needed == 80 << 20 && available == 32 << 20),
         "{e}"
     );
@@ -276,7 +276,7 @@ fn memory_too_small_for_the_kernel() {
     // An ELF whose segment ends beyond RAM.
     let elf = file_with(&dir, "vmlinux", &fake_elf(0x20_0000, &[0x90], 16 << 20));
     let e = load_linux(&mem(8 << 20), &config(&elf, ""), &cpus(1)).unwrap_err();
-    assert!(matches!(e, VmmError::BootMemoryTooSmall { .. }), "{e}");
+    assert!(matches!(e, BootError::MemoryTooSmall { .. }), "{e}");
 }
 
 #[test]
@@ -289,7 +289,7 @@ fn initrd_that_does_not_fit_is_refused() {
     c.initrd = Some(initrd);
     let e = load_linux(&mem(20 << 20), &c, &cpus(1)).unwrap_err();
     assert!(
-        matches!(e, VmmError::InitrdDoesNotFit { size, lowest, highest, .. }
+        matches!(e, BootError::InitrdDoesNotFit { size, lowest, highest, .. }
             if size == 3 << 20 && lowest == 18 << 20 && highest == 20 << 20),
         "{e}"
     );
@@ -297,7 +297,7 @@ fn initrd_that_does_not_fit_is_refused() {
     // A missing initrd names its path.
     c.initrd = Some(dir.path().join("nope.img"));
     let e = load_linux(&mem(20 << 20), &c, &cpus(1)).unwrap_err();
-    assert!(matches!(e, VmmError::InitrdRead { .. }), "{e}");
+    assert!(matches!(e, BootError::InitrdRead { .. }), "{e}");
     assert!(e.to_string().contains("nope.img"), "{e}");
 }
 
@@ -315,7 +315,7 @@ fn cmdline_longer_than_the_kernel_takes_is_refused() {
     assert!(
         matches!(
             e,
-            VmmError::CmdlineTooLong {
+            BootError::CmdlineTooLong {
                 len: 19,
                 limit: 16,
                 ..
@@ -346,7 +346,7 @@ fn debian_kernel_loads_if_present() {
         return;
     };
     let e = load_linux(&mem(64 << 20), &config(&kernel, ""), &cpus(1)).unwrap_err();
-    assert!(matches!(e, VmmError::BootMemoryTooSmall { .. }), "{e}");
+    assert!(matches!(e, BootError::MemoryTooSmall { .. }), "{e}");
     let entry = load_linux(&mem(256 << 20), &config(&kernel, "console=ttyS0"), &cpus(1)).unwrap();
     assert_eq!(entry.kernel.format, KernelFormat::BzImage);
     assert_eq!(entry.entry_point(), 0x10_0200);

@@ -62,8 +62,8 @@ pub use device::{GuestAgent, OnlineReport};
 pub use upcall::{attach_upcall, AgentUpcall, AgentUpcallOptions};
 pub use vm::{AgentVm, AgentVmOptions};
 
-use serde::Serialize;
 use crate::loader::layout as loader_layout;
+use serde::Serialize;
 
 pub use super::ports;
 use super::{asm, GuestCode};

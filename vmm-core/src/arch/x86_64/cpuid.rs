@@ -9,7 +9,7 @@ use kvm_bindings::{kvm_cpuid_entry2, CpuId};
 use kvm_ioctls::VcpuFd;
 use topology::CpuidEntry;
 
-use crate::VmmError;
+use crate::error::{KvmOp, VcpuSetupError};
 
 /// One KVM entry as a [`CpuidEntry`].
 pub fn entry_from_kvm(e: &kvm_cpuid_entry2) -> CpuidEntry {
@@ -34,9 +34,13 @@ pub fn entries_from_kvm(entries: &[kvm_cpuid_entry2]) -> Vec<CpuidEntry> {
 }
 
 /// A whole [`CpuidEntry`] set as KVM's `CpuId` (for `KVM_SET_CPUID2`).
-pub fn entries_to_kvm(entries: &[CpuidEntry]) -> Result<CpuId, VmmError> {
+///
+/// # Errors
+///
+/// [`VcpuSetupError::TooManyCpuidEntries`] if the set is larger than KVM takes.
+pub fn entries_to_kvm(entries: &[CpuidEntry]) -> Result<CpuId, VcpuSetupError> {
     let kvm: Vec<kvm_cpuid_entry2> = entries.iter().map(entry_to_kvm).collect();
-    CpuId::from_entries(&kvm).map_err(|_| VmmError::TooManyCpuidEntries {
+    CpuId::from_entries(&kvm).map_err(|_| VcpuSetupError::TooManyCpuidEntries {
         count: entries.len(),
         max: kvm_bindings::KVM_MAX_CPUID_ENTRIES,
     })
@@ -60,12 +64,12 @@ pub fn set_cpuid(
     vcpu_id: u32,
     entries: &[CpuidEntry],
     reused: bool,
-) -> Result<CpuidSet, VmmError> {
+) -> Result<CpuidSet, VcpuSetupError> {
     let cpuid = entries_to_kvm(entries)?;
     match vcpu.set_cpuid2(&cpuid) {
         Ok(()) => Ok(CpuidSet::Set),
         Err(e) if reused && e.errno() == libc::EINVAL => Ok(CpuidSet::KeptFromEarlierRun),
-        Err(e) => Err(crate::vcpu_kvm_error(vcpu_id, "KVM_SET_CPUID2")(e)),
+        Err(e) => Err(crate::vcpu_kvm_error(vcpu_id, KvmOp::SetCpuid2)(e)),
     }
 }
 

@@ -11,7 +11,7 @@ use linux_loader::loader::bootparam::{boot_e820_entry, E820_MAX_ENTRIES_ZEROPAGE
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use super::layout::{EBDA_END, EBDA_START, HIGH_MEMORY_START};
-use crate::VmmError;
+use crate::error::BootError;
 
 /// The type of an e820 range (the values of the ACPI address range types).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -103,7 +103,11 @@ fn push(map: &mut Vec<E820Entry>, addr: u64, end: u64, kind: E820Type) {
 /// The e820 map of `mem`: its regions as RAM without the legacy hole
 /// `EBDA_START..HIGH_MEMORY_START`, and the EBDA as reserved. Fails if there are more than
 /// the zero page's 128 entries, or if guest memory does not reach the end of the EBDA.
-pub fn build_e820(mem: &GuestMemoryMmap) -> Result<Vec<E820Entry>, VmmError> {
+///
+/// # Errors
+///
+/// [`BootError::TooManyE820Entries`], [`BootError::MemoryTooSmall`].
+pub fn build_e820(mem: &GuestMemoryMmap) -> Result<Vec<E820Entry>, BootError> {
     let mut regions: Vec<(u64, u64)> = mem
         .iter()
         .map(|r| {
@@ -118,7 +122,7 @@ pub fn build_e820(mem: &GuestMemoryMmap) -> Result<Vec<E820Entry>, VmmError> {
         .iter()
         .any(|(start, end)| *start <= EBDA_START && *end >= EBDA_END);
     if !covers_ebda {
-        return Err(VmmError::BootMemoryTooSmall {
+        return Err(BootError::MemoryTooSmall {
             what: "the EBDA (MP table)",
             needed: EBDA_END,
             available: regions
@@ -137,7 +141,7 @@ pub fn build_e820(mem: &GuestMemoryMmap) -> Result<Vec<E820Entry>, VmmError> {
         push(&mut map, start.max(HIGH_MEMORY_START), end, E820Type::Ram);
     }
     if map.len() > E820_MAX_ENTRIES_ZEROPAGE {
-        return Err(VmmError::TooManyE820Entries {
+        return Err(BootError::TooManyE820Entries {
             count: map.len(),
             max: E820_MAX_ENTRIES_ZEROPAGE,
         });
@@ -222,7 +226,7 @@ mod tests {
         assert!(
             matches!(
                 e,
-                VmmError::BootMemoryTooSmall {
+                BootError::MemoryTooSmall {
                     needed: 0xa_0000,
                     available: 0x9_f000,
                     ..

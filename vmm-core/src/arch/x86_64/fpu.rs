@@ -4,7 +4,7 @@
 use kvm_bindings::kvm_fpu;
 use kvm_ioctls::VcpuFd;
 
-use crate::VmmError;
+use crate::error::{KvmOp, VcpuSetupError};
 
 /// The x87 control word after `fninit`: all exceptions masked, 64-bit precision.
 pub const FCW_DEFAULT: u16 = 0x37f;
@@ -21,7 +21,7 @@ pub fn boot_fpu() -> kvm_fpu {
 }
 
 /// Sets [`boot_fpu`] on `vcpu` (KVM vCPU id `vcpu_id`).
-pub fn setup_fpu(vcpu: &VcpuFd, vcpu_id: u32) -> Result<(), VmmError> {
+pub fn setup_fpu(vcpu: &VcpuFd, vcpu_id: u32) -> Result<(), VcpuSetupError> {
     vcpu.set_fpu(&boot_fpu())
-        .map_err(crate::vcpu_kvm_error(vcpu_id, "KVM_SET_FPU"))
+        .map_err(crate::vcpu_kvm_error(vcpu_id, KvmOp::SetFpu))
 }

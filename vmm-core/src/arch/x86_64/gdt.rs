@@ -9,7 +9,7 @@ use kvm_bindings::kvm_segment;
 use vm_memory::GuestMemoryMmap;
 
 use super::write_guest;
-use crate::VmmError;
+use crate::error::BootError;
 
 /// Type of an available 64-bit TSS (system descriptor), as the GDT holds it before `ltr`.
 pub const TSS64_AVAILABLE: u8 = 0x9;
@@ -174,7 +174,7 @@ impl Gdt {
     }
 
     /// Writes the table at guest address `addr`.
-    pub fn write(&self, mem: &GuestMemoryMmap, addr: u64) -> Result<(), VmmError> {
+    pub fn write(&self, mem: &GuestMemoryMmap, addr: u64) -> Result<(), BootError> {
         let bytes: Vec<u8> = self.entries.iter().flat_map(|e| e.to_le_bytes()).collect();
         write_guest(mem, addr, &bytes)
     }

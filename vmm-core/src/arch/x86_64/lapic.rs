@@ -4,7 +4,7 @@
 use kvm_bindings::kvm_lapic_state;
 use kvm_ioctls::VcpuFd;
 
-use crate::VmmError;
+use crate::error::{KvmOp, VcpuSetupError};
 
 /// LVT LINT0.
 pub const LVT_LINT0: usize = 0x350;
@@ -49,12 +49,12 @@ pub fn set_lvt_delivery_mode(state: &mut kvm_lapic_state, offset: usize, mode: D
 
 /// LINT0 as ExtINT (the PIC's output) and LINT1 as NMI on `vcpu` (KVM vCPU id `vcpu_id`), as
 /// the MP table says.
-pub fn setup_lint(vcpu: &VcpuFd, vcpu_id: u32) -> Result<(), VmmError> {
+pub fn setup_lint(vcpu: &VcpuFd, vcpu_id: u32) -> Result<(), VcpuSetupError> {
     let err = |op| crate::vcpu_kvm_error(vcpu_id, op);
-    let mut state = vcpu.get_lapic().map_err(err("KVM_GET_LAPIC"))?;
+    let mut state = vcpu.get_lapic().map_err(err(KvmOp::GetLapic))?;
     set_lvt_delivery_mode(&mut state, LVT_LINT0, DeliveryMode::ExtInt);
     set_lvt_delivery_mode(&mut state, LVT_LINT1, DeliveryMode::Nmi);
-    vcpu.set_lapic(&state).map_err(err("KVM_SET_LAPIC"))
+    vcpu.set_lapic(&state).map_err(err(KvmOp::SetLapic))
 }
 
 #[cfg(test)]

@@ -36,13 +36,13 @@ pub mod regs;
 use kvm_bindings::{kvm_mp_state, KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_UNINITIALIZED};
 use kvm_ioctls::VcpuFd;
 
+use crate::error::{KvmOp, VcpuSetupError};
 pub(crate) use crate::vm::write_guest;
-use crate::VmmError;
 
 /// The architectural setup of a new vCPU (KVM vCPU id `vcpu_id`) after its CPUID: the boot
 /// MSRs ([`msr::boot_msrs`]), LINT0/LINT1 ([`lapic::setup_lint`]) and the FPU
 /// ([`fpu::setup_fpu`]).
-pub fn setup_vcpu(vcpu: &VcpuFd, vcpu_id: u32) -> Result<(), VmmError> {
+pub fn setup_vcpu(vcpu: &VcpuFd, vcpu_id: u32) -> Result<(), VcpuSetupError> {
     msr::set_msrs(vcpu, vcpu_id, &msr::boot_msrs())?;
     lapic::setup_lint(vcpu, vcpu_id)?;
     fpu::setup_fpu(vcpu, vcpu_id)
@@ -50,12 +50,12 @@ pub fn setup_vcpu(vcpu: &VcpuFd, vcpu_id: u32) -> Result<(), VmmError> {
 
 /// Makes `vcpu` (KVM vCPU id `vcpu_id`) runnable (the BSP, whose registers are set), or
 /// leaves it waiting in `KVM_RUN` for the guest's INIT and SIPI (an AP).
-pub fn set_boot_mp_state(vcpu: &VcpuFd, vcpu_id: u32, bsp: bool) -> Result<(), VmmError> {
+pub fn set_boot_mp_state(vcpu: &VcpuFd, vcpu_id: u32, bsp: bool) -> Result<(), VcpuSetupError> {
     let mp_state = if bsp {
         KVM_MP_STATE_RUNNABLE
     } else {
         KVM_MP_STATE_UNINITIALIZED
     };
     vcpu.set_mp_state(kvm_mp_state { mp_state })
-        .map_err(crate::vcpu_kvm_error(vcpu_id, "KVM_SET_MP_STATE"))
+        .map_err(crate::vcpu_kvm_error(vcpu_id, KvmOp::SetMpState))
 }

@@ -25,7 +25,7 @@ use vm_memory::{ByteValued, GuestMemoryMmap};
 
 use super::layout::{EBDA_END, IOAPIC_ADDR, LAPIC_ADDR, MPTABLE_START};
 use super::write_guest;
-use crate::VmmError;
+use crate::error::BootError;
 
 /// One possible vCPU as the MP table lists it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -294,8 +294,8 @@ pub fn mptable_size(cpu_count: usize) -> usize {
 
 /// Checks the CPU list: non-empty, unique APIC IDs below 255 that leave room for the I/O
 /// APIC's ID, exactly one BSP, which is enabled. Returns the I/O APIC ID.
-fn check_cpus(cpus: &[MpCpu]) -> Result<u8, VmmError> {
-    let invalid = |reason: String| VmmError::MpTableCpus { reason };
+fn check_cpus(cpus: &[MpCpu]) -> Result<u8, BootError> {
+    let invalid = |reason: String| BootError::MpTableCpus { reason };
     if cpus.is_empty() {
         return Err(invalid(
             "the CPU list is empty: give at least the BSP".into(),
@@ -339,7 +339,11 @@ fn check_cpus(cpus: &[MpCpu]) -> Result<u8, VmmError> {
 }
 
 /// The configuration table's bytes (header with its checksum, then the entries) for `cpus`.
-pub fn config_table_bytes(cpus: &[MpCpu]) -> Result<Vec<u8>, VmmError> {
+///
+/// # Errors
+///
+/// [`BootError::MpTableCpus`] for a CPU list an MP table cannot describe.
+pub fn config_table_bytes(cpus: &[MpCpu]) -> Result<Vec<u8>, BootError> {
     let ioapic_id = check_cpus(cpus)?;
     let entries = cpus.len() + 1 + 1 + usize::from(ISA_IRQS) + 2;
     let mut body = Vec::with_capacity(mptable_size(cpus.len()));
@@ -400,7 +404,7 @@ pub fn config_table_bytes(cpus: &[MpCpu]) -> Result<Vec<u8>, VmmError> {
         };
         body.extend_from_slice(e.as_slice());
     }
-    let too_large = |size: usize| VmmError::MpTableTooLarge {
+    let too_large = |size: usize| BootError::MpTableTooLarge {
         size,
         room: (EBDA_END - MPTABLE_START) as usize,
     };
@@ -445,13 +449,18 @@ pub fn floating_pointer(config_table: u32) -> MpFloatingPointer {
 
 /// Writes the MP floating pointer at [`MPTABLE_START`] and the configuration table right
 /// after it, for `cpus` (one entry per possible vCPU, in vCPU index order).
-pub fn setup_mptable(mem: &GuestMemoryMmap, cpus: &[MpCpu]) -> Result<(), VmmError> {
+///
+/// # Errors
+///
+/// [`BootError::MpTableCpus`] for a bad CPU list, [`BootError::MpTableTooLarge`] if the
+/// table does not fit the EBDA, [`BootError::GuestMemory`] if the write fails.
+pub fn setup_mptable(mem: &GuestMemoryMmap, cpus: &[MpCpu]) -> Result<(), BootError> {
     let table = config_table_bytes(cpus)?;
     let table_addr = MPTABLE_START + size_of::<MpFloatingPointer>() as u64;
     let size = size_of::<MpFloatingPointer>() + table.len();
     let room = (EBDA_END - MPTABLE_START) as usize;
     if size > room {
-        return Err(VmmError::MpTableTooLarge { size, room });
+        return Err(BootError::MpTableTooLarge { size, room });
     }
     let mpf = floating_pointer(table_addr as u32);
     write_guest(mem, MPTABLE_START, mpf.as_slice())?;
@@ -656,7 +665,7 @@ mod tests {
         ];
         for (cpus, msg) in cases {
             let e = setup_mptable(&m, &cpus).unwrap_err();
-            assert!(matches!(e, VmmError::MpTableCpus { .. }), "{e}");
+            assert!(matches!(e, BootError::MpTableCpus { .. }), "{e}");
             assert!(e.to_string().contains(msg), "{e} should mention {msg:?}");
         }
     }

@@ -4,7 +4,7 @@
 use kvm_bindings::{kvm_msr_entry, Msrs};
 use kvm_ioctls::VcpuFd;
 
-use crate::VmmError;
+use crate::error::{KvmOp, VcpuSetupError};
 
 /// `IA32_TIME_STAMP_COUNTER`.
 pub const IA32_TSC: u32 = 0x10;
@@ -68,8 +68,12 @@ pub fn boot_msrs() -> Vec<kvm_msr_entry> {
 
 /// Sets `entries` on `vcpu` (KVM vCPU id `vcpu_id`); fails with the first MSR KVM did not
 /// set.
-pub fn set_msrs(vcpu: &VcpuFd, vcpu_id: u32, entries: &[kvm_msr_entry]) -> Result<(), VmmError> {
-    let msrs = Msrs::from_entries(entries).map_err(|_| VmmError::MsrRejected {
+pub fn set_msrs(
+    vcpu: &VcpuFd,
+    vcpu_id: u32,
+    entries: &[kvm_msr_entry],
+) -> Result<(), VcpuSetupError> {
+    let msrs = Msrs::from_entries(entries).map_err(|_| VcpuSetupError::MsrRejected {
         vcpu_id,
         msr: entries.first().map_or(0, |e| e.index),
         set: 0,
@@ -77,9 +81,9 @@ pub fn set_msrs(vcpu: &VcpuFd, vcpu_id: u32, entries: &[kvm_msr_entry]) -> Resul
     })?;
     let set = vcpu
         .set_msrs(&msrs)
-        .map_err(crate::vcpu_kvm_error(vcpu_id, "KVM_SET_MSRS"))?;
+        .map_err(crate::vcpu_kvm_error(vcpu_id, KvmOp::SetMsrs))?;
     if set != entries.len() {
-        return Err(VmmError::MsrRejected {
+        return Err(VcpuSetupError::MsrRejected {
             vcpu_id,
             msr: entries.get(set).map_or(0, |e| e.index),
             set,

@@ -9,7 +9,7 @@ use vm_memory::GuestMemoryMmap;
 
 use super::layout::{IDENTITY_MAPPED, MMIO_GAP_START, PDPT_ADDR, PD_ADDR, PML4_ADDR};
 use super::write_guest;
-use crate::VmmError;
+use crate::error::BootError;
 
 /// Page-table entry bits.
 pub mod pte {
@@ -113,7 +113,7 @@ impl IdentityMap {
     }
 
     /// Writes the tables into guest memory.
-    pub fn write(&self, mem: &GuestMemoryMmap) -> Result<(), VmmError> {
+    pub fn write(&self, mem: &GuestMemoryMmap) -> Result<(), BootError> {
         for (addr, value) in self.entries() {
             write_guest(mem, addr, &value.to_le_bytes())?;
         }

@@ -5,7 +5,7 @@ use kvm_bindings::{kvm_regs, kvm_sregs};
 use kvm_ioctls::VcpuFd;
 
 use super::gdt::Descriptor;
-use crate::VmmError;
+use crate::error::{KvmOp, VcpuSetupError};
 
 /// CR0 bits.
 pub mod cr0 {
@@ -107,12 +107,17 @@ impl LongModeEntry {
 
     /// Sets the special registers of `vcpu` (KVM vCPU id `vcpu_id`) to this entry, then its
     /// general registers to `regs`.
-    pub fn apply(&self, vcpu: &VcpuFd, vcpu_id: u32, regs: &kvm_regs) -> Result<(), VmmError> {
+    pub fn apply(
+        &self,
+        vcpu: &VcpuFd,
+        vcpu_id: u32,
+        regs: &kvm_regs,
+    ) -> Result<(), VcpuSetupError> {
         let err = |op| crate::vcpu_kvm_error(vcpu_id, op);
-        let sregs = vcpu.get_sregs().map_err(err("KVM_GET_SREGS"))?;
+        let sregs = vcpu.get_sregs().map_err(err(KvmOp::GetSregs))?;
         vcpu.set_sregs(&self.sregs(sregs))
-            .map_err(err("KVM_SET_SREGS"))?;
-        vcpu.set_regs(regs).map_err(err("KVM_SET_REGS"))
+            .map_err(err(KvmOp::SetSregs))?;
+        vcpu.set_regs(regs).map_err(err(KvmOp::SetRegs))
     }
 }
 

@@ -1,0 +1,107 @@
+//! The errors of this crate, one small enum per operation.
+//!
+//! Each public function returns the error of what it does: [`ConfigError`] for checking a
+//! [`VcpuConfig`](crate::VcpuConfig) against this host's KVM, [`VmError`] for creating a VM,
+//! [`BusError`] for registering a device, [`PmuError`] for the vPMU's KVM actions,
+//! [`VcpuSetupError`] for creating and configuring a vCPU, [`VcpuControlError`] for starting,
+//! pausing, resuming and exiting vCPUs, [`BootError`] for writing a guest program or a Linux
+//! kernel into guest memory, [`ResizeError`] for vCPU hotplug, and [`OsError`] for the
+//! EventFd/epoll calls of the exit monitor. A function that spans several operations (such as
+//! [`build_vm`](crate::build_vm)) returns the umbrella [`VmmError`], which every one of them
+//! converts into, so `?` works across operations.
+//!
+//! Where a failed call is worth matching on, the error names it with a typed value
+//! ([`KvmOp`], [`OsOp`], [`ManagerOp`], [`HotplugOp`]) whose `Display` is the call's usual
+//! name, e.g. `KVM_SET_CPUID2`.
+//!
+//! Every message names the offending value and, where there is one, what to change.
+
+mod boot;
+mod config;
+mod ops;
+mod resize;
+mod vcpu;
+mod vm;
+
+pub use boot::BootError;
+pub use config::ConfigError;
+pub use ops::{HotplugOp, KvmOp, ManagerOp, OsOp};
+pub use resize::ResizeError;
+pub use vcpu::{VcpuControlError, VcpuSetupError};
+pub use vm::{BusError, OsError, PmuError, VmError};
+
+/// Any error of this crate: one variant per operation, each wrapping that operation's enum.
+///
+/// Match on the inner enum for details, e.g. `VmmError::Config(ConfigError::MaxVcpusOverKvmLimit
+/// { .. })`. The message is the inner error's.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum VmmError {
+    /// The vCPU configuration does not fit this host's KVM.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Creating the VM (KVM VM, memory, irqchip, devices) failed.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// Registering a device on the I/O bus failed.
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    /// A vPMU KVM action failed.
+    #[error(transparent)]
+    Pmu(#[from] PmuError),
+    /// Creating or configuring a vCPU failed.
+    #[error(transparent)]
+    VcpuSetup(#[from] VcpuSetupError),
+    /// Starting, pausing, resuming or exiting vCPUs failed.
+    #[error(transparent)]
+    VcpuControl(#[from] VcpuControlError),
+    /// Loading a guest program or a Linux kernel failed.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// A vCPU resize (hotplug) failed.
+    #[error(transparent)]
+    Resize(#[from] ResizeError),
+    /// An EventFd or epoll call of the exit monitor failed.
+    #[error(transparent)]
+    Os(#[from] OsError),
+    /// Parsing or building an SMP configuration or topology failed (e.g. a `-smp` string
+    /// given to [`SmpConfig`](crate::SmpConfig)'s `FromStr`).
+    #[error(transparent)]
+    Topology(#[from] topology::TopologyError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ops_display_their_usual_names() {
+        assert_eq!(KvmOp::SetCpuid2.to_string(), "KVM_SET_CPUID2");
+        assert_eq!(KvmOp::IrqfdCom1.to_string(), "KVM_IRQFD (COM1)");
+        assert_eq!(OsOp::EpollWait.to_string(), "epoll_wait");
+        assert_eq!(HotplugOp::Remove.to_string(), "hot-remove");
+        assert_eq!(
+            ManagerOp::Send(vcpu_actor::VcpuRequest::Pause).to_string(),
+            "pause"
+        );
+    }
+
+    #[test]
+    fn the_umbrella_keeps_the_inner_message() {
+        let inner = VcpuControlError::InvalidState {
+            op: ManagerOp::ResumeAll,
+            reason: "the VM is stopping".into(),
+        };
+        let text = inner.to_string();
+        let outer: VmmError = inner.into();
+        assert_eq!(outer.to_string(), text);
+        assert_eq!(text, "cannot resume the vCPUs: the VM is stopping");
+        assert!(matches!(
+            outer,
+            VmmError::VcpuControl(VcpuControlError::InvalidState {
+                op: ManagerOp::ResumeAll,
+                ..
+            })
+        ));
+    }
+}
