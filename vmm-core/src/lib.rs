@@ -145,3 +145,8 @@ pub(crate) fn vcpu_kvm_error(
 pub(crate) fn device_error(msg: String) -> vcpu_actor::DeviceError {
     vcpu_actor::DeviceError(msg)
 }
+
+/// The README's embedding example, compiled (not run) as a doc test so that it stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct ReadmeDoctests;
