@@ -17,6 +17,7 @@ use crate::protocol::{CpuOp, MsgBuf};
 /// [`StrayReply`]: GuestFault::StrayReply
 /// [`NeverRead`]: GuestFault::NeverRead
 /// [`FailCpu`]: GuestFault::FailCpu
+/// [`GuestUpcallServer::inject_fault`]: super::GuestUpcallServer::inject_fault
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum GuestFault {
@@ -63,7 +64,8 @@ pub enum GuestFault {
         errno: i32,
     },
     /// Stop reading the connection (before the next request) and never answer on it again;
-    /// it stays open until [`GuestUpcallServer::release_stalled`] or the muxer stops.
+    /// it stays open until [`release_stalled`](super::GuestUpcallServer::release_stalled) or
+    /// the muxer stops.
     NeverRead,
     /// Wait `delay` before sending the greeting of the next connection.
     SlowGreeting {
