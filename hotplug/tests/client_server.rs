@@ -3,15 +3,13 @@
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
 use crossbeam_channel::{bounded, Receiver, Sender};
-use hotplug::guest::{
-    CpuAction, CpuCallback, GuestFault, GuestServerOptions, GuestUpcallServer, VsockMuxerStub,
-};
+use hotplug::guest::{CpuAction, CpuCallback, GuestFault, GuestServerOptions, VsockMuxerStub};
 use hotplug::protocol::{encode_greeting, MsgHeader, MsgType, MSG_SIZE};
 use hotplug::{
     BrokenReason, CpuOp, HotplugError, HybridVsockConnector, Operation, Phase, UpcallClient,
@@ -19,69 +17,9 @@ use hotplug::{
 };
 use tempfile::TempDir;
 
-/// A generous limit that only turns a hang into a failure.
-const HANG_LIMIT: Duration = Duration::from_secs(20);
-
-fn logger() -> slog::Logger {
-    slog::Logger::root(slog::Discard, slog::o!())
-}
-
-/// Records every action the guest is asked to take.
-fn recording_callback() -> (CpuCallback, Arc<Mutex<Vec<CpuAction>>>) {
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let sink = Arc::clone(&log);
-    let callback: CpuCallback = Box::new(move |action| {
-        sink.lock().unwrap().push(action);
-        Ok(())
-    });
-    (callback, log)
-}
-
-/// Fields drop in order: the stub before the directory holding its socket.
-struct Setup {
-    muxer: Option<VsockMuxerStub>,
-    server: GuestUpcallServer,
-    actions: Arc<Mutex<Vec<CpuAction>>>,
-    socket: PathBuf,
-    _dir: TempDir,
-}
-
-fn setup(boot: &[u8]) -> Setup {
-    let (callback, actions) = recording_callback();
-    setup_with(boot, callback, actions)
-}
-
-fn setup_with(boot: &[u8], callback: CpuCallback, actions: Arc<Mutex<Vec<CpuAction>>>) -> Setup {
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("vsock.sock");
-    let server = GuestUpcallServer::new(boot, callback, GuestServerOptions::default()).unwrap();
-    let muxer =
-        VsockMuxerStub::start(&socket, UPCALL_GUEST_PORT, server.clone(), logger()).unwrap();
-    Setup {
-        _dir: dir,
-        socket,
-        server,
-        muxer: Some(muxer),
-        actions,
-    }
-}
-
-fn fast_config() -> UpcallConfig {
-    UpcallConfig {
-        reply_timeout: Duration::from_secs(10),
-        greeting_timeout: Duration::from_secs(10),
-        connect_retry_delay: Duration::from_millis(1),
-        connect_retry_max_delay: Duration::from_millis(4),
-        connect_retry_budget: 3,
-        ..UpcallConfig::default()
-    }
-}
-
-fn client_for(socket: &Path, config: UpcallConfig) -> UpcallClient {
-    let connector = HybridVsockConnector::new(socket, UPCALL_GUEST_PORT)
-        .with_handshake_timeout(Duration::from_secs(10));
-    UpcallClient::new(Box::new(connector), config, logger())
-}
+#[macro_use]
+mod common;
+use common::*;
 
 #[test]
 fn connect_add_and_remove() {
@@ -92,7 +30,7 @@ fn connect_add_and_remove() {
     assert_eq!(client.state(), UpcallState::Ready);
     // Connecting again is a no-op.
     client.connect().unwrap();
-    assert_eq!(s.muxer.as_ref().unwrap().accepted_connections(), 1);
+    assert_eq!(s.muxer().accepted_connections(), 1);
 
     let reply = client.add_cpus(&[8, 2, 9], 0x14).unwrap();
     assert_eq!((reply.op, reply.apic_index), (CpuOp::Add, 3));
@@ -114,7 +52,7 @@ fn connect_add_and_remove() {
         ],
         "the guest acts on exactly the requested APIC IDs, in order"
     );
-    assert_eq!(s.muxer.as_ref().unwrap().accepted_connections(), 1);
+    assert_eq!(s.muxer().accepted_connections(), 1);
 
     client.disconnect().unwrap();
     assert_eq!(client.state(), UpcallState::Disconnected);
@@ -137,10 +75,7 @@ fn guest_refusals_surface_the_errno_and_keep_the_connection() {
 
     // ADD with an APIC ID already present: -22, nothing changes (not even the new ones).
     let err = client.add_cpus(&[5, 1], 0x14).unwrap_err();
-    assert!(
-        matches!(err, HotplugError::GuestError { errno: 22 }),
-        "{err:?}"
-    );
+    assert_matches!(err, HotplugError::GuestError { errno: 22 });
     assert_eq!(s.server.present_apic_ids(), vec![0, 1]);
     // The boot CPU, an unknown CPU, or all CPUs cannot be removed.
     for ids in [&[0u8][..], &[7], &[1, 0]] {
@@ -155,7 +90,7 @@ fn guest_refusals_surface_the_errno_and_keep_the_connection() {
     // A refusal is an answer: the connection stays up and usable.
     assert_eq!(client.state(), UpcallState::Ready);
     client.add_cpus(&[5], 0x14).unwrap();
-    assert_eq!(s.muxer.as_ref().unwrap().accepted_connections(), 1);
+    assert_eq!(s.muxer().accepted_connections(), 1);
 }
 
 #[test]
@@ -173,10 +108,7 @@ fn a_cpu_failing_part_way_leaves_earlier_ones_online() {
     let s = setup_with(&[0], callback, actions);
     let client = client_for(&s.socket, fast_config());
     let err = client.add_cpus(&[2, 4, 6], 0x14).unwrap_err();
-    assert!(
-        matches!(err, HotplugError::GuestError { errno: 5 }),
-        "{err:?}"
-    );
+    assert_matches!(err, HotplugError::GuestError { errno: 5 });
     assert_eq!(s.server.present_apic_ids(), vec![0, 2]);
     assert_eq!(
         *s.actions.lock().unwrap(),
@@ -189,46 +121,28 @@ fn a_cpu_failing_part_way_leaves_earlier_ones_online() {
 fn invalid_requests_are_rejected_before_anything_is_sent() {
     let s = setup(&[0]);
     let client = client_for(&s.socket, fast_config());
-    assert!(matches!(
-        client.add_cpus(&[], 0x14),
-        Err(HotplugError::NoApicIds)
-    ));
-    assert!(matches!(
+    assert_matches!(client.add_cpus(&[], 0x14), Err(HotplugError::NoApicIds));
+    assert_matches!(
         client.add_cpus(&[3, 255], 0x14),
         Err(HotplugError::InvalidApicId { apic_id: 255 })
-    ));
-    assert!(matches!(
+    );
+    assert_matches!(
         client.del_cpus(&[3, 3]),
         Err(HotplugError::DuplicateApicId { apic_id: 3 })
-    ));
+    );
     assert_eq!(client.state(), UpcallState::Disconnected);
-    assert_eq!(s.muxer.as_ref().unwrap().accepted_connections(), 0);
+    assert_eq!(s.muxer().accepted_connections(), 0);
     assert_eq!(s.server.requests_handled(), 0);
 }
 
 #[test]
 fn silent_guest_times_out_and_the_next_request_reconnects() {
     let s = setup(&[0]);
-    let config = UpcallConfig {
-        reply_timeout: Duration::from_millis(200),
-        ..fast_config()
-    };
-    let client = client_for(&s.socket, config);
+    let client = client_for(&s.socket, reply_within(200));
     client.connect().unwrap();
     s.server.inject_fault(GuestFault::Silent);
     let err = client.add_cpus(&[1], 0x14).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            HotplugError::Timeout {
-                during: Phase::Reply,
-                timeout
-            } if timeout == Duration::from_millis(200)
-        ),
-        "{err:?}"
-    );
-    assert!(err.outcome_unknown());
-    assert_eq!(client.state(), UpcallState::Broken(BrokenReason::Timeout));
+    assert_lost_answer(&client, &err, Phase::Reply, Duration::from_millis(200));
     assert_eq!(
         s.server.present_apic_ids(),
         vec![0],
@@ -237,8 +151,17 @@ fn silent_guest_times_out_and_the_next_request_reconnects() {
 
     client.add_cpus(&[1], 0x14).unwrap();
     assert_eq!(client.state(), UpcallState::Ready);
-    assert_eq!(s.muxer.as_ref().unwrap().accepted_connections(), 2);
+    assert_eq!(s.muxer().accepted_connections(), 2);
     assert_eq!(s.server.present_apic_ids(), vec![0, 1]);
+}
+
+/// Asserts that `err` is the guest closing the stream after `bytes` bytes of the reply.
+#[track_caller]
+fn assert_reset_during_reply(err: &HotplugError, bytes: usize) {
+    assert_matches!(
+        *err,
+        HotplugError::ConnectionReset { during: Phase::Reply, bytes: b } if b == bytes
+    );
 }
 
 #[test]
@@ -249,16 +172,7 @@ fn hang_up_mid_request_is_a_reset_not_a_success() {
 
     s.server.inject_fault(GuestFault::HangUp);
     let err = client.add_cpus(&[1], 0x14).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            HotplugError::ConnectionReset {
-                during: Phase::Reply,
-                bytes: 0
-            }
-        ),
-        "{err:?}"
-    );
+    assert_reset_during_reply(&err, 0);
     assert!(err.outcome_unknown());
     assert_eq!(
         client.state(),
@@ -269,16 +183,7 @@ fn hang_up_mid_request_is_a_reset_not_a_success() {
     s.server
         .inject_fault(GuestFault::TruncatedReply { bytes: 100 });
     let err = client.add_cpus(&[2], 0x14).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            HotplugError::ConnectionReset {
-                during: Phase::Reply,
-                bytes: 100
-            }
-        ),
-        "{err:?}"
-    );
+    assert_reset_during_reply(&err, 100);
     assert_eq!(s.server.present_apic_ids(), vec![0, 2]);
 }
 
@@ -295,15 +200,12 @@ fn replies_that_do_not_answer_the_request_break_the_connection() {
     s.server
         .inject_fault(GuestFault::RawReply(Box::new(wrong_type)));
     let err = client.add_cpus(&[1], 0x14).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            HotplugError::UnexpectedMsgType {
-                expected: MsgType::AddCpu,
-                found: 2
-            }
-        ),
-        "{err:?}"
+    assert_matches!(
+        err,
+        HotplugError::UnexpectedMsgType {
+            expected: MsgType::AddCpu,
+            found: 2
+        }
     );
     assert_eq!(client.state(), UpcallState::Broken(BrokenReason::Protocol));
 
@@ -311,20 +213,17 @@ fn replies_that_do_not_answer_the_request_break_the_connection() {
     s.server
         .inject_fault(GuestFault::RawReply(Box::new([0x5A; MSG_SIZE])));
     let err = client.add_cpus(&[1], 0x14).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            HotplugError::BadMagic {
-                during: Phase::Reply,
-                found: 0x5A5A_5A5A
-            }
-        ),
-        "{err:?}"
+    assert_matches!(
+        err,
+        HotplugError::BadMagic {
+            during: Phase::Reply,
+            found: 0x5A5A_5A5A
+        }
     );
     // The guest did not act on either; a clean request works after reconnecting.
     client.add_cpus(&[1], 0x14).unwrap();
     assert_eq!(s.server.present_apic_ids(), vec![0, 1]);
-    assert_eq!(s.muxer.as_ref().unwrap().accepted_connections(), 3);
+    assert_eq!(s.muxer().accepted_connections(), 3);
 }
 
 #[test]
@@ -348,17 +247,14 @@ fn a_second_request_while_one_is_in_flight_is_busy() {
     assert_eq!(entered_rx.recv_timeout(HANG_LIMIT).unwrap(), 3);
     assert_eq!(client.state(), UpcallState::Busy(CpuOp::Add));
     for second in [client.del_cpus(&[3]), client.add_cpus(&[4], 0x14)] {
-        assert!(
-            matches!(
-                second,
-                Err(HotplugError::Busy {
-                    in_flight: Operation::Cpu(CpuOp::Add)
-                })
-            ),
-            "{second:?}"
+        assert_matches!(
+            second,
+            Err(HotplugError::Busy {
+                in_flight: Operation::Cpu(CpuOp::Add)
+            })
         );
     }
-    assert!(matches!(client.connect(), Err(HotplugError::Busy { .. })));
+    assert_matches!(client.connect(), Err(HotplugError::Busy { .. }));
     release_tx.send(()).unwrap();
     let reply = first.join().unwrap().unwrap();
     assert_eq!(reply.apic_index, 1);
@@ -398,29 +294,26 @@ fn budget_is_exhausted_when_nobody_listens() {
         panic!("expected ConnectBudgetExhausted, got {err:?}");
     };
     assert_eq!(*attempts, 3);
-    assert!(matches!(**last, HotplugError::Connect { .. }), "{last:?}");
+    assert_matches!(**last, HotplugError::Connect { .. });
     assert_eq!(client.state(), UpcallState::Failed { attempts: 3 });
     // A request tries again with a fresh budget.
-    assert!(matches!(
+    assert_matches!(
         client.del_cpus(&[1]),
         Err(HotplugError::ConnectBudgetExhausted { attempts: 3, .. })
-    ));
+    );
 }
 
 #[test]
 fn retries_until_the_guest_listens() {
     let s = setup(&[0]);
-    let muxer = s.muxer.as_ref().unwrap();
+    let muxer = s.muxer();
     muxer.set_guest_listening(false);
     let client = client_for(&s.socket, fast_config());
     let err = client.connect().unwrap_err();
     let HotplugError::ConnectBudgetExhausted { attempts: 3, last } = &err else {
         panic!("expected ConnectBudgetExhausted, got {err:?}");
     };
-    assert!(
-        matches!(**last, HotplugError::HandshakeClosed { port: 219 }),
-        "{last:?}"
-    );
+    assert_matches!(**last, HotplugError::HandshakeClosed { port: 219 });
     muxer.set_guest_listening(true);
     client.connect().unwrap();
     assert_eq!(client.state(), UpcallState::Ready);
@@ -435,173 +328,127 @@ fn stub_rejects_other_ports() {
     let HotplugError::ConnectBudgetExhausted { last, .. } = &err else {
         panic!("expected ConnectBudgetExhausted, got {err:?}");
     };
-    assert!(
-        matches!(**last, HotplugError::HandshakeClosed { port: 1234 }),
-        "{last:?}"
-    );
+    assert_matches!(**last, HotplugError::HandshakeClosed { port: 1234 });
 }
 
 /// A fake muxer that answers each connection with `script` (after reading the CONNECT line)
-/// and then holds the stream until the client closes it. Returns the number of connections.
-fn scripted_muxer(socket: &Path, script: Vec<u8>) -> thread::JoinHandle<usize> {
-    let listener = UnixListener::bind(socket).unwrap();
-    thread::spawn(move || {
-        let mut count = 0;
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { break };
-            count += 1;
-            let mut line = [0u8; 12];
-            if stream.read_exact(&mut line).is_err() || &line != b"CONNECT 219\n" {
-                break; // the test's "stop" connection
-            }
-            let _ = stream.write_all(&script);
-            let mut rest = Vec::new();
-            let _ = stream.read_to_end(&mut rest);
-        }
-        count
-    })
+/// and then holds the stream until the client closes it.
+struct ScriptedMuxer {
+    socket: PathBuf,
+    handle: thread::JoinHandle<usize>,
+    _dir: TempDir,
 }
 
-fn stop_scripted(socket: &Path, handle: thread::JoinHandle<usize>) -> usize {
-    drop(UnixStream::connect(socket).unwrap());
-    handle.join().unwrap() - 1
+impl ScriptedMuxer {
+    fn start(script: Vec<u8>) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("fake.sock");
+        let listener = UnixListener::bind(&socket).unwrap();
+        let handle = thread::spawn(move || {
+            let mut count = 0;
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { break };
+                count += 1;
+                let mut line = [0u8; 12];
+                if stream.read_exact(&mut line).is_err() || &line != b"CONNECT 219\n" {
+                    break; // the test's "stop" connection
+                }
+                let _ = stream.write_all(&script);
+                let mut rest = Vec::new();
+                let _ = stream.read_to_end(&mut rest);
+            }
+            count
+        });
+        ScriptedMuxer {
+            socket,
+            handle,
+            _dir: dir,
+        }
+    }
+
+    /// A client of this muxer's socket whose `connect` fails.
+    fn failed_connect(&self, config: UpcallConfig) -> (UpcallClient, HotplugError) {
+        let client = client_for(&self.socket, config);
+        let err = client.connect().unwrap_err();
+        (client, err)
+    }
+
+    /// Stops the muxer; returns how many connections the client made.
+    fn stop(self) -> usize {
+        drop(UnixStream::connect(&self.socket).unwrap());
+        self.handle.join().unwrap() - 1
+    }
 }
 
 #[test]
 fn handshake_refusal_is_retried_and_typed() {
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("fake.sock");
-    let fake = scripted_muxer(&socket, b"NO such port\n".to_vec());
-    let client = client_for(&socket, fast_config());
-    let err = client.connect().unwrap_err();
+    let fake = ScriptedMuxer::start(b"NO such port\n".to_vec());
+    let (client, err) = fake.failed_connect(fast_config());
     let HotplugError::ConnectBudgetExhausted { attempts: 3, last } = &err else {
         panic!("expected ConnectBudgetExhausted, got {err:?}");
     };
-    assert!(
-        matches!(&**last, HotplugError::HandshakeRejected { port: 219, reply } if reply == "NO such port"),
-        "{last:?}"
+    assert_matches!(
+        &**last,
+        HotplugError::HandshakeRejected { port: 219, reply } if reply == "NO such port"
     );
     assert_eq!(client.state(), UpcallState::Failed { attempts: 3 });
-    assert_eq!(stop_scripted(&socket, fake), 3);
+    assert_eq!(fake.stop(), 3);
 }
 
 #[test]
 fn endless_handshake_line_is_bounded_and_not_retried() {
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("fake.sock");
-    let fake = scripted_muxer(&socket, vec![b'A'; 100_000]);
-    let client = client_for(&socket, fast_config());
-    let err = client.connect().unwrap_err();
-    assert!(
-        matches!(err, HotplugError::HandshakeLineTooLong { limit: 64 }),
-        "{err:?}"
-    );
+    let fake = ScriptedMuxer::start(vec![b'A'; 100_000]);
+    let (client, err) = fake.failed_connect(fast_config());
+    assert_matches!(err, HotplugError::HandshakeLineTooLong { limit: 64 });
     assert_eq!(client.state(), UpcallState::Broken(BrokenReason::Protocol));
-    assert_eq!(stop_scripted(&socket, fake), 1);
+    assert_eq!(fake.stop(), 1);
 }
 
 #[test]
 fn bad_greeting_fails_fast() {
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("fake.sock");
     let mut greeting = encode_greeting();
     greeting[8] = 1; // msg_type ADD_CPU
     let mut script = b"OK 1024\n".to_vec();
     script.extend_from_slice(&greeting);
-    let fake = scripted_muxer(&socket, script);
-    let client = client_for(&socket, fast_config());
-    let err = client.connect().unwrap_err();
-    assert!(
-        matches!(
-            err,
-            HotplugError::BadGreeting {
-                field: "msg_type",
-                value: 1
-            }
-        ),
-        "{err:?}"
+    let fake = ScriptedMuxer::start(script);
+    let (client, err) = fake.failed_connect(fast_config());
+    assert_matches!(
+        err,
+        HotplugError::BadGreeting {
+            field: "msg_type",
+            value: 1
+        }
     );
     assert_eq!(client.state(), UpcallState::Broken(BrokenReason::Protocol));
-    assert_eq!(
-        stop_scripted(&socket, fake),
-        1,
-        "protocol errors are not retried"
-    );
+    assert_eq!(fake.stop(), 1, "protocol errors are not retried");
 }
 
 #[test]
 fn missing_greeting_times_out() {
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("fake.sock");
-    let fake = scripted_muxer(&socket, b"OK 1024\n".to_vec());
-    let config = UpcallConfig {
-        greeting_timeout: Duration::from_millis(100),
-        ..fast_config()
-    };
-    let client = client_for(&socket, config);
-    let err = client.connect().unwrap_err();
-    assert!(
-        matches!(
-            err,
-            HotplugError::Timeout {
-                during: Phase::Greeting,
-                ..
-            }
-        ),
-        "{err:?}"
-    );
+    let fake = ScriptedMuxer::start(b"OK 1024\n".to_vec());
+    let (client, err) = fake.failed_connect(greeting_within(100));
+    assert_timeout(&err, Phase::Greeting);
     assert_eq!(client.state(), UpcallState::Broken(BrokenReason::Timeout));
-    stop_scripted(&socket, fake);
-}
-
-/// Speaks to the stub by hand: handshake, then `service`.
-fn raw_session(socket: &Path, service: Option<u8>) -> UnixStream {
-    let mut stream = UnixStream::connect(socket).unwrap();
-    stream.set_read_timeout(Some(HANG_LIMIT)).unwrap();
-    stream.write_all(b"CONNECT 219\n").unwrap();
-    let mut ok = Vec::new();
-    let mut byte = [0u8; 1];
-    while byte[0] != b'\n' {
-        stream.read_exact(&mut byte).unwrap();
-        ok.push(byte[0]);
-    }
-    assert!(ok.starts_with(b"OK "), "{ok:?}");
-    if let Some(service) = service {
-        stream.write_all(&[service]).unwrap();
-    }
-    stream
+    fake.stop();
 }
 
 #[test]
 fn guest_closes_on_a_foreign_service_byte() {
     let s = setup(&[0]);
-    let mut stream = raw_session(&s.socket, Some(b'x'));
-    let mut buf = [0u8; 16];
-    assert_eq!(
-        stream.read(&mut buf).unwrap(),
-        0,
-        "closed without a greeting"
-    );
+    let stream = raw_session(&s.socket, Some(b'x'));
+    assert_closed(stream, "closed without a greeting");
 }
 
 #[test]
 fn guest_closes_when_no_service_byte_comes() {
-    let (callback, _actions) = recording_callback();
+    let (callback, actions) = recording_callback();
     let options = GuestServerOptions {
         service_byte_timeout: Duration::from_millis(100),
         ..GuestServerOptions::default()
     };
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("vsock.sock");
-    let server = GuestUpcallServer::new(&[0], callback, options).unwrap();
-    let _muxer = VsockMuxerStub::start(&socket, UPCALL_GUEST_PORT, server, logger()).unwrap();
-    let mut stream = raw_session(&socket, None);
-    let mut buf = [0u8; 16];
-    assert_eq!(
-        stream.read(&mut buf).unwrap(),
-        0,
-        "closed after the service-byte timeout"
-    );
+    let s = setup_with_options(&[0], callback, actions, options);
+    let stream = raw_session(&s.socket, None);
+    assert_closed(stream, "closed after the service-byte timeout");
 }
 
 #[test]

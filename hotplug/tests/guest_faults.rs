@@ -3,72 +3,16 @@
 
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use hotplug::guest::{
-    CpuAction, CpuCallback, GuestFault, GuestServerOptions, GuestUpcallServer, VsockMuxerStub,
-    EINVAL, EIO,
-};
+use hotplug::guest::{CpuAction, GuestFault, GuestUpcallServer, EINVAL, EIO};
 use hotplug::protocol::MSG_SIZE;
-use hotplug::{
-    CpuOp, HotplugError, HybridVsockConnector, Phase, UpcallClient, UpcallConfig, UPCALL_GUEST_PORT,
-};
+use hotplug::{CpuOp, HotplugError, Phase};
 
-fn logger() -> slog::Logger {
-    slog::Logger::root(slog::Discard, slog::o!())
-}
-
-struct Setup {
-    muxer: VsockMuxerStub,
-    server: GuestUpcallServer,
-    actions: Arc<Mutex<Vec<CpuAction>>>,
-    socket: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-fn setup(boot: &[u8]) -> Setup {
-    let actions = Arc::new(Mutex::new(Vec::new()));
-    let sink = Arc::clone(&actions);
-    let callback: CpuCallback = Box::new(move |action| {
-        sink.lock().unwrap().push(action);
-        Ok(())
-    });
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("vsock.sock");
-    let server = GuestUpcallServer::new(boot, callback, GuestServerOptions::default()).unwrap();
-    let muxer =
-        VsockMuxerStub::start(&socket, UPCALL_GUEST_PORT, server.clone(), logger()).unwrap();
-    Setup {
-        muxer,
-        server,
-        actions,
-        socket,
-        _dir: dir,
-    }
-}
-
-fn config() -> UpcallConfig {
-    UpcallConfig {
-        reply_timeout: Duration::from_secs(10),
-        greeting_timeout: Duration::from_secs(10),
-        connect_retry_delay: Duration::from_millis(1),
-        connect_retry_max_delay: Duration::from_millis(4),
-        connect_retry_budget: 3,
-        ..UpcallConfig::default()
-    }
-}
-
-fn client_for(socket: &Path, config: UpcallConfig) -> UpcallClient {
-    UpcallClient::new(
-        Box::new(HybridVsockConnector::new(socket, UPCALL_GUEST_PORT)),
-        config,
-        logger(),
-    )
-}
+#[macro_use]
+mod common;
+use common::*;
 
 fn set(ids: &[u8]) -> BTreeSet<u8> {
     ids.iter().copied().collect()
@@ -89,7 +33,7 @@ fn wait_faults_used(server: &GuestUpcallServer, n: u64) {
 #[test]
 fn partial_add_onlines_the_first_k_and_says_only_the_errno() {
     let s = setup(&[0]);
-    let client = client_for(&s.socket, config());
+    let client = client_for(&s.socket, fast_config());
     // A DEL_CPU fault does not touch ADD_CPU requests.
     s.server.inject_fault(GuestFault::FailCpu {
         op: CpuOp::Del,
@@ -115,7 +59,7 @@ fn partial_add_onlines_the_first_k_and_says_only_the_errno() {
 #[test]
 fn partial_remove_offlines_the_first_k() {
     let s = setup(&[0, 1, 2, 3, 4]);
-    let client = client_for(&s.socket, config());
+    let client = client_for(&s.socket, fast_config());
     s.server.inject_fault("partial-remove:1".parse().unwrap());
     let err = client.del_cpus(&[4, 3, 2]).unwrap_err();
     assert_eq!(err.guest_errno(), Some(EIO), "{err:?}");
@@ -126,14 +70,14 @@ fn partial_remove_offlines_the_first_k() {
 #[test]
 fn a_stray_reply_is_never_taken_for_the_refusal_that_follows() {
     let s = setup(&[0]);
-    let client = client_for(&s.socket, config());
+    let client = client_for(&s.socket, fast_config());
     client.connect().unwrap();
     s.server.inject_fault("stray-reply".parse().unwrap());
     wait_faults_used(&s.server, 1);
     let err = client.add_cpus(&[1], 0x14).unwrap_err();
     assert_eq!(err.guest_errno(), Some(EINVAL), "{err:?}");
     assert_eq!(s.server.online_apic_ids(), set(&[0]));
-    assert_eq!(s.muxer.accepted_connections(), 2);
+    assert_eq!(s.muxer().accepted_connections(), 2);
     // The next request is answered normally.
     client.add_cpus(&[1], 0x14).unwrap();
     assert_eq!(s.server.online_apic_ids(), set(&[0, 1]));
@@ -141,28 +85,13 @@ fn a_stray_reply_is_never_taken_for_the_refusal_that_follows() {
 
 #[test]
 fn a_guest_that_stops_reading_costs_one_timeout() {
-    let s = setup(&[0]);
-    let client = client_for(
-        &s.socket,
-        UpcallConfig {
-            reply_timeout: Duration::from_millis(200),
-            ..config()
-        },
-    );
+    let mut s = setup(&[0]);
+    let client = client_for(&s.socket, reply_within(200));
     client.connect().unwrap();
     s.server.inject_fault(GuestFault::NeverRead);
     wait_faults_used(&s.server, 1);
     let err = client.add_cpus(&[1], 0x14).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            HotplugError::Timeout {
-                during: Phase::Reply,
-                ..
-            }
-        ),
-        "{err:?}"
-    );
+    assert_timeout(&err, Phase::Reply);
     assert_eq!(
         s.server.online_apic_ids(),
         set(&[0]),
@@ -171,19 +100,13 @@ fn a_guest_that_stops_reading_costs_one_timeout() {
     client.add_cpus(&[1], 0x14).unwrap();
     assert_eq!(s.server.online_apic_ids(), set(&[0, 1]));
     // Dropping the muxer releases the stalled connection (the test would hang otherwise).
-    drop(s.muxer);
+    drop(s.muxer.take());
 }
 
 #[test]
 fn answer_twice_and_answer_late_do_not_shift_answers() {
     let s = setup(&[0]);
-    let client = client_for(
-        &s.socket,
-        UpcallConfig {
-            reply_timeout: Duration::from_millis(150),
-            ..config()
-        },
-    );
+    let client = client_for(&s.socket, reply_within(150));
     s.server.inject_fault(GuestFault::AnswerTwice);
     client.add_cpus(&[1], 0x14).unwrap();
     thread::sleep(Duration::from_millis(20));
@@ -211,24 +134,9 @@ fn answer_twice_and_answer_late_do_not_shift_answers() {
 fn a_slow_greeting_is_a_greeting_timeout() {
     let s = setup(&[0]);
     s.server.inject_fault("slow-greeting:300".parse().unwrap());
-    let client = client_for(
-        &s.socket,
-        UpcallConfig {
-            greeting_timeout: Duration::from_millis(100),
-            ..config()
-        },
-    );
+    let client = client_for(&s.socket, greeting_within(100));
     let err = client.connect().unwrap_err();
-    assert!(
-        matches!(
-            err,
-            HotplugError::Timeout {
-                during: Phase::Greeting,
-                ..
-            }
-        ),
-        "{err:?}"
-    );
+    assert_timeout(&err, Phase::Greeting);
     client.connect().unwrap();
 }
 
@@ -258,35 +166,10 @@ fn fault_names_parse() {
     }
 }
 
-/// Speaks to the stub by hand up to the greeting.
-fn raw_session(socket: &Path) -> UnixStream {
-    let mut stream = UnixStream::connect(socket).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
-    stream.write_all(b"CONNECT 219\n").unwrap();
-    let mut byte = [0u8; 1];
-    while byte[0] != b'\n' {
-        stream.read_exact(&mut byte).unwrap();
-    }
-    stream.write_all(b"d").unwrap();
-    let mut greeting = [0u8; MSG_SIZE];
-    stream.read_exact(&mut greeting).unwrap();
-    stream
-}
-
-fn add_request(id: u8) -> [u8; MSG_SIZE] {
-    let mut request = [0u8; MSG_SIZE];
-    request[..19].copy_from_slice(&[
-        0x00, 0x01, 0x4D, 0x44, 0x02, 0x01, 0, 0, 0x01, 0, 0, 0, 0, 0, 0, 0, 0x01, 0x14, id,
-    ]);
-    request
-}
-
 #[test]
 fn each_connection_has_its_own_zeroed_reply_buffer() {
     let s = setup(&[0]);
-    let mut first = raw_session(&s.socket);
+    let mut first = greeted_session(&s.socket);
     first.write_all(&add_request(6)).unwrap();
     let mut reply = [0u8; MSG_SIZE];
     first.read_exact(&mut reply).unwrap();
@@ -297,7 +180,7 @@ fn each_connection_has_its_own_zeroed_reply_buffer() {
     assert_eq!(reply[16..24], [0xEA, 0xFF, 0xFF, 0xFF, 1, 0, 0, 0]);
     drop(first);
     // Refused on a new connection: its buffer started zeroed.
-    let mut second = raw_session(&s.socket);
+    let mut second = greeted_session(&s.socket);
     second.write_all(&add_request(6)).unwrap();
     second.read_exact(&mut reply).unwrap();
     assert_eq!(reply[16..24], [0xEA, 0xFF, 0xFF, 0xFF, 0, 0, 0, 0]);
@@ -306,7 +189,7 @@ fn each_connection_has_its_own_zeroed_reply_buffer() {
 #[test]
 fn one_apic_id_per_request_says_exactly_what_the_guest_did() {
     let s = setup(&[0]);
-    let client = client_for(&s.socket, config());
+    let client = client_for(&s.socket, fast_config());
     // 0 is present: its request is refused, and nothing after it is sent.
     let err = client.add_cpus_one_by_one(&[1, 2, 0, 5], 0x14).unwrap_err();
     assert_eq!(err.op, CpuOp::Add);
@@ -328,13 +211,7 @@ fn one_apic_id_per_request_says_exactly_what_the_guest_did() {
     assert_eq!(s.server.online_apic_ids(), set(&[0, 1, 2, 5]));
 
     // A lost answer: the failed CPU's state is not known.
-    let impatient = client_for(
-        &s.socket,
-        UpcallConfig {
-            reply_timeout: Duration::from_millis(100),
-            ..config()
-        },
-    );
+    let impatient = client_for(&s.socket, reply_within(100));
     s.server.inject_fault(GuestFault::Silent);
     let err = impatient.add_cpus_one_by_one(&[7, 8], 0x14).unwrap_err();
     assert_eq!((err.failed, &err.not_sent[..]), (Some(7), &[8u8][..]));
@@ -344,8 +221,5 @@ fn one_apic_id_per_request_says_exactly_what_the_guest_did() {
     let err = client.add_cpus_one_by_one(&[9, 9], 0x14).unwrap_err();
     assert_eq!(err.failed, None);
     assert!(err.done.is_empty());
-    assert!(matches!(
-        err.source,
-        HotplugError::DuplicateApicId { apic_id: 9 }
-    ));
+    assert_matches!(err.source, HotplugError::DuplicateApicId { apic_id: 9 });
 }

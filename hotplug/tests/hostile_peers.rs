@@ -5,7 +5,7 @@
 use std::io::{Read, Write};
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -20,29 +20,9 @@ use hotplug::{
     UpcallConnector, UpcallState, UpcallStream, UPCALL_GUEST_PORT,
 };
 
-/// A generous limit that only turns a hang into a failure.
-const HANG_LIMIT: Duration = Duration::from_secs(30);
-
-fn logger() -> slog::Logger {
-    slog::Logger::root(slog::Discard, slog::o!())
-}
-
-fn client_for(socket: &Path, config: UpcallConfig) -> UpcallClient {
-    let connector = HybridVsockConnector::new(socket, UPCALL_GUEST_PORT)
-        .with_handshake_timeout(Duration::from_secs(10));
-    UpcallClient::new(Box::new(connector), config, logger())
-}
-
-fn fast_config() -> UpcallConfig {
-    UpcallConfig {
-        reply_timeout: Duration::from_secs(10),
-        greeting_timeout: Duration::from_secs(10),
-        connect_retry_delay: Duration::from_millis(1),
-        connect_retry_max_delay: Duration::from_millis(4),
-        connect_retry_budget: 3,
-        ..UpcallConfig::default()
-    }
-}
+#[macro_use]
+mod common;
+use common::*;
 
 /// A success reply to `op` with this `apic_index`, as the guest kernel writes it.
 fn success(op: CpuOp, apic_index: u32) -> MsgBuf {
@@ -230,18 +210,7 @@ fn a_guest_that_answers_but_never_reads_cannot_block_the_client() {
         }
     });
     assert!(ok > 10, "the first requests are answered ({ok})");
-    assert!(
-        matches!(
-            err,
-            HotplugError::Timeout {
-                during: Phase::Request,
-                timeout,
-            } if timeout == Duration::from_millis(300)
-        ),
-        "{err:?}"
-    );
-    assert!(err.outcome_unknown());
-    assert_eq!(client.state(), UpcallState::Broken(BrokenReason::Timeout));
+    assert_lost_answer(&client, &err, Phase::Request, Duration::from_millis(300));
     // Not left busy: the next request reconnects and works.
     let worker = Arc::clone(&client);
     within_limit("the request after the write timeout", move || {
@@ -285,12 +254,15 @@ fn an_answer_sent_twice_does_not_shift_later_answers() {
     assert_eq!(client.state(), UpcallState::Ready);
 }
 
-/// A success reply that arrives before any request was sent is never an answer.
-#[test]
-fn an_unsolicited_reply_before_the_request_is_never_an_answer() {
+/// A guest that sends an ADD_CPU success right after the greeting on the connections
+/// `on_connections` (empty: all) and refuses every request; the client connects, waits for
+/// the stray bytes to arrive and sends one request, whose error is returned.
+fn unsolicited_success_then_refusals(
+    on_connections: Vec<usize>,
+) -> (HostilePeer, UpcallClient, HotplugError) {
     let prelude = Prelude {
         after_greeting: success(CpuOp::Add, 1).to_vec(),
-        on_connections: vec![1],
+        on_connections,
         ..Prelude::default()
     };
     let peer = HostilePeer::start_with(prelude, |mut stream, _| {
@@ -300,6 +272,13 @@ fn an_unsolicited_reply_before_the_request_is_never_an_answer() {
     client.connect().unwrap();
     thread::sleep(Duration::from_millis(50));
     let err = client.add_cpus(&[1], 0x14).unwrap_err();
+    (peer, client, err)
+}
+
+/// A success reply that arrives before any request was sent is never an answer.
+#[test]
+fn an_unsolicited_reply_before_the_request_is_never_an_answer() {
+    let (peer, _client, err) = unsolicited_success_then_refusals(vec![1]);
     assert_eq!(err.guest_errno(), Some(22), "{err:?}");
     assert_eq!(peer.connections(), 2);
 }
@@ -308,21 +287,8 @@ fn an_unsolicited_reply_before_the_request_is_never_an_answer() {
 /// protocol error (at most one reconnect per request), and nothing it sent is an answer.
 #[test]
 fn unsolicited_bytes_on_every_connection_are_a_protocol_error() {
-    let prelude = Prelude {
-        after_greeting: success(CpuOp::Add, 1).to_vec(),
-        ..Prelude::default()
-    };
-    let peer = HostilePeer::start_with(prelude, |mut stream, _| {
-        answer_each_with(&mut stream, &refusal(CpuOp::Add, 22));
-    });
-    let client = client_for(&peer.socket, fast_config());
-    client.connect().unwrap();
-    thread::sleep(Duration::from_millis(50));
-    let err = client.add_cpus(&[1], 0x14).unwrap_err();
-    assert!(
-        matches!(err, HotplugError::UnsolicitedData { bytes } if bytes > 0),
-        "{err:?}"
-    );
+    let (peer, client, err) = unsolicited_success_then_refusals(Vec::new());
+    assert_matches!(err, HotplugError::UnsolicitedData { bytes } if bytes > 0);
     assert!(!err.outcome_unknown(), "nothing was sent");
     assert_eq!(client.state(), UpcallState::Broken(BrokenReason::Protocol));
     assert_eq!(peer.connections(), 2);
@@ -342,22 +308,9 @@ fn an_answer_after_the_timeout_is_not_taken_by_the_next_request() {
         }
         answer_each_with(&mut stream, &refusal(CpuOp::Add, 22));
     });
-    let config = UpcallConfig {
-        reply_timeout: Duration::from_millis(150),
-        ..fast_config()
-    };
-    let client = client_for(&peer.socket, config);
+    let client = client_for(&peer.socket, reply_within(150));
     let err = client.add_cpus(&[1], 0x14).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            HotplugError::Timeout {
-                during: Phase::Reply,
-                ..
-            }
-        ),
-        "{err:?}"
-    );
+    assert_timeout(&err, Phase::Reply);
     thread::sleep(Duration::from_millis(400));
     let err = client.add_cpus(&[1], 0x14).unwrap_err();
     assert_eq!(err.guest_errno(), Some(22), "{err:?}");
@@ -374,22 +327,9 @@ fn a_slow_greeting_is_bounded() {
     let peer = HostilePeer::start_with(prelude, |mut stream, _| {
         answer_each_with(&mut stream, &success(CpuOp::Add, 1));
     });
-    let impatient = UpcallConfig {
-        greeting_timeout: Duration::from_millis(100),
-        ..fast_config()
-    };
-    let client = client_for(&peer.socket, impatient);
+    let client = client_for(&peer.socket, greeting_within(100));
     let err = client.connect().unwrap_err();
-    assert!(
-        matches!(
-            err,
-            HotplugError::Timeout {
-                during: Phase::Greeting,
-                ..
-            }
-        ),
-        "{err:?}"
-    );
+    assert_timeout(&err, Phase::Greeting);
     assert_eq!(client.state(), UpcallState::Broken(BrokenReason::Timeout));
     let patient = client_for(&peer.socket, fast_config());
     patient.add_cpus(&[1], 0x14).unwrap();
