@@ -41,7 +41,7 @@
 //! use vmm_core::VcpuConfig;
 //!
 //! # fn main() -> Result<(), integration::IntegrationError> {
-//! let kvm = kvm_ioctls::Kvm::new().map_err(vmm_core::VmmError::KvmOpen)?;
+//! let kvm = kvm_ioctls::Kvm::new().map_err(vmm_core::VmError::KvmOpen)?;
 //! let mut vm = AgentVm::create(kvm, VcpuConfig::with_counts(2, 4)?, AgentVmOptions::default())?;
 //! vm.start(Duration::from_secs(30))?;
 //! // Grow by hand (the hotplug path does the same through upcall):
