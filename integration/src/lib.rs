@@ -48,29 +48,25 @@ pub enum IntegrationError {
     Guest(String),
 }
 
-/// `?` on the error of one VMM operation (each has its own enum) gives an
-/// [`IntegrationError::Vmm`], as on the umbrella [`vmm_core::VmmError`].
-macro_rules! from_vmm_errors {
-    ($($err:ident),* $(,)?) => {$(
-        impl From<vmm_core::$err> for IntegrationError {
+/// `from_each_vmm_error!(T)`: `?` on the error of one VMM operation (each has its own enum)
+/// converts it to `T` as the umbrella [`vmm_core::VmmError`] converts, through `T`'s
+/// `From<VmmError>`. The one list of those enums in this crate.
+macro_rules! from_each_vmm_error {
+    ($target:ty) => {
+        $crate::from_each_vmm_error!(@impl $target: ConfigError, VmError, BusError, PmuError,
+            VcpuSetupError, VcpuControlError, BootError, ResizeError, OsError);
+    };
+    (@impl $target:ty: $($err:ident),*) => {$(
+        impl From<vmm_core::$err> for $target {
             fn from(e: vmm_core::$err) -> Self {
-                Self::Vmm(e.into())
+                Self::from(vmm_core::VmmError::from(e))
             }
         }
     )*};
 }
+pub(crate) use from_each_vmm_error;
 
-from_vmm_errors!(
-    ConfigError,
-    VmError,
-    BusError,
-    PmuError,
-    VcpuSetupError,
-    VcpuControlError,
-    BootError,
-    ResizeError,
-    OsError,
-);
+from_each_vmm_error!(IntegrationError);
 
 impl IntegrationError {
     /// The error of a failed KVM call `op`, for `map_err`.
@@ -87,23 +83,13 @@ pub fn open_kvm() -> Result<kvm_ioctls::Kvm, IntegrationError> {
 /// Whether this run must not skip what needs the host (`VCPU_REQUIRE_KVM=1`): a missing
 /// `/dev/kvm` (or, with [`lstopo::lstopo_required`], hwloc) is then a failure.
 pub fn kvm_required() -> bool {
-    std::env::var("VCPU_REQUIRE_KVM").is_ok_and(|v| v == "1")
+    std::env::var(vcpu_actor::test_util::REQUIRE_KVM_ENV).is_ok_and(|v| v == "1")
 }
 
-/// Opens `/dev/kvm` for a test that needs it. Without KVM: `None` after a loud
+/// Opens `/dev/kvm` for a test that needs it (the workspace's one implementation, from
+/// `vcpu-actor`'s `test-util`). Without KVM: `None` after a loud
 /// `SKIPPED (no /dev/kvm): <test>` on stderr, or a panic when `VCPU_REQUIRE_KVM=1`.
-pub fn kvm_or_skip(test: &str) -> Option<kvm_ioctls::Kvm> {
-    match kvm_ioctls::Kvm::new() {
-        Ok(kvm) => Some(kvm),
-        Err(e) => {
-            if kvm_required() {
-                panic!("{test}: VCPU_REQUIRE_KVM=1 but /dev/kvm cannot be opened: {e}");
-            }
-            eprintln!("SKIPPED (no /dev/kvm): {test}: {e}");
-            None
-        }
-    }
-}
+pub use vcpu_actor::test_util::kvm_or_skip;
 
 /// Checks `cond` every `step` until it holds (`true`) or `timeout` has passed (`false`). The
 /// sleeps only turn a hang into a failure; nothing here waits for a fixed time.

@@ -2,22 +2,22 @@
 //! firmware or a kernel, on top of `vmm-core`'s x86 builders ([`vmm_core::arch::x86_64`]).
 //!
 //! [`load_program`] writes into guest memory:
-//! - a GDT ([`layout::GDT_ADDR`], selectors in [`gdt`]) with 64-bit code and data segments at
+//! - a GDT ([`memory_map::GDT_ADDR`], selectors in [`gdt`]) with 64-bit code and data segments at
 //!   DPL 0 and DPL 3 and one 64-bit TSS descriptor per APIC ID ([`system_gdt`]);
-//! - a TSS ([`layout::TSS_ADDR`]) whose I/O permission bitmap allows every port;
-//! - identity-mapped page tables for the first 4 GiB ([`layout::PML4_ADDR`], [`page_tables`])
+//! - a TSS ([`memory_map::TSS_ADDR`]) whose I/O permission bitmap allows every port;
+//! - identity-mapped page tables for the first 4 GiB ([`memory_map::PML4_ADDR`], [`page_tables`])
 //!   with 2 MiB pages, the U bit at every level (so CPL-3 code can reach everything,
 //!   including the local APIC page at `0xFEE0_0000`), and PCD|PWT on the MMIO gap above
 //!   3 GiB;
 //! - the program's code and data at the addresses it asks for;
-//! - if the program has an AP entry, a real-mode trampoline at [`layout::SIPI_PAGE`]
-//!   (SIPI vector [`layout::SIPI_VECTOR`]) that takes a woken AP through protected mode to
+//! - if the program has an AP entry, a real-mode trampoline at [`memory_map::SIPI_PAGE`]
+//!   (SIPI vector [`memory_map::SIPI_VECTOR`]) that takes a woken AP through protected mode to
 //!   64-bit mode, loads its TSS, gives it its own stack, and enters the AP entry at the
 //!   program's privilege level.
 //!
 //! The returned [`LoadedProgram`] is a [`BootEntry`]: it puts the BSP in 64-bit mode at the
 //! BSP entry, at CPL 0 or CPL 3. Every entry has `RDI` = the vCPU's APIC ID (0 for the BSP),
-//! `RSP` = the top of the vCPU's own stack ([`layout::stack_top`]), `RFLAGS.IOPL = 3`,
+//! `RSP` = the top of the vCPU's own stack ([`memory_map::stack_top`]), `RFLAGS.IOPL = 3`,
 //! interrupts off, and `IA32_SYSENTER_CS` = [`gdt::KERNEL_CODE64`]: CPL-0 code drops to CPL 3
 //! with `sysexit` (REX.W; `RDX` = user RIP, `RCX` = user RSP). There is no IDT: any exception
 //! triple-faults.
@@ -53,15 +53,16 @@ use vmm_core::vm::{write_guest, MMIO_GAP_START};
 use vmm_core::{BootEntry, BootError, VcpuSetupError};
 
 /// Guest physical addresses used by the loader, inside `vmm-core`'s memory map
-/// ([`vmm_core::arch::x86_64::layout`]). Everything below [`layout::PROGRAM_AREA_START`]
+/// ([`vmm_core::arch::x86_64::layout`]). Everything below [`memory_map::PROGRAM_AREA_START`]
 /// belongs to the loader.
-pub mod layout {
+pub mod memory_map {
     /// The GDT ([`super::gdt`]: fixed segments, then one TSS descriptor per APIC ID).
     pub const GDT_ADDR: u64 = 0x1000;
-    /// The SIPI page where the AP trampoline runs (real mode, CS = 0x0800).
-    pub const SIPI_PAGE: u64 = 0x8000;
-    /// The SIPI vector that starts APs at [`SIPI_PAGE`] (`SIPI_PAGE >> 12`).
-    pub const SIPI_VECTOR: u8 = (SIPI_PAGE >> 12) as u8;
+    /// The SIPI vector that starts APs at [`SIPI_PAGE`].
+    pub const SIPI_VECTOR: u8 = 0x08;
+    /// The SIPI page where the AP trampoline runs (real mode, CS = 0x0800):
+    /// `SIPI_VECTOR << 12`.
+    pub const SIPI_PAGE: u64 = (SIPI_VECTOR as u64) << 12;
     /// The trampoline's parameters (see [`super::TrampolineParams`]).
     pub const AP_PARAMS_ADDR: u64 = 0x9000;
     /// The 64-bit TSS all vCPUs share, followed by its I/O permission bitmap (all ports
@@ -82,7 +83,7 @@ pub mod layout {
     /// Size of one program stack.
     pub const STACK_SIZE: u64 = 0x1000;
     /// The APIC IDs that have a stack and a TSS descriptor: 0..256 (xAPIC).
-    pub const APIC_ID_SLOTS: u64 = 256;
+    pub const APIC_ID_SLOTS: u32 = 256;
     /// Programs and their data go at or above this address.
     pub const PROGRAM_AREA_START: u64 = 0x20_0000;
     /// The default load address of a program's code.
@@ -93,7 +94,7 @@ pub mod layout {
     /// The top of the program stack of the vCPU with APIC ID `apic_id` (IDs are taken modulo
     /// 256; xAPIC IDs are below 255).
     pub const fn stack_top(apic_id: u32) -> u64 {
-        STACKS_ADDR + ((apic_id as u64 % APIC_ID_SLOTS) + 1) * STACK_SIZE
+        STACKS_ADDR + ((apic_id % APIC_ID_SLOTS) as u64 + 1) * STACK_SIZE
     }
 }
 
@@ -114,13 +115,21 @@ pub mod gdt {
     /// busy, so vCPUs cannot share one).
     pub const TSS_BASE: u16 = 0x40;
     /// Number of 8-byte slots: 8 fixed, then two per APIC ID.
-    pub const ENTRIES: usize = 8 + 2 * super::layout::APIC_ID_SLOTS as usize;
+    pub const ENTRIES: usize = 8 + 2 * super::memory_map::APIC_ID_SLOTS as usize;
     /// The GDT limit.
-    pub const LIMIT: u16 = (ENTRIES * 8 - 1) as u16;
+    pub const LIMIT: u16 = {
+        assert!(ENTRIES * 8 - 1 <= u16::MAX as usize);
+        #[allow(clippy::cast_possible_truncation)] // checked by the assert above
+        let limit = (ENTRIES * 8 - 1) as u16;
+        limit
+    };
 
     /// The TSS selector of the vCPU with APIC ID `apic_id` (taken modulo 256).
     pub const fn tss_selector(apic_id: u32) -> u16 {
-        TSS_BASE + 16 * (apic_id % super::layout::APIC_ID_SLOTS as u32) as u16
+        // The slot is below APIC_ID_SLOTS = 256.
+        #[allow(clippy::cast_possible_truncation)]
+        let slot = (apic_id % super::memory_map::APIC_ID_SLOTS) as u16;
+        TSS_BASE + 16 * slot
     }
 }
 
@@ -140,7 +149,7 @@ pub struct GuestProgram<'a> {
     pub name: &'a str,
     /// The code (position-independent or linked for `load_addr`).
     pub code: &'a [u8],
-    /// Where the code goes (>= [`layout::PROGRAM_AREA_START`]).
+    /// Where the code goes (>= [`memory_map::PROGRAM_AREA_START`]).
     pub load_addr: u64,
     /// The BSP entry point, as an offset into `code`.
     pub bsp_entry: u64,
@@ -150,7 +159,7 @@ pub struct GuestProgram<'a> {
     /// The privilege level of the BSP and the APs.
     pub privilege: Privilege,
     /// Extra data to place: (guest address, bytes), each at or above
-    /// [`layout::PROGRAM_AREA_START`].
+    /// [`memory_map::PROGRAM_AREA_START`].
     pub data: Vec<(u64, &'a [u8])>,
 }
 
@@ -160,7 +169,7 @@ impl<'a> GuestProgram<'a> {
         Self {
             name,
             code,
-            load_addr: layout::DEFAULT_LOAD_ADDR,
+            load_addr: memory_map::DEFAULT_LOAD_ADDR,
             bsp_entry,
             ap_entry: None,
             privilege: Privilege::User,
@@ -180,7 +189,7 @@ pub struct LoadedProgram {
     pub privilege: Privilege,
 }
 
-/// The trampoline's parameter block at [`layout::AP_PARAMS_ADDR`], byte for byte (packed:
+/// The trampoline's parameter block at [`memory_map::AP_PARAMS_ADDR`], byte for byte (packed:
 /// the trampoline reads each field at its offset).
 #[repr(C, packed)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -212,7 +221,7 @@ impl TrampolineParams {
     const GDTR: usize = offset_of!(TrampolineParams, gdt_limit);
 
     fn write(&self, mem: &GuestMemoryMmap) -> Result<(), BootError> {
-        write_guest(mem, layout::AP_PARAMS_ADDR, self.as_slice())
+        write_guest(mem, memory_map::AP_PARAMS_ADDR, self.as_slice())
     }
 }
 
@@ -295,56 +304,56 @@ core::arch::global_asm!(
     ".byte 0x48, 0x0f, 0x35",
     "integration_loader_ap_trampoline_end:",
     ".popsection",
-    params = const layout::AP_PARAMS_ADDR,
-    gdtr = const TrampolineParams::GDTR,
-    cr3_off = const TrampolineParams::CR3,
-    rflags_off = const TrampolineParams::RFLAGS,
-    entry_off = const TrampolineParams::ENTRY,
-    user_off = const TrampolineParams::USER_MODE,
-    sipi = const layout::SIPI_PAGE,
-    code32 = const gdt::KERNEL_CODE32,
-    code64 = const gdt::KERNEL_CODE64,
-    data0 = const gdt::KERNEL_DATA,
-    cr4 = const CR4,
-    cr0 = const CR0,
-    efer_msr = const msr::EFER,
-    efer_lme = const efer::LME,
-    sysenter_cs = const msr::IA32_SYSENTER_CS,
-    tstacks = const layout::TRAMPOLINE_STACKS,
-    tss_base = const gdt::TSS_BASE,
-    gdt_addr = const layout::GDT_ADDR,
-    stacks = const layout::STACKS_ADDR,
+    // The parameter block and the offsets of its fields.
+    params = const memory_map::AP_PARAMS_ADDR, gdtr = const TrampolineParams::GDTR,
+    cr3_off = const TrampolineParams::CR3, rflags_off = const TrampolineParams::RFLAGS,
+    entry_off = const TrampolineParams::ENTRY, user_off = const TrampolineParams::USER_MODE,
+    // The loader's other places in guest memory.
+    sipi = const memory_map::SIPI_PAGE, gdt_addr = const memory_map::GDT_ADDR,
+    tstacks = const memory_map::TRAMPOLINE_STACKS, stacks = const memory_map::STACKS_ADDR,
+    // GDT selectors.
+    code32 = const gdt::KERNEL_CODE32, code64 = const gdt::KERNEL_CODE64,
+    data0 = const gdt::KERNEL_DATA, tss_base = const gdt::TSS_BASE,
+    // Control registers and MSRs.
+    cr4 = const CR4, cr0 = const CR0, efer_lme = const efer::LME,
+    efer_msr = const msr::EFER, sysenter_cs = const msr::IA32_SYSENTER_CS,
     options(att_syntax),
 );
 
-extern "C" {
-    static integration_loader_ap_trampoline_start: u8;
-    static integration_loader_ap_trampoline_end: u8;
-}
-
-/// The AP trampoline's machine code (real mode at [`layout::SIPI_PAGE`]).
+/// The AP trampoline's machine code (real mode at [`memory_map::SIPI_PAGE`]).
 pub fn ap_trampoline() -> &'static [u8] {
-    // SAFETY: both symbols are in the same read-only section emitted by the global_asm!
-    // above, `end` after `start`; the bytes between them are initialized and never written.
-    unsafe {
-        let start = std::ptr::addr_of!(integration_loader_ap_trampoline_start);
-        let end = std::ptr::addr_of!(integration_loader_ap_trampoline_end);
-        std::slice::from_raw_parts(start, end as usize - start as usize)
-    }
+    crate::guest::asm_blob!(
+        integration_loader_ap_trampoline_start,
+        integration_loader_ap_trampoline_end
+    )
 }
 
 /// The TSS proper (104 bytes), then the I/O permission bitmap for all 65536 ports, then the
 /// 0xFF byte the CPU may read past the bitmap.
-const TSS_SIZE: u64 = 0x68;
-const IO_BITMAP_SIZE: u64 = 0x2000;
+const TSS_SIZE: u16 = 0x68;
+const IO_BITMAP_SIZE: u16 = 0x2000;
 /// TSS limit: the TSS, the bitmap and the terminating byte.
-const TSS_LIMIT: u32 = (TSS_SIZE + IO_BITMAP_SIZE) as u32;
+const TSS_LIMIT: u32 = TSS_SIZE as u32 + IO_BITMAP_SIZE as u32;
 /// The TSS field holding the I/O permission bitmap's offset.
-const TSS_IO_MAP_BASE: u64 = 0x66;
+const TSS_IO_MAP_BASE: usize = 0x66;
+
+/// `value` as a `u32`, for the addresses that 32-bit code or a 32-bit descriptor field holds.
+/// Used only in `const` items, so an address above 4 GiB fails the build.
+const fn below_4_gib(value: u64) -> u32 {
+    assert!(value <= u32::MAX as u64, "the address must be below 4 GiB");
+    #[allow(clippy::cast_possible_truncation)] // checked by the assert above
+    let low = value as u32;
+    low
+}
+
+/// The 32-bit forms of the addresses the trampoline and the TSS descriptor use.
+const TSS_ADDR_32: u32 = below_4_gib(memory_map::TSS_ADDR);
+const PML4_ADDR_32: u32 = below_4_gib(memory_map::PML4_ADDR);
+const GDT_ADDR_32: u32 = below_4_gib(memory_map::GDT_ADDR);
 
 /// The shared TSS with its I/O permission bitmap, available (in the GDT) or busy (in TR).
 fn tss_descriptor(busy: bool) -> Descriptor {
-    Descriptor::tss64(layout::TSS_ADDR as u32, TSS_LIMIT, busy)
+    Descriptor::tss64(TSS_ADDR_32, TSS_LIMIT, busy)
 }
 
 /// The GDT the loader writes (see [`gdt`] for the selectors).
@@ -360,7 +369,7 @@ pub fn system_gdt() -> Gdt {
         .with(gdt::KERNEL_CODE32, code32)
         .with(gdt::USER_CODE64, Descriptor::CODE64.with_dpl(3))
         .with(gdt::USER_DATA, Descriptor::DATA.with_dpl(3));
-    for apic_id in 0..layout::APIC_ID_SLOTS as u32 {
+    for apic_id in 0..memory_map::APIC_ID_SLOTS {
         g = g.with(gdt::tss_selector(apic_id), tss_descriptor(false));
     }
     g
@@ -368,19 +377,23 @@ pub fn system_gdt() -> Gdt {
 
 /// The identity map the loader writes: 4 GiB, reachable from CPL 3, MMIO uncached.
 pub fn page_tables() -> IdentityMap {
-    IdentityMap::user_with_mmio(layout::PML4_ADDR, layout::PDPT_ADDR, layout::PD_ADDR)
+    IdentityMap::user_with_mmio(
+        memory_map::PML4_ADDR,
+        memory_map::PDPT_ADDR,
+        memory_map::PD_ADDR,
+    )
 }
 
 /// Writes the GDT, the TSS and the page tables (the parts every program shares).
 pub fn write_system_tables(mem: &GuestMemoryMmap) -> Result<(), BootError> {
-    system_gdt().write(mem, layout::GDT_ADDR)?;
+    system_gdt().write(mem, memory_map::GDT_ADDR)?;
     // A zero bitmap allows every port at CPL 3 (see the module documentation: these hosts
     // ignore IOPL = 3 for guest user code and check the bitmap).
-    let mut tss = vec![0u8; (TSS_SIZE + IO_BITMAP_SIZE + 1) as usize];
-    let io_map_base = TSS_IO_MAP_BASE as usize;
-    tss[io_map_base..io_map_base + 2].copy_from_slice(&(TSS_SIZE as u16).to_le_bytes());
-    tss[(TSS_SIZE + IO_BITMAP_SIZE) as usize] = 0xff;
-    write_guest(mem, layout::TSS_ADDR, &tss)?;
+    let end = usize::from(TSS_SIZE) + usize::from(IO_BITMAP_SIZE);
+    let mut tss = vec![0u8; end + 1];
+    tss[TSS_IO_MAP_BASE..TSS_IO_MAP_BASE + 2].copy_from_slice(&TSS_SIZE.to_le_bytes());
+    tss[end] = 0xff;
+    write_guest(mem, memory_map::TSS_ADDR, &tss)?;
     page_tables().write(mem)
 }
 
@@ -396,11 +409,13 @@ fn check_placement(
         len,
         reason,
     };
-    if addr < layout::PROGRAM_AREA_START {
+    if addr < memory_map::PROGRAM_AREA_START {
         return Err(err("below 0x200000, which the loader uses"));
     }
     let end = addr.checked_add(len).ok_or_else(|| err("wraps around"))?;
-    if len > 0 && !mem.check_range(GuestAddress(addr), len as usize) {
+    let len_bytes =
+        usize::try_from(len).map_err(|_| err("larger than this host's address space"))?;
+    if len > 0 && !mem.check_range(GuestAddress(addr), len_bytes) {
         return Err(err("outside guest RAM"));
     }
     if end > MMIO_GAP_START {
@@ -448,14 +463,14 @@ pub fn load_program(
         write_guest(mem, *addr, bytes)?;
     }
     if let Some(entry) = ap_rip {
-        write_guest(mem, layout::SIPI_PAGE, ap_trampoline())?;
+        write_guest(mem, memory_map::SIPI_PAGE, ap_trampoline())?;
         TrampolineParams {
             entry,
             rflags: entry_rflags(),
             user_mode: u32::from(program.privilege == Privilege::User),
-            cr3: layout::PML4_ADDR as u32,
+            cr3: PML4_ADDR_32,
             gdt_limit: gdt::LIMIT,
-            gdt_base: layout::GDT_ADDR as u32,
+            gdt_base: GDT_ADDR_32,
         }
         .write(mem)?;
     }
@@ -482,9 +497,9 @@ pub fn long_mode_entry(privilege: Privilege) -> LongModeEntry {
         code: (code, Descriptor::CODE64.with_dpl(dpl)),
         data: (data, Descriptor::DATA.with_dpl(dpl)),
         task: (gdt::tss_selector(0), tss_descriptor(true)),
-        gdt_base: layout::GDT_ADDR,
+        gdt_base: memory_map::GDT_ADDR,
         gdt_limit: gdt::LIMIT,
-        cr3: layout::PML4_ADDR,
+        cr3: memory_map::PML4_ADDR,
         cr0: CR0,
         cr4: CR4,
     }
@@ -494,7 +509,7 @@ impl BootEntry for LoadedProgram {
     fn setup_bsp(&self, vcpu: &VcpuFd, _mem: &GuestMemoryMmap) -> Result<(), VcpuSetupError> {
         let regs = kvm_regs {
             rip: self.bsp_rip,
-            rsp: layout::stack_top(0),
+            rsp: memory_map::stack_top(0),
             rflags: entry_rflags(),
             rdi: 0,
             ..Default::default()
@@ -580,11 +595,12 @@ mod tests {
         assert_eq!(loaded.ap_rip, Some(0x20_0000));
         assert_eq!(m.read_obj::<u8>(GuestAddress(0x30_0002)).unwrap(), 3);
         assert_eq!(
-            m.read_obj::<u8>(GuestAddress(layout::SIPI_PAGE)).unwrap(),
+            m.read_obj::<u8>(GuestAddress(memory_map::SIPI_PAGE))
+                .unwrap(),
             0xfa
         );
         assert_eq!(
-            m.read_obj::<u64>(GuestAddress(layout::AP_PARAMS_ADDR))
+            m.read_obj::<u64>(GuestAddress(memory_map::AP_PARAMS_ADDR))
                 .unwrap(),
             0x20_0000
         );

@@ -100,9 +100,9 @@ fn check(shape: (u32, u32, u32, u32)) -> bool {
     let vcpus: Value = serde_json::from_slice(&out.stdout).expect("vcpuctl cpuid --json output");
     let vcpus = vcpus.as_array().expect("a JSON array of vCPUs");
     assert_eq!(vcpus.len(), max as usize, "{smp}: one record per vCPU");
-    for (i, v) in vcpus.iter().enumerate() {
-        let want = u64::from(apic_id(shape, i as u32));
-        assert_eq!(v["index"], i as u64, "{smp}: records in index order");
+    for (i, v) in (0u32..).zip(vcpus) {
+        let want = u64::from(apic_id(shape, i));
+        assert_eq!(v["index"], u64::from(i), "{smp}: records in index order");
         assert_eq!(v["apic_id"], want, "{smp}: vCPU {i} APIC ID");
         assert_eq!(
             reg(v, 0xb, 0, "edx"),

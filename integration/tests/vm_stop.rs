@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use integration::guest::{self, smp_counter, GuestCode, GuestVm, SHUTDOWN_MESSAGE, SHUTDOWN_VALUE};
 use integration::kvm_or_skip;
-use integration::loader::layout::DEFAULT_LOAD_ADDR;
+use integration::loader::memory_map::DEFAULT_LOAD_ADDR;
 use vcpu_actor::VcpuExitReason;
 use vmm_core::{
     StopCause, VcpuConfig, VcpuControlError, VcpuManagerOptions, VmOptions, VmStopReason,

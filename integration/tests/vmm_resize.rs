@@ -61,9 +61,27 @@ fn config() -> VcpuConfig {
     }
 }
 
-/// The harness for `test`, or `None` without KVM (see [`kvm_or_skip`]).
-fn harness_or_skip(test: &str, reply_timeout: Duration) -> Option<Harness> {
-    kvm_or_skip(test).map(|kvm| harness(kvm, reply_timeout))
+/// How long the upcall client waits for the guest's reply.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+/// The reply timeout of the tests whose guest never answers.
+const SHORT_REPLY_TIMEOUT: Duration = Duration::from_millis(300);
+
+/// Runs `body` on a fresh harness whose upcall client waits `reply_timeout` for a reply; without
+/// KVM, skips `test` (see [`kvm_or_skip`]).
+fn with_harness(test: &str, reply_timeout: Duration, body: impl FnOnce(&mut Harness)) {
+    if let Some(kvm) = kvm_or_skip(test) {
+        body(&mut harness(kvm, reply_timeout));
+    }
+}
+
+/// `resize_test!(name, reply_timeout, |h| { ... })`: the test `name`, run by [`with_harness`].
+macro_rules! resize_test {
+    ($name:ident, $reply_timeout:expr, $body:expr) => {
+        #[test]
+        fn $name() {
+            with_harness(stringify!($name), $reply_timeout, $body);
+        }
+    };
 }
 
 fn harness(kvm: Kvm, reply_timeout: Duration) -> Harness {
@@ -184,10 +202,24 @@ impl Harness {
         ids
     }
 
+    /// Grows `from` -> `to`, which must succeed now (`after` says after what), and checks
+    /// that exactly `from..to` were added and `0..to` are present.
+    fn grow_succeeds(&mut self, from: u32, to: u32, after: &str) {
+        let out = self
+            .vcpus
+            .resize_vcpus(to)
+            .unwrap_or_else(|e| panic!("resize {from} -> {to} {after}: {e}"));
+        assert_eq!(out.added, self.slots(from..to));
+        self.assert_present(0..to);
+    }
+
     fn assert_present(&self, indices: std::ops::Range<u32>) {
         let want = self.slots(indices.clone());
         assert_eq!(self.present(), want, "present vCPUs");
-        assert_eq!(self.vcpus.present_vcpu_count(), want.len() as u32);
+        assert_eq!(
+            self.vcpus.present_vcpu_count(),
+            u32::try_from(want.len()).expect("at most MAX vCPUs")
+        );
         assert_eq!(self.server_ids(), self.ids(indices), "the guest's CPUs");
     }
 }
@@ -204,14 +236,7 @@ fn offline(ids: &[u32]) -> Vec<CpuAction> {
         .collect()
 }
 
-#[test]
-fn resize_grow_shrink_grow_reuses_fds() {
-    let Some(mut h) = harness_or_skip(
-        "resize_grow_shrink_grow_reuses_fds",
-        Duration::from_secs(30),
-    ) else {
-        return;
-    };
+resize_test!(resize_grow_shrink_grow_reuses_fds, REPLY_TIMEOUT, |h| {
     h.assert_present(0..2);
 
     // Grow to the maximum: the lowest free indices, sent with their (sparse) APIC IDs.
@@ -255,16 +280,9 @@ fn resize_grow_shrink_grow_reuses_fds() {
     assert!(out.added.is_empty() && out.removed.is_empty());
     assert_eq!(h.server.requests_handled(), requests);
     h.assert_present(0..6);
-}
+});
 
-#[test]
-fn resize_out_of_range_changes_nothing() {
-    let Some(mut h) = harness_or_skip(
-        "resize_out_of_range_changes_nothing",
-        Duration::from_secs(30),
-    ) else {
-        return;
-    };
+resize_test!(resize_out_of_range_changes_nothing, REPLY_TIMEOUT, |h| {
     for target in [0, MAX + 1] {
         match h.vcpus.resize_vcpus(target) {
             Err(ResizeError::OutOfRange { target: t, max }) => {
@@ -276,7 +294,7 @@ fn resize_out_of_range_changes_nothing() {
     }
     assert_eq!(h.server.requests_handled(), 0);
     assert!(h.vcpus.kept_vcpu_fds().is_empty());
-}
+});
 
 #[test]
 fn resize_without_upcall_client_is_a_typed_error() {
@@ -296,12 +314,7 @@ fn resize_without_upcall_client_is_a_typed_error() {
     assert_eq!(vcpus.present_vcpu_count(), 0);
 }
 
-#[test]
-fn resize_guest_error_rolls_back() {
-    let Some(mut h) = harness_or_skip("resize_guest_error_rolls_back", Duration::from_secs(30))
-    else {
-        return;
-    };
+resize_test!(resize_guest_error_rolls_back, REPLY_TIMEOUT, |h| {
     h.online_errno.store(EINVAL, Ordering::SeqCst);
     let err = h.vcpus.resize_vcpus(4).expect_err("the guest refuses");
     match &err {
@@ -324,170 +337,148 @@ fn resize_guest_error_rolls_back() {
     // Once the guest agrees, the same vCPUs come up on the kept fds.
     h.online_errno.store(0, Ordering::SeqCst);
     h.take_actions();
-    let out = h
-        .vcpus
-        .resize_vcpus(4)
-        .expect("resize 2 -> 4 after the refusal");
-    assert_eq!(out.added, h.slots(2..4));
-    h.assert_present(0..4);
+    h.grow_succeeds(2, 4, "after the refusal");
     assert!(h.vcpus.kept_vcpu_fds().is_empty());
-}
+});
 
-#[test]
-fn resize_silent_guest_times_out_and_rolls_back() {
-    let Some(mut h) = harness_or_skip(
-        "resize_silent_guest_times_out_and_rolls_back",
-        Duration::from_millis(300),
-    ) else {
-        return;
-    };
-    h.server.inject_fault(GuestFault::Silent);
-    let err = h
-        .vcpus
-        .resize_vcpus(5)
-        .expect_err("the guest never answers");
-    match &err {
-        ResizeError::HotplugFailed {
-            source: HotplugError::Timeout { .. },
-            guest_state_unknown: true,
-            ..
-        } => {}
-        other => panic!("expected HotplugFailed(Timeout), got {other:?}"),
-    }
-    assert!(err.to_string().contains("rolled back"), "{err}");
-    assert_eq!(h.present(), h.slots(0..2));
-    assert_eq!(h.vcpus.kept_vcpu_fds(), h.ids(2..5));
-}
-
-#[test]
-fn resize_hang_up_is_not_success_and_rolls_back() {
-    let Some(mut h) = harness_or_skip(
-        "resize_hang_up_is_not_success_and_rolls_back",
-        Duration::from_secs(30),
-    ) else {
-        return;
-    };
-    h.server.inject_fault(GuestFault::HangUp);
-    let err = h.vcpus.resize_vcpus(3).expect_err("the guest hangs up");
-    match &err {
-        ResizeError::HotplugFailed {
-            source,
-            guest_state_unknown: true,
-            ..
-        } => assert!(
-            matches!(
-                source,
-                HotplugError::ConnectionReset { .. } | HotplugError::Io { .. }
-            ),
-            "{source:?}"
-        ),
-        other => panic!("expected HotplugFailed(reset), got {other:?}"),
-    }
-    h.assert_present(0..2);
-    assert_eq!(h.vcpus.kept_vcpu_fds(), h.ids(2..3));
-    // The guest did not act (a hang-up before acting): the next request reconnects.
-    let out = h
-        .vcpus
-        .resize_vcpus(3)
-        .expect("resize 2 -> 3 after reconnecting");
-    assert_eq!(out.added, h.slots(2..3));
-    h.assert_present(0..3);
-}
-
-#[test]
-fn resize_never_removes_vcpu_0_and_a_refused_shrink_changes_nothing() {
-    let Some(mut h) = harness_or_skip(
-        "resize_never_removes_vcpu_0_and_a_refused_shrink_changes_nothing",
-        Duration::from_secs(30),
-    ) else {
-        return;
-    };
-    h.vcpus.resize_vcpus(4).expect("resize 2 -> 4");
-    h.take_actions();
-
-    // A guest that cannot offline: every vCPU keeps running.
-    h.offline_errno.store(EIO, Ordering::SeqCst);
-    let err = h
-        .vcpus
-        .resize_vcpus(1)
-        .expect_err("the guest refuses to offline");
-    match &err {
-        ResizeError::HotplugFailed { source, .. } => {
-            assert_eq!(source.guest_errno(), Some(EIO), "{err}")
+resize_test!(
+    resize_silent_guest_times_out_and_rolls_back,
+    SHORT_REPLY_TIMEOUT,
+    |h| {
+        h.server.inject_fault(GuestFault::Silent);
+        let err = h
+            .vcpus
+            .resize_vcpus(5)
+            .expect_err("the guest never answers");
+        match &err {
+            ResizeError::HotplugFailed {
+                source: HotplugError::Timeout { .. },
+                guest_state_unknown: true,
+                ..
+            } => {}
+            other => panic!("expected HotplugFailed(Timeout), got {other:?}"),
         }
-        other => panic!("expected HotplugFailed, got {other:?}"),
+        assert!(err.to_string().contains("rolled back"), "{err}");
+        assert_eq!(h.present(), h.slots(0..2));
+        assert_eq!(h.vcpus.kept_vcpu_fds(), h.ids(2..5));
     }
-    assert_eq!(h.present(), h.slots(0..4));
-    assert!(h.vcpus.kept_vcpu_fds().is_empty());
-    h.take_actions();
+);
 
-    h.offline_errno.store(0, Ordering::SeqCst);
-    let out = h.vcpus.resize_vcpus(1).expect("resize 4 -> 1");
-    assert_eq!(out.removed, h.slots((1..4).rev()));
-    assert_eq!(h.take_actions(), offline(&h.ids((1..4).rev())));
-    h.assert_present(0..1);
-    assert_eq!(h.vcpus.kept_vcpu_fds(), h.ids(1..4));
-    assert_eq!(h.vcpus.removable_vcpus(), Vec::<u32>::new());
-}
-
-#[test]
-fn async_resize_is_waited_on_with_a_timeout_and_a_second_one_is_busy() {
-    let Some(mut h) = harness_or_skip(
-        "async_resize_is_waited_on_with_a_timeout_and_a_second_one_is_busy",
-        Duration::from_secs(30),
-    ) else {
-        return;
-    };
-    // The manager moves behind a mutex for the resizer; a stand-in takes its place in `h`.
-    let (_vm, spare) = build_vm(
-        Kvm::new().expect("/dev/kvm opened once already"),
-        VmOptions::default(),
-        config(),
-        VcpuManagerOptions::default(),
-    )
-    .expect("build a spare VM");
-    let manager = Arc::new(Mutex::new(std::mem::replace(&mut h.vcpus, spare)));
-    let resizer = AsyncResizer::new(Arc::clone(&manager));
-
-    h.hold.store(true, Ordering::SeqCst);
-    let handle = resizer.start(4).expect("start 2 -> 4");
-    assert_eq!(handle.target(), 4);
-    match resizer.start(6) {
-        Err(ResizeError::Busy {
-            target: 6,
-            in_flight: 4,
-        }) => {}
-        other => panic!("expected ResizeBusy, got {other:?}"),
+resize_test!(
+    resize_hang_up_is_not_success_and_rolls_back,
+    REPLY_TIMEOUT,
+    |h| {
+        h.server.inject_fault(GuestFault::HangUp);
+        let err = h.vcpus.resize_vcpus(3).expect_err("the guest hangs up");
+        match &err {
+            ResizeError::HotplugFailed {
+                source,
+                guest_state_unknown: true,
+                ..
+            } => assert!(
+                matches!(
+                    source,
+                    HotplugError::ConnectionReset { .. } | HotplugError::Io { .. }
+                ),
+                "{source:?}"
+            ),
+            other => panic!("expected HotplugFailed(reset), got {other:?}"),
+        }
+        h.assert_present(0..2);
+        assert_eq!(h.vcpus.kept_vcpu_fds(), h.ids(2..3));
+        // The guest did not act (a hang-up before acting): the next request reconnects.
+        h.grow_succeeds(2, 3, "after reconnecting");
     }
-    match handle.wait_timeout(Duration::from_millis(50)) {
-        Err(ResizeError::StillRunning { target: 4, .. }) => {}
-        other => panic!("expected ResizeStillRunning, got {other:?}"),
-    }
-    h.hold.store(false, Ordering::SeqCst);
-    let out = handle
-        .wait_timeout(Duration::from_secs(60))
-        .expect("resize 2 -> 4 finishes");
-    assert_eq!((out.from, out.to), (2, 4));
-    assert!(matches!(
-        handle.wait_timeout(Duration::from_millis(1)),
-        Err(ResizeError::OutcomeGone { target: 4 })
-    ));
-    assert_eq!(resizer.in_flight_target(), None);
+);
 
-    // Idle again: the next one starts, and its errors come through the handle.
-    let handle = resizer.start(0).expect("start a resize to 0");
-    assert!(matches!(
-        handle.wait_timeout(Duration::from_secs(60)),
-        Err(ResizeError::OutOfRange { target: 0, .. })
-    ));
-    let guard = manager.lock().unwrap_or_else(|e| e.into_inner());
-    assert_eq!(guard.present_vcpu_count(), 4);
-    drop(guard);
-    drop(resizer);
-    h.vcpus = Arc::try_unwrap(manager)
-        .ok()
-        .expect("no other owner of the manager")
-        .into_inner()
-        .unwrap_or_else(|e| e.into_inner());
-    h.assert_present(0..4);
-}
+resize_test!(
+    resize_never_removes_vcpu_0_and_a_refused_shrink_changes_nothing,
+    REPLY_TIMEOUT,
+    |h| {
+        h.vcpus.resize_vcpus(4).expect("resize 2 -> 4");
+        h.take_actions();
+
+        // A guest that cannot offline: every vCPU keeps running.
+        h.offline_errno.store(EIO, Ordering::SeqCst);
+        let err = h
+            .vcpus
+            .resize_vcpus(1)
+            .expect_err("the guest refuses to offline");
+        match &err {
+            ResizeError::HotplugFailed { source, .. } => {
+                assert_eq!(source.guest_errno(), Some(EIO), "{err}")
+            }
+            other => panic!("expected HotplugFailed, got {other:?}"),
+        }
+        assert_eq!(h.present(), h.slots(0..4));
+        assert!(h.vcpus.kept_vcpu_fds().is_empty());
+        h.take_actions();
+
+        h.offline_errno.store(0, Ordering::SeqCst);
+        let out = h.vcpus.resize_vcpus(1).expect("resize 4 -> 1");
+        assert_eq!(out.removed, h.slots((1..4).rev()));
+        assert_eq!(h.take_actions(), offline(&h.ids((1..4).rev())));
+        h.assert_present(0..1);
+        assert_eq!(h.vcpus.kept_vcpu_fds(), h.ids(1..4));
+        assert_eq!(h.vcpus.removable_vcpus(), Vec::<u32>::new());
+    }
+);
+
+resize_test!(
+    async_resize_is_waited_on_with_a_timeout_and_a_second_one_is_busy,
+    REPLY_TIMEOUT,
+    |h| {
+        // The manager moves behind a mutex for the resizer; a stand-in takes its place in `h`.
+        let (_vm, spare) = build_vm(
+            Kvm::new().expect("/dev/kvm opened once already"),
+            VmOptions::default(),
+            config(),
+            VcpuManagerOptions::default(),
+        )
+        .expect("build a spare VM");
+        let manager = Arc::new(Mutex::new(std::mem::replace(&mut h.vcpus, spare)));
+        let resizer = AsyncResizer::new(Arc::clone(&manager));
+
+        h.hold.store(true, Ordering::SeqCst);
+        let handle = resizer.start(4).expect("start 2 -> 4");
+        assert_eq!(handle.target(), 4);
+        match resizer.start(6) {
+            Err(ResizeError::Busy {
+                target: 6,
+                in_flight: 4,
+            }) => {}
+            other => panic!("expected ResizeBusy, got {other:?}"),
+        }
+        match handle.wait_timeout(Duration::from_millis(50)) {
+            Err(ResizeError::StillRunning { target: 4, .. }) => {}
+            other => panic!("expected ResizeStillRunning, got {other:?}"),
+        }
+        h.hold.store(false, Ordering::SeqCst);
+        let out = handle
+            .wait_timeout(Duration::from_secs(60))
+            .expect("resize 2 -> 4 finishes");
+        assert_eq!((out.from, out.to), (2, 4));
+        assert!(matches!(
+            handle.wait_timeout(Duration::from_millis(1)),
+            Err(ResizeError::OutcomeGone { target: 4 })
+        ));
+        assert_eq!(resizer.in_flight_target(), None);
+
+        // Idle again: the next one starts, and its errors come through the handle.
+        let handle = resizer.start(0).expect("start a resize to 0");
+        assert!(matches!(
+            handle.wait_timeout(Duration::from_secs(60)),
+            Err(ResizeError::OutOfRange { target: 0, .. })
+        ));
+        let guard = manager.lock().unwrap_or_else(|e| e.into_inner());
+        assert_eq!(guard.present_vcpu_count(), 4);
+        drop(guard);
+        drop(resizer);
+        h.vcpus = Arc::try_unwrap(manager)
+            .ok()
+            .expect("no other owner of the manager")
+            .into_inner()
+            .unwrap_or_else(|e| e.into_inner());
+        h.assert_present(0..4);
+    }
+);

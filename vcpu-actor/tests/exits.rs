@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{
-    exit_and_join, expect, guests, run_in_rounds, wait_event, wait_until, Recorder, TestVm,
-    AP_CODE_ADDR, CODE_ADDR, DATA_ADDR, TIMEOUT,
+    exit_and_join, expect, guests, kvm_test, run_in_rounds, wait_event, wait_until, Recorder,
+    TestVm, AP_CODE_ADDR, CODE_ADDR, DATA_ADDR, TIMEOUT,
 };
 use vcpu_actor::{
     PendingVcpu, ReplyOutcome, SeccompMode, VcpuError, VcpuExitReason, VcpuHandle, VcpuOptions,
@@ -31,11 +31,7 @@ fn expect_not_allowed(h: &VcpuHandle, req: VcpuRequest) {
     assert!(!reply.is_ok());
 }
 
-#[test]
-fn triple_fault_waits_for_exit() {
-    let Some(vm) = TestVm::or_skip("triple_fault_waits_for_exit", false) else {
-        return;
-    };
+kvm_test!(triple_fault_waits_for_exit, false, |vm| {
     let rec = Recorder::new();
     let options = VcpuOptions::default();
     let (h, evt) = vm.spawn_program(guests::fault(), DATA_ADDR, 0x512, rec.clone(), options);
@@ -70,13 +66,9 @@ fn triple_fault_waits_for_exit() {
     assert_eq!((m.exits.shutdown, m.exits.io_out), (1, 1), "{m:?}");
 
     exit_and_join(h);
-}
+});
 
-#[test]
-fn device_stop_and_device_errors() {
-    let Some(vm) = TestVm::or_skip("device_stop_and_device_errors", false) else {
-        return;
-    };
+kvm_test!(device_stop_and_device_errors, false, |vm| {
     // The counter lives at 0x300000, past guest RAM: every store is an MMIO write that the
     // recorder rejects. The guest keeps going; its report port then stops the VM.
     let counter = 0x30_0000;
@@ -112,13 +104,9 @@ fn device_stop_and_device_errors() {
     }
     assert_eq!(vm.read_u64(DATA_ADDR), 1 << 20);
     exit_and_join(h);
-}
+});
 
-#[test]
-fn ap_runs_only_after_init_sipi() {
-    let Some(vm) = TestVm::or_skip("ap_runs_only_after_init_sipi", true) else {
-        return;
-    };
+kvm_test!(ap_runs_only_after_init_sipi, true, |vm| {
     vm.load(guests::bsp_sipi(), CODE_ADDR);
     vm.load(guests::ap(), AP_CODE_ADDR);
     let rec = Recorder::stopping_on(0x514);
@@ -181,13 +169,9 @@ fn ap_runs_only_after_init_sipi() {
     expect(&ap_h, VcpuRequest::Exit, ReplyOutcome::Exited);
     bsp_h.join(TIMEOUT).expect("join bsp");
     ap_h.join(TIMEOUT).expect("join ap");
-}
+});
 
-#[test]
-fn seccomp_refuses_a_syscall_outside_the_list() {
-    let Some(vm) = TestVm::or_skip("seccomp_refuses_a_syscall_outside_the_list", false) else {
-        return;
-    };
+kvm_test!(seccomp_refuses_a_syscall_outside_the_list, false, |vm| {
     // The handler calls getpid(2) (not in the allow-list) on every port write and keeps
     // what the calls returned (bounded).
     let results = Arc::new(Mutex::new(Vec::<(i64, i32)>::new()));
@@ -226,30 +210,25 @@ fn seccomp_refuses_a_syscall_outside_the_list() {
     // SAFETY: getpid has no arguments and no side effects.
     let pid = unsafe { libc::syscall(libc::SYS_getpid) };
     assert_eq!(pid, i64::from(std::process::id()));
-}
+});
 
-#[test]
-fn the_default_allow_list_is_enough_for_the_actor_itself() {
-    let test = "the_default_allow_list_is_enough_for_the_actor_itself";
-    let Some(vm) = TestVm::or_skip(test, false) else {
-        return;
-    };
-    // Any syscall the actor makes outside the list would kill this test process.
-    let rec = Recorder::new();
-    let options = VcpuOptions {
-        seccomp: SeccompMode::kill(),
-        ..VcpuOptions::default()
-    };
-    let (h, _evt) = vm.spawn_program(guests::pio(), DATA_ADDR, 0x516, rec.clone(), options);
-    run_in_rounds(&h, &rec, 0x516, 3, 20);
-    exit_and_join(h);
-}
+kvm_test!(
+    the_default_allow_list_is_enough_for_the_actor_itself,
+    false,
+    |vm| {
+        // Any syscall the actor makes outside the list would kill this test process.
+        let rec = Recorder::new();
+        let options = VcpuOptions {
+            seccomp: SeccompMode::kill(),
+            ..VcpuOptions::default()
+        };
+        let (h, _evt) = vm.spawn_program(guests::pio(), DATA_ADDR, 0x516, rec.clone(), options);
+        run_in_rounds(&h, &rec, 0x516, 3, 20);
+        exit_and_join(h);
+    }
+);
 
-#[test]
-fn a_failed_spawn_gives_the_vcpu_fd_back() {
-    let Some(vm) = TestVm::or_skip("a_failed_spawn_gives_the_vcpu_fd_back", false) else {
-        return;
-    };
+kvm_test!(a_failed_spawn_gives_the_vcpu_fd_back, false, |vm| {
     vm.load(guests::fault(), CODE_ADDR);
     let vcpu = vm.new_cpl3_vcpu(0, CODE_ADDR, DATA_ADDR, 0x512, 0);
     let (parts, _) = vm.parts(0, vcpu, Recorder::new());
@@ -293,6 +272,6 @@ fn a_failed_spawn_gives_the_vcpu_fd_back() {
         Some(VcpuExitReason::TripleFault { vcpu_id: 0, .. })
     ));
     exit_and_join(h);
-}
+});
 
 extern "C" fn foreign_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{
-    expect, expect_gone_or_refused, expect_queries, guests, run_in_rounds, wait_until, Recorder,
-    TestVm, CODE_ADDR, DATA_ADDR, TIMEOUT,
+    expect, expect_gone_or_refused, expect_queries, guests, kvm_test, run_in_rounds, wait_until,
+    Recorder, TestVm, CODE_ADDR, DATA_ADDR, TIMEOUT,
 };
 use vcpu_actor::{ReplyOutcome, VcpuError, VcpuHandle, VcpuOptions, VcpuRequest, VcpuState};
 
@@ -21,11 +21,7 @@ fn counter_actor(vm: &TestVm, rec: Arc<Recorder>) -> VcpuHandle {
         .0
 }
 
-#[test]
-fn counter_guest_follows_pause_and_resume() {
-    let Some(vm) = TestVm::or_skip("counter_guest_follows_pause_and_resume", false) else {
-        return;
-    };
+kvm_test!(counter_guest_follows_pause_and_resume, false, |vm| {
     let rec = Recorder::new();
     let h = counter_actor(&vm, rec.clone());
     assert_eq!(h.state(), VcpuState::Paused);
@@ -70,13 +66,9 @@ fn counter_guest_follows_pause_and_resume() {
     let rip = vcpu.get_regs().expect("regs").rip;
     let end = CODE_ADDR + guests::counter().len() as u64;
     assert!((CODE_ADDR..end).contains(&rip), "rip {rip:#x}");
-}
+});
 
-#[test]
-fn thousand_pause_resume_cycles_lose_no_reply() {
-    let Some(vm) = TestVm::or_skip("thousand_pause_resume_cycles_lose_no_reply", false) else {
-        return;
-    };
+kvm_test!(thousand_pause_resume_cycles_lose_no_reply, false, |vm| {
     let h = counter_actor(&vm, Recorder::new());
 
     // One at a time.
@@ -108,70 +100,65 @@ fn thousand_pause_resume_cycles_lose_no_reply() {
     assert_eq!((m.pauses, m.resumes), (2000, 2000));
     assert_eq!(h.state(), VcpuState::Paused);
     h.join(TIMEOUT).expect("join");
-}
+});
 
-#[test]
-fn rapid_messages_from_other_threads_are_all_answered() {
-    let Some(vm) = TestVm::or_skip("rapid_messages_from_other_threads_are_all_answered", false)
-    else {
-        return;
-    };
-    // The pio guest exits on every iteration, so messages also arrive while an exit is
-    // being handled, not only while the guest runs.
-    let options = VcpuOptions::default();
-    let (h, _evt) = vm.spawn_program(guests::pio(), DATA_ADDR, 0x511, Recorder::new(), options);
-    let h = Arc::new(h);
-    expect(&h, VcpuRequest::Resume, ReplyOutcome::Resumed);
+kvm_test!(
+    rapid_messages_from_other_threads_are_all_answered,
+    false,
+    |vm| {
+        // The pio guest exits on every iteration, so messages also arrive while an exit is
+        // being handled, not only while the guest runs.
+        let options = VcpuOptions::default();
+        let (h, _evt) = vm.spawn_program(guests::pio(), DATA_ADDR, 0x511, Recorder::new(), options);
+        let h = Arc::new(h);
+        expect(&h, VcpuRequest::Resume, ReplyOutcome::Resumed);
 
-    let senders: Vec<_> = (0..4)
-        .map(|t| {
-            let h = Arc::clone(&h);
-            std::thread::spawn(move || {
-                let mut sent = Vec::new();
-                for i in 0..500 {
-                    let req = match (t + i) % 4 {
-                        0 => VcpuRequest::GetState,
-                        1 => VcpuRequest::GetTid,
-                        2 => VcpuRequest::Pause,
-                        _ => VcpuRequest::Resume,
-                    };
-                    sent.push((h.send(req).expect("send"), req));
-                }
-                for (id, req) in sent {
-                    let reply = h.wait_reply(id, TIMEOUT).expect("reply");
-                    assert_eq!((reply.request_id, reply.request), (id, req));
-                    match (req, &reply.outcome) {
-                        (VcpuRequest::GetState, ReplyOutcome::State(s)) => {
-                            assert!(matches!(s, VcpuState::Running | VcpuState::Paused))
-                        }
-                        (VcpuRequest::GetTid, ReplyOutcome::Tid(tid)) => {
-                            assert_eq!(Some(*tid), h.tid())
-                        }
-                        (VcpuRequest::Pause, ReplyOutcome::Paused)
-                        | (VcpuRequest::Resume, ReplyOutcome::Resumed) => {}
-                        other => panic!("unexpected reply {other:?}"),
+        let senders: Vec<_> = (0..4)
+            .map(|t| {
+                let h = Arc::clone(&h);
+                std::thread::spawn(move || {
+                    let mut sent = Vec::new();
+                    for i in 0..500 {
+                        let req = match (t + i) % 4 {
+                            0 => VcpuRequest::GetState,
+                            1 => VcpuRequest::GetTid,
+                            2 => VcpuRequest::Pause,
+                            _ => VcpuRequest::Resume,
+                        };
+                        sent.push((h.send(req).expect("send"), req));
                     }
-                }
+                    for (id, req) in sent {
+                        let reply = h.wait_reply(id, TIMEOUT).expect("reply");
+                        assert_eq!((reply.request_id, reply.request), (id, req));
+                        match (req, &reply.outcome) {
+                            (VcpuRequest::GetState, ReplyOutcome::State(s)) => {
+                                assert!(matches!(s, VcpuState::Running | VcpuState::Paused))
+                            }
+                            (VcpuRequest::GetTid, ReplyOutcome::Tid(tid)) => {
+                                assert_eq!(Some(*tid), h.tid())
+                            }
+                            (VcpuRequest::Pause, ReplyOutcome::Paused)
+                            | (VcpuRequest::Resume, ReplyOutcome::Resumed) => {}
+                            other => panic!("unexpected reply {other:?}"),
+                        }
+                    }
+                })
             })
-        })
-        .collect();
-    for s in senders {
-        s.join().expect("sender thread");
+            .collect();
+        for s in senders {
+            s.join().expect("sender thread");
+        }
+        expect(&h, VcpuRequest::Resume, ReplyOutcome::Resumed);
+        let before = vm.read_u64(DATA_ADDR);
+        wait_until("the guest to keep running", || {
+            vm.read_u64(DATA_ADDR) > before
+        });
+        let h = Arc::into_inner(h).expect("last handle");
+        h.join(TIMEOUT).expect("join");
     }
-    expect(&h, VcpuRequest::Resume, ReplyOutcome::Resumed);
-    let before = vm.read_u64(DATA_ADDR);
-    wait_until("the guest to keep running", || {
-        vm.read_u64(DATA_ADDR) > before
-    });
-    let h = Arc::into_inner(h).expect("last handle");
-    h.join(TIMEOUT).expect("join");
-}
+);
 
-#[test]
-fn requests_in_paused_and_running_states() {
-    let Some(vm) = TestVm::or_skip("requests_in_paused_and_running_states", false) else {
-        return;
-    };
+kvm_test!(requests_in_paused_and_running_states, false, |vm| {
     let h = counter_actor(&vm, Recorder::new());
     let tid = h.tid().expect("tid");
 
@@ -189,13 +176,9 @@ fn requests_in_paused_and_running_states() {
     // After exit: either the send fails or the queued request is refused.
     expect_gone_or_refused(&h, VcpuRequest::Resume);
     h.join(TIMEOUT).expect("join");
-}
+});
 
-#[test]
-fn exit_while_paused_and_drop_without_join() {
-    let Some(vm) = TestVm::or_skip("exit_while_paused_and_drop_without_join", false) else {
-        return;
-    };
+kvm_test!(exit_while_paused_and_drop_without_join, false, |vm| {
     let h = counter_actor(&vm, Recorder::new());
     expect(&h, VcpuRequest::Exit, ReplyOutcome::Exited);
     expect_gone_or_refused(&h, VcpuRequest::Pause);
@@ -211,7 +194,7 @@ fn exit_while_paused_and_drop_without_join() {
     let h = counter_actor(&vm_again(), Recorder::new());
     expect(&h, VcpuRequest::Resume, ReplyOutcome::Resumed);
     drop(h);
-}
+});
 
 fn vm_again() -> TestVm {
     TestVm::new(kvm_ioctls::Kvm::new().expect("kvm"), false)
@@ -245,11 +228,7 @@ fn resident_bytes(addr: usize, size: usize) -> usize {
     vec.iter().filter(|&&b| b & 1 != 0).count() * page
 }
 
-#[test]
-fn the_default_stack_leaves_a_wide_margin() {
-    let Some(vm) = TestVm::or_skip("the_default_stack_leaves_a_wide_margin", false) else {
-        return;
-    };
+kvm_test!(the_default_stack_leaves_a_wide_margin, false, |vm| {
     let stack = Arc::new(std::sync::OnceLock::new());
     let seen = Arc::clone(&stack);
     let rec = Recorder::with_hook(move |_, _| {
@@ -269,36 +248,33 @@ fn the_default_stack_leaves_a_wide_margin() {
         "the vCPU thread touched {used} of its {size} stack bytes: raise DEFAULT_STACK_SIZE"
     );
     h.join(TIMEOUT).expect("join");
-}
+});
 
-#[test]
-fn duration_max_waits_without_deadline_and_unwinding_drops_cleanly() {
-    let Some(vm) = TestVm::or_skip(
-        "duration_max_waits_without_deadline_and_unwinding_drops_cleanly",
-        false,
-    ) else {
-        return;
-    };
-    let h = counter_actor(&vm, Recorder::new());
-    // A timeout that cannot be added to the current time means "no deadline", never an
-    // overflow panic.
-    let reply = h
-        .request(VcpuRequest::Resume, Duration::MAX)
-        .expect("reply");
-    assert_eq!(reply.outcome, ReplyOutcome::Resumed);
-    let id = h.send(VcpuRequest::Pause).expect("send");
-    let reply = h.wait_reply(id, Duration::MAX).expect("reply");
-    assert_eq!(reply.outcome, ReplyOutcome::Paused);
-    h.join(Duration::MAX).expect("join without deadline");
+kvm_test!(
+    duration_max_waits_without_deadline_and_unwinding_drops_cleanly,
+    false,
+    |vm| {
+        let h = counter_actor(&vm, Recorder::new());
+        // A timeout that cannot be added to the current time means "no deadline", never an
+        // overflow panic.
+        let reply = h
+            .request(VcpuRequest::Resume, Duration::MAX)
+            .expect("reply");
+        assert_eq!(reply.outcome, ReplyOutcome::Resumed);
+        let id = h.send(VcpuRequest::Pause).expect("send");
+        let reply = h.wait_reply(id, Duration::MAX).expect("reply");
+        assert_eq!(reply.outcome, ReplyOutcome::Paused);
+        h.join(Duration::MAX).expect("join without deadline");
 
-    // A handle dropped while its owner unwinds from a panic asks the thread to exit and
-    // does not panic again (which would abort the process).
-    let h = counter_actor(&vm_again(), Recorder::new());
-    expect(&h, VcpuRequest::Resume, ReplyOutcome::Resumed);
-    let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
-        let _owner = h;
-        panic!("the VMM's own panic");
-    }));
-    let payload = unwound.expect_err("the closure panics");
-    assert_eq!(payload.downcast_ref::<&str>(), Some(&"the VMM's own panic"));
-}
+        // A handle dropped while its owner unwinds from a panic asks the thread to exit and
+        // does not panic again (which would abort the process).
+        let h = counter_actor(&vm_again(), Recorder::new());
+        expect(&h, VcpuRequest::Resume, ReplyOutcome::Resumed);
+        let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+            let _owner = h;
+            panic!("the VMM's own panic");
+        }));
+        let payload = unwound.expect_err("the closure panics");
+        assert_eq!(payload.downcast_ref::<&str>(), Some(&"the VMM's own panic"));
+    }
+);

@@ -34,6 +34,14 @@ pub struct BareVm {
     cpuid: CpuId,
 }
 
+impl std::fmt::Debug for BareVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BareVm")
+            .field("cpuid_entries", &self.cpuid.as_slice().len())
+            .finish_non_exhaustive()
+    }
+}
+
 impl BareVm {
     /// A fresh VM (default options) and KVM's supported CPUID.
     pub fn new() -> Result<Self, IntegrationError> {
@@ -125,6 +133,7 @@ fn kick_signal() -> Result<libc::c_int, IntegrationError> {
     installed.map(|()| signal)
 }
 
+#[derive(Debug)]
 struct KickThread {
     pthread: libc::pthread_t,
     /// The vCPU's `kvm_run` mapping, alive as long as the fd the thread owns (until joined).
@@ -134,6 +143,7 @@ struct KickThread {
 }
 
 /// Bare threads, one per vCPU fd, started paused (see the module doc).
+#[derive(Debug)]
 pub struct KickedVcpus {
     _bare: BareVm,
     threads: Vec<KickThread>,
@@ -213,12 +223,15 @@ impl KickedVcpus {
     /// Kicks every vCPU out of `KVM_RUN`; returns once all threads are out.
     pub fn pause(&self) -> Result<(), IntegrationError> {
         for t in &self.threads {
+            let flag = t
+                .run
+                .cast::<u8>()
+                .wrapping_add(std::mem::offset_of!(kvm_run, immediate_exit));
             // SAFETY: `run` is the live kvm_run mapping of a vCPU fd owned by a thread not yet
-            // joined; immediate_exit is a byte KVM reads on entry, written atomically.
-            unsafe {
-                (*std::ptr::addr_of_mut!((*t.run).immediate_exit).cast::<AtomicU8>())
-                    .store(1, Ordering::SeqCst)
-            };
+            // joined, so `flag` points at its immediate_exit byte, which KVM reads on entry and
+            // which is only ever written atomically here.
+            let immediate_exit = unsafe { AtomicU8::from_ptr(flag) };
+            immediate_exit.store(1, Ordering::SeqCst);
             // SAFETY: the thread is not joined, so its pthread_t is valid.
             unsafe { libc::pthread_kill(t.pthread, self.signal) };
         }

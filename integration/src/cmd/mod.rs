@@ -72,28 +72,13 @@ impl From<topology::TopologyError> for CliError {
 }
 
 /// `?` on a VMM error (the umbrella or one operation's enum) maps it to its exit code.
-macro_rules! cli_from_vmm_errors {
-    ($($err:ident),* $(,)?) => {$(
-        impl From<vmm_core::$err> for CliError {
-            fn from(e: vmm_core::$err) -> Self {
-                IntegrationError::Vmm(e.into()).into()
-            }
-        }
-    )*};
+impl From<VmmError> for CliError {
+    fn from(e: VmmError) -> Self {
+        IntegrationError::Vmm(e).into()
+    }
 }
 
-cli_from_vmm_errors!(
-    VmmError,
-    ConfigError,
-    VmError,
-    BusError,
-    PmuError,
-    VcpuSetupError,
-    VcpuControlError,
-    BootError,
-    ResizeError,
-    OsError,
-);
+crate::from_each_vmm_error!(CliError);
 
 fn vmm_exit_code(e: &VmmError) -> ExitCode {
     match e {
@@ -150,6 +135,7 @@ impl VmSpec {
 }
 
 /// Progress and result lines of the demo (to stdout, or stderr with `--json`).
+#[derive(Debug)]
 pub struct Out {
     json: bool,
 }
@@ -195,6 +181,7 @@ impl Out {
 }
 
 /// A step in progress (see [`Out::progress`]); dropping it ends the progress lines.
+#[derive(Debug)]
 pub struct Progress {
     stop: Option<std::sync::mpsc::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,

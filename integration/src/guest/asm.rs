@@ -14,7 +14,7 @@
 //! after the short CPL-0 part. And absolute addresses of the local APIC go through a register:
 //! `movl $imm, disp32` would sign-extend 0xFEE0_0xxx.
 
-use super::agent::layout::{
+use super::agent::shared_memory::{
     CPU_LINES_ADDR, CPU_LINE_SHIFT, MAILBOX_ARG, MAILBOX_CMD, MAILBOX_MODE, MAILBOX_SEQ,
     MAX_QUERIES, QUERIES_ADDR, RESULTS_ADDR, RESULTS_SHIFT,
 };

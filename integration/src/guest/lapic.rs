@@ -1,7 +1,7 @@
 //! The xAPIC registers and ICR values the guest programs use (MMIO at
 //! [`LAPIC_ADDR`], mapped for CPL 3 by the loader).
 
-use crate::loader::layout::{LAPIC_ADDR, SIPI_VECTOR};
+use crate::loader::memory_map::{LAPIC_ADDR, SIPI_VECTOR};
 
 /// Spurious-interrupt vector register.
 pub const SVR: u64 = LAPIC_ADDR + 0xf0;

@@ -29,9 +29,9 @@
 //!
 //! # Memory
 //!
-//! Programs load at [`crate::loader::layout::DEFAULT_LOAD_ADDR`]; the [`smp_counter`]
+//! Programs load at [`crate::loader::memory_map::DEFAULT_LOAD_ADDR`]; the [`smp_counter`]
 //! counters are at [`counter_addr`] (one 64-byte line per APIC ID from [`COUNTERS_ADDR`]); the
-//! agent's mailbox, query list, progress lines and result tables are in [`agent::layout`].
+//! agent's mailbox, query list, progress lines and result tables are in [`agent::shared_memory`].
 
 pub mod agent;
 mod asm;

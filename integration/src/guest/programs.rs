@@ -1,7 +1,7 @@
 //! The small guest programs: [`smp_counter`], [`triple_fault`], [`shutdown_port`], [`spin`]
 //! and [`pio_loop`] (the agent is [`super::agent`]). Their assembly is in `asm.rs`.
 
-use crate::loader::{layout, GuestProgram, Privilege};
+use crate::loader::{memory_map, GuestProgram, Privilege};
 
 use super::asm;
 
@@ -68,7 +68,7 @@ impl GuestCode {
         GuestProgram {
             name: self.name,
             code: self.code,
-            load_addr: layout::DEFAULT_LOAD_ADDR,
+            load_addr: memory_map::DEFAULT_LOAD_ADDR,
             bsp_entry: self.bsp_entry,
             ap_entry: self.ap_entry,
             privilege: self.privilege,
@@ -80,7 +80,7 @@ impl GuestCode {
 /// Every vCPU reports its CPUID leaf 0x1 EBX and leaf 0xB EDX through
 /// [`super::ports::CPUID_LEAF1_EBX`] / [`super::ports::CPUID_LEAFB_EDX`], then increments its
 /// counter ([`counter_addr`] of its APIC ID) forever. The BSP enables its local APIC and wakes
-/// every other vCPU with INIT and SIPI (vector [`layout::SIPI_VECTOR`], shorthand "all
+/// every other vCPU with INIT and SIPI (vector [`memory_map::SIPI_VECTOR`], shorthand "all
 /// excluding self") before it counts. Entered at CPL 0 (CPUID, reports and wake-up: a few
 /// dozen instructions, emulated on PVM hosts); counts at CPL 3 (native).
 pub fn smp_counter() -> GuestCode {

@@ -29,7 +29,7 @@ impl CpuidReport {
 const MAX_REPORTS: usize = 4096;
 
 /// The report-port device ([`ports::REPORT_BASE`], [`ports::REPORT_LEN`] ports).
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct CpuidReports {
     reports: Mutex<Vec<CpuidReport>>,
 }

@@ -37,6 +37,15 @@ pub struct GuestVm {
     pub reports: Arc<CpuidReports>,
 }
 
+impl std::fmt::Debug for GuestVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuestVm")
+            .field("present_vcpus", &self.vcpus.present_vcpu_count())
+            .field("reports", &self.reports)
+            .finish_non_exhaustive()
+    }
+}
+
 impl GuestVm {
     /// Builds the VM for `config`, loads `code`, registers the report ports and creates the
     /// boot vCPUs.

@@ -46,12 +46,26 @@ pub struct TestVm {
     pub mmap_size: usize,
 }
 
-impl TestVm {
-    /// The VM of test `test`, or `None` after [`kvm_or_skip`]'s SKIPPED line.
-    pub fn or_skip(test: &str, irqchip: bool) -> Option<TestVm> {
-        kvm_or_skip(test).map(|kvm| TestVm::new(kvm, irqchip))
+/// Runs `body` on a fresh [`TestVm`] (`irqchip`: see [`TestVm::new`]); without KVM, skips
+/// `test` after [`kvm_or_skip`]'s SKIPPED line.
+pub fn with_vm(test: &str, irqchip: bool, body: impl FnOnce(TestVm)) {
+    if let Some(kvm) = kvm_or_skip(test) {
+        body(TestVm::new(kvm, irqchip));
     }
+}
 
+/// `kvm_test!(name, irqchip, |vm| { ... })`: the test `name`, run by [`with_vm`].
+macro_rules! kvm_test {
+    ($name:ident, $irqchip:expr, $body:expr) => {
+        #[test]
+        fn $name() {
+            $crate::common::with_vm(stringify!($name), $irqchip, $body);
+        }
+    };
+}
+pub(crate) use kvm_test;
+
+impl TestVm {
     /// Creates the VM; `irqchip` adds the in-kernel PIC/IOAPIC/LAPICs (needed for INIT/SIPI).
     pub fn new(kvm: Kvm, irqchip: bool) -> TestVm {
         let vm = kvm.create_vm().expect("KVM_CREATE_VM");

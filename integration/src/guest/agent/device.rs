@@ -13,7 +13,7 @@ use vcpu_actor::{DeviceError, IoOutcome};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_core::{BusAccess, BusDevice, BusSpace, IoBus};
 
-use super::{layout, ports, AgentCommand, ApMode};
+use super::{ports, shared_memory, AgentCommand, ApMode};
 use crate::IntegrationError;
 
 /// What one vCPU reported through [`ports::ONLINE`].
@@ -31,7 +31,7 @@ pub struct OnlineReport {
 /// which vCPUs write).
 const MAX_TRACKED: usize = 4096;
 
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct AgentState {
     online: BTreeMap<u32, OnlineReport>,
     parked: BTreeSet<u32>,
@@ -43,6 +43,7 @@ struct AgentState {
 /// The VMM side of the guest agent: a device on the VM's I/O bus plus the mailbox in guest
 /// memory. Register it with [`GuestAgent::register`]; its methods are what the guest-side
 /// upcall server's callback calls ([`GuestAgent::cpu_callback`]).
+#[derive(Debug)]
 pub struct GuestAgent {
     mem: GuestMemoryMmap,
     state: Mutex<AgentState>,
@@ -87,30 +88,33 @@ impl GuestAgent {
     }
 
     /// Writes the CPUID query list the vCPUs execute (before they start). At most
-    /// [`layout::MAX_QUERIES`].
+    /// [`shared_memory::MAX_QUERIES`].
     pub fn write_queries(&self, queries: &[(u32, u32)]) -> Result<(), IntegrationError> {
-        if queries.len() > layout::MAX_QUERIES as usize {
-            return Err(IntegrationError::Guest(format!(
-                "{} CPUID queries asked; the agent executes at most {}",
-                queries.len(),
-                layout::MAX_QUERIES
-            )));
-        }
+        let count = u32::try_from(queries.len())
+            .ok()
+            .filter(|&n| n <= shared_memory::MAX_QUERIES)
+            .ok_or_else(|| {
+                IntegrationError::Guest(format!(
+                    "{} CPUID queries asked; the agent executes at most {}",
+                    queries.len(),
+                    shared_memory::MAX_QUERIES
+                ))
+            })?;
         let mut bytes = Vec::with_capacity(8 + 8 * queries.len());
-        bytes.extend_from_slice(&(queries.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(&count.to_le_bytes());
         bytes.extend_from_slice(&0u32.to_le_bytes());
         for (leaf, subleaf) in queries {
             bytes.extend_from_slice(&leaf.to_le_bytes());
             bytes.extend_from_slice(&subleaf.to_le_bytes());
         }
         self.mem
-            .write_slice(&bytes, GuestAddress(layout::QUERIES_ADDR))
+            .write_slice(&bytes, GuestAddress(shared_memory::QUERIES_ADDR))
             .map_err(|e| IntegrationError::Guest(format!("writing the CPUID queries: {e}")))
     }
 
     /// Sets what APs do once they reported (read by each AP as it comes up).
     pub fn set_ap_mode(&self, mode: ApMode) -> Result<(), IntegrationError> {
-        self.write_u32(layout::MAILBOX_MODE, mode as u32)
+        self.write_u32(shared_memory::MAILBOX_MODE, mode as u32)
     }
 
     /// What the vCPU with APIC ID `apic_id` read for `queries` (the list given to
@@ -120,10 +124,10 @@ impl GuestAgent {
         apic_id: u32,
         queries: &[(u32, u32)],
     ) -> Result<Vec<CpuidResult>, IntegrationError> {
-        let n = queries.len().min(layout::MAX_QUERIES as usize);
+        let n = queries.len().min(shared_memory::MAX_QUERIES as usize);
         let mut raw = vec![0u8; n * 16];
         self.mem
-            .read_slice(&mut raw, GuestAddress(layout::results_addr(apic_id)))
+            .read_slice(&mut raw, GuestAddress(shared_memory::results_addr(apic_id)))
             .map_err(|e| IntegrationError::Guest(format!("reading CPUID results: {e}")))?;
         let word = |r: &[u8], i: usize| u32::from_le_bytes([r[i], r[i + 1], r[i + 2], r[i + 3]]);
         Ok(queries
@@ -143,7 +147,7 @@ impl GuestAgent {
     /// The progress counter of the vCPU with APIC ID `apic_id`.
     pub fn progress(&self, apic_id: u32) -> u64 {
         self.mem
-            .read_obj::<u64>(GuestAddress(layout::counter_addr(apic_id)))
+            .read_obj::<u64>(GuestAddress(shared_memory::counter_addr(apic_id)))
             .unwrap_or(0)
     }
 
@@ -229,10 +233,10 @@ impl GuestAgent {
         let next = seq.wrapping_add(1).max(1);
         // Command and argument first: the BSP reads them after it sees the new sequence
         // number (x86 keeps stores in order; the fence keeps the compiler from reordering).
-        self.write_u32(layout::MAILBOX_CMD, cmd as u32)?;
-        self.write_u32(layout::MAILBOX_ARG, arg)?;
+        self.write_u32(shared_memory::MAILBOX_CMD, cmd as u32)?;
+        self.write_u32(shared_memory::MAILBOX_ARG, arg)?;
         fence(Ordering::SeqCst);
-        self.write_u32(layout::MAILBOX_SEQ, next)?;
+        self.write_u32(shared_memory::MAILBOX_SEQ, next)?;
         *seq = next;
         debug!(self.logger, "request posted"; "seq" => next, "cmd" => ?cmd, "arg" => arg);
         if !wait_ack {
@@ -373,8 +377,11 @@ mod tests {
     use super::*;
 
     fn agent() -> Arc<GuestAgent> {
-        let mem =
-            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MIN_MEMORY_SIZE as usize)]).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(
+            GuestAddress(0),
+            usize::try_from(MIN_MEMORY_SIZE).unwrap(),
+        )])
+        .unwrap();
         GuestAgent::new(mem, Logger::root(slog::Discard, o!()))
     }
 
@@ -418,16 +425,16 @@ mod tests {
             while Instant::now() < deadline {
                 let seq = guest
                     .mem
-                    .read_obj::<u32>(GuestAddress(layout::MAILBOX_SEQ))
+                    .read_obj::<u32>(GuestAddress(shared_memory::MAILBOX_SEQ))
                     .unwrap();
                 if seq == 1 {
                     let cmd = guest
                         .mem
-                        .read_obj::<u32>(GuestAddress(layout::MAILBOX_CMD))
+                        .read_obj::<u32>(GuestAddress(shared_memory::MAILBOX_CMD))
                         .unwrap();
                     let arg = guest
                         .mem
-                        .read_obj::<u32>(GuestAddress(layout::MAILBOX_ARG))
+                        .read_obj::<u32>(GuestAddress(shared_memory::MAILBOX_ARG))
                         .unwrap();
                     guest
                         .write(access(0, ports::ACK), &1u32.to_le_bytes())
@@ -452,11 +459,14 @@ mod tests {
         let q = [(0, 0), (0xb, 1)];
         a.write_queries(&q).unwrap();
         a.mem
-            .write_obj(0x1234u32, GuestAddress(layout::results_addr(2) + 16 + 12))
+            .write_obj(
+                0x1234u32,
+                GuestAddress(shared_memory::results_addr(2) + 16 + 12),
+            )
             .unwrap();
         let r = a.cpuid_results(2, &q).unwrap();
         assert_eq!((r[1].leaf, r[1].subleaf, r[1].edx), (0xb, 1, 0x1234));
-        let too_many = vec![(0, 0); layout::MAX_QUERIES as usize + 1];
+        let too_many = vec![(0, 0); shared_memory::MAX_QUERIES as usize + 1];
         assert!(a.write_queries(&too_many).is_err());
     }
 }

@@ -7,13 +7,13 @@
 //!
 //! Every vCPU, BSP and APs, enters at CPL 0 and executes CPUID for each (leaf, subleaf) of the
 //! query list ([`GuestAgent::write_queries`], normally [`topology::hwloc::topology_queries`])
-//! into its own result table ([`layout::results_addr`]), then reports its x2APIC ID (CPUID
+//! into its own result table ([`shared_memory::results_addr`]), then reports its x2APIC ID (CPUID
 //! leaf 0xB EDX) through [`ports::ONLINE`]. Everything the VMM shows about a vCPU's CPUID is
 //! read from these tables: what guest code read, not what the VMM configured.
 //!
 //! Then the BSP enables its LAPIC, wakes the boot APs with one broadcast INIT/SIPI and drops to
-//! CPL 3, where it counts its progress counter ([`layout::counter_addr`]) and polls the
-//! mailbox ([`layout::MAILBOX_ADDR`], in guest memory so that polling costs no exits). For
+//! CPL 3, where it counts its progress counter ([`shared_memory::counter_addr`]) and polls the
+//! mailbox ([`shared_memory::MAILBOX_ADDR`], in guest memory so that polling costs no exits). For
 //! each new request it carries out the [`AgentCommand`] (INIT + SIPI to one APIC ID through
 //! the xAPIC ICR; INIT alone, which parks the AP in wait-for-SIPI as an offlined CPU; or a
 //! write to the VM's shutdown port) and acknowledges the sequence number through
@@ -62,15 +62,17 @@ pub use device::{GuestAgent, OnlineReport};
 pub use upcall::{attach_upcall, AgentUpcall, AgentUpcallOptions};
 pub use vm::{AgentVm, AgentVmOptions};
 
-use crate::loader::layout as loader_layout;
+use crate::loader::memory_map;
 use serde::Serialize;
 
 pub use super::ports;
 use super::{asm, GuestCode};
 
-/// Guest physical addresses the agent program uses (all inside the first
-/// [`MIN_MEMORY_SIZE`] bytes).
-pub mod layout {
+/// The guest memory the agent program and the VMM-side [`GuestAgent`] share: the mailbox,
+/// the CPUID query list, the per-CPU progress lines and result tables (all inside the first
+/// [`MIN_MEMORY_SIZE`] bytes, above the loader's
+/// [`PROGRAM_AREA_START`](crate::loader::memory_map::PROGRAM_AREA_START)).
+pub mod shared_memory {
     /// The mailbox: the VMM's requests to the BSP.
     pub const MAILBOX_ADDR: u64 = 0x60_0000;
     /// `u32`: the request sequence number (written last).
@@ -110,16 +112,19 @@ pub mod layout {
     }
 }
 
-/// The layout's rules, checked when the crate compiles: the mailbox is above the program
+/// The shared memory's rules, checked when the crate compiles: the mailbox is above the program
 /// area, the query list ends before the per-CPU lines, the lines end before the result tables,
-/// a result table holds [`layout::MAX_QUERIES`] results, and everything fits in
+/// a result table holds [`shared_memory::MAX_QUERIES`] results, and everything fits in
 /// [`MIN_MEMORY_SIZE`].
 const _: () = {
-    assert!(layout::MAILBOX_ADDR >= loader_layout::PROGRAM_AREA_START + 0x10_0000);
-    assert!(layout::QUERIES_ADDR + 8 + 8 * (layout::MAX_QUERIES as u64) <= layout::CPU_LINES_ADDR);
-    assert!(layout::counter_addr(255) + 64 <= layout::RESULTS_ADDR);
-    assert!(16 * (layout::MAX_QUERIES as u64) <= 1 << layout::RESULTS_SHIFT);
-    assert!(layout::END <= MIN_MEMORY_SIZE);
+    assert!(shared_memory::MAILBOX_ADDR >= memory_map::PROGRAM_AREA_START + 0x10_0000);
+    assert!(
+        shared_memory::QUERIES_ADDR + 8 + 8 * (shared_memory::MAX_QUERIES as u64)
+            <= shared_memory::CPU_LINES_ADDR
+    );
+    assert!(shared_memory::counter_addr(255) + 64 <= shared_memory::RESULTS_ADDR);
+    assert!(16 * (shared_memory::MAX_QUERIES as u64) <= 1 << shared_memory::RESULTS_SHIFT);
+    assert!(shared_memory::END <= MIN_MEMORY_SIZE);
 };
 
 /// The smallest guest memory the agent program fits in.
@@ -132,7 +137,7 @@ pub const SHUTDOWN_VALUE: u32 = 0x5d;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[repr(u32)]
 pub enum AgentCommand {
-    /// INIT then SIPI (vector [`loader_layout::SIPI_VECTOR`]) to the APIC ID: the AP starts at
+    /// INIT then SIPI (vector [`memory_map::SIPI_VECTOR`]) to the APIC ID: the AP starts at
     /// the loader's trampoline, then the agent's AP entry.
     Wake = 1,
     /// INIT to the APIC ID: the AP stops and waits for SIPI (an offlined CPU).
@@ -174,9 +179,13 @@ mod tests {
     }
 
     #[test]
-    fn layout_fits_and_does_not_overlap() {
-        // The layout's own rules are checked at compile time (the `const _` after `layout`).
-        assert_eq!(layout::counter_addr(256), layout::counter_addr(0));
+    fn shared_memory_fits_and_ports_do_not_overlap() {
+        // The shared memory's own rules are checked at compile time (the `const _` after
+        // `shared_memory`).
+        assert_eq!(
+            shared_memory::counter_addr(256),
+            shared_memory::counter_addr(0)
+        );
         // The agent's ports are clear of the other guest programs' and the VM's.
         let agent = u32::from(ports::AGENT_BASE)..u32::from(ports::AGENT_BASE + ports::AGENT_LEN);
         for p in [

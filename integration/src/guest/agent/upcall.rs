@@ -42,6 +42,7 @@ impl Default for AgentUpcallOptions {
 }
 
 /// The guest side of the channel; it stops (and removes its socket) when dropped.
+#[derive(Debug)]
 pub struct AgentUpcall {
     /// The guest-side server: what the "guest kernel" knows about its CPUs.
     pub server: GuestUpcallServer,

@@ -11,6 +11,7 @@ use crate::guest::vm::build_with_program;
 use crate::IntegrationError;
 
 /// How to build an [`AgentVm`].
+#[derive(Debug)]
 pub struct AgentVmOptions {
     /// Guest RAM in bytes (at least [`MIN_MEMORY_SIZE`]).
     pub memory_size: u64,
@@ -41,6 +42,16 @@ pub struct AgentVm {
     pub agent: Arc<GuestAgent>,
     /// The CPUID queries ([`topology_queries`] of vCPU 0's CPUID set).
     pub queries: Vec<(u32, u32)>,
+}
+
+impl std::fmt::Debug for AgentVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentVm")
+            .field("present_vcpus", &self.vcpus.present_vcpu_count())
+            .field("agent", &self.agent)
+            .field("queries", &self.queries.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl AgentVm {
