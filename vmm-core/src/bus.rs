@@ -117,6 +117,14 @@ pub struct IoBus {
     logger: Logger,
 }
 
+impl fmt::Debug for IoBus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IoBus")
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
 impl IoBus {
     /// An empty bus.
     pub fn new(logger: Logger) -> Self {
@@ -335,7 +343,7 @@ mod tests {
 
     impl BusDevice for Recorder {
         fn read(&self, access: BusAccess, data: &mut [u8]) -> Result<IoOutcome, DeviceError> {
-            data.fill(access.offset as u8);
+            data.fill(access.offset.to_le_bytes()[0]);
             Ok(IoOutcome::Handled)
         }
         fn write(&self, a: BusAccess, data: &[u8]) -> Result<IoOutcome, DeviceError> {

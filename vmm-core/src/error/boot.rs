@@ -126,6 +126,17 @@ pub enum BootError {
         /// The zero page's capacity.
         max: usize,
     },
+    /// A value does not fit its 32-bit field of the zero page.
+    #[error(
+        "the zero page field {field} is 32 bits wide but the value {value:#x} does not fit: \
+         keep the command line and the initrd below 4 GiB"
+    )]
+    ZeroPageField {
+        /// The field of `struct boot_params`.
+        field: &'static str,
+        /// The value that does not fit.
+        value: u64,
+    },
     /// The CPU list cannot be an MP table.
     #[error("cannot build the MP table: {reason}")]
     MpTableCpus {

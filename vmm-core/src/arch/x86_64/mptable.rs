@@ -23,7 +23,7 @@ use std::mem::size_of;
 
 use vm_memory::{ByteValued, GuestMemoryMmap};
 
-use super::layout::{EBDA_END, IOAPIC_ADDR, LAPIC_ADDR, MPTABLE_START};
+use super::layout::{const_u32, EBDA_SIZE, IOAPIC_ADDR, LAPIC_ADDR, MPTABLE_START};
 use super::write_guest;
 use crate::error::BootError;
 
@@ -406,7 +406,7 @@ pub fn config_table_bytes(cpus: &[MpCpu]) -> Result<Vec<u8>, BootError> {
     }
     let too_large = |size: usize| BootError::MpTableTooLarge {
         size,
-        room: (EBDA_END - MPTABLE_START) as usize,
+        room: EBDA_SIZE,
     };
     let base_length = size_of::<MpConfigHeader>() + body.len();
     let mut header = MpConfigHeader {
@@ -447,6 +447,9 @@ pub fn floating_pointer(config_table: u32) -> MpFloatingPointer {
     mpf
 }
 
+/// The configuration table: right after the floating pointer.
+const CONFIG_TABLE_ADDR: u64 = MPTABLE_START + size_of::<MpFloatingPointer>() as u64;
+
 /// Writes the MP floating pointer at [`MPTABLE_START`] and the configuration table right
 /// after it, for `cpus` (one entry per possible vCPU, in vCPU index order).
 ///
@@ -456,15 +459,16 @@ pub fn floating_pointer(config_table: u32) -> MpFloatingPointer {
 /// table does not fit the EBDA, [`BootError::GuestMemory`] if the write fails.
 pub fn setup_mptable(mem: &GuestMemoryMmap, cpus: &[MpCpu]) -> Result<(), BootError> {
     let table = config_table_bytes(cpus)?;
-    let table_addr = MPTABLE_START + size_of::<MpFloatingPointer>() as u64;
     let size = size_of::<MpFloatingPointer>() + table.len();
-    let room = (EBDA_END - MPTABLE_START) as usize;
-    if size > room {
-        return Err(BootError::MpTableTooLarge { size, room });
+    if size > EBDA_SIZE {
+        return Err(BootError::MpTableTooLarge {
+            size,
+            room: EBDA_SIZE,
+        });
     }
-    let mpf = floating_pointer(table_addr as u32);
+    let mpf = floating_pointer(const { const_u32(CONFIG_TABLE_ADDR) });
     write_guest(mem, MPTABLE_START, mpf.as_slice())?;
-    write_guest(mem, table_addr, &table)
+    write_guest(mem, CONFIG_TABLE_ADDR, &table)
 }
 
 #[cfg(test)]
