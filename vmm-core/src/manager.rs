@@ -3,7 +3,7 @@
 //!
 //! Naming: a vCPU's *index* is its creation order (`0..max_vcpu_count`, thread fastest, then
 //! core, die, socket); its *id* is its KVM vCPU id, which is its APIC ID from the topology.
-//! The vCPU actors, the exit handler and [`VcpuExitReason`] use the id.
+//! The vCPU actors, the exit handler and [`VcpuExitReason`](vcpu_actor::VcpuExitReason) use the id.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};

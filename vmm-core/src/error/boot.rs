@@ -2,7 +2,7 @@
 //! command line, zero page and MP table, or a small guest program.
 
 /// Why a Linux kernel ([`load_linux`](crate::boot::load_linux)) or a guest program
-/// ([`load_program`](crate::loader::load_program)) could not be loaded.
+/// (the test-program loader of the `integration` crate) could not be loaded.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum BootError {
