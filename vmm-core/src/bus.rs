@@ -117,6 +117,14 @@ pub struct IoBus {
     logger: Logger,
 }
 
+impl fmt::Debug for IoBus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IoBus")
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
 impl IoBus {
     /// An empty bus.
     pub fn new(logger: Logger) -> Self {
@@ -335,7 +343,7 @@ mod tests {
 
     impl BusDevice for Recorder {
         fn read(&self, access: BusAccess, data: &mut [u8]) -> Result<IoOutcome, DeviceError> {
-            data.fill(access.offset as u8);
+            data.fill(access.offset.to_le_bytes()[0]);
             Ok(IoOutcome::Handled)
         }
         fn write(&self, a: BusAccess, data: &[u8]) -> Result<IoOutcome, DeviceError> {
@@ -351,12 +359,17 @@ mod tests {
         IoBus::new(Logger::root(slog::Discard, o!()))
     }
 
-    #[test]
-    fn overlapping_ranges_are_rejected_naming_the_existing_one() {
+    /// A bus with a [`Recorder`] named `name` at `base..base + len` of `space`.
+    fn bus_with(space: BusSpace, base: u64, len: u64, name: &str) -> (IoBus, Arc<Recorder>) {
         let bus = bus();
         let dev = Arc::new(Recorder::default());
-        bus.register(BusSpace::Pio, 0x3f8, 8, "com1", dev.clone())
-            .unwrap();
+        bus.register(space, base, len, name, dev.clone()).unwrap();
+        (bus, dev)
+    }
+
+    #[test]
+    fn overlapping_ranges_are_rejected_naming_the_existing_one() {
+        let (bus, dev) = bus_with(BusSpace::Pio, 0x3f8, 8, "com1");
         for (base, len) in [
             (0x3f8, 8),
             (0x3f0, 9),
@@ -407,27 +420,18 @@ mod tests {
 
     #[test]
     fn accesses_are_routed_with_offsets_and_unclaimed_reads_are_all_ones() {
-        let bus = bus();
-        let dev = Arc::new(Recorder::default());
-        bus.register(BusSpace::Mmio, 0x1000, 0x100, "dev", dev.clone())
-            .unwrap();
+        let (bus, dev) = bus_with(BusSpace::Mmio, 0x1000, 0x100, "dev");
         let mut data = [0u8; 4];
         bus.mmio_read(3, 0x1010, &mut data).unwrap();
         assert_eq!(data, [0x10; 4]);
-        assert!(matches!(
-            bus.mmio_write(3, 0x10ff, &[7]),
-            Ok(IoOutcome::StopVm)
-        ));
-        assert_eq!(
-            dev.writes.lock().unwrap().as_slice(),
-            &[(3, 0x1000, 0xff, vec![7])]
-        );
+        let outcome = bus.mmio_write(3, 0x10ff, &[7]).ok();
+        assert_eq!(outcome, Some(IoOutcome::StopVm));
+        let writes = dev.writes.lock().unwrap().clone();
+        assert_eq!(writes, [(3, 0x1000, 0xff, vec![7])]);
         bus.mmio_read(3, 0x1100, &mut data).unwrap();
         assert_eq!(data, [0xff; 4]);
-        assert!(matches!(
-            bus.pio_write(0, 0x1000, &[1]),
-            Ok(IoOutcome::Handled)
-        ));
+        let outcome = bus.pio_write(0, 0x1000, &[1]).ok();
+        assert_eq!(outcome, Some(IoOutcome::Handled));
         assert_eq!(
             bus.stats(),
             BusStats {

@@ -243,6 +243,16 @@ mod tests {
     use super::*;
     use topology::TopologyError;
 
+    /// Unwraps the error of `$result`, asserting that it matches `$pat` (its message shows
+    /// otherwise).
+    macro_rules! assert_err {
+        ($result:expr, $pat:pat) => {{
+            let e = $result.unwrap_err();
+            assert!(matches!(e, $pat), "{e}");
+            e
+        }};
+    }
+
     /// Limits filled by hand: this host's KVM numbers over a synthetic Intel CPUID with no
     /// PMU (leaf 0xA zero), like the PVM hosts.
     fn limits() -> KvmLimits {
@@ -296,51 +306,39 @@ mod tests {
 
     #[test]
     fn boot_over_max() {
-        let e = check(&config(9, 8, 2, 2, 2)).unwrap_err();
-        assert!(
-            matches!(
-                e,
-                ConfigError::Smp {
-                    source: TopologyError::BootExceedsMax { boot: 9, max: 8 },
-                    ..
-                }
-            ),
-            "{e}"
+        let e = assert_err!(
+            check(&config(9, 8, 2, 2, 2)),
+            ConfigError::Smp {
+                source: TopologyError::BootExceedsMax { boot: 9, max: 8 },
+                ..
+            }
         );
         assert!(e.to_string().contains("boot_vcpu_count 9"), "{e}");
     }
 
     #[test]
     fn max_over_kvm_limit() {
-        let e = check(&config(1, 2048, 8, 128, 2)).unwrap_err();
-        assert!(
-            matches!(
-                e,
-                ConfigError::MaxVcpusOverKvmLimit {
-                    max: 2048,
-                    kvm_limit: 1024
-                }
-            ),
-            "{e}"
+        assert_err!(
+            check(&config(1, 2048, 8, 128, 2)),
+            ConfigError::MaxVcpusOverKvmLimit {
+                max: 2048,
+                kvm_limit: 1024
+            }
         );
     }
 
     #[test]
     fn topology_product_differs_from_max() {
-        let e = check(&config(2, 8, 1, 3, 2)).unwrap_err();
-        assert!(
-            matches!(
-                e,
-                ConfigError::Smp {
-                    source: TopologyError::ProductMismatch {
-                        product: 6,
-                        max_cpus: 8,
-                        ..
-                    },
+        let e = assert_err!(
+            check(&config(2, 8, 1, 3, 2)),
+            ConfigError::Smp {
+                source: TopologyError::ProductMismatch {
+                    product: 6,
+                    max_cpus: 8,
                     ..
-                }
-            ),
-            "{e}"
+                },
+                ..
+            }
         );
         assert!(
             e.to_string().contains("sockets=1,dies=1,cores=3,threads=2"),
@@ -359,19 +357,13 @@ mod tests {
         l.max_vcpu_id = 8;
         // 3 sockets x 3 cores: the core field is 2 bits, so the last vCPU (index 8, socket 2,
         // core 2) has APIC ID 2 << 2 | 2 = 10, not below KVM's 8.
-        let e = config(1, 9, 3, 3, 1)
-            .validate(&l, InterruptMode::XApic)
-            .unwrap_err();
-        assert!(
-            matches!(
-                e,
-                ConfigError::ApicIdOverKvmLimit {
-                    index: 8,
-                    apic_id: 10,
-                    kvm_limit: 8
-                }
-            ),
-            "{e}"
+        assert_err!(
+            config(1, 9, 3, 3, 1).validate(&l, InterruptMode::XApic),
+            ConfigError::ApicIdOverKvmLimit {
+                index: 8,
+                apic_id: 10,
+                kvm_limit: 8
+            }
         );
     }
 
@@ -380,18 +372,14 @@ mod tests {
         // 255 cores: the last APIC ID is 254, fine; 2 x 160 cores: core field 8 bits, the
         // last vCPU (socket 1, core 159) has APIC ID 256 + 159.
         check(&config(1, 255, 1, 255, 1)).unwrap();
-        let e = check(&config(1, 320, 2, 160, 1)).unwrap_err();
-        assert!(
-            matches!(
-                e,
-                ConfigError::ApicIdTooLargeForInterruptMode {
-                    index: 319,
-                    apic_id: 415,
-                    mode: InterruptMode::XApic,
-                    limit: 255
-                }
-            ),
-            "{e}"
+        let e = assert_err!(
+            check(&config(1, 320, 2, 160, 1)),
+            ConfigError::ApicIdTooLargeForInterruptMode {
+                index: 319,
+                apic_id: 415,
+                mode: InterruptMode::XApic,
+                limit: 255
+            }
         );
         assert!(e.to_string().contains("APIC ID 415"), "{e}");
         // 256 cores: the last APIC ID is 255, the broadcast ID.
@@ -405,32 +393,24 @@ mod tests {
     fn vpmu_level_the_host_cannot_give() {
         let mut c = config(1, 1, 1, 1, 1);
         c.vpmu = VpmuFeatureLevel::LimitedlyEnabled;
-        let e = check(&c).unwrap_err();
-        assert!(
-            matches!(
-                e,
-                ConfigError::VpmuUnsupported {
-                    level: VpmuFeatureLevel::LimitedlyEnabled,
-                    ..
-                }
-            ),
-            "{e}"
+        assert_err!(
+            check(&c),
+            ConfigError::VpmuUnsupported {
+                level: VpmuFeatureLevel::LimitedlyEnabled,
+                ..
+            }
         );
         // With a PMU in the host's CPUID, the same level passes.
         let mut l = limits();
         l.supported_cpuid = topology::host::synthetic_intel();
         if topology::find_entry(&l.supported_cpuid, 0xa, 0).is_some_and(|e| e.eax & 0xff != 0) {
             // ... once KVM also has the event filter the level needs.
-            let e = c.validate(&l, InterruptMode::XApic).unwrap_err();
-            assert!(
-                matches!(
-                    e,
-                    ConfigError::VpmuUnsupported {
-                        source: vpmu::VpmuError::KvmLacksCapability { .. },
-                        ..
-                    }
-                ),
-                "{e}"
+            assert_err!(
+                c.validate(&l, InterruptMode::XApic),
+                ConfigError::VpmuUnsupported {
+                    source: vpmu::VpmuError::KvmLacksCapability { .. },
+                    ..
+                }
             );
             l.capabilities
                 .insert(vpmu::KvmCapability::PMU_EVENT_FILTER.number, 1);

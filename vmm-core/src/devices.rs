@@ -25,6 +25,7 @@ pub const COM1_GSI: u32 = 4;
 pub const SHUTDOWN_PORT: u16 = 0x600;
 
 /// An interrupt line driven by writing an EventFd that KVM knows as an irqfd.
+#[derive(Debug)]
 pub struct IrqLine(EventFd);
 
 impl IrqLine {
@@ -52,6 +53,12 @@ type Uart = Serial<IrqLine, NoEvents, Box<dyn Write + Send>>;
 /// A 16550 UART whose transmitted bytes go to a writer the caller chooses.
 pub struct SerialConsole {
     uart: Mutex<Uart>,
+}
+
+impl std::fmt::Debug for SerialConsole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SerialConsole").finish_non_exhaustive()
+    }
 }
 
 impl SerialConsole {
@@ -101,7 +108,7 @@ impl BusDevice for SerialConsole {
 }
 
 /// The shutdown port: any write stops the VM. Reads return 0.
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct ShutdownPort {
     last_value: AtomicU64,
 }

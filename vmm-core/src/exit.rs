@@ -4,15 +4,18 @@
 
 use std::fmt;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use vcpu_actor::VcpuExitReason;
+use slog::{debug, info};
+use vcpu_actor::{VcpuExitReason, VcpuState};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::error::{OsError, OsOp};
+use crate::error::{OsError, OsOp, VcpuControlError};
+use crate::manager::VcpuManager;
 
 const TOKEN_VCPU_EXIT: u64 = 1;
 const TOKEN_STOP_REQUEST: u64 = 2;
@@ -68,6 +71,7 @@ impl fmt::Display for VmStopReason {
     }
 }
 
+#[derive(Debug)]
 struct Events {
     epoll: Epoll,
     vcpu_exit: EventFd,
@@ -76,7 +80,7 @@ struct Events {
 
 /// Waits for the exit EventFd and the stop-request EventFd. Cheap to clone; usable from any
 /// thread.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct ExitMonitor {
     events: Arc<Events>,
 }
@@ -188,6 +192,102 @@ impl ExitMonitor {
             }
             if ready(TOKEN_STOP_REQUEST) && take(&self.events.stop_request)? {
                 return Ok(Some(ExitSignal::StopRequested));
+            }
+        }
+    }
+}
+
+/// Stopping the whole VM when a vCPU stops or a stop is requested.
+impl VcpuManager {
+    /// Stops the VM for `signal` (from [`ExitMonitor::wait`]): sets the exit flag, finds the
+    /// vCPUs in `waiting_exit` and their reasons, exits every vCPU and returns why. Returns
+    /// `Ok(None)` for a spurious vCPU signal (no vCPU stopped; nothing is done).
+    ///
+    /// # Errors
+    ///
+    /// As [`exit_all`](Self::exit_all).
+    pub fn stop_vm(
+        &mut self,
+        signal: ExitSignal,
+    ) -> Result<Option<VmStopReason>, VcpuControlError> {
+        let mut stopped: Vec<(u32, u32, Option<VcpuExitReason>)> = self
+            .vcpus
+            .iter()
+            .filter_map(|(index, h)| match h.state() {
+                VcpuState::WaitingExit => Some((*index, h.id(), h.exit_reason())),
+                // A thread that ended on its own (the manager has not asked any to exit).
+                VcpuState::Exited => Some((*index, h.id(), None)),
+                _ => None,
+            })
+            .collect();
+        let reason = match signal {
+            ExitSignal::StopRequested => VmStopReason {
+                vcpu_id: None,
+                vcpu_index: None,
+                reason: StopCause::StopRequested,
+                also_stopped: stopped.into_iter().filter_map(|s| s.2).collect(),
+            },
+            ExitSignal::VcpuExit => {
+                if stopped.is_empty() {
+                    return Ok(None);
+                }
+                // Prefer a vCPU with a reason, then the lowest index.
+                stopped.sort_by_key(|(index, _, r)| (r.is_none(), *index));
+                let (index, id, first) = stopped.remove(0);
+                VmStopReason {
+                    vcpu_id: Some(id),
+                    vcpu_index: Some(index),
+                    reason: first.map_or(StopCause::VcpuThreadEnded, StopCause::VcpuExit),
+                    also_stopped: stopped.into_iter().filter_map(|s| s.2).collect(),
+                }
+            }
+        };
+        self.exit_flag.store(true, Ordering::Release);
+        info!(self.logger, "stopping the VM"; "reason" => %reason);
+        self.exit_all()?;
+        Ok(Some(reason))
+    }
+
+    /// Waits up to `timeout` (`None`: forever) for a vCPU to stop or a stop request, then
+    /// stops the VM ([`stop_vm`](Self::stop_vm)). `Ok(None)`: the time passed.
+    ///
+    /// # Errors
+    ///
+    /// [`VcpuControlError::Os`] if waiting on the exit monitor fails; otherwise as
+    /// [`stop_vm`](Self::stop_vm).
+    pub fn wait_for_exit(
+        &mut self,
+        timeout: Option<Duration>,
+    ) -> Result<Option<VmStopReason>, VcpuControlError> {
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
+        loop {
+            let left = match (timeout, deadline) {
+                (Some(_), Some(d)) => Some(d.saturating_duration_since(Instant::now())),
+                _ => None,
+            };
+            let Some(signal) = self.exit_monitor.wait(left)? else {
+                return Ok(None);
+            };
+            if let Some(reason) = self.stop_vm(signal)? {
+                return Ok(Some(reason));
+            }
+            debug!(
+                self.logger,
+                "exit EventFd written but no vCPU stopped; waiting on"
+            );
+        }
+    }
+
+    /// Blocks until the VM stops (a vCPU in `waiting_exit` or a stop request), stops it and
+    /// returns why.
+    ///
+    /// # Errors
+    ///
+    /// As [`wait_for_exit`](Self::wait_for_exit).
+    pub fn run_until_exit(&mut self) -> Result<VmStopReason, VcpuControlError> {
+        loop {
+            if let Some(reason) = self.wait_for_exit(None)? {
+                return Ok(reason);
             }
         }
     }

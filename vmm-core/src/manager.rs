@@ -3,7 +3,7 @@
 //!
 //! Naming: a vCPU's *index* is its creation order (`0..max_vcpu_count`, thread fastest, then
 //! core, die, socket); its *id* is its KVM vCPU id, which is its APIC ID from the topology.
-//! The vCPU actors, the exit handler and [`VcpuExitReason`] use the id.
+//! The vCPU actors, the exit handler and [`VcpuExitReason`](vcpu_actor::VcpuExitReason) use the id.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,14 +15,13 @@ use serde::{Deserialize, Serialize};
 use slog::{debug, info, o, warn, Logger};
 use topology::{CpuVendor, CpuidEntry};
 use vcpu_actor::{
-    ExitHandler, VcpuExitReason, VcpuHandle, VcpuMetricsSnapshot, VcpuOptions, VcpuParts,
-    VcpuRequest, VcpuState,
+    ExitHandler, VcpuHandle, VcpuMetricsSnapshot, VcpuOptions, VcpuParts, VcpuRequest, VcpuState,
 };
 
 use crate::arch::x86_64::{self, cpuid};
 use crate::config::{InterruptMode, KvmLimits, VcpuConfig};
 use crate::error::{KvmOp, ManagerOp, VcpuControlError, VcpuSetupError, VmmError};
-use crate::exit::{ExitMonitor, ExitSignal, StopCause, VmStopReason};
+use crate::exit::ExitMonitor;
 use crate::pmu::{apply_pmu_actions, PmuActionsReport};
 use crate::vm::Vm;
 use crate::BootEntry;
@@ -78,15 +77,24 @@ pub struct VcpuManager {
     pmu_report: PmuActionsReport,
     boot_entry: Option<Arc<dyn BootEntry>>,
     /// Present vCPUs (a live actor), by index.
-    vcpus: BTreeMap<u32, VcpuHandle>,
+    pub(crate) vcpus: BTreeMap<u32, VcpuHandle>,
     /// KVM vCPU fds whose thread has ended, by APIC ID: KVM cannot destroy a vCPU, so a later
     /// vCPU with the same id reuses the fd.
     kept_fds: BTreeMap<u32, VcpuFd>,
-    exit_monitor: ExitMonitor,
-    exit_flag: Arc<AtomicBool>,
+    pub(crate) exit_monitor: ExitMonitor,
+    pub(crate) exit_flag: Arc<AtomicBool>,
     /// The upcall client [`resize_vcpus`](Self::resize_vcpus) asks the guest with.
     pub(crate) upcall: Option<Arc<hotplug::UpcallClient>>,
     pub(crate) logger: Logger,
+}
+
+impl std::fmt::Debug for VcpuManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VcpuManager")
+            .field("config", &self.config)
+            .field("present", &self.vcpus.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
 }
 
 impl VcpuManager {
@@ -524,7 +532,8 @@ impl VcpuManager {
 
     /// The number of present vCPUs.
     pub fn present_vcpu_count(&self) -> u32 {
-        self.vcpus.len() as u32
+        // Keyed by index below `max_vcpu_count`, a `u32`: the count fits.
+        u32::try_from(self.vcpus.len()).unwrap_or(u32::MAX)
     }
 
     /// The indices of the vCPUs that may be hot-removed: present vCPUs beyond the boot
@@ -561,99 +570,6 @@ impl VcpuManager {
     /// Whether the exit flag is set (a stop is under way or done).
     pub fn exit_requested(&self) -> bool {
         self.exit_flag.load(Ordering::Acquire)
-    }
-
-    /// Stops the VM for `signal` (from [`ExitMonitor::wait`]): sets the exit flag, finds the
-    /// vCPUs in `waiting_exit` and their reasons, exits every vCPU and returns why. Returns
-    /// `Ok(None)` for a spurious vCPU signal (no vCPU stopped; nothing is done).
-    ///
-    /// # Errors
-    ///
-    /// As [`exit_all`](Self::exit_all).
-    pub fn stop_vm(
-        &mut self,
-        signal: ExitSignal,
-    ) -> Result<Option<VmStopReason>, VcpuControlError> {
-        let mut stopped: Vec<(u32, u32, Option<VcpuExitReason>)> = self
-            .vcpus
-            .iter()
-            .filter_map(|(index, h)| match h.state() {
-                VcpuState::WaitingExit => Some((*index, h.id(), h.exit_reason())),
-                // A thread that ended on its own (the manager has not asked any to exit).
-                VcpuState::Exited => Some((*index, h.id(), None)),
-                _ => None,
-            })
-            .collect();
-        let reason = match signal {
-            ExitSignal::StopRequested => VmStopReason {
-                vcpu_id: None,
-                vcpu_index: None,
-                reason: StopCause::StopRequested,
-                also_stopped: stopped.into_iter().filter_map(|s| s.2).collect(),
-            },
-            ExitSignal::VcpuExit => {
-                if stopped.is_empty() {
-                    return Ok(None);
-                }
-                // Prefer a vCPU with a reason, then the lowest index.
-                stopped.sort_by_key(|(index, _, r)| (r.is_none(), *index));
-                let (index, id, first) = stopped.remove(0);
-                VmStopReason {
-                    vcpu_id: Some(id),
-                    vcpu_index: Some(index),
-                    reason: first.map_or(StopCause::VcpuThreadEnded, StopCause::VcpuExit),
-                    also_stopped: stopped.into_iter().filter_map(|s| s.2).collect(),
-                }
-            }
-        };
-        self.exit_flag.store(true, Ordering::Release);
-        info!(self.logger, "stopping the VM"; "reason" => %reason);
-        self.exit_all()?;
-        Ok(Some(reason))
-    }
-
-    /// Waits up to `timeout` (`None`: forever) for a vCPU to stop or a stop request, then
-    /// stops the VM ([`stop_vm`](Self::stop_vm)). `Ok(None)`: the time passed.
-    ///
-    /// # Errors
-    ///
-    /// [`VcpuControlError::Os`] if waiting on the exit monitor fails; otherwise as
-    /// [`stop_vm`](Self::stop_vm).
-    pub fn wait_for_exit(
-        &mut self,
-        timeout: Option<Duration>,
-    ) -> Result<Option<VmStopReason>, VcpuControlError> {
-        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
-        loop {
-            let left = match (timeout, deadline) {
-                (Some(_), Some(d)) => Some(d.saturating_duration_since(Instant::now())),
-                _ => None,
-            };
-            let Some(signal) = self.exit_monitor.wait(left)? else {
-                return Ok(None);
-            };
-            if let Some(reason) = self.stop_vm(signal)? {
-                return Ok(Some(reason));
-            }
-            debug!(
-                self.logger,
-                "exit EventFd written but no vCPU stopped; waiting on"
-            );
-        }
-    }
-
-    /// Blocks until the VM stops (a vCPU in `waiting_exit` or a stop request), stops it and
-    /// returns why.
-    ///
-    /// # Errors
-    ///
-    /// As [`wait_for_exit`](Self::wait_for_exit).
-    pub fn run_until_exit(&mut self) -> Result<VmStopReason, VcpuControlError> {
-        loop {
-            if let Some(reason) = self.wait_for_exit(None)? {
-                return Ok(reason);
-            }
-        }
     }
 }
 

@@ -13,7 +13,12 @@ use vpmu::{KvmCapability, KvmPmuActions, PmuEventFilter, KVM_PMU_CAP_DISABLE};
 
 use crate::error::{KvmOp, PmuError};
 
-ioctl_iow_nr!(KVM_SET_PMU_EVENT_FILTER, KVMIO, 0xb2, kvm_pmu_event_filter);
+/// The ioctl number, kept private: the macro makes a public function without docs.
+mod ioctl {
+    use super::{ioctl_iow_nr, kvm_pmu_event_filter, KVMIO};
+    ioctl_iow_nr!(KVM_SET_PMU_EVENT_FILTER, KVMIO, 0xb2, kvm_pmu_event_filter);
+}
+use ioctl::KVM_SET_PMU_EVENT_FILTER;
 
 // The vpmu crate's idea of the ABI is the kernel's, as kvm-bindings has it.
 const _: () = assert!(PmuEventFilter::HEADER_SIZE == std::mem::size_of::<kvm_pmu_event_filter>());

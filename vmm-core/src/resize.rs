@@ -85,7 +85,7 @@ impl VcpuManager {
         let client = self.upcall.clone().ok_or(ResizeError::NoUpcallClient)?;
         let started = Instant::now();
         let present: Vec<u32> = self.present_vcpus().iter().map(|v| v.index).collect();
-        let from = present.len() as u32;
+        let from = self.present_vcpu_count();
         let mut outcome = ResizeOutcome {
             from,
             to: from,
@@ -102,7 +102,9 @@ impl VcpuManager {
                 .filter(|i| !present.contains(i))
                 .take((target - from) as usize)
                 .collect();
-            outcome.added = self.grow(&client, &indices, &mut outcome)?;
+            let plan = self.plan(client, indices)?;
+            self.grow(&plan, &mut outcome)?;
+            outcome.added = plan.slots;
         } else if target < from {
             // Highest indices first, never vCPU 0.
             let indices: Vec<u32> = present
@@ -112,16 +114,18 @@ impl VcpuManager {
                 .filter(|i| *i != 0)
                 .take((from - target) as usize)
                 .collect();
-            outcome.removed = self.shrink(&client, &indices, &mut outcome)?;
+            let plan = self.plan(client, indices)?;
+            self.shrink(&plan, &mut outcome)?;
+            outcome.removed = plan.slots;
         }
         outcome.to = self.present_vcpu_count();
         outcome.total = started.elapsed();
         info!(self.logger, "vCPUs resized"; "from" => from, "to" => outcome.to,
-              "vcpu_create_us" => outcome.vcpu_create.as_micros() as u64,
-              "vcpu_start_us" => outcome.vcpu_start.as_micros() as u64,
-              "vcpu_work_us" => outcome.vcpu_work.as_micros() as u64,
-              "upcall_us" => outcome.upcall.as_micros() as u64,
-              "total_us" => outcome.total.as_micros() as u64);
+              "vcpu_create_us" => micros(outcome.vcpu_create),
+              "vcpu_start_us" => micros(outcome.vcpu_start),
+              "vcpu_work_us" => micros(outcome.vcpu_work),
+              "upcall_us" => micros(outcome.upcall),
+              "total_us" => micros(outcome.total));
         Ok(outcome)
     }
 
@@ -137,34 +141,26 @@ impl VcpuManager {
             .collect()
     }
 
-    /// The APIC IDs of `slots` as upcall carries them (8 bits; the config's interrupt mode
-    /// already keeps them below 255, this only refuses what upcall cannot say).
-    fn upcall_ids(slots: &[VcpuSlot]) -> Result<Vec<u8>, ResizeError> {
-        slots
-            .iter()
-            .map(|s| {
-                u8::try_from(s.apic_id)
-                    .ok()
-                    .filter(|id| *id != u8::MAX)
-                    .ok_or(ResizeError::ApicIdTooLargeForUpcall {
-                        index: s.index,
-                        apic_id: s.apic_id,
-                        limit: u32::from(u8::MAX),
-                    })
-            })
-            .collect()
+    /// The plan to add or remove the vCPUs at `indices` with `client`.
+    fn plan(
+        &self,
+        client: Arc<hotplug::UpcallClient>,
+        indices: Vec<u32>,
+    ) -> Result<Plan, ResizeError> {
+        let slots = self.slots(&indices)?;
+        let ids = upcall_ids(&slots)?;
+        Ok(Plan {
+            client,
+            indices,
+            slots,
+            ids,
+        })
     }
 
-    /// Creates and starts the vCPUs at `indices`, then asks the guest to online them; records
+    /// Creates and starts the vCPUs of `plan`, then asks the guest to online them; records
     /// the times in `outcome`.
-    fn grow(
-        &mut self,
-        client: &hotplug::UpcallClient,
-        indices: &[u32],
-        outcome: &mut ResizeOutcome,
-    ) -> Result<Vec<VcpuSlot>, ResizeError> {
-        let slots = self.slots(indices)?;
-        let ids = Self::upcall_ids(&slots)?;
+    fn grow(&mut self, plan: &Plan, outcome: &mut ResizeOutcome) -> Result<(), ResizeError> {
+        let indices = plan.indices.as_slice();
         let t = Instant::now();
         let mut created = Vec::new();
         let mut create = || -> Result<(), ResizeError> {
@@ -186,15 +182,17 @@ impl VcpuManager {
         outcome.vcpu_work = t.elapsed();
         outcome.vcpu_start = outcome.vcpu_work.saturating_sub(outcome.vcpu_create);
         let t = Instant::now();
-        let reply = client.add_cpus(&ids, hotplug::DEFAULT_APIC_VERSION);
+        let reply = plan
+            .client
+            .add_cpus(&plan.ids, hotplug::DEFAULT_APIC_VERSION);
         outcome.upcall = t.elapsed();
         match reply {
-            Ok(_) => Ok(slots),
+            Ok(_) => Ok(()),
             Err(source) => {
-                warn!(self.logger, "hot-add failed, rolling back"; "apic_ids" => ?ids,
+                warn!(self.logger, "hot-add failed, rolling back"; "apic_ids" => ?plan.ids,
                       "error" => %source);
                 self.roll_back(indices);
-                Err(hotplug_failed(HotplugOp::Add, &slots, source))
+                Err(hotplug_failed(HotplugOp::Add, &plan.slots, source))
             }
         }
     }
@@ -210,28 +208,56 @@ impl VcpuManager {
         }
     }
 
-    /// Asks the guest to offline the vCPUs at `indices`, then exits their threads; records
-    /// the times in `outcome`.
-    fn shrink(
-        &mut self,
-        client: &hotplug::UpcallClient,
-        indices: &[u32],
-        outcome: &mut ResizeOutcome,
-    ) -> Result<Vec<VcpuSlot>, ResizeError> {
-        let slots = self.slots(indices)?;
-        let ids = Self::upcall_ids(&slots)?;
+    /// Asks the guest to offline the vCPUs of `plan`, then exits their threads; records the
+    /// times in `outcome`.
+    fn shrink(&mut self, plan: &Plan, outcome: &mut ResizeOutcome) -> Result<(), ResizeError> {
         let t = Instant::now();
-        let reply = client.del_cpus(&ids);
+        let reply = plan.client.del_cpus(&plan.ids);
         outcome.upcall = t.elapsed();
         if let Err(source) = reply {
-            return Err(hotplug_failed(HotplugOp::Remove, &slots, source));
+            return Err(hotplug_failed(HotplugOp::Remove, &plan.slots, source));
         }
         // The guest has parked them: only now do their threads stop.
         let t = Instant::now();
-        self.exit_vcpus(indices)?;
+        self.exit_vcpus(&plan.indices)?;
         outcome.vcpu_work = t.elapsed();
-        Ok(slots)
+        Ok(())
     }
+}
+
+/// The vCPUs one resize adds or removes, and whom it asks.
+struct Plan {
+    /// The upcall client.
+    client: Arc<hotplug::UpcallClient>,
+    /// Their indices.
+    indices: Vec<u32>,
+    /// Their indices and APIC IDs.
+    slots: Vec<VcpuSlot>,
+    /// Their APIC IDs as upcall carries them.
+    ids: Vec<u8>,
+}
+
+/// The APIC IDs of `slots` as upcall carries them (8 bits; the config's interrupt mode
+/// already keeps them below 255, this only refuses what upcall cannot say).
+fn upcall_ids(slots: &[VcpuSlot]) -> Result<Vec<u8>, ResizeError> {
+    slots
+        .iter()
+        .map(|s| {
+            u8::try_from(s.apic_id)
+                .ok()
+                .filter(|id| *id != u8::MAX)
+                .ok_or(ResizeError::ApicIdTooLargeForUpcall {
+                    index: s.index,
+                    apic_id: s.apic_id,
+                    limit: u32::from(u8::MAX),
+                })
+        })
+        .collect()
+}
+
+/// `d` in whole microseconds, for the log (saturating: no resize takes 584 000 years).
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
 /// The error of a failed upcall request about `slots`.

@@ -37,6 +37,15 @@ pub struct VmOptions {
     pub logger: Logger,
 }
 
+impl std::fmt::Debug for VmOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmOptions")
+            .field("memory_size", &self.memory_size)
+            .field("create_pit", &self.create_pit)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Default for VmOptions {
     fn default() -> Self {
         Self {
@@ -86,6 +95,18 @@ pub fn memory_ranges(size: u64) -> Result<Vec<(GuestAddress, usize)>, VmError> {
     Ok(ranges)
 }
 
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm")
+            .field(
+                "memory_size",
+                &self.memory.iter().map(|r| r.len()).sum::<u64>(),
+            )
+            .field("bus", &self.bus)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Vm {
     /// Creates the VM: KVM VM, TSS address, in-kernel irqchip, PIT (optional), guest memory,
     /// the COM1 console (interrupt through an irqfd on GSI 4) and the shutdown port.
@@ -113,9 +134,9 @@ impl Vm {
             fd.create_pit2(pit).map_err(vm_err(KvmOp::CreatePit2))?;
         }
         let memory = GuestMemoryMmap::from_ranges(&ranges).map_err(VmError::MemoryAllocation)?;
-        for (slot, region) in memory.iter().enumerate() {
+        for (slot, region) in (0u32..).zip(memory.iter()) {
             let r = kvm_userspace_memory_region {
-                slot: slot as u32,
+                slot,
                 flags: 0,
                 guest_phys_addr: region.start_addr().raw_value(),
                 memory_size: region.len(),

@@ -1,10 +1,8 @@
 //! Invalid vCPU configurations against this host's real KVM limits: `build_vm` refuses each
 //! with its typed error, checking before it creates the VM.
 
-mod common;
-
-use common::kvm_or_skip;
 use kvm_ioctls::Kvm;
+use vcpu_actor::test_util::kvm_or_skip;
 use vmm_core::{
     build_vm, ConfigError, CpuTopology, InterruptMode, KvmLimits, TopologyError, VcpuConfig,
     VcpuManagerOptions, VmError, VmOptions, VmmError, VpmuFeatureLevel,

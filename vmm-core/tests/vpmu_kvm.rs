@@ -2,17 +2,17 @@
 //! PVM development hosts `KVM_CAP_PMU_CAPABILITY` is 0 (no vPMU) and
 //! `KVM_CAP_PMU_EVENT_FILTER` is 1.
 
-mod common;
-
-use common::kvm_or_skip;
 use std::sync::Arc;
+
+use kvm_ioctls::Kvm;
 
 use kvm_bindings::{KVM_CAP_PMU_CAPABILITY, KVM_CAP_PMU_EVENT_FILTER, KVM_PMU_CAP_DISABLE};
 use slog::o;
+use vcpu_actor::test_util::kvm_or_skip;
 use vmm_core::pmu::{apply_pmu_actions, PmuDisableOutcome};
 use vmm_core::{
-    build_vm, ConfigError, CpuTopology, KvmCapability, KvmLimits, KvmPmuActions, PmuError,
-    PmuEventFilter, VcpuConfig, VcpuManager, VcpuManagerOptions, Vm, VmOptions, VmmError,
+    build_vm, ConfigError, CpuTopology, CpuVendor, KvmCapability, KvmLimits, KvmPmuActions,
+    PmuError, PmuEventFilter, VcpuConfig, VcpuManager, VcpuManagerOptions, Vm, VmOptions, VmmError,
     VpmuFeatureLevel,
 };
 
@@ -25,19 +25,32 @@ fn config(vpmu: VpmuFeatureLevel) -> VcpuConfig {
     }
 }
 
+/// Builds a VM whose vCPUs have vPMU `level`.
+fn build(kvm: Kvm, level: VpmuFeatureLevel) -> Result<(Arc<Vm>, VcpuManager), VmmError> {
+    build_vm(
+        kvm,
+        VmOptions::default(),
+        config(level),
+        VcpuManagerOptions::default(),
+    )
+}
+
+/// KVM with its limits and CPU vendor, or `None` after `kvm_or_skip`'s SKIPPED line.
+fn kvm_with_limits(test: &str) -> Option<(Kvm, KvmLimits, CpuVendor)> {
+    let kvm = kvm_or_skip(test)?;
+    let limits = KvmLimits::query(&kvm).unwrap();
+    let vendor = limits.vendor().unwrap();
+    Some((kvm, limits, vendor))
+}
+
 #[test]
 fn disabled_level_disables_the_pmu_or_finds_none() {
     let Some(kvm) = kvm_or_skip("disabled_level_disables_the_pmu_or_finds_none") else {
         return;
     };
     let caps = kvm.check_extension_raw(KVM_CAP_PMU_CAPABILITY.into());
-    let (_vm, manager) = build_vm(
-        kvm,
-        VmOptions::default(),
-        config(VpmuFeatureLevel::Disabled),
-        VcpuManagerOptions::default(),
-    )
-    .expect("a Disabled vPMU works on every host");
+    let (_vm, manager) =
+        build(kvm, VpmuFeatureLevel::Disabled).expect("a Disabled vPMU works on every host");
     let expected = if caps > 0 && caps as u32 & KVM_PMU_CAP_DISABLE != 0 {
         PmuDisableOutcome::DisabledWithCapability
     } else {
@@ -53,17 +66,12 @@ fn disabled_level_disables_the_pmu_or_finds_none() {
 
 #[test]
 fn limited_level_is_rejected_where_the_host_has_no_pmu() {
-    let Some(kvm) = kvm_or_skip("limited_level_is_rejected_where_the_host_has_no_pmu") else {
+    let Some((kvm, limits, vendor)) =
+        kvm_with_limits("limited_level_is_rejected_where_the_host_has_no_pmu")
+    else {
         return;
     };
-    let limits = KvmLimits::query(&kvm).unwrap();
-    let vendor = limits.vendor().unwrap();
-    let r = build_vm(
-        kvm,
-        VmOptions::default(),
-        config(VpmuFeatureLevel::LimitedlyEnabled),
-        VcpuManagerOptions::default(),
-    );
+    let r = build(kvm, VpmuFeatureLevel::LimitedlyEnabled);
     if vpmu::host_has_pmu(vendor, &limits.supported_cpuid) {
         let (_vm, manager) = r.expect("the host has a PMU");
         assert!(manager.pmu_report().filter_events.is_some());
@@ -81,11 +89,10 @@ fn limited_level_is_rejected_where_the_host_has_no_pmu() {
 
 #[test]
 fn event_filter_ioctl_follows_the_capability() {
-    let Some(kvm) = kvm_or_skip("event_filter_ioctl_follows_the_capability") else {
+    let Some((kvm, limits, vendor)) = kvm_with_limits("event_filter_ioctl_follows_the_capability")
+    else {
         return;
     };
-    let limits = KvmLimits::query(&kvm).unwrap();
-    let vendor = limits.vendor().unwrap();
     let has_filter = kvm.check_extension_raw(KVM_CAP_PMU_EVENT_FILTER.into()) > 0;
     let vm = Vm::new(kvm, VmOptions::default()).unwrap();
     let filter = PmuEventFilter::limited(vendor);
@@ -115,11 +122,9 @@ fn event_filter_ioctl_follows_the_capability() {
 
 #[test]
 fn full_level_needs_no_kvm_action() {
-    let Some(kvm) = kvm_or_skip("full_level_needs_no_kvm_action") else {
+    let Some((kvm, limits, vendor)) = kvm_with_limits("full_level_needs_no_kvm_action") else {
         return;
     };
-    let limits = KvmLimits::query(&kvm).unwrap();
-    let vendor = limits.vendor().unwrap();
     if !vpmu::host_has_pmu(vendor, &limits.supported_cpuid) {
         // The level itself is refused (no PMU to pass through), before any VM exists.
         let vm = Arc::new(Vm::new(kvm, VmOptions::default()).unwrap());
@@ -134,13 +139,7 @@ fn full_level_needs_no_kvm_action() {
         ));
         return;
     }
-    let (_vm, manager) = build_vm(
-        kvm,
-        VmOptions::default(),
-        config(VpmuFeatureLevel::FullyEnabled),
-        VcpuManagerOptions::default(),
-    )
-    .unwrap();
+    let (_vm, manager) = build(kvm, VpmuFeatureLevel::FullyEnabled).unwrap();
     assert_eq!(
         manager.pmu_report().disable,
         PmuDisableOutcome::NotRequested

@@ -253,18 +253,18 @@ pub fn load_linux(
         })?
         .into_string()
         .unwrap_or_default();
-    let zero_page = params::build_boot_params(&kernel, cmdline.len(), initrd, &e820);
+    let zero_page = params::build_boot_params(&kernel, cmdline.len(), initrd, &e820)?;
     write_guest(mem, layout::ZERO_PAGE_ADDR, zero_page.as_slice())?;
     // The BIOS data area: where the EBDA is, and the base memory below it in KiB.
     write_guest(
         mem,
         layout::BDA_EBDA_SEGMENT,
-        &((layout::EBDA_START >> 4) as u16).to_le_bytes(),
+        &layout::EBDA_SEGMENT.to_le_bytes(),
     )?;
     write_guest(
         mem,
         layout::BDA_BASE_MEMORY_KB,
-        &((layout::EBDA_START >> 10) as u16).to_le_bytes(),
+        &layout::BASE_MEMORY_KB.to_le_bytes(),
     )?;
     cpu::write_cpu_tables(mem)?;
     info!(logger, "Linux kernel loaded";

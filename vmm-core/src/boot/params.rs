@@ -5,7 +5,7 @@ use linux_loader::loader::bootparam::boot_params;
 
 use super::kernel::{header, LoadedKernel};
 use crate::arch::x86_64::e820::E820Entry;
-use crate::arch::x86_64::layout::{CMDLINE_ADDR, CMDLINE_AREA_SIZE};
+use crate::arch::x86_64::layout::{const_u32, CMDLINE_ADDR, CMDLINE_AREA_SIZE};
 use crate::error::BootError;
 
 /// Page size, the initrd's alignment.
@@ -13,6 +13,9 @@ const PAGE_SIZE: u64 = 4096;
 
 /// The most bytes of command line (without its NUL) that fit the VMM's command line area.
 pub const CMDLINE_AREA_LIMIT: u64 = CMDLINE_AREA_SIZE - 1;
+
+/// [`CMDLINE_AREA_LIMIT`] as a length.
+const AREA_LIMIT: usize = const_u32(CMDLINE_AREA_LIMIT) as usize;
 
 /// Checks `cmdline` against the kernel's limit (`cmdline_limit`, without the NUL) and the
 /// VMM's area, and returns it as linux-loader's [`Cmdline`].
@@ -22,15 +25,16 @@ pub const CMDLINE_AREA_LIMIT: u64 = CMDLINE_AREA_SIZE - 1;
 /// [`BootError::CmdlineTooLong`] over either limit, [`BootError::CmdlineInvalid`] for
 /// characters a command line cannot carry.
 pub fn check_cmdline(cmdline: &str, cmdline_limit: u32) -> Result<Cmdline, BootError> {
-    let (limit, limited_by) = if u64::from(cmdline_limit) <= CMDLINE_AREA_LIMIT {
-        (u64::from(cmdline_limit), "the kernel's cmdline_size")
+    let kernel_limit = usize::try_from(cmdline_limit).unwrap_or(usize::MAX);
+    let (limit, limited_by) = if kernel_limit <= AREA_LIMIT {
+        (kernel_limit, "the kernel's cmdline_size")
     } else {
-        (CMDLINE_AREA_LIMIT, "the VMM's command line area")
+        (AREA_LIMIT, "the VMM's command line area")
     };
-    if cmdline.len() as u64 > limit {
+    if cmdline.len() > limit {
         return Err(BootError::CmdlineTooLong {
             len: cmdline.len(),
-            limit: limit as usize,
+            limit,
             limited_by,
         });
     }
@@ -43,7 +47,7 @@ pub fn check_cmdline(cmdline: &str, cmdline_limit: u32) -> Result<Cmdline, BootE
         });
     }
     // The length was checked above; limit + 1 leaves room for the NUL.
-    Cmdline::try_from(cmdline, limit as usize + 1).map_err(|e| BootError::CmdlineInvalid {
+    Cmdline::try_from(cmdline, limit + 1).map_err(|e| BootError::CmdlineInvalid {
         reason: e.to_string(),
     })
 }
@@ -72,14 +76,22 @@ pub fn place_initrd(
 }
 
 /// The zero page for `kernel` with the command line at [`CMDLINE_ADDR`] (`cmdline_len` bytes
-/// without the NUL), the optional initrd and the e820 map (at most 128 entries, checked by
-/// [`super::build_e820`]).
+/// without the NUL), the optional initrd and the e820 map (at most 128 entries, as
+/// [`super::build_e820`] makes it).
+///
+/// # Errors
+///
+/// [`BootError::ZeroPageField`] if the command line length or the initrd's place does not
+/// fit its 32-bit field, [`BootError::TooManyE820Entries`] for an e820 map over 128 entries.
 pub fn build_boot_params(
     kernel: &LoadedKernel,
     cmdline_len: usize,
     initrd: Option<InitrdPlacement>,
     e820: &[E820Entry],
-) -> boot_params {
+) -> Result<boot_params, BootError> {
+    let field32 = |field, value: u64| {
+        u32::try_from(value).map_err(|_| BootError::ZeroPageField { field, value })
+    };
     let mut params = boot_params::default();
     match kernel.setup_header {
         // A bzImage: its own header, as the protocol asks, with our fields filled in.
@@ -89,21 +101,29 @@ pub fn build_boot_params(
             params.hdr.boot_flag = header::BOOT_FLAG;
             params.hdr.header = header::MAGIC;
             params.hdr.kernel_alignment = 0x100_0000;
-            params.hdr.cmdline_size = cmdline_len as u32;
+            let len = u64::try_from(cmdline_len).unwrap_or(u64::MAX);
+            params.hdr.cmdline_size = field32("cmdline_size", len)?;
         }
     }
     params.hdr.type_of_loader = header::LOADER_OTHER;
-    params.hdr.cmd_line_ptr = CMDLINE_ADDR as u32;
+    params.hdr.cmd_line_ptr = const { const_u32(CMDLINE_ADDR) };
     if let Some(i) = initrd {
-        // Below 4 GiB by construction (initrd_addr_max is a u32).
-        params.hdr.ramdisk_image = i.addr as u32;
-        params.hdr.ramdisk_size = i.size as u32;
+        // Below 4 GiB when placed by `place_initrd` (initrd_addr_max is a u32).
+        params.hdr.ramdisk_image = field32("ramdisk_image", i.addr)?;
+        params.hdr.ramdisk_size = field32("ramdisk_size", i.size)?;
     }
+    let too_many = BootError::TooManyE820Entries {
+        count: e820.len(),
+        max: params.e820_table.len(),
+    };
+    if e820.len() > params.e820_table.len() {
+        return Err(too_many);
+    }
+    params.e820_entries = u8::try_from(e820.len()).map_err(|_| too_many)?;
     for (slot, e) in params.e820_table.iter_mut().zip(e820) {
         *slot = e.to_boot_entry();
     }
-    params.e820_entries = e820.len().min(params.e820_table.len()) as u8;
-    params
+    Ok(params)
 }
 
 #[cfg(test)]
@@ -128,7 +148,7 @@ mod tests {
         );
         assert!(e.to_string().contains("cmdline_size"), "{e}");
         // A kernel that takes more than our area: our area limits.
-        let huge = "x".repeat(CMDLINE_AREA_SIZE as usize);
+        let huge = "x".repeat(usize::try_from(CMDLINE_AREA_SIZE).unwrap());
         let e = check_cmdline(&huge, u32::MAX).unwrap_err();
         assert!(e.to_string().contains("command line area"), "{e}");
         let e = check_cmdline("a\0b", 2047).unwrap_err();

@@ -148,7 +148,7 @@ fn bzimage_zero_page_initrd_and_cmdline() {
     assert_eq!(&read_u32(&m, zp + 0x202).to_le_bytes(), b"HdrS");
     assert_eq!(read_u8(&m, zp + 0x210), 0xff, "type_of_loader");
     assert_eq!(read_u32(&m, zp + 0x214), 0x10_0000, "code32_start");
-    assert_eq!(read_u32(&m, zp + 0x218), i.addr as u32, "ramdisk_image");
+    assert_eq!(u64::from(read_u32(&m, zp + 0x218)), i.addr, "ramdisk_image");
     assert_eq!(read_u32(&m, zp + 0x21c), 5000, "ramdisk_size");
     let cmd_ptr = u64::from(read_u32(&m, zp + 0x228));
     assert_eq!(cmd_ptr, layout::CMDLINE_ADDR);

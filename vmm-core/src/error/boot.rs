@@ -2,7 +2,7 @@
 //! command line, zero page and MP table, or a small guest program.
 
 /// Why a Linux kernel ([`load_linux`](crate::boot::load_linux)) or a guest program
-/// ([`load_program`](crate::loader::load_program)) could not be loaded.
+/// (the test-program loader of the `integration` crate) could not be loaded.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum BootError {
@@ -125,6 +125,17 @@ pub enum BootError {
         count: usize,
         /// The zero page's capacity.
         max: usize,
+    },
+    /// A value does not fit its 32-bit field of the zero page.
+    #[error(
+        "the zero page field {field} is 32 bits wide but the value {value:#x} does not fit: \
+         keep the command line and the initrd below 4 GiB"
+    )]
+    ZeroPageField {
+        /// The field of `struct boot_params`.
+        field: &'static str,
+        /// The value that does not fit.
+        value: u64,
     },
     /// The CPU list cannot be an MP table.
     #[error("cannot build the MP table: {reason}")]

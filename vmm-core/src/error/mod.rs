@@ -30,44 +30,48 @@ pub use resize::ResizeError;
 pub use vcpu::{VcpuControlError, VcpuSetupError};
 pub use vm::{BusError, OsError, PmuError, VmError};
 
-/// Any error of this crate: one variant per operation, each wrapping that operation's enum.
-///
-/// Match on the inner enum for details, e.g. `VmmError::Config(ConfigError::MaxVcpusOverKvmLimit
-/// { .. })`. The message is the inner error's.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum VmmError {
-    /// The vCPU configuration does not fit this host's KVM.
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    /// Creating the VM (KVM VM, memory, irqchip, devices) failed.
-    #[error(transparent)]
-    Vm(#[from] VmError),
-    /// Registering a device on the I/O bus failed.
-    #[error(transparent)]
-    Bus(#[from] BusError),
-    /// A vPMU KVM action failed.
-    #[error(transparent)]
-    Pmu(#[from] PmuError),
-    /// Creating or configuring a vCPU failed.
-    #[error(transparent)]
-    VcpuSetup(#[from] VcpuSetupError),
-    /// Starting, pausing, resuming or exiting vCPUs failed.
-    #[error(transparent)]
-    VcpuControl(#[from] VcpuControlError),
-    /// Loading a guest program or a Linux kernel failed.
-    #[error(transparent)]
-    Boot(#[from] BootError),
-    /// A vCPU resize (hotplug) failed.
-    #[error(transparent)]
-    Resize(#[from] ResizeError),
-    /// An EventFd or epoll call of the exit monitor failed.
-    #[error(transparent)]
-    Os(#[from] OsError),
-    /// Parsing or building an SMP configuration or topology failed (e.g. a `-smp` string
-    /// given to [`SmpConfig`](crate::SmpConfig)'s `FromStr`).
-    #[error(transparent)]
-    Topology(#[from] topology::TopologyError),
+/// Declares the umbrella enum: every variant wraps one operation's error, converts from it
+/// (so `?` works) and shows its message unchanged.
+macro_rules! umbrella {
+    ($(#[$attr:meta])* pub enum $name:ident { $($(#[$doc:meta])* $variant:ident($inner:ty),)* }) => {
+        $(#[$attr])*
+        #[derive(Debug, thiserror::Error)]
+        #[non_exhaustive]
+        pub enum $name {
+            $($(#[$doc])* #[error(transparent)] $variant(#[from] $inner),)*
+        }
+    };
+}
+
+umbrella! {
+    /// Any error of this crate: one variant per operation, each wrapping that operation's enum.
+    ///
+    /// Match on the inner enum for details, e.g.
+    /// `VmmError::Config(ConfigError::MaxVcpusOverKvmLimit { .. })`. The message is the inner
+    /// error's.
+    pub enum VmmError {
+        /// The vCPU configuration does not fit this host's KVM.
+        Config(ConfigError),
+        /// Creating the VM (KVM VM, memory, irqchip, devices) failed.
+        Vm(VmError),
+        /// Registering a device on the I/O bus failed.
+        Bus(BusError),
+        /// A vPMU KVM action failed.
+        Pmu(PmuError),
+        /// Creating or configuring a vCPU failed.
+        VcpuSetup(VcpuSetupError),
+        /// Starting, pausing, resuming or exiting vCPUs failed.
+        VcpuControl(VcpuControlError),
+        /// Loading a guest program or a Linux kernel failed.
+        Boot(BootError),
+        /// A vCPU resize (hotplug) failed.
+        Resize(ResizeError),
+        /// An EventFd or epoll call of the exit monitor failed.
+        Os(OsError),
+        /// Parsing or building an SMP configuration or topology failed (e.g. a `-smp` string
+        /// given to [`SmpConfig`](crate::SmpConfig)'s `FromStr`).
+        Topology(topology::TopologyError),
+    }
 }
 
 #[cfg(test)]

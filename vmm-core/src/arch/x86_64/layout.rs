@@ -52,8 +52,17 @@ pub const CMDLINE_ADDR: u64 = 0x2_0000;
 pub const CMDLINE_AREA_SIZE: u64 = 0x1_0000;
 /// The start of the extended BIOS data area, which holds the MP table.
 pub const EBDA_START: u64 = 0x9_e000;
+/// The size of the EBDA in bytes.
+pub const EBDA_SIZE: usize = 0x2000;
 /// The end (exclusive) of the EBDA and of conventional memory.
-pub const EBDA_END: u64 = 0xa_0000;
+pub const EBDA_END: u64 = EBDA_START + EBDA_SIZE as u64;
+/// The EBDA's real-mode segment, as the BIOS data area holds it ([`BDA_EBDA_SEGMENT`]).
+pub const EBDA_SEGMENT: u16 = 0x9e00;
+const _: () = assert!(EBDA_SEGMENT as u64 == EBDA_START >> 4);
+/// The base memory below the EBDA in KiB, as the BIOS data area holds it
+/// ([`BDA_BASE_MEMORY_KB`]).
+pub const BASE_MEMORY_KB: u16 = 632;
+const _: () = assert!(BASE_MEMORY_KB as u64 == EBDA_START >> 10);
 /// The first address above the legacy VGA/BIOS hole: where RAM resumes in the e820 map.
 pub const HIGH_MEMORY_START: u64 = 0x10_0000;
 /// The MP floating pointer structure, at the start of the EBDA.
@@ -62,3 +71,15 @@ pub const MPTABLE_START: u64 = EBDA_START;
 pub const LAPIC_ADDR: u32 = 0xfee0_0000;
 /// The I/O APIC's MMIO address.
 pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
+
+/// `value` as a 32-bit field of a boot or firmware structure. Meant for constants: evaluated
+/// at compile time, a value that does not fit fails the build.
+pub const fn const_u32(value: u64) -> u32 {
+    assert!(
+        value <= u32::MAX as u64,
+        "the value does not fit a 32-bit field"
+    );
+    #[allow(clippy::cast_possible_truncation)] // Checked by the assert above.
+    let narrowed = value as u32;
+    narrowed
+}
