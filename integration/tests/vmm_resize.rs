@@ -475,7 +475,6 @@ resize_test!(
         drop(guard);
         drop(resizer);
         h.vcpus = Arc::try_unwrap(manager)
-            .ok()
             .expect("no other owner of the manager")
             .into_inner()
             .unwrap_or_else(|e| e.into_inner());
