@@ -53,13 +53,14 @@
 //! let vm = kvm.create_vm()?;
 //! // ... guest memory, registers and CPUID are the VMM's business ...
 //! let vcpu = vm.create_vcpu(0)?;
-//! let exit_evt = EventFd::new(0)?;
+//! // One exit EventFd for the whole VM, shared by every vCPU.
+//! let exit_evt = Arc::new(EventFd::new(0)?);
 //! let parts = VcpuParts {
 //!     id: 0,
 //!     vcpu,
 //!     vcpu_mmap_size: kvm.get_vcpu_mmap_size()?,
 //!     handler: Arc::new(EmptyBus),
-//!     exit_evt: exit_evt.try_clone()?,
+//!     exit_evt: Arc::clone(&exit_evt),
 //! };
 //! // On failure, `SpawnFailure::vcpu` gives the fd back where it can.
 //! let handle = VcpuHandle::spawn(parts, VcpuOptions::default())?;

@@ -77,8 +77,9 @@ pub struct VcpuParts {
     /// The VMM's devices, called on every I/O exit.
     pub handler: Arc<dyn ExitHandler>,
     /// Written once when the vCPU reaches [`VcpuState::WaitingExit`](crate::VcpuState) (or
-    /// its thread dies).
-    pub exit_evt: EventFd,
+    /// its thread dies). Shared: one EventFd serves every vCPU of a VM, so a vCPU costs the
+    /// process one fd (its vCPU fd), not one more per vCPU for a duplicate of this one.
+    pub exit_evt: Arc<EventFd>,
 }
 
 impl fmt::Debug for VcpuParts {

@@ -46,7 +46,7 @@ pub(crate) struct VcpuThread {
     pub(crate) shared: Arc<Shared>,
     pub(crate) vcpu: VcpuFd,
     handler: Arc<dyn ExitHandler>,
-    exit_evt: EventFd,
+    exit_evt: Arc<EventFd>,
     pub(crate) mailbox: Receiver<Envelope>,
     pub(crate) logger: Logger,
     /// The thread's own copy of the state; published to `shared.state` on every change.
@@ -56,7 +56,7 @@ pub(crate) struct VcpuThread {
 /// Sets `finished` and wakes all waiters when the thread ends, even by a panic.
 struct FinishGuard {
     shared: Arc<Shared>,
-    exit_evt: Option<EventFd>,
+    exit_evt: Option<Arc<EventFd>>,
 }
 
 impl Drop for FinishGuard {
@@ -77,7 +77,7 @@ impl VcpuThread {
         shared: Arc<Shared>,
         vcpu: VcpuFd,
         handler: Arc<dyn ExitHandler>,
-        exit_evt: EventFd,
+        exit_evt: Arc<EventFd>,
         mailbox: Receiver<Envelope>,
         logger: &Logger,
     ) -> Self {
@@ -103,7 +103,8 @@ impl VcpuThread {
     ) {
         let mut guard = FinishGuard {
             shared: Arc::clone(&self.shared),
-            exit_evt: self.exit_evt.try_clone().ok(),
+            // The shared EventFd itself, not a duplicate: no fd is opened on this thread.
+            exit_evt: Some(Arc::clone(&self.exit_evt)),
         };
         // SAFETY: gettid has no preconditions and cannot fail.
         let tid = unsafe { libc::gettid() };

@@ -1,5 +1,5 @@
-//! The exit path: every vCPU actor holds a clone of one exit EventFd and writes it when it
-//! reaches `waiting_exit`; an API caller can write a second "stop requested" EventFd. An
+//! The exit path: every vCPU actor shares one exit EventFd (an `Arc`, not a duplicate fd per
+//! vCPU) and writes it when it reaches `waiting_exit`; an API caller can write a second "stop requested" EventFd. An
 //! [`ExitMonitor`] blocks on both with epoll (no polling, no sleeps).
 
 use std::fmt;
@@ -74,7 +74,8 @@ impl fmt::Display for VmStopReason {
 #[derive(Debug)]
 struct Events {
     epoll: Epoll,
-    vcpu_exit: EventFd,
+    /// Shared with every vCPU actor of the VM: one fd for all of them.
+    vcpu_exit: Arc<EventFd>,
     stop_request: EventFd,
 }
 
@@ -112,22 +113,17 @@ impl ExitMonitor {
         Ok(Self {
             events: Arc::new(Events {
                 epoll,
-                vcpu_exit,
+                vcpu_exit: Arc::new(vcpu_exit),
                 stop_request,
             }),
         })
     }
 
-    /// A clone of the exit EventFd, for one vCPU actor.
-    ///
-    /// # Errors
-    ///
-    /// [`OsError`] with [`OsOp::CloneExitEventFd`] if the fd cannot be duplicated.
-    pub fn vcpu_exit_eventfd(&self) -> Result<EventFd, OsError> {
-        self.events
-            .vcpu_exit
-            .try_clone()
-            .map_err(OsError::of(OsOp::CloneExitEventFd))
+    /// The exit EventFd, shared by every vCPU actor of the VM. It is the monitor's own
+    /// EventFd behind an `Arc`, not a duplicate: a vCPU costs the process no fd for it (see
+    /// [`VcpuManager::create_vcpus`] on why fds per vCPU matter).
+    pub fn vcpu_exit_eventfd(&self) -> Arc<EventFd> {
+        Arc::clone(&self.events.vcpu_exit)
     }
 
     /// Asks whoever waits on this monitor to stop the VM.
@@ -302,7 +298,7 @@ mod tests {
         let m = ExitMonitor::new().unwrap();
         assert_eq!(m.wait(Some(Duration::from_millis(1))).unwrap(), None);
         m.request_stop().unwrap();
-        m.vcpu_exit_eventfd().unwrap().write(1).unwrap();
+        m.vcpu_exit_eventfd().write(1).unwrap();
         let other = m.clone();
         assert_eq!(other.wait(None).unwrap(), Some(ExitSignal::VcpuExit));
         assert_eq!(m.wait(None).unwrap(), Some(ExitSignal::StopRequested));

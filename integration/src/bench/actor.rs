@@ -86,7 +86,7 @@ fn spawn_actor(
         vcpu: fd,
         vcpu_mmap_size: vm.vcpu_mmap_size(),
         handler,
-        exit_evt: evt,
+        exit_evt: Arc::new(evt),
     };
     VcpuHandle::spawn(parts, VcpuOptions::default())
         .map_err(|e| guest_err(format!("spawning vCPU actor {id}: {}", e.error)))

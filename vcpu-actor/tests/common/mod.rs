@@ -154,7 +154,7 @@ impl TestVm {
     /// The parts of an actor for `vcpu`, with a non-blocking exit EventFd (a clone of it is
     /// returned beside).
     pub fn parts(&self, id: u32, vcpu: VcpuFd, handler: Arc<Recorder>) -> (VcpuParts, EventFd) {
-        let exit_evt = EventFd::new(EFD_NONBLOCK).expect("eventfd");
+        let exit_evt = Arc::new(EventFd::new(EFD_NONBLOCK).expect("eventfd"));
         let mine = exit_evt.try_clone().expect("eventfd");
         let parts = VcpuParts {
             id,
