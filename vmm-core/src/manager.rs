@@ -6,6 +6,7 @@
 //! The vCPU actors, the exit handler and [`VcpuExitReason`](vcpu_actor::VcpuExitReason) use the id.
 
 use std::collections::BTreeMap;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,7 +16,8 @@ use serde::{Deserialize, Serialize};
 use slog::{debug, info, o, warn, Logger};
 use topology::{CpuVendor, CpuidEntry};
 use vcpu_actor::{
-    ExitHandler, VcpuHandle, VcpuMetricsSnapshot, VcpuOptions, VcpuParts, VcpuRequest, VcpuState,
+    ExitHandler, PendingVcpu, SpawnFailure, VcpuHandle, VcpuMetricsSnapshot, VcpuOptions,
+    VcpuParts, VcpuRequest, VcpuState,
 };
 
 use crate::arch::x86_64::{self, cpuid};
@@ -23,8 +25,12 @@ use crate::config::{InterruptMode, KvmLimits, VcpuConfig};
 use crate::error::{KvmOp, ManagerOp, VcpuControlError, VcpuSetupError, VmmError};
 use crate::exit::ExitMonitor;
 use crate::pmu::{apply_pmu_actions, PmuActionsReport};
-use crate::vm::Vm;
+use crate::vm::{reserve_fd_table, Vm};
 use crate::BootEntry;
+
+/// Fds beyond one per possible vCPU that the fd table is sized for up front (the VMM's
+/// other fds: devices, sockets, logs).
+const FD_TABLE_SLACK: usize = 64;
 
 /// How a [`VcpuManager`] behaves.
 #[derive(Clone, Debug)]
@@ -235,14 +241,16 @@ impl VcpuManager {
         Ok(entries)
     }
 
-    /// Creates (or reuses) and configures the boot vCPUs `0..boot_vcpu_count`. The BSP is set
-    /// up by `entry`; the APs wait for INIT/SIPI. Nothing runs until
+    /// Creates (or reuses) and configures the boot vCPUs `0..boot_vcpu_count` and starts
+    /// their actor threads, paused, as one batch ([`create_vcpus`](Self::create_vcpus)). The
+    /// BSP is set up by `entry`; the APs wait for INIT/SIPI. Nothing runs until
     /// [`start_boot_vcpus`](Self::start_boot_vcpus).
     ///
     /// # Errors
     ///
     /// [`VcpuSetupError::InvalidState`] if the VM is stopping or vCPUs are already present;
-    /// otherwise the first error of [`create_vcpu`](Self::create_vcpu).
+    /// otherwise the first error of [`create_vcpus`](Self::create_vcpus), after which no boot
+    /// vCPU is present (their fds are kept for reuse).
     pub fn create_boot_vcpus(&mut self, entry: Arc<dyn BootEntry>) -> Result<(), VcpuSetupError> {
         self.check_setup_allowed(ManagerOp::CreateBootVcpus)?;
         if !self.vcpus.is_empty() {
@@ -252,77 +260,205 @@ impl VcpuManager {
             });
         }
         self.boot_entry = Some(entry);
-        for index in 0..self.config.boot_vcpu_count {
-            self.create_vcpu(index)?;
-        }
-        Ok(())
+        let indices: Vec<u32> = (0..self.config.boot_vcpu_count).collect();
+        self.create_vcpus(&indices)
     }
 
     /// Creates vCPU `index` (reusing its kept KVM fd if it existed before), configures it and
-    /// spawns its actor, paused. The building block for boot and for hot-add.
+    /// spawns its actor, paused: [`create_vcpus`](Self::create_vcpus) of one vCPU.
     ///
     /// # Errors
     ///
-    /// [`VcpuSetupError::InvalidState`] if the VM is stopping or the vCPU is present;
-    /// [`VcpuSetupError::IndexOutOfRange`]; [`VcpuSetupError::Kvm`] (and the other setup
-    /// errors) if KVM refuses to create or configure it; [`VcpuSetupError::Spawn`] if its
-    /// thread cannot start. The KVM vCPU fd is kept for reuse whatever fails.
+    /// As [`create_vcpus`](Self::create_vcpus).
     pub fn create_vcpu(&mut self, index: u32) -> Result<(), VcpuSetupError> {
+        self.create_vcpus(&[index])
+    }
+
+    /// Creates the vCPUs `indices` (reusing the kept KVM fd of any that existed before),
+    /// configures them and starts their actors, paused, as one batch; the building block for
+    /// boot and for hot-add. All or nothing: on an error no vCPU of the batch is present,
+    /// no thread of it is left running, and every KVM vCPU fd of the batch is kept for reuse
+    /// (KVM cannot destroy a vCPU), except one lost with a thread that panicked or did not
+    /// answer (as [`vcpu_actor::SpawnFailure`] says).
+    ///
+    /// In three passes, so that a batch costs little more than its KVM calls:
+    /// 1. every vCPU is created and configured (CPUID, MSRs, LAPIC, FPU, registers, MP
+    ///    state) before any thread of the batch exists: every fd the batch needs is opened
+    ///    while the process has as few threads as it will have (see below);
+    /// 2. every actor thread is started ([`PendingVcpu::start`]) without waiting for it;
+    /// 3. every thread's ready signal is awaited: the threads get ready in parallel instead of
+    ///    one after another.
+    ///
+    /// Why fds matter: a vCPU costs the process one fd (its vCPU fd; `kvm_run` is mapped from
+    /// it and the exit EventFd is shared). When an fd number does not fit the kernel's fd
+    /// table, the kernel doubles the table (64, 128, 256, 512 ... entries), and once the
+    /// process has more than one thread each growth waits for an RCU grace period
+    /// (`synchronize_rcu` in `expand_fdtable`), milliseconds each. So before the first fd of
+    /// a batch the table is grown once to fit every vCPU the VM may have
+    /// ([`reserve_fd_table`]): then no vCPU creation, at boot or in a hot-add while other
+    /// vCPU threads run, waits for a grace period.
+    ///
+    /// # Errors
+    ///
+    /// [`VcpuSetupError::InvalidState`] if the VM is stopping, a vCPU is present or an index
+    /// is listed twice (nothing is done then); [`VcpuSetupError::IndexOutOfRange`];
+    /// [`VcpuSetupError::Kvm`] (and the other setup errors) if KVM refuses to create or
+    /// configure a vCPU; [`VcpuSetupError::Spawn`] if a thread cannot start. The first error
+    /// of the batch is returned.
+    pub fn create_vcpus(&mut self, indices: &[u32]) -> Result<(), VcpuSetupError> {
         self.check_setup_allowed(ManagerOp::CreateVcpu)?;
-        let apic_id = self.apic_id(index)?;
-        if self.vcpus.contains_key(&index) {
-            return Err(VcpuSetupError::InvalidState {
-                op: ManagerOp::CreateVcpu,
-                reason: format!("vCPU index {index} (APIC ID {apic_id}) is already present"),
-            });
+        let mut slots: Vec<(u32, u32)> = Vec::with_capacity(indices.len());
+        for &index in indices {
+            let apic_id = self.apic_id(index)?;
+            if self.vcpus.contains_key(&index) || slots.iter().any(|&(i, _)| i == index) {
+                return Err(VcpuSetupError::InvalidState {
+                    op: ManagerOp::CreateVcpu,
+                    reason: format!(
+                        "vCPU index {index} (APIC ID {apic_id}) is already present or listed twice"
+                    ),
+                });
+            }
+            slots.push((index, apic_id));
         }
+        if slots.is_empty() {
+            return Ok(());
+        }
+        self.reserve_fds();
+
+        // 1. Create and configure every vCPU; on an error keep every fd made so far.
+        let mut configured: Vec<(u32, u32, VcpuFd)> = Vec::with_capacity(slots.len());
+        for &(index, apic_id) in &slots {
+            match self.create_configured(index, apic_id) {
+                Ok(fd) => configured.push((index, apic_id, fd)),
+                Err(e) => {
+                    self.keep_fds(configured);
+                    return Err(e);
+                }
+            }
+        }
+
+        // 2. Start every thread without waiting for any.
+        let mut first_error: Option<VcpuSetupError> = None;
+        let mut pending = Vec::with_capacity(configured.len());
+        let mut configured = configured.into_iter();
+        for (index, apic_id, fd) in configured.by_ref() {
+            let parts = VcpuParts {
+                id: apic_id,
+                vcpu: fd,
+                vcpu_mmap_size: self.vm.vcpu_mmap_size(),
+                handler: Arc::clone(self.vm.io_bus()) as Arc<dyn ExitHandler>,
+                exit_evt: self.exit_monitor.vcpu_exit_eventfd(),
+            };
+            let mut vcpu_options = self.options.vcpu.clone();
+            vcpu_options.logger = self.logger.new(o!("vcpu_index" => index));
+            match PendingVcpu::start(parts, vcpu_options) {
+                Ok(p) => pending.push((index, p)),
+                Err(failure) => {
+                    first_error = Some(self.spawn_failed(apic_id, failure));
+                    break;
+                }
+            }
+        }
+        // After a failed start, the vCPUs not started yet keep their fds.
+        self.keep_fds(configured.collect());
+
+        // 3. Wait for every started thread, even after an error: none is left behind.
+        let mut ready = Vec::with_capacity(pending.len());
+        for (index, p) in pending {
+            let apic_id = p.id();
+            match p.wait_ready() {
+                Ok(handle) => ready.push((index, handle)),
+                Err(failure) => {
+                    let e = self.spawn_failed(apic_id, failure);
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = first_error {
+            self.roll_back_started(ready);
+            return Err(e);
+        }
+        debug!(self.logger, "vCPUs created"; "indices" => ?indices);
+        self.vcpus.extend(ready);
+        Ok(())
+    }
+
+    /// Grows the process's fd table once to fit every vCPU fd this VM may need (see
+    /// [`create_vcpus`](Self::create_vcpus)).
+    fn reserve_fds(&self) {
+        let in_use = usize::try_from(self.vm.fd().as_raw_fd()).unwrap_or(0);
+        let wanted = in_use
+            .saturating_add(self.config.max_vcpu_count as usize)
+            .saturating_add(FD_TABLE_SLACK);
+        if let Err(e) = reserve_fd_table(wanted) {
+            // Only slower: vCPU creation may then wait for the kernel to grow the table.
+            debug!(self.logger, "cannot pre-size the fd table"; "fds" => wanted, "error" => %e);
+        }
+    }
+
+    /// Creates (or takes the kept fd of) vCPU `index` and configures it. On an error, the fd
+    /// (if there is one) is kept for reuse.
+    fn create_configured(&mut self, index: u32, apic_id: u32) -> Result<VcpuFd, VcpuSetupError> {
         let (fd, reused) = match self.kept_fds.remove(&apic_id) {
             Some(fd) => (fd, true),
-            None => (
-                self.vm
+            None => {
+                let fd = self
+                    .vm
                     .fd()
                     .create_vcpu(u64::from(apic_id))
                     .map_err(|source| VcpuSetupError::Kvm {
                         vcpu_id: apic_id,
                         op: KvmOp::CreateVcpu,
                         source,
-                    })?,
-                false,
-            ),
+                    })?;
+                (fd, false)
+            }
         };
-        if let Err(e) = self.configure_vcpu(&fd, index, apic_id, reused) {
-            self.kept_fds.insert(apic_id, fd);
-            return Err(e);
-        }
-        let mut vcpu_options = self.options.vcpu.clone();
-        vcpu_options.logger = self.logger.new(o!("vcpu_index" => index));
-        let exit_evt = match self.exit_monitor.vcpu_exit_eventfd() {
-            Ok(evt) => evt,
+        match self.configure_vcpu(&fd, index, apic_id, reused) {
+            Ok(()) => Ok(fd),
             Err(e) => {
                 self.kept_fds.insert(apic_id, fd);
-                return Err(e.into());
+                Err(e)
             }
-        };
-        // KVM cannot destroy a vCPU: a failed spawn hands the fd back to keep for reuse.
-        let parts = VcpuParts {
-            id: apic_id,
-            vcpu: fd,
-            vcpu_mmap_size: self.vm.vcpu_mmap_size(),
-            handler: Arc::clone(self.vm.io_bus()) as Arc<dyn ExitHandler>,
-            exit_evt,
-        };
-        let handle = VcpuHandle::spawn(parts, vcpu_options).map_err(|failure| {
-            if let Some(fd) = failure.vcpu {
-                self.kept_fds.insert(apic_id, fd);
+        }
+    }
+
+    /// Keeps the fds of vCPUs that were created but will not be started.
+    fn keep_fds(&mut self, fds: Vec<(u32, u32, VcpuFd)>) {
+        for (_, apic_id, fd) in fds {
+            self.kept_fds.insert(apic_id, fd);
+        }
+    }
+
+    /// Keeps the fd a failed spawn gives back and turns the failure into the error.
+    fn spawn_failed(&mut self, apic_id: u32, failure: SpawnFailure) -> VcpuSetupError {
+        if let Some(fd) = failure.vcpu {
+            self.kept_fds.insert(apic_id, fd);
+        }
+        VcpuSetupError::Spawn {
+            vcpu_id: apic_id,
+            source: failure.error,
+        }
+    }
+
+    /// Ends the threads of a failed batch that did start (all are asked first, then each is
+    /// joined) and keeps their fds.
+    fn roll_back_started(&mut self, started: Vec<(u32, VcpuHandle)>) {
+        for (_, handle) in &started {
+            let _ = handle.send(VcpuRequest::Exit);
+        }
+        for (index, handle) in started {
+            let id = handle.id();
+            match handle.join(self.options.join_timeout) {
+                Ok(fd) => {
+                    self.kept_fds.insert(id, fd);
+                }
+                Err(e) => {
+                    warn!(self.logger, "a vCPU of a failed batch did not end; its fd is lost";
+                          "index" => index, "apic_id" => id, "error" => %e);
+                }
             }
-            VcpuSetupError::Spawn {
-                vcpu_id: apic_id,
-                source: failure.error,
-            }
-        })?;
-        debug!(self.logger, "vCPU created"; "index" => index, "apic_id" => apic_id);
-        self.vcpus.insert(index, handle);
-        Ok(())
+        }
     }
 
     /// CPUID, then the architectural setup ([`x86_64::setup_vcpu`]: MSRs, LAPIC LINT0/LINT1,

@@ -2,7 +2,8 @@
 //! and the shutdown port.
 
 use std::io::Write;
-use std::sync::Arc;
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
@@ -219,6 +220,58 @@ impl Vm {
     pub fn logger(&self) -> &Logger {
         &self.logger
     }
+}
+
+/// The size [`reserve_fd_table`] has grown the fd table to so far (0: not yet).
+static FD_TABLE_RESERVED: Mutex<usize> = Mutex::new(0);
+
+/// Grows this process's fd table, once, so that fd numbers below `fds` fit without the kernel
+/// growing it again. Later calls with a size not above an earlier one do nothing; the size is
+/// capped below the soft `RLIMIT_NOFILE`.
+///
+/// Why: the kernel's fd table starts at 64 entries and doubles whenever an fd number does not
+/// fit. While the process has one thread that is cheap; once it has more (vCPU threads, a
+/// logger thread ...), each growth waits for an RCU grace period (`expand_fdtable` calls
+/// `synchronize_rcu` when the table is shared), which takes milliseconds on a busy host. A
+/// VMM that creates a vCPU fd per vCPU while other threads run (hot-add, or a boot while a
+/// logger thread exists) would pay that at 64, 128, 256 ... fds. Growing the table once up
+/// front pays it at most once. How: duplicate a descriptor to the lowest free number at or
+/// above `fds - 1` (`F_DUPFD_CLOEXEC`, which never replaces an open fd), then close the
+/// duplicate; the kernel never shrinks the table.
+///
+/// # Errors
+///
+/// The OS error of `fcntl` (e.g. `EMFILE`); the table is then only grown on demand.
+pub fn reserve_fd_table(fds: usize) -> std::io::Result<()> {
+    let mut reserved = FD_TABLE_RESERVED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct it is given, which lives on this stack.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let cap = usize::try_from(limit.rlim_cur).unwrap_or(usize::MAX);
+    let fds = fds.min(cap);
+    if fds <= *reserved || fds == 0 {
+        return Ok(());
+    }
+    let lowest = libc::c_int::try_from(fds - 1).unwrap_or(libc::c_int::MAX);
+    // Any open fd will do as the source; the process's standard streams may be closed, so
+    // take one this function opens itself.
+    let source = EventFd::new(EFD_NONBLOCK)?;
+    // SAFETY: fcntl(F_DUPFD_CLOEXEC) on a valid fd only allocates a new descriptor.
+    let dup = unsafe { libc::fcntl(source.as_raw_fd(), libc::F_DUPFD_CLOEXEC, lowest) };
+    if dup < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `dup` was just allocated by fcntl above and nothing else knows it.
+    unsafe { libc::close(dup) };
+    *reserved = fds;
+    Ok(())
 }
 
 /// Writes `bytes` at guest physical address `addr`; the error names the range that is not

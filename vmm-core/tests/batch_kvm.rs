@@ -1,0 +1,129 @@
+//! Creating vCPUs as one batch on real KVM: one fd per vCPU, all or nothing on an error with
+//! every fd of the batch kept, and the fd table grown once up front.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use kvm_ioctls::Kvm;
+use vcpu_actor::test_util::kvm_or_skip;
+use vmm_core::{
+    build_vm, CpuTopology, VcpuConfig, VcpuManager, VcpuManagerOptions, VcpuSetupError, Vm,
+    VmOptions, VpmuFeatureLevel,
+};
+
+/// The tests count this process's fds: one at a time.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn manager(kvm: Kvm, boot: u32, max: u32) -> (Arc<Vm>, VcpuManager) {
+    let config = VcpuConfig {
+        boot_vcpu_count: boot,
+        max_vcpu_count: max,
+        topology: CpuTopology::new(1, 1, max, 1).unwrap(),
+        vpmu: VpmuFeatureLevel::Disabled,
+    };
+    build_vm(
+        kvm,
+        VmOptions::default(),
+        config,
+        VcpuManagerOptions::default(),
+    )
+    .unwrap()
+}
+
+/// Open fds of this process.
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+/// The size of this process's fd table (`FDSize` in /proc/self/status).
+fn fd_table_size() -> usize {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("FDSize:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn a_batch_costs_one_fd_per_vcpu_and_gives_them_back() {
+    let Some(kvm) = kvm_or_skip("a_batch_costs_one_fd_per_vcpu_and_gives_them_back") else {
+        return;
+    };
+    let _one = serial();
+    let (_vm, mut vcpus) = manager(kvm, 1, 8);
+    // APs only: no boot entry is needed for them.
+    let before = open_fds();
+    vcpus
+        .create_vcpus(&[1, 2, 3, 4, 5])
+        .expect("create five APs");
+    assert_eq!(vcpus.present_vcpu_count(), 5);
+    assert_eq!(open_fds(), before + 5, "one fd per vCPU, nothing else");
+    vcpus.exit_vcpus(&[1, 2, 3, 4, 5]).expect("exit them");
+    assert_eq!(vcpus.kept_vcpu_fds(), [1, 2, 3, 4, 5]);
+    assert_eq!(open_fds(), before + 5, "the fds are kept, not closed");
+    // Again: every kept fd is reused, no fd is opened.
+    vcpus
+        .create_vcpus(&[1, 2, 3, 4, 5])
+        .expect("create them again");
+    assert!(vcpus.kept_vcpu_fds().is_empty());
+    assert_eq!(open_fds(), before + 5);
+    vcpus.exit_all().expect("exit all");
+}
+
+#[test]
+fn a_failed_batch_leaves_no_vcpu_and_keeps_every_fd() {
+    let Some(kvm) = kvm_or_skip("a_failed_batch_leaves_no_vcpu_and_keeps_every_fd") else {
+        return;
+    };
+    let _one = serial();
+    let (_vm, mut vcpus) = manager(kvm, 1, 8);
+    // Index 0 is the BSP, which needs a boot entry this manager was not given: the batch
+    // fails at its third vCPU, after two were created and configured.
+    let e = vcpus.create_vcpus(&[1, 2, 0, 3]).unwrap_err();
+    assert!(matches!(e, VcpuSetupError::InvalidState { .. }), "{e}");
+    assert_eq!(vcpus.present_vcpu_count(), 0);
+    assert_eq!(vcpus.kept_vcpu_fds(), [0, 1, 2]);
+    // A batch that names a present vCPU, or one index twice, is refused before anything.
+    vcpus.create_vcpus(&[1]).expect("create index 1");
+    for bad in [&[2, 1][..], &[2, 2]] {
+        assert!(matches!(
+            vcpus.create_vcpus(bad),
+            Err(VcpuSetupError::InvalidState { .. })
+        ));
+        assert_eq!(vcpus.present_vcpu_count(), 1);
+    }
+    assert!(matches!(
+        vcpus.create_vcpus(&[2, 8]),
+        Err(VcpuSetupError::IndexOutOfRange { index: 8, max: 8 })
+    ));
+    assert_eq!(vcpus.kept_vcpu_fds(), [0, 2]);
+    // The kept fds serve the next batch.
+    vcpus.create_vcpus(&[2, 3]).expect("create 2 and 3");
+    assert_eq!(vcpus.kept_vcpu_fds(), [0]);
+    assert_eq!(vcpus.present_vcpu_count(), 3);
+    vcpus.exit_all().expect("exit all");
+}
+
+#[test]
+fn the_fd_table_is_grown_once_for_every_possible_vcpu() {
+    let Some(kvm) = kvm_or_skip("the_fd_table_is_grown_once_for_every_possible_vcpu") else {
+        return;
+    };
+    let _one = serial();
+    let (_vm, mut vcpus) = manager(kvm, 1, 200);
+    vcpus.create_vcpus(&[1]).expect("create one AP");
+    // Sized for 200 vCPUs (and the slack) before the first vCPU fd.
+    assert!(fd_table_size() >= 256, "FDSize {}", fd_table_size());
+    vmm_core::vm::reserve_fd_table(600).unwrap();
+    assert!(fd_table_size() >= 600, "FDSize {}", fd_table_size());
+    // A smaller request does nothing.
+    vmm_core::vm::reserve_fd_table(10).unwrap();
+    assert!(fd_table_size() >= 600);
+    vcpus.exit_all().expect("exit all");
+}
