@@ -7,6 +7,7 @@
 //! | `create`, `startup`, `pause_all`, `resume_all` | the vCPU manager, vCPUs spinning at CPL 3 | [`bare`] | [`manager`] |
 //! | `pio_exit`, `pause_idle`, `resume_idle` | the vCPU actor alone | [`bare`] | [`actor`] |
 //! | `hot_add`, `hot_add_vcpu`, `hot_remove` | `resize_vcpus` over upcall on the guest agent | [`bare::bare_create`] | [`hotplug`] |
+//! | `boot_process` | `vcpuctl boot --kernel <tiny ELF> --smp N` as a child process, exec to exit | the same with 1 vCPU (ratio = t(N)/t(1)) | [`boot_process`], [`tiny_elf`] |
 //!
 //! Every number is a median over the rounds. No thresholds: these are for reading.
 //!
@@ -32,8 +33,10 @@
 
 pub mod actor;
 pub mod bare;
+pub mod boot_process;
 pub mod hotplug;
 pub mod manager;
+pub mod tiny_elf;
 
 use std::cmp::Ordering;
 use std::time::{Duration, Instant};
@@ -95,6 +98,8 @@ pub struct BenchReport {
     pub rounds: u32,
     /// Every hot-add/hot-remove sample, in the order taken.
     pub hotplug: Vec<hotplug::ResizeSample>,
+    /// The `boot_process` row's medians, peak RSS and samples (`null` when skipped).
+    pub boot_process: Option<boot_process::BootProcessReport>,
 }
 
 /// Milliseconds.

@@ -70,6 +70,16 @@ enum Command {
         /// A smoke run: 1 and 8 vCPUs, 3 rounds, hot-add of 1 and 7.
         #[arg(long)]
         quick: bool,
+        /// vCPU counts of the boot_process row (`vcpuctl boot` of a tiny ELF as a child
+        /// process); the first is the reference of its ratios.
+        #[arg(long, value_delimiter = ',', default_values_t = [1u32, 32, 254])]
+        boot_vcpus: Vec<u32>,
+        /// Timed runs per count of the boot_process row (0: skip the row).
+        #[arg(long, default_value_t = 15)]
+        boot_runs: u32,
+        /// Only the boot_process row.
+        #[arg(long)]
+        boot_only: bool,
     },
     /// Boot a Linux kernel, console on this terminal.
     Boot {
@@ -85,6 +95,9 @@ enum Command {
             default_value = "console=ttyS0 earlyprintk=serial,ttyS0 noxsave panic=-1"
         )]
         cmdline: String,
+        /// Once the VM has stopped, print the process's peak RSS (VmHWM) on stderr.
+        #[arg(long)]
+        peak_rss: bool,
     },
 }
 
@@ -130,12 +143,18 @@ fn run(cli: Cli) -> Result<(), CliError> {
             hotplug,
             rounds,
             quick,
+            boot_vcpus,
+            boot_runs,
+            boot_only,
         } => {
             let options = BenchOptions {
                 vcpus,
                 hotplug,
                 rounds,
                 quick,
+                boot_vcpus,
+                boot_runs,
+                boot_only,
             };
             cmd::bench::run(&spec, &out, options, a.json)
         }
@@ -143,7 +162,8 @@ fn run(cli: Cli) -> Result<(), CliError> {
             kernel,
             initrd,
             cmdline,
-        } => cmd::boot::run(&spec, &kernel, initrd.as_deref(), &cmdline),
+            peak_rss,
+        } => cmd::boot::run(&spec, &kernel, initrd.as_deref(), &cmdline, peak_rss),
     }
 }
 

@@ -3,8 +3,9 @@
 
 use std::time::Duration;
 
-use super::{open_kvm, print_json, CliError, Out, VmSpec};
+use super::{open_kvm, print_json, CliError, ExitCode, Out, VmSpec};
 use crate::bench::bare::bare_create;
+use crate::bench::boot_process::{bench_boot_process, BootProcessOptions, BootProcessReport};
 use crate::bench::hotplug::{bench_resize, hotplug_lines, ResizeBenchOptions};
 use crate::bench::{actor, manager, table, BenchReport};
 
@@ -17,13 +18,72 @@ pub struct BenchOptions {
     pub hotplug: Vec<u32>,
     /// Pause/resume rounds per count.
     pub rounds: u32,
-    /// A smoke run: 1 and 8 vCPUs, 3 rounds, hot-add of 1 and 7.
+    /// A smoke run: 1 and 8 vCPUs, 3 rounds, hot-add of 1 and 7, boot_process of 1 and 8
+    /// vCPUs twice.
     pub quick: bool,
+    /// vCPU counts of the `boot_process` row (the first is the reference of its ratios).
+    pub boot_vcpus: Vec<u32>,
+    /// Timed runs per count of the `boot_process` row; 0 skips the row.
+    pub boot_runs: u32,
+    /// Only the `boot_process` row.
+    pub boot_only: bool,
+}
+
+impl Default for BenchOptions {
+    /// What `vcpuctl bench` does without flags.
+    fn default() -> Self {
+        Self {
+            vcpus: vec![1, 8, 64],
+            hotplug: vec![1, 7, 63],
+            rounds: 20,
+            quick: false,
+            boot_vcpus: vec![1, 32, 254],
+            boot_runs: 15,
+            boot_only: false,
+        }
+    }
+}
+
+/// The `boot_process` row: this executable's `vcpuctl boot` of the tiny ELF as a child
+/// process, `runs` interleaved runs per count. `None` when `runs` is 0.
+fn boot_process(
+    out: &Out,
+    vcpus: Vec<u32>,
+    runs: u32,
+) -> Result<Option<BootProcessReport>, CliError> {
+    if runs == 0 || vcpus.is_empty() {
+        return Ok(None);
+    }
+    let exe = std::env::current_exe().map_err(|e| CliError {
+        code: ExitCode::Failure,
+        message: format!("cannot find this executable to run `vcpuctl boot`: {e}"),
+    })?;
+    let _p = out.progress(format!(
+        "boot_process: vcpuctl boot of a tiny ELF, {vcpus:?} vCPUs, {runs} interleaved runs"
+    ));
+    let options = BootProcessOptions { exe, vcpus, runs };
+    Ok(Some(bench_boot_process(&options)?))
 }
 
 /// Runs every benchmark and returns the report (progress on `out`).
 pub fn bench(spec: &VmSpec, out: &Out, options: BenchOptions) -> Result<BenchReport, CliError> {
     let kvm = open_kvm()?;
+    let (boot_vcpus, boot_runs) = if options.quick {
+        (vec![1, 8], options.boot_runs.min(2))
+    } else {
+        (options.boot_vcpus.clone(), options.boot_runs)
+    };
+    // First, while this process is small and has no vCPU threads (the child is measured on
+    // its own anyway).
+    let boot = boot_process(out, boot_vcpus, boot_runs)?;
+    if options.boot_only {
+        return Ok(BenchReport {
+            lines: boot.iter().flat_map(BootProcessReport::lines).collect(),
+            rounds: 0,
+            hotplug: Vec::new(),
+            boot_process: boot,
+        });
+    }
     let (vcpus, rounds, hot, window, exit_rounds, hot_rounds) = if options.quick {
         (vec![1, 8], 3, vec![1, 7], Duration::from_millis(100), 1, 1)
     } else {
@@ -66,10 +126,12 @@ pub fn bench(spec: &VmSpec, out: &Out, options: BenchOptions) -> Result<BenchRep
         .map(|&n| bare_create(n))
         .collect::<Result<Vec<_>, _>>()?;
     lines.extend(hotplug_lines(&report, &hot, &bare));
+    lines.extend(boot.iter().flat_map(BootProcessReport::lines));
     Ok(BenchReport {
         lines,
         rounds,
         hotplug: report.samples,
+        boot_process: boot,
     })
 }
 
@@ -81,5 +143,8 @@ pub fn run(spec: &VmSpec, out: &Out, options: BenchOptions, json: bool) -> Resul
     }
     println!("every benchmark, ours next to bare KVM (ms; ratio = ours / bare):");
     print!("{}", table(&report.lines));
+    if let Some(boot) = &report.boot_process {
+        print!("{}", boot.summary());
+    }
     Ok(())
 }

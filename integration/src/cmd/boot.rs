@@ -1,4 +1,16 @@
 //! `vcpuctl boot`: a Linux kernel with the console on this terminal.
+//!
+//! The VM stops, and `vcpuctl boot` exits 0 after saying why on stderr, when a vCPU stops
+//! (triple fault, guest shutdown or reset, KVM error) or the guest writes the **shutdown
+//! port**, I/O port `0x600` ([`vmm_core::devices::SHUTDOWN_PORT`]): a write of any size and
+//! value from any vCPU stops the VM at once (the writing vCPU goes to `waiting_exit`, the
+//! exit EventFd wakes the manager, which exits and joins every vCPU thread, APs that never
+//! got a SIPI included). Reads of the port return all ones. This is what makes
+//! `vcpuctl boot --kernel <tiny ELF> --smp N` the comparable path of the `boot_process`
+//! benchmark ([`crate::bench::tiny_elf`]: the BSP writes the port as its first act).
+//!
+//! With `--peak-rss` it also prints, on stderr after the VM has stopped, the process's peak
+//! resident memory (`VmHWM`) as `vcpuctl: peak RSS <n> KiB`.
 
 use std::io::Write;
 use std::path::Path;
@@ -57,16 +69,40 @@ pub fn boot_linux<W: std::io::Write + Send + 'static>(
     Ok(vcpus.run_until_exit()?)
 }
 
-/// Runs `vcpuctl boot` with the console on stdout; says on stderr why the VM stopped.
+/// What `--peak-rss` prints before the number of KiB (then ` KiB`).
+pub const PEAK_RSS_PREFIX: &str = "vcpuctl: peak RSS ";
+
+/// This process's peak resident memory in KiB (`VmHWM` of /proc/self/status), if readable.
+pub fn peak_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Runs `vcpuctl boot` with the console on stdout; says on stderr why the VM stopped (and,
+/// with `report_peak_rss`, the peak RSS).
 pub fn run(
     spec: &VmSpec,
     kernel: &Path,
     initrd: Option<&Path>,
     cmdline: &str,
+    report_peak_rss: bool,
 ) -> Result<(), CliError> {
     let console = Arc::new(Mutex::new(std::io::stdout()));
     let stop = boot_linux(spec, kernel, initrd, cmdline, console)?;
     let _ = std::io::stdout().flush();
     eprintln!("\nvcpuctl: {stop}");
+    if report_peak_rss {
+        match peak_rss_kib() {
+            Some(kib) => eprintln!("{PEAK_RSS_PREFIX}{kib} KiB"),
+            None => eprintln!("vcpuctl: peak RSS unknown (no VmHWM in /proc/self/status)"),
+        }
+    }
     Ok(())
 }
