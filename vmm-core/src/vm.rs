@@ -246,6 +246,9 @@ pub fn reserve_fd_table(fds: usize) -> std::io::Result<()> {
     let mut reserved = FD_TABLE_RESERVED
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if fds <= *reserved {
+        return Ok(());
+    }
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
