@@ -103,7 +103,7 @@ pub mod test_util;
 mod thread;
 
 pub use error::VcpuError;
-pub use exit::{DeviceError, ExitHandler, IoOutcome, VcpuExitReason};
+pub use exit::{DeviceError, ExitHandler, IoAccess, IoOutcome, VcpuExitReason};
 pub use handle::VcpuHandle;
 pub use metrics::{ExitCounts, VcpuMetricsSnapshot};
 pub use request::{ReplyOutcome, RequestId, RequestRefused, VcpuReply, VcpuRequest};

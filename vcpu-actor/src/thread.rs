@@ -10,11 +10,12 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use slog::{debug, error, info, warn, Logger};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::handle::panic_message;
 use crate::handle::{Envelope, Shared};
 use crate::kick;
 use crate::metrics::ExitKind;
 use crate::state::{transition, Event, Transition};
-use crate::{DeviceError, ExitHandler, IoOutcome, VcpuExitReason, VcpuState};
+use crate::{DeviceError, ExitHandler, IoAccess, IoOutcome, VcpuExitReason, VcpuState};
 
 // `kvm_system_event.type` values (include/uapi/linux/kvm.h).
 const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
@@ -38,6 +39,11 @@ enum LoopEnd {
     FailEntry(u64),
     Unknown(Option<u32>),
     DeviceStop,
+    DevicePanic {
+        access: IoAccess,
+        addr: u64,
+        message: String,
+    },
     RunError(i32),
 }
 
@@ -188,43 +194,54 @@ impl VcpuThread {
         let metrics = &self.shared.metrics;
         metrics.add_run_time_ns(ns);
         let handler = &*self.handler;
-        let device = |r: Result<IoOutcome, DeviceError>, what: &str, at: u64| match r {
-            Ok(IoOutcome::Handled) => Step::Continue,
-            Ok(IoOutcome::StopVm) => Step::Stop(LoopEnd::DeviceStop),
-            Err(e) => {
+        // A panicking handler must not take the thread (and the vCPU fd) with it: the panic
+        // is caught here and stops this vCPU with a reason naming the device access.
+        let device = |r: Result<Result<IoOutcome, DeviceError>, String>,
+                      access: IoAccess,
+                      addr: u64| match r {
+            Ok(Ok(IoOutcome::Handled)) => Step::Continue,
+            Ok(Ok(IoOutcome::StopVm)) => Step::Stop(LoopEnd::DeviceStop),
+            Ok(Err(e)) => {
                 let n = metrics.count_device_error();
                 // Rate-limited: a guest can hammer a failing device.
                 if n <= 16 || n.is_power_of_two() {
-                    warn!(self.logger, "device error"; "access" => what,
-                          "address" => format!("{at:#x}"), "error" => %e, "count" => n);
+                    warn!(self.logger, "device error"; "access" => %access,
+                          "address" => format!("{addr:#x}"), "error" => %e, "count" => n);
                 }
                 Step::Continue
             }
+            Err(message) => Step::Stop(LoopEnd::DevicePanic {
+                access,
+                addr,
+                message,
+            }),
         };
         match result {
             Ok(VcpuExit::IoIn(port, data)) => {
                 metrics.count_exit(ExitKind::IoIn);
-                let r = handler.pio_read(id, port, data);
-                if r.is_err() {
+                let r = guarded(|| handler.pio_read(id, port, data));
+                if !matches!(r, Ok(Ok(_))) {
                     data.fill(0xff);
                 }
-                device(r, "pio_read", port.into())
+                device(r, IoAccess::PioRead, port.into())
             }
             Ok(VcpuExit::IoOut(port, data)) => {
                 metrics.count_exit(ExitKind::IoOut);
-                device(handler.pio_write(id, port, data), "pio_write", port.into())
+                let r = guarded(|| handler.pio_write(id, port, data));
+                device(r, IoAccess::PioWrite, port.into())
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
                 metrics.count_exit(ExitKind::MmioRead);
-                let r = handler.mmio_read(id, addr, data);
-                if r.is_err() {
+                let r = guarded(|| handler.mmio_read(id, addr, data));
+                if !matches!(r, Ok(Ok(_))) {
                     data.fill(0xff);
                 }
-                device(r, "mmio_read", addr)
+                device(r, IoAccess::MmioRead, addr)
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
                 metrics.count_exit(ExitKind::MmioWrite);
-                device(handler.mmio_write(id, addr, data), "mmio_write", addr)
+                let r = guarded(|| handler.mmio_write(id, addr, data));
+                device(r, IoAccess::MmioWrite, addr)
             }
             Ok(VcpuExit::Hlt) => {
                 // Only without an in-kernel irqchip. KVM resumes the guest after the `hlt`
@@ -308,6 +325,17 @@ impl VcpuThread {
                 exit: exit.unwrap_or_else(|| self.vcpu.get_kvm_run().exit_reason),
             },
             LoopEnd::DeviceStop => VcpuExitReason::DeviceRequestedStop { vcpu_id, rip },
+            LoopEnd::DevicePanic {
+                access,
+                addr,
+                message,
+            } => VcpuExitReason::DevicePanicked {
+                vcpu_id,
+                rip,
+                access,
+                addr,
+                message,
+            },
             LoopEnd::RunError(errno) => VcpuExitReason::KvmRunError { vcpu_id, errno },
         };
         if let Transition::To(to) = transition(self.state, Event::FatalExit) {
@@ -320,4 +348,13 @@ impl VcpuThread {
             }
         }
     }
+}
+
+/// Runs an exit handler method, catching a panic (as its message) so that it cannot unwind
+/// through the vCPU thread. The handler is only borrowed: whatever it left half-done stays
+/// the device's business, and the vCPU stops for good (`waiting_exit`), so nothing of this
+/// thread observes a broken invariant afterwards.
+fn guarded<R>(call: impl FnOnce() -> R) -> Result<R, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(call))
+        .map_err(|payload| panic_message(payload.as_ref()))
 }
