@@ -6,13 +6,10 @@ use std::sync::atomic::Ordering;
 use crossbeam_channel::TryRecvError;
 use slog::{debug, warn};
 
-use crate::handle::Envelope;
+use crate::handle::{Envelope, MAX_UNCLAIMED_REPLIES};
 use crate::state::{transition, Event, Transition};
 use crate::thread::VcpuThread;
 use crate::{ReplyOutcome, VcpuReply, VcpuRequest, VcpuState};
-
-/// At most this many replies wait unclaimed per vCPU; older ones are dropped (with a warning).
-const MAX_UNCLAIMED_REPLIES: usize = 4096;
 
 impl VcpuThread {
     /// Handles every queued request (T2 of the kick protocol).
@@ -77,13 +74,10 @@ impl VcpuThread {
             outcome,
         };
         let mut replies = self.shared.lock_replies();
-        if replies.replies.len() >= MAX_UNCLAIMED_REPLIES {
-            if let Some((old, _)) = replies.replies.pop_first() {
-                warn!(self.logger, "too many unclaimed replies, dropping the oldest";
-                      "request" => old);
-            }
+        if let Some(old) = replies.insert(reply) {
+            warn!(self.logger, "too many unclaimed replies, discarding the oldest unclaimed one";
+                  "request" => old, "limit" => MAX_UNCLAIMED_REPLIES);
         }
-        replies.replies.insert(env.id.0, reply);
         drop(replies);
         self.shared.reply_ready.notify_all();
     }
