@@ -15,15 +15,22 @@ use crate::handle::{Envelope, Shared};
 use crate::kick;
 use crate::metrics::ExitKind;
 use crate::state::{transition, Event, Transition};
-use crate::{DeviceError, ExitHandler, IoAccess, IoOutcome, VcpuExitReason, VcpuState};
+use crate::{
+    DeviceError, ExitHandler, IoAccess, IoOutcome, VcpuExitReason, VcpuState, VcpuStateSaver,
+};
 
 // `kvm_system_event.type` values (include/uapi/linux/kvm.h).
 const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
 const KVM_SYSTEM_EVENT_RESET: u32 = 2;
 const KVM_SYSTEM_EVENT_CRASH: u32 = 3;
 
+/// How many `KVM_RUN`s with `immediate_exit` a pause spends at most to complete pending I/O
+/// (one, unless completing an access needs another user-space exit, e.g. an MMIO access KVM
+/// splits in two).
+const MAX_COMPLETION_RUNS: usize = 8;
+
 /// What one trip through `KVM_RUN` asks the loop to do next.
-enum Step {
+pub(crate) enum Step {
     /// Look at the mailbox and run again.
     Continue,
     /// Go to `WaitingExit` for this reason (built once the exit borrow has ended).
@@ -31,7 +38,7 @@ enum Step {
 }
 
 /// Why the run loop ends its `Running` phase: the raw material of a [`VcpuExitReason`].
-enum LoopEnd {
+pub(crate) enum LoopEnd {
     Shutdown,
     Reset,
     TripleFault,
@@ -57,6 +64,11 @@ pub(crate) struct VcpuThread {
     pub(crate) logger: Logger,
     /// The thread's own copy of the state; published to `shared.state` on every change.
     pub(crate) state: VcpuState,
+    /// Answers `SaveState`.
+    pub(crate) state_saver: Option<Arc<dyn VcpuStateSaver>>,
+    /// The last `KVM_RUN` ended in an I/O exit whose instruction KVM completes only on the
+    /// next `KVM_RUN` (see [`complete_pending_io`](Self::complete_pending_io)).
+    io_pending: bool,
 }
 
 /// Sets `finished` and wakes all waiters when the thread ends, even by a panic.
@@ -86,6 +98,7 @@ impl VcpuThread {
         exit_evt: EventFd,
         mailbox: Receiver<Envelope>,
         logger: &Logger,
+        state_saver: Option<Arc<dyn VcpuStateSaver>>,
     ) -> Self {
         VcpuThread {
             shared,
@@ -95,6 +108,8 @@ impl VcpuThread {
             mailbox,
             logger: logger.clone(),
             state: VcpuState::Paused,
+            state_saver,
+            io_pending: false,
         }
     }
 
@@ -216,8 +231,11 @@ impl VcpuThread {
                 message,
             }),
         };
-        match result {
+        // The four I/O exits leave their instruction for the next KVM_RUN to complete.
+        let mut io = false;
+        let step = match result {
             Ok(VcpuExit::IoIn(port, data)) => {
+                io = true;
                 metrics.count_exit(ExitKind::IoIn);
                 let r = guarded(|| handler.pio_read(id, port, data));
                 if !matches!(r, Ok(Ok(_))) {
@@ -226,11 +244,13 @@ impl VcpuThread {
                 device(r, IoAccess::PioRead, port.into())
             }
             Ok(VcpuExit::IoOut(port, data)) => {
+                io = true;
                 metrics.count_exit(ExitKind::IoOut);
                 let r = guarded(|| handler.pio_write(id, port, data));
                 device(r, IoAccess::PioWrite, port.into())
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
+                io = true;
                 metrics.count_exit(ExitKind::MmioRead);
                 let r = guarded(|| handler.mmio_read(id, addr, data));
                 if !matches!(r, Ok(Ok(_))) {
@@ -239,6 +259,7 @@ impl VcpuThread {
                 device(r, IoAccess::MmioRead, addr)
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
+                io = true;
                 metrics.count_exit(ExitKind::MmioWrite);
                 let r = guarded(|| handler.mmio_write(id, addr, data));
                 device(r, IoAccess::MmioWrite, addr)
@@ -286,10 +307,40 @@ impl VcpuThread {
                 Step::Continue
             }
             Err(e) => Step::Stop(LoopEnd::RunError(e.errno())),
-        }
+        };
+        self.io_pending = io;
+        step
     }
 
-    fn enter_waiting_exit(&mut self, end: LoopEnd) {
+    /// Completes the I/O instruction of the last exit, if any, without running guest code.
+    ///
+    /// KVM finishes a port-I/O or MMIO instruction (RIP past it, an `in`'s or MMIO read's data
+    /// in its register) only on the next `KVM_RUN`: until then the registers show it undone,
+    /// and that pending part is in no state user space can save. A `KVM_RUN` with
+    /// `immediate_exit` set completes it and then returns `EINTR` at once (KVM's documented
+    /// way to do this), so a vCPU that reports `paused` has registers that hold the completed
+    /// instruction. Returns why the vCPU must stop instead, if completing ran into such an
+    /// exit (a device asked to stop, or panicked).
+    pub(crate) fn complete_pending_io(&mut self) -> Option<LoopEnd> {
+        for _ in 0..MAX_COMPLETION_RUNS {
+            if !self.io_pending {
+                return None;
+            }
+            // Left set afterwards: a sender's kick that lands meanwhile is not lost (a paused
+            // thread reads its mailbox anyway, and the next T1 clears the flag).
+            self.shared.kvm_run.request_immediate_exit();
+            if let Step::Stop(end) = self.run_once() {
+                return Some(end);
+            }
+        }
+        if self.io_pending {
+            warn!(self.logger, "I/O still pending after the completion runs; pausing anyway";
+                  "runs" => MAX_COMPLETION_RUNS);
+        }
+        None
+    }
+
+    pub(crate) fn enter_waiting_exit(&mut self, end: LoopEnd) {
         let vcpu_id = self.shared.id;
         let rip = match self.vcpu.get_regs() {
             Ok(regs) => regs.rip,
@@ -354,7 +405,7 @@ impl VcpuThread {
 /// through the vCPU thread. The handler is only borrowed: whatever it left half-done stays
 /// the device's business, and the vCPU stops for good (`waiting_exit`), so nothing of this
 /// thread observes a broken invariant afterwards.
-fn guarded<R>(call: impl FnOnce() -> R) -> Result<R, String> {
+pub(crate) fn guarded<R>(call: impl FnOnce() -> R) -> Result<R, String> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(call))
         .map_err(|payload| panic_message(payload.as_ref()))
 }
