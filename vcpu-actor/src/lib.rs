@@ -6,7 +6,9 @@
 //! `waiting_exit`, `Exit` -> `exited`), the `KVM_RUN` loop and its exit dispatch to the VMM's
 //! [`ExitHandler`], kicking a running vCPU out of `KVM_RUN` without races (the sender sets
 //! `kvm_run.immediate_exit` through its own mapping, then signals the thread), per-vCPU
-//! [metrics](VcpuMetricsSnapshot), and an optional per-thread [seccomp filter](SeccompMode).
+//! [metrics](VcpuMetricsSnapshot), an optional per-thread [seccomp filter](SeccompMode),
+//! and saving a paused vCPU's state on its own thread ([`VcpuRequest::SaveState`], with the
+//! VMM's [`VcpuStateSaver`]; a pause first completes the I/O instruction of the last exit).
 //! It does not create VMs or vCPUs, set registers or CPUID, or route I/O: that is the VMM's.
 //!
 //! The manager talks to each actor through a [`VcpuHandle`]: [`VcpuHandle::send`] returns a
