@@ -6,7 +6,9 @@
 //! `waiting_exit`, `Exit` -> `exited`), the `KVM_RUN` loop and its exit dispatch to the VMM's
 //! [`ExitHandler`], kicking a running vCPU out of `KVM_RUN` without races (the sender sets
 //! `kvm_run.immediate_exit` through its own mapping, then signals the thread), per-vCPU
-//! [metrics](VcpuMetricsSnapshot), and an optional per-thread [seccomp filter](SeccompMode).
+//! [metrics](VcpuMetricsSnapshot), an optional per-thread [seccomp filter](SeccompMode),
+//! and saving a paused vCPU's state on its own thread ([`VcpuRequest::SaveState`], with the
+//! VMM's [`VcpuStateSaver`]; a pause first completes the I/O instruction of the last exit).
 //! It does not create VMs or vCPUs, set registers or CPUID, or route I/O: that is the VMM's.
 //!
 //! The manager talks to each actor through a [`VcpuHandle`]: [`VcpuHandle::send`] returns a
@@ -95,6 +97,7 @@ mod kick;
 mod mailbox;
 mod metrics;
 mod request;
+mod save;
 mod seccomp;
 mod spawn;
 pub mod state;
@@ -103,10 +106,11 @@ pub mod test_util;
 mod thread;
 
 pub use error::VcpuError;
-pub use exit::{DeviceError, ExitHandler, IoOutcome, VcpuExitReason};
+pub use exit::{DeviceError, ExitHandler, IoAccess, IoOutcome, VcpuExitReason};
 pub use handle::VcpuHandle;
 pub use metrics::{ExitCounts, VcpuMetricsSnapshot};
 pub use request::{ReplyOutcome, RequestId, RequestRefused, VcpuReply, VcpuRequest};
+pub use save::{SaveStateError, VcpuStateSaver};
 pub use seccomp::{default_allowed_syscalls, SeccompMode, ViolationAction};
 pub use spawn::{PendingVcpu, SpawnFailure, VcpuOptions, VcpuParts};
 pub use state::VcpuState;

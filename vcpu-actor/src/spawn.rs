@@ -17,13 +17,13 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::handle::{Envelope, Shared};
 use crate::kick::{self, KvmRunMapping};
 use crate::thread::VcpuThread;
-use crate::{ExitHandler, SeccompMode, VcpuError, VcpuHandle};
+use crate::{ExitHandler, SeccompMode, VcpuError, VcpuHandle, VcpuStateSaver};
 
 /// How long a new thread may take to report that it is ready, counted from its start.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How a vCPU actor is set up.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct VcpuOptions {
     /// Where the actor logs; the vCPU id is added to its context as `vcpu`.
     pub logger: Logger,
@@ -38,6 +38,22 @@ pub struct VcpuOptions {
     /// Stack size of the vCPU thread in bytes (default [`VcpuOptions::DEFAULT_STACK_SIZE`]).
     /// The [`ExitHandler`] runs on this stack: raise it for handlers that need deep stacks.
     pub stack_size: usize,
+    /// What answers [`VcpuRequest::SaveState`](crate::VcpuRequest::SaveState) (default
+    /// `None`: such a request gets
+    /// [`SaveStateError::NoSaver`](crate::SaveStateError::NoSaver)).
+    pub state_saver: Option<Arc<dyn VcpuStateSaver>>,
+}
+
+impl fmt::Debug for VcpuOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VcpuOptions")
+            .field("logger", &self.logger)
+            .field("seccomp", &self.seccomp)
+            .field("kick_signal_offset", &self.kick_signal_offset)
+            .field("stack_size", &self.stack_size)
+            .field("state_saver", &self.state_saver.is_some())
+            .finish()
+    }
 }
 
 impl VcpuOptions {
@@ -62,6 +78,7 @@ impl Default for VcpuOptions {
             seccomp: SeccompMode::Disabled,
             kick_signal_offset: 0,
             stack_size: Self::DEFAULT_STACK_SIZE,
+            state_saver: None,
         }
     }
 }
@@ -188,7 +205,15 @@ impl PendingVcpu {
         let (tx, rx) = crossbeam_channel::unbounded::<Envelope>();
         let (done_tx, done_rx) = crossbeam_channel::bounded::<VcpuFd>(1);
         let (ready_tx, ready_rx) = crossbeam_channel::bounded::<Result<(), String>>(1);
-        let thread = VcpuThread::new(Arc::clone(&shared), vcpu, handler, exit_evt, rx, &logger);
+        let thread = VcpuThread::new(
+            Arc::clone(&shared),
+            vcpu,
+            handler,
+            exit_evt,
+            rx,
+            &logger,
+            options.state_saver,
+        );
         let join = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
             .stack_size(options.stack_size)

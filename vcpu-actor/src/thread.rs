@@ -10,19 +10,27 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use slog::{debug, error, info, warn, Logger};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::handle::panic_message;
 use crate::handle::{Envelope, Shared};
 use crate::kick;
 use crate::metrics::ExitKind;
 use crate::state::{transition, Event, Transition};
-use crate::{DeviceError, ExitHandler, IoOutcome, VcpuExitReason, VcpuState};
+use crate::{
+    DeviceError, ExitHandler, IoAccess, IoOutcome, VcpuExitReason, VcpuState, VcpuStateSaver,
+};
 
 // `kvm_system_event.type` values (include/uapi/linux/kvm.h).
 const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
 const KVM_SYSTEM_EVENT_RESET: u32 = 2;
 const KVM_SYSTEM_EVENT_CRASH: u32 = 3;
 
+/// How many `KVM_RUN`s with `immediate_exit` a pause spends at most to complete pending I/O
+/// (one, unless completing an access needs another user-space exit, e.g. an MMIO access KVM
+/// splits in two).
+const MAX_COMPLETION_RUNS: usize = 8;
+
 /// What one trip through `KVM_RUN` asks the loop to do next.
-enum Step {
+pub(crate) enum Step {
     /// Look at the mailbox and run again.
     Continue,
     /// Go to `WaitingExit` for this reason (built once the exit borrow has ended).
@@ -30,7 +38,7 @@ enum Step {
 }
 
 /// Why the run loop ends its `Running` phase: the raw material of a [`VcpuExitReason`].
-enum LoopEnd {
+pub(crate) enum LoopEnd {
     Shutdown,
     Reset,
     TripleFault,
@@ -38,6 +46,11 @@ enum LoopEnd {
     FailEntry(u64),
     Unknown(Option<u32>),
     DeviceStop,
+    DevicePanic {
+        access: IoAccess,
+        addr: u64,
+        message: String,
+    },
     RunError(i32),
 }
 
@@ -51,6 +64,11 @@ pub(crate) struct VcpuThread {
     pub(crate) logger: Logger,
     /// The thread's own copy of the state; published to `shared.state` on every change.
     pub(crate) state: VcpuState,
+    /// Answers `SaveState`.
+    pub(crate) state_saver: Option<Arc<dyn VcpuStateSaver>>,
+    /// The last `KVM_RUN` ended in an I/O exit whose instruction KVM completes only on the
+    /// next `KVM_RUN` (see [`complete_pending_io`](Self::complete_pending_io)).
+    io_pending: bool,
 }
 
 /// Sets `finished` and wakes all waiters when the thread ends, even by a panic.
@@ -80,6 +98,7 @@ impl VcpuThread {
         exit_evt: EventFd,
         mailbox: Receiver<Envelope>,
         logger: &Logger,
+        state_saver: Option<Arc<dyn VcpuStateSaver>>,
     ) -> Self {
         VcpuThread {
             shared,
@@ -89,6 +108,8 @@ impl VcpuThread {
             mailbox,
             logger: logger.clone(),
             state: VcpuState::Paused,
+            state_saver,
+            io_pending: false,
         }
     }
 
@@ -188,43 +209,60 @@ impl VcpuThread {
         let metrics = &self.shared.metrics;
         metrics.add_run_time_ns(ns);
         let handler = &*self.handler;
-        let device = |r: Result<IoOutcome, DeviceError>, what: &str, at: u64| match r {
-            Ok(IoOutcome::Handled) => Step::Continue,
-            Ok(IoOutcome::StopVm) => Step::Stop(LoopEnd::DeviceStop),
-            Err(e) => {
+        // A panicking handler must not take the thread (and the vCPU fd) with it: the panic
+        // is caught here and stops this vCPU with a reason naming the device access.
+        let device = |r: Result<Result<IoOutcome, DeviceError>, String>,
+                      access: IoAccess,
+                      addr: u64| match r {
+            Ok(Ok(IoOutcome::Handled)) => Step::Continue,
+            Ok(Ok(IoOutcome::StopVm)) => Step::Stop(LoopEnd::DeviceStop),
+            Ok(Err(e)) => {
                 let n = metrics.count_device_error();
                 // Rate-limited: a guest can hammer a failing device.
                 if n <= 16 || n.is_power_of_two() {
-                    warn!(self.logger, "device error"; "access" => what,
-                          "address" => format!("{at:#x}"), "error" => %e, "count" => n);
+                    warn!(self.logger, "device error"; "access" => %access,
+                          "address" => format!("{addr:#x}"), "error" => %e, "count" => n);
                 }
                 Step::Continue
             }
+            Err(message) => Step::Stop(LoopEnd::DevicePanic {
+                access,
+                addr,
+                message,
+            }),
         };
-        match result {
+        // The four I/O exits leave their instruction for the next KVM_RUN to complete.
+        let mut io = false;
+        let step = match result {
             Ok(VcpuExit::IoIn(port, data)) => {
+                io = true;
                 metrics.count_exit(ExitKind::IoIn);
-                let r = handler.pio_read(id, port, data);
-                if r.is_err() {
+                let r = guarded(|| handler.pio_read(id, port, data));
+                if !matches!(r, Ok(Ok(_))) {
                     data.fill(0xff);
                 }
-                device(r, "pio_read", port.into())
+                device(r, IoAccess::PioRead, port.into())
             }
             Ok(VcpuExit::IoOut(port, data)) => {
+                io = true;
                 metrics.count_exit(ExitKind::IoOut);
-                device(handler.pio_write(id, port, data), "pio_write", port.into())
+                let r = guarded(|| handler.pio_write(id, port, data));
+                device(r, IoAccess::PioWrite, port.into())
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
+                io = true;
                 metrics.count_exit(ExitKind::MmioRead);
-                let r = handler.mmio_read(id, addr, data);
-                if r.is_err() {
+                let r = guarded(|| handler.mmio_read(id, addr, data));
+                if !matches!(r, Ok(Ok(_))) {
                     data.fill(0xff);
                 }
-                device(r, "mmio_read", addr)
+                device(r, IoAccess::MmioRead, addr)
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
+                io = true;
                 metrics.count_exit(ExitKind::MmioWrite);
-                device(handler.mmio_write(id, addr, data), "mmio_write", addr)
+                let r = guarded(|| handler.mmio_write(id, addr, data));
+                device(r, IoAccess::MmioWrite, addr)
             }
             Ok(VcpuExit::Hlt) => {
                 // Only without an in-kernel irqchip. KVM resumes the guest after the `hlt`
@@ -269,10 +307,40 @@ impl VcpuThread {
                 Step::Continue
             }
             Err(e) => Step::Stop(LoopEnd::RunError(e.errno())),
-        }
+        };
+        self.io_pending = io;
+        step
     }
 
-    fn enter_waiting_exit(&mut self, end: LoopEnd) {
+    /// Completes the I/O instruction of the last exit, if any, without running guest code.
+    ///
+    /// KVM finishes a port-I/O or MMIO instruction (RIP past it, an `in`'s or MMIO read's data
+    /// in its register) only on the next `KVM_RUN`: until then the registers show it undone,
+    /// and that pending part is in no state user space can save. A `KVM_RUN` with
+    /// `immediate_exit` set completes it and then returns `EINTR` at once (KVM's documented
+    /// way to do this), so a vCPU that reports `paused` has registers that hold the completed
+    /// instruction. Returns why the vCPU must stop instead, if completing ran into such an
+    /// exit (a device asked to stop, or panicked).
+    pub(crate) fn complete_pending_io(&mut self) -> Option<LoopEnd> {
+        for _ in 0..MAX_COMPLETION_RUNS {
+            if !self.io_pending {
+                return None;
+            }
+            // Left set afterwards: a sender's kick that lands meanwhile is not lost (a paused
+            // thread reads its mailbox anyway, and the next T1 clears the flag).
+            self.shared.kvm_run.request_immediate_exit();
+            if let Step::Stop(end) = self.run_once() {
+                return Some(end);
+            }
+        }
+        if self.io_pending {
+            warn!(self.logger, "I/O still pending after the completion runs; pausing anyway";
+                  "runs" => MAX_COMPLETION_RUNS);
+        }
+        None
+    }
+
+    pub(crate) fn enter_waiting_exit(&mut self, end: LoopEnd) {
         let vcpu_id = self.shared.id;
         let rip = match self.vcpu.get_regs() {
             Ok(regs) => regs.rip,
@@ -308,6 +376,17 @@ impl VcpuThread {
                 exit: exit.unwrap_or_else(|| self.vcpu.get_kvm_run().exit_reason),
             },
             LoopEnd::DeviceStop => VcpuExitReason::DeviceRequestedStop { vcpu_id, rip },
+            LoopEnd::DevicePanic {
+                access,
+                addr,
+                message,
+            } => VcpuExitReason::DevicePanicked {
+                vcpu_id,
+                rip,
+                access,
+                addr,
+                message,
+            },
             LoopEnd::RunError(errno) => VcpuExitReason::KvmRunError { vcpu_id, errno },
         };
         if let Transition::To(to) = transition(self.state, Event::FatalExit) {
@@ -320,4 +399,13 @@ impl VcpuThread {
             }
         }
     }
+}
+
+/// Runs an exit handler method, catching a panic (as its message) so that it cannot unwind
+/// through the vCPU thread. The handler is only borrowed: whatever it left half-done stays
+/// the device's business, and the vCPU stops for good (`waiting_exit`), so nothing of this
+/// thread observes a broken invariant afterwards.
+pub(crate) fn guarded<R>(call: impl FnOnce() -> R) -> Result<R, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(call))
+        .map_err(|payload| panic_message(payload.as_ref()))
 }

@@ -103,6 +103,46 @@ kvm_test!(thousand_pause_resume_cycles_lose_no_reply, false, |vm| {
 });
 
 kvm_test!(
+    unclaimed_replies_are_bounded_with_a_clear_error,
+    false,
+    |vm| {
+        let h = counter_actor(&vm, Recorder::new());
+        let limit = VcpuHandle::MAX_UNCLAIMED_REPLIES;
+        // Flood without waiting: more replies than the actor keeps unclaimed.
+        let ids: Vec<_> = (0..limit + 1000)
+            .map(|_| h.send(VcpuRequest::GetState).expect("send"))
+            .collect();
+        let last = *ids.last().expect("ids");
+        let reply = h.wait_reply(last, TIMEOUT).expect("the last reply is kept");
+        assert_eq!(reply.outcome, ReplyOutcome::State(VcpuState::Paused));
+        // The oldest 1000 were discarded, and waiting for one says so at once (not a timeout
+        // that blames a device handler).
+        let first_kept = ids[1000];
+        h.wait_reply(first_kept, TIMEOUT)
+            .expect("the oldest kept reply is there");
+        for id in [ids[0], ids[999]] {
+            match h.wait_reply(id, TIMEOUT) {
+                Err(e @ VcpuError::ReplyDiscarded { .. }) => {
+                    let text = e.to_string();
+                    assert!(
+                        text.starts_with("vCPU 0: ")
+                            && text.contains(&format!("request {id}"))
+                            && text.contains(&format!("{limit} replies"))
+                            && !text.contains("device handler"),
+                        "{text}"
+                    );
+                }
+                other => panic!("request {id}: expected ReplyDiscarded, got {other:?}"),
+            }
+        }
+        // The actor is unharmed.
+        expect(&h, VcpuRequest::Resume, ReplyOutcome::Resumed);
+        expect(&h, VcpuRequest::Pause, ReplyOutcome::Paused);
+        h.join(TIMEOUT).expect("join");
+    }
+);
+
+kvm_test!(
     rapid_messages_from_other_threads_are_all_answered,
     false,
     |vm| {
