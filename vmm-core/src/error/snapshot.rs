@@ -12,6 +12,10 @@ pub enum StateOp {
     GetMsrIndexList,
     /// `KVM_GET_SUPPORTED_CPUID` (on `/dev/kvm`).
     GetSupportedCpuid,
+    /// `KVM_CREATE_VM` (of a scratch VM that asks KVM what it provides).
+    CreateVm,
+    /// `KVM_CREATE_VCPU` (of a scratch VM that asks KVM what it provides).
+    CreateVcpu,
     /// `KVM_GET_MP_STATE`.
     GetMpState,
     /// `KVM_SET_MP_STATE`.
@@ -80,6 +84,8 @@ impl StateOp {
         match self {
             StateOp::GetMsrIndexList => "KVM_GET_MSR_INDEX_LIST",
             StateOp::GetSupportedCpuid => "KVM_GET_SUPPORTED_CPUID",
+            StateOp::CreateVm => "KVM_CREATE_VM",
+            StateOp::CreateVcpu => "KVM_CREATE_VCPU",
             StateOp::GetMpState => "KVM_GET_MP_STATE",
             StateOp::SetMpState => "KVM_SET_MP_STATE",
             StateOp::GetRegs => "KVM_GET_REGS",

@@ -45,6 +45,16 @@ fn kind_code(kind: SnapshotFile) -> u32 {
 }
 
 impl FileHeader {
+    /// The header of a `kind` file of format `version` holding `content`.
+    pub fn for_content(kind: SnapshotFile, version: u32, content: &[u8]) -> Self {
+        Self {
+            version,
+            kind,
+            len: content.len() as u64,
+            crc32: crc32fast::hash(content),
+        }
+    }
+
     /// The header's bytes, its own CRC32 last.
     pub fn encode(&self) -> [u8; HEADER_LEN] {
         let mut b = [0u8; HEADER_LEN];

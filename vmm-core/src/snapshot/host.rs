@@ -3,11 +3,13 @@
 
 use std::collections::BTreeMap;
 
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Cap, Kvm};
 use serde::{Deserialize, Serialize};
-use topology::{find_entry, CpuidEntry};
+use topology::{find_entry, find_entry_mut, CpuidEntry};
 
-use crate::error::SnapshotError;
+use crate::arch::x86_64::cpuid::entries_from_kvm;
+use crate::error::{SnapshotError, StateError, StateOp};
 
 /// The host CPU and KVM a snapshot was taken on.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -121,6 +123,46 @@ impl HostInfo {
     }
 }
 
+/// The CPUID this host's KVM provides to a vCPU: `KVM_GET_SUPPORTED_CPUID`, each entry
+/// widened by what `KVM_GET_CPUID2` reports for a scratch vCPU given exactly that set. The
+/// second part matters: KVM itself adds bits to a vCPU's CPUID (OSXSAVE, APIC, from the
+/// vCPU's registers), and PVM hosts overlay the host CPU's feature bits on leaves 1 and 7
+/// whatever was set, so a saved vCPU's CPUID (read with `KVM_GET_CPUID2`) has bits that the
+/// supported list lacks though this KVM provides them.
+///
+/// # Errors
+///
+/// [`StateError::Kvm`] if a KVM call fails.
+pub fn kvm_provided_cpuid(kvm: &Kvm) -> Result<Vec<CpuidEntry>, StateError> {
+    let supported = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(StateError::kvm(StateOp::GetSupportedCpuid))?;
+    let vm = kvm
+        .create_vm()
+        .map_err(StateError::kvm(StateOp::CreateVm))?;
+    let vcpu = vm
+        .create_vcpu(0)
+        .map_err(StateError::kvm(StateOp::CreateVcpu))?;
+    vcpu.set_cpuid2(&supported)
+        .map_err(StateError::kvm(StateOp::SetCpuid2))?;
+    let given = vcpu
+        .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+        .map_err(StateError::kvm(StateOp::GetCpuid2))?;
+    let mut provided = entries_from_kvm(supported.as_slice());
+    for g in entries_from_kvm(given.as_slice()) {
+        match find_entry_mut(&mut provided, g.function, g.index) {
+            Some(p) => {
+                p.eax |= g.eax;
+                p.ebx |= g.ebx;
+                p.ecx |= g.ecx;
+                p.edx |= g.edx;
+            }
+            None => provided.push(g),
+        }
+    }
+    Ok(provided)
+}
+
 /// A CPUID register.
 #[derive(Clone, Copy, Debug)]
 enum Reg {
@@ -171,7 +213,8 @@ const CHECKED: &[(u32, u32, Reg, u32)] = &[
 ];
 
 /// Checks that the feature bits of a vCPU's saved CPUID (`saved`, vCPU `vcpu_index`) are
-/// all in `supported` (this host's `KVM_GET_SUPPORTED_CPUID`), for the feature leaves: 1
+/// all in `supported` (what this host's KVM provides: [`kvm_provided_cpuid`]), for the
+/// feature leaves: 1
 /// ECX/EDX, 7.0 EBX/ECX/EDX, 0x8000_0001 ECX/EDX. A guest that saw a feature must find it
 /// after the restore, or it faults on its first use.
 ///

@@ -41,21 +41,19 @@ pub mod memory;
 
 use std::path::{Path, PathBuf};
 
-use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Cap, Kvm};
 use serde::{Deserialize, Serialize};
 use topology::CpuTopology;
 use vm_memory::GuestMemoryMmap;
 use vpmu::VpmuFeatureLevel;
 
-use crate::arch::x86_64::cpuid::entries_from_kvm;
 use crate::arch::x86_64::state::X86VcpuState;
 use crate::arch::x86_64::vm_state::X86VmState;
 use crate::error::{SnapshotError, SnapshotFile, StateError, StateOp};
 use crate::VcpuConfig;
 
 pub use file::{FileHeader, HEADER_LEN, MAGIC};
-pub use host::{check_cpuid_supported, HostInfo};
+pub use host::{check_cpuid_supported, kvm_provided_cpuid, HostInfo};
 pub use memory::MemoryRegionInfo;
 
 /// The snapshot format this build writes and reads. A change to what the files hold
@@ -267,10 +265,7 @@ impl VerifiedSnapshot {
     pub fn check_host(&self, host: &HostInfo, kvm: &Kvm) -> Result<(), SnapshotError> {
         let state = self.state();
         host.check_vendor(&state.host)?;
-        let supported = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(StateError::kvm(StateOp::GetSupportedCpuid))?;
-        let supported = entries_from_kvm(supported.as_slice());
+        let supported = kvm_provided_cpuid(kvm)?;
         let msr_list = kvm
             .get_msr_index_list()
             .map_err(StateError::kvm(StateOp::GetMsrIndexList))?;
