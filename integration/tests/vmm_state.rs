@@ -201,12 +201,9 @@ fn damaged_or_foreign_snapshots_are_refused_with_their_error() {
         copy_dir(good.path(), d.path());
         d
     };
-    let state_len = std::fs::metadata(good.path().join(STATE_FILE))
-        .unwrap()
-        .len() as usize;
-    let mem_len = std::fs::metadata(good.path().join(MEMORY_FILE))
-        .unwrap()
-        .len() as usize;
+    let file_len = |f: &str| std::fs::read(good.path().join(f)).unwrap().len();
+    let state_len = file_len(STATE_FILE);
+    let mem_len = file_len(MEMORY_FILE);
 
     // A byte flipped in each file's content: a checksum error naming the file.
     for (file, kind, len) in [
@@ -385,4 +382,48 @@ fn memory_of_another_size_is_refused_before_anything_is_written() {
         vm.read_u64(0x30_0000).unwrap(),
         u64::from_le_bytes([0xab; 8])
     );
+}
+
+#[test]
+fn the_snapshot_benchmark_gives_every_row() {
+    if kvm_or_skip("the_snapshot_benchmark_gives_every_row").is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let lines =
+        integration::bench::snapshot::bench_snapshot(2, Some(16 << 20), dir.path()).unwrap();
+    let names: Vec<&str> = lines.iter().map(|l| l.benchmark).collect();
+    assert_eq!(
+        names,
+        [
+            "save_state",
+            "restore_state",
+            "save_snapshot",
+            "restore_snapshot"
+        ]
+    );
+    assert!(lines
+        .iter()
+        .all(|l| l.vcpus == 2 && l.ours_ms.is_finite() && l.bare_ms.is_finite()));
+    let lines = integration::bench::snapshot::bench_snapshot(1, None, dir.path()).unwrap();
+    assert_eq!(lines.len(), 2);
+}
+
+/// The numbers for the README: `cargo test -p integration --test vmm_state -- --ignored
+/// --nocapture`.
+#[test]
+#[ignore = "a benchmark: prints the table, asserts nothing"]
+fn snapshot_benchmark_table() {
+    if kvm_or_skip("snapshot_benchmark_table").is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut lines = Vec::new();
+    for n in [1, 8, 64, 254] {
+        lines.extend(integration::bench::snapshot::bench_snapshot(n, None, dir.path()).unwrap());
+        let with_memory =
+            integration::bench::snapshot::bench_snapshot(n, Some(64 << 20), dir.path()).unwrap();
+        lines.extend(with_memory.into_iter().skip(2));
+    }
+    println!("{}", integration::bench::table(&lines));
 }
