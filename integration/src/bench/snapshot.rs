@@ -468,8 +468,10 @@ pub fn bench_snapshot(
     let save_bare = t.elapsed();
 
     // Ours: restore into a fresh VM.
+    // (Both sides time from an existing VM without vCPUs.)
+    let mut restored = StateVm::new(saved.config.topology, mem_size)?;
     let t = Instant::now();
-    let restored = StateVm::restore(&saved, mem_size)?;
+    restored.restore_into(&saved)?;
     let restore_ours = t.elapsed();
     drop(restored);
     // Bare: create the same vCPUs and set the same state.
@@ -534,9 +536,9 @@ pub fn bench_snapshot(
     let snap_bare = t.elapsed();
 
     // Ours: read (verify) + check + restore memory and state.
+    let mut dst = StateVm::new(saved.config.topology, mem_size)?;
     let t = Instant::now();
     let verified = snapshot::read(dir).map_err(vmm)?;
-    let mut dst = StateVm::new(verified.state().config.topology, mem_size)?;
     verified
         .check_host(&HostInfo::this_host(dst.vm.kvm()), dst.vm.kvm())
         .map_err(vmm)?;
@@ -545,8 +547,8 @@ pub fn bench_snapshot(
     let unsnap_ours = t.elapsed();
     drop(dst);
     // Bare: a VM, the plain file into memory, the sets.
-    let t = Instant::now();
     let mut bare = StateVm::new(saved.config.topology, mem_size)?;
+    let t = Instant::now();
     let regions = snapshot::memory::regions(bare.vm.memory());
     let mut input = std::io::BufReader::new(
         std::fs::File::open(&raw)
