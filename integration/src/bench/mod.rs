@@ -34,6 +34,7 @@ pub mod actor;
 pub mod bare;
 pub mod hotplug;
 pub mod manager;
+pub mod snapshot;
 
 use std::cmp::Ordering;
 use std::time::{Duration, Instant};
