@@ -6,7 +6,10 @@
 //! `waiting_exit`, `Exit` -> `exited`), the `KVM_RUN` loop and its exit dispatch to the VMM's
 //! [`ExitHandler`], kicking a running vCPU out of `KVM_RUN` without races (the sender sets
 //! `kvm_run.immediate_exit` through its own mapping, then signals the thread), per-vCPU
-//! [metrics](VcpuMetricsSnapshot), and an optional per-thread [seccomp filter](SeccompMode).
+//! [metrics](VcpuMetricsSnapshot), and a per-thread [seccomp filter](SeccompMode), on by
+//! default: `ioctl` only on the vCPU's own fd with the vCPU requests, `write` only to the
+//! exit EventFd, no new executable memory; a forbidden call stops the VM with
+//! [`VcpuExitReason::SeccompViolation`] naming it.
 //! It does not create VMs or vCPUs, set registers or CPUID, or route I/O: that is the VMM's.
 //!
 //! The manager talks to each actor through a [`VcpuHandle`]: [`VcpuHandle::send`] returns a
@@ -107,6 +110,6 @@ pub use exit::{DeviceError, ExitHandler, IoOutcome, VcpuExitReason};
 pub use handle::VcpuHandle;
 pub use metrics::{ExitCounts, VcpuMetricsSnapshot};
 pub use request::{ReplyOutcome, RequestId, RequestRefused, VcpuReply, VcpuRequest};
-pub use seccomp::{default_allowed_syscalls, SeccompMode, ViolationAction};
+pub use seccomp::{syscall_name, unrestricted_syscalls, vcpu_ioctls, SeccompMode, ViolationAction};
 pub use spawn::{PendingVcpu, SpawnFailure, VcpuOptions, VcpuParts};
 pub use state::VcpuState;
