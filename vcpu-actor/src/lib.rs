@@ -88,6 +88,12 @@
 //! choose another offset then. Once vCPUs are spawned, the embedder must not change the
 //! kick signal's disposition nor block it in vCPU threads: with `SIG_IGN` pauses time out,
 //! with `SIG_DFL` the first kick kills the process.
+//!
+//! With the default seccomp mode ([`ViolationAction::StopVm`]) the crate also installs a
+//! `SIGSYS` handler (once per process, only over the default disposition; a spawn fails with
+//! [`VcpuError::SeccompBuild`] if `SIGSYS` has another handler) and unblocks `SIGSYS` in
+//! vCPU threads. Exit handlers and the actor's logger run on the filtered thread: see the
+//! [`seccomp`] module for what they may call.
 
 #![deny(missing_docs)]
 
@@ -98,7 +104,7 @@ mod kick;
 mod mailbox;
 mod metrics;
 mod request;
-mod seccomp;
+pub mod seccomp;
 mod spawn;
 pub mod state;
 #[cfg(feature = "test-util")]
