@@ -139,6 +139,19 @@ pub enum VcpuExitReason {
         /// The panic message (when the payload was a string).
         message: String,
     },
+    /// The vCPU thread made a system call its seccomp filter forbids (with
+    /// [`ViolationAction::StopVm`](crate::ViolationAction::StopVm), the default). The call
+    /// failed with `EPERM`; the vCPU stopped after the exit it was handling.
+    SeccompViolation {
+        /// The vCPU.
+        vcpu_id: u32,
+        /// Guest RIP when it stopped.
+        rip: u64,
+        /// The system call number (x86_64, `libc::SYS_*`).
+        syscall: i64,
+        /// Its name, where known (`"openat"`).
+        name: Option<String>,
+    },
     /// `KVM_RUN` itself failed with an errno other than `EINTR`/`EAGAIN`.
     KvmRunError {
         /// The vCPU.
@@ -168,7 +181,8 @@ impl VcpuExitReason {
             | VcpuExitReason::FailEntry { vcpu_id, rip, .. }
             | VcpuExitReason::Unknown { vcpu_id, rip, .. }
             | VcpuExitReason::DeviceRequestedStop { vcpu_id, rip }
-            | VcpuExitReason::DevicePanicked { vcpu_id, rip, .. } => (vcpu_id, Some(rip)),
+            | VcpuExitReason::DevicePanicked { vcpu_id, rip, .. }
+            | VcpuExitReason::SeccompViolation { vcpu_id, rip, .. } => (vcpu_id, Some(rip)),
             VcpuExitReason::KvmRunError { vcpu_id, .. } => (vcpu_id, None),
         }
     }
@@ -220,6 +234,18 @@ impl fmt::Display for VcpuExitReason {
                 "vCPU {vcpu_id}: the device handling the {access} at {addr:#x} panicked at RIP \
                  {rip:#x}: {message}; the VM was stopped (a bug in that device)"
             ),
+            VcpuExitReason::SeccompViolation {
+                vcpu_id,
+                rip,
+                syscall,
+                ref name,
+            } => write!(
+                f,
+                "vCPU {vcpu_id}: the vCPU thread made the forbidden system call {} ({syscall}) \
+                 (seccomp; RIP {rip:#x}); a device handler or logger on the vCPU thread needs \
+                 it: fix the handler, or allow it in VcpuOptions::seccomp",
+                name.as_deref().unwrap_or("unknown")
+            ),
             VcpuExitReason::KvmRunError { vcpu_id, errno } => write!(
                 f,
                 "vCPU {vcpu_id}: KVM_RUN failed: {}",
@@ -262,6 +288,12 @@ mod tests {
                 addr: 0xd000_0000,
                 message: "boom".into(),
             },
+            VcpuExitReason::SeccompViolation {
+                vcpu_id: 1,
+                rip: 2,
+                syscall: libc::SYS_openat,
+                name: Some("openat".into()),
+            },
         ];
         for r in with_rip {
             assert_eq!((r.vcpu_id(), r.rip()), (1, Some(2)), "{r}");
@@ -271,5 +303,20 @@ mod tests {
             errno: libc::EFAULT,
         };
         assert_eq!((r.vcpu_id(), r.rip()), (4, None));
+    }
+
+    #[test]
+    fn a_seccomp_violation_names_the_call() {
+        let r = VcpuExitReason::SeccompViolation {
+            vcpu_id: 3,
+            rip: 0x1000,
+            syscall: libc::SYS_openat,
+            name: Some("openat".into()),
+        };
+        let text = r.to_string();
+        assert!(
+            text.contains("vCPU 3") && text.contains("openat (257)") && text.contains("seccomp"),
+            "{text}"
+        );
     }
 }

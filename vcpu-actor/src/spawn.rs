@@ -16,6 +16,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::handle::{Envelope, Shared};
 use crate::kick::{self, KvmRunMapping};
+use crate::seccomp;
 use crate::thread::VcpuThread;
 use crate::{ExitHandler, SeccompMode, VcpuError, VcpuHandle, VcpuStateSaver};
 
@@ -27,7 +28,10 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct VcpuOptions {
     /// Where the actor logs; the vCPU id is added to its context as `vcpu`.
     pub logger: Logger,
-    /// Whether the thread confines itself with seccomp before its first `KVM_RUN`.
+    /// How the thread confines itself with seccomp before its first `KVM_RUN`. Default: the
+    /// vCPU thread's allow-list, a violation stops the VM (see [`SeccompMode`]); a VMM whose
+    /// devices write to a file descriptor from the vCPU thread (a console on stdout) adds it
+    /// with [`SeccompMode::with_write_fds`].
     pub seccomp: SeccompMode,
     /// The kick signal is `SIGRTMIN + kick_signal_offset` (default 0). Its handler is installed
     /// once per process, and only where the signal's disposition is the default one (or
@@ -75,7 +79,7 @@ impl Default for VcpuOptions {
     fn default() -> Self {
         VcpuOptions {
             logger: Logger::root(slog::Discard, o!()),
-            seccomp: SeccompMode::Disabled,
+            seccomp: SeccompMode::default(),
             kick_signal_offset: 0,
             stack_size: Self::DEFAULT_STACK_SIZE,
             state_saver: None,
@@ -182,13 +186,18 @@ impl PendingVcpu {
         let logger = options.logger.new(o!("vcpu" => id));
         // Everything that can fail before the thread owns the fd.
         let prepared = kick::kick_signal(options.kick_signal_offset).and_then(|signal| {
+            let build_error = |reason| VcpuError::SeccompBuild {
+                vcpu_id: id,
+                reason,
+            };
+            // Per thread: the filter names this vCPU's fd and exit EventFd.
             let filter = options
                 .seccomp
-                .compile()
-                .map_err(|reason| VcpuError::SeccompBuild {
-                    vcpu_id: id,
-                    reason,
-                })?;
+                .compile(vcpu.as_raw_fd(), exit_evt.as_raw_fd())
+                .map_err(build_error)?;
+            if options.seccomp.traps() {
+                seccomp::install_sigsys_handler().map_err(build_error)?;
+            }
             let kvm_run = KvmRunMapping::new(id, &vcpu, vcpu_mmap_size)?;
             Ok((signal, filter, kvm_run))
         });

@@ -14,6 +14,7 @@ use crate::handle::panic_message;
 use crate::handle::{Envelope, Shared};
 use crate::kick;
 use crate::metrics::ExitKind;
+use crate::seccomp;
 use crate::state::{transition, Event, Transition};
 use crate::{
     DeviceError, ExitHandler, IoAccess, IoOutcome, VcpuExitReason, VcpuState, VcpuStateSaver,
@@ -52,6 +53,8 @@ pub(crate) enum LoopEnd {
         message: String,
     },
     RunError(i32),
+    /// The thread made this forbidden system call (seccomp, `ViolationAction::StopVm`).
+    Seccomp(i64),
 }
 
 /// Everything the vCPU thread owns.
@@ -59,7 +62,9 @@ pub(crate) struct VcpuThread {
     pub(crate) shared: Arc<Shared>,
     pub(crate) vcpu: VcpuFd,
     handler: Arc<dyn ExitHandler>,
-    exit_evt: EventFd,
+    /// Shared with the [`FinishGuard`]: one fd, which the seccomp filter lets the thread
+    /// write and close.
+    exit_evt: Arc<EventFd>,
     pub(crate) mailbox: Receiver<Envelope>,
     pub(crate) logger: Logger,
     /// The thread's own copy of the state; published to `shared.state` on every change.
@@ -74,7 +79,7 @@ pub(crate) struct VcpuThread {
 /// Sets `finished` and wakes all waiters when the thread ends, even by a panic.
 struct FinishGuard {
     shared: Arc<Shared>,
-    exit_evt: Option<EventFd>,
+    exit_evt: Option<Arc<EventFd>>,
 }
 
 impl Drop for FinishGuard {
@@ -104,7 +109,7 @@ impl VcpuThread {
             shared,
             vcpu,
             handler,
-            exit_evt,
+            exit_evt: Arc::new(exit_evt),
             mailbox,
             logger: logger.clone(),
             state: VcpuState::Paused,
@@ -124,12 +129,13 @@ impl VcpuThread {
     ) {
         let mut guard = FinishGuard {
             shared: Arc::clone(&self.shared),
-            exit_evt: self.exit_evt.try_clone().ok(),
+            exit_evt: Some(Arc::clone(&self.exit_evt)),
         };
         // SAFETY: gettid has no preconditions and cannot fail.
         let tid = unsafe { libc::gettid() };
         self.shared.tid.store(tid, Ordering::Relaxed);
         kick::unblock_in_current_thread(kick_signal);
+        seccomp::prepare_thread();
         if let Some(prog) = &filter {
             if let Err(e) = seccompiler::apply_filter(prog) {
                 error!(self.logger, "cannot install the seccomp filter"; "error" => %e);
@@ -185,8 +191,17 @@ impl VcpuThread {
                     if self.state != VcpuState::Running {
                         continue;
                     }
-                    // T3.
-                    match self.run_once() {
+                    // T3. A seccomp violation (made while paused, or by the exit just
+                    // handled) stops the vCPU before it enters the guest again.
+                    let step = match seccomp::take_violation() {
+                        Some(nr) => Step::Stop(LoopEnd::Seccomp(nr)),
+                        None => match self.run_once() {
+                            Step::Continue => seccomp::take_violation()
+                                .map_or(Step::Continue, |nr| Step::Stop(LoopEnd::Seccomp(nr))),
+                            stop => stop,
+                        },
+                    };
+                    match step {
                         Step::Continue => {}
                         Step::Stop(end) => self.enter_waiting_exit(end),
                     }
@@ -388,6 +403,12 @@ impl VcpuThread {
                 message,
             },
             LoopEnd::RunError(errno) => VcpuExitReason::KvmRunError { vcpu_id, errno },
+            LoopEnd::Seccomp(syscall) => VcpuExitReason::SeccompViolation {
+                vcpu_id,
+                rip,
+                syscall,
+                name: seccomp::syscall_name(syscall).map(str::to_owned),
+            },
         };
         if let Transition::To(to) = transition(self.state, Event::FatalExit) {
             error!(self.logger, "vCPU stopped, waiting for exit"; "reason" => %reason);

@@ -10,7 +10,10 @@ use common::{
     expect, expect_gone_or_refused, expect_queries, guests, kvm_test, run_in_rounds, wait_until,
     Recorder, TestVm, CODE_ADDR, DATA_ADDR, TIMEOUT,
 };
-use vcpu_actor::{ReplyOutcome, VcpuError, VcpuHandle, VcpuOptions, VcpuRequest, VcpuState};
+use vcpu_actor::{
+    ReplyOutcome, SeccompMode, VcpuError, VcpuHandle, VcpuOptions, VcpuRequest, VcpuState,
+    ViolationAction,
+};
 
 const REPORT_PORT: u16 = 0x510;
 
@@ -275,8 +278,16 @@ kvm_test!(the_default_stack_leaves_a_wide_margin, false, |vm| {
         seen.get_or_init(current_stack);
     });
     // Port exits through the handler, kicks (the signal frame lands on this stack) and
-    // every request, on the default stack size.
-    let options = VcpuOptions::default();
+    // every request, on the default stack size. The hook's pthread_getattr_np needs
+    // sched_getaffinity, which the default seccomp filter does not allow.
+    let options = VcpuOptions {
+        seccomp: SeccompMode::Enforce {
+            action: ViolationAction::StopVm,
+            extra_syscalls: vec![libc::SYS_sched_getaffinity],
+            extra_write_fds: Vec::new(),
+        },
+        ..VcpuOptions::default()
+    };
     let (h, _evt) = vm.spawn_program(guests::pio(), DATA_ADDR, 0x517, rec.clone(), options);
     run_in_rounds(&h, &rec, 0x517, 50, 10);
     let &(addr, size) = stack.get().expect("the handler ran");
