@@ -227,8 +227,9 @@ kvm_test!(pause_completes_pending_io_and_save_sees_it, false, |vm| {
     h.join(TIMEOUT).expect("join");
 
     // No instruction ran twice: every count was written once, in order, and read once.
+    // Two `out`s were held above; more may have run since the last resume (timing).
     let written = gate.written();
-    assert!(written.len() >= 3);
+    assert!(written.len() >= 2, "{written:?}");
     assert!(
         written.iter().zip(1u64..).all(|(w, i)| *w == i),
         "{:?}",
