@@ -54,7 +54,8 @@ pub enum IntegrationError {
 macro_rules! from_each_vmm_error {
     ($target:ty) => {
         $crate::from_each_vmm_error!(@impl $target: ConfigError, VmError, BusError, PmuError,
-            VcpuSetupError, VcpuControlError, BootError, ResizeError, OsError);
+            VcpuSetupError, VcpuControlError, BootError, ResizeError, OsError, StateError,
+            SnapshotError);
     };
     (@impl $target:ty: $($err:ident),*) => {$(
         impl From<vmm_core::$err> for $target {

@@ -98,13 +98,17 @@ fn kvm_and_kernel_or_skip(
 }
 
 /// The serial console: keeps every byte, and asks the VM to stop when a line contains
-/// `stop_at` (from the vCPU thread that writes it: no polling).
+/// `stop_at` (from the vCPU thread that writes it: no polling). It runs on the vCPU thread,
+/// under its seccomp filter: no printing there (stderr is not allowed), only the stop request
+/// (whose fd the VMM allows); the test thread prints when the pattern came.
 #[derive(Clone)]
 struct Console {
     bytes: Arc<Mutex<Vec<u8>>>,
     line_start: Arc<Mutex<usize>>,
     stop_at: Option<&'static str>,
     seen: Arc<AtomicBool>,
+    /// Seconds from the start to the `stop_at` line.
+    seen_after: Arc<OnceLock<f64>>,
     monitor: Arc<OnceLock<ExitMonitor>>,
     started: Instant,
 }
@@ -116,6 +120,7 @@ impl Console {
             line_start: Arc::default(),
             stop_at,
             seen: Arc::default(),
+            seen_after: Arc::default(),
             monitor: Arc::default(),
             started: Instant::now(),
         }
@@ -145,10 +150,7 @@ impl Write for Console {
             *start += nl + 1;
             if let Some(pattern) = self.stop_at {
                 if line.contains(pattern) && !self.seen.swap(true, Ordering::AcqRel) {
-                    eprintln!(
-                        "console: {pattern:?} after {:.1} s, stopping the VM",
-                        self.started.elapsed().as_secs_f64()
-                    );
+                    let _ = self.seen_after.set(self.started.elapsed().as_secs_f64());
                     if let Some(m) = self.monitor.get() {
                         let _ = m.request_stop();
                     }
@@ -210,6 +212,9 @@ fn boot(kvm: kvm_ioctls::Kvm, kernel: &Path, cmdline: &str, stop_at: Option<&'st
         .expect("create the boot vCPUs");
     vcpus.start_boot_vcpus().expect("start the boot vCPUs");
     let stop = vcpus.wait_for_exit(Some(BOUND)).expect("wait for the VM");
+    if let (Some(pattern), Some(after)) = (stop_at, console.seen_after.get()) {
+        eprintln!("console: {pattern:?} after {after:.1} s, stopped the VM");
+    }
     if stop.is_none() {
         // Leave nothing running: the Drop of the manager exits the vCPUs too.
         let _ = vcpus.exit_monitor().request_stop();

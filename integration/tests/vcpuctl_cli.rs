@@ -89,6 +89,13 @@ fn demo_json_shows_topology_pause_resume_resize_and_stop() {
     );
     assert_eq!(v["stop_vcpu_id"], 0);
     assert_eq!(v["metrics"].as_array().map(Vec::len), Some(3));
+    // Every vCPU thread (2 boot, 10 hot-added) ran under the default seccomp filter.
+    let threads = v["vcpu_threads"].as_array().expect("vcpu_threads");
+    assert_eq!(threads.len(), 12, "{threads:?}");
+    for t in threads {
+        assert_eq!(t["seccomp_mode"], 2, "{t}");
+        assert_eq!(t["seccomp_mode_name"], "filter", "{t}");
+    }
 }
 
 #[test]

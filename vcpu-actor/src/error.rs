@@ -105,6 +105,17 @@ pub enum VcpuError {
         /// The state when the wait gave up.
         state: VcpuState,
     },
+    /// The reply to a request was discarded before anyone waited for it: more than `limit`
+    /// replies were left unclaimed.
+    #[error("vCPU {vcpu_id}: the reply to request {request_id} was discarded unclaimed: more than {limit} replies were waiting to be taken; take the reply of every request sent (wait_reply), or use request()")]
+    ReplyDiscarded {
+        /// The vCPU id.
+        vcpu_id: u32,
+        /// The request waited for.
+        request_id: RequestId,
+        /// How many unclaimed replies a vCPU keeps.
+        limit: usize,
+    },
     /// A reply is waited for that this handle never issued (or was already taken).
     #[error("vCPU {vcpu_id}: request {request_id} is unknown or its reply was already taken")]
     UnknownRequest {

@@ -24,6 +24,10 @@ pub struct DeviceError(pub String);
 ///
 /// Called concurrently from all vCPU threads. A handler must not block for long: while it
 /// runs, the vCPU cannot answer messages (a `Pause` waits for it).
+///
+/// A handler that panics does not take the vCPU thread with it: the panic is caught, and the
+/// vCPU stops with [`VcpuExitReason::DevicePanicked`] (its exit event fires, `join` still
+/// gives the vCPU fd back).
 pub trait ExitHandler: Send + Sync + 'static {
     /// The guest read `data.len()` bytes from I/O port `port`; fill `data`.
     fn pio_read(&self, vcpu_id: u32, port: u16, data: &mut [u8]) -> Result<IoOutcome, DeviceError>;
@@ -34,6 +38,31 @@ pub trait ExitHandler: Send + Sync + 'static {
         -> Result<IoOutcome, DeviceError>;
     /// The guest wrote `data` at guest-physical `addr`.
     fn mmio_write(&self, vcpu_id: u32, addr: u64, data: &[u8]) -> Result<IoOutcome, DeviceError>;
+}
+
+/// Which kind of guest access an [`ExitHandler`] method was serving.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IoAccess {
+    /// [`ExitHandler::pio_read`].
+    PioRead,
+    /// [`ExitHandler::pio_write`].
+    PioWrite,
+    /// [`ExitHandler::mmio_read`].
+    MmioRead,
+    /// [`ExitHandler::mmio_write`].
+    MmioWrite,
+}
+
+impl fmt::Display for IoAccess {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            IoAccess::PioRead => "port read",
+            IoAccess::PioWrite => "port write",
+            IoAccess::MmioRead => "MMIO read",
+            IoAccess::MmioWrite => "MMIO write",
+        })
+    }
 }
 
 /// Why a vCPU went to `waiting_exit`.
@@ -95,6 +124,34 @@ pub enum VcpuExitReason {
         /// Guest RIP when it exited (after the I/O instruction).
         rip: u64,
     },
+    /// An [`ExitHandler`] method panicked (a bug in the device). The panic was caught on
+    /// the vCPU thread, which stays alive (its `join` gives the vCPU fd back); the I/O
+    /// instruction was not completed.
+    DevicePanicked {
+        /// The vCPU.
+        vcpu_id: u32,
+        /// Guest RIP when it exited.
+        rip: u64,
+        /// The kind of access the handler was serving.
+        access: IoAccess,
+        /// The I/O port or guest-physical address of the access.
+        addr: u64,
+        /// The panic message (when the payload was a string).
+        message: String,
+    },
+    /// The vCPU thread made a system call its seccomp filter forbids (with
+    /// [`ViolationAction::StopVm`](crate::ViolationAction::StopVm), the default). The call
+    /// failed with `EPERM`; the vCPU stopped after the exit it was handling.
+    SeccompViolation {
+        /// The vCPU.
+        vcpu_id: u32,
+        /// Guest RIP when it stopped.
+        rip: u64,
+        /// The system call number (x86_64, `libc::SYS_*`).
+        syscall: i64,
+        /// Its name, where known (`"openat"`).
+        name: Option<String>,
+    },
     /// `KVM_RUN` itself failed with an errno other than `EINTR`/`EAGAIN`.
     KvmRunError {
         /// The vCPU.
@@ -123,7 +180,9 @@ impl VcpuExitReason {
             | VcpuExitReason::InternalError { vcpu_id, rip, .. }
             | VcpuExitReason::FailEntry { vcpu_id, rip, .. }
             | VcpuExitReason::Unknown { vcpu_id, rip, .. }
-            | VcpuExitReason::DeviceRequestedStop { vcpu_id, rip } => (vcpu_id, Some(rip)),
+            | VcpuExitReason::DeviceRequestedStop { vcpu_id, rip }
+            | VcpuExitReason::DevicePanicked { vcpu_id, rip, .. }
+            | VcpuExitReason::SeccompViolation { vcpu_id, rip, .. } => (vcpu_id, Some(rip)),
             VcpuExitReason::KvmRunError { vcpu_id, .. } => (vcpu_id, None),
         }
     }
@@ -131,7 +190,7 @@ impl VcpuExitReason {
 
 impl fmt::Display for VcpuExitReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match *self {
+        match self {
             VcpuExitReason::GuestShutdown { vcpu_id, rip } => {
                 write!(f, "vCPU {vcpu_id}: guest shut down at RIP {rip:#x}")
             }
@@ -164,10 +223,33 @@ impl fmt::Display for VcpuExitReason {
             VcpuExitReason::DeviceRequestedStop { vcpu_id, rip } => {
                 write!(f, "vCPU {vcpu_id}: a device asked the VM to stop at RIP {rip:#x}")
             }
+            VcpuExitReason::DevicePanicked {
+                vcpu_id,
+                rip,
+                access,
+                addr,
+                message,
+            } => write!(
+                f,
+                "vCPU {vcpu_id}: the device handling the {access} at {addr:#x} panicked at RIP \
+                 {rip:#x}: {message}; the VM was stopped (a bug in that device)"
+            ),
+            VcpuExitReason::SeccompViolation {
+                vcpu_id,
+                rip,
+                syscall,
+                ref name,
+            } => write!(
+                f,
+                "vCPU {vcpu_id}: the vCPU thread made the forbidden system call {} ({syscall}) \
+                 (seccomp; RIP {rip:#x}); a device handler or logger on the vCPU thread needs \
+                 it: fix the handler, or allow it in VcpuOptions::seccomp",
+                name.as_deref().unwrap_or("unknown")
+            ),
             VcpuExitReason::KvmRunError { vcpu_id, errno } => write!(
                 f,
                 "vCPU {vcpu_id}: KVM_RUN failed: {}",
-                std::io::Error::from_raw_os_error(errno)
+                std::io::Error::from_raw_os_error(*errno)
             ),
         }
     }
@@ -199,6 +281,19 @@ mod tests {
                 exit: 3,
             },
             VcpuExitReason::DeviceRequestedStop { vcpu_id: 1, rip: 2 },
+            VcpuExitReason::DevicePanicked {
+                vcpu_id: 1,
+                rip: 2,
+                access: IoAccess::MmioWrite,
+                addr: 0xd000_0000,
+                message: "boom".into(),
+            },
+            VcpuExitReason::SeccompViolation {
+                vcpu_id: 1,
+                rip: 2,
+                syscall: libc::SYS_openat,
+                name: Some("openat".into()),
+            },
         ];
         for r in with_rip {
             assert_eq!((r.vcpu_id(), r.rip()), (1, Some(2)), "{r}");
@@ -208,5 +303,20 @@ mod tests {
             errno: libc::EFAULT,
         };
         assert_eq!((r.vcpu_id(), r.rip()), (4, None));
+    }
+
+    #[test]
+    fn a_seccomp_violation_names_the_call() {
+        let r = VcpuExitReason::SeccompViolation {
+            vcpu_id: 3,
+            rip: 0x1000,
+            syscall: libc::SYS_openat,
+            name: Some("openat".into()),
+        };
+        let text = r.to_string();
+        assert!(
+            text.contains("vCPU 3") && text.contains("openat (257)") && text.contains("seccomp"),
+            "{text}"
+        );
     }
 }

@@ -1,6 +1,6 @@
 //! The manager's end of a vCPU actor ([`VcpuHandle`]) and what it shares with the thread.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
@@ -23,12 +23,74 @@ pub(crate) struct Envelope {
     pub(crate) request: VcpuRequest,
 }
 
+/// At most this many replies wait unclaimed per vCPU; past it the oldest reply that nobody
+/// waits for is discarded (replies being waited for are never discarded, even past it).
+pub(crate) const MAX_UNCLAIMED_REPLIES: usize = 4096;
+
+/// How many discarded request ids are remembered exactly (so that a late `wait_reply` for one
+/// is told at once); older ones are summed up by [`ReplyBox::forgotten_below`].
+const MAX_REMEMBERED_DISCARDS: usize = 4 * MAX_UNCLAIMED_REPLIES;
+
 /// Replies not yet claimed by `wait_reply`.
+///
+/// Bounded: a caller that sends without ever waiting cannot make it grow past
+/// [`MAX_UNCLAIMED_REPLIES`] replies and [`MAX_REMEMBERED_DISCARDS`] ids. A reply that a
+/// `wait_reply` is waiting for is never discarded.
 #[derive(Debug, Default)]
 pub(crate) struct ReplyBox {
     pub(crate) replies: BTreeMap<u64, VcpuReply>,
     /// The thread has dropped its mailbox: no further replies will come.
     pub(crate) finished: bool,
+    /// Request ids with a `wait_reply` in progress, and how many waiters each has.
+    waiting: BTreeMap<u64, usize>,
+    /// Requests whose reply was discarded unclaimed (the most recent ones).
+    discarded: BTreeSet<u64>,
+    /// Every request below this id whose reply is not in `replies` was discarded or taken.
+    forgotten_below: u64,
+}
+
+impl ReplyBox {
+    /// Stores a reply; when more than [`MAX_UNCLAIMED_REPLIES`] are unclaimed, discards the
+    /// oldest one that nobody waits for and returns its request id.
+    pub(crate) fn insert(&mut self, reply: VcpuReply) -> Option<u64> {
+        self.replies.insert(reply.request_id.0, reply);
+        if self.replies.len() <= MAX_UNCLAIMED_REPLIES {
+            return None;
+        }
+        let victim = self
+            .replies
+            .keys()
+            .copied()
+            .find(|id| !self.waiting.contains_key(id))?;
+        self.replies.remove(&victim);
+        self.discarded.insert(victim);
+        if self.discarded.len() > MAX_REMEMBERED_DISCARDS {
+            if let Some(oldest) = self.discarded.pop_first() {
+                self.forgotten_below = self.forgotten_below.max(oldest + 1);
+            }
+        }
+        Some(victim)
+    }
+
+    /// Whether the reply to `id` was discarded unclaimed (or, for a very old id, may have
+    /// been).
+    fn was_discarded(&self, id: u64) -> bool {
+        self.discarded.contains(&id)
+            || (id < self.forgotten_below && !self.replies.contains_key(&id))
+    }
+
+    fn add_waiter(&mut self, id: u64) {
+        *self.waiting.entry(id).or_insert(0) += 1;
+    }
+
+    fn remove_waiter(&mut self, id: u64) {
+        if let Some(n) = self.waiting.get_mut(&id) {
+            *n -= 1;
+            if *n == 0 {
+                self.waiting.remove(&id);
+            }
+        }
+    }
 }
 
 /// What the handle and the thread share.
@@ -85,6 +147,12 @@ pub struct VcpuHandle {
 }
 
 impl VcpuHandle {
+    /// How many replies may wait unclaimed per vCPU: send requests without taking their
+    /// replies and, past this, the oldest reply that no [`wait_reply`](Self::wait_reply) is
+    /// waiting for is discarded (a later `wait_reply` for it fails with
+    /// [`VcpuError::ReplyDiscarded`]).
+    pub const MAX_UNCLAIMED_REPLIES: usize = MAX_UNCLAIMED_REPLIES;
+
     /// The vCPU id.
     pub fn id(&self) -> u32 {
         self.shared.id
@@ -134,6 +202,9 @@ impl VcpuHandle {
     /// # Errors
     ///
     /// [`VcpuError::UnknownRequest`] for an id this handle did not issue,
+    /// [`VcpuError::ReplyDiscarded`] when the reply came but was discarded because more than
+    /// [`MAX_UNCLAIMED_REPLIES`](crate::VcpuHandle::MAX_UNCLAIMED_REPLIES) replies were left
+    /// unclaimed (a reply is never discarded while this method waits for it),
     /// [`VcpuError::ReplyTimeout`] when no reply came in time (or it was already taken),
     /// [`VcpuError::ThreadGone`] when the thread ended without answering.
     pub fn wait_reply(&self, id: RequestId, timeout: Duration) -> Result<VcpuReply, VcpuError> {
@@ -145,18 +216,28 @@ impl VcpuHandle {
         }
         let deadline = Instant::now().checked_add(timeout);
         let mut replies = self.shared.lock_replies();
-        loop {
+        // Registered under the lock, before looking: the thread never discards a reply that
+        // is waited for.
+        replies.add_waiter(id.0);
+        let result = loop {
             if let Some(reply) = replies.replies.remove(&id.0) {
-                return Ok(reply);
+                break Ok(reply);
+            }
+            if replies.was_discarded(id.0) {
+                break Err(VcpuError::ReplyDiscarded {
+                    vcpu_id: self.shared.id,
+                    request_id: id,
+                    limit: MAX_UNCLAIMED_REPLIES,
+                });
             }
             if replies.finished {
-                return Err(self.thread_gone());
+                break Err(self.thread_gone());
             }
             let now = Instant::now();
             let left = match deadline {
                 Some(d) if d > now => d - now,
                 Some(_) => {
-                    return Err(VcpuError::ReplyTimeout {
+                    break Err(VcpuError::ReplyTimeout {
                         vcpu_id: self.shared.id,
                         request_id: id,
                         timeout,
@@ -172,7 +253,9 @@ impl VcpuHandle {
                 .wait_timeout(replies, left)
                 .map(|(guard, _)| guard)
                 .unwrap_or_else(|p| p.into_inner().0);
-        }
+        };
+        replies.remove_waiter(id.0);
+        result
     }
 
     /// [`send`](Self::send) then [`wait_reply`](Self::wait_reply).
@@ -270,5 +353,47 @@ pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         s.clone()
     } else {
         "a non-string panic payload".to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ReplyOutcome;
+
+    fn reply(id: u64) -> VcpuReply {
+        VcpuReply {
+            vcpu_id: 0,
+            request_id: RequestId(id),
+            request: VcpuRequest::GetState,
+            outcome: ReplyOutcome::State(VcpuState::Paused),
+        }
+    }
+
+    #[test]
+    fn unclaimed_replies_are_bounded_but_a_waited_one_is_kept() {
+        let mut b = ReplyBox::default();
+        // Someone waits for request 0; requests 1.. are never claimed.
+        b.add_waiter(0);
+        let n = MAX_UNCLAIMED_REPLIES as u64 + 10;
+        let discarded: Vec<u64> = (0..=n).filter_map(|id| b.insert(reply(id))).collect();
+        assert_eq!(discarded, (1..=11).collect::<Vec<_>>());
+        assert_eq!(b.replies.len(), MAX_UNCLAIMED_REPLIES);
+        assert!(b.replies.contains_key(&0) && b.replies.contains_key(&n));
+        assert!(b.was_discarded(1) && b.was_discarded(11));
+        assert!(!b.was_discarded(0) && !b.was_discarded(12) && !b.was_discarded(n + 1));
+        b.remove_waiter(0);
+        assert!(b.waiting.is_empty());
+
+        // Flooding on: the remembered discards are bounded too, and older ids still count
+        // as discarded.
+        let more = n + 2 * MAX_REMEMBERED_DISCARDS as u64;
+        for id in n + 1..=more {
+            b.insert(reply(id));
+        }
+        assert_eq!(b.replies.len(), MAX_UNCLAIMED_REPLIES);
+        assert_eq!(b.discarded.len(), MAX_REMEMBERED_DISCARDS);
+        assert!(b.was_discarded(1) && b.was_discarded(0) && b.was_discarded(more - 5000));
+        assert!(!b.was_discarded(more));
     }
 }

@@ -6,7 +6,12 @@
 //! `waiting_exit`, `Exit` -> `exited`), the `KVM_RUN` loop and its exit dispatch to the VMM's
 //! [`ExitHandler`], kicking a running vCPU out of `KVM_RUN` without races (the sender sets
 //! `kvm_run.immediate_exit` through its own mapping, then signals the thread), per-vCPU
-//! [metrics](VcpuMetricsSnapshot), and an optional per-thread [seccomp filter](SeccompMode).
+//! [metrics](VcpuMetricsSnapshot), a per-thread [seccomp filter](SeccompMode), on by
+//! default (`ioctl` only on the vCPU's own fd with the vCPU requests, `write` only to the
+//! exit EventFd, no new executable memory; a forbidden call stops the VM with
+//! [`VcpuExitReason::SeccompViolation`] naming it), and saving a paused vCPU's state on its
+//! own thread ([`VcpuRequest::SaveState`], with the VMM's [`VcpuStateSaver`]; a pause first
+//! completes the I/O instruction of the last exit).
 //! It does not create VMs or vCPUs, set registers or CPUID, or route I/O: that is the VMM's.
 //!
 //! The manager talks to each actor through a [`VcpuHandle`]: [`VcpuHandle::send`] returns a
@@ -86,6 +91,12 @@
 //! choose another offset then. Once vCPUs are spawned, the embedder must not change the
 //! kick signal's disposition nor block it in vCPU threads: with `SIG_IGN` pauses time out,
 //! with `SIG_DFL` the first kick kills the process.
+//!
+//! With the default seccomp mode ([`ViolationAction::StopVm`]) the crate also installs a
+//! `SIGSYS` handler (once per process, only over the default disposition; a spawn fails with
+//! [`VcpuError::SeccompBuild`] if `SIGSYS` has another handler) and unblocks `SIGSYS` in
+//! vCPU threads. Exit handlers and the actor's logger run on the filtered thread: see the
+//! [`seccomp`] module for what they may call.
 
 #![deny(missing_docs)]
 
@@ -96,7 +107,8 @@ mod kick;
 mod mailbox;
 mod metrics;
 mod request;
-mod seccomp;
+mod save;
+pub mod seccomp;
 mod spawn;
 pub mod state;
 #[cfg(feature = "test-util")]
@@ -104,10 +116,11 @@ pub mod test_util;
 mod thread;
 
 pub use error::VcpuError;
-pub use exit::{DeviceError, ExitHandler, IoOutcome, VcpuExitReason};
+pub use exit::{DeviceError, ExitHandler, IoAccess, IoOutcome, VcpuExitReason};
 pub use handle::VcpuHandle;
 pub use metrics::{ExitCounts, VcpuMetricsSnapshot};
 pub use request::{ReplyOutcome, RequestId, RequestRefused, VcpuReply, VcpuRequest};
-pub use seccomp::{default_allowed_syscalls, SeccompMode, ViolationAction};
+pub use save::{SaveStateError, VcpuStateSaver};
+pub use seccomp::{syscall_name, unrestricted_syscalls, vcpu_ioctls, SeccompMode, ViolationAction};
 pub use spawn::{PendingVcpu, SpawnFailure, VcpuOptions, VcpuParts};
 pub use state::VcpuState;

@@ -6,13 +6,10 @@ use std::sync::atomic::Ordering;
 use crossbeam_channel::TryRecvError;
 use slog::{debug, warn};
 
-use crate::handle::Envelope;
+use crate::handle::{Envelope, MAX_UNCLAIMED_REPLIES};
 use crate::state::{transition, Event, Transition};
-use crate::thread::VcpuThread;
-use crate::{ReplyOutcome, VcpuReply, VcpuRequest, VcpuState};
-
-/// At most this many replies wait unclaimed per vCPU; older ones are dropped (with a warning).
-const MAX_UNCLAIMED_REPLIES: usize = 4096;
+use crate::thread::{guarded, VcpuThread};
+use crate::{ReplyOutcome, SaveStateError, VcpuReply, VcpuRequest, VcpuState};
 
 impl VcpuThread {
     /// Handles every queued request (T2 of the kick protocol).
@@ -37,6 +34,13 @@ impl VcpuThread {
             VcpuRequest::Resume => self.apply(Event::Resume, env.request, ReplyOutcome::Resumed),
             VcpuRequest::Pause => self.apply(Event::Pause, env.request, ReplyOutcome::Paused),
             VcpuRequest::Exit => self.apply(Event::Exit, env.request, ReplyOutcome::Exited),
+            VcpuRequest::SaveState => match transition(self.state, Event::SaveState) {
+                Transition::To(_) => self.save_state(),
+                Transition::NotAllowed => ReplyOutcome::NotAllowed {
+                    request: env.request,
+                    state: self.state,
+                },
+            },
         };
         self.reply(env, outcome);
     }
@@ -50,6 +54,15 @@ impl VcpuThread {
             },
             Transition::To(to) => {
                 if from == VcpuState::Running && to == VcpuState::Paused {
+                    // Paused means the registers hold whole instructions (see
+                    // complete_pending_io); a stop found on the way wins over the pause.
+                    if let Some(end) = self.complete_pending_io() {
+                        self.enter_waiting_exit(end);
+                        return ReplyOutcome::NotAllowed {
+                            request,
+                            state: self.state,
+                        };
+                    }
                     self.shared.metrics.count_pause();
                     // Tell the guest's kvmclock that it was stopped on purpose (no soft-lockup
                     // warnings). A guest without kvmclock makes this fail: that is fine.
@@ -69,6 +82,23 @@ impl VcpuThread {
         }
     }
 
+    /// Runs the VMM's saver on this thread (the vCPU is paused: no pending I/O).
+    fn save_state(&self) -> ReplyOutcome {
+        let Some(saver) = &self.state_saver else {
+            return ReplyOutcome::SaveFailed(SaveStateError::NoSaver);
+        };
+        match guarded(|| saver.save(self.shared.id, &self.vcpu)) {
+            Ok(Ok(bytes)) => ReplyOutcome::StateSaved(bytes.into()),
+            Ok(Err(reason)) => ReplyOutcome::SaveFailed(SaveStateError::Failed(reason)),
+            Err(panic) => {
+                warn!(self.logger, "the state saver panicked"; "message" => &panic);
+                ReplyOutcome::SaveFailed(SaveStateError::Failed(format!(
+                    "the saver panicked: {panic}"
+                )))
+            }
+        }
+    }
+
     fn reply(&self, env: Envelope, outcome: ReplyOutcome) {
         let reply = VcpuReply {
             vcpu_id: self.shared.id,
@@ -77,13 +107,10 @@ impl VcpuThread {
             outcome,
         };
         let mut replies = self.shared.lock_replies();
-        if replies.replies.len() >= MAX_UNCLAIMED_REPLIES {
-            if let Some((old, _)) = replies.replies.pop_first() {
-                warn!(self.logger, "too many unclaimed replies, dropping the oldest";
-                      "request" => old);
-            }
+        if let Some(old) = replies.insert(reply) {
+            warn!(self.logger, "too many unclaimed replies, discarding the oldest unclaimed one";
+                  "request" => old, "limit" => MAX_UNCLAIMED_REPLIES);
         }
-        replies.replies.insert(env.id.0, reply);
         drop(replies);
         self.shared.reply_ready.notify_all();
     }

@@ -1,9 +1,11 @@
 //! Messages to a vCPU actor and its replies.
 
 use std::fmt;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::save::SaveStateError;
 use crate::state::VcpuState;
 
 /// Identifies one request sent through a [`VcpuHandle`](crate::VcpuHandle); unique per handle,
@@ -32,6 +34,10 @@ pub enum VcpuRequest {
     GetTid,
     /// Ask for the state, as seen by the vCPU thread itself.
     GetState,
+    /// Save the vCPU's state with the configured
+    /// [`VcpuStateSaver`](crate::VcpuStateSaver), on the vCPU's own thread; allowed only
+    /// while `Paused` (the state does not change).
+    SaveState,
 }
 
 impl fmt::Display for VcpuRequest {
@@ -42,6 +48,7 @@ impl fmt::Display for VcpuRequest {
             VcpuRequest::Exit => "exit",
             VcpuRequest::GetTid => "get_tid",
             VcpuRequest::GetState => "get_state",
+            VcpuRequest::SaveState => "save_state",
         })
     }
 }
@@ -61,6 +68,10 @@ pub enum ReplyOutcome {
     Tid(i32),
     /// The state of the vCPU.
     State(VcpuState),
+    /// The vCPU's state, as the [`VcpuStateSaver`](crate::VcpuStateSaver) wrote it.
+    StateSaved(Arc<[u8]>),
+    /// A `SaveState` that was allowed (the vCPU is paused) but could not be done.
+    SaveFailed(SaveStateError),
     /// `request` is not allowed in `state` (see [`transition`](crate::state::transition));
     /// nothing changed. [`VcpuReply::refusal`] makes it an error with a message.
     NotAllowed {
@@ -106,9 +117,12 @@ pub struct VcpuReply {
 
 impl VcpuReply {
     /// True for the outcomes that mean the request did what it asked (`Resumed`, `Paused`,
-    /// `Exited`, `Tid`, `State`).
+    /// `Exited`, `Tid`, `State`, `StateSaved`); false for `NotAllowed` and `SaveFailed`.
     pub fn is_ok(&self) -> bool {
-        self.refusal().is_none()
+        !matches!(
+            self.outcome,
+            ReplyOutcome::NotAllowed { .. } | ReplyOutcome::SaveFailed(_)
+        )
     }
 
     /// The refusal, for a [`ReplyOutcome::NotAllowed`] outcome.

@@ -16,18 +16,22 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::handle::{Envelope, Shared};
 use crate::kick::{self, KvmRunMapping};
+use crate::seccomp;
 use crate::thread::VcpuThread;
-use crate::{ExitHandler, SeccompMode, VcpuError, VcpuHandle};
+use crate::{ExitHandler, SeccompMode, VcpuError, VcpuHandle, VcpuStateSaver};
 
 /// How long a new thread may take to report that it is ready, counted from its start.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How a vCPU actor is set up.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct VcpuOptions {
     /// Where the actor logs; the vCPU id is added to its context as `vcpu`.
     pub logger: Logger,
-    /// Whether the thread confines itself with seccomp before its first `KVM_RUN`.
+    /// How the thread confines itself with seccomp before its first `KVM_RUN`. Default: the
+    /// vCPU thread's allow-list, a violation stops the VM (see [`SeccompMode`]); a VMM whose
+    /// devices write to a file descriptor from the vCPU thread (a console on stdout) adds it
+    /// with [`SeccompMode::with_write_fds`].
     pub seccomp: SeccompMode,
     /// The kick signal is `SIGRTMIN + kick_signal_offset` (default 0). Its handler is installed
     /// once per process, and only where the signal's disposition is the default one (or
@@ -38,6 +42,22 @@ pub struct VcpuOptions {
     /// Stack size of the vCPU thread in bytes (default [`VcpuOptions::DEFAULT_STACK_SIZE`]).
     /// The [`ExitHandler`] runs on this stack: raise it for handlers that need deep stacks.
     pub stack_size: usize,
+    /// What answers [`VcpuRequest::SaveState`](crate::VcpuRequest::SaveState) (default
+    /// `None`: such a request gets
+    /// [`SaveStateError::NoSaver`](crate::SaveStateError::NoSaver)).
+    pub state_saver: Option<Arc<dyn VcpuStateSaver>>,
+}
+
+impl fmt::Debug for VcpuOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VcpuOptions")
+            .field("logger", &self.logger)
+            .field("seccomp", &self.seccomp)
+            .field("kick_signal_offset", &self.kick_signal_offset)
+            .field("stack_size", &self.stack_size)
+            .field("state_saver", &self.state_saver.is_some())
+            .finish()
+    }
 }
 
 impl VcpuOptions {
@@ -59,9 +79,10 @@ impl Default for VcpuOptions {
     fn default() -> Self {
         VcpuOptions {
             logger: Logger::root(slog::Discard, o!()),
-            seccomp: SeccompMode::Disabled,
+            seccomp: SeccompMode::default(),
             kick_signal_offset: 0,
             stack_size: Self::DEFAULT_STACK_SIZE,
+            state_saver: None,
         }
     }
 }
@@ -166,13 +187,18 @@ impl PendingVcpu {
         let logger = options.logger.new(o!("vcpu" => id));
         // Everything that can fail before the thread owns the fd.
         let prepared = kick::kick_signal(options.kick_signal_offset).and_then(|signal| {
+            let build_error = |reason| VcpuError::SeccompBuild {
+                vcpu_id: id,
+                reason,
+            };
+            // Per thread: the filter names this vCPU's fd and exit EventFd.
             let filter = options
                 .seccomp
-                .compile()
-                .map_err(|reason| VcpuError::SeccompBuild {
-                    vcpu_id: id,
-                    reason,
-                })?;
+                .compile(vcpu.as_raw_fd(), exit_evt.as_raw_fd())
+                .map_err(build_error)?;
+            if options.seccomp.traps() {
+                seccomp::install_sigsys_handler().map_err(build_error)?;
+            }
             let kvm_run = KvmRunMapping::new(id, &vcpu, vcpu_mmap_size)?;
             Ok((signal, filter, kvm_run))
         });
@@ -189,7 +215,15 @@ impl PendingVcpu {
         let (tx, rx) = crossbeam_channel::unbounded::<Envelope>();
         let (done_tx, done_rx) = crossbeam_channel::bounded::<VcpuFd>(1);
         let (ready_tx, ready_rx) = crossbeam_channel::bounded::<Result<(), String>>(1);
-        let thread = VcpuThread::new(Arc::clone(&shared), vcpu, handler, exit_evt, rx, &logger);
+        let thread = VcpuThread::new(
+            Arc::clone(&shared),
+            vcpu,
+            handler,
+            exit_evt,
+            rx,
+            &logger,
+            options.state_saver,
+        );
         let join = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
             .stack_size(options.stack_size)

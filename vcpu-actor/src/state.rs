@@ -78,6 +78,8 @@ pub enum Event {
     Exit,
     /// The guest hit an exit the actor cannot handle.
     FatalExit,
+    /// A `SaveState` request (it does not change the state).
+    SaveState,
 }
 
 /// The result of applying an [`Event`] to a [`VcpuState`].
@@ -91,14 +93,15 @@ pub enum Transition {
 
 /// The explicit transition table of the vCPU state machine.
 ///
-/// | from \ event  | Resume      | Pause       | Exit   | FatalExit   |
-/// |---------------|-------------|-------------|--------|-------------|
-/// | Paused        | Running     | Paused (=)  | Exited | NotAllowed  |
-/// | Running       | Running (=) | Paused      | Exited | WaitingExit |
-/// | WaitingExit   | NotAllowed  | NotAllowed  | Exited | NotAllowed  |
-/// | Exited        | NotAllowed  | NotAllowed  | Exited | NotAllowed  |
+/// | from \ event  | Resume      | Pause       | Exit   | FatalExit   | SaveState   |
+/// |---------------|-------------|-------------|--------|-------------|-------------|
+/// | Paused        | Running     | Paused (=)  | Exited | NotAllowed  | Paused (=)  |
+/// | Running       | Running (=) | Paused      | Exited | WaitingExit | NotAllowed  |
+/// | WaitingExit   | NotAllowed  | NotAllowed  | Exited | NotAllowed  | NotAllowed  |
+/// | Exited        | NotAllowed  | NotAllowed  | Exited | NotAllowed  | NotAllowed  |
 ///
-/// `(=)` marks the idempotent cases. `Exit` is allowed from every state.
+/// `(=)` marks the idempotent cases. `Exit` is allowed from every state. `SaveState` only
+/// while paused: a running vCPU's registers change under the saver.
 pub fn transition(from: VcpuState, event: Event) -> Transition {
     use VcpuState::*;
     match (from, event) {
@@ -106,7 +109,11 @@ pub fn transition(from: VcpuState, event: Event) -> Transition {
         (Paused, Event::Resume) | (Running, Event::Resume) => Transition::To(Running),
         (Paused, Event::Pause) | (Running, Event::Pause) => Transition::To(Paused),
         (Running, Event::FatalExit) => Transition::To(WaitingExit),
-        (WaitingExit, _) | (Exited, _) | (Paused, Event::FatalExit) => Transition::NotAllowed,
+        (Paused, Event::SaveState) => Transition::To(Paused),
+        (WaitingExit, _)
+        | (Exited, _)
+        | (Paused, Event::FatalExit)
+        | (Running, Event::SaveState) => Transition::NotAllowed,
     }
 }
 
@@ -163,8 +170,28 @@ mod tests {
     }
 
     #[test]
+    fn save_state_only_while_paused() {
+        assert_eq!(
+            transition(VcpuState::Paused, Event::SaveState),
+            Transition::To(VcpuState::Paused)
+        );
+        for s in [
+            VcpuState::Running,
+            VcpuState::WaitingExit,
+            VcpuState::Exited,
+        ] {
+            assert_eq!(transition(s, Event::SaveState), Transition::NotAllowed);
+        }
+    }
+
+    #[test]
     fn nothing_but_exit_leaves_waiting_exit() {
-        for e in [Event::Resume, Event::Pause, Event::FatalExit] {
+        for e in [
+            Event::Resume,
+            Event::Pause,
+            Event::FatalExit,
+            Event::SaveState,
+        ] {
             assert_eq!(
                 transition(VcpuState::WaitingExit, e),
                 Transition::NotAllowed

@@ -10,19 +10,28 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use slog::{debug, error, info, warn, Logger};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::handle::panic_message;
 use crate::handle::{Envelope, Shared};
 use crate::kick;
 use crate::metrics::ExitKind;
+use crate::seccomp;
 use crate::state::{transition, Event, Transition};
-use crate::{DeviceError, ExitHandler, IoOutcome, VcpuExitReason, VcpuState};
+use crate::{
+    DeviceError, ExitHandler, IoAccess, IoOutcome, VcpuExitReason, VcpuState, VcpuStateSaver,
+};
 
 // `kvm_system_event.type` values (include/uapi/linux/kvm.h).
 const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
 const KVM_SYSTEM_EVENT_RESET: u32 = 2;
 const KVM_SYSTEM_EVENT_CRASH: u32 = 3;
 
+/// How many `KVM_RUN`s with `immediate_exit` a pause spends at most to complete pending I/O
+/// (one, unless completing an access needs another user-space exit, e.g. an MMIO access KVM
+/// splits in two).
+const MAX_COMPLETION_RUNS: usize = 8;
+
 /// What one trip through `KVM_RUN` asks the loop to do next.
-enum Step {
+pub(crate) enum Step {
     /// Look at the mailbox and run again.
     Continue,
     /// Go to `WaitingExit` for this reason (built once the exit borrow has ended).
@@ -30,7 +39,7 @@ enum Step {
 }
 
 /// Why the run loop ends its `Running` phase: the raw material of a [`VcpuExitReason`].
-enum LoopEnd {
+pub(crate) enum LoopEnd {
     Shutdown,
     Reset,
     TripleFault,
@@ -38,7 +47,14 @@ enum LoopEnd {
     FailEntry(u64),
     Unknown(Option<u32>),
     DeviceStop,
+    DevicePanic {
+        access: IoAccess,
+        addr: u64,
+        message: String,
+    },
     RunError(i32),
+    /// The thread made this forbidden system call (seccomp, `ViolationAction::StopVm`).
+    Seccomp(i64),
 }
 
 /// Everything the vCPU thread owns.
@@ -46,11 +62,18 @@ pub(crate) struct VcpuThread {
     pub(crate) shared: Arc<Shared>,
     pub(crate) vcpu: VcpuFd,
     handler: Arc<dyn ExitHandler>,
+    /// Shared with the [`FinishGuard`]: one fd, which the seccomp filter lets the thread
+    /// write and close.
     exit_evt: Arc<EventFd>,
     pub(crate) mailbox: Receiver<Envelope>,
     pub(crate) logger: Logger,
     /// The thread's own copy of the state; published to `shared.state` on every change.
     pub(crate) state: VcpuState,
+    /// Answers `SaveState`.
+    pub(crate) state_saver: Option<Arc<dyn VcpuStateSaver>>,
+    /// The last `KVM_RUN` ended in an I/O exit whose instruction KVM completes only on the
+    /// next `KVM_RUN` (see [`complete_pending_io`](Self::complete_pending_io)).
+    io_pending: bool,
 }
 
 /// Sets `finished` and wakes all waiters when the thread ends, even by a panic.
@@ -80,6 +103,7 @@ impl VcpuThread {
         exit_evt: Arc<EventFd>,
         mailbox: Receiver<Envelope>,
         logger: &Logger,
+        state_saver: Option<Arc<dyn VcpuStateSaver>>,
     ) -> Self {
         VcpuThread {
             shared,
@@ -89,6 +113,8 @@ impl VcpuThread {
             mailbox,
             logger: logger.clone(),
             state: VcpuState::Paused,
+            state_saver,
+            io_pending: false,
         }
     }
 
@@ -110,6 +136,7 @@ impl VcpuThread {
         let tid = unsafe { libc::gettid() };
         self.shared.tid.store(tid, Ordering::Relaxed);
         kick::unblock_in_current_thread(kick_signal);
+        seccomp::prepare_thread();
         if let Some(prog) = &filter {
             if let Err(e) = seccompiler::apply_filter(prog) {
                 error!(self.logger, "cannot install the seccomp filter"; "error" => %e);
@@ -165,8 +192,17 @@ impl VcpuThread {
                     if self.state != VcpuState::Running {
                         continue;
                     }
-                    // T3.
-                    match self.run_once() {
+                    // T3. A seccomp violation (made while paused, or by the exit just
+                    // handled) stops the vCPU before it enters the guest again.
+                    let step = match seccomp::take_violation() {
+                        Some(nr) => Step::Stop(LoopEnd::Seccomp(nr)),
+                        None => match self.run_once() {
+                            Step::Continue => seccomp::take_violation()
+                                .map_or(Step::Continue, |nr| Step::Stop(LoopEnd::Seccomp(nr))),
+                            stop => stop,
+                        },
+                    };
+                    match step {
                         Step::Continue => {}
                         Step::Stop(end) => self.enter_waiting_exit(end),
                     }
@@ -189,43 +225,60 @@ impl VcpuThread {
         let metrics = &self.shared.metrics;
         metrics.add_run_time_ns(ns);
         let handler = &*self.handler;
-        let device = |r: Result<IoOutcome, DeviceError>, what: &str, at: u64| match r {
-            Ok(IoOutcome::Handled) => Step::Continue,
-            Ok(IoOutcome::StopVm) => Step::Stop(LoopEnd::DeviceStop),
-            Err(e) => {
+        // A panicking handler must not take the thread (and the vCPU fd) with it: the panic
+        // is caught here and stops this vCPU with a reason naming the device access.
+        let device = |r: Result<Result<IoOutcome, DeviceError>, String>,
+                      access: IoAccess,
+                      addr: u64| match r {
+            Ok(Ok(IoOutcome::Handled)) => Step::Continue,
+            Ok(Ok(IoOutcome::StopVm)) => Step::Stop(LoopEnd::DeviceStop),
+            Ok(Err(e)) => {
                 let n = metrics.count_device_error();
                 // Rate-limited: a guest can hammer a failing device.
                 if n <= 16 || n.is_power_of_two() {
-                    warn!(self.logger, "device error"; "access" => what,
-                          "address" => format!("{at:#x}"), "error" => %e, "count" => n);
+                    warn!(self.logger, "device error"; "access" => %access,
+                          "address" => format!("{addr:#x}"), "error" => %e, "count" => n);
                 }
                 Step::Continue
             }
+            Err(message) => Step::Stop(LoopEnd::DevicePanic {
+                access,
+                addr,
+                message,
+            }),
         };
-        match result {
+        // The four I/O exits leave their instruction for the next KVM_RUN to complete.
+        let mut io = false;
+        let step = match result {
             Ok(VcpuExit::IoIn(port, data)) => {
+                io = true;
                 metrics.count_exit(ExitKind::IoIn);
-                let r = handler.pio_read(id, port, data);
-                if r.is_err() {
+                let r = guarded(|| handler.pio_read(id, port, data));
+                if !matches!(r, Ok(Ok(_))) {
                     data.fill(0xff);
                 }
-                device(r, "pio_read", port.into())
+                device(r, IoAccess::PioRead, port.into())
             }
             Ok(VcpuExit::IoOut(port, data)) => {
+                io = true;
                 metrics.count_exit(ExitKind::IoOut);
-                device(handler.pio_write(id, port, data), "pio_write", port.into())
+                let r = guarded(|| handler.pio_write(id, port, data));
+                device(r, IoAccess::PioWrite, port.into())
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
+                io = true;
                 metrics.count_exit(ExitKind::MmioRead);
-                let r = handler.mmio_read(id, addr, data);
-                if r.is_err() {
+                let r = guarded(|| handler.mmio_read(id, addr, data));
+                if !matches!(r, Ok(Ok(_))) {
                     data.fill(0xff);
                 }
-                device(r, "mmio_read", addr)
+                device(r, IoAccess::MmioRead, addr)
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
+                io = true;
                 metrics.count_exit(ExitKind::MmioWrite);
-                device(handler.mmio_write(id, addr, data), "mmio_write", addr)
+                let r = guarded(|| handler.mmio_write(id, addr, data));
+                device(r, IoAccess::MmioWrite, addr)
             }
             Ok(VcpuExit::Hlt) => {
                 // Only without an in-kernel irqchip. KVM resumes the guest after the `hlt`
@@ -270,10 +323,40 @@ impl VcpuThread {
                 Step::Continue
             }
             Err(e) => Step::Stop(LoopEnd::RunError(e.errno())),
-        }
+        };
+        self.io_pending = io;
+        step
     }
 
-    fn enter_waiting_exit(&mut self, end: LoopEnd) {
+    /// Completes the I/O instruction of the last exit, if any, without running guest code.
+    ///
+    /// KVM finishes a port-I/O or MMIO instruction (RIP past it, an `in`'s or MMIO read's data
+    /// in its register) only on the next `KVM_RUN`: until then the registers show it undone,
+    /// and that pending part is in no state user space can save. A `KVM_RUN` with
+    /// `immediate_exit` set completes it and then returns `EINTR` at once (KVM's documented
+    /// way to do this), so a vCPU that reports `paused` has registers that hold the completed
+    /// instruction. Returns why the vCPU must stop instead, if completing ran into such an
+    /// exit (a device asked to stop, or panicked).
+    pub(crate) fn complete_pending_io(&mut self) -> Option<LoopEnd> {
+        for _ in 0..MAX_COMPLETION_RUNS {
+            if !self.io_pending {
+                return None;
+            }
+            // Left set afterwards: a sender's kick that lands meanwhile is not lost (a paused
+            // thread reads its mailbox anyway, and the next T1 clears the flag).
+            self.shared.kvm_run.request_immediate_exit();
+            if let Step::Stop(end) = self.run_once() {
+                return Some(end);
+            }
+        }
+        if self.io_pending {
+            warn!(self.logger, "I/O still pending after the completion runs; pausing anyway";
+                  "runs" => MAX_COMPLETION_RUNS);
+        }
+        None
+    }
+
+    pub(crate) fn enter_waiting_exit(&mut self, end: LoopEnd) {
         let vcpu_id = self.shared.id;
         let rip = match self.vcpu.get_regs() {
             Ok(regs) => regs.rip,
@@ -309,7 +392,24 @@ impl VcpuThread {
                 exit: exit.unwrap_or_else(|| self.vcpu.get_kvm_run().exit_reason),
             },
             LoopEnd::DeviceStop => VcpuExitReason::DeviceRequestedStop { vcpu_id, rip },
+            LoopEnd::DevicePanic {
+                access,
+                addr,
+                message,
+            } => VcpuExitReason::DevicePanicked {
+                vcpu_id,
+                rip,
+                access,
+                addr,
+                message,
+            },
             LoopEnd::RunError(errno) => VcpuExitReason::KvmRunError { vcpu_id, errno },
+            LoopEnd::Seccomp(syscall) => VcpuExitReason::SeccompViolation {
+                vcpu_id,
+                rip,
+                syscall,
+                name: seccomp::syscall_name(syscall).map(str::to_owned),
+            },
         };
         if let Transition::To(to) = transition(self.state, Event::FatalExit) {
             error!(self.logger, "vCPU stopped, waiting for exit"; "reason" => %reason);
@@ -321,4 +421,13 @@ impl VcpuThread {
             }
         }
     }
+}
+
+/// Runs an exit handler method, catching a panic (as its message) so that it cannot unwind
+/// through the vCPU thread. The handler is only borrowed: whatever it left half-done stays
+/// the device's business, and the vCPU stops for good (`waiting_exit`), so nothing of this
+/// thread observes a broken invariant afterwards.
+pub(crate) fn guarded<R>(call: impl FnOnce() -> R) -> Result<R, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(call))
+        .map_err(|payload| panic_message(payload.as_ref()))
 }

@@ -11,8 +11,8 @@ use common::{
     TestVm, AP_CODE_ADDR, CODE_ADDR, DATA_ADDR, TIMEOUT,
 };
 use vcpu_actor::{
-    PendingVcpu, ReplyOutcome, SeccompMode, VcpuError, VcpuExitReason, VcpuHandle, VcpuOptions,
-    VcpuRequest, VcpuState,
+    IoAccess, PendingVcpu, ReplyOutcome, SeccompMode, VcpuError, VcpuExitReason, VcpuHandle,
+    VcpuOptions, VcpuRequest, VcpuState,
 };
 
 fn expect_not_allowed(h: &VcpuHandle, req: VcpuRequest) {
@@ -105,6 +105,54 @@ kvm_test!(device_stop_and_device_errors, false, |vm| {
     assert_eq!(vm.read_u64(DATA_ADDR), 1 << 20);
     exit_and_join(h);
 });
+
+kvm_test!(
+    a_panicking_device_stops_the_vcpu_and_keeps_its_fd,
+    false,
+    |vm| {
+        // The device on port 0x517 panics on its third write: the vCPU stops with a reason that
+        // names the access, the thread lives on, answers, and gives the fd back.
+        let writes = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let seen = Arc::clone(&writes);
+        let rec = Recorder::with_hook(move |_, port| {
+            if port == 0x517 && seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 2 {
+                panic!("the test device broke on purpose");
+            }
+        });
+        let options = VcpuOptions::default();
+        let (h, evt) = vm.spawn_program(guests::pio(), DATA_ADDR, 0x517, rec.clone(), options);
+        expect(&h, VcpuRequest::Resume, ReplyOutcome::Resumed);
+        assert_eq!(wait_event(&evt), 1);
+        assert_eq!(h.state(), VcpuState::WaitingExit);
+        assert_eq!(rec.port(0x517).0, 2, "the panicking write was not recorded");
+        let reason = h.exit_reason().expect("exit reason");
+        match &reason {
+            VcpuExitReason::DevicePanicked {
+                vcpu_id: 0,
+                rip,
+                access: IoAccess::PioWrite,
+                addr: 0x517,
+                message,
+            } => {
+                let end = CODE_ADDR + guests::pio().len() as u64;
+                assert!((CODE_ADDR..end).contains(rip), "rip {rip:#x}");
+                assert_eq!(message, "the test device broke on purpose");
+            }
+            other => panic!("expected DevicePanicked, got {other:?}"),
+        }
+        let text = reason.to_string();
+        assert!(
+            text.starts_with("vCPU 0: ") && text.contains("port write at 0x517 panicked"),
+            "{text}"
+        );
+        expect_not_allowed(&h, VcpuRequest::Resume);
+        expect(&h, VcpuRequest::Exit, ReplyOutcome::Exited);
+        let vcpu = h
+            .join(TIMEOUT)
+            .expect("the fd comes back from a panicking device");
+        assert!(vcpu.get_regs().is_ok());
+    }
+);
 
 kvm_test!(ap_runs_only_after_init_sipi, true, |vm| {
     vm.load(guests::bsp_sipi(), CODE_ADDR);

@@ -10,7 +10,10 @@ use common::{
     expect, expect_gone_or_refused, expect_queries, guests, kvm_test, run_in_rounds, wait_until,
     Recorder, TestVm, CODE_ADDR, DATA_ADDR, TIMEOUT,
 };
-use vcpu_actor::{ReplyOutcome, VcpuError, VcpuHandle, VcpuOptions, VcpuRequest, VcpuState};
+use vcpu_actor::{
+    ReplyOutcome, SeccompMode, VcpuError, VcpuHandle, VcpuOptions, VcpuRequest, VcpuState,
+    ViolationAction,
+};
 
 const REPORT_PORT: u16 = 0x510;
 
@@ -101,6 +104,46 @@ kvm_test!(thousand_pause_resume_cycles_lose_no_reply, false, |vm| {
     assert_eq!(h.state(), VcpuState::Paused);
     h.join(TIMEOUT).expect("join");
 });
+
+kvm_test!(
+    unclaimed_replies_are_bounded_with_a_clear_error,
+    false,
+    |vm| {
+        let h = counter_actor(&vm, Recorder::new());
+        let limit = VcpuHandle::MAX_UNCLAIMED_REPLIES;
+        // Flood without waiting: more replies than the actor keeps unclaimed.
+        let ids: Vec<_> = (0..limit + 1000)
+            .map(|_| h.send(VcpuRequest::GetState).expect("send"))
+            .collect();
+        let last = *ids.last().expect("ids");
+        let reply = h.wait_reply(last, TIMEOUT).expect("the last reply is kept");
+        assert_eq!(reply.outcome, ReplyOutcome::State(VcpuState::Paused));
+        // The oldest 1000 were discarded, and waiting for one says so at once (not a timeout
+        // that blames a device handler).
+        let first_kept = ids[1000];
+        h.wait_reply(first_kept, TIMEOUT)
+            .expect("the oldest kept reply is there");
+        for id in [ids[0], ids[999]] {
+            match h.wait_reply(id, TIMEOUT) {
+                Err(e @ VcpuError::ReplyDiscarded { .. }) => {
+                    let text = e.to_string();
+                    assert!(
+                        text.starts_with("vCPU 0: ")
+                            && text.contains(&format!("request {id}"))
+                            && text.contains(&format!("{limit} replies"))
+                            && !text.contains("device handler"),
+                        "{text}"
+                    );
+                }
+                other => panic!("request {id}: expected ReplyDiscarded, got {other:?}"),
+            }
+        }
+        // The actor is unharmed.
+        expect(&h, VcpuRequest::Resume, ReplyOutcome::Resumed);
+        expect(&h, VcpuRequest::Pause, ReplyOutcome::Paused);
+        h.join(TIMEOUT).expect("join");
+    }
+);
 
 kvm_test!(
     rapid_messages_from_other_threads_are_all_answered,
@@ -235,8 +278,16 @@ kvm_test!(the_default_stack_leaves_a_wide_margin, false, |vm| {
         seen.get_or_init(current_stack);
     });
     // Port exits through the handler, kicks (the signal frame lands on this stack) and
-    // every request, on the default stack size.
-    let options = VcpuOptions::default();
+    // every request, on the default stack size. The hook's pthread_getattr_np needs
+    // sched_getaffinity, which the default seccomp filter does not allow.
+    let options = VcpuOptions {
+        seccomp: SeccompMode::Enforce {
+            action: ViolationAction::StopVm,
+            extra_syscalls: vec![libc::SYS_sched_getaffinity],
+            extra_write_fds: Vec::new(),
+        },
+        ..VcpuOptions::default()
+    };
     let (h, _evt) = vm.spawn_program(guests::pio(), DATA_ADDR, 0x517, rec.clone(), options);
     run_in_rounds(&h, &rec, 0x517, 50, 10);
     let &(addr, size) = stack.get().expect("the handler ran");

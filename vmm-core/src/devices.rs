@@ -6,6 +6,7 @@
 //! | [`SHUTDOWN_PORT`] | any write stops the VM ([`IoOutcome::StopVm`]) |
 
 use std::io::{self, Write};
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
@@ -53,6 +54,8 @@ type Uart = Serial<IrqLine, NoEvents, Box<dyn Write + Send>>;
 /// A 16550 UART whose transmitted bytes go to a writer the caller chooses.
 pub struct SerialConsole {
     uart: Mutex<Uart>,
+    /// The interrupt EventFd, which the vCPU threads write (their seccomp filter allows it).
+    irq_fd: RawFd,
 }
 
 impl std::fmt::Debug for SerialConsole {
@@ -64,9 +67,17 @@ impl std::fmt::Debug for SerialConsole {
 impl SerialConsole {
     /// A UART raising `irq` and writing what the guest sends to `out`.
     pub fn new(irq: IrqLine, out: Box<dyn Write + Send>) -> Self {
+        let irq_fd = irq.eventfd().as_raw_fd();
         Self {
             uart: Mutex::new(Serial::new(irq, out)),
+            irq_fd,
         }
+    }
+
+    /// The fd of the interrupt EventFd: the guest's register writes, handled on vCPU
+    /// threads, write it (so their seccomp filter must allow `write` on it).
+    pub fn irq_fd(&self) -> RawFd {
+        self.irq_fd
     }
 
     fn uart(&self) -> std::sync::MutexGuard<'_, Uart> {

@@ -126,6 +126,12 @@ impl ExitMonitor {
         Arc::clone(&self.events.vcpu_exit)
     }
 
+    /// The fd [`request_stop`](Self::request_stop) writes: device handlers may call it from
+    /// vCPU threads, whose seccomp filter must allow that `write`.
+    pub(crate) fn stop_request_fd(&self) -> std::os::fd::RawFd {
+        self.events.stop_request.as_raw_fd()
+    }
+
     /// Asks whoever waits on this monitor to stop the VM.
     ///
     /// # Errors

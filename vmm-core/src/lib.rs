@@ -15,7 +15,9 @@
 //! - the vPMU KVM actions ([`pmu`]);
 //! - the x86 setup ([`arch::x86_64`]): memory layout, CPUID, MSRs, LAPIC, FPU, GDT, page
 //!   tables, long-mode registers, MP table, e820;
-//! - Linux boot ([`boot`]), a [`BootEntry`] built on [`arch`].
+//! - Linux boot ([`boot`]), a [`BootEntry`] built on [`arch`];
+//! - snapshots ([`snapshot`]): the files that hold a paused VM's vCPU and VM state (saved and
+//!   restored by [`arch::x86_64::state`] and [`arch::x86_64::vm_state`]) and guest memory.
 //!
 //! Guest software other than Linux (the small test programs of the `integration` crate) is
 //! loaded outside this crate, through its own [`BootEntry`].
@@ -84,6 +86,7 @@ pub mod exit;
 pub mod manager;
 pub mod pmu;
 pub mod resize;
+pub mod snapshot;
 pub mod vm;
 
 // The CPUID conversions' old place, for the modules that still use it.
@@ -96,7 +99,7 @@ pub use bus::{BusAccess, BusDevice, BusSpace, IoBus};
 pub use config::{InterruptMode, KvmLimits, VcpuConfig};
 pub use error::{
     BootError, BusError, ConfigError, HotplugOp, KvmOp, ManagerOp, OsError, OsOp, PmuError,
-    ResizeError, VcpuControlError, VcpuSetupError, VmError, VmmError,
+    ResizeError, SnapshotError, StateError, VcpuControlError, VcpuSetupError, VmError, VmmError,
 };
 pub use exit::{ExitMonitor, ExitSignal, StopCause, VmStopReason};
 pub use manager::{build_vm, VcpuInfo, VcpuManager, VcpuManagerOptions};

@@ -351,6 +351,12 @@ impl VcpuManager {
             };
             let mut vcpu_options = self.options.vcpu.clone();
             vcpu_options.logger = self.logger.new(o!("vcpu_index" => index));
+            // Handled on the vCPU thread, under its seccomp filter: the serial console raises
+            // its interrupt (an irqfd write), and a device may call ExitMonitor::request_stop.
+            vcpu_options.seccomp = std::mem::take(&mut vcpu_options.seccomp).with_write_fds([
+                self.vm.serial().irq_fd(),
+                self.exit_monitor.stop_request_fd(),
+            ]);
             match PendingVcpu::start(parts, vcpu_options) {
                 Ok(p) => pending.push((index, p)),
                 Err(failure) => {

@@ -36,6 +36,7 @@ pub mod bare;
 pub mod boot_process;
 pub mod hotplug;
 pub mod manager;
+pub mod snapshot;
 pub mod tiny_elf;
 
 use std::cmp::Ordering;

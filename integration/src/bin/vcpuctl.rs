@@ -119,7 +119,10 @@ fn logger(verbose: u8) -> slog::Logger {
         slog::Level::Info
     };
     let decorator = slog_term::PlainSyncDecorator::new(std::io::stderr());
-    let drain = slog_term::FullFormat::new(decorator)
+    let format = slog_term::FullFormat::new(decorator).build().fuse();
+    // The vCPU threads log too, and their seccomp filter forbids writing to stderr: the
+    // lines go through a channel to slog-async's own thread, which writes them.
+    let drain = slog_async::Async::new(format)
         .build()
         .filter_level(level)
         .fuse();

@@ -13,9 +13,11 @@
 //! resident memory (`VmHWM`) as `vcpuctl: peak RSS <n> KiB`.
 
 use std::io::Write;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+use vcpu_actor::{SeccompMode, VcpuOptions};
 use vmm_core::{VcpuManagerOptions, VmOptions, VmStopReason};
 
 use super::{open_kvm, CliError, VmSpec};
@@ -38,12 +40,17 @@ impl<W: std::io::Write + Send> std::io::Write for SharedWriter<W> {
 
 /// `vcpuctl boot`: boots a Linux kernel (bzImage or ELF vmlinux) with every possible vCPU in
 /// the MP table, the console going to `console`, until the VM stops.
+///
+/// The 16550 console runs on the vCPU threads, under their seccomp filter: `console_fd` is
+/// the file descriptor `console` writes to (stdout for `vcpuctl boot`), which the filter
+/// then allows `write` on; `None` for a writer that makes no system calls (memory).
 pub fn boot_linux<W: std::io::Write + Send + 'static>(
     spec: &VmSpec,
     kernel: &std::path::Path,
     initrd: Option<&std::path::Path>,
     cmdline: &str,
     console: Arc<std::sync::Mutex<W>>,
+    console_fd: Option<RawFd>,
 ) -> Result<VmStopReason, CliError> {
     use vmm_core::boot::{load_linux, mp_cpus, LinuxBootConfig};
     let kvm = open_kvm()?;
@@ -56,6 +63,10 @@ pub fn boot_linux<W: std::io::Write + Send + 'static>(
     };
     let options = VcpuManagerOptions {
         logger: spec.logger.clone(),
+        vcpu: VcpuOptions {
+            seccomp: SeccompMode::default().with_write_fds(console_fd),
+            ..VcpuOptions::default()
+        },
         ..VcpuManagerOptions::default()
     };
     let (vm, mut vcpus) = vmm_core::build_vm(kvm, vm_options, config.clone(), options)?;
@@ -95,7 +106,14 @@ pub fn run(
     report_peak_rss: bool,
 ) -> Result<(), CliError> {
     let console = Arc::new(Mutex::new(std::io::stdout()));
-    let stop = boot_linux(spec, kernel, initrd, cmdline, console)?;
+    let stop = boot_linux(
+        spec,
+        kernel,
+        initrd,
+        cmdline,
+        console,
+        Some(std::io::stdout().as_raw_fd()),
+    )?;
     let _ = std::io::stdout().flush();
     eprintln!("\nvcpuctl: {stop}");
     if report_peak_rss {

@@ -8,7 +8,7 @@ use vcpu_actor::VcpuMetricsSnapshot;
 use vmm_core::VmStopReason;
 
 use super::cpuid::{agent_views, location_table, VcpuCpuidView};
-use super::{micros, millis, open_kvm, print_json, CliError, Out, VmSpec, GUEST_TIMEOUT};
+use super::{micros, millis, open_kvm, print_json, CliError, ExitCode, Out, VmSpec, GUEST_TIMEOUT};
 use crate::guest::agent::{attach_upcall, AgentUpcallOptions, AgentVm, ApMode, GuestAgent};
 use crate::IntegrationError;
 
@@ -57,6 +57,67 @@ pub struct ResizeStep {
     pub kept_fds: Vec<u32>,
 }
 
+/// One vCPU thread the demo ran, and its seccomp mode as the kernel shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct VcpuThreadReport {
+    /// The vCPU's APIC ID.
+    pub apic_id: u32,
+    /// The thread's Linux thread id.
+    pub tid: i32,
+    /// `Seccomp:` of `/proc/self/task/TID/status`: 0 none, 1 strict, 2 filter.
+    pub seccomp_mode: u32,
+    /// The same as a word: `disabled`, `strict` or `filter`.
+    pub seccomp_mode_name: String,
+}
+
+/// The `Seccomp:` line of thread `tid` of this process (0 none, 1 strict, 2 filter).
+fn thread_seccomp_mode(tid: i32) -> Result<u32, CliError> {
+    let path = format!("/proc/self/task/{tid}/status");
+    let failure = |message| CliError {
+        code: ExitCode::Failure,
+        message,
+    };
+    let status = std::fs::read_to_string(&path)
+        .map_err(|e| failure(format!("cannot read {path} (vCPU thread {tid}): {e}")))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Seccomp:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| {
+            failure(format!(
+                "{path} has no Seccomp: line; this kernel lacks CONFIG_SECCOMP"
+            ))
+        })
+}
+
+/// The word for a `Seccomp:` value.
+fn seccomp_mode_name(mode: u32) -> &'static str {
+    match mode {
+        0 => "disabled",
+        1 => "strict",
+        2 => "filter",
+        _ => "unknown",
+    }
+}
+
+/// Adds every present vCPU thread not in `threads` yet, with its seccomp mode.
+fn sample_vcpu_threads(vm: &AgentVm, threads: &mut Vec<VcpuThreadReport>) -> Result<(), CliError> {
+    for info in vm.vcpus.present_vcpus() {
+        let Some(tid) = info.tid else { continue };
+        if threads.iter().any(|t| t.tid == tid) {
+            continue;
+        }
+        let mode = thread_seccomp_mode(tid)?;
+        threads.push(VcpuThreadReport {
+            apic_id: info.apic_id,
+            tid,
+            seccomp_mode: mode,
+            seccomp_mode_name: seccomp_mode_name(mode).to_string(),
+        });
+    }
+    Ok(())
+}
+
 /// Everything `vcpuctl demo` shows, for `--json`.
 #[derive(Clone, Debug, Serialize)]
 pub struct DemoReport {
@@ -78,6 +139,9 @@ pub struct DemoReport {
     pub stop_vcpu_id: Option<u32>,
     /// Per-vCPU metrics at the end.
     pub metrics: Vec<VcpuMetricsSnapshot>,
+    /// Every vCPU thread the demo ran (boot and hot-added ones, sampled while present), with
+    /// its seccomp mode (2, `filter`, by default).
+    pub vcpu_threads: Vec<VcpuThreadReport>,
 }
 
 /// Waits until every counter of `apic_ids` is above its value in `before`.
@@ -103,7 +167,12 @@ fn wait_all_advanced(
 /// The demo's resize steps: to the maximum, then back to 3, over upcall; the guest agent wakes
 /// the new vCPUs (INIT/SIPI from the BSP) and parks the removed ones (INIT) as a guest kernel
 /// would, before their threads are exited.
-fn demo_resize(vm: &mut AgentVm, spec: &VmSpec, out: &Out) -> Result<Vec<ResizeStep>, CliError> {
+fn demo_resize(
+    vm: &mut AgentVm,
+    spec: &VmSpec,
+    out: &Out,
+    threads: &mut Vec<VcpuThreadReport>,
+) -> Result<Vec<ResizeStep>, CliError> {
     let _upcall = attach_upcall(
         vm,
         AgentUpcallOptions {
@@ -125,6 +194,7 @@ fn demo_resize(vm: &mut AgentVm, spec: &VmSpec, out: &Out) -> Result<Vec<ResizeS
             vm.vcpus.resize_vcpus(target)?
         };
         let present = vm.present_apic_ids();
+        sample_vcpu_threads(vm, threads)?;
         out.line(format!(
             "  done in {:.1} ms (vCPU threads {:.1} ms, upcall round trip {:.1} ms); present \
              APIC IDs {present:?}",
@@ -229,6 +299,8 @@ pub fn demo(spec: &VmSpec, out: &Out) -> Result<DemoReport, CliError> {
         vm
     };
     let boot_vcpus = agent_views(&vm, None)?;
+    let mut vcpu_threads = Vec::new();
+    sample_vcpu_threads(&vm, &mut vcpu_threads)?;
     out.line("what guest code read from CPUID, decoded with raw-cpuid:");
     out.line(location_table(&boot_vcpus).trim_end());
 
@@ -266,7 +338,12 @@ pub fn demo(spec: &VmSpec, out: &Out) -> Result<DemoReport, CliError> {
         counters_resumed,
     };
 
-    let resize = demo_resize(&mut vm, spec, out)?;
+    let resize = demo_resize(&mut vm, spec, out, &mut vcpu_threads)?;
+    let filtered = vcpu_threads.iter().filter(|t| t.seccomp_mode == 2).count();
+    out.line(format!(
+        "seccomp: {filtered} of {} vCPU threads ran under a seccomp filter (Seccomp: 2)",
+        vcpu_threads.len()
+    ));
 
     // The counters end with the vCPUs' threads: read them while the vCPUs are present.
     let metrics: Vec<VcpuMetricsSnapshot> = vm
@@ -313,6 +390,7 @@ pub fn demo(spec: &VmSpec, out: &Out) -> Result<DemoReport, CliError> {
         stop: stop.to_string(),
         stop_vcpu_id: stop.vcpu_id,
         metrics,
+        vcpu_threads,
     })
 }
 

@@ -35,6 +35,24 @@ vat_pio_start:
     jmp .Lpio_loop
 vat_pio_end:
 
+    /* Counts in rbx; per iteration writes the count to port dx, then reads port dx into
+       eax. */
+    .globl vat_inout_start
+    .globl vat_inout_after_out
+    .globl vat_inout_after_in
+    .globl vat_inout_end
+vat_inout_start:
+    xor ebx, ebx
+.Linout_loop:
+    inc rbx
+    mov eax, ebx
+    out dx, eax
+vat_inout_after_out:
+    in eax, dx
+vat_inout_after_in:
+    jmp .Linout_loop
+vat_inout_end:
+
     /* No IDT: ud2 raises #UD, its delivery faults, then #DF faults: a triple fault. */
     .globl vat_fault_start
     .globl vat_fault_ud2
@@ -89,6 +107,10 @@ extern "C" {
     static vat_counter_end: u8;
     static vat_pio_start: u8;
     static vat_pio_end: u8;
+    static vat_inout_start: u8;
+    static vat_inout_after_out: u8;
+    static vat_inout_after_in: u8;
+    static vat_inout_end: u8;
     static vat_fault_start: u8;
     static vat_fault_ud2: u8;
     static vat_fault_end: u8;
@@ -113,6 +135,21 @@ pub fn counter() -> &'static [u8] {
 /// One `out dx, eax` per loop (a port-I/O exit each), counting at `[rdi]`.
 pub fn pio() -> &'static [u8] {
     between(&raw const vat_pio_start, &raw const vat_pio_end)
+}
+
+/// Counts in `rbx`; each loop writes the count to port `dx` (`out dx, eax`), then reads that
+/// port into `eax` (`in eax, dx`).
+pub fn inout() -> &'static [u8] {
+    between(&raw const vat_inout_start, &raw const vat_inout_end)
+}
+
+/// Offsets inside [`inout`] of the instructions right after its `out` and its `in`.
+pub fn inout_after_out_and_in() -> (u64, u64) {
+    let start = &raw const vat_inout_start as usize;
+    (
+        (&raw const vat_inout_after_out as usize - start) as u64,
+        (&raw const vat_inout_after_in as usize - start) as u64,
+    )
 }
 
 /// Writes 7 to port `dx`, then triple-faults on a `ud2` (no IDT).

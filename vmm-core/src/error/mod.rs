@@ -5,7 +5,8 @@
 //! [`BusError`] for registering a device, [`PmuError`] for the vPMU's KVM actions,
 //! [`VcpuSetupError`] for creating and configuring a vCPU, [`VcpuControlError`] for starting,
 //! pausing, resuming and exiting vCPUs, [`BootError`] for writing a guest program or a Linux
-//! kernel into guest memory, [`ResizeError`] for vCPU hotplug, and [`OsError`] for the
+//! kernel into guest memory, [`ResizeError`] for vCPU hotplug, [`StateError`] for saving and
+//! restoring vCPU and VM state, [`SnapshotError`] for snapshot files, and [`OsError`] for the
 //! EventFd/epoll calls of the exit monitor. A function that spans several operations (such as
 //! [`build_vm`](crate::build_vm)) returns the umbrella [`VmmError`], which every one of them
 //! converts into, so `?` works across operations.
@@ -20,6 +21,7 @@ mod boot;
 mod config;
 mod ops;
 mod resize;
+mod snapshot;
 mod vcpu;
 mod vm;
 
@@ -27,6 +29,7 @@ pub use boot::BootError;
 pub use config::ConfigError;
 pub use ops::{HotplugOp, KvmOp, ManagerOp, OsOp};
 pub use resize::ResizeError;
+pub use snapshot::{SnapshotError, SnapshotFile, StateError, StateOp};
 pub use vcpu::{VcpuControlError, VcpuSetupError};
 pub use vm::{BusError, OsError, PmuError, VmError};
 
@@ -66,6 +69,10 @@ umbrella! {
         Boot(BootError),
         /// A vCPU resize (hotplug) failed.
         Resize(ResizeError),
+        /// Saving or restoring vCPU or VM state failed.
+        State(StateError),
+        /// Writing, reading or checking a snapshot failed.
+        Snapshot(SnapshotError),
         /// An EventFd or epoll call of the exit monitor failed.
         Os(OsError),
         /// Parsing or building an SMP configuration or topology failed (e.g. a `-smp` string

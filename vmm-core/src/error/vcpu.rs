@@ -1,5 +1,6 @@
 //! Errors of the vCPU manager: setting vCPUs up, and controlling them afterwards.
 
+use std::fmt;
 use std::time::Duration;
 
 use vcpu_actor::VcpuRequest;
@@ -72,7 +73,7 @@ pub enum VcpuSetupError {
         reason: String,
     },
     /// The vCPU's actor (thread) could not be spawned.
-    #[error("vCPU {vcpu_id}: {source}")]
+    #[error("{}", naming_vcpu_once(*.vcpu_id, .source))]
     Spawn {
         /// The vCPU (APIC ID).
         vcpu_id: u32,
@@ -110,7 +111,7 @@ pub enum VcpuControlError {
         timeout: Duration,
     },
     /// A vCPU answered a request with a refusal or an error.
-    #[error("vCPU {vcpu_id} refused {request}: {reason}")]
+    #[error("vCPU {vcpu_id} refused {request}: {}", without_vcpu_prefix(*.vcpu_id, .reason))]
     VcpuRefused {
         /// The vCPU (APIC ID).
         vcpu_id: u32,
@@ -120,7 +121,7 @@ pub enum VcpuControlError {
         reason: String,
     },
     /// A vCPU's thread could not be joined.
-    #[error("vCPU {vcpu_id}: {source}")]
+    #[error("{}", naming_vcpu_once(*.vcpu_id, .source))]
     Join {
         /// The vCPU (APIC ID).
         vcpu_id: u32,
@@ -130,4 +131,81 @@ pub enum VcpuControlError {
     /// Waiting on the exit monitor failed.
     #[error(transparent)]
     Os(#[from] OsError),
+}
+
+/// `inner`'s message, prefixed with `vCPU N: ` unless it starts so already (the actor's own
+/// errors name their vCPU): each message names its vCPU once.
+fn naming_vcpu_once(vcpu_id: u32, inner: &dyn fmt::Display) -> String {
+    let text = inner.to_string();
+    let prefix = format!("vCPU {vcpu_id}: ");
+    if text.starts_with(&prefix) {
+        text
+    } else {
+        prefix + &text
+    }
+}
+
+/// `reason` without a leading `vCPU N: `, for a message that names the vCPU itself.
+fn without_vcpu_prefix(vcpu_id: u32, reason: &str) -> &str {
+    reason
+        .strip_prefix(&format!("vCPU {vcpu_id}: "))
+        .unwrap_or(reason)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vcpu_actor::{RequestRefused, VcpuError, VcpuState};
+
+    fn names_vcpu_once(text: &str, id: u32) {
+        assert_eq!(text.matches(&format!("vCPU {id}")).count(), 1, "{text}");
+    }
+
+    #[test]
+    fn every_message_names_its_vcpu_once() {
+        let join = VcpuControlError::Join {
+            vcpu_id: 3,
+            source: VcpuError::JoinTimeout {
+                vcpu_id: 3,
+                timeout: Duration::from_secs(1),
+                state: VcpuState::Running,
+            },
+        };
+        let text = crate::VmmError::from(join).to_string();
+        names_vcpu_once(&text, 3);
+        assert!(text.starts_with("vCPU 3: thread did not end"), "{text}");
+
+        // The kick signal errors are process-wide: the wrapper names the vCPU.
+        let spawn = VcpuSetupError::Spawn {
+            vcpu_id: 5,
+            source: VcpuError::InvalidKickSignal { offset: 99 },
+        };
+        let text = spawn.to_string();
+        names_vcpu_once(&text, 5);
+        assert!(text.starts_with("vCPU 5: kick signal"), "{text}");
+
+        let refusal = RequestRefused {
+            vcpu_id: 0,
+            request: VcpuRequest::Resume,
+            state: VcpuState::WaitingExit,
+        };
+        let refused = VcpuControlError::VcpuRefused {
+            vcpu_id: 0,
+            request: VcpuRequest::Resume,
+            reason: refusal.to_string(),
+        };
+        let text = refused.to_string();
+        names_vcpu_once(&text, 0);
+        assert!(
+            text.starts_with("vCPU 0 refused resume: resume is not allowed in state waiting_exit"),
+            "{text}"
+        );
+        // A reason that does not name the vCPU is kept whole.
+        let other = VcpuControlError::VcpuRefused {
+            vcpu_id: 1,
+            request: VcpuRequest::Pause,
+            reason: "vCPU 10: gone".into(),
+        };
+        assert_eq!(other.to_string(), "vCPU 1 refused pause: vCPU 10: gone");
+    }
 }

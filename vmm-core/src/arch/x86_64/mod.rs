@@ -12,6 +12,8 @@
 //! | [`regs`] | CR0/CR4/EFER/RFLAGS bits and the 64-bit entry's special registers |
 //! | [`mptable`] | the MP table (processors, I/O APIC, interrupt wiring) |
 //! | [`e820`] | the e820 memory map |
+//! | [`state`] | saving and restoring a vCPU's whole state, in KVM's order |
+//! | [`vm_state`] | saving and restoring the VM's clock, PIT, PICs and IOAPIC |
 //!
 //! [`setup_vcpu`] is what the vCPU manager does to every new vCPU after its CPUID; a boot
 //! entry (Linux boot in [`crate::boot`], or a loader outside this crate) then sets the BSP's
@@ -19,8 +21,8 @@
 //!
 //! Coming x86 work has its place here: ACPI tables (`acpi.rs`, next to [`mptable`] and
 //! [`e820`], placed in [`layout`]), x2APIC (in [`lapic`], with the MSR-based register access
-//! in [`msr`]), and saving and restoring a vCPU's state (`state.rs`: regs, sregs, MSRs, LAPIC,
-//! FPU/XSAVE and MP state, each read and written through the modules above).
+//! in [`msr`]). Saving and restoring vCPU and VM state is in [`state`] and [`vm_state`];
+//! the snapshot files that hold it are [`crate::snapshot`]'s.
 
 pub mod cpuid;
 pub mod e820;
@@ -32,6 +34,8 @@ pub mod mptable;
 pub mod msr;
 pub mod paging;
 pub mod regs;
+pub mod state;
+pub mod vm_state;
 
 use kvm_bindings::{kvm_mp_state, KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_UNINITIALIZED};
 use kvm_ioctls::VcpuFd;
