@@ -153,7 +153,8 @@ fn reconciled(
 ) -> String {
     let did = match op {
         HotplugOp::Add => format!(
-            "the guest brought up {confirmed:?}, which stay; the other new vCPUs were exited"
+            "the guest brought up {confirmed:?}, which stay; the other new vCPUs were rolled \
+             back (exited, their fds kept)"
         ),
         HotplugOp::Remove => format!(
             "the guest confirmed {confirmed:?} offline, whose threads were exited; the others \
