@@ -29,7 +29,7 @@
 //!   out and is reconciled like any failed request (below).
 //! - `resume_all` resumes every present vCPU, the new ones included.
 //! - A stop (`stop_vm`, through the exit monitor) exits every vCPU; phase 3 then reports
-//!   [`ResizeError::VmStopped`].
+//!   [`ResizeError::VmStopped`] (so does `exit_all`).
 //! - A second resize is refused ([`ResizeError::Busy`]); a resize of a paused, stopping or
 //!   stopped VM is refused at once ([`ResizeError::NotRunning`]).
 //!
@@ -401,8 +401,8 @@ impl VcpuManager {
         pending: &mut PendingResize,
         reply: Result<HotplugAck, HotplugFailure>,
     ) -> Result<ResizeOutcome, ResizeError> {
-        if matches!(self.run_state(), VmRunState::Stopping | VmRunState::Stopped) {
-            // The stop exited every vCPU (or is about to); nothing is left to reconcile.
+        if !matches!(self.run_state(), VmRunState::Running | VmRunState::Paused) {
+            // A stop (or exit_all) exited every vCPU; nothing is left to reconcile.
             warn!(self.logger, "the VM stopped during a resize"; "target" => pending.target);
             return Err(ResizeError::VmStopped {
                 target: pending.target,

@@ -25,8 +25,9 @@
 //!   and a stop proceed at once, by the table above; they act on the vCPUs present then,
 //!   including the ones the resize has just created.
 //! - **Cleared** by the resize's last phase (under the manager), which reconciles with
-//!   whatever state it finds: in `Stopping`/`Stopped` the stop has already exited every vCPU,
-//!   and the resize reports [`ResizeError::VmStopped`](crate::ResizeError::VmStopped).
+//!   whatever state it finds: in `Stopping`/`Stopped` (or `Created`, after `exit_all`) every
+//!   vCPU has been exited, and the resize reports
+//!   [`ResizeError::VmStopped`](crate::ResizeError::VmStopped).
 //!
 //! `pause_all` and `resume_all` change the state once every request is sent, even when a
 //! vCPU did not acknowledge in time: the request stays queued and the vCPU takes it when it

@@ -92,8 +92,12 @@ pub enum ResizeError {
         #[source]
         source: Box<HotplugFailure>,
     },
-    /// The VM was stopped while the resize waited for the guest: the stop exited every vCPU.
-    #[error("the resize to {target} vCPUs ended because the VM stopped meanwhile")]
+    /// The VM was stopped (or every vCPU exited with `exit_all`) while the resize waited for
+    /// the guest: no vCPU of the resize is left to reconcile.
+    #[error(
+        "the resize to {target} vCPUs ended because the VM stopped (or all its vCPUs were \
+         exited) while the guest was being asked"
+    )]
     VmStopped {
         /// The target of the resize.
         target: u32,
