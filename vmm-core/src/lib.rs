@@ -10,8 +10,12 @@
 //!   them (CPUID from `topology` + `vpmu`, then the x86 setup of [`arch`]; BSP registers
 //!   through a [`BootEntry`]), starts, pauses, resumes and exits them, and turns a vCPU's
 //!   `waiting_exit` into a stop of the whole VM ([`exit`]);
-//! - vCPU hot-add and hot-remove over upcall ([`resize`]: [`VcpuManager::resize_vcpus`], and
-//!   [`AsyncResizer`] for a background resize waited on with a timeout);
+//! - the manager's state machine ([`state`]: created, running, paused, stopping, stopped, and
+//!   a resize in flight);
+//! - vCPU hot-add and hot-remove ([`resize`]: [`VcpuManager::resize_vcpus`],
+//!   [`VcpuManager::resize_shared`], which does not hold the manager during the guest round
+//!   trip, and [`AsyncResizer`] for a background resize waited on with a timeout), through a
+//!   [`HotplugBackend`] ([`hotplug_backend`]; upcall today);
 //! - the vPMU KVM actions ([`pmu`]);
 //! - the x86 setup ([`arch::x86_64`]): memory layout, CPUID, MSRs, LAPIC, FPU, GDT, page
 //!   tables, long-mode registers, MP table, e820;
@@ -83,10 +87,12 @@ pub mod config;
 pub mod devices;
 pub mod error;
 pub mod exit;
+pub mod hotplug_backend;
 pub mod manager;
 pub mod pmu;
 pub mod resize;
 pub mod snapshot;
+pub mod state;
 pub mod vm;
 
 // The CPUID conversions' old place, for the modules that still use it.
@@ -102,8 +108,12 @@ pub use error::{
     ResizeError, SnapshotError, StateError, VcpuControlError, VcpuSetupError, VmError, VmmError,
 };
 pub use exit::{ExitMonitor, ExitSignal, StopCause, VmStopReason};
+pub use hotplug_backend::{
+    BackendError, HotplugAck, HotplugBackend, HotplugFailure, UpcallBackend, UPCALL_MAX_APIC_ID,
+};
 pub use manager::{build_vm, VcpuInfo, VcpuManager, VcpuManagerOptions};
 pub use resize::{AsyncResizer, ResizeHandle, ResizeOutcome, VcpuSlot};
+pub use state::{ResizeInFlight, VmRunState};
 pub use vm::{Vm, VmOptions};
 
 // The types of other workspace crates that this crate's public API takes or returns, so that

@@ -6,9 +6,9 @@
 //! The vCPU actors, the exit handler and [`VcpuExitReason`](vcpu_actor::VcpuExitReason) use the id.
 
 use std::collections::BTreeMap;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::VcpuFd;
@@ -24,7 +24,9 @@ use crate::arch::x86_64::{self, cpuid};
 use crate::config::{InterruptMode, KvmLimits, VcpuConfig};
 use crate::error::{KvmOp, ManagerOp, VcpuControlError, VcpuSetupError, VmmError};
 use crate::exit::ExitMonitor;
+use crate::hotplug_backend::HotplugBackend;
 use crate::pmu::{apply_pmu_actions, PmuActionsReport};
+use crate::state::{ManagerState, ResizeInFlight, Transition, VmRunState};
 use crate::vm::{reserve_fd_table, Vm};
 use crate::BootEntry;
 
@@ -74,10 +76,16 @@ pub struct VcpuInfo {
 }
 
 /// All vCPUs of one VM. See the crate documentation for an example.
+///
+/// The manager is a state machine ([`VmRunState`], the table in [`crate::state`]). To pause,
+/// resume or stop the VM while a resize waits for the guest, share it as
+/// `Arc<Mutex<VcpuManager>>` and resize with [`VcpuManager::resize_shared`] (or
+/// [`AsyncResizer`](crate::AsyncResizer)), which does not hold the lock during the guest round
+/// trip.
 pub struct VcpuManager {
     vm: Arc<Vm>,
     config: VcpuConfig,
-    options: VcpuManagerOptions,
+    pub(crate) options: VcpuManagerOptions,
     vendor: CpuVendor,
     supported_cpuid: Vec<CpuidEntry>,
     pmu_report: PmuActionsReport,
@@ -86,11 +94,17 @@ pub struct VcpuManager {
     pub(crate) vcpus: BTreeMap<u32, VcpuHandle>,
     /// KVM vCPU fds whose thread has ended, by APIC ID: KVM cannot destroy a vCPU, so a later
     /// vCPU with the same id reuses the fd.
-    kept_fds: BTreeMap<u32, VcpuFd>,
+    pub(crate) kept_fds: BTreeMap<u32, VcpuFd>,
     pub(crate) exit_monitor: ExitMonitor,
     pub(crate) exit_flag: Arc<AtomicBool>,
-    /// The upcall client [`resize_vcpus`](Self::resize_vcpus) asks the guest with.
-    pub(crate) upcall: Option<Arc<hotplug::UpcallClient>>,
+    /// The state machine (see [`crate::state`]); its own small lock, so that `&self`
+    /// operations (pause, resume) can move it.
+    state: Mutex<ManagerState>,
+    /// What [`resize_vcpus`](Self::resize_vcpus) asks the guest with.
+    pub(crate) backend: Option<Arc<dyn HotplugBackend>>,
+    /// A duplicate of the KVM fd of each vCPU a resize added, by APIC ID, to read its MP
+    /// state (`KVM_GET_MP_STATE`) while its thread owns the fd.
+    pub(crate) mp_probes: BTreeMap<u32, OwnedFd>,
     pub(crate) logger: Logger,
 }
 
@@ -99,6 +113,8 @@ impl std::fmt::Debug for VcpuManager {
         f.debug_struct("VcpuManager")
             .field("config", &self.config)
             .field("present", &self.vcpus.keys().collect::<Vec<_>>())
+            .field("state", &self.run_state())
+            .field("resize_in_flight", &self.resize_in_flight())
             .finish_non_exhaustive()
     }
 }
@@ -149,7 +165,9 @@ impl VcpuManager {
             kept_fds: BTreeMap::new(),
             exit_monitor: ExitMonitor::new()?,
             exit_flag: Arc::new(AtomicBool::new(false)),
-            upcall: None,
+            state: Mutex::new(ManagerState::new()),
+            backend: None,
+            mp_probes: BTreeMap::new(),
             logger,
         })
     }
@@ -194,26 +212,56 @@ impl VcpuManager {
         Ok(())
     }
 
-    /// `None` while the VM may run; otherwise why `op` may not be done: the reason of an
-    /// `InvalidState` error.
-    fn stopping(&self) -> Option<String> {
-        self.exit_flag
-            .load(Ordering::Acquire)
-            .then(|| "the VM is stopping (its exit flag is set)".into())
+    /// The state machine, locked.
+    pub(crate) fn state(&self) -> MutexGuard<'_, ManagerState> {
+        // Every critical section is a single check-and-update: a panic leaves it consistent.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether the exit flag is set (a stop is under way or done).
+    pub(crate) fn exit_flag_set(&self) -> bool {
+        self.exit_flag.load(Ordering::Acquire)
+    }
+
+    /// What the VM is doing (see the table in [`crate::state`]).
+    pub fn run_state(&self) -> VmRunState {
+        self.state().run_state(self.exit_flag_set())
+    }
+
+    /// The resize between its first and last phase, if any.
+    pub fn resize_in_flight(&self) -> Option<ResizeInFlight> {
+        self.state().resize_in_flight()
     }
 
     fn check_setup_allowed(&self, op: ManagerOp) -> Result<(), VcpuSetupError> {
-        match self.stopping() {
-            Some(reason) => Err(VcpuSetupError::InvalidState { op, reason }),
-            None => Ok(()),
-        }
+        self.state()
+            .check(Transition::Create, self.exit_flag_set())
+            .map_err(|refusal| VcpuSetupError::InvalidState {
+                op,
+                reason: refusal.to_string(),
+            })
     }
 
     fn check_running_allowed(&self, op: ManagerOp) -> Result<(), VcpuControlError> {
-        match self.stopping() {
-            Some(reason) => Err(VcpuControlError::InvalidState { op, reason }),
-            None => Ok(()),
-        }
+        self.state()
+            .check(Transition::Run, self.exit_flag_set())
+            .map_err(|refusal| control_refused(op, refusal))
+    }
+
+    /// Moves the state machine by `t` (refused: `op` is not done), then sends `req` to every
+    /// present vCPU. The state lock is held until every reply came (at most `ack_timeout`), so
+    /// that concurrent pauses and resumes end in the state of the requests sent last.
+    fn request_all_as(
+        &self,
+        op: ManagerOp,
+        t: Transition,
+        req: VcpuRequest,
+    ) -> Result<(), VcpuControlError> {
+        let mut state = self.state();
+        state
+            .transition(t, self.exit_flag_set())
+            .map_err(|refusal| control_refused(op, refusal))?;
+        self.request_all(req)
     }
 
     /// The CPUID set vCPU `index` gets: the topology leaves over KVM's supported CPUID, then
@@ -504,11 +552,15 @@ impl VcpuManager {
     /// [`VcpuControlError::VcpusDidNotAnswer`] or [`VcpuControlError::VcpuRefused`] if some
     /// vCPU did not acknowledge in time or refused.
     pub fn start_boot_vcpus(&self) -> Result<(), VcpuControlError> {
-        self.check_running_allowed(ManagerOp::StartBootVcpus)?;
-        self.request_all(VcpuRequest::Resume)
+        self.request_all_as(
+            ManagerOp::StartBootVcpus,
+            Transition::Run,
+            VcpuRequest::Resume,
+        )
     }
 
-    /// Starts the given present vCPUs (e.g. after hot-add).
+    /// Starts the given present vCPUs (e.g. after hot-add). The VM's [`VmRunState`] does not
+    /// change.
     ///
     /// # Errors
     ///
@@ -520,14 +572,22 @@ impl VcpuManager {
     }
 
     /// Pauses every present vCPU and waits for every acknowledgement (see
-    /// [`VcpuManagerOptions::ack_timeout`]).
+    /// [`VcpuManagerOptions::ack_timeout`]). The VM is [`VmRunState::Paused`] from then on.
+    ///
+    /// With a resize in flight, this does not wait for the resize: it pauses the vCPUs present
+    /// now, the resize's new ones included (see [`crate::resize`]).
     ///
     /// # Errors
     ///
+    /// [`VcpuControlError::InvalidState`] if the VM is stopping or stopped;
     /// [`VcpuControlError::VcpusDidNotAnswer`] or [`VcpuControlError::VcpuRefused`] if some
     /// vCPU did not acknowledge in time or refused.
     pub fn pause_all(&self) -> Result<(), VcpuControlError> {
-        self.request_all(VcpuRequest::Pause)
+        self.request_all_as(
+            ManagerOp::Send(VcpuRequest::Pause),
+            Transition::Pause,
+            VcpuRequest::Pause,
+        )
     }
 
     /// Resumes every present vCPU and waits for every acknowledgement.
@@ -536,8 +596,7 @@ impl VcpuManager {
     ///
     /// As [`start_boot_vcpus`](Self::start_boot_vcpus).
     pub fn resume_all(&self) -> Result<(), VcpuControlError> {
-        self.check_running_allowed(ManagerOp::ResumeAll)?;
-        self.request_all(VcpuRequest::Resume)
+        self.request_all_as(ManagerOp::ResumeAll, Transition::Run, VcpuRequest::Resume)
     }
 
     fn request_all(&self, req: VcpuRequest) -> Result<(), VcpuControlError> {
@@ -546,7 +605,11 @@ impl VcpuManager {
     }
 
     /// Sends `req` to every vCPU in `indices`, then waits for every reply until one deadline.
-    fn request_some(&self, indices: &[u32], req: VcpuRequest) -> Result<(), VcpuControlError> {
+    pub(crate) fn request_some(
+        &self,
+        indices: &[u32],
+        req: VcpuRequest,
+    ) -> Result<(), VcpuControlError> {
         let timeout = self.options.ack_timeout;
         let mut sent = Vec::with_capacity(indices.len());
         let mut no_answer = Vec::new();
@@ -600,7 +663,8 @@ impl VcpuManager {
     }
 
     /// Exits every present vCPU, joins every thread and keeps the KVM vCPU fds for reuse.
-    /// Afterwards no vCPU is present.
+    /// Afterwards no vCPU is present, and the VM is [`VmRunState::Created`] (boot vCPUs can be
+    /// created again), or [`VmRunState::Stopped`] when a stop is under way.
     ///
     /// # Errors
     ///
@@ -608,7 +672,10 @@ impl VcpuManager {
     /// others are still joined).
     pub fn exit_all(&mut self) -> Result<(), VcpuControlError> {
         let indices: Vec<u32> = self.vcpus.keys().copied().collect();
-        self.exit_vcpus(&indices)
+        let exited = self.exit_vcpus(&indices);
+        let exit_flag = self.exit_flag_set();
+        self.state().apply(Transition::AllExited, exit_flag);
+        exited
     }
 
     /// Exits the given present vCPUs (e.g. after a hot-remove), joins their threads and keeps
@@ -711,7 +778,15 @@ impl VcpuManager {
 
     /// Whether the exit flag is set (a stop is under way or done).
     pub fn exit_requested(&self) -> bool {
-        self.exit_flag.load(Ordering::Acquire)
+        self.exit_flag_set()
+    }
+}
+
+/// The `InvalidState` error of `op`, refused by the state machine.
+fn control_refused(op: ManagerOp, refusal: crate::state::Refusal) -> VcpuControlError {
+    VcpuControlError::InvalidState {
+        op,
+        reason: refusal.to_string(),
     }
 }
 

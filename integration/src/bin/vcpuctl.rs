@@ -81,6 +81,17 @@ enum Command {
         #[arg(long)]
         boot_only: bool,
     },
+    /// Resize against a misbehaving guest while another thread pauses and resumes the VM,
+    /// then resize back; exit code 0 when the manager behaved, whatever the guest did.
+    Chaos {
+        /// The guest's misbehaviour: partial-add:K, partial-remove:K, silent, stray-reply,
+        /// never-read or hang-up.
+        #[arg(long)]
+        fault: String,
+        /// The resize target (default: maxcpus; for partial-remove, the boot count).
+        #[arg(long)]
+        to: Option<u32>,
+    },
     /// Boot a Linux kernel, console on this terminal.
     Boot {
         /// bzImage or ELF vmlinux.
@@ -161,6 +172,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             };
             cmd::bench::run(&spec, &out, options, a.json)
         }
+        Command::Chaos { fault, to } => cmd::chaos::run(&spec, &out, &fault, to, a.json),
         Command::Boot {
             kernel,
             initrd,

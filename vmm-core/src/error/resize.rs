@@ -1,10 +1,14 @@
 //! Errors of vCPU hotplug.
 
 use super::{HotplugOp, VcpuControlError, VcpuSetupError};
+use crate::hotplug_backend::HotplugFailure;
+use crate::state::VmRunState;
 
 /// Why a resize ([`VcpuManager::resize_vcpus`](crate::VcpuManager::resize_vcpus),
-/// [`AsyncResizer`](crate::AsyncResizer)) failed. Unless the message says otherwise, the
-/// present vCPUs are as before.
+/// [`VcpuManager::resize_shared`](crate::VcpuManager::resize_shared),
+/// [`AsyncResizer`](crate::AsyncResizer)) failed. Unless the message says otherwise
+/// ([`ResizeError::HotplugFailed`] says what is present after), the present vCPUs are as
+/// before.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ResizeError {
@@ -16,45 +20,87 @@ pub enum ResizeError {
         /// `max_vcpu_count`.
         max: u32,
     },
-    /// Resizing needs an upcall client.
+    /// Resizing needs a hotplug backend.
     #[error(
-        "cannot resize: no upcall client; connect one to the guest's upcall server and pass it \
-         to VcpuManager::set_upcall_client"
+        "cannot resize: no hotplug backend; connect an upcall client to the guest's upcall \
+         server and pass it to VcpuManager::set_upcall_client (or give another backend to \
+         VcpuManager::set_hotplug_backend)"
     )]
-    NoUpcallClient,
-    /// A vCPU's APIC ID does not fit upcall's 8-bit IDs (0xFF is the broadcast ID).
+    NoHotplugBackend,
+    /// A vCPU's APIC ID does not fit what the hotplug backend carries (upcall: 8 bits, below
+    /// 255, the broadcast ID).
     #[error(
-        "vCPU index {index} has APIC ID {apic_id}, which upcall cannot carry (APIC IDs must be \
-         below {limit}): use fewer vCPUs or a denser topology"
+        "vCPU index {index} has APIC ID {apic_id}, which the {backend} hotplug backend cannot \
+         carry (APIC IDs must be at most {limit}): use fewer vCPUs or a denser topology"
     )]
-    ApicIdTooLargeForUpcall {
+    ApicIdTooLarge {
         /// The vCPU index.
         index: u32,
         /// Its APIC ID.
         apic_id: u32,
-        /// The first APIC ID upcall cannot carry.
+        /// The largest APIC ID the backend carries.
         limit: u32,
+        /// The backend's name.
+        backend: &'static str,
     },
-    /// The guest did not add or remove the vCPUs; the manager rolled back.
+    /// The VM is not running (created, paused, stopping or stopped): a guest that does not run
+    /// cannot answer, so the resize is refused at once and nothing changes.
+    #[error("cannot resize to {target} vCPUs: the VM is {state}; {hint}", hint = match state {
+        VmRunState::Paused => "resume it first",
+        VmRunState::Created => "start it first",
+        _ => "it cannot run again",
+    })]
+    NotRunning {
+        /// The target asked for.
+        target: u32,
+        /// The VM's state.
+        state: VmRunState,
+    },
+    /// The guest did not do all of the request. The manager reconciled: after a hot-add the
+    /// new vCPUs the guest brought up (they left wait-for-SIPI) stay present and the others
+    /// were exited; after a hot-remove exactly the vCPUs the guest confirmed offline were
+    /// exited. `present_after` is the result.
     #[error(
-        "{op} of vCPUs {apic_ids:?} (APIC IDs) failed: {source}; rolled back, the present vCPUs \
-         are as before{unknown}",
-        unknown = if *.guest_state_unknown {
-            " (the guest may have acted on part of the request: check it before retrying)"
-        } else {
-            ""
-        }
+        "{op} of vCPUs {apic_ids:?} (APIC IDs) failed: {source}; {}",
+        reconciled(*op, &source.confirmed, &source.uncertain, present_after)
     )]
     HotplugFailed {
         /// Adding or removing.
         op: HotplugOp,
         /// The APIC IDs of the request.
         apic_ids: Vec<u32>,
-        /// Whether the guest may have acted (timeout, reset or mismatched reply).
+        /// The APIC IDs of the present vCPUs afterwards, in index order.
+        present_after: Vec<u32>,
+        /// Whether the guest's state may differ from what the manager knows: `source.uncertain`
+        /// is not empty, or (after a hot-add) the answer was lost (timeout, hang-up, mismatched
+        /// reply), so the guest may still be working on the request. A vCPU exited before the
+        /// guest started it cannot come up, so the guest fails it and stays consistent with
+        /// `present_after`. The next resize works either way.
         guest_state_unknown: bool,
-        /// The upcall error (with the guest's errno where it sent one).
+        /// What the guest did, as reconciled, and the backend's error (with the guest's errno
+        /// where it refused):
+        /// - `source.confirmed`: the APIC IDs of the request the guest acted on: brought up
+        ///   after an add (they left wait-for-SIPI; they stay present), confirmed offline
+        ///   after a remove (their threads were exited);
+        /// - `source.uncertain`: the APIC IDs whose state the manager could not establish:
+        ///   after a remove, the one whose answer was lost; after an add, a new vCPU whose MP
+        ///   state could not be read. Their vCPUs stay present (a thread is never exited under
+        ///   a guest that may use it): find out from the guest, then exit the ones it does not
+        ///   use with [`VcpuManager::exit_vcpus`](crate::VcpuManager::exit_vcpus).
+        ///
+        /// Boxed to keep `ResizeError` small.
         #[source]
-        source: hotplug::HotplugError,
+        source: Box<HotplugFailure>,
+    },
+    /// The VM was stopped (or every vCPU exited with `exit_all`) while the resize waited for
+    /// the guest: no vCPU of the resize is left to reconcile.
+    #[error(
+        "the resize to {target} vCPUs ended because the VM stopped (or all its vCPUs were \
+         exited) while the guest was being asked"
+    )]
+    VmStopped {
+        /// The target of the resize.
+        target: u32,
     },
     /// Creating the new vCPUs failed (they were rolled back).
     #[error(transparent)]
@@ -62,10 +108,10 @@ pub enum ResizeError {
     /// Starting the new vCPUs or exiting the removed ones failed.
     #[error(transparent)]
     VcpuControl(#[from] VcpuControlError),
-    /// A background resize was asked for while another one is still running.
+    /// A resize was asked for while another one is still in flight (one at a time).
     #[error(
-        "cannot start a resize to {target} vCPUs: a resize to {in_flight} vCPUs is still running; \
-         wait for its ResizeHandle and retry"
+        "cannot start a resize to {target} vCPUs: a resize to {in_flight} vCPUs is still in \
+         flight; wait for it (its ResizeHandle, or its call's return) and retry"
     )]
     Busy {
         /// The target asked for.
@@ -100,4 +146,32 @@ pub enum ResizeError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// The part of [`ResizeError::HotplugFailed`]'s message that says what the manager did.
+fn reconciled(
+    op: HotplugOp,
+    confirmed: &[u32],
+    uncertain: &[u32],
+    present_after: &[u32],
+) -> String {
+    let did = match op {
+        HotplugOp::Add => format!(
+            "the guest brought up {confirmed:?}, which stay; the other new vCPUs were rolled \
+             back (exited, their fds kept)"
+        ),
+        HotplugOp::Remove => format!(
+            "the guest confirmed {confirmed:?} offline, whose threads were exited; the others \
+             stay"
+        ),
+    };
+    let unknown = if uncertain.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "; the guest's state of {uncertain:?} is unknown (the answer was lost): they stay \
+             present, check the guest before exiting them"
+        )
+    };
+    format!("{did}; present vCPUs now (APIC IDs): {present_after:?}{unknown}")
 }

@@ -28,6 +28,12 @@ pub struct AgentUpcallOptions {
     pub reply_timeout: Duration,
     /// Logger for the server, the muxer and the client.
     pub logger: Logger,
+    /// `Some(k)`: the guest takes `k` CPUs offline, then fails the next offline with `EIO`
+    /// (once), as a kernel that cannot offline a CPU does. The manager sends one APIC ID per
+    /// `DEL_CPU` request, so a request-position fault ([`hotplug::guest::GuestFault::FailCpu`]
+    /// at position `k > 0`) would never be reached: this counts across requests instead
+    /// (`vcpuctl chaos --fault partial-remove:K`).
+    pub fail_offline_after: Option<usize>,
 }
 
 impl Default for AgentUpcallOptions {
@@ -37,6 +43,7 @@ impl Default for AgentUpcallOptions {
             cpu_timeout: Duration::from_secs(30),
             reply_timeout: Duration::from_secs(120),
             logger: Logger::root(slog::Discard, o!()),
+            fail_offline_after: None,
         }
     }
 }
@@ -119,9 +126,24 @@ fn connect(
     ),
     IntegrationError,
 > {
+    let mut act = agent.cpu_callback(options.cpu_timeout);
+    let mut offline_budget = options.fail_offline_after;
+    let callback: hotplug::guest::CpuCallback = Box::new(move |action| {
+        if let hotplug::guest::CpuAction::Offline(_) = action {
+            match offline_budget {
+                Some(0) => {
+                    offline_budget = None;
+                    return Err(hotplug::guest::EIO);
+                }
+                Some(ref mut left) => *left -= 1,
+                None => {}
+            }
+        }
+        act(action)
+    });
     let server = GuestUpcallServer::new(
         boot_ids,
-        agent.cpu_callback(options.cpu_timeout),
+        callback,
         GuestServerOptions {
             logger: options.logger.clone(),
             ..GuestServerOptions::default()
