@@ -11,17 +11,17 @@
 //! | [`paging`] | identity page tables for a direct 64-bit entry |
 //! | [`regs`] | CR0/CR4/EFER/RFLAGS bits and the 64-bit entry's special registers |
 //! | [`mptable`] | the MP table (processors, I/O APIC, interrupt wiring) |
+//! | [`acpi`] | the ACPI tables (RSDP, XSDT, FADT, DSDT, MADT) |
 //! | [`e820`] | the e820 memory map |
 //!
 //! [`setup_vcpu`] is what the vCPU manager does to every new vCPU after its CPUID; a boot
 //! entry (Linux boot in [`crate::boot`], or a loader outside this crate) then sets the BSP's
 //! registers with [`gdt`], [`paging`] and [`regs`].
 //!
-//! Coming x86 work has its place here: ACPI tables (`acpi.rs`, next to [`mptable`] and
-//! [`e820`], placed in [`layout`]), x2APIC (in [`lapic`], with the MSR-based register access
-//! in [`msr`]), and saving and restoring a vCPU's state (`state.rs`: regs, sregs, MSRs, LAPIC,
+//! Coming x86 work has its place here: saving and restoring a vCPU's state (`state.rs`: regs, sregs, MSRs, LAPIC,
 //! FPU/XSAVE and MP state, each read and written through the modules above).
 
+pub mod acpi;
 pub mod cpuid;
 pub mod e820;
 pub mod fpu;
