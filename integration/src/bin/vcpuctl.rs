@@ -71,6 +71,13 @@ enum Command {
         #[arg(long)]
         quick: bool,
     },
+    /// Write the ACPI tables a VM with this --smp gets (apic.dat, dsdt.dat, facp.dat,
+    /// rsdp.dat, xsdt.dat), for `iasl -d`.
+    Acpi {
+        /// The folder to write them into (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Boot a Linux kernel, console on this terminal.
     Boot {
         /// bzImage or ELF vmlinux.
@@ -139,6 +146,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             };
             cmd::bench::run(&spec, &out, options, a.json)
         }
+        Command::Acpi { out: dir } => cmd::acpi::run(&spec, &out, &dir, a.json),
         Command::Boot {
             kernel,
             initrd,
