@@ -12,6 +12,7 @@
 //! | [`regs`] | CR0/CR4/EFER/RFLAGS bits and the 64-bit entry's special registers |
 //! | [`mptable`] | the MP table (processors, I/O APIC, interrupt wiring) |
 //! | [`acpi`] | the ACPI tables (RSDP, XSDT, FADT, DSDT, MADT) |
+//! | [`x2apic`] | x2APIC mode: `KVM_CAP_X2APIC_API`, `IA32_APIC_BASE`, the MSI extended destination ID |
 //! | [`e820`] | the e820 memory map |
 //!
 //! [`setup_vcpu`] is what the vCPU manager does to every new vCPU after its CPUID; a boot
@@ -32,18 +33,27 @@ pub mod mptable;
 pub mod msr;
 pub mod paging;
 pub mod regs;
+pub mod x2apic;
 
 use kvm_bindings::{kvm_mp_state, KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_UNINITIALIZED};
 use kvm_ioctls::VcpuFd;
 
+use crate::config::InterruptMode;
 use crate::error::{KvmOp, VcpuSetupError};
 pub(crate) use crate::vm::write_guest;
 
 /// The architectural setup of a new vCPU (KVM vCPU id `vcpu_id`) after its CPUID: the boot
-/// MSRs ([`msr::boot_msrs`]), LINT0/LINT1 ([`lapic::setup_lint`]) and the FPU
-/// ([`fpu::setup_fpu`]).
-pub fn setup_vcpu(vcpu: &VcpuFd, vcpu_id: u32) -> Result<(), VcpuSetupError> {
-    msr::set_msrs(vcpu, vcpu_id, &msr::boot_msrs())?;
+/// MSRs ([`msr::boot_msrs`]), in x2APIC mode `IA32_APIC_BASE` with x2APIC enabled
+/// ([`x2apic::apic_base`]; the BSP is vCPU id 0), LINT0/LINT1 ([`lapic::setup_lint`]) and the
+/// FPU ([`fpu::setup_fpu`]). `mode` is the VM's resolved interrupt mode.
+pub fn setup_vcpu(vcpu: &VcpuFd, vcpu_id: u32, mode: InterruptMode) -> Result<(), VcpuSetupError> {
+    let mut msrs = msr::boot_msrs();
+    if mode == InterruptMode::X2Apic {
+        // After CPUID: KVM refuses EXTD unless the vCPU's CPUID has the x2APIC flag.
+        let base = x2apic::apic_base(mode, vcpu_id == 0);
+        msrs.push(msr::entry(x2apic::IA32_APIC_BASE, base));
+    }
+    msr::set_msrs(vcpu, vcpu_id, &msrs)?;
     lapic::setup_lint(vcpu, vcpu_id)?;
     fpu::setup_fpu(vcpu, vcpu_id)
 }
