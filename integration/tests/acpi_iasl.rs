@@ -183,7 +183,11 @@ fn check(shape: (u32, u32, u32, u32)) {
         "{smp}: MADT revision"
     );
     let subs = madt_subtables(&apic);
-    assert_eq!(subs.len(), max as usize + 2 + usize::from(over > 0), "{smp}");
+    assert_eq!(
+        subs.len(),
+        max as usize + 2 + usize::from(over > 0),
+        "{smp}"
+    );
     for (i, sub) in (0u32..).zip(&subs[..max as usize]) {
         let id = u64::from(apic_id(shape, i));
         let flags = if i < boot { 1 } else { 2 };

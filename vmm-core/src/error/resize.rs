@@ -22,10 +22,13 @@ pub enum ResizeError {
          to VcpuManager::set_upcall_client"
     )]
     NoUpcallClient,
-    /// A vCPU's APIC ID does not fit upcall's 8-bit IDs (0xFF is the broadcast ID).
+    /// A vCPU's APIC ID does not fit upcall's 8-bit IDs (0xFF is the broadcast ID). The VM
+    /// itself may have larger IDs (x2APIC mode); only hotplug over upcall cannot name them.
     #[error(
-        "vCPU index {index} has APIC ID {apic_id}, which upcall cannot carry (APIC IDs must be \
-         below {limit}): use fewer vCPUs or a denser topology"
+        "vCPU index {index} has APIC ID {apic_id}, which hotplug over upcall cannot carry (its \
+         wire format has 8-bit APIC IDs, so they must be below {limit}, even in x2APIC mode): \
+         hot-plug only vCPUs whose APIC IDs are below {limit} (fewer vCPUs or a denser \
+         topology), or boot this vCPU instead of hot-adding it"
     )]
     ApicIdTooLargeForUpcall {
         /// The vCPU index.
