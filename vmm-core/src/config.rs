@@ -12,7 +12,7 @@ use std::fmt;
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Cap, Kvm};
 use serde::{Deserialize, Serialize};
-use topology::{CpuTopology, CpuVendor, CpuidEntry, SmpConfig};
+use topology::{CpuTopology, CpuVendor, CpuidEntry, SmpConfig, XAPIC_ID_LIMIT};
 use vpmu::VpmuFeatureLevel;
 
 use crate::cpuid::entries_from_kvm;
@@ -57,9 +57,6 @@ impl InterruptMode {
         }
     }
 }
-
-/// The first APIC ID xAPIC (and the MP table) cannot address: 0xFF is the broadcast ID.
-pub const XAPIC_ID_LIMIT: u32 = 255;
 
 impl fmt::Display for InterruptMode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
