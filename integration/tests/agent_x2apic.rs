@@ -86,3 +86,46 @@ fn agent_wakes_and_parks_x2apic_ids_one_by_one() {
     let stop = vm.vcpus.wait_for_exit(Some(TIMEOUT)).unwrap();
     assert!(stop.is_some(), "the agent's shutdown stops the VM");
 }
+
+#[test]
+fn vcpuctl_cpuid_boots_as_many_vcpus_as_kvm_allows() {
+    let test = "vcpuctl_cpuid_boots_as_many_vcpus_as_kvm_allows";
+    let Some(kvm) = kvm_or_skip(test) else {
+        return;
+    };
+    let limits = KvmLimits::query(&kvm).unwrap();
+    if limits.max_vcpus < 1024 || limits.max_vcpu_id < 1024 {
+        eprintln!("SKIPPED (this KVM allows fewer than 1024 vCPUs): {test}");
+        return;
+    }
+    let out = assert_cmd::Command::cargo_bin("vcpuctl")
+        .unwrap()
+        .args([
+            "cpuid",
+            "--json",
+            "--smp",
+            "1,maxcpus=1024,sockets=4,cores=128,threads=2",
+        ])
+        .timeout(Duration::from_secs(300))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let vcpus: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let vcpus = vcpus.as_array().unwrap();
+    assert_eq!(vcpus.len(), 1024);
+    for (i, v) in (0u64..).zip(vcpus) {
+        // 4 x 128 x 2 is a power of two per level: the APIC ID is the index.
+        assert_eq!(v["apic_id"], i);
+        assert_eq!(v["location"]["x2apic_id"], i, "vCPU {i}: leaf 0xB EDX");
+        assert_eq!(
+            v["leaf1_apic_id"],
+            i & 0xff,
+            "vCPU {i}: leaf 1's low 8 bits"
+        );
+        assert_eq!(v["location"]["socket"], i / 256, "vCPU {i}");
+    }
+}
