@@ -74,16 +74,22 @@ pub mod memory_map {
     pub const PDPT_ADDR: u64 = 0xe000;
     /// Four page directories (one per GiB), 2 MiB pages.
     pub const PD_ADDR: u64 = 0xf000;
-    /// Small per-APIC-ID stacks the trampoline uses at CPL 0 (256 bytes each).
+    /// Small per-APIC-ID stacks the trampoline uses at CPL 0 (256 bytes each, one per slot:
+    /// `0x2_0000..0x6_0000`).
     pub const TRAMPOLINE_STACKS: u64 = 0x2_0000;
     /// Size of one trampoline stack.
     pub const TRAMPOLINE_STACK_SIZE: u64 = 0x100;
-    /// Per-APIC-ID program stacks (4 KiB each, 256 of them).
+    /// Per-APIC-ID program stacks (1 KiB each, one per slot: `0x10_0000..0x20_0000`).
     pub const STACKS_ADDR: u64 = 0x10_0000;
+    /// log2 of the size of one program stack.
+    pub const STACK_SHIFT: u32 = 10;
     /// Size of one program stack.
-    pub const STACK_SIZE: u64 = 0x1000;
-    /// The APIC IDs that have a stack and a TSS descriptor: 0..256 (xAPIC).
-    pub const APIC_ID_SLOTS: u32 = 256;
+    pub const STACK_SIZE: u64 = 1 << STACK_SHIFT;
+    /// The APIC IDs that have a stack and a TSS descriptor: 0..1024 (KVM's vCPU count limit on
+    /// this project's hosts; x2APIC IDs above 254 included). A vCPU takes the slot of its
+    /// x2APIC ID (CPUID leaf 0xB EDX) modulo this: topologies whose APIC IDs reach 1024 would
+    /// share slots, which SMP programs cannot run with.
+    pub const APIC_ID_SLOTS: u32 = 1024;
     /// Programs and their data go at or above this address.
     pub const PROGRAM_AREA_START: u64 = 0x20_0000;
     /// The default load address of a program's code.
@@ -92,11 +98,23 @@ pub mod memory_map {
     pub const LAPIC_ADDR: u64 = vmm_core::arch::x86_64::layout::LAPIC_ADDR as u64;
 
     /// The top of the program stack of the vCPU with APIC ID `apic_id` (IDs are taken modulo
-    /// 256; xAPIC IDs are below 255).
+    /// [`APIC_ID_SLOTS`]).
     pub const fn stack_top(apic_id: u32) -> u64 {
         STACKS_ADDR + ((apic_id % APIC_ID_SLOTS) as u64 + 1) * STACK_SIZE
     }
 }
+
+/// The memory map's rules, checked when the crate compiles: the slots are a power of two (the
+/// trampoline masks the APIC ID), the GDT ends before the SIPI page, the trampoline stacks
+/// before the program stacks, the program stacks before the program area.
+const _: () = {
+    use memory_map::*;
+    assert!(APIC_ID_SLOTS.is_power_of_two());
+    assert!(GDT_ADDR + 8 * gdt::ENTRIES as u64 <= SIPI_PAGE);
+    assert!(TRAMPOLINE_STACKS + TRAMPOLINE_STACK_SIZE * APIC_ID_SLOTS as u64 <= STACKS_ADDR);
+    assert!(TRAMPOLINE_STACK_SIZE == 1 << 8);
+    assert!(STACKS_ADDR + STACK_SIZE * APIC_ID_SLOTS as u64 <= PROGRAM_AREA_START);
+};
 
 /// The GDT selectors. `sysexit` with `IA32_SYSENTER_CS = KERNEL_CODE64` requires the user code
 /// and data segments at `KERNEL_CODE64 + 32` and `+ 40`.
@@ -124,9 +142,10 @@ pub mod gdt {
         limit
     };
 
-    /// The TSS selector of the vCPU with APIC ID `apic_id` (taken modulo 256).
+    /// The TSS selector of the vCPU with APIC ID `apic_id` (taken modulo
+    /// [`APIC_ID_SLOTS`](super::memory_map::APIC_ID_SLOTS)).
     pub const fn tss_selector(apic_id: u32) -> u16 {
-        // The slot is below APIC_ID_SLOTS = 256.
+        // The slot is below APIC_ID_SLOTS = 1024, so TSS_BASE + 16 * slot fits.
         #[allow(clippy::cast_possible_truncation)]
         let slot = (apic_id % super::memory_map::APIC_ID_SLOTS) as u16;
         TSS_BASE + 16 * slot
@@ -265,11 +284,13 @@ core::arch::global_asm!(
     "ljmpl ${code64}, ${sipi} + (.Lintegration_loader_ap64 - integration_loader_ap_trampoline_start)",
     ".code64",
     ".Lintegration_loader_ap64:",
-    // EBX[31:24] of leaf 1: this AP's APIC ID.
-    "movl $1, %eax",
+    // EDX of leaf 0xB: this AP's x2APIC ID (all 32 bits: leaf 1 EBX[31:24] has only the low
+    // 8), taken modulo the slots.
+    "movl $0xb, %eax",
     "xorl %ecx, %ecx",
     "cpuid",
-    "shrl $24, %ebx",
+    "movl %edx, %ebx",
+    "andl ${slot_mask}, %ebx",
     // This APIC ID's TSS descriptor: mark it available (a re-woken AP marked it busy), then
     // load it: the TSS holds the I/O permission bitmap CPL-3 code needs for port I/O.
     "movl %ebx, %eax",
@@ -291,7 +312,7 @@ core::arch::global_asm!(
     "wrmsr",
     // RCX: the program stack of this APIC ID; RDX: the entry; RDI: the APIC ID.
     "leal 1(%ebx), %ecx",
-    "shll $12, %ecx",
+    "shll ${stack_shift}, %ecx",
     "addl ${stacks}, %ecx",
     "movq {params}+{entry_off}, %rdx",
     "movl %ebx, %edi",
@@ -311,6 +332,8 @@ core::arch::global_asm!(
     // The loader's other places in guest memory.
     sipi = const memory_map::SIPI_PAGE, gdt_addr = const memory_map::GDT_ADDR,
     tstacks = const memory_map::TRAMPOLINE_STACKS, stacks = const memory_map::STACKS_ADDR,
+    stack_shift = const memory_map::STACK_SHIFT,
+    slot_mask = const memory_map::APIC_ID_SLOTS - 1,
     // GDT selectors.
     code32 = const gdt::KERNEL_CODE32, code64 = const gdt::KERNEL_CODE64,
     data0 = const gdt::KERNEL_DATA, tss_base = const gdt::TSS_BASE,

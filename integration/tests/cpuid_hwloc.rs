@@ -1,4 +1,5 @@
-//! `vcpuctl cpuid` for ten topologies (non-powers of two among them), checked with hwloc's
+//! `vcpuctl cpuid` for eleven topologies (non-powers of two among them, and one of 288 vCPUs
+//! with APIC IDs above 255, which runs in x2APIC mode), checked with hwloc's
 //! `lstopo` (an independent decoder) reading the dumps of what guest code read on each vCPU:
 //! Package, Core and PU counts and which PUs share a package, a core and an L3 cache (per die)
 //! equal the configuration; every vCPU's leaf 0xB EDX equals its APIC ID, computed here from the
@@ -29,6 +30,7 @@ const SHAPES: &[(u32, u32, u32, u32)] = &[
     (2, 3, 2, 1), // 2 sockets x 3 dies x 2 cores
     (3, 1, 1, 2), // 3 sockets x 2 threads
     (1, 1, 1, 1),
+    (3, 1, 48, 2), // 288 vCPUs, APIC IDs up to 351: x2APIC mode, leaf 1 has the low 8 bits
 ];
 
 /// Bits a level with `n` members takes in the APIC ID.

@@ -12,7 +12,7 @@ use std::fmt;
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Cap, Kvm};
 use serde::{Deserialize, Serialize};
-use topology::{CpuTopology, CpuVendor, CpuidEntry, SmpConfig};
+use topology::{CpuTopology, CpuVendor, CpuidEntry, SmpConfig, XAPIC_ID_LIMIT};
 use vpmu::VpmuFeatureLevel;
 
 use crate::cpuid::entries_from_kvm;
@@ -21,21 +21,39 @@ use crate::error::{ConfigError, KvmOp, VmError};
 /// How interrupts reach the vCPUs, which bounds the APIC IDs a VM may use.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum InterruptMode {
+    /// xAPIC while every APIC ID fits it (below 255), x2APIC otherwise
+    /// ([`InterruptMode::resolve`]): guests without x2APIC support keep working whenever they
+    /// can.
+    #[default]
+    Auto,
     /// xAPIC with an MP table: 8-bit APIC IDs, 0xFF is the broadcast ID, so every APIC ID must
     /// be below 255.
-    #[default]
     XApic,
-    /// x2APIC: 32-bit APIC IDs (only `KVM_CAP_MAX_VCPU_ID` bounds them). Reserved for a future
-    /// mode; the guest-program loader and the MP table still assume xAPIC.
+    /// x2APIC: 32-bit APIC IDs (only `KVM_CAP_MAX_VCPU_ID` bounds them). KVM gets
+    /// `KVM_CAP_X2APIC_API` (32-bit IDs, broadcast quirk off), every vCPU starts with its
+    /// local APIC in x2APIC mode, the guest is told about KVM's MSI extended destination ID,
+    /// and Linux boot writes no MP table (its ACPI MADT lists the large IDs as Local x2APIC
+    /// entries). See [`crate::arch::x86_64::x2apic`].
     X2Apic,
 }
 
 impl InterruptMode {
-    /// The first APIC ID this mode cannot address (`None`: no limit of its own).
+    /// The first APIC ID this mode cannot address (`None`: no limit of its own; `Auto` has
+    /// none, it picks x2APIC when needed).
     pub fn apic_id_limit(self) -> Option<u32> {
         match self {
-            InterruptMode::XApic => Some(255),
-            InterruptMode::X2Apic => None,
+            InterruptMode::XApic => Some(XAPIC_ID_LIMIT),
+            InterruptMode::Auto | InterruptMode::X2Apic => None,
+        }
+    }
+
+    /// The mode a VM whose largest APIC ID is `largest_apic_id` runs in: `Auto` becomes xAPIC
+    /// when that ID is below 255 and x2APIC otherwise; the other modes stay as they are.
+    pub fn resolve(self, largest_apic_id: u32) -> InterruptMode {
+        match self {
+            InterruptMode::Auto if largest_apic_id < XAPIC_ID_LIMIT => InterruptMode::XApic,
+            InterruptMode::Auto => InterruptMode::X2Apic,
+            other => other,
         }
     }
 }
@@ -43,6 +61,7 @@ impl InterruptMode {
 impl fmt::Display for InterruptMode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
+            InterruptMode::Auto => "automatic (xAPIC, or x2APIC for APIC IDs above 254)",
             InterruptMode::XApic => "xAPIC",
             InterruptMode::X2Apic => "x2APIC",
         })
@@ -180,10 +199,40 @@ impl VcpuConfig {
         }
     }
 
+    /// The largest APIC ID of the configuration (the last index's: APIC IDs grow with the
+    /// index, each level's field being above the one before).
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Smp`] if the SMP rules do not hold.
+    pub fn largest_apic_id(&self) -> Result<u32, ConfigError> {
+        let smp_error = |source| ConfigError::Smp {
+            boot: self.boot_vcpu_count,
+            max: self.max_vcpu_count,
+            topology: self.topology,
+            source,
+        };
+        self.smp().validate().map_err(smp_error)?;
+        self.topology
+            .apic_id(self.max_vcpu_count.saturating_sub(1))
+            .map_err(smp_error)
+    }
+
+    /// The interrupt mode this configuration runs in when `requested` is asked for
+    /// ([`InterruptMode::resolve`] with [`largest_apic_id`](Self::largest_apic_id)).
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Smp`] if the SMP rules do not hold.
+    pub fn interrupt_mode(&self, requested: InterruptMode) -> Result<InterruptMode, ConfigError> {
+        Ok(requested.resolve(self.largest_apic_id()?))
+    }
+
     /// Checks every rule, in this order: the SMP rules ([`SmpConfig::validate`]: boot count
     /// not 0, every level at least 1, topology product == max, boot <= max), max within
     /// `KVM_CAP_MAX_VCPUS`, every APIC ID below `KVM_CAP_MAX_VCPU_ID` and within the interrupt
-    /// mode's range, vPMU level available on the host (its CPUID, then its KVM capabilities).
+    /// mode's range (`Auto` resolved first: it fits any APIC ID), vPMU level available on the
+    /// host (its CPUID, then its KVM capabilities).
     ///
     /// # Errors
     ///
@@ -216,7 +265,7 @@ impl VcpuConfig {
                 kvm_limit: limits.max_vcpu_id,
             });
         }
-        if let Some(limit) = mode.apic_id_limit() {
+        if let Some(limit) = mode.resolve(apic_id).apic_id_limit() {
             if apic_id >= limit {
                 return Err(ConfigError::ApicIdTooLargeForInterruptMode {
                     index,
@@ -279,6 +328,49 @@ mod tests {
 
     fn check(c: &VcpuConfig) -> Result<(), ConfigError> {
         c.validate(&limits(), InterruptMode::XApic)
+    }
+
+    #[test]
+    fn auto_mode_is_xapic_while_every_id_fits_and_x2apic_beyond() {
+        assert_eq!(InterruptMode::default(), InterruptMode::Auto);
+        // 255 cores: the last APIC ID is 254.
+        let fits = config(1, 255, 1, 255, 1);
+        assert_eq!(fits.largest_apic_id().unwrap(), 254);
+        assert_eq!(
+            fits.interrupt_mode(InterruptMode::Auto).unwrap(),
+            InterruptMode::XApic
+        );
+        // 2 sockets x 75 cores x 2 threads: 300 vCPUs with APIC IDs up to 405.
+        let sparse = config(2, 300, 2, 75, 2);
+        assert_eq!(sparse.largest_apic_id().unwrap(), 405);
+        assert_eq!(
+            sparse.interrupt_mode(InterruptMode::Auto).unwrap(),
+            InterruptMode::X2Apic
+        );
+        sparse.validate(&limits(), InterruptMode::Auto).unwrap();
+        // An explicit mode stays.
+        assert_eq!(
+            fits.interrupt_mode(InterruptMode::X2Apic).unwrap(),
+            InterruptMode::X2Apic
+        );
+        assert_eq!(
+            sparse.interrupt_mode(InterruptMode::XApic).unwrap(),
+            InterruptMode::XApic
+        );
+        // KVM's limits still hold in Auto mode: 1024 vCPUs pass, their IDs below 4096.
+        config(1, 1024, 4, 128, 2)
+            .validate(&limits(), InterruptMode::Auto)
+            .unwrap();
+        assert!(matches!(
+            config(1, 2048, 8, 128, 2).validate(&limits(), InterruptMode::Auto),
+            Err(ConfigError::MaxVcpusOverKvmLimit { .. })
+        ));
+        let mut l = limits();
+        l.max_vcpu_id = 400;
+        assert!(matches!(
+            sparse.validate(&l, InterruptMode::Auto),
+            Err(ConfigError::ApicIdOverKvmLimit { apic_id: 405, .. })
+        ));
     }
 
     #[test]

@@ -143,8 +143,11 @@ impl VcpuManager {
         vm: Arc<Vm>,
         config: VcpuConfig,
         limits: KvmLimits,
-        options: VcpuManagerOptions,
+        mut options: VcpuManagerOptions,
     ) -> Result<Self, VmmError> {
+        // From here on the options hold the resolved mode (xAPIC or x2APIC, never Auto).
+        options.interrupt_mode = config.interrupt_mode(options.interrupt_mode)?;
+        x86_64::x2apic::enable_x2apic_api(vm.fd(), options.interrupt_mode)?;
         let vendor = limits.vendor()?;
         let logger = options.logger.new(o!("component" => "vcpu_manager"));
         let actions = vpmu::kvm_actions(config.vpmu, vendor);
@@ -180,6 +183,12 @@ impl VcpuManager {
     /// The VM.
     pub fn vm(&self) -> &Arc<Vm> {
         &self.vm
+    }
+
+    /// The interrupt mode the VM runs in: xAPIC or x2APIC (`Auto` resolved, see
+    /// [`InterruptMode::resolve`]).
+    pub fn interrupt_mode(&self) -> InterruptMode {
+        self.options.interrupt_mode
     }
 
     /// What the vPMU KVM actions did.
@@ -265,7 +274,7 @@ impl VcpuManager {
     }
 
     /// The CPUID set vCPU `index` gets: the topology leaves over KVM's supported CPUID, then
-    /// the vPMU level's edits.
+    /// the vPMU level's edits, then (x2APIC mode) KVM's MSI extended destination ID flag.
     ///
     /// # Errors
     ///
@@ -286,6 +295,7 @@ impl VcpuManager {
                 source,
             }
         })?;
+        x86_64::x2apic::apply_cpuid(self.options.interrupt_mode, &mut entries);
         Ok(entries)
     }
 
@@ -528,7 +538,7 @@ impl VcpuManager {
         if cpuid::set_cpuid(fd, apic_id, &cpuid, reused)? == cpuid::CpuidSet::KeptFromEarlierRun {
             debug!(self.logger, "reused vCPU keeps its CPUID"; "apic_id" => apic_id);
         }
-        x86_64::setup_vcpu(fd, apic_id)?;
+        x86_64::setup_vcpu(fd, apic_id, self.options.interrupt_mode)?;
         if index == 0 {
             let entry = self
                 .boot_entry

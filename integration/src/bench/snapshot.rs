@@ -120,7 +120,8 @@ impl StateVm {
             .fds
             .last()
             .ok_or_else(|| IntegrationError::Guest("no vCPU".into()))?;
-        vmm_core::arch::x86_64::setup_vcpu(fd, apic_id).map_err(vmm)?;
+        vmm_core::arch::x86_64::setup_vcpu(fd, apic_id, vmm_core::InterruptMode::XApic)
+            .map_err(vmm)?;
         if index == 0 {
             entry.setup_bsp(fd, &mem).map_err(vmm)?;
         }

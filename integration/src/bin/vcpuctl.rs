@@ -92,6 +92,13 @@ enum Command {
         #[arg(long)]
         to: Option<u32>,
     },
+    /// Write the ACPI tables a VM with this --smp gets (apic.dat, dsdt.dat, facp.dat,
+    /// rsdp.dat, xsdt.dat), for `iasl -d`.
+    Acpi {
+        /// The folder to write them into (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Boot a Linux kernel, console on this terminal.
     Boot {
         /// bzImage or ELF vmlinux.
@@ -173,6 +180,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             cmd::bench::run(&spec, &out, options, a.json)
         }
         Command::Chaos { fault, to } => cmd::chaos::run(&spec, &out, &fault, to, a.json),
+        Command::Acpi { out: dir } => cmd::acpi::run(&spec, &out, &dir, a.json),
         Command::Boot {
             kernel,
             initrd,

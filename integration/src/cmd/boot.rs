@@ -39,7 +39,8 @@ impl<W: std::io::Write + Send> std::io::Write for SharedWriter<W> {
 }
 
 /// `vcpuctl boot`: boots a Linux kernel (bzImage or ELF vmlinux) with every possible vCPU in
-/// the MP table, the console going to `console`, until the VM stops.
+/// the ACPI MADT (and in the MP table when every APIC ID is below 255; above, the VM runs in
+/// x2APIC mode), the console going to `console`, until the VM stops.
 ///
 /// The 16550 console runs on the vCPU threads, under their seccomp filter: `console_fd` is
 /// the file descriptor `console` writes to (stdout for `vcpuctl boot`), which the filter
@@ -52,7 +53,7 @@ pub fn boot_linux<W: std::io::Write + Send + 'static>(
     console: Arc<std::sync::Mutex<W>>,
     console_fd: Option<RawFd>,
 ) -> Result<VmStopReason, CliError> {
-    use vmm_core::boot::{load_linux, mp_cpus, LinuxBootConfig};
+    use vmm_core::boot::{boot_cpus, load_linux, LinuxBootConfig};
     let kvm = open_kvm()?;
     let config = spec.vcpu_config(spec.smp.boot_cpus);
     let vm_options = VmOptions {
@@ -74,7 +75,7 @@ pub fn boot_linux<W: std::io::Write + Send + 'static>(
     boot.initrd = initrd.map(|p| p.to_path_buf());
     boot.cmdline = cmdline.to_owned();
     boot.logger = spec.logger.clone();
-    let entry = load_linux(vm.memory(), &boot, &mp_cpus(&config)?)?;
+    let entry = load_linux(vm.memory(), &boot, &boot_cpus(&config)?)?;
     vcpus.create_boot_vcpus(Arc::new(entry))?;
     vcpus.start_boot_vcpus()?;
     Ok(vcpus.run_until_exit()?)

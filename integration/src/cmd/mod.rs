@@ -1,7 +1,8 @@
 //! `vcpuctl`, one module per subcommand ([`demo`], [`cpuid`], [`bench`](mod@bench),
-//! [`boot`], [`chaos`]), and what they share: the VM options ([`VmSpec`]), progress output ([`Out`]) and
+//! [`boot`], [`chaos`], [`acpi`]), and what they share: the VM options ([`VmSpec`]), progress output ([`Out`]) and
 //! the exit codes ([`ExitCode`], [`CliError`]). `src/bin/vcpuctl.rs` parses the arguments and dispatches here.
 
+pub mod acpi;
 pub mod bench;
 pub mod boot;
 pub mod chaos;

@@ -15,11 +15,14 @@
 //! `movl $imm, disp32` would sign-extend 0xFEE0_0xxx.
 
 use super::agent::shared_memory::{
-    CPU_LINES_ADDR, CPU_LINE_SHIFT, MAILBOX_ARG, MAILBOX_CMD, MAILBOX_MODE, MAILBOX_SEQ,
-    MAX_QUERIES, QUERIES_ADDR, RESULTS_ADDR, RESULTS_SHIFT,
+    APIC_ID_SLOTS, CPU_LINES_ADDR, CPU_LINE_SHIFT, MAILBOX_ARG, MAILBOX_CMD, MAILBOX_MODE,
+    MAILBOX_SEQ, MAX_QUERIES, QUERIES_ADDR, RESULTS_ADDR, RESULTS_SHIFT,
 };
 use super::agent::{AgentCommand, SHUTDOWN_VALUE as AGENT_SHUTDOWN_VALUE};
-use super::lapic::{ICR_ALL_BUT_SELF, ICR_HIGH, ICR_INIT, ICR_LOW, ICR_SIPI, SVR, SVR_ENABLE};
+use super::lapic::{
+    APIC_BASE_EXTD, ICR_ALL_BUT_SELF, ICR_HIGH, ICR_INIT, ICR_LOW, ICR_SIPI, SVR, SVR_ENABLE,
+    X2APIC_APIC_BASE_MSR, X2APIC_ICR_MSR, X2APIC_SVR_MSR,
+};
 use super::ports;
 use super::programs::{COUNTERS_ADDR, COUNTER_STRIDE, SHUTDOWN_VALUE};
 
@@ -135,17 +138,46 @@ macro_rules! cpuid_out_asm {
 }
 
 /// The BSP software-enables its local APIC and sends INIT, then SIPI, to every other vCPU
-/// (shorthand "all excluding self"). Clobbers RSI.
+/// (shorthand "all excluding self"), through the MMIO registers in xAPIC mode or the MSRs in
+/// x2APIC mode (`IA32_APIC_BASE.EXTD`, set by the VMM when an APIC ID is above 254). At CPL 0.
+/// Leaves R14D = 1 in x2APIC mode, 0 in xAPIC mode; clobbers RAX, RCX, RDX, RSI. `$p` makes
+/// the local labels unique.
 macro_rules! wake_all_aps_asm {
-    () => {
+    ($p:literal) => {
         concat!(
+            "movl ${apic_base_msr}, %ecx\n",
+            "rdmsr\n",
+            "xorl %r14d, %r14d\n",
+            "testl ${apic_base_extd}, %eax\n",
+            "jz .L",
+            $p,
+            "_wake_xapic\n",
+            "movl $1, %r14d\n",
+            "xorl %edx, %edx\n",
+            "movl ${x2apic_svr}, %ecx\n",
+            "movl ${svr_enable}, %eax\n",
+            "wrmsr\n",
+            "movl ${x2apic_icr}, %ecx\n",
+            "movl ${icr_init_all}, %eax\n",
+            "wrmsr\n",
+            "movl ${icr_sipi_all}, %eax\n",
+            "wrmsr\n",
+            "jmp .L",
+            $p,
+            "_wake_done\n",
+            ".L",
+            $p,
+            "_wake_xapic:\n",
             "movl ${svr}, %esi\n",
             "movl ${svr_enable}, (%rsi)\n",
             "movl ${icr_high}, %esi\n",
             "movl $0, (%rsi)\n",
             "movl ${icr_low}, %esi\n",
             "movl ${icr_init_all}, (%rsi)\n",
-            "movl ${icr_sipi_all}, (%rsi)",
+            "movl ${icr_sipi_all}, (%rsi)\n",
+            ".L",
+            $p,
+            "_wake_done:",
         )
     };
 }
@@ -164,7 +196,7 @@ core::arch::global_asm!(
     ".code64",
     program_start_asm!("smp_counter"),
     "call .Lsmp_report",
-    wake_all_aps_asm!(),
+    wake_all_aps_asm!("smp"),
     "jmp .Lsmp_to_user",
     program_entry_asm!("smp_counter", "ap"),
     "call .Lsmp_report",
@@ -222,14 +254,19 @@ core::arch::global_asm!(
     "jmp .Lpio_loop",
     program_end_asm!("pio_loop"),
     // --- the guest agent (see agent/mod.rs) -------------------------------------------------
-    // Registers: RBX = this vCPU's progress counter, R12 = its APIC ID (from CPUID), R13 =
-    // (BSP) the last mailbox sequence handled.
+    // Registers: RBX = this vCPU's progress counter, R12 = its slot (its x2APIC ID from CPUID
+    // leaf 0xB, modulo the slots), R13 = (BSP) the last mailbox sequence handled, R14 = (BSP)
+    // 1 in x2APIC mode.
     program_start_asm!("agent"),
     "call .Lagent_probe",
-    wake_all_aps_asm!(),
+    wake_all_aps_asm!("agent"),
     "xorl %r13d, %r13d",
+    // x2APIC mode: the ICR is an MSR, which only CPL 0 may write: the BSP stays there.
+    "testl %r14d, %r14d",
+    "jnz .Lagent_bsp_loop",
     to_cpl3_asm!(".Lagent_bsp_loop"),
-    // The BSP's CPL-3 loop: count, and carry out each new mailbox request.
+    // The BSP's loop (CPL 3, or CPL 0 in x2APIC mode): count, and carry out each new mailbox
+    // request.
     ".Lagent_bsp_loop:",
     "incq (%rbx)",
     "movl {mb_seq}, %eax",
@@ -245,6 +282,8 @@ core::arch::global_asm!(
     "jne .Lagent_ack",
     // Wake and park: INIT to the APIC ID in the argument; a wake adds SIPI.
     ".Lagent_ipi:",
+    "testl %r14d, %r14d",
+    "jnz .Lagent_ipi_x2apic",
     "movl {mb_arg}, %eax",
     "shll $24, %eax",
     "movl ${icr_high}, %esi",
@@ -254,6 +293,18 @@ core::arch::global_asm!(
     "cmpl ${cmd_wake}, %ecx",
     "jne .Lagent_ack",
     "movl ${icr_sipi}, (%rsi)",
+    "jmp .Lagent_ack",
+    // x2APIC: one 64-bit ICR write each, the 32-bit destination in EDX.
+    ".Lagent_ipi_x2apic:",
+    "movl %ecx, %r8d",
+    "movl {mb_arg}, %edx",
+    "movl ${x2apic_icr}, %ecx",
+    "movl ${icr_init}, %eax",
+    "wrmsr",
+    "cmpl ${cmd_wake}, %r8d",
+    "jne .Lagent_ack",
+    "movl ${icr_sipi}, %eax",
+    "wrmsr",
     "jmp .Lagent_ack",
     ".Lagent_shutdown:",
     "movw ${shutdown_port}, %dx",
@@ -279,13 +330,14 @@ core::arch::global_asm!(
     "jmp .Lagent_halt",
     // Executes the query list into this vCPU's result table, reports the x2APIC ID (leaf 0xB
     // EDX) through the online port once the table is complete, and returns RBX = this
-    // vCPU's progress counter. The table and counter are indexed by leaf 0x1 EBX[31:24].
+    // vCPU's progress counter. The table and counter are indexed by the x2APIC ID (all 32
+    // bits, leaf 0xB EDX; leaf 1 EBX[31:24] has only the low 8) modulo the slots.
     ".Lagent_probe:",
-    "movl $1, %eax",
+    "movl $0xb, %eax",
     "xorl %ecx, %ecx",
     "cpuid",
-    "shrl $24, %ebx",
-    "movl %ebx, %r12d",
+    "andl ${agent_slot_mask}, %edx",
+    "movl %edx, %r12d",
     "movq %r12, %rdi",
     "shlq ${results_shift}, %rdi",
     "addq ${results}, %rdi",
@@ -325,6 +377,10 @@ core::arch::global_asm!(
     icr_sipi_all = const ICR_SIPI | ICR_ALL_BUT_SELF,
     icr_init = const ICR_INIT,
     icr_sipi = const ICR_SIPI,
+    apic_base_msr = const X2APIC_APIC_BASE_MSR,
+    apic_base_extd = const APIC_BASE_EXTD,
+    x2apic_svr = const X2APIC_SVR_MSR,
+    x2apic_icr = const X2APIC_ICR_MSR,
     com1 = const ports::COM1,
     shutdown_port = const ports::SHUTDOWN,
     // smp_counter and shutdown_port.
@@ -351,6 +407,7 @@ core::arch::global_asm!(
     max_queries = const MAX_QUERIES,
     line_shift = const CPU_LINE_SHIFT,
     lines = const CPU_LINES_ADDR,
+    agent_slot_mask = const APIC_ID_SLOTS - 1,
     options(att_syntax),
 );
 

@@ -1,5 +1,6 @@
-//! The xAPIC registers and ICR values the guest programs use (MMIO at
-//! [`LAPIC_ADDR`], mapped for CPL 3 by the loader).
+//! The local APIC registers and ICR values the guest programs use: MMIO at [`LAPIC_ADDR`]
+//! (mapped for CPL 3 by the loader) in xAPIC mode, MSRs in x2APIC mode (which the VMM picks
+//! when an APIC ID is above 254; CPL 0 only).
 
 use crate::loader::memory_map::{LAPIC_ADDR, SIPI_VECTOR};
 
@@ -19,3 +20,12 @@ pub const ICR_INIT: u32 = ICR_ASSERT | (0b101 << 8);
 pub const ICR_SIPI: u32 = ICR_ASSERT | (0b110 << 8) | SIPI_VECTOR as u32;
 /// ICR destination shorthand "all excluding self" (bits 19:18 = 11).
 pub const ICR_ALL_BUT_SELF: u32 = 0b11 << 18;
+/// `IA32_APIC_BASE`, whose [`APIC_BASE_EXTD`] bit says x2APIC mode.
+pub const X2APIC_APIC_BASE_MSR: u32 = vmm_core::arch::x86_64::x2apic::IA32_APIC_BASE;
+/// `IA32_APIC_BASE` bit 10: x2APIC mode.
+pub const APIC_BASE_EXTD: u32 = 1 << 10;
+/// The x2APIC spurious-interrupt vector register (MSR).
+pub const X2APIC_SVR_MSR: u32 = 0x80f;
+/// The x2APIC interrupt command register (MSR): destination in bits 63:32 (EDX of `wrmsr`),
+/// the low half as [`ICR_LOW`]'s.
+pub const X2APIC_ICR_MSR: u32 = vmm_core::arch::x86_64::x2apic::X2APIC_ICR_MSR;

@@ -10,8 +10,13 @@
 //! - the command line, checked against the kernel's `cmdline_size`;
 //! - the zero page (`struct boot_params`) with an e820 map of guest memory
 //!   ([`build_e820`]);
+//! - the ACPI tables ([`setup_acpi`]: RSDP, XSDT, FADT, DSDT, and a MADT listing every
+//!   possible vCPU, with Local x2APIC entries for APIC IDs above 254) in the BIOS area
+//!   `0xE0000..0x100000`, announced in the zero page (`acpi_rsdp_addr`) and reserved in the
+//!   e820 map;
 //! - the MP table listing every possible vCPU ([`setup_mptable`]), in the EBDA, which the BIOS
-//!   data area points to and the e820 map reserves;
+//!   data area points to and the e820 map reserves, when every APIC ID fits its 8 bits (below
+//!   255); with larger IDs there is none (the guest must use ACPI, and x2APIC);
 //! - a GDT (`__BOOT_CS` 0x10, `__BOOT_DS` 0x18) and identity page tables for the first
 //!   4 GiB ([`cpu`]).
 //!
@@ -27,7 +32,7 @@
 //!
 //! ```no_run
 //! use std::sync::Arc;
-//! use vmm_core::boot::{load_linux, mp_cpus, LinuxBootConfig};
+//! use vmm_core::boot::{boot_cpus, load_linux, LinuxBootConfig};
 //! use vmm_core::{build_vm, VcpuConfig, VcpuManagerOptions, VmOptions};
 //!
 //! # fn main() -> Result<(), vmm_core::VmmError> {
@@ -41,7 +46,7 @@
 //! let (vm, mut vcpus) = build_vm(kvm, vm_options, config.clone(), VcpuManagerOptions::default())?;
 //! let mut boot = LinuxBootConfig::new("/boot/vmlinuz");
 //! boot.cmdline = "console=ttyS0 noxsave".into();
-//! let entry = load_linux(vm.memory(), &boot, &mp_cpus(&config)?)?;
+//! let entry = load_linux(vm.memory(), &boot, &boot_cpus(&config)?)?;
 //! vcpus.create_boot_vcpus(Arc::new(entry))?;
 //! vcpus.start_boot_vcpus()?;
 //! println!("{}", vcpus.run_until_exit()?);
@@ -62,6 +67,7 @@ use kvm_ioctls::VcpuFd;
 use slog::{info, o, Logger};
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 
+pub use crate::arch::x86_64::acpi::{setup_acpi, AcpiCpu, AcpiTable, AcpiTables};
 pub use crate::arch::x86_64::e820::{build_e820, E820Entry, E820Type};
 pub use crate::arch::x86_64::mptable::{setup_mptable, MpCpu};
 pub use kernel::{KernelFormat, LoadedKernel};
@@ -110,8 +116,12 @@ pub struct LinuxBootEntry {
     pub cmdline: String,
     /// The e820 map given to the kernel.
     pub e820: Vec<E820Entry>,
-    /// The MP table's processors.
-    pub cpus: Vec<MpCpu>,
+    /// Every possible vCPU, as the MADT (and the MP table, if written) lists them.
+    pub cpus: Vec<BootCpu>,
+    /// The ACPI tables as written (the RSDP's address is also in the zero page).
+    pub acpi: AcpiTables,
+    /// Whether an MP table was written (only when every APIC ID is below 255).
+    pub mptable: bool,
 }
 
 impl LinuxBootEntry {
@@ -129,6 +139,75 @@ impl BootEntry for LinuxBootEntry {
         let regs = cpu::entry_regs(self.kernel.entry, self.zero_page);
         cpu::entry().apply(vcpu, 0, &regs)
     }
+}
+
+/// One possible vCPU for Linux boot: the MADT lists it (and the MP table too, when every
+/// APIC ID fits 8 bits).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BootCpu {
+    /// Its APIC ID (= KVM vCPU id), any 32-bit value.
+    pub apic_id: u32,
+    /// Present at boot; the others are hotplug slots (MADT `Online Capable`, MP table
+    /// disabled).
+    pub enabled: bool,
+    /// The bootstrap processor (exactly one, the first, and enabled).
+    pub bsp: bool,
+}
+
+impl From<MpCpu> for BootCpu {
+    fn from(c: MpCpu) -> Self {
+        Self {
+            apic_id: u32::from(c.apic_id),
+            enabled: c.enabled,
+            bsp: c.bsp,
+        }
+    }
+}
+
+impl BootCpu {
+    /// The MP table's entry, if the APIC ID fits one (below 255).
+    pub fn to_mp_cpu(self) -> Option<MpCpu> {
+        let apic_id = u8::try_from(self.apic_id).ok().filter(|id| *id != 0xff)?;
+        Some(MpCpu {
+            apic_id,
+            enabled: self.enabled,
+            bsp: self.bsp,
+        })
+    }
+
+    /// The MADT's entry.
+    pub fn to_acpi_cpu(self) -> AcpiCpu {
+        AcpiCpu {
+            apic_id: self.apic_id,
+            enabled: self.enabled,
+        }
+    }
+}
+
+/// Every possible vCPU of `config` in index order with its topology APIC ID, the boot vCPUs
+/// enabled, vCPU 0 the BSP: what [`load_linux`] lists in the MADT (and in the MP table when
+/// every APIC ID fits it). Any APIC ID the topology gives is accepted; the configuration's
+/// validation ([`VcpuConfig::validate`]) holds them to KVM's limits.
+///
+/// # Errors
+///
+/// [`BootError::AcpiCpus`] if the topology cannot place a vCPU.
+pub fn boot_cpus(config: &VcpuConfig) -> Result<Vec<BootCpu>, BootError> {
+    (0..config.max_vcpu_count)
+        .map(|index| {
+            let apic_id = config
+                .topology
+                .apic_id(index)
+                .map_err(|e| BootError::AcpiCpus {
+                    reason: format!("vCPU index {index}: {e}"),
+                })?;
+            Ok(BootCpu {
+                apic_id,
+                enabled: index < config.boot_vcpu_count,
+                bsp: index == 0,
+            })
+        })
+        .collect()
 }
 
 /// The MP table's processors for `config`: every possible vCPU in index order with its
@@ -203,8 +282,12 @@ fn load_initrd(
     Ok(placement)
 }
 
-/// Writes the kernel, initrd, command line, zero page, MP table for `cpus`, GDT and page
-/// tables into `mem` (see the module documentation), and returns the BSP's boot entry.
+/// Writes the kernel, initrd, command line, zero page, ACPI tables and (when every APIC ID
+/// fits 8 bits) MP table for `cpus`, GDT and page tables into `mem` (see the module
+/// documentation), and returns the BSP's boot entry.
+///
+/// `cpus` lists every possible vCPU in index order, the BSP first: [`BootCpu`]s from
+/// [`boot_cpus`] (any APIC IDs), or [`MpCpu`]s from [`mp_cpus`] (8-bit IDs).
 ///
 /// # Errors
 ///
@@ -213,13 +296,15 @@ fn load_initrd(
 /// entry ([`BootError::KernelNot64Bit`]), memory too small for the kernel
 /// ([`BootError::MemoryTooSmall`]), an initrd that does not fit
 /// ([`BootError::InitrdDoesNotFit`]), a command line too long ([`BootError::CmdlineTooLong`])
-/// or invalid ([`BootError::CmdlineInvalid`]), a bad CPU list ([`BootError::MpTableCpus`],
+/// or invalid ([`BootError::CmdlineInvalid`]), a bad CPU list ([`BootError::AcpiCpus`],
+/// [`BootError::AcpiTablesTooLarge`], [`BootError::MpTableCpus`],
 /// [`BootError::MpTableTooLarge`]).
-pub fn load_linux(
+pub fn load_linux<C: Copy + Into<BootCpu>>(
     mem: &GuestMemoryMmap,
     config: &LinuxBootConfig,
-    cpus: &[MpCpu],
+    cpus: &[C],
 ) -> Result<LinuxBootEntry, BootError> {
+    let cpus: Vec<BootCpu> = cpus.iter().map(|c| (*c).into()).collect();
     let logger = config.logger.new(o!("component" => "linux_boot"));
     let e820 = build_e820(mem)?;
     let ram_end = e820::low_ram_end(&e820).ok_or(BootError::MemoryTooSmall {
@@ -227,8 +312,13 @@ pub fn load_linux(
         needed: layout::HIGH_MEMORY_START + 1,
         available: layout::HIGH_MEMORY_START,
     })?;
-    // The cheap check first: nothing else is written if the CPU list is bad.
-    setup_mptable(mem, cpus)?;
+    // The cheap checks first: nothing else is written if the CPU list is bad.
+    let acpi_cpus: Vec<AcpiCpu> = cpus.iter().map(|c| c.to_acpi_cpu()).collect();
+    let acpi = setup_acpi(mem, &acpi_cpus)?;
+    let mp_cpus: Option<Vec<MpCpu>> = cpus.iter().map(|c| c.to_mp_cpu()).collect();
+    if let Some(mp_cpus) = &mp_cpus {
+        setup_mptable(mem, mp_cpus)?;
+    }
     let kernel = kernel::load_kernel(mem, &config.kernel, ram_end)?;
     let cmdline = params::check_cmdline(&config.cmdline, kernel.cmdline_limit())?;
     let initrd = match &config.initrd {
@@ -253,7 +343,8 @@ pub fn load_linux(
         })?
         .into_string()
         .unwrap_or_default();
-    let zero_page = params::build_boot_params(&kernel, cmdline.len(), initrd, &e820)?;
+    let mut zero_page = params::build_boot_params(&kernel, cmdline.len(), initrd, &e820)?;
+    zero_page.acpi_rsdp_addr = acpi.rsdp_addr();
     write_guest(mem, layout::ZERO_PAGE_ADDR, zero_page.as_slice())?;
     // The BIOS data area: where the EBDA is, and the base memory below it in KiB.
     write_guest(
@@ -272,13 +363,16 @@ pub fn load_linux(
           "entry" => format!("{:#x}", kernel.entry),
           "footprint_end" => format!("{:#x}", kernel.footprint_end),
           "initrd" => ?initrd, "cmdline" => &cmdline, "e820_entries" => e820.len(),
-          "cpus" => cpus.len());
+          "cpus" => cpus.len(), "rsdp" => format!("{:#x}", acpi.rsdp_addr()),
+          "mptable" => mp_cpus.is_some());
     Ok(LinuxBootEntry {
         kernel,
         zero_page: layout::ZERO_PAGE_ADDR,
         initrd,
         cmdline,
         e820,
-        cpus: cpus.to_vec(),
+        cpus,
+        acpi,
+        mptable: mp_cpus.is_some(),
     })
 }

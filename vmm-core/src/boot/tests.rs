@@ -168,10 +168,16 @@ fn bzimage_zero_page_initrd_and_cmdline() {
         [
             (0, 0x9_e000, 1),
             (0x9_e000, 0x2000, 2),
+            (0xe_0000, 0x2_0000, 2),
             (0x10_0000, (32 << 20) - 0x10_0000, 1)
         ]
     );
-    assert_eq!(entry.e820.len(), 3);
+    assert_eq!(entry.e820.len(), 4);
+    // The RSDP: in the zero page (acpi_rsdp_addr at 0x70) and where a scan finds it.
+    assert_eq!(read_u64(&m, zp + 0x70), layout::ACPI_START);
+    assert_eq!(&read_u64(&m, layout::ACPI_START).to_le_bytes(), b"RSD PTR ");
+    assert_eq!(entry.acpi.rsdp_addr(), layout::ACPI_START);
+    assert!(entry.mptable);
     // The BIOS data area points at the EBDA, where the MP floating pointer is.
     assert_eq!(u64::from(read_u16(&m, 0x40e)) << 4, layout::EBDA_START);
     assert_eq!(read_u16(&m, 0x413), 632);
@@ -400,4 +406,34 @@ fn mp_cpus_follow_the_topology() {
     assert_eq!(ids, [0, 1, 2, 3, 4, 5, 8, 9, 10, 11, 12, 13]);
     assert_eq!(cpus.iter().filter(|c| c.enabled).count(), 4);
     assert!(cpus[0].bsp && cpus.iter().skip(1).all(|c| !c.bsp));
+    // boot_cpus lists the same vCPUs with 32-bit IDs.
+    let boot: Vec<BootCpu> = cpus.iter().map(|c| BootCpu::from(*c)).collect();
+    assert_eq!(boot_cpus(&config).unwrap(), boot);
+}
+
+#[test]
+fn apic_ids_over_254_get_acpi_tables_and_no_mp_table() {
+    // 2 sockets x 75 cores x 2 threads: core field 7 bits, so socket 1 starts at APIC ID 256.
+    let vcpus = crate::VcpuConfig {
+        boot_vcpu_count: 2,
+        max_vcpu_count: 300,
+        topology: topology::CpuTopology::new(2, 1, 75, 2).unwrap(),
+        vpmu: Default::default(),
+    };
+    let cpus = boot_cpus(&vcpus).unwrap();
+    assert_eq!(cpus.last().unwrap().apic_id, 256 + 74 * 2 + 1);
+    assert!(mp_cpus(&vcpus).is_err());
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = file_with(&dir, "bzImage", &FakeBzImage::default().bytes());
+    let m = mem(32 << 20);
+    let entry = load_linux(&m, &config(&kernel, ""), &cpus).unwrap();
+    assert!(!entry.mptable);
+    assert_ne!(&read_u32(&m, layout::EBDA_START).to_le_bytes(), b"_MP_");
+    assert_eq!(
+        read_u64(&m, layout::ZERO_PAGE_ADDR + 0x70),
+        layout::ACPI_START
+    );
+    let madt = entry.acpi.get("APIC").unwrap();
+    // 150 type-0 entries of 8 bytes, 150 type-9 entries of 16, I/O APIC, two NMI entries.
+    assert_eq!(madt.bytes.len(), 44 + 150 * 8 + 150 * 16 + 12 + 6 + 12);
 }

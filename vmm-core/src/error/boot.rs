@@ -151,6 +151,25 @@ pub enum BootError {
         /// Bytes available.
         room: usize,
     },
+    /// The CPU list cannot be described in the MADT.
+    #[error("cannot build the ACPI tables (MADT): {reason}")]
+    AcpiCpus {
+        /// What is wrong with the CPU list.
+        reason: String,
+    },
+    /// The ACPI tables do not fit their area (the BIOS area below 1 MiB).
+    #[error(
+        "the ACPI tables for {cpus} vCPUs need {size} bytes but their area (0xE0000-0xFFFFF) \
+         has {room}: use fewer vCPUs"
+    )]
+    AcpiTablesTooLarge {
+        /// Bytes needed.
+        size: usize,
+        /// Bytes available.
+        room: usize,
+        /// The number of vCPUs listed.
+        cpus: usize,
+    },
     /// An access to guest memory failed (outside RAM, ...).
     #[error("guest memory access at {addr:#x} ({len} bytes) failed: {source}")]
     GuestMemory {

@@ -28,6 +28,8 @@ pub enum KvmOp {
     EnableCapPmuDisable,
     /// `KVM_SET_PMU_EVENT_FILTER`.
     SetPmuEventFilter,
+    /// `KVM_ENABLE_CAP(KVM_CAP_X2APIC_API)` (32-bit APIC IDs, no broadcast quirk).
+    EnableCapX2apicApi,
     /// `KVM_CREATE_VCPU`.
     CreateVcpu,
     /// `KVM_SET_CPUID2`.
@@ -66,6 +68,7 @@ impl KvmOp {
                 "KVM_ENABLE_CAP(KVM_CAP_PMU_CAPABILITY, KVM_PMU_CAP_DISABLE)"
             }
             KvmOp::SetPmuEventFilter => "KVM_SET_PMU_EVENT_FILTER",
+            KvmOp::EnableCapX2apicApi => "KVM_ENABLE_CAP(KVM_CAP_X2APIC_API)",
             KvmOp::CreateVcpu => "KVM_CREATE_VCPU",
             KvmOp::SetCpuid2 => "KVM_SET_CPUID2",
             KvmOp::SetMsrs => "KVM_SET_MSRS",

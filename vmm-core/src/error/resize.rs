@@ -28,10 +28,13 @@ pub enum ResizeError {
     )]
     NoHotplugBackend,
     /// A vCPU's APIC ID does not fit what the hotplug backend carries (upcall: 8 bits, below
-    /// 255, the broadcast ID).
+    /// 255, the broadcast ID). The VM itself may have larger IDs (x2APIC mode); only this
+    /// backend cannot name them.
     #[error(
         "vCPU index {index} has APIC ID {apic_id}, which the {backend} hotplug backend cannot \
-         carry (APIC IDs must be at most {limit}): use fewer vCPUs or a denser topology"
+         carry (APIC IDs must be at most {limit}, even in x2APIC mode): hot-plug only vCPUs \
+         whose APIC IDs fit (fewer vCPUs or a denser topology), or boot this vCPU instead of \
+         hot-adding it"
     )]
     ApicIdTooLarge {
         /// The vCPU index.

@@ -23,6 +23,13 @@ pub enum VmError {
         /// The errno KVM returned.
         source: kvm_ioctls::Error,
     },
+    /// x2APIC mode (APIC IDs above 254) needs `KVM_CAP_X2APIC_API`, which this host's KVM
+    /// lacks.
+    #[error(
+        "this host's KVM lacks KVM_CAP_X2APIC_API, which x2APIC mode (APIC IDs above 254) \
+         needs: use a topology whose APIC IDs are all below 255, or a newer kernel"
+    )]
+    X2apicApiMissing,
     /// The memory size cannot be used.
     #[error(
         "guest memory size {size:#x} is invalid: it must be a non-zero multiple of 4 KiB and at \

@@ -15,9 +15,15 @@
 //! CPL 3, where it counts its progress counter ([`shared_memory::counter_addr`]) and polls the
 //! mailbox ([`shared_memory::MAILBOX_ADDR`], in guest memory so that polling costs no exits). For
 //! each new request it carries out the [`AgentCommand`] (INIT + SIPI to one APIC ID through
-//! the xAPIC ICR; INIT alone, which parks the AP in wait-for-SIPI as an offlined CPU; or a
-//! write to the VM's shutdown port) and acknowledges the sequence number through
-//! [`ports::ACK`].
+//! the ICR; INIT alone, which parks the AP in wait-for-SIPI as an offlined CPU; or a write to
+//! the VM's shutdown port) and acknowledges the sequence number through [`ports::ACK`].
+//!
+//! The mode switch: the BSP reads `IA32_APIC_BASE` at CPL 0. In xAPIC mode it drives the MMIO
+//! registers and polls at CPL 3. In x2APIC mode (the VMM's choice when an APIC ID is above
+//! 254) it writes the x2APIC MSRs (the ICR, `0x830`, with the 32-bit destination in its high
+//! half), which only CPL 0 may do, so its loop stays at CPL 0 (emulated on PVM hosts, a few
+//! microseconds per poll). Every vCPU indexes its table and counter by its x2APIC ID (leaf
+//! 0xB EDX) modulo [`shared_memory::APIC_ID_SLOTS`] (1024).
 //!
 //! An AP, once reported, either counts at CPL 3 ([`ApMode::Count`]) or halts at CPL 0 with
 //! interrupts off ([`ApMode::Halt`]: it uses no host CPU, for benchmarks with many vCPUs).
@@ -95,18 +101,19 @@ pub mod shared_memory {
     pub const RESULTS_ADDR: u64 = 0x62_0000;
     /// log2 of the bytes between two result tables.
     pub const RESULTS_SHIFT: u32 = 12;
-    /// The APIC IDs that have a line and a table (xAPIC IDs).
-    pub const APIC_ID_SLOTS: u32 = 256;
+    /// The APIC IDs that have a line and a table: as many as the loader has slots (1024,
+    /// x2APIC IDs included; a vCPU takes the slot of its x2APIC ID modulo this).
+    pub const APIC_ID_SLOTS: u32 = crate::loader::memory_map::APIC_ID_SLOTS;
     /// The end of what the agent uses.
     pub const END: u64 = RESULTS_ADDR + ((APIC_ID_SLOTS as u64) << RESULTS_SHIFT);
 
-    /// The progress counter of the vCPU with APIC ID `apic_id` (taken modulo 256, as the
-    /// guest indexes by CPUID leaf 0x1 EBX\[31:24\]).
+    /// The progress counter of the vCPU with APIC ID `apic_id` (taken modulo
+    /// [`APIC_ID_SLOTS`], as the guest indexes by CPUID leaf 0xB EDX).
     pub const fn counter_addr(apic_id: u32) -> u64 {
         CPU_LINES_ADDR + (((apic_id % APIC_ID_SLOTS) as u64) << CPU_LINE_SHIFT)
     }
 
-    /// The result table of the vCPU with APIC ID `apic_id` (taken modulo 256).
+    /// The result table of the vCPU with APIC ID `apic_id` (taken modulo [`APIC_ID_SLOTS`]).
     pub const fn results_addr(apic_id: u32) -> u64 {
         RESULTS_ADDR + (((apic_id % APIC_ID_SLOTS) as u64) << RESULTS_SHIFT)
     }
@@ -122,7 +129,11 @@ const _: () = {
         shared_memory::QUERIES_ADDR + 8 + 8 * (shared_memory::MAX_QUERIES as u64)
             <= shared_memory::CPU_LINES_ADDR
     );
-    assert!(shared_memory::counter_addr(255) + 64 <= shared_memory::RESULTS_ADDR);
+    assert!(
+        shared_memory::counter_addr(shared_memory::APIC_ID_SLOTS - 1) + 64
+            <= shared_memory::RESULTS_ADDR
+    );
+    assert!(shared_memory::APIC_ID_SLOTS.is_power_of_two());
     assert!(16 * (shared_memory::MAX_QUERIES as u64) <= 1 << shared_memory::RESULTS_SHIFT);
     assert!(shared_memory::END <= MIN_MEMORY_SIZE);
 };
@@ -183,7 +194,7 @@ mod tests {
         // The shared memory's own rules are checked at compile time (the `const _` after
         // `shared_memory`).
         assert_eq!(
-            shared_memory::counter_addr(256),
+            shared_memory::counter_addr(shared_memory::APIC_ID_SLOTS),
             shared_memory::counter_addr(0)
         );
         // The agent's ports are clear of the other guest programs' and the VM's.

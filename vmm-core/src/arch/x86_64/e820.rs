@@ -1,7 +1,8 @@
 //! The e820 memory map the kernel gets in its zero page.
 //!
 //! Built from the guest memory regions: RAM everywhere there is guest memory, except the
-//! legacy hole `EBDA_START..1 MiB`; the EBDA (which holds the MP table) is `reserved`. The map
+//! legacy hole `EBDA_START..1 MiB`; the EBDA (which holds the MP table) and the ACPI tables'
+//! area `ACPI_START..ACPI_END` (the BIOS area, RSDP first) are `reserved`. The map
 //! is sorted, and adjacent entries of one type are merged, so it is exactly what Linux prints
 //! as `BIOS-e820: [mem ...]` after its own sanitizing.
 
@@ -10,7 +11,7 @@ use std::fmt;
 use linux_loader::loader::bootparam::{boot_e820_entry, E820_MAX_ENTRIES_ZEROPAGE};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
-use super::layout::{EBDA_END, EBDA_START, HIGH_MEMORY_START};
+use super::layout::{ACPI_END, ACPI_START, EBDA_END, EBDA_START, HIGH_MEMORY_START};
 use crate::error::BootError;
 
 /// The type of an e820 range (the values of the ACPI address range types).
@@ -101,7 +102,7 @@ fn push(map: &mut Vec<E820Entry>, addr: u64, end: u64, kind: E820Type) {
 }
 
 /// The e820 map of `mem`: its regions as RAM without the legacy hole
-/// `EBDA_START..HIGH_MEMORY_START`, and the EBDA as reserved. Fails if there are more than
+/// `EBDA_START..HIGH_MEMORY_START`, and the EBDA and the ACPI area as reserved. Fails if there are more than
 /// the zero page's 128 entries, or if guest memory does not reach the end of the EBDA.
 ///
 /// # Errors
@@ -133,10 +134,13 @@ pub fn build_e820(mem: &GuestMemoryMmap) -> Result<Vec<E820Entry>, BootError> {
     }
     let mut map = Vec::new();
     for (start, end) in regions {
-        // The part below the hole, the EBDA, then the part above 1 MiB.
+        // The part below the hole, the EBDA, the ACPI tables, then the part above 1 MiB.
         push(&mut map, start, end.min(EBDA_START), E820Type::Ram);
         if start <= EBDA_START && end >= EBDA_END {
             push(&mut map, EBDA_START, EBDA_END, E820Type::Reserved);
+        }
+        if start <= ACPI_START && end >= ACPI_END {
+            push(&mut map, ACPI_START, ACPI_END, E820Type::Reserved);
         }
         push(&mut map, start.max(HIGH_MEMORY_START), end, E820Type::Ram);
     }
@@ -186,6 +190,7 @@ mod tests {
             [
                 entry(0, 0x9_e000, E820Type::Ram),
                 entry(0x9_e000, 0xa_0000, E820Type::Reserved),
+                entry(0xe_0000, 0x10_0000, E820Type::Reserved),
                 entry(0x10_0000, 256 << 20, E820Type::Ram),
             ]
         );
@@ -210,12 +215,13 @@ mod tests {
             [
                 entry(0, 0x9_e000, E820Type::Ram),
                 entry(0x9_e000, 0xa_0000, E820Type::Reserved),
+                entry(0xe_0000, 0x10_0000, E820Type::Reserved),
                 entry(0x10_0000, 3 << 30, E820Type::Ram),
                 entry(4 << 30, 5 << 30, E820Type::Ram),
             ]
         );
         assert_eq!(low_ram_end(&map), Some(3 << 30));
-        let raw = map[3].to_boot_entry();
+        let raw = map[4].to_boot_entry();
         let (addr, size, ty) = (raw.addr, raw.size, raw.r#type);
         assert_eq!((addr, size, ty), (4 << 30, 1 << 30, 1));
     }
@@ -239,7 +245,7 @@ mod tests {
     #[test]
     fn exactly_one_mib_has_no_high_ram() {
         let map = build_e820(&mem(&[(0, 1 << 20)])).unwrap();
-        assert_eq!(map.len(), 2);
+        assert_eq!(map.len(), 3);
         assert_eq!(low_ram_end(&map), None);
     }
 }

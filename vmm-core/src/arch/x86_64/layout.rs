@@ -17,6 +17,7 @@
 //! | [`PML4_ADDR`].. | identity page tables for the first 4 GiB (2 MiB pages) |
 //! | [`CMDLINE_ADDR`] | the command line, at most [`CMDLINE_AREA_SIZE`] bytes with its NUL |
 //! | [`EBDA_START`]..[`EBDA_END`] | extended BIOS data area: the MP table; e820 `reserved` |
+//! | [`ACPI_START`]..[`ACPI_END`] | the ACPI tables, RSDP first; e820 `reserved` |
 //! | [`HIGH_MEMORY_START`] | the protected-mode kernel of a bzImage (its `code32_start`) |
 //! | [`MMIO_GAP_START`]..[`MMIO_GAP_END`] | no RAM: [`IOAPIC_ADDR`], [`LAPIC_ADDR`], KVM's pages |
 //!
@@ -63,6 +64,11 @@ const _: () = assert!(EBDA_SEGMENT as u64 == EBDA_START >> 4);
 /// ([`BDA_BASE_MEMORY_KB`]).
 pub const BASE_MEMORY_KB: u16 = 632;
 const _: () = assert!(BASE_MEMORY_KB as u64 == EBDA_START >> 10);
+/// The start of the ACPI tables: the RSDP (16-byte aligned, in the BIOS area
+/// `0xE0000..0x100000` where a guest scans for it), then the other tables. e820 `reserved`.
+pub const ACPI_START: u64 = 0xe_0000;
+/// The end (exclusive) of the ACPI tables' area.
+pub const ACPI_END: u64 = HIGH_MEMORY_START;
 /// The first address above the legacy VGA/BIOS hole: where RAM resumes in the e820 map.
 pub const HIGH_MEMORY_START: u64 = 0x10_0000;
 /// The MP floating pointer structure, at the start of the EBDA.

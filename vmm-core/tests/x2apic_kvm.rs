@@ -1,0 +1,203 @@
+//! x2APIC mode and KVM's vCPU limit on real KVM: a vCPU set up in x2APIC mode has
+//! `IA32_APIC_BASE.EXTD` and its full 32-bit APIC ID in the LAPIC ID register; the manager
+//! picks x2APIC by itself when an APIC ID is above 254 and says MSI extended destination IDs
+//! are available; and a VM with as many vCPUs as KVM allows (1024 on this project's hosts) is
+//! created, started (the APs wait for SIPI), paused, resumed and exited.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_msr_entry, Msrs, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Kvm, VcpuFd};
+use vcpu_actor::test_util::kvm_or_skip;
+use vm_memory::GuestMemoryMmap;
+use vmm_core::arch::x86_64::{self, lapic, x2apic};
+use vmm_core::error::KvmOp;
+use vmm_core::{
+    build_vm, BootEntry, CpuTopology, InterruptMode, KvmLimits, VcpuConfig, VcpuManagerOptions,
+    VcpuSetupError, VcpuState, VmOptions, VpmuFeatureLevel,
+};
+
+/// Real mode at 0x1000 (`cli; hlt; jmp $-1` written there): the BSP halts with interrupts off
+/// and costs no host CPU.
+struct HaltingBsp;
+
+/// `cli; hlt; jmp .-1` (back to the hlt).
+const HALT_LOOP: [u8; 4] = [0xfa, 0xf4, 0xeb, 0xfd];
+
+impl BootEntry for HaltingBsp {
+    fn setup_bsp(&self, vcpu: &VcpuFd, mem: &GuestMemoryMmap) -> Result<(), VcpuSetupError> {
+        vmm_core::vm::write_guest(mem, 0x1000, &HALT_LOOP).map_err(|e| {
+            VcpuSetupError::InvalidState {
+                op: vmm_core::ManagerOp::ConfigureBootVcpu,
+                reason: e.to_string(),
+            }
+        })?;
+        let err = |op| {
+            move |source| VcpuSetupError::Kvm {
+                vcpu_id: 0,
+                op,
+                source,
+            }
+        };
+        let mut sregs = vcpu.get_sregs().map_err(err(KvmOp::GetSregs))?;
+        sregs.cs.base = 0;
+        sregs.cs.selector = 0;
+        vcpu.set_sregs(&sregs).map_err(err(KvmOp::SetSregs))?;
+        let regs = kvm_bindings::kvm_regs {
+            rip: 0x1000,
+            rflags: 2,
+            ..Default::default()
+        };
+        vcpu.set_regs(&regs).map_err(err(KvmOp::SetRegs))
+    }
+}
+
+fn config(boot: u32, (s, c, t): (u32, u32, u32)) -> VcpuConfig {
+    VcpuConfig {
+        boot_vcpu_count: boot,
+        max_vcpu_count: s * c * t,
+        topology: CpuTopology::new(s, 1, c, t).unwrap(),
+        vpmu: VpmuFeatureLevel::Disabled,
+    }
+}
+
+#[test]
+fn a_vcpu_set_up_in_x2apic_mode_has_extd_and_its_32_bit_id() {
+    let Some(kvm) = kvm_or_skip("a_vcpu_set_up_in_x2apic_mode_has_extd_and_its_32_bit_id") else {
+        return;
+    };
+    let vm = kvm.create_vm().unwrap();
+    vm.create_irq_chip().unwrap();
+    x2apic::enable_x2apic_api(&vm, InterruptMode::X2Apic).unwrap();
+    let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).unwrap();
+    for id in [0u32, 300] {
+        let vcpu = vm.create_vcpu(u64::from(id)).unwrap();
+        vcpu.set_cpuid2(&cpuid).unwrap();
+        x86_64::setup_vcpu(&vcpu, id, InterruptMode::X2Apic).unwrap();
+        let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
+            index: x2apic::IA32_APIC_BASE,
+            ..Default::default()
+        }])
+        .unwrap();
+        assert_eq!(vcpu.get_msrs(&mut msrs).unwrap(), 1);
+        assert_eq!(
+            msrs.as_slice()[0].data,
+            x2apic::apic_base(InterruptMode::X2Apic, id == 0),
+            "vCPU {id}: IA32_APIC_BASE"
+        );
+        // With 32-bit IDs the LAPIC ID register holds the whole x2APIC ID.
+        let state = vcpu.get_lapic().unwrap();
+        assert_eq!(
+            lapic::read_register(&state, 0x20),
+            id,
+            "vCPU {id}: LAPIC ID"
+        );
+        // LINT1 still NMI.
+        assert_eq!(
+            (lapic::read_register(&state, lapic::LVT_LINT1) >> 8) & 7,
+            0b100
+        );
+    }
+}
+
+#[test]
+fn the_manager_picks_x2apic_for_ids_over_254_and_xapic_otherwise() {
+    let Some(kvm) = kvm_or_skip("the_manager_picks_x2apic_for_ids_over_254_and_xapic_otherwise")
+    else {
+        return;
+    };
+    let limits = KvmLimits::query(&kvm).unwrap();
+    let small = build_vm(
+        Kvm::new().unwrap(),
+        VmOptions::default(),
+        config(1, (2, 3, 2)),
+        VcpuManagerOptions::default(),
+    )
+    .unwrap()
+    .1;
+    assert_eq!(small.interrupt_mode(), InterruptMode::XApic);
+    // 2 sockets x 75 cores x 2 threads: APIC IDs up to 405.
+    if limits.max_vcpus < 300 || limits.max_vcpu_id <= 405 {
+        eprintln!("SKIPPED (KVM allows fewer vCPUs): x2APIC part");
+        return;
+    }
+    let (_vm, mut vcpus) = build_vm(
+        kvm,
+        VmOptions::default(),
+        config(1, (2, 75, 2)),
+        VcpuManagerOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(vcpus.interrupt_mode(), InterruptMode::X2Apic);
+    let leaf = vmm_core::topology::find_entry(
+        &vcpus.vcpu_cpuid(299).unwrap(),
+        x2apic::KVM_CPUID_FEATURES,
+        0,
+    )
+    .copied();
+    if let Some(leaf) = leaf {
+        assert_ne!(leaf.eax & x2apic::KVM_FEATURE_MSI_EXT_DEST_ID, 0);
+    }
+    // The vCPU with APIC ID 405 can be created and set up (x2APIC base, full LAPIC ID).
+    vcpus.create_boot_vcpus(Arc::new(HaltingBsp)).unwrap();
+    vcpus.create_vcpu(299).unwrap();
+    assert_eq!(vcpus.apic_id(299).unwrap(), 405);
+    vcpus.exit_all().unwrap();
+}
+
+#[test]
+fn as_many_vcpus_as_kvm_allows_start_pause_resume_and_exit() {
+    let test = "as_many_vcpus_as_kvm_allows_start_pause_resume_and_exit";
+    let Some(kvm) = kvm_or_skip(test) else {
+        return;
+    };
+    let limits = KvmLimits::query(&kvm).unwrap();
+    // 1024 on this project's hosts: 4 sockets x 128 cores x 2 threads (IDs up to 1023).
+    let n = limits.max_vcpus.min(1024);
+    let shape = if n == 1024 { (4, 128, 2) } else { (1, n, 1) };
+    let options = VcpuManagerOptions {
+        ack_timeout: Duration::from_secs(120),
+        join_timeout: Duration::from_secs(60),
+        ..VcpuManagerOptions::default()
+    };
+    let (_vm, mut vcpus) = build_vm(kvm, VmOptions::default(), config(n, shape), options).unwrap();
+    assert_eq!(
+        vcpus.interrupt_mode(),
+        if n > 255 {
+            InterruptMode::X2Apic
+        } else {
+            InterruptMode::XApic
+        }
+    );
+    let t = Instant::now();
+    vcpus.create_boot_vcpus(Arc::new(HaltingBsp)).unwrap();
+    let created = t.elapsed();
+    assert_eq!(vcpus.present_vcpu_count(), n);
+    let t = Instant::now();
+    vcpus.start_boot_vcpus().unwrap();
+    let started = t.elapsed();
+    assert!(vcpus
+        .present_vcpus()
+        .iter()
+        .all(|v| v.state == VcpuState::Running));
+    let t = Instant::now();
+    vcpus.pause_all().unwrap();
+    let paused = t.elapsed();
+    assert!(vcpus
+        .present_vcpus()
+        .iter()
+        .all(|v| v.state == VcpuState::Paused));
+    let t = Instant::now();
+    vcpus.resume_all().unwrap();
+    let resumed = t.elapsed();
+    let t = Instant::now();
+    vcpus.exit_all().unwrap();
+    let exited = t.elapsed();
+    assert_eq!(vcpus.present_vcpu_count(), 0);
+    assert_eq!(vcpus.kept_vcpu_fds().len(), n as usize);
+    eprintln!(
+        "{test}: {n} vCPUs: created {created:?}, started {started:?}, paused {paused:?}, \
+         resumed {resumed:?}, exited {exited:?}"
+    );
+}
