@@ -18,8 +18,11 @@
 //!   does.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use hotplug::{HotplugError, StepwiseError, UpcallClient};
+
+use crate::error::HotplugOp;
 
 /// The channel through which the VMM asks the guest to online or offline CPUs.
 pub trait HotplugBackend: Send + Sync + std::fmt::Debug {
@@ -45,6 +48,22 @@ pub trait HotplugBackend: Send + Sync + std::fmt::Debug {
     /// A [`HotplugFailure`] that names exactly the APIC IDs the guest confirmed offline and
     /// those whose state is unknown.
     fn remove(&self, apic_ids: &[u32]) -> Result<HotplugAck, HotplugFailure>;
+
+    /// Whether a successful [`add`](Self::add) must be confirmed by the manager: it then
+    /// reads each new vCPU's MP state (`KVM_GET_MP_STATE`) and counts the hot-add done only if
+    /// every one left wait-for-SIPI; the others are exited and the resize fails with
+    /// [`BackendError::NotWoken`]. A backend whose guest acknowledges before it has started
+    /// the CPUs (ACPI) says `true`; upcall's reply comes after the guest onlined them.
+    fn confirm_wake_by_mp_state(&self) -> bool {
+        false
+    }
+
+    /// Called at the end of every resize that reached the guest (success or not, the VM still
+    /// running or paused) with the APIC IDs present afterwards, so that a backend with its
+    /// own view of the CPUs (the ACPI controller's present bits) says what the manager has.
+    fn sync_present(&self, present_apic_ids: &[u32]) {
+        let _ = present_apic_ids;
+    }
 }
 
 /// What a successful [`HotplugBackend`] call did.
@@ -102,6 +121,52 @@ pub enum BackendError {
         /// The largest it carries.
         limit: u32,
     },
+    /// The guest did not answer in time: it did not acknowledge these insertions, or did not
+    /// eject these CPUs.
+    #[error(
+        "the guest did not {what} the CPUs with APIC IDs {apic_ids:?} within {timeout:?} \
+         ({backend} hotplug): does the guest handle ACPI CPU hotplug (GED interrupt, \
+         processor driver)?",
+        what = match op { HotplugOp::Add => "acknowledge the insertion of", HotplugOp::Remove => "eject" }
+    )]
+    GuestTimeout {
+        /// The backend.
+        backend: &'static str,
+        /// Add or remove.
+        op: HotplugOp,
+        /// The CPUs the guest did not act on in time.
+        apic_ids: Vec<u32>,
+        /// How long the backend waited.
+        timeout: Duration,
+    },
+    /// The guest acknowledged a hot-add but these vCPUs are still waiting for INIT/SIPI.
+    #[error(
+        "the guest acknowledged the CPUs with APIC IDs {apic_ids:?} but did not start them \
+         (they still wait for INIT/SIPI; {backend} hotplug): check the guest's CPU bring-up"
+    )]
+    NotWoken {
+        /// The backend.
+        backend: &'static str,
+        /// The vCPUs that did not leave wait-for-SIPI.
+        apic_ids: Vec<u32>,
+    },
+    /// An APIC ID the backend has no CPU for.
+    #[error("the {backend} hotplug backend has no CPU with APIC ID {apic_id}")]
+    UnknownApicId {
+        /// The backend.
+        backend: &'static str,
+        /// The APIC ID.
+        apic_id: u32,
+    },
+    /// CPUs the backend cannot ask the guest to remove (the boot CPU, or one it does not
+    /// list as present).
+    #[error("the {backend} hotplug backend cannot remove the CPUs with APIC IDs {apic_ids:?}")]
+    NotRemovable {
+        /// The backend.
+        backend: &'static str,
+        /// The CPUs.
+        apic_ids: Vec<u32>,
+    },
     /// The backend panicked; what it did is unknown.
     #[error("the {backend} hotplug backend panicked: {message}")]
     Panicked {
@@ -125,7 +190,11 @@ impl BackendError {
     pub fn outcome_unknown(&self) -> bool {
         match self {
             BackendError::Upcall(e) => e.outcome_unknown(),
-            BackendError::ApicIdTooLarge { .. } => false,
+            BackendError::ApicIdTooLarge { .. }
+            | BackendError::GuestTimeout { .. }
+            | BackendError::NotWoken { .. }
+            | BackendError::UnknownApicId { .. }
+            | BackendError::NotRemovable { .. } => false,
             BackendError::Panicked { .. } => true,
         }
     }

@@ -15,7 +15,8 @@
 //! - vCPU hot-add and hot-remove ([`resize`]: [`VcpuManager::resize_vcpus`],
 //!   [`VcpuManager::resize_shared`], which does not hold the manager during the guest round
 //!   trip, and [`AsyncResizer`] for a background resize waited on with a timeout), through a
-//!   [`HotplugBackend`] ([`hotplug_backend`]; upcall today);
+//!   [`HotplugBackend`] ([`hotplug_backend`]: upcall, or ACPI CPU hotplug for stock guest
+//!   kernels, [`acpi_hotplug`]: the hotplug controller, the GED, the DSDT objects);
 //! - the vPMU KVM actions ([`pmu`]);
 //! - the x86 setup ([`arch::x86_64`]): memory layout, CPUID, MSRs, LAPIC, FPU, GDT, page
 //!   tables, long-mode registers, MP table, e820;
@@ -80,6 +81,7 @@
 //! # }
 //! ```
 
+pub mod acpi_hotplug;
 pub mod arch;
 pub mod boot;
 pub mod bus;
@@ -101,6 +103,7 @@ pub(crate) use arch::x86_64::cpuid;
 use kvm_ioctls::VcpuFd;
 use vm_memory::GuestMemoryMmap;
 
+pub use acpi_hotplug::{AcpiBackend, AcpiHotplug};
 pub use bus::{BusAccess, BusDevice, BusSpace, IoBus};
 pub use config::{InterruptMode, KvmLimits, VcpuConfig};
 pub use error::{

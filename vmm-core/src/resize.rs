@@ -380,6 +380,10 @@ impl VcpuManager {
     ) -> Result<ResizeOutcome, ResizeError> {
         pending.outcome.upcall = upcall;
         let result = self.commit(&mut pending, reply);
+        if matches!(self.run_state(), VmRunState::Running | VmRunState::Paused) {
+            let present: Vec<u32> = self.present_vcpus().iter().map(|v| v.apic_id).collect();
+            pending.backend.sync_present(&present);
+        }
         self.state().end_resize();
         let outcome = result?;
         info!(self.logger, "vCPUs resized"; "from" => outcome.from, "to" => outcome.to,
@@ -405,6 +409,31 @@ impl VcpuManager {
         }
         let indices: Vec<u32> = pending.slots.iter().map(|s| s.index).collect();
         let failure = match (pending.op, reply) {
+            (HotplugOp::Add, Ok(_)) if pending.backend.confirm_wake_by_mp_state() => {
+                // The guest's acknowledgement alone is not enough: each new vCPU must have
+                // left wait-for-SIPI. Those that did not are exited (fds kept).
+                let (up, unknown) = self.reconcile_add(&pending.slots);
+                if up.len() == pending.slots.len() {
+                    pending.outcome.added = pending.slots.clone();
+                } else {
+                    let not_woken = pending
+                        .slots
+                        .iter()
+                        .map(|s| s.apic_id)
+                        .filter(|id| !up.contains(id))
+                        .collect();
+                    let failure = HotplugFailure {
+                        confirmed: up,
+                        uncertain: unknown,
+                        source: BackendError::NotWoken {
+                            backend: pending.backend.name(),
+                            apic_ids: not_woken,
+                        },
+                    };
+                    return Err(self.hotplug_failed(pending, HotplugOp::Add, failure));
+                }
+                None
+            }
             (HotplugOp::Add, Ok(_)) => {
                 pending.outcome.added = pending.slots.clone();
                 None
@@ -425,23 +454,34 @@ impl VcpuManager {
                 HotplugOp::Add => self.reconcile_add(&pending.slots),
                 HotplugOp::Remove => self.reconcile_remove(&pending.slots, &failure),
             };
-            let guest_state_unknown =
-                !uncertain.is_empty() || (op == HotplugOp::Add && failure.source.outcome_unknown());
-            return Err(ResizeError::HotplugFailed {
-                op,
-                apic_ids: ids,
-                present_after: self.present_vcpus().iter().map(|v| v.apic_id).collect(),
-                guest_state_unknown,
-                source: Box::new(HotplugFailure {
-                    confirmed,
-                    uncertain,
-                    source: failure.source,
-                }),
-            });
+            let failure = HotplugFailure {
+                confirmed,
+                uncertain,
+                source: failure.source,
+            };
+            return Err(self.hotplug_failed(pending, op, failure));
         }
         pending.outcome.to = self.present_vcpu_count();
         pending.outcome.total = pending.started.elapsed();
         Ok(pending.outcome.clone())
+    }
+
+    /// The [`ResizeError::HotplugFailed`] of a reconciled `failure`.
+    fn hotplug_failed(
+        &self,
+        pending: &PendingResize,
+        op: HotplugOp,
+        failure: HotplugFailure,
+    ) -> ResizeError {
+        let guest_state_unknown = !failure.uncertain.is_empty()
+            || (op == HotplugOp::Add && failure.source.outcome_unknown());
+        ResizeError::HotplugFailed {
+            op,
+            apic_ids: pending.slots.iter().map(|s| s.apic_id).collect(),
+            present_after: self.present_vcpus().iter().map(|v| v.apic_id).collect(),
+            guest_state_unknown,
+            source: Box::new(failure),
+        }
     }
 
     /// After a failed hot-add: keeps the new vCPUs the guest brought up (they left

@@ -1,12 +1,15 @@
 //! `vcpuctl acpi`: the ACPI tables a VM with this `--smp` gets, one binary file per table,
 //! named as ACPICA's `acpixtract` names them (`apic.dat`, `dsdt.dat`, `facp.dat`, `rsdp.dat`,
-//! `xsdt.dat`), so that `iasl -d DIR/*.dat` decodes them. Needs no KVM: the tables depend
+//! `xsdt.dat`), so that `iasl -d DIR/*.dat` decodes them. The DSDT holds the ACPI CPU
+//! hotplug objects ([`vmm_core::acpi_hotplug`]): `\_SB_.CPUS` with one `ACPI0007` device per
+//! possible vCPU, and the GED `\_SB_.GED0`. Needs no KVM: the tables depend
 //! only on the topology (built by the same code Linux boot uses, laid out at the same
 //! addresses).
 
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
+use vmm_core::acpi_hotplug::{AcpiHotplugLayout, HotplugAml};
 use vmm_core::arch::x86_64::acpi::{build_tables, AcpiCpu, MAX_XAPIC_ID};
 use vmm_core::arch::x86_64::layout::ACPI_START;
 use vmm_core::boot::boot_cpus;
@@ -41,8 +44,12 @@ pub fn write_tables(spec: &VmSpec, dir: &Path) -> Result<AcpiReport, CliError> {
         .iter()
         .map(|c| c.to_acpi_cpu())
         .collect();
+    // The DSDT holds the ACPI CPU hotplug objects (one ACPI0007 device per possible vCPU,
+    // the GED), at the addresses every VM of this project puts the devices.
+    let aml = HotplugAml::new(&cpus, AcpiHotplugLayout::default())
+        .map_err(|e| CliError::usage(e.to_string()))?;
     let tables =
-        build_tables(&cpus, &[], ACPI_START).map_err(|e| CliError::usage(e.to_string()))?;
+        build_tables(&cpus, &[&aml], ACPI_START).map_err(|e| CliError::usage(e.to_string()))?;
     let io_err = |what: String| {
         move |e: std::io::Error| CliError {
             code: ExitCode::Failure,

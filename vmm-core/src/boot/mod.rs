@@ -89,6 +89,10 @@ pub struct LinuxBootConfig {
     pub cmdline: String,
     /// Logger (default: discard).
     pub logger: Logger,
+    /// Put the ACPI CPU hotplug objects for these device addresses into the DSDT
+    /// ([`crate::acpi_hotplug`]; the devices themselves are registered with
+    /// [`crate::acpi_hotplug::attach`]). `None` (the default): an empty DSDT.
+    pub acpi_cpu_hotplug: Option<crate::acpi_hotplug::AcpiHotplugLayout>,
 }
 
 impl LinuxBootConfig {
@@ -99,6 +103,7 @@ impl LinuxBootConfig {
             initrd: None,
             cmdline: String::new(),
             logger: Logger::root(slog::Discard, o!()),
+            acpi_cpu_hotplug: None,
         }
     }
 }
@@ -314,7 +319,17 @@ pub fn load_linux<C: Copy + Into<BootCpu>>(
     })?;
     // The cheap checks first: nothing else is written if the CPU list is bad.
     let acpi_cpus: Vec<AcpiCpu> = cpus.iter().map(|c| c.to_acpi_cpu()).collect();
-    let acpi = setup_acpi(mem, &acpi_cpus)?;
+    let acpi = match config.acpi_cpu_hotplug {
+        Some(layout) => {
+            let aml = crate::acpi_hotplug::HotplugAml::new(&acpi_cpus, layout).map_err(|e| {
+                BootError::AcpiCpus {
+                    reason: e.to_string(),
+                }
+            })?;
+            crate::arch::x86_64::acpi::setup_acpi_with(mem, &acpi_cpus, &[&aml])?
+        }
+        None => setup_acpi(mem, &acpi_cpus)?,
+    };
     let mp_cpus: Option<Vec<MpCpu>> = cpus.iter().map(|c| c.to_mp_cpu()).collect();
     if let Some(mp_cpus) = &mp_cpus {
         setup_mptable(mem, mp_cpus)?;

@@ -11,7 +11,7 @@
 //! | RSDP (`RSD PTR `) | revision 2, points at the XSDT; 16-byte aligned at [`ACPI_START`] |
 //! | XSDT | the FADT and the MADT |
 //! | FADT (`FACP`) | revision 6.5, hardware-reduced ACPI (no SCI, no PM blocks, no FACS), points at the DSDT |
-//! | DSDT | a definition block with the AML the caller hands in ([`build_tables`]'s `dsdt_aml`), empty for Linux boot |
+//! | DSDT | a definition block with the AML the caller hands in ([`build_tables`]'s `dsdt_aml`): the ACPI CPU hotplug objects, or nothing |
 //! | MADT (`APIC`) | revision 5: every possible vCPU, the I/O APIC, the LINT1 NMI |
 //!
 //! The MADT lists the vCPUs in index order, the ACPI processor UID being the index:
@@ -33,9 +33,11 @@
 //!
 //! # The DSDT hook
 //!
-//! The DSDT is where ACPI CPU hotplug will put its processor devices (`\_SB_.CPUS`, `_MAT`,
-//! `_STA`, `_EJ0` and the GED that notifies them): [`build_tables`] takes the AML objects
-//! to put in it. Everything else in this module stays as it is.
+//! The DSDT is where ACPI CPU hotplug puts its processor devices (`\_SB_.CPUS`, `_MAT`,
+//! `_STA`, `_EJ0` and the GED that notifies them, [`crate::acpi_hotplug::HotplugAml`]):
+//! [`build_tables`] and [`setup_acpi_with`] take the AML objects to put in it; Linux boot
+//! passes them when [`LinuxBootConfig::acpi_cpu_hotplug`](crate::boot::LinuxBootConfig) is
+//! set. Everything else in this module stays as it is.
 
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::rsdp::Rsdp;
@@ -340,14 +342,29 @@ pub fn build_tables(
     })
 }
 
-/// Builds the tables for `cpus` with an empty DSDT and writes them at [`ACPI_START`].
+/// Builds the tables for `cpus` with an empty DSDT and writes them at [`ACPI_START`]:
+/// [`setup_acpi_with`] without DSDT objects.
+///
+/// # Errors
+///
+/// As [`setup_acpi_with`].
+pub fn setup_acpi(mem: &GuestMemoryMmap, cpus: &[AcpiCpu]) -> Result<AcpiTables, BootError> {
+    setup_acpi_with(mem, cpus, &[])
+}
+
+/// Builds the tables for `cpus` with `dsdt_aml` in the DSDT (e.g. the ACPI CPU hotplug
+/// objects, [`crate::acpi_hotplug::HotplugAml`]) and writes them at [`ACPI_START`].
 ///
 /// # Errors
 ///
 /// [`BootError::AcpiCpus`] for a bad CPU list, [`BootError::AcpiTablesTooLarge`] if they do
 /// not fit `ACPI_START..ACPI_END`, [`BootError::GuestMemory`] if that is not guest RAM.
-pub fn setup_acpi(mem: &GuestMemoryMmap, cpus: &[AcpiCpu]) -> Result<AcpiTables, BootError> {
-    let tables = build_tables(cpus, &[], ACPI_START)?;
+pub fn setup_acpi_with(
+    mem: &GuestMemoryMmap,
+    cpus: &[AcpiCpu],
+    dsdt_aml: &[&dyn Aml],
+) -> Result<AcpiTables, BootError> {
+    let tables = build_tables(cpus, dsdt_aml, ACPI_START)?;
     let room = const { const_u32(ACPI_END - ACPI_START) } as usize;
     let size = usize::try_from(tables.end() - ACPI_START).unwrap_or(usize::MAX);
     if size > room {
