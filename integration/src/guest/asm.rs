@@ -14,10 +14,18 @@
 //! after the short CPL-0 part. And absolute addresses of the local APIC go through a register:
 //! `movl $imm, disp32` would sign-extend 0xFEE0_0xxx.
 
+use super::agent::acpi::ACPI_RECHECK_ROUNDS;
 use super::agent::shared_memory::{
-    APIC_ID_SLOTS, CPU_LINES_ADDR, CPU_LINE_SHIFT, MAILBOX_ARG, MAILBOX_CMD, MAILBOX_MODE,
-    MAILBOX_SEQ, MAX_QUERIES, QUERIES_ADDR, RESULTS_ADDR, RESULTS_SHIFT,
+    APIC_ID_SLOTS, CPU_LINES_ADDR, CPU_LINE_SHIFT, MAILBOX_ACPI_POLL, MAILBOX_ARG, MAILBOX_CMD,
+    MAILBOX_MADT, MAILBOX_MODE, MAILBOX_SEQ, MAX_QUERIES, QUERIES_ADDR, RESULTS_ADDR,
+    RESULTS_SHIFT,
 };
+use vmm_core::acpi_hotplug::ged::events as ged_events;
+use vmm_core::acpi_hotplug::{regs, CPU_HOTPLUG_MMIO_BASE, GED_MMIO_BASE};
+use vmm_core::arch::x86_64::acpi::madt_type;
+
+/// The MADT's header: the common 36 bytes, the local APIC address and the flags.
+const MADT_HEADER_LEN: u32 = 44;
 use super::agent::{AgentCommand, SHUTDOWN_VALUE as AGENT_SHUTDOWN_VALUE};
 use super::lapic::{
     APIC_BASE_EXTD, ICR_ALL_BUT_SELF, ICR_HIGH, ICR_INIT, ICR_LOW, ICR_SIPI, SVR, SVR_ENABLE,
@@ -261,14 +269,19 @@ core::arch::global_asm!(
     "call .Lagent_probe",
     wake_all_aps_asm!("agent"),
     "xorl %r13d, %r13d",
+    // R15 counts down to the next look at the GED (ACPI hotplug): the first round looks.
+    "movl $1, %r15d",
     // x2APIC mode: the ICR is an MSR, which only CPL 0 may write: the BSP stays there.
     "testl %r14d, %r14d",
     "jnz .Lagent_bsp_loop",
     to_cpl3_asm!(".Lagent_bsp_loop"),
-    // The BSP's loop (CPL 3, or CPL 0 in x2APIC mode): count, and carry out each new mailbox
-    // request.
+    // The BSP's loop (CPL 3, or CPL 0 in x2APIC mode): count, every R15 rounds poll the GED
+    // (no interrupts here: no IDT, and CPL 3), and carry out each new mailbox request.
     ".Lagent_bsp_loop:",
     "incq (%rbx)",
+    "decl %r15d",
+    "jz .Lagent_acpi_poll",
+    ".Lagent_bsp_mailbox:",
     "movl {mb_seq}, %eax",
     "cmpl %eax, %r13d",
     "je .Lagent_bsp_loop",
@@ -315,6 +328,128 @@ core::arch::global_asm!(
     "movw ${port_ack}, %dx",
     "outl %eax, %dx",
     "jmp .Lagent_bsp_loop",
+    // ACPI hotplug, polled: the mailbox's poll interval (0: off, look again later); a GED
+    // event clears what it saw (write 1 to clear) and scans the controller.
+    ".Lagent_acpi_poll:",
+    "movl {mb_acpi_poll}, %r15d",
+    "testl %r15d, %r15d",
+    "jnz .Lagent_acpi_on",
+    "movl ${acpi_recheck}, %r15d",
+    "jmp .Lagent_bsp_mailbox",
+    ".Lagent_acpi_on:",
+    "movl ${ged_base}, %esi",
+    "movl (%rsi), %eax",
+    "testl ${ged_cpu}, %eax",
+    "jz .Lagent_bsp_mailbox",
+    "movl %eax, (%rsi)",
+    "call .Lagent_acpi_scan",
+    "jmp .Lagent_bsp_mailbox",
+    // The scan, as Linux's ACPI processor driver would act on the AML's notifications: for the
+    // lowest CPU with an event (NEXT), select it and read STAT. Insert: look up its APIC ID in
+    // the MADT by UID (= index), INIT + SIPI, acknowledge. Remove: INIT (park), acknowledge
+    // and eject in one write. Until NEXT says none. Clobbers RAX, RCX, RDX, RSI, RDI, R9, R11.
+    ".Lagent_acpi_scan:",
+    "movl ${ctl_base}, %esi",
+    "movl {reg_next}(%rsi), %eax",
+    "cmpl ${next_none}, %eax",
+    "je .Lagent_acpi_done",
+    "movl %eax, {reg_sel}(%rsi)",
+    "movl %eax, %r9d",
+    "movzbl {reg_stat}(%rsi), %ecx",
+    "testl ${stat_insert}, %ecx",
+    "jnz .Lagent_acpi_insert",
+    "testl ${stat_remove}, %ecx",
+    "jnz .Lagent_acpi_remove",
+    ".Lagent_acpi_done:",
+    "ret",
+    ".Lagent_acpi_insert:",
+    "call .Lagent_madt_apic_id",
+    "cmpl ${next_none}, %eax",
+    // No MADT entry: acknowledged without a wake (the VMM sees the vCPU did not start).
+    "je .Lagent_acpi_ack_insert",
+    "movl ${cmd_wake}, %r11d",
+    "call .Lagent_ipi_to",
+    ".Lagent_acpi_ack_insert:",
+    "movl ${ctl_base}, %esi",
+    "movb ${cmd_ack_insert}, {reg_stat}(%rsi)",
+    "jmp .Lagent_acpi_scan",
+    ".Lagent_acpi_remove:",
+    "call .Lagent_madt_apic_id",
+    "cmpl ${next_none}, %eax",
+    "je .Lagent_acpi_ack_remove",
+    "movl ${cmd_park}, %r11d",
+    "call .Lagent_ipi_to",
+    "movl ${ctl_base}, %esi",
+    "movb ${cmd_ack_remove_eject}, {reg_stat}(%rsi)",
+    "jmp .Lagent_acpi_scan",
+    // No MADT entry: acknowledged, not ejected (the VMM keeps the vCPU).
+    ".Lagent_acpi_ack_remove:",
+    "movl ${ctl_base}, %esi",
+    "movb ${cmd_ack_remove}, {reg_stat}(%rsi)",
+    "jmp .Lagent_acpi_scan",
+    // EAX = the APIC ID of the MADT processor entry whose UID is R9D (type 0 or 9), or
+    // 0xFFFF_FFFF. The MADT's address is in the mailbox. Clobbers RCX, RSI, RDI.
+    ".Lagent_madt_apic_id:",
+    "movl {mb_madt}, %esi",
+    "testl %esi, %esi",
+    "jz .Lagent_madt_none",
+    "movl 4(%rsi), %edi",
+    "addq %rsi, %rdi",
+    "addq ${madt_header}, %rsi",
+    ".Lagent_madt_next:",
+    "cmpq %rdi, %rsi",
+    "jae .Lagent_madt_none",
+    "movzbl 1(%rsi), %ecx",
+    "testl %ecx, %ecx",
+    "jz .Lagent_madt_none",
+    "movzbl (%rsi), %eax",
+    "cmpl ${madt_lapic}, %eax",
+    "je .Lagent_madt_lapic",
+    "cmpl ${madt_x2apic}, %eax",
+    "je .Lagent_madt_x2apic",
+    ".Lagent_madt_skip:",
+    "addq %rcx, %rsi",
+    "jmp .Lagent_madt_next",
+    ".Lagent_madt_lapic:",
+    "movzbl 2(%rsi), %eax",
+    "cmpl %r9d, %eax",
+    "jne .Lagent_madt_skip",
+    "movzbl 3(%rsi), %eax",
+    "ret",
+    ".Lagent_madt_x2apic:",
+    "movl 12(%rsi), %eax",
+    "cmpl %r9d, %eax",
+    "jne .Lagent_madt_skip",
+    "movl 4(%rsi), %eax",
+    "ret",
+    ".Lagent_madt_none:",
+    "movl ${next_none}, %eax",
+    "ret",
+    // INIT (R11D = park) or INIT + SIPI (R11D = wake) to the APIC ID in EAX, through the MMIO
+    // ICR (xAPIC) or the ICR MSR (x2APIC, R14D = 1). Clobbers RAX, RCX, RDX, RSI.
+    ".Lagent_ipi_to:",
+    "testl %r14d, %r14d",
+    "jnz .Lagent_ipi_to_x2apic",
+    "shll $24, %eax",
+    "movl ${icr_high}, %esi",
+    "movl %eax, (%rsi)",
+    "movl ${icr_low}, %esi",
+    "movl ${icr_init}, (%rsi)",
+    "cmpl ${cmd_wake}, %r11d",
+    "jne .Lagent_ipi_to_done",
+    "movl ${icr_sipi}, (%rsi)",
+    "jmp .Lagent_ipi_to_done",
+    ".Lagent_ipi_to_x2apic:",
+    "movl %eax, %edx",
+    "movl ${x2apic_icr}, %ecx",
+    "movl ${icr_init}, %eax",
+    "wrmsr",
+    "cmpl ${cmd_wake}, %r11d",
+    "jne .Lagent_ipi_to_done",
+    "movl ${icr_sipi}, %eax",
+    "wrmsr",
+    ".Lagent_ipi_to_done:",
+    "ret",
     // APs: probe, then count at CPL 3 (mode 0) or halt at CPL 0 with interrupts off (mode 1).
     program_entry_asm!("agent", "ap"),
     "call .Lagent_probe",
@@ -408,6 +543,25 @@ core::arch::global_asm!(
     line_shift = const CPU_LINE_SHIFT,
     lines = const CPU_LINES_ADDR,
     agent_slot_mask = const APIC_ID_SLOTS - 1,
+    // The agent's ACPI hotplug.
+    mb_acpi_poll = const MAILBOX_ACPI_POLL,
+    mb_madt = const MAILBOX_MADT,
+    acpi_recheck = const ACPI_RECHECK_ROUNDS,
+    ged_base = const GED_MMIO_BASE,
+    ged_cpu = const ged_events::CPU_HOTPLUG,
+    ctl_base = const CPU_HOTPLUG_MMIO_BASE,
+    reg_sel = const regs::SEL,
+    reg_stat = const regs::STAT,
+    reg_next = const regs::NEXT,
+    next_none = const regs::NEXT_NONE,
+    stat_insert = const regs::STAT_INSERT,
+    stat_remove = const regs::STAT_REMOVE,
+    cmd_ack_insert = const regs::CMD_ACK_INSERT,
+    cmd_ack_remove = const regs::CMD_ACK_REMOVE,
+    cmd_ack_remove_eject = const regs::CMD_ACK_REMOVE | regs::CMD_EJECT,
+    madt_header = const MADT_HEADER_LEN,
+    madt_lapic = const madt_type::LOCAL_APIC,
+    madt_x2apic = const madt_type::LOCAL_X2APIC,
     options(att_syntax),
 );
 

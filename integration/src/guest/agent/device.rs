@@ -298,6 +298,17 @@ impl GuestAgent {
         Ok(t.elapsed())
     }
 
+    /// Records that the guest parked these APs on its own (an ACPI hot-remove, which the BSP
+    /// carries out without the mailbox): they are no longer online, and a later wake must
+    /// report again.
+    pub fn mark_parked(&self, apic_ids: &[u32]) {
+        let mut s = lock(&self.state);
+        for id in apic_ids {
+            s.online.remove(id);
+            s.parked.insert(*id);
+        }
+    }
+
     /// Asks the guest to stop the VM through the shutdown port (not waiting: the VM's exit
     /// event tells when it happened).
     pub fn request_shutdown(&self) -> Result<(), IntegrationError> {

@@ -60,10 +60,12 @@
 //! # }
 //! ```
 
+pub mod acpi;
 mod device;
 pub mod upcall;
 mod vm;
 
+pub use acpi::{attach_acpi, AgentAcpi, AgentAcpiOptions};
 pub use device::{GuestAgent, OnlineReport};
 pub use upcall::{attach_upcall, AgentUpcall, AgentUpcallOptions};
 pub use vm::{AgentVm, AgentVmOptions};
@@ -89,6 +91,12 @@ pub mod shared_memory {
     pub const MAILBOX_ARG: u64 = MAILBOX_ADDR + 8;
     /// `u32`: the [`super::ApMode`] (read by each AP once it reported).
     pub const MAILBOX_MODE: u64 = MAILBOX_ADDR + 12;
+    /// `u32`: the MADT's guest address, where the BSP looks up the APIC ID of a CPU the ACPI
+    /// hotplug controller reports (0: none).
+    pub const MAILBOX_MADT: u64 = MAILBOX_ADDR + 16;
+    /// `u32`: every how many loop rounds the BSP polls the GED (ACPI hotplug); 0: it does
+    /// not (see [`super::acpi`]).
+    pub const MAILBOX_ACPI_POLL: u64 = MAILBOX_ADDR + 20;
     /// The query list: `u32` count, `u32` 0, then `count` pairs of `u32` leaf, `u32` subleaf.
     pub const QUERIES_ADDR: u64 = 0x60_1000;
     /// The most queries the guest executes (one 4 KiB result table per vCPU).
