@@ -48,7 +48,13 @@ struct VmArgs {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Boot vCPUs, show what the guest reads from CPUID, pause/resume, hotplug, stop (default).
-    Demo,
+    Demo {
+        /// How the guest is asked to online and offline CPUs: upcall (a patched guest
+        /// kernel's vsock channel) or acpi (the CPU hotplug controller and GED, what stock
+        /// kernels understand).
+        #[arg(long, value_enum, default_value_t = cmd::demo::HotplugChannel::Upcall)]
+        hotplug: cmd::demo::HotplugChannel,
+    },
     /// Boot every possible vCPU; each executes CPUID for what hwloc reads and the results are
     /// dumped (JSON, hwloc's format).
     Cpuid {
@@ -156,8 +162,11 @@ fn run(cli: Cli) -> Result<(), CliError> {
         logger: logger(a.verbose),
     };
     let out = Out::new(a.json);
-    match cli.command.unwrap_or(Command::Demo) {
-        Command::Demo => cmd::demo::run(&spec, &out, a.json),
+    let default = Command::Demo {
+        hotplug: cmd::demo::HotplugChannel::Upcall,
+    };
+    match cli.command.unwrap_or(default) {
+        Command::Demo { hotplug } => cmd::demo::run(&spec, &out, hotplug, a.json),
         Command::Cpuid { hwloc_dir } => cmd::cpuid::run(&spec, &out, hwloc_dir, a.json),
         Command::Bench {
             vcpus,

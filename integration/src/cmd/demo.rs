@@ -1,5 +1,6 @@
 //! `vcpuctl demo`: boot vCPUs of the guest agent, show what the guest reads from CPUID,
-//! pause/resume all with proof from the guests' counters, hotplug over upcall, stop.
+//! pause/resume all with proof from the guests' counters, hotplug over upcall or ACPI
+//! (`--hotplug upcall|acpi`), stop.
 
 use std::time::{Duration, Instant};
 
@@ -9,7 +10,30 @@ use vmm_core::VmStopReason;
 
 use super::cpuid::{agent_views, location_table, VcpuCpuidView};
 use super::{micros, millis, open_kvm, print_json, CliError, ExitCode, Out, VmSpec, GUEST_TIMEOUT};
-use crate::guest::agent::{attach_upcall, AgentUpcallOptions, AgentVm, ApMode, GuestAgent};
+use crate::guest::agent::{
+    attach_acpi, attach_upcall, AgentAcpiOptions, AgentUpcallOptions, AgentVm, ApMode, GuestAgent,
+};
+
+/// How `vcpuctl demo` asks the guest to online and offline CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum HotplugChannel {
+    /// Upcall: the VMM's requests over vsock to a patched guest kernel (Dragonball's way).
+    #[default]
+    Upcall,
+    /// ACPI: the CPU hotplug controller, the GED and the DSDT's processor devices, which
+    /// stock kernels understand.
+    Acpi,
+}
+
+impl HotplugChannel {
+    fn name(self) -> &'static str {
+        match self {
+            HotplugChannel::Upcall => "upcall",
+            HotplugChannel::Acpi => "ACPI",
+        }
+    }
+}
 use crate::IntegrationError;
 
 /// The demo's record of one pause or resume.
@@ -38,8 +62,13 @@ pub struct ResizeStep {
     pub latency_ms: f64,
     /// The part spent creating/configuring/starting (or exiting) vCPU threads.
     pub vcpu_work_ms: f64,
-    /// The part spent in the upcall round trip (the guest acting on the CPUs).
+    /// The part spent in the guest round trip (upcall or ACPI: the guest acting on the CPUs).
     pub upcall_ms: f64,
+    /// The hotplug channel (`upcall` or `acpi`).
+    pub hotplug: HotplugChannel,
+    /// What each added vCPU's guest code read from CPUID leaf 0xB EDX (its x2APIC ID), in
+    /// the order of `added`: equal to the APIC IDs the VMM gave them.
+    pub guest_reported_apic_ids: Vec<u32>,
     /// The APIC IDs of the present vCPUs afterwards.
     pub present_apic_ids: Vec<u32>,
     /// The APIC IDs the guest's BSP sent INIT/SIPI to during this step.
@@ -131,6 +160,8 @@ pub struct DemoReport {
     pub boot_vcpus: Vec<VcpuCpuidView>,
     /// Pause and resume of all vCPUs.
     pub pause_resume: PauseResumeStep,
+    /// The hotplug channel of the resize steps.
+    pub hotplug: HotplugChannel,
     /// Hotplug steps.
     pub resize: Vec<ResizeStep>,
     /// Why the VM stopped.
@@ -164,22 +195,48 @@ fn wait_all_advanced(
     .into())
 }
 
-/// The demo's resize steps: to the maximum, then back to 3, over upcall; the guest agent wakes
-/// the new vCPUs (INIT/SIPI from the BSP) and parks the removed ones (INIT) as a guest kernel
-/// would, before their threads are exited.
+/// The demo's resize steps: to the maximum, then back to 3, over upcall or ACPI; the guest
+/// agent wakes the new vCPUs (INIT/SIPI from the BSP) and parks the removed ones (INIT) as a
+/// guest kernel would, before their threads are exited. Over ACPI the guest's BSP finds them
+/// on the hotplug controller (polling the GED), takes their APIC IDs from the MADT, and ejects
+/// the removed ones.
 fn demo_resize(
     vm: &mut AgentVm,
     spec: &VmSpec,
     out: &Out,
+    channel: HotplugChannel,
     threads: &mut Vec<VcpuThreadReport>,
 ) -> Result<Vec<ResizeStep>, CliError> {
-    let _upcall = attach_upcall(
-        vm,
-        AgentUpcallOptions {
-            logger: spec.logger.clone(),
-            ..AgentUpcallOptions::default()
-        },
-    )?;
+    let (_upcall, acpi) = match channel {
+        HotplugChannel::Upcall => {
+            let upcall = attach_upcall(
+                vm,
+                AgentUpcallOptions {
+                    logger: spec.logger.clone(),
+                    ..AgentUpcallOptions::default()
+                },
+            )?;
+            (Some(upcall), None)
+        }
+        HotplugChannel::Acpi => {
+            let acpi = attach_acpi(
+                vm,
+                AgentAcpiOptions {
+                    guest_timeout: GUEST_TIMEOUT,
+                    ..AgentAcpiOptions::default()
+                },
+            )?;
+            out.line(format!(
+                "ACPI hotplug: controller at {:#x}, GED at {:#x} (GSI {}), {} processor devices \
+                 in the DSDT; the guest polls the GED",
+                acpi.hotplug.layout.controller_base,
+                acpi.hotplug.layout.ged_base,
+                acpi.hotplug.layout.gsi,
+                acpi.hotplug.controller.count()
+            ));
+            (None, Some(acpi))
+        }
+    };
     let max = spec.smp.max_cpus;
     let mut steps = Vec::new();
     for target in [max, 3.min(max)] {
@@ -189,35 +246,63 @@ fn demo_resize(
         }
         let woken_before = vm.agent.woken_apic_ids().len();
         let parked_before = vm.agent.parked_apic_ids();
+        let ejects_before = acpi
+            .as_ref()
+            .map_or(0, |a| a.hotplug.controller.stats().ejects);
         let outcome = {
-            let _p = out.progress(format!("resize {from} -> {target} vCPUs over upcall"));
+            let _p = out.progress(format!(
+                "resize {from} -> {target} vCPUs over {}",
+                channel.name()
+            ));
             vm.vcpus.resize_vcpus(target)?
         };
         let present = vm.present_apic_ids();
         sample_vcpu_threads(vm, threads)?;
         out.line(format!(
-            "  done in {:.1} ms (vCPU threads {:.1} ms, upcall round trip {:.1} ms); present \
+            "  done in {:.1} ms (vCPU threads {:.1} ms, {} round trip {:.1} ms); present \
              APIC IDs {present:?}",
             millis(outcome.total),
             millis(outcome.vcpu_work),
+            channel.name(),
             millis(outcome.upcall),
         ));
-        let woken: Vec<u32> = vm.agent.woken_apic_ids()[woken_before..].to_vec();
-        let parked: Vec<u32> = vm
-            .agent
-            .parked_apic_ids()
-            .into_iter()
-            .filter(|id| !parked_before.contains(id))
-            .collect();
         let added_ids: Vec<u32> = outcome.added.iter().map(|s| s.apic_id).collect();
         let mut removed_ids: Vec<u32> = outcome.removed.iter().map(|s| s.apic_id).collect();
         removed_ids.sort_unstable();
+        if acpi.is_some() {
+            // Over ACPI the BSP acts without the mailbox: what it did is what the controller
+            // saw (the inserts it acknowledged, the CPUs it ejected).
+            vm.agent.mark_parked(&removed_ids);
+        }
+        let (woken, parked): (Vec<u32>, Vec<u32>) = match &acpi {
+            None => (
+                vm.agent.woken_apic_ids()[woken_before..].to_vec(),
+                vm.agent
+                    .parked_apic_ids()
+                    .into_iter()
+                    .filter(|id| !parked_before.contains(id))
+                    .collect(),
+            ),
+            Some(a) => {
+                let ejected = a.hotplug.controller.stats().ejects - ejects_before;
+                (
+                    added_ids.clone(),
+                    removed_ids
+                        .iter()
+                        .copied()
+                        .take(usize::try_from(ejected).unwrap_or(usize::MAX))
+                        .collect(),
+                )
+            }
+        };
         let mut step = ResizeStep {
             from,
             to: target,
             latency_ms: millis(outcome.total),
             vcpu_work_ms: millis(outcome.vcpu_work),
             upcall_ms: millis(outcome.upcall),
+            hotplug: channel,
+            guest_reported_apic_ids: Vec::new(),
             present_apic_ids: present,
             woken_by_guest: woken,
             parked_by_guest: parked,
@@ -227,6 +312,17 @@ fn demo_resize(
             kept_fds: Vec::new(),
         };
         if !added_ids.is_empty() {
+            vm.agent.wait_online(&added_ids, GUEST_TIMEOUT)?;
+            let reports = vm.agent.online_reports();
+            step.guest_reported_apic_ids = added_ids
+                .iter()
+                .filter_map(|id| reports.iter().find(|r| r.vcpu_id == *id))
+                .map(|r| r.cpuid_apic_id)
+                .collect();
+            out.line(format!(
+                "  the new vCPUs' guest code read these APIC IDs from CPUID: {:?}",
+                step.guest_reported_apic_ids
+            ));
             step.added = agent_views(vm, Some(&added_ids))?;
             step.added_counters =
                 wait_all_advanced(&vm.agent, &added_ids, &vec![0; added_ids.len()])?;
@@ -268,8 +364,8 @@ fn demo_resize(
     Ok(steps)
 }
 
-/// `vcpuctl demo`.
-pub fn demo(spec: &VmSpec, out: &Out) -> Result<DemoReport, CliError> {
+/// `vcpuctl demo`, hotplugging over `channel`.
+pub fn demo(spec: &VmSpec, out: &Out, channel: HotplugChannel) -> Result<DemoReport, CliError> {
     let smp = &spec.smp;
     let topo = smp.topology;
     let apic_ids = topo.apic_ids();
@@ -338,7 +434,7 @@ pub fn demo(spec: &VmSpec, out: &Out) -> Result<DemoReport, CliError> {
         counters_resumed,
     };
 
-    let resize = demo_resize(&mut vm, spec, out, &mut vcpu_threads)?;
+    let resize = demo_resize(&mut vm, spec, out, channel, &mut vcpu_threads)?;
     let filtered = vcpu_threads.iter().filter(|t| t.seccomp_mode == 2).count();
     out.line(format!(
         "seccomp: {filtered} of {} vCPU threads ran under a seccomp filter (Seccomp: 2)",
@@ -386,6 +482,7 @@ pub fn demo(spec: &VmSpec, out: &Out) -> Result<DemoReport, CliError> {
         apic_ids,
         boot_vcpus,
         pause_resume,
+        hotplug: channel,
         resize,
         stop: stop.to_string(),
         stop_vcpu_id: stop.vcpu_id,
@@ -395,8 +492,8 @@ pub fn demo(spec: &VmSpec, out: &Out) -> Result<DemoReport, CliError> {
 }
 
 /// Runs `vcpuctl demo` (its JSON report on stdout with `json`).
-pub fn run(spec: &VmSpec, out: &Out, json: bool) -> Result<(), CliError> {
-    let report = demo(spec, out)?;
+pub fn run(spec: &VmSpec, out: &Out, channel: HotplugChannel, json: bool) -> Result<(), CliError> {
+    let report = demo(spec, out, channel)?;
     if json {
         print_json(&report)?;
     }
