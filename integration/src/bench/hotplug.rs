@@ -1,12 +1,17 @@
 //! Hotplug latency on the agent guest: [`bench_resize`], and the `hot_add`, `hot_add_vcpu`
-//! and `hot_remove` rows ([`hotplug_lines`]).
+//! and `hot_remove` rows ([`hotplug_lines`]), over upcall and over ACPI (the same rows with
+//! an `_acpi` suffix).
 //!
-//! Each step is one [`VcpuManager::resize_vcpus`](vmm_core::VcpuManager::resize_vcpus) over
-//! upcall, timed from the request until the reply came back; a grow returns only once the
-//! guest's BSP sent INIT/SIPI to every new vCPU and each of them ran guest code and reported
-//! its APIC ID (the agent's callback waits for that before the guest server replies). The
-//! outcome splits the time into vCPU creation/start (or exit, when removing) and the upcall
-//! round trip.
+//! Each step is one [`VcpuManager::resize_vcpus`](vmm_core::VcpuManager::resize_vcpus),
+//! timed from the request until every new vCPU ran guest code and reported its APIC ID:
+//! - over upcall the resize returns only then (the agent's callback waits for the reports
+//!   before the guest server replies);
+//! - over ACPI the resize returns once the guest acknowledged every insert on the hotplug
+//!   controller and the manager saw every new vCPU leave wait-for-SIPI; the wait for the
+//!   reports after it is added to the sample's total (and to its guest round trip).
+//!
+//! The outcome splits the time into vCPU creation/start (or exit, when removing) and the
+//! guest round trip.
 
 use std::time::Duration;
 
@@ -14,7 +19,10 @@ use serde::Serialize;
 use vmm_core::{VcpuConfig, VcpuManagerOptions};
 
 use super::{median_by, BenchLine};
-use crate::guest::agent::{attach_upcall, AgentUpcallOptions, AgentVm, AgentVmOptions, ApMode};
+use crate::guest::agent::{
+    attach_acpi, attach_upcall, AgentAcpiOptions, AgentUpcallOptions, AgentVm, AgentVmOptions,
+    ApMode, HotplugChannel,
+};
 use crate::IntegrationError;
 
 /// What [`bench_resize`] measures.
@@ -28,6 +36,8 @@ pub struct ResizeBenchOptions {
     pub rounds: u32,
     /// Where the VM and the upcall channel log.
     pub logger: slog::Logger,
+    /// Upcall or ACPI.
+    pub channel: HotplugChannel,
 }
 
 impl Default for ResizeBenchOptions {
@@ -36,6 +46,7 @@ impl Default for ResizeBenchOptions {
             steps: vec![1, 7],
             rounds: 3,
             logger: slog::Logger::root(slog::Discard, slog::o!()),
+            channel: HotplugChannel::Upcall,
         }
     }
 }
@@ -43,6 +54,8 @@ impl Default for ResizeBenchOptions {
 /// One timed resize.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ResizeSample {
+    /// The hotplug channel.
+    pub channel: HotplugChannel,
     /// vCPUs before.
     pub from: u32,
     /// vCPUs after.
@@ -53,13 +66,15 @@ pub struct ResizeSample {
     pub total: Duration,
     /// vCPU creation, configuration and thread start (add) or thread exit (remove).
     pub vcpu_work: Duration,
-    /// The upcall round trip (for an add: until every new vCPU ran guest code).
+    /// The guest round trip (for an add: until every new vCPU ran guest code).
     pub upcall: Duration,
 }
 
 /// Every sample of [`bench_resize`], in the order taken.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct ResizeBenchReport {
+    /// The hotplug channel of every sample.
+    pub channel: HotplugChannel,
     /// The samples: per round and step, the add, then the remove.
     pub samples: Vec<ResizeSample>,
 }
@@ -77,8 +92,8 @@ impl ResizeBenchReport {
 }
 
 /// Boots the agent guest with 1 vCPU of at most `1 + max(steps)` (APs halt once online, so
-/// that idle vCPUs use no host CPU), attaches an upcall channel, and for each round and step
-/// `n` resizes 1 -> 1+n and back, timing each.
+/// that idle vCPUs use no host CPU), attaches the upcall or ACPI channel, and for each round
+/// and step `n` resizes 1 -> 1+n and back, timing each.
 pub fn bench_resize(
     kvm: kvm_ioctls::Kvm,
     options: &ResizeBenchOptions,
@@ -100,14 +115,26 @@ pub fn bench_resize(
     };
     let mut vm = AgentVm::create(kvm, config, vm_options)?;
     vm.start(Duration::from_secs(60))?;
-    let _upcall = attach_upcall(
-        &mut vm,
-        AgentUpcallOptions {
-            logger: options.logger.clone(),
-            ..AgentUpcallOptions::default()
-        },
-    )?;
-    let mut report = ResizeBenchReport::default();
+    let (_upcall, _acpi) = match options.channel {
+        HotplugChannel::Upcall => {
+            let upcall = attach_upcall(
+                &mut vm,
+                AgentUpcallOptions {
+                    logger: options.logger.clone(),
+                    ..AgentUpcallOptions::default()
+                },
+            )?;
+            (Some(upcall), None)
+        }
+        HotplugChannel::Acpi => (
+            None,
+            Some(attach_acpi(&mut vm, AgentAcpiOptions::default())?),
+        ),
+    };
+    let mut report = ResizeBenchReport {
+        channel: options.channel,
+        samples: Vec::new(),
+    };
     for _ in 0..options.rounds {
         for &n in &options.steps {
             let target = 1 + n;
@@ -118,14 +145,27 @@ pub fn bench_resize(
                     .is_ok_and(|id| kept.binary_search(&id).is_ok())
             });
             for (to, reused) in [(target, reused_fds), (1, false)] {
+                let t = std::time::Instant::now();
                 let out = vm.vcpus.resize_vcpus(to)?;
+                let added: Vec<u32> = out.added.iter().map(|s| s.apic_id).collect();
+                let removed: Vec<u32> = out.removed.iter().map(|s| s.apic_id).collect();
+                // Over ACPI the new vCPUs may still be on their way to the report.
+                let (mut total, mut upcall) = (out.total, out.upcall);
+                if options.channel == HotplugChannel::Acpi {
+                    let t_wait = std::time::Instant::now();
+                    vm.agent.wait_online(&added, Duration::from_secs(60))?;
+                    vm.agent.mark_parked(&removed);
+                    upcall += t_wait.elapsed();
+                    total = t.elapsed();
+                }
                 report.samples.push(ResizeSample {
+                    channel: options.channel,
                     from: out.from,
                     to: out.to,
                     reused_fds: reused,
-                    total: out.total,
+                    total,
                     vcpu_work: out.vcpu_work,
-                    upcall: out.upcall,
+                    upcall,
                 });
             }
         }
@@ -146,22 +186,37 @@ pub fn hotplug_lines(
     steps: &[u32],
     bare_create: &[Duration],
 ) -> Vec<BenchLine> {
+    let (add_row, vcpu_row, remove_row, add_what, vcpu_what, remove_what) = match report.channel {
+        HotplugChannel::Upcall => (
+            "hot_add",
+            "hot_add_vcpu",
+            "hot_remove",
+            "resize_vcpus(1 -> 1+N) over upcall until every new vCPU ran guest code; bare: \
+             KVM_CREATE_VCPU+KVM_SET_CPUID2 of N vCPUs",
+            "the vCPU creation/configuration/start share of hot_add (the rest is the upcall \
+             round trip); bare as hot_add",
+            "resize_vcpus(1+N -> 1) over upcall until the removed threads ended",
+        ),
+        HotplugChannel::Acpi => (
+            "hot_add_acpi",
+            "hot_add_vcpu_acpi",
+            "hot_remove_acpi",
+            "resize_vcpus(1 -> 1+N) over ACPI (GED + hotplug controller, the guest polls) until \
+             every new vCPU ran guest code; bare: KVM_CREATE_VCPU+KVM_SET_CPUID2 of N vCPUs",
+            "the vCPU creation/configuration/start share of hot_add_acpi (the rest is the guest \
+             round trip and the MP-state check); bare as hot_add_acpi",
+            "resize_vcpus(1+N -> 1) over ACPI until the guest ejected them and their threads \
+             ended",
+        ),
+    };
     let mut out = Vec::new();
     for (&n, &bare) in steps.iter().zip(bare_create) {
         let to = n.saturating_add(1);
         if let Some(add) = report.median(1, to) {
+            out.push(BenchLine::new(add_row, add_what, n, add.total, Some(bare)));
             out.push(BenchLine::new(
-                "hot_add",
-                "resize_vcpus(1 -> 1+N) over upcall until every new vCPU ran guest code; bare: \
-                 KVM_CREATE_VCPU+KVM_SET_CPUID2 of N vCPUs",
-                n,
-                add.total,
-                Some(bare),
-            ));
-            out.push(BenchLine::new(
-                "hot_add_vcpu",
-                "the vCPU creation/configuration/start share of hot_add (the rest is the upcall \
-                 round trip); bare as hot_add",
+                vcpu_row,
+                vcpu_what,
                 n,
                 add.vcpu_work,
                 Some(bare),
@@ -169,8 +224,8 @@ pub fn hotplug_lines(
         }
         if let Some(remove) = report.median(to, 1) {
             out.push(BenchLine::new(
-                "hot_remove",
-                "resize_vcpus(1+N -> 1) over upcall until the removed threads ended",
+                remove_row,
+                remove_what,
                 n,
                 remove.total,
                 None,
@@ -187,6 +242,7 @@ mod tests {
     #[test]
     fn median_picks_the_middle_of_matching_samples() {
         let s = |from, to, ms| ResizeSample {
+            channel: HotplugChannel::Upcall,
             from,
             to,
             reused_fds: false,
@@ -195,6 +251,7 @@ mod tests {
             upcall: Duration::ZERO,
         };
         let r = ResizeBenchReport {
+            channel: HotplugChannel::Upcall,
             samples: vec![s(1, 2, 9), s(2, 1, 1), s(1, 2, 3), s(1, 2, 5)],
         };
         assert_eq!(
@@ -211,6 +268,7 @@ mod tests {
     #[test]
     fn hotplug_lines_take_the_medians_and_leave_remove_without_bare() {
         let s = |from, to, ms: u64| ResizeSample {
+            channel: HotplugChannel::Upcall,
             from,
             to,
             reused_fds: false,
@@ -218,7 +276,8 @@ mod tests {
             vcpu_work: Duration::from_millis(ms / 2),
             upcall: Duration::from_millis(ms / 2),
         };
-        let report = ResizeBenchReport {
+        let mut report = ResizeBenchReport {
+            channel: HotplugChannel::Upcall,
             samples: vec![
                 s(1, 8, 10),
                 s(8, 1, 2),
@@ -240,5 +299,13 @@ mod tests {
         assert!(super::super::table(&l)
             .lines()
             .any(|x| x.starts_with("hot_remove") && x.trim_end().ends_with('-')));
+        report.channel = HotplugChannel::Acpi;
+        let l = hotplug_lines(&report, &[7], &[Duration::from_millis(5)]);
+        let names: Vec<&str> = l.iter().map(|x| x.benchmark).collect();
+        assert_eq!(
+            names,
+            ["hot_add_acpi", "hot_add_vcpu_acpi", "hot_remove_acpi"]
+        );
+        assert!(l[0].detail.contains("ACPI"));
     }
 }

@@ -165,8 +165,15 @@ pub(crate) fn pause_resume_rounds(
 
 /// The table as text, one line per measurement, then what each benchmark compares.
 pub fn table(lines: &[BenchLine]) -> String {
+    // The benchmark column fits the longest name (`hot_add_vcpu_acpi`).
+    let w = lines
+        .iter()
+        .map(|l| l.benchmark.len())
+        .max()
+        .unwrap_or(0)
+        .max(12);
     let mut s = format!(
-        "{:<12} {:>6} {:>12} {:>12} {:>7}\n",
+        "{:<w$} {:>6} {:>12} {:>12} {:>7}\n",
         "benchmark", "vCPUs", "ours ms", "bare KVM ms", "ratio"
     );
     let num = |v: f64, width: usize, prec: usize| {
@@ -178,7 +185,7 @@ pub fn table(lines: &[BenchLine]) -> String {
     };
     for l in lines {
         s.push_str(&format!(
-            "{:<12} {:>6} {} {} {}\n",
+            "{:<w$} {:>6} {} {} {}\n",
             l.benchmark,
             l.vcpus,
             num(l.ours_ms, 12, 3),

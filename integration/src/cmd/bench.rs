@@ -8,6 +8,7 @@ use crate::bench::bare::bare_create;
 use crate::bench::boot_process::{bench_boot_process, BootProcessOptions, BootProcessReport};
 use crate::bench::hotplug::{bench_resize, hotplug_lines, ResizeBenchOptions};
 use crate::bench::{actor, manager, table, BenchReport};
+use crate::guest::agent::HotplugChannel;
 
 /// What `vcpuctl bench` measures.
 #[derive(Clone, Debug)]
@@ -112,25 +113,36 @@ pub fn bench(spec: &VmSpec, out: &Out, options: BenchOptions) -> Result<BenchRep
         idle.push(actor::idle_pause_resume(n, rounds)?);
     }
     lines.extend(actor::bench_lines(Some(&exits), &idle));
-    let report = {
-        let _p = out.progress(format!("hot-add and hot-remove of {hot:?} vCPUs"));
-        let options = ResizeBenchOptions {
-            steps: hot.clone(),
-            rounds: hot_rounds,
-            logger: spec.logger.clone(),
-        };
-        bench_resize(kvm, &options)?
-    };
     let bare = hot
         .iter()
         .map(|&n| bare_create(n))
         .collect::<Result<Vec<_>, _>>()?;
-    lines.extend(hotplug_lines(&report, &hot, &bare));
+    let mut hotplug = Vec::new();
+    let mut kvm = Some(kvm);
+    for channel in [HotplugChannel::Upcall, HotplugChannel::Acpi] {
+        let _p = out.progress(format!(
+            "hot-add and hot-remove of {hot:?} vCPUs over {}",
+            channel.label()
+        ));
+        let options = ResizeBenchOptions {
+            steps: hot.clone(),
+            rounds: hot_rounds,
+            logger: spec.logger.clone(),
+            channel,
+        };
+        let kvm = match kvm.take() {
+            Some(kvm) => kvm,
+            None => open_kvm()?,
+        };
+        let report = bench_resize(kvm, &options)?;
+        lines.extend(hotplug_lines(&report, &hot, &bare));
+        hotplug.extend(report.samples);
+    }
     lines.extend(boot.iter().flat_map(BootProcessReport::lines));
     Ok(BenchReport {
         lines,
         rounds,
-        hotplug: report.samples,
+        hotplug,
         boot_process: boot,
     })
 }

@@ -14,26 +14,7 @@ use crate::guest::agent::{
     attach_acpi, attach_upcall, AgentAcpiOptions, AgentUpcallOptions, AgentVm, ApMode, GuestAgent,
 };
 
-/// How `vcpuctl demo` asks the guest to online and offline CPUs.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum HotplugChannel {
-    /// Upcall: the VMM's requests over vsock to a patched guest kernel (Dragonball's way).
-    #[default]
-    Upcall,
-    /// ACPI: the CPU hotplug controller, the GED and the DSDT's processor devices, which
-    /// stock kernels understand.
-    Acpi,
-}
-
-impl HotplugChannel {
-    fn name(self) -> &'static str {
-        match self {
-            HotplugChannel::Upcall => "upcall",
-            HotplugChannel::Acpi => "ACPI",
-        }
-    }
-}
+pub use crate::guest::agent::HotplugChannel;
 use crate::IntegrationError;
 
 /// The demo's record of one pause or resume.
@@ -252,7 +233,7 @@ fn demo_resize(
         let outcome = {
             let _p = out.progress(format!(
                 "resize {from} -> {target} vCPUs over {}",
-                channel.name()
+                channel.label()
             ));
             vm.vcpus.resize_vcpus(target)?
         };
@@ -263,7 +244,7 @@ fn demo_resize(
              APIC IDs {present:?}",
             millis(outcome.total),
             millis(outcome.vcpu_work),
-            channel.name(),
+            channel.label(),
             millis(outcome.upcall),
         ));
         let added_ids: Vec<u32> = outcome.added.iter().map(|s| s.apic_id).collect();

@@ -165,6 +165,29 @@ pub enum AgentCommand {
     Shutdown = 3,
 }
 
+/// How the VMM asks the agent guest to online and offline CPUs (`vcpuctl demo --hotplug`,
+/// the hotplug benchmark).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum HotplugChannel {
+    /// Upcall: the VMM's requests over vsock to a patched guest kernel (Dragonball's way).
+    #[default]
+    Upcall,
+    /// ACPI: the CPU hotplug controller, the GED and the DSDT's processor devices, which
+    /// stock kernels understand.
+    Acpi,
+}
+
+impl HotplugChannel {
+    /// `upcall` or `ACPI`, for messages.
+    pub fn label(self) -> &'static str {
+        match self {
+            HotplugChannel::Upcall => "upcall",
+            HotplugChannel::Acpi => "ACPI",
+        }
+    }
+}
+
 /// What an AP does once it reported.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 #[repr(u32)]
