@@ -205,3 +205,64 @@ fn grow_and_shrink_beyond_255_apic_ids_in_x2apic_mode() {
     assert_reported(&vm, &[255]);
     vm.agent.request_shutdown().unwrap();
 }
+
+#[test]
+fn bad_controller_input_never_removes_a_vcpu_the_manager_counts() {
+    let Some(kvm) = kvm_or_skip("bad_controller_input_never_removes_a_vcpu_the_manager_counts")
+    else {
+        return;
+    };
+    use vmm_core::acpi_hotplug::{regs, CPU_HOTPLUG_MMIO_BASE};
+    use vmm_core::BusSpace;
+    let mut vm = AgentVm::create(kvm, config(2, 7, 2), AgentVmOptions::default()).unwrap();
+    vm.start(TIMEOUT).expect("boot vCPUs report");
+    let acpi = attach_acpi(
+        &mut vm,
+        AgentAcpiOptions {
+            guest_timeout: TIMEOUT,
+            ..Default::default()
+        },
+    )
+    .expect("ACPI hotplug");
+    vm.vcpus.resize_vcpus(5).expect("grow to 5");
+    assert_reported(&vm, &[2, 3, 4]);
+    // Accesses as vCPU 1 would make them (the bus is what every vCPU's MMIO exit goes to).
+    let bus = vm.vm.io_bus();
+    let base = u64::from(CPU_HOTPLUG_MMIO_BASE);
+    let write = |offset: u64, data: &[u8]| {
+        bus.write(BusSpace::Mmio, 1, base + offset, data)
+            .expect("the controller never fails an access");
+    };
+    let select = |index: u32| write(regs::SEL, &index.to_le_bytes());
+    // Eject of CPU 0, of present CPUs not marked for removal, out-of-range selections,
+    // unknown command bits, writes to read-only registers and past the block.
+    for index in [0, 3, 4, 14, 1000, u32::MAX] {
+        select(index);
+        write(regs::STAT, &[regs::CMD_EJECT | regs::CMD_ACK_REMOVE | 0xf0]);
+        write(regs::STAT, &[regs::CMD_EJECT, 0xff, 0xff, 0xff]);
+    }
+    write(regs::NEXT, &[0; 4]);
+    write(regs::COUNT, &[0xff; 4]);
+    write(u64::from(regs::LEN), &[regs::CMD_EJECT]);
+    let stats = acpi.hotplug.controller.stats();
+    assert_eq!(stats.ejects, 0);
+    assert_eq!(stats.refused_ejects, 6, "{stats:?}");
+    assert_eq!(stats.out_of_range, 6, "{stats:?}");
+    assert_eq!(acpi.hotplug.controller.enabled(), [0, 1, 2, 3, 4]);
+    assert_eq!(vm.present_apic_ids(), [0, 1, 2, 3, 4]);
+    // The vCPUs the guest tried to eject still run guest code.
+    let before = vm.agent.progress_of(&[3, 4]);
+    let moved = integration::poll_until(TIMEOUT, Duration::from_millis(5), || {
+        vm.agent
+            .progress_of(&[3, 4])
+            .iter()
+            .zip(&before)
+            .all(|(now, then)| now > then)
+    });
+    assert!(moved, "vCPUs 3 and 4 still count");
+    // And the protocol still works.
+    let out = vm.vcpus.resize_vcpus(2).expect("shrink to 2");
+    assert_eq!(out.removed.len(), 3);
+    assert_eq!(acpi.hotplug.controller.stats().ejects, 3);
+    vm.agent.request_shutdown().unwrap();
+}

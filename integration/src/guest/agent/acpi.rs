@@ -46,6 +46,9 @@ pub const POLL_ROUNDS_NATIVE: u32 = 1 << 20;
 /// hosts, a few microseconds per round).
 pub const POLL_ROUNDS_EMULATED: u32 = 1 << 8;
 
+/// How long [`AgentAcpi::set_polling`] waits for the BSP.
+const SYNC_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// How to attach the ACPI channel.
 #[derive(Clone, Debug)]
 pub struct AgentAcpiOptions {
@@ -79,9 +82,12 @@ pub struct AgentAcpi {
 }
 
 impl AgentAcpi {
-    /// Turns the guest's GED polling on (`Some(interval)`) or off (`None`).
+    /// Turns the guest's GED polling on (`Some(interval)`) or off (`None`) and waits until
+    /// the BSP went once more through its loop ([`GuestAgent::sync`](super::GuestAgent::sync)):
+    /// a poll that read the old setting has ended by then. The VM must be running.
     pub fn set_polling(&self, vm: &AgentVm, interval: Option<u32>) -> Result<(), IntegrationError> {
-        write_u32(vm, shared_memory::MAILBOX_ACPI_POLL, interval.unwrap_or(0))
+        write_u32(vm, shared_memory::MAILBOX_ACPI_POLL, interval.unwrap_or(0))?;
+        vm.agent.sync(SYNC_TIMEOUT)
     }
 }
 
@@ -134,7 +140,9 @@ pub fn attach_acpi(
         })
         .max(1);
     let acpi = AgentAcpi { hotplug, tables };
-    acpi.set_polling(vm, options.guest_answers.then_some(interval))?;
+    // The VM may not run yet: no sync here (the BSP reads the setting at each poll).
+    let poll = if options.guest_answers { interval } else { 0 };
+    write_u32(vm, shared_memory::MAILBOX_ACPI_POLL, poll)?;
     vm.vcpus
         .set_hotplug_backend(Arc::clone(&acpi.hotplug.backend) as Arc<dyn HotplugBackend>);
     Ok(acpi)

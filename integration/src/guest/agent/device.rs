@@ -298,6 +298,12 @@ impl GuestAgent {
         Ok(t.elapsed())
     }
 
+    /// Waits until the BSP went once more through its loop ([`AgentCommand::Sync`]): what
+    /// the VMM wrote to the mailbox before is what it acts on from then on.
+    pub fn sync(&self, timeout: Duration) -> Result<(), IntegrationError> {
+        self.post(AgentCommand::Sync, 0, timeout, true)
+    }
+
     /// Records that the guest parked these APs on its own (an ACPI hot-remove, which the BSP
     /// carries out without the mailbox): they are no longer online, and a later wake must
     /// report again.

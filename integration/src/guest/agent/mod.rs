@@ -163,6 +163,9 @@ pub enum AgentCommand {
     Park = 2,
     /// Write [`SHUTDOWN_VALUE`] to the VM's shutdown port.
     Shutdown = 3,
+    /// Nothing but the acknowledgement: once it comes, the BSP has finished every round of
+    /// its loop that began before the request (e.g. a GED poll with an older setting).
+    Sync = 4,
 }
 
 /// How the VMM asks the agent guest to online and offline CPUs (`vcpuctl demo --hotplug`,
