@@ -1,7 +1,7 @@
 //! How the vCPU manager asks the guest to online and offline CPUs: the [`HotplugBackend`]
 //! trait, and [`UpcallBackend`], its implementation over the upcall client of the `hotplug`
-//! crate. The manager holds an `Arc<dyn HotplugBackend>`, never a concrete client, so that
-//! another channel (ACPI) can take its place.
+//! crate. The manager holds an `Arc<dyn HotplugBackend>`, never a concrete client; the other
+//! implementation is ACPI CPU hotplug ([`crate::acpi_hotplug::AcpiBackend`]).
 //!
 //! # What a backend promises
 //!
