@@ -74,7 +74,7 @@
 //!
 //! # When a hot-add is complete
 //!
-//! [`AcpiBackend::add`] marks the CPUs inserted, raises the GED and waits until the guest
+//! [`AcpiBackend`]'s `add` marks the CPUs inserted, raises the GED and waits until the guest
 //! acknowledged every insert event (the scan does, after notifying). The manager then
 //! confirms with KVM: it reads each new vCPU's MP state (`KVM_GET_MP_STATE`, after pausing it
 //! for a moment) and counts the hot-add done only if every new vCPU left the wait-for-SIPI

@@ -31,7 +31,9 @@
 //!
 //! For hotplug, [`attach_upcall`] puts the guest-side upcall server of `hotplug` (whose
 //! callback is [`GuestAgent::cpu_callback`]) behind a vsock muxer stub and gives the VM's
-//! manager a connected client, so that `resize_vcpus` runs end to end;
+//! manager a connected client, so that `resize_vcpus` runs end to end; [`attach_acpi`] does
+//! the same over ACPI CPU hotplug, which the BSP drives itself from its loop (it polls the
+//! GED: the agent takes no interrupts; see [`acpi`]);
 //! [`crate::bench::hotplug::bench_resize`] times it.
 //!
 //! # Ports
