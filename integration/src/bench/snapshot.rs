@@ -152,6 +152,7 @@ impl StateVm {
             max_vcpu_count: self.topology.max_vcpus(),
             topology: self.topology,
             vpmu: VpmuFeatureLevel::Disabled,
+            interrupt_mode: vmm_core::InterruptMode::XApic,
         }
     }
 
