@@ -99,6 +99,27 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Boot the agent guest (every vCPU counts in guest memory), hot-add vCPUs over upcall
+    /// if asked, pause and save it into a snapshot directory; print each vCPU's counter.
+    Snapshot {
+        /// Grow to this many vCPUs over upcall before saving (above the boot count, at most
+        /// maxcpus).
+        #[arg(long)]
+        resize: Option<u32>,
+        /// The snapshot directory (created if missing).
+        #[arg(long)]
+        to: PathBuf,
+    },
+    /// Restore a snapshot of `vcpuctl snapshot` in this process, run it and show every vCPU
+    /// continuing (exit code 0 only then). --smp, --vpmu and --memory come from the snapshot.
+    Restore {
+        /// The snapshot directory.
+        #[arg(long)]
+        from: PathBuf,
+        /// How long to run the restored guest, in milliseconds.
+        #[arg(long, default_value_t = 200)]
+        run_ms: u64,
+    },
     /// Boot a Linux kernel, console on this terminal.
     Boot {
         /// bzImage or ELF vmlinux.
@@ -181,6 +202,8 @@ fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::Chaos { fault, to } => cmd::chaos::run(&spec, &out, &fault, to, a.json),
         Command::Acpi { out: dir } => cmd::acpi::run(&spec, &out, &dir, a.json),
+        Command::Snapshot { resize, to } => cmd::snapshot::run(&spec, &out, resize, &to, a.json),
+        Command::Restore { from, run_ms } => cmd::restore::run(&spec, &out, &from, run_ms, a.json),
         Command::Boot {
             kernel,
             initrd,
