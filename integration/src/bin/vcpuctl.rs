@@ -80,6 +80,10 @@ enum Command {
         /// Only the boot_process row.
         #[arg(long)]
         boot_only: bool,
+        /// vCPU counts of the snapshot rows (save/restore of vCPU state, and with 64 MiB of
+        /// memory).
+        #[arg(long, value_delimiter = ',', default_values_t = [1u32, 8, 64, 254])]
+        snapshot_vcpus: Vec<u32>,
     },
     /// Resize against a misbehaving guest while another thread pauses and resumes the VM,
     /// then resize back; exit code 0 when the manager behaved, whatever the guest did.
@@ -188,6 +192,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             boot_vcpus,
             boot_runs,
             boot_only,
+            snapshot_vcpus,
         } => {
             let options = BenchOptions {
                 vcpus,
@@ -197,6 +202,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 boot_vcpus,
                 boot_runs,
                 boot_only,
+                snapshot_vcpus,
             };
             cmd::bench::run(&spec, &out, options, a.json)
         }
