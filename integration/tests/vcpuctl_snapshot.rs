@@ -301,3 +301,33 @@ fn restore_in_process_continues_counting_and_the_tsc_does_not_go_back() {
         "{e}"
     );
 }
+
+#[test]
+fn bench_has_the_snapshot_rows_with_both_sides() {
+    if integration::kvm_or_skip("bench_has_the_snapshot_rows_with_both_sides").is_none() {
+        return;
+    }
+    let v = run_json(&["bench", "--quick", "--boot-runs", "0", "--json"]);
+    let lines = v["lines"].as_array().expect("lines");
+    for n in [1u64, 8] {
+        for b in [
+            "save_state",
+            "restore_state",
+            "save_snapshot",
+            "restore_snapshot",
+            "vm_save",
+            "vm_restore",
+        ] {
+            let l = lines
+                .iter()
+                .find(|l| l["benchmark"] == b && l["vcpus"] == n)
+                .unwrap_or_else(|| panic!("{b} for {n} vCPUs missing: {lines:?}"));
+            assert!(l["ours_ms"].as_f64().is_some_and(|x| x > 0.0), "{l}");
+            assert!(l["bare_ms"].as_f64().is_some_and(|x| x > 0.0), "{l}");
+        }
+    }
+    // The rows that were there before are still there.
+    for b in ["startup", "pause_all", "resume_all", "pio_exit", "hot_add"] {
+        assert!(lines.iter().any(|l| l["benchmark"] == b), "{b} missing");
+    }
+}
