@@ -5,7 +5,7 @@
 //! core, die, socket); its *id* is its KVM vCPU id, which is its APIC ID from the topology.
 //! The vCPU actors, the exit handler and [`VcpuExitReason`](vcpu_actor::VcpuExitReason) use the id.
 
-mod snapshot;
+pub mod snapshot;
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, OwnedFd};

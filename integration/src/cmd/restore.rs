@@ -62,7 +62,7 @@ impl RestoreReport {
 }
 
 /// Restores `dir`, runs it for `run` (then, if some vCPU has not counted yet, until it has or
-/// [`GUEST_TIMEOUT`] passed: a loaded host may not have scheduled every vCPU thread), pauses
+/// 60 s passed: a loaded host may not have scheduled every vCPU thread), pauses
 /// and reads the counters (see the [module](self) documentation).
 pub fn restore(
     kvm: kvm_ioctls::Kvm,

@@ -6,7 +6,7 @@
 //! Only a [`Paused`](VmRunState::Paused) VM with no resize in flight is saved (a typed
 //! [`SnapshotError`] otherwise). The state machine's lock is held for the whole save, so no
 //! pause, resume or resize starts meanwhile. Every present vCPU saves its own state on its
-//! own thread ([`VcpuRequest::SaveState`], answered by the manager's [`ManagerStateSaver`]
+//! own thread ([`VcpuRequest::SaveState`], answered by the manager's own `VcpuStateSaver`
 //! with [`state::save`]); a pause completes any pending I/O instruction first, so the saved
 //! registers hold it done. Then the VM-scope state ([`vm_state::save_vm`]), the host, the
 //! configuration (topology, vPMU level, boot and max counts, interrupt mode) and the present
