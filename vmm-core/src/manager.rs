@@ -5,6 +5,8 @@
 //! core, die, socket); its *id* is its KVM vCPU id, which is its APIC ID from the topology.
 //! The vCPU actors, the exit handler and [`VcpuExitReason`](vcpu_actor::VcpuExitReason) use the id.
 
+pub mod snapshot;
+
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,6 +31,9 @@ use crate::pmu::{apply_pmu_actions, PmuActionsReport};
 use crate::state::{ManagerState, ResizeInFlight, Transition, VmRunState};
 use crate::vm::{reserve_fd_table, Vm};
 use crate::BootEntry;
+
+use snapshot::ManagerStateSaver;
+pub use snapshot::VmSnapshot;
 
 /// Fds beyond one per possible vCPU that the fd table is sized for up front (the VMM's
 /// other fds: devices, sockets, logs).
@@ -105,6 +110,9 @@ pub struct VcpuManager {
     /// A duplicate of the KVM fd of each vCPU a resize added, by APIC ID, to read its MP
     /// state (`KVM_GET_MP_STATE`) while its thread owns the fd.
     pub(crate) mp_probes: BTreeMap<u32, OwnedFd>,
+    /// Answers `SaveState` on every vCPU thread (see [`VcpuManager::save`]); holds the
+    /// MSR list, probed once on the first vCPU created, before its thread starts.
+    pub(crate) saver: Arc<ManagerStateSaver>,
     pub(crate) logger: Logger,
 }
 
@@ -156,6 +164,7 @@ impl VcpuManager {
         info!(logger, "vCPU manager ready";
               "boot" => config.boot_vcpu_count, "max" => config.max_vcpu_count,
               "vpmu" => %config.vpmu);
+        let saver = Arc::new(ManagerStateSaver::new(vm.fd()));
         Ok(Self {
             vm,
             config,
@@ -171,6 +180,7 @@ impl VcpuManager {
             state: Mutex::new(ManagerState::new()),
             backend: None,
             mp_probes: BTreeMap::new(),
+            saver,
             logger,
         })
     }
@@ -242,7 +252,7 @@ impl VcpuManager {
         self.state().resize_in_flight()
     }
 
-    fn check_setup_allowed(&self, op: ManagerOp) -> Result<(), VcpuSetupError> {
+    pub(crate) fn check_setup_allowed(&self, op: ManagerOp) -> Result<(), VcpuSetupError> {
         self.state()
             .check(Transition::Create, self.exit_flag_set())
             .map_err(|refusal| VcpuSetupError::InvalidState {
@@ -364,6 +374,32 @@ impl VcpuManager {
     /// configure a vCPU; [`VcpuSetupError::Spawn`] if a thread cannot start. The first error
     /// of the batch is returned.
     pub fn create_vcpus(&mut self, indices: &[u32]) -> Result<(), VcpuSetupError> {
+        let slots = self.new_slots(indices)?;
+        if slots.is_empty() {
+            return Ok(());
+        }
+        self.reserve_fds();
+
+        // 1. Create and configure every vCPU; on an error keep every fd made so far.
+        let mut configured: Vec<(u32, u32, VcpuFd)> = Vec::with_capacity(slots.len());
+        for &(index, apic_id) in &slots {
+            match self.create_configured(index, apic_id) {
+                Ok(fd) => {
+                    self.probe_saveable_msrs(&fd);
+                    configured.push((index, apic_id, fd));
+                }
+                Err(e) => {
+                    self.keep_fds(configured);
+                    return Err(e);
+                }
+            }
+        }
+        self.start_batch(configured)
+    }
+
+    /// The (index, APIC ID) of each of `indices`, checked: the VM is not stopping, every
+    /// index is in range, none is present or listed twice.
+    pub(crate) fn new_slots(&self, indices: &[u32]) -> Result<Vec<(u32, u32)>, VcpuSetupError> {
         self.check_setup_allowed(ManagerOp::CreateVcpu)?;
         let mut slots: Vec<(u32, u32)> = Vec::with_capacity(indices.len());
         for &index in indices {
@@ -378,23 +414,30 @@ impl VcpuManager {
             }
             slots.push((index, apic_id));
         }
-        if slots.is_empty() {
-            return Ok(());
-        }
-        self.reserve_fds();
+        Ok(slots)
+    }
 
-        // 1. Create and configure every vCPU; on an error keep every fd made so far.
-        let mut configured: Vec<(u32, u32, VcpuFd)> = Vec::with_capacity(slots.len());
-        for &(index, apic_id) in &slots {
-            match self.create_configured(index, apic_id) {
-                Ok(fd) => configured.push((index, apic_id, fd)),
-                Err(e) => {
-                    self.keep_fds(configured);
-                    return Err(e);
-                }
-            }
+    /// Probes, once per VM, which MSRs a vCPU state holds ([`SaveableMsrs::probe`]) on
+    /// `fd`, a vCPU whose CPUID is set and whose thread does not exist yet: probing asks
+    /// `/dev/kvm` for its MSR list, which the vCPU threads' seccomp filter forbids. A probe
+    /// that fails is logged; [`save`](Self::save) then says so.
+    ///
+    /// [`SaveableMsrs::probe`]: crate::arch::x86_64::state::SaveableMsrs::probe
+    pub(crate) fn probe_saveable_msrs(&self, fd: &VcpuFd) {
+        if let Err(e) = self.saver.probe_once(self.vm.kvm(), fd) {
+            warn!(self.logger, "cannot list the MSRs to save; saving this VM will fail";
+                  "error" => %e);
         }
+    }
 
+    /// Passes 2 and 3 of [`create_vcpus`](Self::create_vcpus): starts the threads of
+    /// `configured` (index, APIC ID, fd) without waiting, then waits for every one. All or
+    /// nothing, as `create_vcpus` says.
+    pub(crate) fn start_batch(
+        &mut self,
+        configured: Vec<(u32, u32, VcpuFd)>,
+    ) -> Result<(), VcpuSetupError> {
+        let indices: Vec<u32> = configured.iter().map(|&(i, _, _)| i).collect();
         // 2. Start every thread without waiting for any.
         let mut first_error: Option<VcpuSetupError> = None;
         let mut pending = Vec::with_capacity(configured.len());
@@ -415,6 +458,10 @@ impl VcpuManager {
                 self.vm.serial().irq_fd(),
                 self.exit_monitor.stop_request_fd(),
             ]);
+            // The manager's own saver, whatever the options held: `save` reads what it
+            // writes.
+            vcpu_options.state_saver =
+                Some(Arc::clone(&self.saver) as Arc<dyn vcpu_actor::VcpuStateSaver>);
             match PendingVcpu::start(parts, vcpu_options) {
                 Ok(p) => pending.push((index, p)),
                 Err(failure) => {
@@ -449,7 +496,7 @@ impl VcpuManager {
 
     /// Grows the process's fd table once to fit every vCPU fd this VM may need (see
     /// [`create_vcpus`](Self::create_vcpus)).
-    fn reserve_fds(&self) {
+    pub(crate) fn reserve_fds(&self) {
         let in_use = usize::try_from(self.vm.fd().as_raw_fd()).unwrap_or(0);
         let wanted = in_use
             .saturating_add(self.config.max_vcpu_count as usize)
@@ -488,7 +535,7 @@ impl VcpuManager {
     }
 
     /// Keeps the fds of vCPUs that were created but will not be started.
-    fn keep_fds(&mut self, fds: Vec<(u32, u32, VcpuFd)>) {
+    pub(crate) fn keep_fds(&mut self, fds: Vec<(u32, u32, VcpuFd)>) {
         for (_, apic_id, fd) in fds {
             self.kept_fds.insert(apic_id, fd);
         }

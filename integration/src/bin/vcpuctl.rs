@@ -80,6 +80,10 @@ enum Command {
         /// Only the boot_process row.
         #[arg(long)]
         boot_only: bool,
+        /// vCPU counts of the snapshot rows (save/restore of vCPU state, and with 64 MiB of
+        /// memory).
+        #[arg(long, value_delimiter = ',', default_values_t = [1u32, 8, 64, 254])]
+        snapshot_vcpus: Vec<u32>,
     },
     /// Resize against a misbehaving guest while another thread pauses and resumes the VM,
     /// then resize back; exit code 0 when the manager behaved, whatever the guest did.
@@ -98,6 +102,27 @@ enum Command {
         /// The folder to write them into (created if missing).
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Boot the agent guest (every vCPU counts in guest memory), hot-add vCPUs over upcall
+    /// if asked, pause and save it into a snapshot directory; print each vCPU's counter.
+    Snapshot {
+        /// Grow to this many vCPUs over upcall before saving (above the boot count, at most
+        /// maxcpus).
+        #[arg(long)]
+        resize: Option<u32>,
+        /// The snapshot directory (created if missing).
+        #[arg(long)]
+        to: PathBuf,
+    },
+    /// Restore a snapshot of `vcpuctl snapshot` in this process, run it and show every vCPU
+    /// continuing (exit code 0 only then). --smp, --vpmu and --memory come from the snapshot.
+    Restore {
+        /// The snapshot directory.
+        #[arg(long)]
+        from: PathBuf,
+        /// How long to run the restored guest, in milliseconds.
+        #[arg(long, default_value_t = 200)]
+        run_ms: u64,
     },
     /// Boot a Linux kernel, console on this terminal.
     Boot {
@@ -167,6 +192,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             boot_vcpus,
             boot_runs,
             boot_only,
+            snapshot_vcpus,
         } => {
             let options = BenchOptions {
                 vcpus,
@@ -176,11 +202,14 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 boot_vcpus,
                 boot_runs,
                 boot_only,
+                snapshot_vcpus,
             };
             cmd::bench::run(&spec, &out, options, a.json)
         }
         Command::Chaos { fault, to } => cmd::chaos::run(&spec, &out, &fault, to, a.json),
         Command::Acpi { out: dir } => cmd::acpi::run(&spec, &out, &dir, a.json),
+        Command::Snapshot { resize, to } => cmd::snapshot::run(&spec, &out, resize, &to, a.json),
+        Command::Restore { from, run_ms } => cmd::restore::run(&spec, &out, &from, run_ms, a.json),
         Command::Boot {
             kernel,
             initrd,

@@ -1,5 +1,5 @@
 //! `vcpuctl`, one module per subcommand ([`demo`], [`cpuid`], [`bench`](mod@bench),
-//! [`boot`], [`chaos`], [`acpi`]), and what they share: the VM options ([`VmSpec`]), progress output ([`Out`]) and
+//! [`boot`], [`chaos`], [`acpi`], [`snapshot`](mod@snapshot), [`restore`](mod@restore)), and what they share: the VM options ([`VmSpec`]), progress output ([`Out`]) and
 //! the exit codes ([`ExitCode`], [`CliError`]). `src/bin/vcpuctl.rs` parses the arguments and dispatches here.
 
 pub mod acpi;
@@ -8,6 +8,8 @@ pub mod boot;
 pub mod chaos;
 pub mod cpuid;
 pub mod demo;
+pub mod restore;
+pub mod snapshot;
 
 use std::time::{Duration, Instant};
 
