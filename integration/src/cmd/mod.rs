@@ -120,6 +120,8 @@ impl VmSpec {
             max_vcpu_count: self.smp.max_cpus,
             topology: self.smp.topology,
             vpmu: self.vpmu,
+            template: None,
+            vcpu_affinity: Default::default(),
         }
     }
 
