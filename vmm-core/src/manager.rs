@@ -824,6 +824,30 @@ impl VcpuManager {
         self.kept_fds.keys().copied().collect()
     }
 
+    /// What KVM holds as the CPUID of the vCPU with APIC ID `apic_id` (`KVM_GET_CPUID2`),
+    /// read from its kept fd: call it after the vCPU exited (e.g. after
+    /// [`exit_all`](Self::exit_all)), when its thread has handed the fd back.
+    ///
+    /// # Errors
+    ///
+    /// [`VcpuSetupError::InvalidState`] if no fd of that APIC ID is kept,
+    /// [`VcpuSetupError::Kvm`] if KVM does not answer.
+    pub fn kept_vcpu_kvm_cpuid(&self, apic_id: u32) -> Result<Vec<CpuidEntry>, VcpuSetupError> {
+        let fd = self
+            .kept_fds
+            .get(&apic_id)
+            .ok_or_else(|| VcpuSetupError::InvalidState {
+                op: ManagerOp::ExitVcpus,
+                reason: format!(
+                    "no kept KVM fd for APIC ID {apic_id}: read KVM's CPUID after the vCPU exited"
+                ),
+            })?;
+        let cpuid = fd
+            .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(crate::vcpu_kvm_error(apic_id, KvmOp::GetCpuid2))?;
+        Ok(cpuid::entries_from_kvm(cpuid.as_slice()))
+    }
+
     /// Linux thread ids of the present vCPUs: (index, tid).
     pub fn vcpu_tids(&self) -> Vec<(u32, Option<i32>)> {
         self.vcpus.iter().map(|(i, h)| (*i, h.tid())).collect()

@@ -36,6 +36,8 @@ pub enum KvmOp {
     SetCpuid2,
     /// `KVM_SET_MSRS`.
     SetMsrs,
+    /// `KVM_GET_CPUID2` (what KVM holds for a vCPU).
+    GetCpuid2,
     /// `KVM_GET_MSRS` (reading the MSRs a CPU template changes only in part).
     GetMsrs,
     /// `KVM_GET_LAPIC`.
@@ -75,6 +77,7 @@ impl KvmOp {
             KvmOp::SetCpuid2 => "KVM_SET_CPUID2",
             KvmOp::SetMsrs => "KVM_SET_MSRS",
             KvmOp::GetMsrs => "KVM_GET_MSRS",
+            KvmOp::GetCpuid2 => "KVM_GET_CPUID2",
             KvmOp::GetLapic => "KVM_GET_LAPIC",
             KvmOp::SetLapic => "KVM_SET_LAPIC",
             KvmOp::SetFpu => "KVM_SET_FPU",
