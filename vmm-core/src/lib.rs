@@ -89,6 +89,7 @@ pub mod error;
 pub mod exit;
 pub mod hotplug_backend;
 pub mod manager;
+pub mod openmetrics;
 pub mod pmu;
 pub mod resize;
 pub mod snapshot;
