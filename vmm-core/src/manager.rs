@@ -78,6 +78,10 @@ pub struct VcpuInfo {
     pub state: VcpuState,
     /// Linux thread id of the vCPU thread.
     pub tid: Option<i32>,
+    /// The host CPUs the kernel lets the vCPU thread run on (`sched_getaffinity` of its
+    /// TID, read from the caller's thread); `None` when it cannot be read.
+    #[serde(default)]
+    pub affinity: Option<Vec<usize>>,
 }
 
 /// All vCPUs of one VM. See the crate documentation for an example.
@@ -93,6 +97,9 @@ pub struct VcpuManager {
     pub(crate) options: VcpuManagerOptions,
     vendor: CpuVendor,
     supported_cpuid: Vec<CpuidEntry>,
+    /// KVM's supported CPUID with the template and the normalisation applied: what every
+    /// vCPU's CPUID is built from ([`vcpu_cpuid`](Self::vcpu_cpuid)).
+    base_cpuid: Vec<CpuidEntry>,
     pmu_report: PmuActionsReport,
     boot_entry: Option<Arc<dyn BootEntry>>,
     /// Present vCPUs (a live actor), by index.
@@ -159,6 +166,16 @@ impl VcpuManager {
         let vendor = limits.vendor()?;
         let logger = options.logger.new(o!("component" => "vcpu_manager"));
         let actions = vpmu::kvm_actions(config.vpmu, vendor);
+        if let Some(t) = &config.template {
+            t.check_kvm_capabilities(|n| vm.fd().check_extension_raw(u64::from(n)))
+                .map_err(crate::error::ConfigError::from)?;
+        }
+        let base_cpuid = crate::template::guest_base_cpuid(
+            &limits.supported_cpuid,
+            config.template.as_ref(),
+            vendor,
+            &cpuid::NormalizeInputs::query(vm.fd()),
+        );
         let pmu_report =
             apply_pmu_actions(vm.fd(), &actions, vendor, &limits.supported_cpuid, &logger)?;
         info!(logger, "vCPU manager ready";
@@ -171,6 +188,7 @@ impl VcpuManager {
             options,
             vendor,
             supported_cpuid: limits.supported_cpuid,
+            base_cpuid,
             pmu_report,
             boot_entry: None,
             vcpus: BTreeMap::new(),
@@ -199,6 +217,27 @@ impl VcpuManager {
     /// [`InterruptMode::resolve`]).
     pub fn interrupt_mode(&self) -> InterruptMode {
         self.options.interrupt_mode
+    }
+
+    /// KVM's supported CPUID (`KVM_GET_SUPPORTED_CPUID`), as it was queried.
+    pub fn supported_cpuid(&self) -> &[CpuidEntry] {
+        &self.supported_cpuid
+    }
+
+    /// KVM's supported CPUID with the configuration's CPU template and the normalisation
+    /// applied: what [`vcpu_cpuid`](Self::vcpu_cpuid) builds each vCPU's CPUID from.
+    pub fn base_cpuid(&self) -> &[CpuidEntry] {
+        &self.base_cpuid
+    }
+
+    /// The MSRs the configuration's CPU template sets on every vCPU (empty without one): a
+    /// snapshot saves them beside the VMM's own.
+    pub fn template_msr_indices(&self) -> Vec<u32> {
+        self.config
+            .template
+            .as_ref()
+            .map(crate::template::CpuTemplate::msr_indices)
+            .unwrap_or_default()
     }
 
     /// What the vPMU KVM actions did.
@@ -283,8 +322,12 @@ impl VcpuManager {
         self.request_all(req)
     }
 
-    /// The CPUID set vCPU `index` gets: the topology leaves over KVM's supported CPUID, then
-    /// the vPMU level's edits, then (x2APIC mode) KVM's MSI extended destination ID flag.
+    /// The CPUID set vCPU `index` gets, built in this order: KVM's supported CPUID, then the
+    /// CPU template of the configuration (if any; the topology and PMU leaves stay the
+    /// VMM's), then the normalisation ([`cpuid::normalize`]: brand string, leaf 6, TSC
+    /// frequency leaf, ARCH_CAPABILITIES on AMD) — together [`base_cpuid`](Self::base_cpuid)
+    /// — then the topology leaves, then the vPMU level's edits, then (x2APIC mode) KVM's MSI
+    /// extended destination ID flag.
     ///
     /// # Errors
     ///
@@ -294,7 +337,7 @@ impl VcpuManager {
     pub fn vcpu_cpuid(&self, index: u32) -> Result<Vec<CpuidEntry>, VcpuSetupError> {
         let apic_id = self.apic_id(index)?;
         let mut entries = topology::build_vcpu_cpuid(
-            &self.supported_cpuid,
+            &self.base_cpuid,
             self.vendor,
             &self.config.topology,
             index,
@@ -452,6 +495,9 @@ impl VcpuManager {
             };
             let mut vcpu_options = self.options.vcpu.clone();
             vcpu_options.logger = self.logger.new(o!("vcpu_index" => index));
+            if let Some(cpus) = self.config.vcpu_affinity.get(&index) {
+                vcpu_options.affinity = Some(cpus.clone());
+            }
             // Handled on the vCPU thread, under its seccomp filter: the serial console raises
             // its interrupt (an irqfd write), and a device may call ExitMonitor::request_stop.
             vcpu_options.seccomp = std::mem::take(&mut vcpu_options.seccomp).with_write_fds([
@@ -586,6 +632,10 @@ impl VcpuManager {
             debug!(self.logger, "reused vCPU keeps its CPUID"; "apic_id" => apic_id);
         }
         x86_64::setup_vcpu(fd, apic_id, self.options.interrupt_mode)?;
+        if let Some(template) = &self.config.template {
+            // After the VMM's boot MSRs, so that the template has the last word.
+            template.apply_msrs(fd, apic_id)?;
+        }
         if index == 0 {
             let entry = self
                 .boot_entry
@@ -792,6 +842,9 @@ impl VcpuManager {
                 apic_id: h.id(),
                 state: h.state(),
                 tid: h.tid(),
+                affinity: h
+                    .tid()
+                    .and_then(|tid| vcpu_actor::thread_affinity(tid).ok()),
             })
             .collect()
     }
@@ -816,6 +869,30 @@ impl VcpuManager {
     /// The APIC IDs whose KVM vCPU fd is kept for reuse (their thread has ended).
     pub fn kept_vcpu_fds(&self) -> Vec<u32> {
         self.kept_fds.keys().copied().collect()
+    }
+
+    /// What KVM holds as the CPUID of the vCPU with APIC ID `apic_id` (`KVM_GET_CPUID2`),
+    /// read from its kept fd: call it after the vCPU exited (e.g. after
+    /// [`exit_all`](Self::exit_all)), when its thread has handed the fd back.
+    ///
+    /// # Errors
+    ///
+    /// [`VcpuSetupError::InvalidState`] if no fd of that APIC ID is kept,
+    /// [`VcpuSetupError::Kvm`] if KVM does not answer.
+    pub fn kept_vcpu_kvm_cpuid(&self, apic_id: u32) -> Result<Vec<CpuidEntry>, VcpuSetupError> {
+        let fd = self
+            .kept_fds
+            .get(&apic_id)
+            .ok_or_else(|| VcpuSetupError::InvalidState {
+                op: ManagerOp::ExitVcpus,
+                reason: format!(
+                    "no kept KVM fd for APIC ID {apic_id}: read KVM's CPUID after the vCPU exited"
+                ),
+            })?;
+        let cpuid = fd
+            .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(crate::vcpu_kvm_error(apic_id, KvmOp::GetCpuid2))?;
+        Ok(cpuid::entries_from_kvm(cpuid.as_slice()))
     }
 
     /// Linux thread ids of the present vCPUs: (index, tid).

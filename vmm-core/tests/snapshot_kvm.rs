@@ -30,6 +30,8 @@ fn config() -> VcpuConfig {
         max_vcpu_count: 6,
         topology: CpuTopology::new(2, 1, 3, 1).unwrap(),
         vpmu: VpmuFeatureLevel::Disabled,
+        template: None,
+        vcpu_affinity: Default::default(),
     }
 }
 

@@ -621,6 +621,8 @@ pub fn bench_manager_snapshot(
         max_vcpu_count: n,
         topology: topology_of(n)?,
         vpmu: VpmuFeatureLevel::Disabled,
+        template: None,
+        vcpu_affinity: Default::default(),
     };
     let options = || vmm_core::VcpuManagerOptions {
         ack_timeout: super::ACK_TIMEOUT,

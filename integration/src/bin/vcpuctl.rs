@@ -40,6 +40,14 @@ struct VmArgs {
     /// Machine-readable output (JSON on stdout; progress goes to stderr).
     #[arg(long, global = true)]
     json: bool,
+    /// A CPU template in Firecracker's custom CPU template JSON format, applied to every
+    /// vCPU (demo, cpuid, boot).
+    #[arg(long, global = true, value_name = "FILE")]
+    template: Option<PathBuf>,
+    /// Host CPUs per vCPU index, e.g. 0=0-1,1=1 (demo, cpuid, boot).
+    #[arg(long, global = true, value_name = "INDEX=CPUS,...",
+          value_parser = vmm_core::parse_vcpu_affinity)]
+    vcpu_affinity: Option<vmm_core::VcpuAffinity>,
     /// Log the VMM's work to stderr (-v info, -vv debug).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -48,7 +56,12 @@ struct VmArgs {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Boot vCPUs, show what the guest reads from CPUID, pause/resume, hotplug, stop (default).
-    Demo,
+    Demo {
+        /// Print the final per-vCPU metrics in this format (openmetrics: OpenMetrics text on
+        /// stdout, after the demo's own output).
+        #[arg(long, value_parser = ["openmetrics"])]
+        metrics: Option<String>,
+    },
     /// Boot every possible vCPU; each executes CPUID for what hwloc reads and the results are
     /// dumped (JSON, hwloc's format).
     Cpuid {
@@ -124,6 +137,12 @@ enum Command {
         #[arg(long, default_value_t = 200)]
         run_ms: u64,
     },
+    /// This host's CPU fingerprint (CPU model, KVM's CPUID, KVM capabilities) as JSON, or the
+    /// differences between two, and whether a template hides them.
+    Fingerprint {
+        #[command(subcommand)]
+        action: FingerprintAction,
+    },
     /// Boot a Linux kernel, console on this terminal.
     Boot {
         /// bzImage or ELF vmlinux.
@@ -141,6 +160,24 @@ enum Command {
         /// Once the VM has stopped, print the process's peak RSS (VmHWM) on stderr.
         #[arg(long)]
         peak_rss: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum FingerprintAction {
+    /// Print this host's fingerprint as JSON (to a file with --out).
+    Dump {
+        /// Write it here instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Compare two fingerprints: exit code 0 when they match (or --template hides every
+    /// difference), 1 otherwise.
+    Compare {
+        /// The first fingerprint (JSON from `dump`).
+        a: PathBuf,
+        /// The second.
+        b: PathBuf,
     },
 }
 
@@ -174,15 +211,28 @@ fn logger(verbose: u8) -> slog::Logger {
 
 fn run(cli: Cli) -> Result<(), CliError> {
     let a = cli.vm;
-    let spec = VmSpec {
-        smp: a.smp,
-        vpmu: a.vpmu,
-        memory_mib: a.memory,
-        logger: logger(a.verbose),
-    };
-    let out = Out::new(a.json);
-    match cli.command.unwrap_or(Command::Demo) {
-        Command::Demo => cmd::demo::run(&spec, &out, a.json),
+    let mut spec = VmSpec::new(a.smp, a.vpmu, a.memory, logger(a.verbose));
+    if let Some(path) = &a.template {
+        spec.template = Some(
+            vmm_core::CpuTemplate::from_file(path).map_err(|e| CliError {
+                code: cmd::ExitCode::Usage,
+                message: e.to_string(),
+            })?,
+        );
+    }
+    spec.vcpu_affinity = a.vcpu_affinity.unwrap_or_default();
+    let command = cli.command.unwrap_or(Command::Demo { metrics: None });
+    // With --metrics, stdout carries only the metrics: the demo's lines go to stderr.
+    let out = Out::new(a.json || matches!(command, Command::Demo { metrics: Some(_) }));
+    match command {
+        Command::Demo { metrics } => cmd::demo::run(&spec, &out, a.json, metrics.as_deref()),
+        Command::Fingerprint { action } => match action {
+            FingerprintAction::Dump { out: file } => cmd::fingerprint::run_dump(file.as_deref()),
+            FingerprintAction::Compare {
+                a: first,
+                b: second,
+            } => cmd::fingerprint::run_compare(&first, &second, spec.template.as_ref(), a.json),
+        },
         Command::Cpuid { hwloc_dir } => cmd::cpuid::run(&spec, &out, hwloc_dir, a.json),
         Command::Bench {
             vcpus,

@@ -103,6 +103,10 @@ impl From<SnapshotConfig> for VcpuConfig {
             max_vcpu_count: c.max_vcpu_count,
             topology: c.topology,
             vpmu: c.vpmu,
+            // Not in the snapshot format (version 1): a restore that needs the template's
+            // CPUID sets it with `VcpuConfig::with_template`.
+            template: None,
+            vcpu_affinity: Default::default(),
         }
     }
 }
