@@ -27,6 +27,8 @@ fn config(sockets: u32, cores: u32, boot: u32) -> VcpuConfig {
         max_vcpu_count: sockets * cores,
         topology: topology::CpuTopology::new(sockets, 1, cores, 1).unwrap(),
         vpmu: Default::default(),
+        template: None,
+        vcpu_affinity: Default::default(),
     }
 }
 

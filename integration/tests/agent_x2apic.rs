@@ -30,6 +30,8 @@ fn agent_wakes_and_parks_x2apic_ids_one_by_one() {
         max_vcpu_count: 300,
         topology: topology::CpuTopology::new(1, 1, 300, 1).unwrap(),
         vpmu: Default::default(),
+        template: None,
+        vcpu_affinity: Default::default(),
     };
     let mut vm = AgentVm::create(kvm, config, AgentVmOptions::default()).expect("agent VM");
     assert_eq!(vm.vcpus.interrupt_mode(), InterruptMode::X2Apic);

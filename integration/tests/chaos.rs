@@ -42,6 +42,8 @@ fn spec(smp_spec: &str) -> VmSpec {
         vpmu: VpmuFeatureLevel::Disabled,
         memory_mib: 64,
         logger: slog::Logger::root(slog::Discard, slog::o!()),
+        template: None,
+        vcpu_affinity: Default::default(),
     }
 }
 

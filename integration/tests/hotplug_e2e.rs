@@ -16,6 +16,8 @@ fn agent_config() -> vmm_core::VcpuConfig {
         max_vcpu_count: 12,
         topology: topology::CpuTopology::new(2, 1, 3, 2).unwrap(),
         vpmu: VpmuFeatureLevel::Disabled,
+        template: None,
+        vcpu_affinity: Default::default(),
     }
 }
 

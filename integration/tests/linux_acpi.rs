@@ -179,6 +179,8 @@ fn vcpus(boot: u32, (s, c, t): (u32, u32, u32)) -> VcpuConfig {
         max_vcpu_count: s * c * t,
         topology: CpuTopology::new(s, 1, c, t).unwrap(),
         vpmu: Default::default(),
+        template: None,
+        vcpu_affinity: Default::default(),
     }
 }
 

@@ -173,6 +173,8 @@ fn vcpu_config() -> VcpuConfig {
         max_vcpu_count: 6,
         topology: CpuTopology::new(1, 1, 3, 2).unwrap(),
         vpmu: Default::default(),
+        template: None,
+        vcpu_affinity: Default::default(),
     }
 }
 

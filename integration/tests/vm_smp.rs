@@ -21,6 +21,8 @@ fn config() -> VcpuConfig {
         max_vcpu_count: 8,
         topology: CpuTopology::new(2, 1, 2, 2).unwrap(),
         vpmu: VpmuFeatureLevel::Disabled,
+        template: None,
+        vcpu_affinity: Default::default(),
     }
 }
 

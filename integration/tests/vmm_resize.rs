@@ -58,6 +58,8 @@ fn config() -> VcpuConfig {
         max_vcpu_count: MAX,
         topology: CpuTopology::new(2, 1, 3, 2).expect("2x1x3x2 is a valid topology"),
         vpmu: VpmuFeatureLevel::Disabled,
+        template: None,
+        vcpu_affinity: Default::default(),
     }
 }
 

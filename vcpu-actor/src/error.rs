@@ -77,6 +77,16 @@ pub enum VcpuError {
         /// What seccompiler said.
         reason: String,
     },
+    /// The vCPU thread could not restrict itself to its CPU set
+    /// ([`VcpuOptions::affinity`](crate::VcpuOptions::affinity)); the thread has ended and
+    /// handed the vCPU fd back.
+    #[error("vCPU {vcpu_id}: cannot pin the vCPU thread to its CPU set: {reason}; list host CPUs that are online and allowed to this process (see `taskset -pc $$`)")]
+    Affinity {
+        /// The vCPU id.
+        vcpu_id: u32,
+        /// What failed.
+        reason: String,
+    },
     /// The new vCPU thread did not report that it was ready.
     #[error("vCPU {vcpu_id}: the new vCPU thread did not start within {timeout:?}; the machine may be overloaded")]
     StartupTimeout {

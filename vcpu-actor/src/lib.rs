@@ -100,6 +100,7 @@
 
 #![deny(missing_docs)]
 
+mod affinity;
 mod error;
 mod exit;
 mod handle;
@@ -115,6 +116,7 @@ pub mod state;
 pub mod test_util;
 mod thread;
 
+pub use affinity::{set_current_thread_affinity, thread_affinity, MAX_CPUS};
 pub use error::VcpuError;
 pub use exit::{DeviceError, ExitHandler, IoAccess, IoOutcome, VcpuExitReason};
 pub use handle::VcpuHandle;

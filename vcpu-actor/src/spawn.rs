@@ -17,7 +17,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::handle::{Envelope, Shared};
 use crate::kick::{self, KvmRunMapping};
 use crate::seccomp;
-use crate::thread::VcpuThread;
+use crate::thread::{StartFailure, VcpuThread};
 use crate::{ExitHandler, SeccompMode, VcpuError, VcpuHandle, VcpuStateSaver};
 
 /// How long a new thread may take to report that it is ready, counted from its start.
@@ -46,6 +46,11 @@ pub struct VcpuOptions {
     /// `None`: such a request gets
     /// [`SaveStateError::NoSaver`](crate::SaveStateError::NoSaver)).
     pub state_saver: Option<Arc<dyn VcpuStateSaver>>,
+    /// The host CPUs the vCPU thread may run on (default `None`: wherever the process may).
+    /// The thread applies the set to itself (`sched_setaffinity` on its own TID) before it
+    /// installs its seccomp filter; a set the kernel refuses fails the spawn with
+    /// [`VcpuError::Affinity`]. Read it back with [`thread_affinity`](crate::thread_affinity).
+    pub affinity: Option<Vec<usize>>,
 }
 
 impl fmt::Debug for VcpuOptions {
@@ -56,6 +61,7 @@ impl fmt::Debug for VcpuOptions {
             .field("kick_signal_offset", &self.kick_signal_offset)
             .field("stack_size", &self.stack_size)
             .field("state_saver", &self.state_saver.is_some())
+            .field("affinity", &self.affinity)
             .finish()
     }
 }
@@ -83,6 +89,7 @@ impl Default for VcpuOptions {
             kick_signal_offset: 0,
             stack_size: Self::DEFAULT_STACK_SIZE,
             state_saver: None,
+            affinity: None,
         }
     }
 }
@@ -159,7 +166,7 @@ pub struct PendingVcpu {
     shared: Arc<Shared>,
     tx: Sender<Envelope>,
     done_rx: Receiver<VcpuFd>,
-    ready_rx: Receiver<Result<(), String>>,
+    ready_rx: Receiver<Result<(), StartFailure>>,
     join: JoinHandle<()>,
     started: Instant,
     kick_signal: libc::c_int,
@@ -185,6 +192,7 @@ impl PendingVcpu {
             exit_evt,
         } = parts;
         let logger = options.logger.new(o!("vcpu" => id));
+        let affinity = options.affinity.clone();
         // Everything that can fail before the thread owns the fd.
         let prepared = kick::kick_signal(options.kick_signal_offset).and_then(|signal| {
             let build_error = |reason| VcpuError::SeccompBuild {
@@ -214,7 +222,7 @@ impl PendingVcpu {
         let shared = Arc::new(Shared::new(id, kvm_run));
         let (tx, rx) = crossbeam_channel::unbounded::<Envelope>();
         let (done_tx, done_rx) = crossbeam_channel::bounded::<VcpuFd>(1);
-        let (ready_tx, ready_rx) = crossbeam_channel::bounded::<Result<(), String>>(1);
+        let (ready_tx, ready_rx) = crossbeam_channel::bounded::<Result<(), StartFailure>>(1);
         let thread = VcpuThread::new(
             Arc::clone(&shared),
             vcpu,
@@ -227,7 +235,7 @@ impl PendingVcpu {
         let join = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
             .stack_size(options.stack_size)
-            .spawn(move || thread.run(kick_signal, filter, ready_tx, done_tx))
+            .spawn(move || thread.run(kick_signal, affinity, filter, ready_tx, done_tx))
             .map_err(|source| SpawnFailure {
                 error: VcpuError::SpawnThread {
                     vcpu_id: id,
@@ -264,7 +272,11 @@ impl PendingVcpu {
         let left = STARTUP_TIMEOUT.saturating_sub(self.started.elapsed());
         let started = match self.ready_rx.recv_timeout(left) {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(reason)) => Err(VcpuError::SeccompApply {
+            Ok(Err(StartFailure::Seccomp(reason))) => Err(VcpuError::SeccompApply {
+                vcpu_id: id,
+                reason,
+            }),
+            Ok(Err(StartFailure::Affinity(reason))) => Err(VcpuError::Affinity {
                 vcpu_id: id,
                 reason,
             }),

@@ -57,6 +57,15 @@ pub(crate) enum LoopEnd {
     Seccomp(i64),
 }
 
+/// Why a vCPU thread did not get ready (it hands the fd back first).
+#[derive(Debug)]
+pub(crate) enum StartFailure {
+    /// `sched_setaffinity` failed.
+    Affinity(String),
+    /// The seccomp filter could not be installed.
+    Seccomp(String),
+}
+
 /// Everything the vCPU thread owns.
 pub(crate) struct VcpuThread {
     pub(crate) shared: Arc<Shared>,
@@ -118,13 +127,14 @@ impl VcpuThread {
         }
     }
 
-    /// The body of the thread: get ready (kick signal, seccomp), report, loop, hand the fd
-    /// back through `done`.
+    /// The body of the thread: get ready (kick signal, CPU affinity, seccomp), report, loop,
+    /// hand the fd back through `done`.
     pub(crate) fn run(
         mut self,
         kick_signal: libc::c_int,
+        affinity: Option<Vec<usize>>,
         filter: Option<seccompiler::BpfProgram>,
-        ready: Sender<Result<(), String>>,
+        ready: Sender<Result<(), StartFailure>>,
         done: Sender<VcpuFd>,
     ) {
         let mut guard = FinishGuard {
@@ -136,6 +146,17 @@ impl VcpuThread {
         let tid = unsafe { libc::gettid() };
         self.shared.tid.store(tid, Ordering::Relaxed);
         kick::unblock_in_current_thread(kick_signal);
+        // Before the filter: it does not allow sched_setaffinity.
+        if let Some(cpus) = &affinity {
+            if let Err(e) = crate::affinity::set_current_thread_affinity(cpus) {
+                error!(self.logger, "cannot pin the vCPU thread"; "cpus" => ?cpus, "error" => %e);
+                guard.exit_evt = None;
+                let _ = done.send(self.vcpu);
+                let _ = ready.send(Err(StartFailure::Affinity(e)));
+                return;
+            }
+            debug!(self.logger, "vCPU thread pinned"; "cpus" => ?cpus);
+        }
         seccomp::prepare_thread();
         if let Some(prog) = &filter {
             if let Err(e) = seccompiler::apply_filter(prog) {
@@ -144,7 +165,7 @@ impl VcpuThread {
                 guard.exit_evt = None;
                 // The fd goes back to the spawner, which may create this vCPU again.
                 let _ = done.send(self.vcpu);
-                let _ = ready.send(Err(e.to_string()));
+                let _ = ready.send(Err(StartFailure::Seccomp(e.to_string())));
                 return;
             }
             debug!(self.logger, "seccomp filter installed"; "instructions" => prog.len());

@@ -17,6 +17,71 @@ use vpmu::VpmuFeatureLevel;
 
 use crate::cpuid::entries_from_kvm;
 use crate::error::{ConfigError, KvmOp, VmError};
+use crate::template::CpuTemplate;
+
+/// Host CPUs a vCPU thread may run on, by vCPU index (see [`VcpuConfig::vcpu_affinity`]).
+pub type VcpuAffinity = BTreeMap<u32, Vec<usize>>;
+
+/// The most host CPUs a CPU set names (`CPU_SETSIZE`).
+pub const MAX_HOST_CPUS: usize = 1024;
+
+/// Parses a vCPU affinity as `vcpuctl --vcpu-affinity` writes it: `INDEX=CPUS` items
+/// separated by `,` or `;`, e.g. `0=0-1,1=1`. `CPUS` is CPU numbers and ranges joined by `:`
+/// (`0=0-1:3`); an item without `INDEX=` continues the previous item's list, so
+/// `0=0-1,3,1=2` gives vCPU 0 the CPUs 0, 1 and 3 and vCPU 1 the CPU 2.
+///
+/// # Errors
+///
+/// A message saying which item is malformed.
+pub fn parse_vcpu_affinity(text: &str) -> Result<VcpuAffinity, String> {
+    let mut map = VcpuAffinity::new();
+    let mut current: Option<u32> = None;
+    for item in text
+        .split([',', ';'])
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
+        let cpus = match item.split_once('=') {
+            Some((index, cpus)) => {
+                let index: u32 = index.trim().parse().map_err(|_| {
+                    format!(
+                        "{item:?}: {index:?} is not a vCPU index (write INDEX=CPUS, e.g. 0=0-1)"
+                    )
+                })?;
+                current = Some(index);
+                cpus
+            }
+            None => item,
+        };
+        let index = current.ok_or_else(|| {
+            format!("{item:?}: start with a vCPU index (INDEX=CPUS, e.g. 0=0-1,1=1)")
+        })?;
+        let set = map.entry(index).or_default();
+        for part in cpus.split(':').map(str::trim).filter(|s| !s.is_empty()) {
+            let bad = || format!("{item:?}: {part:?} is not a CPU number or range (e.g. 2 or 0-3)");
+            let (lo, hi) = match part.split_once('-') {
+                Some((a, b)) => (
+                    a.trim().parse::<usize>().map_err(|_| bad())?,
+                    b.trim().parse::<usize>().map_err(|_| bad())?,
+                ),
+                None => {
+                    let n = part.parse::<usize>().map_err(|_| bad())?;
+                    (n, n)
+                }
+            };
+            if lo > hi || hi >= MAX_HOST_CPUS {
+                return Err(format!(
+                    "{item:?}: range {lo}-{hi} is empty or beyond CPU {}",
+                    MAX_HOST_CPUS - 1
+                ));
+            }
+            set.extend(lo..=hi);
+        }
+        set.sort_unstable();
+        set.dedup();
+    }
+    Ok(map)
+}
 
 /// How interrupts reach the vCPUs, which bounds the APIC IDs a VM may use.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -157,6 +222,17 @@ pub struct VcpuConfig {
     pub topology: CpuTopology,
     /// The vPMU level every vCPU gets.
     pub vpmu: VpmuFeatureLevel,
+    /// A CPU template (Firecracker's custom CPU template format, see [`crate::template`])
+    /// applied to every vCPU's CPUID and MSRs; `None`: KVM's supported CPUID as it is
+    /// (normalised). Set it with [`with_template`](Self::with_template).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<CpuTemplate>,
+    /// Host CPUs each vCPU thread may run on, by vCPU index (vCPUs not listed may run
+    /// anywhere). Each thread applies its set to itself before its seccomp filter
+    /// ([`vcpu_actor::VcpuOptions::affinity`]). Set it with
+    /// [`with_vcpu_affinity`](Self::with_vcpu_affinity).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub vcpu_affinity: VcpuAffinity,
 }
 
 impl VcpuConfig {
@@ -167,7 +243,22 @@ impl VcpuConfig {
             max_vcpu_count: smp.max_cpus,
             topology: smp.topology,
             vpmu,
+            template: None,
+            vcpu_affinity: VcpuAffinity::new(),
         }
+    }
+
+    /// This configuration with the CPU template `template`.
+    pub fn with_template(mut self, template: Option<CpuTemplate>) -> Self {
+        self.template = template;
+        self
+    }
+
+    /// This configuration with the vCPU affinity `affinity` (e.g. from
+    /// [`parse_vcpu_affinity`]).
+    pub fn with_vcpu_affinity(mut self, affinity: VcpuAffinity) -> Self {
+        self.vcpu_affinity = affinity;
+        self
     }
 
     /// A configuration with the default topology (1 socket, 1 die, `max` cores, 1 thread) and
@@ -283,6 +374,21 @@ impl VcpuConfig {
         vpmu::check_host_support(self.vpmu, vendor, &limits.supported_cpuid)
             .map_err(unsupported)?;
         vpmu::check_kvm_caps(self.vpmu, |n| limits.capability(n)).map_err(unsupported)?;
+        for (index, cpus) in &self.vcpu_affinity {
+            let reason = if *index >= max {
+                format!("there are only {max} vCPUs (indices 0 to {})", max - 1)
+            } else if cpus.is_empty() {
+                "the CPU set is empty: list at least one host CPU".to_string()
+            } else if let Some(cpu) = cpus.iter().find(|c| **c >= MAX_HOST_CPUS) {
+                format!("host CPU {cpu} is beyond the last one a CPU set holds ({MAX_HOST_CPUS})")
+            } else {
+                continue;
+            };
+            return Err(ConfigError::VcpuAffinity {
+                index: *index,
+                reason,
+            });
+        }
         Ok(())
     }
 }
@@ -323,6 +429,8 @@ mod tests {
             max_vcpu_count: max,
             topology: CpuTopology::new(s, 1, c, t).unwrap(),
             vpmu: VpmuFeatureLevel::Disabled,
+            template: None,
+            vcpu_affinity: VcpuAffinity::new(),
         }
     }
 
@@ -535,6 +643,34 @@ mod tests {
         assert_eq!(c, config(4, 8, 2, 2, 2));
         assert_eq!(c.smp(), smp);
         check(&c).unwrap();
+    }
+
+    #[test]
+    fn vcpu_affinity_parses_and_is_checked() {
+        let a = parse_vcpu_affinity("0=0-1,1=1").unwrap();
+        assert_eq!(a[&0], vec![0, 1]);
+        assert_eq!(a[&1], vec![1]);
+        let a = parse_vcpu_affinity("0=0-1:3,2=5;1=1").unwrap();
+        assert_eq!(a[&0], vec![0, 1, 3]);
+        assert_eq!(a[&2], vec![5]);
+        let a = parse_vcpu_affinity("0=0-1,3,1=2").unwrap();
+        assert_eq!(a[&0], vec![0, 1, 3]);
+        for bad in ["x=1", "0=a", "1", "0=3-1", "0=0-5000"] {
+            assert!(parse_vcpu_affinity(bad).is_err(), "{bad}");
+        }
+        let c = config(2, 4, 1, 4, 1).with_vcpu_affinity(parse_vcpu_affinity("3=0").unwrap());
+        check(&c).unwrap();
+        let c = c.with_vcpu_affinity(parse_vcpu_affinity("4=0").unwrap());
+        assert!(matches!(
+            check(&c),
+            Err(ConfigError::VcpuAffinity { index: 4, .. })
+        ));
+        let mut c = config(1, 1, 1, 1, 1);
+        c.vcpu_affinity.insert(0, Vec::new());
+        assert!(matches!(
+            check(&c),
+            Err(ConfigError::VcpuAffinity { index: 0, .. })
+        ));
     }
 
     #[test]

@@ -91,10 +91,12 @@ pub mod error;
 pub mod exit;
 pub mod hotplug_backend;
 pub mod manager;
+pub mod openmetrics;
 pub mod pmu;
 pub mod resize;
 pub mod snapshot;
 pub mod state;
+pub mod template;
 pub mod vm;
 
 // The CPUID conversions' old place, for the modules that still use it.
@@ -105,7 +107,7 @@ use vm_memory::GuestMemoryMmap;
 
 pub use acpi_hotplug::{AcpiBackend, AcpiHotplug};
 pub use bus::{BusAccess, BusDevice, BusSpace, IoBus};
-pub use config::{InterruptMode, KvmLimits, VcpuConfig};
+pub use config::{parse_vcpu_affinity, InterruptMode, KvmLimits, VcpuAffinity, VcpuConfig};
 pub use error::{
     BootError, BusError, ConfigError, HotplugOp, KvmOp, ManagerOp, OsError, OsOp, PmuError,
     ResizeError, SnapshotError, StateError, VcpuControlError, VcpuSetupError, VmError, VmmError,
@@ -117,6 +119,7 @@ pub use hotplug_backend::{
 pub use manager::{build_vm, VcpuInfo, VcpuManager, VcpuManagerOptions};
 pub use resize::{AsyncResizer, ResizeHandle, ResizeOutcome, VcpuSlot};
 pub use state::{ResizeInFlight, VmRunState};
+pub use template::{CpuTemplate, TemplateError};
 pub use vm::{Vm, VmOptions};
 
 // The types of other workspace crates that this crate's public API takes or returns, so that

@@ -5,6 +5,8 @@
 //! core, die, socket); its *id* is its KVM vCPU id, which is its APIC ID from the topology.
 //! The vCPU actors, the exit handler and [`VcpuExitReason`](vcpu_actor::VcpuExitReason) use the id.
 
+pub mod snapshot;
+
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,6 +31,9 @@ use crate::pmu::{apply_pmu_actions, PmuActionsReport};
 use crate::state::{ManagerState, ResizeInFlight, Transition, VmRunState};
 use crate::vm::{reserve_fd_table, Vm};
 use crate::BootEntry;
+
+use snapshot::ManagerStateSaver;
+pub use snapshot::VmSnapshot;
 
 /// Fds beyond one per possible vCPU that the fd table is sized for up front (the VMM's
 /// other fds: devices, sockets, logs).
@@ -73,6 +78,10 @@ pub struct VcpuInfo {
     pub state: VcpuState,
     /// Linux thread id of the vCPU thread.
     pub tid: Option<i32>,
+    /// The host CPUs the kernel lets the vCPU thread run on (`sched_getaffinity` of its
+    /// TID, read from the caller's thread); `None` when it cannot be read.
+    #[serde(default)]
+    pub affinity: Option<Vec<usize>>,
 }
 
 /// All vCPUs of one VM. See the crate documentation for an example.
@@ -88,6 +97,9 @@ pub struct VcpuManager {
     pub(crate) options: VcpuManagerOptions,
     vendor: CpuVendor,
     supported_cpuid: Vec<CpuidEntry>,
+    /// KVM's supported CPUID with the template and the normalisation applied: what every
+    /// vCPU's CPUID is built from ([`vcpu_cpuid`](Self::vcpu_cpuid)).
+    base_cpuid: Vec<CpuidEntry>,
     pmu_report: PmuActionsReport,
     boot_entry: Option<Arc<dyn BootEntry>>,
     /// Present vCPUs (a live actor), by index.
@@ -105,6 +117,9 @@ pub struct VcpuManager {
     /// A duplicate of the KVM fd of each vCPU a resize added, by APIC ID, to read its MP
     /// state (`KVM_GET_MP_STATE`) while its thread owns the fd.
     pub(crate) mp_probes: BTreeMap<u32, OwnedFd>,
+    /// Answers `SaveState` on every vCPU thread (see [`VcpuManager::save`]); holds the
+    /// MSR list, probed once on the first vCPU created, before its thread starts.
+    pub(crate) saver: Arc<ManagerStateSaver>,
     pub(crate) logger: Logger,
 }
 
@@ -151,17 +166,29 @@ impl VcpuManager {
         let vendor = limits.vendor()?;
         let logger = options.logger.new(o!("component" => "vcpu_manager"));
         let actions = vpmu::kvm_actions(config.vpmu, vendor);
+        if let Some(t) = &config.template {
+            t.check_kvm_capabilities(|n| vm.fd().check_extension_raw(u64::from(n)))
+                .map_err(crate::error::ConfigError::from)?;
+        }
+        let base_cpuid = crate::template::guest_base_cpuid(
+            &limits.supported_cpuid,
+            config.template.as_ref(),
+            vendor,
+            &cpuid::NormalizeInputs::query(vm.fd()),
+        );
         let pmu_report =
             apply_pmu_actions(vm.fd(), &actions, vendor, &limits.supported_cpuid, &logger)?;
         info!(logger, "vCPU manager ready";
               "boot" => config.boot_vcpu_count, "max" => config.max_vcpu_count,
               "vpmu" => %config.vpmu);
+        let saver = Arc::new(ManagerStateSaver::new(vm.fd()));
         Ok(Self {
             vm,
             config,
             options,
             vendor,
             supported_cpuid: limits.supported_cpuid,
+            base_cpuid,
             pmu_report,
             boot_entry: None,
             vcpus: BTreeMap::new(),
@@ -171,6 +198,7 @@ impl VcpuManager {
             state: Mutex::new(ManagerState::new()),
             backend: None,
             mp_probes: BTreeMap::new(),
+            saver,
             logger,
         })
     }
@@ -189,6 +217,27 @@ impl VcpuManager {
     /// [`InterruptMode::resolve`]).
     pub fn interrupt_mode(&self) -> InterruptMode {
         self.options.interrupt_mode
+    }
+
+    /// KVM's supported CPUID (`KVM_GET_SUPPORTED_CPUID`), as it was queried.
+    pub fn supported_cpuid(&self) -> &[CpuidEntry] {
+        &self.supported_cpuid
+    }
+
+    /// KVM's supported CPUID with the configuration's CPU template and the normalisation
+    /// applied: what [`vcpu_cpuid`](Self::vcpu_cpuid) builds each vCPU's CPUID from.
+    pub fn base_cpuid(&self) -> &[CpuidEntry] {
+        &self.base_cpuid
+    }
+
+    /// The MSRs the configuration's CPU template sets on every vCPU (empty without one): a
+    /// snapshot saves them beside the VMM's own.
+    pub fn template_msr_indices(&self) -> Vec<u32> {
+        self.config
+            .template
+            .as_ref()
+            .map(crate::template::CpuTemplate::msr_indices)
+            .unwrap_or_default()
     }
 
     /// What the vPMU KVM actions did.
@@ -242,7 +291,7 @@ impl VcpuManager {
         self.state().resize_in_flight()
     }
 
-    fn check_setup_allowed(&self, op: ManagerOp) -> Result<(), VcpuSetupError> {
+    pub(crate) fn check_setup_allowed(&self, op: ManagerOp) -> Result<(), VcpuSetupError> {
         self.state()
             .check(Transition::Create, self.exit_flag_set())
             .map_err(|refusal| VcpuSetupError::InvalidState {
@@ -273,8 +322,12 @@ impl VcpuManager {
         self.request_all(req)
     }
 
-    /// The CPUID set vCPU `index` gets: the topology leaves over KVM's supported CPUID, then
-    /// the vPMU level's edits, then (x2APIC mode) KVM's MSI extended destination ID flag.
+    /// The CPUID set vCPU `index` gets, built in this order: KVM's supported CPUID, then the
+    /// CPU template of the configuration (if any; the topology and PMU leaves stay the
+    /// VMM's), then the normalisation ([`cpuid::normalize`]: brand string, leaf 6, TSC
+    /// frequency leaf, ARCH_CAPABILITIES on AMD) — together [`base_cpuid`](Self::base_cpuid)
+    /// — then the topology leaves, then the vPMU level's edits, then (x2APIC mode) KVM's MSI
+    /// extended destination ID flag.
     ///
     /// # Errors
     ///
@@ -284,7 +337,7 @@ impl VcpuManager {
     pub fn vcpu_cpuid(&self, index: u32) -> Result<Vec<CpuidEntry>, VcpuSetupError> {
         let apic_id = self.apic_id(index)?;
         let mut entries = topology::build_vcpu_cpuid(
-            &self.supported_cpuid,
+            &self.base_cpuid,
             self.vendor,
             &self.config.topology,
             index,
@@ -364,6 +417,32 @@ impl VcpuManager {
     /// configure a vCPU; [`VcpuSetupError::Spawn`] if a thread cannot start. The first error
     /// of the batch is returned.
     pub fn create_vcpus(&mut self, indices: &[u32]) -> Result<(), VcpuSetupError> {
+        let slots = self.new_slots(indices)?;
+        if slots.is_empty() {
+            return Ok(());
+        }
+        self.reserve_fds();
+
+        // 1. Create and configure every vCPU; on an error keep every fd made so far.
+        let mut configured: Vec<(u32, u32, VcpuFd)> = Vec::with_capacity(slots.len());
+        for &(index, apic_id) in &slots {
+            match self.create_configured(index, apic_id) {
+                Ok(fd) => {
+                    self.probe_saveable_msrs(&fd);
+                    configured.push((index, apic_id, fd));
+                }
+                Err(e) => {
+                    self.keep_fds(configured);
+                    return Err(e);
+                }
+            }
+        }
+        self.start_batch(configured)
+    }
+
+    /// The (index, APIC ID) of each of `indices`, checked: the VM is not stopping, every
+    /// index is in range, none is present or listed twice.
+    pub(crate) fn new_slots(&self, indices: &[u32]) -> Result<Vec<(u32, u32)>, VcpuSetupError> {
         self.check_setup_allowed(ManagerOp::CreateVcpu)?;
         let mut slots: Vec<(u32, u32)> = Vec::with_capacity(indices.len());
         for &index in indices {
@@ -378,23 +457,30 @@ impl VcpuManager {
             }
             slots.push((index, apic_id));
         }
-        if slots.is_empty() {
-            return Ok(());
-        }
-        self.reserve_fds();
+        Ok(slots)
+    }
 
-        // 1. Create and configure every vCPU; on an error keep every fd made so far.
-        let mut configured: Vec<(u32, u32, VcpuFd)> = Vec::with_capacity(slots.len());
-        for &(index, apic_id) in &slots {
-            match self.create_configured(index, apic_id) {
-                Ok(fd) => configured.push((index, apic_id, fd)),
-                Err(e) => {
-                    self.keep_fds(configured);
-                    return Err(e);
-                }
-            }
+    /// Probes, once per VM, which MSRs a vCPU state holds ([`SaveableMsrs::probe`]) on
+    /// `fd`, a vCPU whose CPUID is set and whose thread does not exist yet: probing asks
+    /// `/dev/kvm` for its MSR list, which the vCPU threads' seccomp filter forbids. A probe
+    /// that fails is logged; [`save`](Self::save) then says so.
+    ///
+    /// [`SaveableMsrs::probe`]: crate::arch::x86_64::state::SaveableMsrs::probe
+    pub(crate) fn probe_saveable_msrs(&self, fd: &VcpuFd) {
+        if let Err(e) = self.saver.probe_once(self.vm.kvm(), fd) {
+            warn!(self.logger, "cannot list the MSRs to save; saving this VM will fail";
+                  "error" => %e);
         }
+    }
 
+    /// Passes 2 and 3 of [`create_vcpus`](Self::create_vcpus): starts the threads of
+    /// `configured` (index, APIC ID, fd) without waiting, then waits for every one. All or
+    /// nothing, as `create_vcpus` says.
+    pub(crate) fn start_batch(
+        &mut self,
+        configured: Vec<(u32, u32, VcpuFd)>,
+    ) -> Result<(), VcpuSetupError> {
+        let indices: Vec<u32> = configured.iter().map(|&(i, _, _)| i).collect();
         // 2. Start every thread without waiting for any.
         let mut first_error: Option<VcpuSetupError> = None;
         let mut pending = Vec::with_capacity(configured.len());
@@ -409,12 +495,19 @@ impl VcpuManager {
             };
             let mut vcpu_options = self.options.vcpu.clone();
             vcpu_options.logger = self.logger.new(o!("vcpu_index" => index));
+            if let Some(cpus) = self.config.vcpu_affinity.get(&index) {
+                vcpu_options.affinity = Some(cpus.clone());
+            }
             // Handled on the vCPU thread, under its seccomp filter: the serial console raises
             // its interrupt (an irqfd write), and a device may call ExitMonitor::request_stop.
             vcpu_options.seccomp = std::mem::take(&mut vcpu_options.seccomp).with_write_fds([
                 self.vm.serial().irq_fd(),
                 self.exit_monitor.stop_request_fd(),
             ]);
+            // The manager's own saver, whatever the options held: `save` reads what it
+            // writes.
+            vcpu_options.state_saver =
+                Some(Arc::clone(&self.saver) as Arc<dyn vcpu_actor::VcpuStateSaver>);
             match PendingVcpu::start(parts, vcpu_options) {
                 Ok(p) => pending.push((index, p)),
                 Err(failure) => {
@@ -449,7 +542,7 @@ impl VcpuManager {
 
     /// Grows the process's fd table once to fit every vCPU fd this VM may need (see
     /// [`create_vcpus`](Self::create_vcpus)).
-    fn reserve_fds(&self) {
+    pub(crate) fn reserve_fds(&self) {
         let in_use = usize::try_from(self.vm.fd().as_raw_fd()).unwrap_or(0);
         let wanted = in_use
             .saturating_add(self.config.max_vcpu_count as usize)
@@ -488,7 +581,7 @@ impl VcpuManager {
     }
 
     /// Keeps the fds of vCPUs that were created but will not be started.
-    fn keep_fds(&mut self, fds: Vec<(u32, u32, VcpuFd)>) {
+    pub(crate) fn keep_fds(&mut self, fds: Vec<(u32, u32, VcpuFd)>) {
         for (_, apic_id, fd) in fds {
             self.kept_fds.insert(apic_id, fd);
         }
@@ -539,6 +632,10 @@ impl VcpuManager {
             debug!(self.logger, "reused vCPU keeps its CPUID"; "apic_id" => apic_id);
         }
         x86_64::setup_vcpu(fd, apic_id, self.options.interrupt_mode)?;
+        if let Some(template) = &self.config.template {
+            // After the VMM's boot MSRs, so that the template has the last word.
+            template.apply_msrs(fd, apic_id)?;
+        }
         if index == 0 {
             let entry = self
                 .boot_entry
@@ -745,6 +842,9 @@ impl VcpuManager {
                 apic_id: h.id(),
                 state: h.state(),
                 tid: h.tid(),
+                affinity: h
+                    .tid()
+                    .and_then(|tid| vcpu_actor::thread_affinity(tid).ok()),
             })
             .collect()
     }
@@ -769,6 +869,30 @@ impl VcpuManager {
     /// The APIC IDs whose KVM vCPU fd is kept for reuse (their thread has ended).
     pub fn kept_vcpu_fds(&self) -> Vec<u32> {
         self.kept_fds.keys().copied().collect()
+    }
+
+    /// What KVM holds as the CPUID of the vCPU with APIC ID `apic_id` (`KVM_GET_CPUID2`),
+    /// read from its kept fd: call it after the vCPU exited (e.g. after
+    /// [`exit_all`](Self::exit_all)), when its thread has handed the fd back.
+    ///
+    /// # Errors
+    ///
+    /// [`VcpuSetupError::InvalidState`] if no fd of that APIC ID is kept,
+    /// [`VcpuSetupError::Kvm`] if KVM does not answer.
+    pub fn kept_vcpu_kvm_cpuid(&self, apic_id: u32) -> Result<Vec<CpuidEntry>, VcpuSetupError> {
+        let fd = self
+            .kept_fds
+            .get(&apic_id)
+            .ok_or_else(|| VcpuSetupError::InvalidState {
+                op: ManagerOp::ExitVcpus,
+                reason: format!(
+                    "no kept KVM fd for APIC ID {apic_id}: read KVM's CPUID after the vCPU exited"
+                ),
+            })?;
+        let cpuid = fd
+            .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(crate::vcpu_kvm_error(apic_id, KvmOp::GetCpuid2))?;
+        Ok(cpuid::entries_from_kvm(cpuid.as_slice()))
     }
 
     /// Linux thread ids of the present vCPUs: (index, tid).

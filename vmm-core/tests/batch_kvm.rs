@@ -23,6 +23,8 @@ fn manager(kvm: Kvm, boot: u32, max: u32) -> (Arc<Vm>, VcpuManager) {
         max_vcpu_count: max,
         topology: CpuTopology::new(1, 1, max, 1).unwrap(),
         vpmu: VpmuFeatureLevel::Disabled,
+        template: None,
+        vcpu_affinity: Default::default(),
     };
     build_vm(
         kvm,

@@ -14,6 +14,8 @@ fn cfg(boot: u32, max: u32, (s, c, t): (u32, u32, u32)) -> VcpuConfig {
         max_vcpu_count: max,
         topology: CpuTopology::new(s, 1, c, t).unwrap(),
         vpmu: VpmuFeatureLevel::Disabled,
+        template: None,
+        vcpu_affinity: Default::default(),
     }
 }
 

@@ -22,6 +22,8 @@ fn config(vpmu: VpmuFeatureLevel) -> VcpuConfig {
         max_vcpu_count: 2,
         topology: CpuTopology::new(1, 1, 2, 1).unwrap(),
         vpmu,
+        template: None,
+        vcpu_affinity: Default::default(),
     }
 }
 

@@ -59,6 +59,8 @@ fn config(boot: u32, (s, c, t): (u32, u32, u32)) -> VcpuConfig {
         max_vcpu_count: s * c * t,
         topology: CpuTopology::new(s, 1, c, t).unwrap(),
         vpmu: VpmuFeatureLevel::Disabled,
+        template: None,
+        vcpu_affinity: Default::default(),
     }
 }
 

@@ -310,14 +310,15 @@ mod tests {
             (12.0, 13.0, 30.0)
         );
         assert_eq!(rows[1].max_rss_kib, 1330);
-        assert_eq!(rows[1].rss_per_added_vcpu_kib, 10.0);
+        // (median 1330 - median 1000) / 32 added vCPUs.
+        assert_eq!(rows[1].rss_per_added_vcpu_kib, 10.3125);
         let report = BootProcessReport {
             rows,
             samples: samples.to_vec(),
         };
         let lines = report.lines();
         assert_eq!(lines[1].bare_ms, 11.0);
-        assert!(report.summary().contains("10.0 KiB per added vCPU"));
+        assert!(report.summary().contains("10.3 KiB per added vCPU"));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! and the benchmark of [`vmm_core::arch::x86_64::state`] and [`vmm_core::snapshot`]
 //! against the bare cost of the same KVM get/set calls in one loop ([`bench_snapshot`]).
 //!
-//! The rows (not yet in `vcpuctl bench`):
+//! The rows (in `vcpuctl bench`, through [`snapshot_lines`]):
 //!
 //! | row | ours | bare |
 //! | --- | --- | --- |
@@ -11,6 +11,8 @@
 //! | `restore_state` | `vm_state::restore_vm` + `state::restore` into new vCPUs | the same `KVM_SET_*` calls with the saved values |
 //! | `save_snapshot` | the above + `snapshot::write` with the VM's memory | the `KVM_GET_*` loop + guest memory written to a file |
 //! | `restore_snapshot` | `snapshot::read` (checks every CRC32) + `check_host` + `restore_memory` + restore | the file read back into guest memory + the `KVM_SET_*` loop |
+//! | `vm_save` | the vCPU manager's `save_to` of a paused VM (every vCPU on its own thread) | `save_snapshot`'s bare column |
+//! | `vm_restore` | the vCPU manager's `restore_from`, vCPU threads started, paused | `restore_snapshot`'s bare column |
 
 use std::os::unix::thread::JoinHandleExt;
 use std::path::Path;
@@ -152,6 +154,7 @@ impl StateVm {
             max_vcpu_count: self.topology.max_vcpus(),
             topology: self.topology,
             vpmu: VpmuFeatureLevel::Disabled,
+            interrupt_mode: vmm_core::InterruptMode::XApic,
         }
     }
 
@@ -593,6 +596,97 @@ pub fn bench_snapshots(counts: &[u32], dir: &Path) -> Result<Vec<BenchLine>, Int
     let mut lines = Vec::new();
     for &n in counts {
         lines.extend(bench_snapshot(n, Some(64 << 20), dir)?);
+    }
+    Ok(lines)
+}
+
+/// The vCPU manager's own save and restore of `n` vCPUs with `memory_size` bytes of memory,
+/// snapshot files in `dir`: `vm_save` ([`VcpuManager::save_to`] of the paused VM: every vCPU
+/// saved on its own thread, then the files written) and `vm_restore`
+/// ([`VcpuManager::restore_from`]: read and verify, check the host, a new VM, memory, VM
+/// state, vCPUs with their threads, paused). `bare` is the bare cost of the same work
+/// (`save_snapshot` and `restore_snapshot`'s bare columns of [`bench_snapshot`] for `n`).
+///
+/// [`VcpuManager::save_to`]: vmm_core::VcpuManager::save_to
+/// [`VcpuManager::restore_from`]: vmm_core::VcpuManager::restore_from
+pub fn bench_manager_snapshot(
+    n: u32,
+    memory_size: u64,
+    dir: &Path,
+    bare: Option<(Duration, Duration)>,
+) -> Result<Vec<BenchLine>, IntegrationError> {
+    let kvm = crate::open_kvm()?;
+    let config = vmm_core::VcpuConfig {
+        boot_vcpu_count: n,
+        max_vcpu_count: n,
+        topology: topology_of(n)?,
+        vpmu: VpmuFeatureLevel::Disabled,
+        template: None,
+        vcpu_affinity: Default::default(),
+    };
+    let options = || vmm_core::VcpuManagerOptions {
+        ack_timeout: super::ACK_TIMEOUT,
+        ..vmm_core::VcpuManagerOptions::default()
+    };
+    let vm_options = || VmOptions {
+        memory_size,
+        ..VmOptions::default()
+    };
+    let mut vm =
+        crate::guest::GuestVm::create(kvm, crate::guest::spin(), config, vm_options(), options())?;
+    vm.vcpus.start_boot_vcpus().map_err(vmm)?;
+    vm.vcpus.pause_all().map_err(vmm)?;
+    let t = Instant::now();
+    vm.vcpus.save_to(dir).map_err(vmm)?;
+    let save = t.elapsed();
+    vm.vcpus.exit_all().map_err(vmm)?;
+    drop(vm);
+
+    let kvm = crate::open_kvm()?;
+    let t = Instant::now();
+    let (restored_vm, mut restored) =
+        vmm_core::VcpuManager::restore_from(kvm, dir, vm_options(), options()).map_err(vmm)?;
+    let restore = t.elapsed();
+    restored.exit_all().map_err(vmm)?;
+    drop(restored);
+    drop(restored_vm);
+    Ok(vec![
+        BenchLine::new(
+            "vm_save",
+            "VcpuManager::save_to of the paused VM (SaveState on every vCPU thread + files) vs the bare save_snapshot",
+            n,
+            save,
+            bare.map(|b| b.0),
+        ),
+        BenchLine::new(
+            "vm_restore",
+            "VcpuManager::restore_from (verify, check host, VM, memory, vCPUs + threads, paused) vs the bare restore_snapshot",
+            n,
+            restore,
+            bare.map(|b| b.1),
+        ),
+    ])
+}
+
+/// Every snapshot row for each of `counts`: [`bench_snapshot`]'s four (state only, then with
+/// `memory_size` bytes) and [`bench_manager_snapshot`]'s two, snapshot files in `dir`.
+pub fn snapshot_lines(
+    counts: &[u32],
+    memory_size: u64,
+    dir: &Path,
+) -> Result<Vec<BenchLine>, IntegrationError> {
+    let mut lines = Vec::new();
+    for &n in counts {
+        let raw = bench_snapshot(n, Some(memory_size), dir)?;
+        let bare = |name: &str| {
+            raw.iter()
+                .find(|l| l.benchmark == name)
+                .filter(|l| l.bare_ms.is_finite())
+                .map(|l| Duration::from_secs_f64(l.bare_ms / 1e3))
+        };
+        let bare = bare("save_snapshot").zip(bare("restore_snapshot"));
+        lines.extend(raw.iter().cloned());
+        lines.extend(bench_manager_snapshot(n, memory_size, dir, bare)?);
     }
     Ok(lines)
 }

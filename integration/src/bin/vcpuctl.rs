@@ -40,6 +40,14 @@ struct VmArgs {
     /// Machine-readable output (JSON on stdout; progress goes to stderr).
     #[arg(long, global = true)]
     json: bool,
+    /// A CPU template in Firecracker's custom CPU template JSON format, applied to every
+    /// vCPU (demo, cpuid, boot).
+    #[arg(long, global = true, value_name = "FILE")]
+    template: Option<PathBuf>,
+    /// Host CPUs per vCPU index, e.g. 0=0-1,1=1 (demo, cpuid, boot).
+    #[arg(long, global = true, value_name = "INDEX=CPUS,...",
+          value_parser = vmm_core::parse_vcpu_affinity)]
+    vcpu_affinity: Option<vmm_core::VcpuAffinity>,
     /// Log the VMM's work to stderr (-v info, -vv debug).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -54,6 +62,10 @@ enum Command {
         /// kernels understand).
         #[arg(long, value_enum, default_value_t = cmd::demo::HotplugChannel::Upcall)]
         hotplug: cmd::demo::HotplugChannel,
+        /// Print the final per-vCPU metrics in this format (openmetrics: OpenMetrics text on
+        /// stdout, after the demo's own output).
+        #[arg(long, value_parser = ["openmetrics"])]
+        metrics: Option<String>,
     },
     /// Boot every possible vCPU; each executes CPUID for what hwloc reads and the results are
     /// dumped (JSON, hwloc's format).
@@ -86,6 +98,10 @@ enum Command {
         /// Only the boot_process row.
         #[arg(long)]
         boot_only: bool,
+        /// vCPU counts of the snapshot rows (save/restore of vCPU state, and with 64 MiB of
+        /// memory).
+        #[arg(long, value_delimiter = ',', default_values_t = [1u32, 8, 64, 254])]
+        snapshot_vcpus: Vec<u32>,
     },
     /// Resize against a misbehaving guest while another thread pauses and resumes the VM,
     /// then resize back; exit code 0 when the manager behaved, whatever the guest did.
@@ -105,6 +121,33 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Boot the agent guest (every vCPU counts in guest memory), hot-add vCPUs over upcall
+    /// if asked, pause and save it into a snapshot directory; print each vCPU's counter.
+    Snapshot {
+        /// Grow to this many vCPUs over upcall before saving (above the boot count, at most
+        /// maxcpus).
+        #[arg(long)]
+        resize: Option<u32>,
+        /// The snapshot directory (created if missing).
+        #[arg(long)]
+        to: PathBuf,
+    },
+    /// Restore a snapshot of `vcpuctl snapshot` in this process, run it and show every vCPU
+    /// continuing (exit code 0 only then). --smp, --vpmu and --memory come from the snapshot.
+    Restore {
+        /// The snapshot directory.
+        #[arg(long)]
+        from: PathBuf,
+        /// How long to run the restored guest, in milliseconds.
+        #[arg(long, default_value_t = 200)]
+        run_ms: u64,
+    },
+    /// This host's CPU fingerprint (CPU model, KVM's CPUID, KVM capabilities) as JSON, or the
+    /// differences between two, and whether a template hides them.
+    Fingerprint {
+        #[command(subcommand)]
+        action: FingerprintAction,
+    },
     /// Boot a Linux kernel, console on this terminal.
     Boot {
         /// bzImage or ELF vmlinux.
@@ -122,6 +165,24 @@ enum Command {
         /// Once the VM has stopped, print the process's peak RSS (VmHWM) on stderr.
         #[arg(long)]
         peak_rss: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum FingerprintAction {
+    /// Print this host's fingerprint as JSON (to a file with --out).
+    Dump {
+        /// Write it here instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Compare two fingerprints: exit code 0 when they match (or --template hides every
+    /// difference), 1 otherwise.
+    Compare {
+        /// The first fingerprint (JSON from `dump`).
+        a: PathBuf,
+        /// The second.
+        b: PathBuf,
     },
 }
 
@@ -155,18 +216,42 @@ fn logger(verbose: u8) -> slog::Logger {
 
 fn run(cli: Cli) -> Result<(), CliError> {
     let a = cli.vm;
-    let spec = VmSpec {
-        smp: a.smp,
-        vpmu: a.vpmu,
-        memory_mib: a.memory,
-        logger: logger(a.verbose),
-    };
-    let out = Out::new(a.json);
-    let default = Command::Demo {
+    let mut spec = VmSpec::new(a.smp, a.vpmu, a.memory, logger(a.verbose));
+    if let Some(path) = &a.template {
+        spec.template = Some(
+            vmm_core::CpuTemplate::from_file(path).map_err(|e| CliError {
+                code: cmd::ExitCode::Usage,
+                message: e.to_string(),
+            })?,
+        );
+    }
+    spec.vcpu_affinity = a.vcpu_affinity.unwrap_or_default();
+    let command = cli.command.unwrap_or(Command::Demo {
         hotplug: cmd::demo::HotplugChannel::Upcall,
-    };
-    match cli.command.unwrap_or(default) {
-        Command::Demo { hotplug } => cmd::demo::run(&spec, &out, hotplug, a.json),
+        metrics: None,
+    });
+    // With --metrics, stdout carries only the metrics: the demo's lines go to stderr.
+    let out = Out::new(
+        a.json
+            || matches!(
+                command,
+                Command::Demo {
+                    metrics: Some(_),
+                    ..
+                }
+            ),
+    );
+    match command {
+        Command::Demo { hotplug, metrics } => {
+            cmd::demo::run(&spec, &out, hotplug, a.json, metrics.as_deref())
+        }
+        Command::Fingerprint { action } => match action {
+            FingerprintAction::Dump { out: file } => cmd::fingerprint::run_dump(file.as_deref()),
+            FingerprintAction::Compare {
+                a: first,
+                b: second,
+            } => cmd::fingerprint::run_compare(&first, &second, spec.template.as_ref(), a.json),
+        },
         Command::Cpuid { hwloc_dir } => cmd::cpuid::run(&spec, &out, hwloc_dir, a.json),
         Command::Bench {
             vcpus,
@@ -176,6 +261,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             boot_vcpus,
             boot_runs,
             boot_only,
+            snapshot_vcpus,
         } => {
             let options = BenchOptions {
                 vcpus,
@@ -185,11 +271,14 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 boot_vcpus,
                 boot_runs,
                 boot_only,
+                snapshot_vcpus,
             };
             cmd::bench::run(&spec, &out, options, a.json)
         }
         Command::Chaos { fault, to } => cmd::chaos::run(&spec, &out, &fault, to, a.json),
         Command::Acpi { out: dir } => cmd::acpi::run(&spec, &out, &dir, a.json),
+        Command::Snapshot { resize, to } => cmd::snapshot::run(&spec, &out, resize, &to, a.json),
+        Command::Restore { from, run_ms } => cmd::restore::run(&spec, &out, &from, run_ms, a.json),
         Command::Boot {
             kernel,
             initrd,

@@ -7,6 +7,7 @@ use super::{open_kvm, print_json, CliError, ExitCode, Out, VmSpec};
 use crate::bench::bare::bare_create;
 use crate::bench::boot_process::{bench_boot_process, BootProcessOptions, BootProcessReport};
 use crate::bench::hotplug::{bench_resize, hotplug_lines, ResizeBenchOptions};
+use crate::bench::snapshot::snapshot_lines;
 use crate::bench::{actor, manager, table, BenchReport};
 use crate::guest::agent::HotplugChannel;
 
@@ -28,6 +29,10 @@ pub struct BenchOptions {
     pub boot_runs: u32,
     /// Only the `boot_process` row.
     pub boot_only: bool,
+    /// vCPU counts of the snapshot rows (`save_state`, `restore_state`, `save_snapshot`,
+    /// `restore_snapshot`, `vm_save`, `vm_restore`, with 64 MiB of guest memory); empty skips
+    /// them.
+    pub snapshot_vcpus: Vec<u32>,
 }
 
 impl Default for BenchOptions {
@@ -41,6 +46,7 @@ impl Default for BenchOptions {
             boot_vcpus: vec![1, 32, 254],
             boot_runs: 15,
             boot_only: false,
+            snapshot_vcpus: vec![1, 8, 64, 254],
         }
     }
 }
@@ -66,6 +72,21 @@ fn boot_process(
     Ok(Some(bench_boot_process(&options)?))
 }
 
+/// The snapshot rows for `counts`, with 64 MiB of guest memory, the files in a temporary
+/// directory removed afterwards.
+fn snapshots(out: &Out, counts: &[u32]) -> Result<Vec<crate::bench::BenchLine>, CliError> {
+    if counts.is_empty() {
+        return Ok(Vec::new());
+    }
+    let _p = out.progress(format!(
+        "snapshot save and restore, {counts:?} vCPUs, 64 MiB"
+    ));
+    let dir = std::env::temp_dir().join(format!("vcpuctl-bench-snapshot-{}", std::process::id()));
+    let lines = snapshot_lines(counts, 64 << 20, &dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(lines?)
+}
+
 /// Runs every benchmark and returns the report (progress on `out`).
 pub fn bench(spec: &VmSpec, out: &Out, options: BenchOptions) -> Result<BenchReport, CliError> {
     let kvm = open_kvm()?;
@@ -85,6 +106,11 @@ pub fn bench(spec: &VmSpec, out: &Out, options: BenchOptions) -> Result<BenchRep
             boot_process: boot,
         });
     }
+    let snapshot_vcpus = if options.quick {
+        vec![1, 8]
+    } else {
+        options.snapshot_vcpus.clone()
+    };
     let (vcpus, rounds, hot, window, exit_rounds, hot_rounds) = if options.quick {
         (vec![1, 8], 3, vec![1, 7], Duration::from_millis(100), 1, 1)
     } else {
@@ -139,6 +165,7 @@ pub fn bench(spec: &VmSpec, out: &Out, options: BenchOptions) -> Result<BenchRep
         hotplug.extend(report.samples);
     }
     lines.extend(boot.iter().flat_map(BootProcessReport::lines));
+    lines.extend(snapshots(out, &snapshot_vcpus)?);
     Ok(BenchReport {
         lines,
         rounds,

@@ -1,10 +1,17 @@
 //! `vcpuctl cpuid`: every possible vCPU executes CPUID in guest code; what each read, decoded,
-//! and hwloc dumps of it.
+//! what KVM holds for it (`KVM_GET_CPUID2`), and hwloc dumps of it.
+//!
+//! Guest code runs CPUID at CPL 0, where KVM answers with the VMM's table. On the PVM test
+//! hosts some leaves still show host bits whatever the VMM set (leaf 0x1 ECX, leaf 0x7; see
+//! `docs/host-notes.md`): `registers` (what the guest read) and `kvm_registers` (what KVM
+//! holds) can differ there, and only there.
 
 use std::path::PathBuf;
 
 use serde::Serialize;
 use topology::hwloc::{write_hwloc_dump_results, CpuidResult};
+use topology::{find_entry, CpuidEntry};
+use vmm_core::arch::x86_64::cpuid::{HYPERVISOR_BASE, HYPERVISOR_TSC_LEAF, POWER_MANAGEMENT};
 
 use super::{open_kvm, print_json, CliError, ExitCode, Out, VmSpec, GUEST_TIMEOUT};
 use crate::guest::agent::{AgentVm, ApMode};
@@ -50,8 +57,51 @@ impl VcpuCpuidView {
                 .map(|r| r.ebx >> 24),
             location: decode_location(&registers),
             registers,
+            kvm_registers: Vec::new(),
         }
     }
+}
+
+/// KVM's entries as results of the queries they answer.
+pub fn kvm_results(entries: &[CpuidEntry]) -> Vec<CpuidResult> {
+    entries
+        .iter()
+        .map(|e| CpuidResult {
+            leaf: e.function,
+            subleaf: e.index,
+            eax: e.eax,
+            ebx: e.ebx,
+            ecx: e.ecx,
+            edx: e.edx,
+        })
+        .collect()
+}
+
+/// The queries beyond hwloc's that show the normalisation: leaf 6, and the hypervisor leaves
+/// 0x4000_0000, 0x4000_0001 and the TSC frequency leaf 0x4000_0010 where `entries` (a vCPU's
+/// CPUID set) has them. The brand string leaves are among hwloc's already.
+pub fn normalisation_queries(entries: &[CpuidEntry]) -> Vec<(u32, u32)> {
+    let mut q = Vec::new();
+    if find_entry(entries, 0, 0).is_some_and(|e| e.eax >= POWER_MANAGEMENT) {
+        q.push((POWER_MANAGEMENT, 0));
+    }
+    for leaf in [HYPERVISOR_BASE, HYPERVISOR_BASE + 1, HYPERVISOR_TSC_LEAF] {
+        if find_entry(entries, leaf, 0).is_some() {
+            q.push((leaf, 0));
+        }
+    }
+    q
+}
+
+/// Adds `extra` to the queries every vCPU of `vm` executes (before the vCPUs start).
+pub fn add_queries(vm: &mut AgentVm, extra: &[(u32, u32)]) -> Result<(), CliError> {
+    for q in extra {
+        if !vm.queries.contains(q) {
+            vm.queries.push(*q);
+        }
+    }
+    vm.agent.write_queries(&vm.queries)?;
+    Ok(())
 }
 
 /// What one vCPU's guest code read and what it means.
@@ -67,6 +117,9 @@ pub struct VcpuCpuidView {
     pub location: Option<GuestLocation>,
     /// Every (leaf, subleaf) the guest executed, with its result.
     pub registers: Vec<CpuidResult>,
+    /// What KVM holds as this vCPU's CPUID (`KVM_GET_CPUID2`, read once the vCPU exited):
+    /// every entry, as the query it answers. Empty where it was not read (`vcpuctl demo`).
+    pub kvm_registers: Vec<CpuidResult>,
 }
 
 /// What the present vCPUs of `vm` read from CPUID (those in `only`, if given), by index.
@@ -94,8 +147,10 @@ pub fn cpuid(spec: &VmSpec, hwloc_dir: Option<&PathBuf>) -> Result<Vec<VcpuCpuid
         spec.vcpu_config(spec.smp.max_cpus),
         spec.agent_options(ApMode::Halt),
     )?;
+    let extra = normalisation_queries(&vm.vcpus.vcpu_cpuid(0)?);
+    add_queries(&mut vm, &extra)?;
     vm.start(GUEST_TIMEOUT)?;
-    let views = agent_views(&vm, None)?;
+    let mut views = agent_views(&vm, None)?;
     if let Some(dir) = hwloc_dir {
         let per_cpu: Vec<Vec<CpuidResult>> = views.iter().map(|v| v.registers.clone()).collect();
         write_hwloc_dump_results(dir, &per_cpu).map_err(|e| CliError {
@@ -104,6 +159,9 @@ pub fn cpuid(spec: &VmSpec, hwloc_dir: Option<&PathBuf>) -> Result<Vec<VcpuCpuid
         })?;
     }
     vm.vcpus.exit_all()?;
+    for v in &mut views {
+        v.kvm_registers = kvm_results(&vm.vcpus.kept_vcpu_kvm_cpuid(v.apic_id)?);
+    }
     Ok(views)
 }
 

@@ -151,6 +151,8 @@ pub struct DemoReport {
     pub stop_vcpu_id: Option<u32>,
     /// Per-vCPU metrics at the end.
     pub metrics: Vec<VcpuMetricsSnapshot>,
+    /// The vCPU index of each entry of `metrics` (the `cpu_id` of the OpenMetrics output).
+    pub metric_indices: Vec<u32>,
     /// Every vCPU thread the demo ran (boot and hot-added ones, sampled while present), with
     /// its seccomp mode (2, `filter`, by default).
     pub vcpu_threads: Vec<VcpuThreadReport>,
@@ -423,12 +425,8 @@ pub fn demo(spec: &VmSpec, out: &Out, channel: HotplugChannel) -> Result<DemoRep
     ));
 
     // The counters end with the vCPUs' threads: read them while the vCPUs are present.
-    let metrics: Vec<VcpuMetricsSnapshot> = vm
-        .vcpus
-        .vcpu_metrics()
-        .into_iter()
-        .map(|(_, m)| m)
-        .collect();
+    let (metric_indices, metrics): (Vec<u32>, Vec<VcpuMetricsSnapshot>) =
+        vm.vcpus.vcpu_metrics().into_iter().unzip();
     out.line("the guest asks to shut down (its BSP writes the shutdown port at CPL 3)...");
     vm.agent.request_shutdown()?;
     let stop: VmStopReason = vm
@@ -468,15 +466,51 @@ pub fn demo(spec: &VmSpec, out: &Out, channel: HotplugChannel) -> Result<DemoRep
         stop: stop.to_string(),
         stop_vcpu_id: stop.vcpu_id,
         metrics,
+        metric_indices,
         vcpu_threads,
     })
 }
 
-/// Runs `vcpuctl demo` (its JSON report on stdout with `json`).
-pub fn run(spec: &VmSpec, out: &Out, channel: HotplugChannel, json: bool) -> Result<(), CliError> {
+/// The demo's final per-vCPU metrics as OpenMetrics text ([`vmm_core::openmetrics`]).
+pub fn openmetrics(report: &DemoReport) -> String {
+    let indexed: Vec<(u32, VcpuMetricsSnapshot)> = report
+        .metric_indices
+        .iter()
+        .copied()
+        .zip(report.metrics.iter().copied())
+        .collect();
+    vmm_core::openmetrics::encode_vcpu_metrics(&indexed)
+}
+
+/// Runs `vcpuctl demo` (its JSON report on stdout with `json`). With `metrics` =
+/// `openmetrics`, stdout is only the final per-vCPU metrics as OpenMetrics text: the demo's
+/// lines (give `out` for stderr) and, with `json`, the JSON report go to stderr.
+pub fn run(
+    spec: &VmSpec,
+    out: &Out,
+    channel: HotplugChannel,
+    json: bool,
+    metrics: Option<&str>,
+) -> Result<(), CliError> {
     let report = demo(spec, out, channel)?;
-    if json {
-        print_json(&report)?;
+    match metrics {
+        Some("openmetrics") => {
+            if json {
+                let text = serde_json::to_string_pretty(&report).map_err(|e| CliError {
+                    code: ExitCode::Failure,
+                    message: format!("cannot write JSON: {e}"),
+                })?;
+                eprintln!("{text}");
+            }
+            print!("{}", openmetrics(&report));
+        }
+        Some(other) => {
+            return Err(CliError::usage(format!(
+                "unknown metrics format {other:?}: use openmetrics"
+            )))
+        }
+        None if json => print_json(&report)?,
+        None => {}
     }
     Ok(())
 }

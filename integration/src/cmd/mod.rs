@@ -1,5 +1,6 @@
 //! `vcpuctl`, one module per subcommand ([`demo`], [`cpuid`], [`bench`](mod@bench),
-//! [`boot`], [`chaos`], [`acpi`]), and what they share: the VM options ([`VmSpec`]), progress output ([`Out`]) and
+//! [`boot`], [`chaos`], [`acpi`], [`snapshot`](mod@snapshot), [`restore`](mod@restore),
+//! [`fingerprint`]), and what they share: the VM options ([`VmSpec`]), progress output ([`Out`]) and
 //! the exit codes ([`ExitCode`], [`CliError`]). `src/bin/vcpuctl.rs` parses the arguments and dispatches here.
 
 pub mod acpi;
@@ -8,11 +9,17 @@ pub mod boot;
 pub mod chaos;
 pub mod cpuid;
 pub mod demo;
+pub mod fingerprint;
+pub mod restore;
+pub mod snapshot;
 
 use std::time::{Duration, Instant};
 
 use topology::SmpConfig;
-use vmm_core::{ConfigError, PmuError, VcpuConfig, VcpuManagerOptions, VmError, VmmError};
+use vmm_core::{
+    ConfigError, CpuTemplate, PmuError, VcpuAffinity, VcpuConfig, VcpuManagerOptions, VmError,
+    VmmError,
+};
 use vpmu::VpmuFeatureLevel;
 
 use crate::guest::agent::{AgentVmOptions, ApMode};
@@ -110,16 +117,39 @@ pub struct VmSpec {
     pub memory_mib: u64,
     /// Logger for the VMM.
     pub logger: slog::Logger,
+    /// The CPU template every vCPU gets (`--template`).
+    pub template: Option<CpuTemplate>,
+    /// Host CPUs per vCPU index (`--vcpu-affinity`).
+    pub vcpu_affinity: VcpuAffinity,
 }
 
 impl VmSpec {
-    /// The vCPU config, with `boot` vCPUs at start.
+    /// A spec with no template and no affinity.
+    pub fn new(
+        smp: SmpConfig,
+        vpmu: VpmuFeatureLevel,
+        memory_mib: u64,
+        logger: slog::Logger,
+    ) -> Self {
+        Self {
+            smp,
+            vpmu,
+            memory_mib,
+            logger,
+            template: None,
+            vcpu_affinity: VcpuAffinity::new(),
+        }
+    }
+
+    /// The vCPU config, with `boot` vCPUs at start (and the spec's template and affinity).
     pub fn vcpu_config(&self, boot: u32) -> VcpuConfig {
         VcpuConfig {
             boot_vcpu_count: boot,
             max_vcpu_count: self.smp.max_cpus,
             topology: self.smp.topology,
             vpmu: self.vpmu,
+            template: self.template.clone(),
+            vcpu_affinity: self.vcpu_affinity.clone(),
         }
     }
 

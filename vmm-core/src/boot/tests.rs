@@ -400,6 +400,8 @@ fn mp_cpus_follow_the_topology() {
         max_vcpu_count: 12,
         topology: topology::CpuTopology::new(2, 1, 3, 2).unwrap(),
         vpmu: Default::default(),
+        template: None,
+        vcpu_affinity: Default::default(),
     };
     let cpus = mp_cpus(&config).unwrap();
     let ids: Vec<u8> = cpus.iter().map(|c| c.apic_id).collect();
@@ -419,6 +421,8 @@ fn apic_ids_over_254_get_acpi_tables_and_no_mp_table() {
         max_vcpu_count: 300,
         topology: topology::CpuTopology::new(2, 1, 75, 2).unwrap(),
         vpmu: Default::default(),
+        template: None,
+        vcpu_affinity: Default::default(),
     };
     let cpus = boot_cpus(&vcpus).unwrap();
     assert_eq!(cpus.last().unwrap().apic_id, 256 + 74 * 2 + 1);

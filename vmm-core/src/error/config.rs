@@ -90,4 +90,15 @@ pub enum ConfigError {
          are supported"
     )]
     UnknownCpuVendor,
+    /// The CPU template is malformed or needs a KVM capability this host lacks.
+    #[error(transparent)]
+    Template(#[from] crate::template::TemplateError),
+    /// A vCPU affinity names a vCPU index or host CPU that cannot be.
+    #[error("vCPU affinity of vCPU index {index}: {reason}")]
+    VcpuAffinity {
+        /// The vCPU index.
+        index: u32,
+        /// What is wrong and what to do.
+        reason: String,
+    },
 }

@@ -36,6 +36,10 @@ pub enum KvmOp {
     SetCpuid2,
     /// `KVM_SET_MSRS`.
     SetMsrs,
+    /// `KVM_GET_CPUID2` (what KVM holds for a vCPU).
+    GetCpuid2,
+    /// `KVM_GET_MSRS` (reading the MSRs a CPU template changes only in part).
+    GetMsrs,
     /// `KVM_GET_LAPIC`.
     GetLapic,
     /// `KVM_SET_LAPIC`.
@@ -72,6 +76,8 @@ impl KvmOp {
             KvmOp::CreateVcpu => "KVM_CREATE_VCPU",
             KvmOp::SetCpuid2 => "KVM_SET_CPUID2",
             KvmOp::SetMsrs => "KVM_SET_MSRS",
+            KvmOp::GetMsrs => "KVM_GET_MSRS",
+            KvmOp::GetCpuid2 => "KVM_GET_CPUID2",
             KvmOp::GetLapic => "KVM_GET_LAPIC",
             KvmOp::SetLapic => "KVM_SET_LAPIC",
             KvmOp::SetFpu => "KVM_SET_FPU",

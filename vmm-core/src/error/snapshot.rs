@@ -390,6 +390,51 @@ pub enum SnapshotError {
     /// host's KVM capabilities, failed.
     #[error(transparent)]
     VmState(#[from] StateError),
+    /// [`VcpuManager::save`](crate::VcpuManager::save) needs a paused VM.
+    #[error("cannot save the VM: it is {state}; pause it first (pause_all)")]
+    NotPaused {
+        /// What the VM is doing.
+        state: crate::state::VmRunState,
+    },
+    /// [`VcpuManager::save`](crate::VcpuManager::save) is refused while a resize waits for
+    /// the guest: the guest's CPU set is changing.
+    #[error(
+        "cannot save the VM while a resize to {target} vCPUs is in flight: wait for the resize \
+         to end (resume the VM if it is paused, so the guest can answer), pause, then save"
+    )]
+    ResizeInFlight {
+        /// The resize's target vCPU count.
+        target: u32,
+    },
+    /// The VM has no present vCPU to save.
+    #[error("cannot save the VM: no vCPU is present")]
+    NoVcpus,
+    /// The list of MSRs to save could not be probed when the vCPUs were created.
+    #[error(
+        "the MSRs to save are unknown: probing them on the first vCPU failed ({reason}); this \
+         VM cannot be saved"
+    )]
+    MsrListUnavailable {
+        /// Why the probe failed.
+        reason: String,
+    },
+    /// A vCPU did not save its state (it refused, failed, or did not answer in time).
+    #[error("vCPU {index} (APIC ID {apic_id}) did not save its state: {reason}")]
+    VcpuSave {
+        /// The vCPU's index.
+        index: u32,
+        /// Its APIC ID.
+        apic_id: u32,
+        /// What it answered, or that it did not.
+        reason: String,
+    },
+    /// The snapshot's vCPU list does not fit its own configuration (an index out of range,
+    /// listed twice, or an APIC ID that is not its index's in the topology).
+    #[error("the snapshot's vCPUs do not fit its configuration: {reason}; the state file is damaged or was edited")]
+    InvalidVcpus {
+        /// What does not fit.
+        reason: String,
+    },
 }
 
 impl SnapshotError {

@@ -50,7 +50,7 @@ use vpmu::VpmuFeatureLevel;
 use crate::arch::x86_64::state::X86VcpuState;
 use crate::arch::x86_64::vm_state::X86VmState;
 use crate::error::{SnapshotError, SnapshotFile, StateError, StateOp};
-use crate::VcpuConfig;
+use crate::{InterruptMode, VcpuConfig};
 
 pub use file::{FileHeader, HEADER_LEN, MAGIC};
 pub use host::{check_cpuid_supported, kvm_provided_cpuid, HostInfo};
@@ -75,15 +75,23 @@ pub struct SnapshotConfig {
     pub topology: CpuTopology,
     /// The vPMU level.
     pub vpmu: VpmuFeatureLevel,
+    /// The interrupt mode the VM ran in (xAPIC or x2APIC; `Auto` where unknown, e.g. a
+    /// snapshot written before this field existed: the restore then resolves it from the
+    /// topology as a new VM would).
+    #[serde(default)]
+    pub interrupt_mode: InterruptMode,
 }
 
 impl From<&VcpuConfig> for SnapshotConfig {
+    /// The configuration with the interrupt mode `Auto`; the vCPU manager records the mode
+    /// it resolved.
     fn from(c: &VcpuConfig) -> Self {
         Self {
             boot_vcpu_count: c.boot_vcpu_count,
             max_vcpu_count: c.max_vcpu_count,
             topology: c.topology,
             vpmu: c.vpmu,
+            interrupt_mode: InterruptMode::Auto,
         }
     }
 }
@@ -95,6 +103,10 @@ impl From<SnapshotConfig> for VcpuConfig {
             max_vcpu_count: c.max_vcpu_count,
             topology: c.topology,
             vpmu: c.vpmu,
+            // Not in the snapshot format (version 1): a restore that needs the template's
+            // CPUID sets it with `VcpuConfig::with_template`.
+            template: None,
+            vcpu_affinity: Default::default(),
         }
     }
 }

@@ -1,0 +1,283 @@
+//! The vCPU manager's save and restore on real KVM, without a guest program: vCPUs that wait
+//! for INIT/SIPI (sparse APIC IDs, some hot-added), saved on their own threads, written,
+//! restored into a new VM; saves refused while created, running and during a resize; a
+//! damaged snapshot refused before any vCPU exists.
+
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use kvm_ioctls::Kvm;
+use vcpu_actor::test_util::kvm_or_skip;
+use vmm_core::snapshot::{self, STATE_FILE};
+use vmm_core::{
+    build_vm, AsyncResizer, BackendError, CpuTopology, HotplugAck, HotplugBackend, HotplugFailure,
+    SnapshotError, VcpuConfig, VcpuManager, VcpuManagerOptions, Vm, VmOptions, VmRunState,
+    VmmError, VpmuFeatureLevel,
+};
+
+/// The tests count this process's threads: one at a time.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// 2 sockets x 3 cores: index 3 is APIC ID 4, index 5 is 6 (sparse).
+fn config() -> VcpuConfig {
+    VcpuConfig {
+        boot_vcpu_count: 2,
+        max_vcpu_count: 6,
+        topology: CpuTopology::new(2, 1, 3, 1).unwrap(),
+        vpmu: VpmuFeatureLevel::Disabled,
+        template: None,
+        vcpu_affinity: Default::default(),
+    }
+}
+
+fn manager(kvm: Kvm) -> (Arc<Vm>, VcpuManager) {
+    build_vm(
+        kvm,
+        VmOptions {
+            memory_size: 16 << 20,
+            ..VmOptions::default()
+        },
+        config(),
+        VcpuManagerOptions::default(),
+    )
+    .unwrap()
+}
+
+fn threads() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+fn ids(m: &VcpuManager) -> Vec<(u32, u32)> {
+    m.present_vcpus()
+        .iter()
+        .map(|v| (v.index, v.apic_id))
+        .collect()
+}
+
+#[test]
+fn save_needs_a_paused_vm_and_restore_gives_the_same_vcpus() {
+    let Some(kvm) = kvm_or_skip("save_needs_a_paused_vm_and_restore_gives_the_same_vcpus") else {
+        return;
+    };
+    let _one = serial();
+    let (vm, mut vcpus) = manager(kvm);
+    // APs only (no boot entry needed): 1 and 2 "at boot", 3 and 5 as if hot-added.
+    vcpus.create_vcpus(&[1, 2, 3, 5]).unwrap();
+    let e = vcpus.save().unwrap_err();
+    assert!(
+        matches!(
+            e,
+            SnapshotError::NotPaused {
+                state: VmRunState::Created
+            }
+        ),
+        "{e}"
+    );
+    vcpus.start_boot_vcpus().unwrap();
+    let e = vcpus.save().unwrap_err();
+    assert!(
+        matches!(
+            e,
+            SnapshotError::NotPaused {
+                state: VmRunState::Running
+            }
+        ),
+        "{e}"
+    );
+    assert!(e.to_string().contains("pause it first"), "{e}");
+    vcpus.pause_all().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let saved = vcpus.save_to(dir.path()).unwrap();
+    assert_eq!(saved.vcpu_ids(), [(1, 1), (2, 2), (3, 4), (5, 6)]);
+    assert_eq!(saved.vcpu_ids(), ids(&vcpus));
+    for v in &saved.state().vcpus {
+        assert!(!v.state.msrs.is_empty(), "vCPU {}: no MSR saved", v.index);
+        assert_eq!(v.state.lapic_apic_id(), v.apic_id);
+    }
+    // Saving again gives the same state: a save changes nothing.
+    let again = vcpus.save().unwrap();
+    for (a, b) in saved.state().vcpus.iter().zip(&again.state().vcpus) {
+        assert_eq!(a.state.regs, b.state.regs);
+        assert_eq!(a.state.mp_state, b.state.mp_state);
+    }
+    drop(again);
+    vcpus.exit_all().unwrap();
+    drop(vcpus);
+    drop(vm);
+
+    let kvm = Kvm::new().unwrap();
+    let (vm2, restored) = VcpuManager::restore_from(
+        kvm,
+        dir.path(),
+        VmOptions::default(),
+        VcpuManagerOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(ids(&restored), [(1, 1), (2, 2), (3, 4), (5, 6)]);
+    assert_eq!(restored.run_state(), VmRunState::Created);
+    // The snapshot's memory size, whatever the options said.
+    assert_eq!(
+        snapshot::memory::regions(vm2.memory())
+            .iter()
+            .map(|r| r.size)
+            .sum::<u64>(),
+        16 << 20
+    );
+    restored.resume_all().unwrap();
+    restored.pause_all().unwrap();
+    let after = restored.save().unwrap();
+    for (a, b) in saved.state().vcpus.iter().zip(&after.state().vcpus) {
+        assert_eq!((a.index, a.apic_id), (b.index, b.apic_id));
+        assert_eq!(a.state.mp_state, b.state.mp_state, "vCPU {}", a.index);
+        assert_eq!(a.state.sregs, b.state.sregs, "vCPU {}", a.index);
+        assert_eq!(a.state.cpuid, b.state.cpuid, "vCPU {}", a.index);
+    }
+}
+
+#[test]
+fn a_damaged_snapshot_is_refused_before_any_vcpu_exists() {
+    let Some(kvm) = kvm_or_skip("a_damaged_snapshot_is_refused_before_any_vcpu_exists") else {
+        return;
+    };
+    let _one = serial();
+    let (_vm, mut vcpus) = manager(kvm);
+    vcpus.create_vcpus(&[1, 3]).unwrap();
+    vcpus.start_boot_vcpus().unwrap();
+    vcpus.pause_all().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    vcpus.save_to(dir.path()).unwrap();
+    vcpus.exit_all().unwrap();
+    let threads_before = threads();
+
+    let p = dir.path().join(STATE_FILE);
+    let mut b = std::fs::read(&p).unwrap();
+    let mid = b.len() / 2;
+    b[mid] ^= 0x20;
+    std::fs::write(&p, b).unwrap();
+    let e = VcpuManager::restore_from(
+        Kvm::new().unwrap(),
+        dir.path(),
+        VmOptions::default(),
+        VcpuManagerOptions::default(),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(e, VmmError::Snapshot(SnapshotError::Checksum { .. })),
+        "{e}"
+    );
+    assert!(e.to_string().contains("corrupted"), "{e}");
+    assert_eq!(threads(), threads_before, "a refused restore left threads");
+}
+
+/// A hotplug backend whose `add` waits until the test lets it go, then refuses.
+#[derive(Debug)]
+struct GatedBackend {
+    entered: Mutex<mpsc::Sender<()>>,
+    release: Mutex<mpsc::Receiver<()>>,
+}
+
+impl HotplugBackend for GatedBackend {
+    fn name(&self) -> &'static str {
+        "gated"
+    }
+
+    fn max_apic_id(&self) -> Option<u32> {
+        None
+    }
+
+    fn add(&self, _apic_ids: &[u32]) -> Result<HotplugAck, HotplugFailure> {
+        let _ = self.entered.lock().unwrap().send(());
+        let _ = self
+            .release
+            .lock()
+            .unwrap()
+            .recv_timeout(Duration::from_secs(30));
+        Err(HotplugFailure {
+            confirmed: Vec::new(),
+            uncertain: Vec::new(),
+            source: BackendError::Panicked {
+                backend: "gated",
+                message: "refused by the test".into(),
+            },
+        })
+    }
+
+    fn remove(&self, _apic_ids: &[u32]) -> Result<HotplugAck, HotplugFailure> {
+        Ok(HotplugAck { requests: 0 })
+    }
+}
+
+/// A BSP that halts in real mode at 0x1000 (`hlt; jmp $-3`).
+#[derive(Debug)]
+struct HaltingBsp;
+
+impl vmm_core::BootEntry for HaltingBsp {
+    fn setup_bsp(
+        &self,
+        vcpu: &kvm_ioctls::VcpuFd,
+        mem: &vm_memory::GuestMemoryMmap,
+    ) -> Result<(), vmm_core::VcpuSetupError> {
+        vmm_core::vm::write_guest(mem, 0x1000, &[0xf4, 0xeb, 0xfd]).unwrap();
+        let mut sregs = vcpu.get_sregs().unwrap();
+        sregs.cs.base = 0;
+        sregs.cs.selector = 0;
+        vcpu.set_sregs(&sregs).unwrap();
+        let mut regs = vcpu.get_regs().unwrap();
+        regs.rip = 0x1000;
+        regs.rflags = 2;
+        vcpu.set_regs(&regs).unwrap();
+        Ok(())
+    }
+}
+
+#[test]
+fn save_is_refused_while_a_resize_is_in_flight() {
+    let Some(kvm) = kvm_or_skip("save_is_refused_while_a_resize_is_in_flight") else {
+        return;
+    };
+    let _one = serial();
+    let (_vm, mut vcpus) = manager(kvm);
+    let (entered_tx, entered) = mpsc::channel();
+    let (release, release_rx) = mpsc::channel();
+    vcpus.set_hotplug_backend(Arc::new(GatedBackend {
+        entered: Mutex::new(entered_tx),
+        release: Mutex::new(release_rx),
+    }));
+    vcpus.create_boot_vcpus(Arc::new(HaltingBsp)).unwrap();
+    vcpus.start_boot_vcpus().unwrap();
+    let shared = Arc::new(Mutex::new(vcpus));
+    let resizer = AsyncResizer::new(Arc::clone(&shared));
+    let handle = resizer.start(3).unwrap();
+    entered
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the resize reached the backend");
+    {
+        let m = shared.lock().unwrap();
+        m.pause_all().unwrap();
+        let e = m.save().unwrap_err();
+        assert!(
+            matches!(e, SnapshotError::ResizeInFlight { target: 3 }),
+            "{e}"
+        );
+        assert!(e.to_string().contains("wait for the resize"), "{e}");
+    }
+    release.send(()).unwrap();
+    let _ = handle.wait_timeout(Duration::from_secs(60));
+    let m = shared.lock().unwrap();
+    assert!(m.resize_in_flight().is_none());
+    // Once the resize ended, the paused VM saves.
+    m.pause_all().unwrap();
+    m.save().unwrap();
+}
