@@ -125,30 +125,39 @@ fn bench_quick_json_has_every_benchmark_with_both_sides() {
     }
     assert!(has("pio_exit", 1), "{lines:?}");
     for n in [1, 7] {
-        for b in ["hot_add", "hot_add_vcpu", "hot_remove"] {
+        for b in [
+            "hot_add",
+            "hot_add_vcpu",
+            "hot_remove",
+            "hot_add_acpi",
+            "hot_add_vcpu_acpi",
+            "hot_remove_acpi",
+        ] {
             assert!(has(b, n), "{b} +{n} missing: {lines:?}");
         }
     }
     for l in lines {
         assert!(l["ours_ms"].as_f64().is_some_and(|x| x > 0.0), "{l}");
-        if l["benchmark"] != "hot_remove" {
+        if l["benchmark"] != "hot_remove" && l["benchmark"] != "hot_remove_acpi" {
             assert!(l["bare_ms"].as_f64().is_some_and(|x| x > 0.0), "{l}");
             assert!(l["ratio"].as_f64().is_some_and(|x| x > 0.0), "{l}");
         } else {
             assert!(l["bare_ms"].is_null(), "no bare equivalent: {l}");
         }
     }
-    // Each hot-add and its removal, as resize samples.
-    let hot: Vec<(u64, u64)> = v["hotplug"]
-        .as_array()
-        .expect("hotplug samples")
-        .iter()
-        .map(|s| {
-            (
-                s["from"].as_u64().unwrap_or(0),
-                s["to"].as_u64().unwrap_or(0),
-            )
-        })
-        .collect();
-    assert_eq!(hot, [(1, 2), (2, 1), (1, 8), (8, 1)]);
+    // Each hot-add and its removal, as resize samples, over upcall and over ACPI.
+    let samples = v["hotplug"].as_array().expect("hotplug samples");
+    for channel in ["upcall", "acpi"] {
+        let hot: Vec<(u64, u64)> = samples
+            .iter()
+            .filter(|s| s["channel"] == channel)
+            .map(|s| {
+                (
+                    s["from"].as_u64().unwrap_or(0),
+                    s["to"].as_u64().unwrap_or(0),
+                )
+            })
+            .collect();
+        assert_eq!(hot, [(1, 2), (2, 1), (1, 8), (8, 1)], "{channel}");
+    }
 }
