@@ -86,12 +86,18 @@ impl ManagerStateSaver {
         }
     }
 
-    /// Probes the MSR list on `vcpu` unless it is known already.
-    pub(crate) fn probe_once(&self, kvm: &Kvm, vcpu: &VcpuFd) -> Result<(), StateError> {
+    /// Probes the MSR list on `vcpu` unless it is known already; `extra` (the CPU template's
+    /// MSRs) is added to KVM's list.
+    pub(crate) fn probe_once(
+        &self,
+        kvm: &Kvm,
+        vcpu: &VcpuFd,
+        extra: &[u32],
+    ) -> Result<(), StateError> {
         if self.msrs.get().is_some() {
             return Ok(());
         }
-        match SaveableMsrs::probe(kvm, vcpu) {
+        match SaveableMsrs::probe_with(kvm, vcpu, extra) {
             Ok(list) => {
                 let _ = self.msrs.set(list);
                 Ok(())
@@ -364,7 +370,7 @@ impl VcpuManager {
         let saved = snapshot.state();
         snapshot.check_host(&HostInfo::this_host(&kvm), &kvm)?;
         check_vcpu_list(saved)?;
-        let config = VcpuConfig::from(saved.config);
+        let config = VcpuConfig::from(saved.config.clone());
         let limits = KvmLimits::query(&kvm)?;
         if saved.config.interrupt_mode != crate::InterruptMode::Auto {
             options.interrupt_mode = saved.config.interrupt_mode;
