@@ -14,15 +14,16 @@
 //! [`VmSnapshot`] refers to the VM's memory, and [`VmSnapshot::write`] must run while the VM is
 //! still paused ([`VcpuManager::save_to`] does both under the lock).
 //!
-//! The MSR list ([`SaveableMsrs`]) is probed once per VM, on the first vCPU created, before its
-//! thread exists: probing asks `/dev/kvm` (`KVM_GET_MSR_INDEX_LIST`), which the vCPU threads'
+//! The MSR list ([`SaveableMsrs`]: KVM's list plus the CPU template's MSRs) is probed once per
+//! VM, on the first vCPU created, before its thread exists: probing asks `/dev/kvm` (`KVM_GET_MSR_INDEX_LIST`), which the vCPU threads'
 //! seccomp filter does not allow.
 //!
 //! # Restore
 //!
 //! [`VcpuManager::restore`] builds a new VM from a verified snapshot, in this order, and only
 //! then creates vCPUs: [`check_host`](crate::snapshot::VerifiedSnapshot::check_host), the
-//! snapshot's vCPU list against its configuration, the configuration against this host's KVM,
+//! snapshot's vCPU list against its configuration, the configuration (its CPU template
+//! included, so that vCPUs added later get the template too) against this host's KVM,
 //! the VM with the snapshot's memory size (and a PIT if it had one), the manager (x2APIC API and
 //! vPMU actions on the VM), guest memory, the VM-scope state (clock, PICs, IOAPIC, PIT: before
 //! any vCPU exists, so that none runs before `KVM_SET_CLOCK`). The vCPUs are then created as one
