@@ -460,14 +460,16 @@ impl VcpuManager {
         Ok(slots)
     }
 
-    /// Probes, once per VM, which MSRs a vCPU state holds ([`SaveableMsrs::probe`]) on
+    /// Probes, once per VM, which MSRs a vCPU state holds ([`SaveableMsrs::probe_with`],
+    /// KVM's list plus the CPU template's MSRs) on
     /// `fd`, a vCPU whose CPUID is set and whose thread does not exist yet: probing asks
     /// `/dev/kvm` for its MSR list, which the vCPU threads' seccomp filter forbids. A probe
     /// that fails is logged; [`save`](Self::save) then says so.
     ///
-    /// [`SaveableMsrs::probe`]: crate::arch::x86_64::state::SaveableMsrs::probe
+    /// [`SaveableMsrs::probe_with`]: crate::arch::x86_64::state::SaveableMsrs::probe_with
     pub(crate) fn probe_saveable_msrs(&self, fd: &VcpuFd) {
-        if let Err(e) = self.saver.probe_once(self.vm.kvm(), fd) {
+        let template_msrs = self.template_msr_indices();
+        if let Err(e) = self.saver.probe_once(self.vm.kvm(), fd, &template_msrs) {
             warn!(self.logger, "cannot list the MSRs to save; saving this VM will fail";
                   "error" => %e);
         }

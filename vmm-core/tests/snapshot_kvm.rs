@@ -281,3 +281,97 @@ fn save_is_refused_while_a_resize_is_in_flight() {
     m.pause_all().unwrap();
     m.save().unwrap();
 }
+
+/// The template's own bits of 0x8000_0001 ECX: bits 0 and 12 set, bit 5 cleared; and its MSR
+/// (IA32_MISC_ENABLE, bit 0 set).
+const EXT_TEMPLATE: &str = include_str!("data/cpu_templates/ext-features.json");
+const EXT_MASK: u32 = (1 << 12) | (1 << 5) | 1;
+const EXT_BITS: u32 = (1 << 12) | 1;
+const MISC_ENABLE: u32 = 0x1a0;
+
+fn ext_ecx(cpuid: &[vmm_core::CpuidEntry]) -> u32 {
+    topology::find_entry(cpuid, 0x8000_0001, 0).unwrap().ecx
+}
+
+#[test]
+fn a_vm_built_with_a_cpu_template_is_restored_with_it() {
+    let Some(kvm) = kvm_or_skip("a_vm_built_with_a_cpu_template_is_restored_with_it") else {
+        return;
+    };
+    let _one = serial();
+    let template = vmm_core::CpuTemplate::from_json(EXT_TEMPLATE).unwrap();
+    let (vm, mut vcpus) = build_vm(
+        kvm,
+        VmOptions {
+            memory_size: 16 << 20,
+            ..VmOptions::default()
+        },
+        config().with_template(Some(template.clone())),
+        VcpuManagerOptions::default(),
+    )
+    .unwrap();
+    vcpus.create_vcpus(&[1, 3]).unwrap();
+    vcpus.start_boot_vcpus().unwrap();
+    vcpus.pause_all().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let saved = vcpus.save_to(dir.path()).unwrap();
+    // The snapshot holds the template, the template's CPUID bits and its MSR value.
+    assert_eq!(saved.state().config.template.as_ref(), Some(&template));
+    for v in &saved.state().vcpus {
+        assert_eq!(
+            ext_ecx(&v.state.cpuid) & EXT_MASK,
+            EXT_BITS,
+            "vCPU {}",
+            v.index
+        );
+        let misc = v.state.msr(MISC_ENABLE);
+        assert_eq!(misc.map(|m| m & 1), Some(1), "vCPU {}: {misc:?}", v.index);
+    }
+    vcpus.exit_all().unwrap();
+    drop(vcpus);
+    drop(vm);
+
+    let verified = snapshot::read(dir.path()).unwrap();
+    assert_eq!(verified.state().config.template.as_ref(), Some(&template));
+    let (_vm2, mut restored) = VcpuManager::restore(
+        Kvm::new().unwrap(),
+        &verified,
+        VmOptions::default(),
+        VcpuManagerOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(restored.config().template.as_ref(), Some(&template));
+    assert_eq!(ids(&restored), [(1, 1), (3, 4)]);
+    // A vCPU added after the restore is built from the template too.
+    assert_eq!(
+        ext_ecx(&restored.vcpu_cpuid(5).unwrap()) & EXT_MASK,
+        EXT_BITS
+    );
+    restored.resume_all().unwrap();
+    restored.pause_all().unwrap();
+    let after = restored.save().unwrap();
+    for v in &after.state().vcpus {
+        let misc = v.state.msr(MISC_ENABLE);
+        assert_eq!(misc.map(|m| m & 1), Some(1), "vCPU {}: {misc:?}", v.index);
+    }
+    restored.exit_all().unwrap();
+    // What KVM holds for each restored vCPU.
+    for (_, apic_id) in [(1, 1), (3, 4)] {
+        let kvm_cpuid = restored.kept_vcpu_kvm_cpuid(apic_id).unwrap();
+        assert_eq!(
+            ext_ecx(&kvm_cpuid) & EXT_MASK,
+            EXT_BITS,
+            "APIC ID {apic_id}: KVM's 0x8000_0001 ECX"
+        );
+    }
+}
+
+#[test]
+fn a_snapshot_config_without_a_template_field_reads_as_none() {
+    let c = vmm_core::snapshot::SnapshotConfig::from(&config());
+    let mut json: serde_json::Value = serde_json::to_value(&c).unwrap();
+    json.as_object_mut().unwrap().remove("template");
+    let back: vmm_core::snapshot::SnapshotConfig = serde_json::from_value(json).unwrap();
+    assert_eq!(back, c);
+    assert_eq!(back.template, None);
+}

@@ -155,6 +155,7 @@ impl StateVm {
             topology: self.topology,
             vpmu: VpmuFeatureLevel::Disabled,
             interrupt_mode: vmm_core::InterruptMode::XApic,
+            template: None,
         }
     }
 

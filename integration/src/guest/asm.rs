@@ -28,11 +28,15 @@ use vmm_core::arch::x86_64::acpi::madt_type;
 const MADT_HEADER_LEN: u32 = 44;
 use super::agent::{AgentCommand, SHUTDOWN_VALUE as AGENT_SHUTDOWN_VALUE};
 use super::lapic::{
-    APIC_BASE_EXTD, ICR_ALL_BUT_SELF, ICR_HIGH, ICR_INIT, ICR_LOW, ICR_SIPI, SVR, SVR_ENABLE,
+    APIC_BASE_EXTD, ICR_ALL_BUT_SELF, ICR_HIGH, ICR_INIT, ICR_LOW, ICR_SIPI, LVT_TIMER,
+    LVT_TIMER_PERIODIC, SVR, SVR_ENABLE, TDCR, TDCR_DIVIDE_BY_1, TMCCT, TMICT,
     X2APIC_APIC_BASE_MSR, X2APIC_ICR_MSR, X2APIC_SVR_MSR,
 };
 use super::ports;
-use super::programs::{COUNTERS_ADDR, COUNTER_STRIDE, SHUTDOWN_VALUE};
+use super::programs::{
+    COUNTERS_ADDR, COUNTER_STRIDE, LAPIC_TIMER_ADDR, PIO_COUNT_ADDR, SHUTDOWN_VALUE,
+    TIMER_INITIAL_COUNT, TIMER_VECTOR,
+};
 
 /// The bytes of a program that `global_asm!` placed between two symbols of one section:
 /// `asm_blob!(start, end)` is a `&'static [u8]`; `asm_blob!(start, end; entry)` is the bytes
@@ -261,6 +265,46 @@ core::arch::global_asm!(
     "outl %eax, %dx",
     "jmp .Lpio_loop",
     program_end_asm!("pio_loop"),
+    // --- pio_count: `in`, add to a memory sum, count, `out` the count (CPL 3) ---------------
+    // RSI = the state: +0 the sum of every value read, +8 the iteration count.
+    program_start_asm!("pio_count"),
+    "movw ${port_count}, %dx",
+    "movl ${pio_count_state}, %esi",
+    ".Lpio_count_loop:",
+    "inl %dx, %eax",
+    program_entry_asm!("pio_count", "after_in"),
+    "addq %rax, (%rsi)",
+    "incq 8(%rsi)",
+    "movq 8(%rsi), %rax",
+    "outl %eax, %dx",
+    "jmp .Lpio_count_loop",
+    program_end_asm!("pio_count"),
+    // --- lapic_timer: arm the xAPIC timer (periodic), watch TMCCT reload (CPL 3) -----------
+    // RDI = the state: +0 reloads seen, +8 the last TMCCT read, +16 TMCCT reads. R8D = the
+    // previous TMCCT. Interrupts stay off (RFLAGS.IF = 0): the vector only pends in the IRR.
+    program_start_asm!("lapic_timer"),
+    "movl ${svr}, %esi",
+    "movl ${svr_enable}, (%rsi)",
+    "movl ${lapic_tdcr}, %esi",
+    "movl ${tdcr_div1}, (%rsi)",
+    "movl ${lapic_lvtt}, %esi",
+    "movl ${lvtt_periodic}, (%rsi)",
+    "movl ${lapic_tmict}, %esi",
+    "movl ${timer_initial}, (%rsi)",
+    "movl ${lapic_tmcct}, %esi",
+    "movl ${timer_state}, %edi",
+    "movl (%rsi), %r8d",
+    ".Llapic_timer_loop:",
+    "movl (%rsi), %eax",
+    "movq %rax, 8(%rdi)",
+    "incq 16(%rdi)",
+    "cmpl %r8d, %eax",
+    "movl %eax, %r8d",
+    // Not above the previous read: still counting down.
+    "jbe .Llapic_timer_loop",
+    "incq (%rdi)",
+    "jmp .Llapic_timer_loop",
+    program_end_asm!("lapic_timer"),
     // --- the guest agent (see agent/mod.rs) -------------------------------------------------
     // Registers: RBX = this vCPU's progress counter, R12 = its slot (its x2APIC ID from CPUID
     // leaf 0xB, modulo the slots), R13 = (BSP) the last mailbox sequence handled, R14 = (BSP)
@@ -525,6 +569,17 @@ core::arch::global_asm!(
     port_leafb = const ports::CPUID_LEAFB_EDX,
     shutdown_value = const SHUTDOWN_VALUE,
     port_bench = const ports::BENCH,
+    // pio_count and lapic_timer.
+    port_count = const ports::COUNT,
+    pio_count_state = const PIO_COUNT_ADDR,
+    lapic_tdcr = const TDCR,
+    tdcr_div1 = const TDCR_DIVIDE_BY_1,
+    lapic_lvtt = const LVT_TIMER,
+    lvtt_periodic = const LVT_TIMER_PERIODIC | TIMER_VECTOR,
+    lapic_tmict = const TMICT,
+    lapic_tmcct = const TMCCT,
+    timer_initial = const TIMER_INITIAL_COUNT,
+    timer_state = const LAPIC_TIMER_ADDR,
     // The agent.
     mb_seq = const MAILBOX_SEQ,
     mb_cmd = const MAILBOX_CMD,
@@ -600,6 +655,23 @@ pub(super) fn pio_loop() -> &'static [u8] {
     asm_blob!(
         integration_guest_pio_loop_start,
         integration_guest_pio_loop_end
+    )
+}
+
+/// The I/O-count program's bytes and the offset of the instruction after its `in`.
+pub(super) fn pio_count() -> (&'static [u8], u64) {
+    asm_blob!(
+        integration_guest_pio_count_start,
+        integration_guest_pio_count_end;
+        integration_guest_pio_count_after_in
+    )
+}
+
+/// The LAPIC-timer program's bytes.
+pub(super) fn lapic_timer() -> &'static [u8] {
+    asm_blob!(
+        integration_guest_lapic_timer_start,
+        integration_guest_lapic_timer_end
     )
 }
 

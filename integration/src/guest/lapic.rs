@@ -29,3 +29,20 @@ pub const X2APIC_SVR_MSR: u32 = 0x80f;
 /// The x2APIC interrupt command register (MSR): destination in bits 63:32 (EDX of `wrmsr`),
 /// the low half as [`ICR_LOW`]'s.
 pub const X2APIC_ICR_MSR: u32 = vmm_core::arch::x86_64::x2apic::X2APIC_ICR_MSR;
+/// LVT timer register.
+pub const LVT_TIMER: u64 = LAPIC_ADDR + LVT_TIMER_OFFSET as u64;
+/// LVT timer: periodic mode (bits 18:17 = 01).
+pub const LVT_TIMER_PERIODIC: u32 = 1 << 17;
+/// Timer initial-count register (writing it arms the timer).
+pub const TMICT: u64 = LAPIC_ADDR + TMICT_OFFSET as u64;
+/// Timer current-count register.
+pub const TMCCT: u64 = LAPIC_ADDR + 0x390;
+/// Timer divide-configuration register.
+pub const TDCR: u64 = LAPIC_ADDR + 0x3e0;
+/// TDCR: divide by 1 (0b1011).
+pub const TDCR_DIVIDE_BY_1: u32 = 0b1011;
+/// Offset of the timer initial-count register in the LAPIC page (and in KVM's
+/// `kvm_lapic_state`).
+pub const TMICT_OFFSET: usize = 0x380;
+/// Offset of the LVT timer register in the LAPIC page (and in KVM's `kvm_lapic_state`).
+pub const LVT_TIMER_OFFSET: usize = 0x320;

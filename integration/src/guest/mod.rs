@@ -8,7 +8,7 @@
 //!   shutdown), its device [`agent::GuestAgent`], [`agent::AgentVm`] and the upcall channel.
 //!   `vcpuctl` and the hotplug tests run on it.
 //! - The small programs ([`smp_counter`], [`triple_fault`], [`shutdown_port`], [`spin`],
-//!   [`pio_loop`]) as [`GuestCode`], the report device [`CpuidReports`] and [`GuestVm`]: the
+//!   [`pio_loop`], [`pio_count`], [`lapic_timer`]) as [`GuestCode`], the report device [`CpuidReports`] and [`GuestVm`]: the
 //!   VM tests and the benchmarks run on them.
 //! - [`lapic`]: the xAPIC registers every program drives.
 //!
@@ -23,6 +23,7 @@
 //! | `0x620` | 4 | write | agent ([`ports::ONLINE`]) | the writer's CPUID leaf 0xB EDX; its result table is complete |
 //! | `0x624` | 4 | write | agent ([`ports::ACK`]) | (BSP) the mailbox sequence number just carried out |
 //! | `0x628` | 4 | write | [`ports::BENCH`] | the port-I/O benchmark loop ([`pio_loop`]) |
+//! | `0x630` | 4 | both | [`ports::COUNT`] | [`pio_count`]: reads a value, writes its iteration count |
 //!
 //! Ports 0x20/0x21, 0xA0/0xA1 (PIC), 0x40-0x43 (PIT) and 0x4D0/0x4D1 are taken by KVM's
 //! in-kernel devices and never reach the VMM.
@@ -30,7 +31,8 @@
 //! # Memory
 //!
 //! Programs load at [`crate::loader::memory_map::DEFAULT_LOAD_ADDR`]; the [`smp_counter`]
-//! counters are at [`counter_addr`] (one 64-byte line per APIC ID from [`COUNTERS_ADDR`]); the
+//! counters are at [`counter_addr`] (one 64-byte line per APIC ID from [`COUNTERS_ADDR`]),
+//! [`pio_count`]'s state at [`PIO_COUNT_ADDR`], [`lapic_timer`]'s at [`LAPIC_TIMER_ADDR`]; the
 //! agent's mailbox, query list, progress lines and result tables are in [`agent::shared_memory`].
 
 pub mod agent;
@@ -42,8 +44,9 @@ mod vm;
 
 pub(crate) use asm::asm_blob;
 pub use programs::{
-    counter_addr, pio_loop, shutdown_port, smp_counter, spin, triple_fault, GuestCode,
-    COUNTERS_ADDR, COUNTER_STRIDE, SHUTDOWN_MESSAGE, SHUTDOWN_VALUE,
+    counter_addr, lapic_timer, pio_count, pio_loop, shutdown_port, smp_counter, spin, triple_fault,
+    GuestCode, COUNTERS_ADDR, COUNTER_STRIDE, LAPIC_TIMER_ADDR, PIO_COUNT_ADDR, SHUTDOWN_MESSAGE,
+    SHUTDOWN_VALUE, TIMER_INITIAL_COUNT, TIMER_VECTOR,
 };
 pub use report::{CpuidReport, CpuidReports};
 pub use vm::{build_with_program, GuestVm};
@@ -72,14 +75,17 @@ pub mod ports {
     pub const ACK: u16 = AGENT_BASE + 4;
     /// The port the [`super::pio_loop`] benchmark guest writes (claimed by no device).
     pub const BENCH: u16 = 0x628;
+    /// The port [`super::pio_count`] reads and writes, 4 bytes (its device is the test's).
+    pub const COUNT: u16 = 0x630;
 
     /// The ranges of the devices above, none overlapping (checked when the crate compiles).
-    const RANGES: [(u16, u16); 5] = [
+    const RANGES: [(u16, u16); 6] = [
         (COM1, 8),
         (SHUTDOWN, 1),
         (REPORT_BASE, REPORT_LEN),
         (AGENT_BASE, AGENT_LEN),
         (BENCH, 4),
+        (COUNT, 4),
     ];
     const _: () = {
         let mut i = 0;

@@ -1,5 +1,6 @@
-//! The small guest programs: [`smp_counter`], [`triple_fault`], [`shutdown_port`], [`spin`]
-//! and [`pio_loop`] (the agent is [`super::agent`]). Their assembly is in `asm.rs`.
+//! The small guest programs: [`smp_counter`], [`triple_fault`], [`shutdown_port`], [`spin`],
+//! [`pio_loop`], [`pio_count`] and [`lapic_timer`] (the agent is [`super::agent`]). Their
+//! assembly is in `asm.rs`.
 
 use crate::loader::{memory_map, GuestProgram, Privilege};
 
@@ -21,6 +22,20 @@ pub const SHUTDOWN_MESSAGE: &str = "shutting down\n";
 
 /// The value [`shutdown_port`] writes.
 pub const SHUTDOWN_VALUE: u32 = 42;
+
+/// Where [`pio_count`] keeps its state: the sum of every value read (u64), then the
+/// iteration count (u64) at `+ 8`.
+pub const PIO_COUNT_ADDR: u64 = 0x31_0000;
+
+/// Where [`lapic_timer`] keeps its state: reloads of the timer seen (u64), the last current
+/// count read (u64) at `+ 8`, the reads (u64) at `+ 16`.
+pub const LAPIC_TIMER_ADDR: u64 = 0x31_1000;
+/// The vector [`lapic_timer`] puts in the LVT timer register (interrupts stay off: it only
+/// pends in the IRR).
+pub const TIMER_VECTOR: u32 = 0x40;
+/// The initial count [`lapic_timer`] arms the timer with (divide by 1: at KVM's 1 GHz LAPIC
+/// bus clock, a period of 2 ms).
+pub const TIMER_INITIAL_COUNT: u32 = 2_000_000;
 
 /// A guest program's code and entry points.
 #[derive(Clone, Copy, Debug)]
@@ -111,6 +126,24 @@ pub fn pio_loop() -> GuestCode {
     GuestCode::user("pio-loop", asm::pio_loop())
 }
 
+/// A CPL-3 loop on one vCPU: a 4-byte `in` from [`super::ports::COUNT`], the value added to
+/// the sum at [`PIO_COUNT_ADDR`], the iteration count at `PIO_COUNT_ADDR + 8` incremented,
+/// then a 4-byte `out` of that count to the same port. Every `in` and `out` shows in guest
+/// memory, so a snapshot test can check that an instruction ran exactly once. The second
+/// value is the offset of the instruction after the `in`.
+pub fn pio_count() -> (GuestCode, u64) {
+    let (code, after_in) = asm::pio_count();
+    (GuestCode::user("pio-count", code), after_in)
+}
+
+/// A CPL-3 program on one vCPU that arms its local APIC timer through the xAPIC page:
+/// software-enables the APIC, divide by 1, LVT timer periodic with [`TIMER_VECTOR`], initial
+/// count [`TIMER_INITIAL_COUNT`]; then reads the current count forever, counting the reloads
+/// (a read above the previous one) at [`LAPIC_TIMER_ADDR`]. Interrupts stay off.
+pub fn lapic_timer() -> GuestCode {
+    GuestCode::user("lapic-timer", asm::lapic_timer())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -123,6 +156,8 @@ mod tests {
             shutdown_port(),
             spin(),
             pio_loop(),
+            pio_count().0,
+            lapic_timer(),
         ] {
             assert!(!p.code.is_empty(), "{}", p.name);
             assert!(p.bsp_entry < p.code.len() as u64, "{}", p.name);

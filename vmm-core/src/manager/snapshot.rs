@@ -14,15 +14,16 @@
 //! [`VmSnapshot`] refers to the VM's memory, and [`VmSnapshot::write`] must run while the VM is
 //! still paused ([`VcpuManager::save_to`] does both under the lock).
 //!
-//! The MSR list ([`SaveableMsrs`]) is probed once per VM, on the first vCPU created, before its
-//! thread exists: probing asks `/dev/kvm` (`KVM_GET_MSR_INDEX_LIST`), which the vCPU threads'
+//! The MSR list ([`SaveableMsrs`]: KVM's list plus the CPU template's MSRs) is probed once per
+//! VM, on the first vCPU created, before its thread exists: probing asks `/dev/kvm` (`KVM_GET_MSR_INDEX_LIST`), which the vCPU threads'
 //! seccomp filter does not allow.
 //!
 //! # Restore
 //!
 //! [`VcpuManager::restore`] builds a new VM from a verified snapshot, in this order, and only
 //! then creates vCPUs: [`check_host`](crate::snapshot::VerifiedSnapshot::check_host), the
-//! snapshot's vCPU list against its configuration, the configuration against this host's KVM,
+//! snapshot's vCPU list against its configuration, the configuration (its CPU template
+//! included, so that vCPUs added later get the template too) against this host's KVM,
 //! the VM with the snapshot's memory size (and a PIT if it had one), the manager (x2APIC API and
 //! vPMU actions on the VM), guest memory, the VM-scope state (clock, PICs, IOAPIC, PIT: before
 //! any vCPU exists, so that none runs before `KVM_SET_CLOCK`). The vCPUs are then created as one
@@ -86,12 +87,18 @@ impl ManagerStateSaver {
         }
     }
 
-    /// Probes the MSR list on `vcpu` unless it is known already.
-    pub(crate) fn probe_once(&self, kvm: &Kvm, vcpu: &VcpuFd) -> Result<(), StateError> {
+    /// Probes the MSR list on `vcpu` unless it is known already; `extra` (the CPU template's
+    /// MSRs) is added to KVM's list.
+    pub(crate) fn probe_once(
+        &self,
+        kvm: &Kvm,
+        vcpu: &VcpuFd,
+        extra: &[u32],
+    ) -> Result<(), StateError> {
         if self.msrs.get().is_some() {
             return Ok(());
         }
-        match SaveableMsrs::probe(kvm, vcpu) {
+        match SaveableMsrs::probe_with(kvm, vcpu, extra) {
             Ok(list) => {
                 let _ = self.msrs.set(list);
                 Ok(())
@@ -364,7 +371,7 @@ impl VcpuManager {
         let saved = snapshot.state();
         snapshot.check_host(&HostInfo::this_host(&kvm), &kvm)?;
         check_vcpu_list(saved)?;
-        let config = VcpuConfig::from(saved.config);
+        let config = VcpuConfig::from(saved.config.clone());
         let limits = KvmLimits::query(&kvm)?;
         if saved.config.interrupt_mode != crate::InterruptMode::Auto {
             options.interrupt_mode = saved.config.interrupt_mode;

@@ -19,7 +19,8 @@
 //!
 //! The JSON holds: the format version; the host the snapshot was taken on ([`HostInfo`]: CPU
 //! vendor, family/model/stepping, brand string, the KVM capabilities that matter); the
-//! configuration ([`SnapshotConfig`]: topology, vPMU level, boot and max vCPU counts); each
+//! configuration ([`SnapshotConfig`]: topology, vPMU level, boot and max vCPU counts, interrupt
+//! mode, CPU template); each
 //! present vCPU's index, APIC ID and state ([`VcpuSnapshot`], [`X86VcpuState`]); the VM state
 //! ([`X86VmState`]); the memory regions. KVM's own structures are stored as arrays of bytes
 //! (their layout is KVM's ABI).
@@ -30,7 +31,8 @@
 //! [`FORMAT_VERSION`], the expected kind and length, and a matching CRC32, and the JSON
 //! parses. [`VerifiedSnapshot::check_host`] then refuses a snapshot from another CPU vendor,
 //! one whose vCPUs' CPUID has feature bits this host's KVM does not support (leaves 1, 7.0
-//! and 0x8000_0001), one with an MSR this host's KVM does not know, and one whose XSAVE area
+//! and 0x8000_0001; bits the snapshot's CPU template sets count as provided), one with an MSR
+//! this host's KVM does not know (nor the template sets), and one whose XSAVE area
 //! is larger than this host's. Every refusal is a typed [`SnapshotError`] naming what
 //! differs, before anything is restored. The same family and model are not required (KVM
 //! restores across them when the CPUID features are there).
@@ -50,7 +52,8 @@ use vpmu::VpmuFeatureLevel;
 use crate::arch::x86_64::state::X86VcpuState;
 use crate::arch::x86_64::vm_state::X86VmState;
 use crate::error::{SnapshotError, SnapshotFile, StateError, StateOp};
-use crate::{InterruptMode, VcpuConfig};
+use crate::template::CpuTemplate;
+use crate::{CpuidEntry, InterruptMode, VcpuConfig};
 
 pub use file::{FileHeader, HEADER_LEN, MAGIC};
 pub use host::{check_cpuid_supported, kvm_provided_cpuid, HostInfo};
@@ -65,7 +68,7 @@ pub const STATE_FILE: &str = "state.snap";
 pub const MEMORY_FILE: &str = "memory.snap";
 
 /// The vCPU configuration a snapshot was taken with.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotConfig {
     /// vCPUs at boot.
     pub boot_vcpu_count: u32,
@@ -80,6 +83,14 @@ pub struct SnapshotConfig {
     /// topology as a new VM would).
     #[serde(default)]
     pub interrupt_mode: InterruptMode,
+    /// The CPU template the VM was built with (`None` without one, and for a snapshot
+    /// written before this field existed). A restore applies it again
+    /// ([`VcpuConfig::with_template`]): its KVM capabilities are checked, and vCPUs added
+    /// after the restore get its CPUID and MSRs. The restored vCPUs themselves get their
+    /// saved CPUID and MSRs, which already hold the template's values (its MSRs are saved
+    /// beside KVM's list).
+    #[serde(default)]
+    pub template: Option<CpuTemplate>,
 }
 
 impl From<&VcpuConfig> for SnapshotConfig {
@@ -92,6 +103,7 @@ impl From<&VcpuConfig> for SnapshotConfig {
             topology: c.topology,
             vpmu: c.vpmu,
             interrupt_mode: InterruptMode::Auto,
+            template: c.template.clone(),
         }
     }
 }
@@ -103,9 +115,7 @@ impl From<SnapshotConfig> for VcpuConfig {
             max_vcpu_count: c.max_vcpu_count,
             topology: c.topology,
             vpmu: c.vpmu,
-            // Not in the snapshot format (version 1): a restore that needs the template's
-            // CPUID sets it with `VcpuConfig::with_template`.
-            template: None,
+            template: c.template,
             vcpu_affinity: Default::default(),
         }
     }
@@ -204,6 +214,23 @@ pub fn write(
     state_ready.commit()
 }
 
+/// `supported` plus every bit `template` sets: a template may set bits KVM does not report,
+/// and a VM built with it on this host gets them too. Bits the template clears stay (the
+/// VMM may set some again, e.g. topology bits, after the template).
+fn with_template_bits(supported: Vec<CpuidEntry>, template: &CpuTemplate) -> Vec<CpuidEntry> {
+    let mut templated = supported.clone();
+    crate::template::apply_cpuid_modifiers(template, &mut templated);
+    for e in &mut templated {
+        if let Some(s) = topology::find_entry(&supported, e.function, e.index) {
+            e.eax |= s.eax;
+            e.ebx |= s.ebx;
+            e.ecx |= s.ecx;
+            e.edx |= s.edx;
+        }
+    }
+    templated
+}
+
 /// A snapshot read from a directory whose files are verified: headers, lengths, CRC32s, the
 /// format version, the JSON, and that the memory file is the state file's.
 #[derive(Debug)]
@@ -266,8 +293,9 @@ impl VerifiedSnapshot {
     }
 
     /// Whether this host (CPU `host`, KVM `kvm`) can restore the snapshot: the same CPU
-    /// vendor, every vCPU's CPUID feature bits supported by KVM, every saved MSR known to
-    /// KVM, an XSAVE area no larger than KVM's.
+    /// vendor, every vCPU's CPUID feature bits supported by KVM (or set by the snapshot's CPU
+    /// template), every saved MSR known to KVM (or set by the template), an XSAVE area no
+    /// larger than KVM's.
     ///
     /// # Errors
     ///
@@ -277,11 +305,19 @@ impl VerifiedSnapshot {
     pub fn check_host(&self, host: &HostInfo, kvm: &Kvm) -> Result<(), SnapshotError> {
         let state = self.state();
         host.check_vendor(&state.host)?;
-        let supported = kvm_provided_cpuid(kvm)?;
+        let mut supported = kvm_provided_cpuid(kvm)?;
+        if let Some(t) = &state.config.template {
+            supported = with_template_bits(supported, t);
+        }
         let msr_list = kvm
             .get_msr_index_list()
             .map_err(StateError::kvm(StateOp::GetMsrIndexList))?;
-        let known: std::collections::HashSet<u32> = msr_list.as_slice().iter().copied().collect();
+        // KVM's list, and the template's MSRs (saved beside it; KVM need not list them).
+        let mut known: std::collections::HashSet<u32> =
+            msr_list.as_slice().iter().copied().collect();
+        if let Some(t) = &state.config.template {
+            known.extend(t.msr_indices());
+        }
         let xsave_host = usize::try_from(kvm.check_extension_int(Cap::Xsave2))
             .unwrap_or(0)
             .max(std::mem::size_of::<kvm_bindings::kvm_xsave>());

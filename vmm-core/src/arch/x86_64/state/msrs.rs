@@ -42,10 +42,22 @@ impl SaveableMsrs {
     /// [`StateError::Kvm`] if `KVM_GET_MSR_INDEX_LIST` fails, or `KVM_GET_MSRS` fails
     /// otherwise than by stopping at an unreadable MSR.
     pub fn probe(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Self, StateError> {
+        Self::probe_with(kvm, vcpu, &[])
+    }
+
+    /// [`probe`](Self::probe) with `extra` MSRs added to KVM's list before the filter: the
+    /// MSRs a CPU template sets, which KVM's index list need not name (a template MSR the
+    /// vCPU cannot read is dropped as any other).
+    ///
+    /// # Errors
+    ///
+    /// As [`probe`](Self::probe).
+    pub fn probe_with(kvm: &Kvm, vcpu: &VcpuFd, extra: &[u32]) -> Result<Self, StateError> {
         let list = kvm
             .get_msr_index_list()
             .map_err(StateError::kvm(StateOp::GetMsrIndexList))?;
         let mut candidates: Vec<u32> = list.as_slice().to_vec();
+        candidates.extend_from_slice(extra);
         candidates.sort_unstable();
         candidates.dedup();
         let mut readable = Vec::with_capacity(candidates.len());
