@@ -13,46 +13,13 @@
 //! Needs `iasl` and `acpiexec` (Debian package `acpica-tools`): fails under `CI=true` when
 //! missing, skipped loudly otherwise. No KVM needed.
 
-use std::io::ErrorKind;
-use std::path::Path;
-use std::process::Command as Process;
+mod common;
 
+use common::{have_acpica_tool, run_tool};
 use vmm_core::acpi_hotplug::{regs, AcpiHotplugLayout, CpuHotplugController, HotplugAml};
 use vmm_core::arch::x86_64::acpi::{build_tables, AcpiCpu};
 use vmm_core::arch::x86_64::layout::ACPI_START;
 use vmm_core::{BusAccess, BusDevice};
-
-/// `tool` is there; panics under `CI=true` when it is not.
-fn have(tool: &str, test: &str) -> bool {
-    match Process::new(tool).arg("-v").output() {
-        Ok(_) => true,
-        Err(e) if e.kind() == ErrorKind::NotFound => {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "{tool} not found but CI=true: apt-get install acpica-tools"
-            );
-            eprintln!("SKIPPED (no {tool}; apt-get install acpica-tools): {test}");
-            false
-        }
-        Err(e) => panic!("cannot run {tool}: {e}"),
-    }
-}
-
-/// Runs `tool args` in `dir`; stdout + stderr, panicking on a failure.
-fn run(dir: &Path, tool: &str, args: &[&str]) -> String {
-    let out = Process::new(tool)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| panic!("running {tool}: {e}"));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{tool} {args:?} failed:\n{text}");
-    text
-}
 
 /// The vCPUs of `sockets` x `cores` (1 thread, 1 die), APIC IDs from the topology rule
 /// (core bits = ceil(log2(cores))), the first `boot` present.
@@ -156,7 +123,7 @@ fn check_shape(sockets: u32, cores: u32, boot: u32, hot_added: u32, absent: u32)
     .unwrap();
 
     // iasl -d: clean, and the devices are all there.
-    let text = run(dir.path(), "iasl", &["-d", "dsdt.dat"]);
+    let text = run_tool(dir.path(), "iasl", &["-d", "dsdt.dat"]);
     for bad in ["Error", "Warning"] {
         assert!(
             text.lines()
@@ -219,7 +186,7 @@ fn check_shape(sockets: u32, cores: u32, boot: u32, hot_added: u32, absent: u32)
         image(absent)
     );
     std::fs::write(dir.path().join("img.asl"), asl).unwrap();
-    run(dir.path(), "iasl", &["img.asl"]);
+    run_tool(dir.path(), "iasl", &["img.asl"]);
     let eval = |index: u32| {
         format!(
             "evaluate \\I{index:03X}; evaluate \\_SB.CPUS.C{index:03X}._STA; \
@@ -231,7 +198,7 @@ fn check_shape(sockets: u32, cores: u32, boot: u32, hot_added: u32, absent: u32)
         eval(hot_added),
         eval(absent)
     );
-    let out = run(
+    let out = run_tool(
         dir.path(),
         "acpiexec",
         &["-b", &batch, "dsdt.dat", "img.aml"],
@@ -266,9 +233,14 @@ fn check_shape(sockets: u32, cores: u32, boot: u32, hot_added: u32, absent: u32)
     );
 }
 
+/// `iasl` and `acpiexec` are there (see [`have_acpica_tool`]).
+fn have_tools() -> bool {
+    have_acpica_tool("iasl", "acpi_hotplug_aml") && have_acpica_tool("acpiexec", "acpi_hotplug_aml")
+}
+
 #[test]
 fn dsdt_decodes_and_processors_evaluate_for_2_sockets_of_7_cores() {
-    if !have("iasl", "acpi_hotplug_aml") || !have("acpiexec", "acpi_hotplug_aml") {
+    if !have_tools() {
         return;
     }
     // 2 of 14: CPU 7 (APIC ID 8, socket 1) hot-added, CPU 13 (APIC ID 14) absent.
@@ -277,7 +249,7 @@ fn dsdt_decodes_and_processors_evaluate_for_2_sockets_of_7_cores() {
 
 #[test]
 fn dsdt_decodes_and_processors_evaluate_beyond_255_apic_ids() {
-    if !have("iasl", "acpi_hotplug_aml") || !have("acpiexec", "acpi_hotplug_aml") {
+    if !have_tools() {
         return;
     }
     // 2 sockets of 150 cores: socket 1 from APIC ID 256 (x2APIC entries).

@@ -15,9 +15,14 @@
 
 use std::time::Duration;
 
-use integration::guest::agent::{attach_acpi, AgentAcpiOptions, AgentVm, AgentVmOptions, ApMode};
+mod common;
+
+use common::kvm_allowing;
+use integration::guest::agent::{
+    attach_acpi, AgentAcpi, AgentAcpiOptions, AgentVm, AgentVmOptions, ApMode,
+};
 use integration::kvm_or_skip;
-use vmm_core::{BackendError, HotplugOp, InterruptMode, KvmLimits, ResizeError, VcpuConfig};
+use vmm_core::{BackendError, HotplugOp, InterruptMode, ResizeError, VcpuConfig};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -29,6 +34,27 @@ fn config(sockets: u32, cores: u32, boot: u32) -> VcpuConfig {
         vpmu: Default::default(),
         template: None,
         vcpu_affinity: Default::default(),
+    }
+}
+
+/// The agent VM of `config` booted (boot vCPUs reported), with ACPI hotplug attached.
+fn boot_with_acpi(
+    kvm: kvm_ioctls::Kvm,
+    config: VcpuConfig,
+    vm_options: AgentVmOptions,
+    acpi_options: AgentAcpiOptions,
+) -> (AgentVm, AgentAcpi) {
+    let mut vm = AgentVm::create(kvm, config, vm_options).expect("agent VM");
+    vm.start(TIMEOUT).expect("boot vCPUs report");
+    let acpi = attach_acpi(&mut vm, acpi_options).expect("ACPI hotplug");
+    (vm, acpi)
+}
+
+/// ACPI hotplug options waiting `TIMEOUT` for the guest.
+fn patient() -> AgentAcpiOptions {
+    AgentAcpiOptions {
+        guest_timeout: TIMEOUT,
+        ..Default::default()
     }
 }
 
@@ -49,16 +75,7 @@ fn grow_to_14_shrink_to_3_and_grow_again_over_acpi() {
     let Some(kvm) = kvm_or_skip("grow_to_14_shrink_to_3_and_grow_again_over_acpi") else {
         return;
     };
-    let mut vm = AgentVm::create(kvm, config(2, 7, 2), AgentVmOptions::default()).unwrap();
-    vm.start(TIMEOUT).expect("boot vCPUs report");
-    let acpi = attach_acpi(
-        &mut vm,
-        AgentAcpiOptions {
-            guest_timeout: TIMEOUT,
-            ..Default::default()
-        },
-    )
-    .expect("ACPI hotplug");
+    let (mut vm, acpi) = boot_with_acpi(kvm, config(2, 7, 2), AgentVmOptions::default(), patient());
     assert_eq!(vm.vcpus.hotplug_backend().unwrap().name(), "acpi");
     let all: Vec<u32> = (0..7).chain(8..15).collect();
 
@@ -106,17 +123,16 @@ fn a_guest_that_never_answers_times_out_and_rolls_back() {
     let Some(kvm) = kvm_or_skip("a_guest_that_never_answers_times_out_and_rolls_back") else {
         return;
     };
-    let mut vm = AgentVm::create(kvm, config(2, 7, 2), AgentVmOptions::default()).unwrap();
-    vm.start(TIMEOUT).expect("boot vCPUs report");
-    let acpi = attach_acpi(
-        &mut vm,
+    let (mut vm, acpi) = boot_with_acpi(
+        kvm,
+        config(2, 7, 2),
+        AgentVmOptions::default(),
         AgentAcpiOptions {
             guest_timeout: Duration::from_millis(300),
             guest_answers: false,
             ..Default::default()
         },
-    )
-    .expect("ACPI hotplug");
+    );
     let e = vm.vcpus.resize_vcpus(5).unwrap_err();
     match &e {
         ResizeError::HotplugFailed {
@@ -165,32 +181,17 @@ fn a_guest_that_never_answers_times_out_and_rolls_back() {
 
 #[test]
 fn grow_and_shrink_beyond_255_apic_ids_in_x2apic_mode() {
-    let test = "grow_and_shrink_beyond_255_apic_ids_in_x2apic_mode";
-    let Some(kvm) = kvm_or_skip(test) else {
+    let Some(kvm) = kvm_allowing("grow_and_shrink_beyond_255_apic_ids_in_x2apic_mode", 260) else {
         return;
     };
-    let limits = KvmLimits::query(&kvm).unwrap();
-    if limits.max_vcpus < 260 || limits.max_vcpu_id < 260 {
-        eprintln!("SKIPPED (this KVM allows fewer than 260 vCPUs): {test}");
-        return;
-    }
     // 1 socket x 260 cores: APIC ID = index. 254 at boot (halting once reported, so that they
     // use no host CPU), so that a few hot-added vCPUs cross 255.
     let options = AgentVmOptions {
         ap_mode: ApMode::Halt,
         ..Default::default()
     };
-    let mut vm = AgentVm::create(kvm, config(1, 260, 254), options).unwrap();
+    let (mut vm, _acpi) = boot_with_acpi(kvm, config(1, 260, 254), options, patient());
     assert_eq!(vm.vcpus.interrupt_mode(), InterruptMode::X2Apic);
-    vm.start(TIMEOUT).expect("boot vCPUs report");
-    let _acpi = attach_acpi(
-        &mut vm,
-        AgentAcpiOptions {
-            guest_timeout: TIMEOUT,
-            ..Default::default()
-        },
-    )
-    .expect("ACPI hotplug");
     let out = vm.vcpus.resize_vcpus(258).expect("grow across 255");
     let added: Vec<u32> = out.added.iter().map(|s| s.apic_id).collect();
     assert_eq!(added, [254, 255, 256, 257]);
@@ -216,16 +217,7 @@ fn bad_controller_input_never_removes_a_vcpu_the_manager_counts() {
     };
     use vmm_core::acpi_hotplug::{regs, CPU_HOTPLUG_MMIO_BASE};
     use vmm_core::BusSpace;
-    let mut vm = AgentVm::create(kvm, config(2, 7, 2), AgentVmOptions::default()).unwrap();
-    vm.start(TIMEOUT).expect("boot vCPUs report");
-    let acpi = attach_acpi(
-        &mut vm,
-        AgentAcpiOptions {
-            guest_timeout: TIMEOUT,
-            ..Default::default()
-        },
-    )
-    .expect("ACPI hotplug");
+    let (mut vm, acpi) = boot_with_acpi(kvm, config(2, 7, 2), AgentVmOptions::default(), patient());
     vm.vcpus.resize_vcpus(5).expect("grow to 5");
     assert_reported(&vm, &[2, 3, 4]);
     // Accesses as vCPU 1 would make them (the bus is what every vCPU's MMIO exit goes to).

@@ -14,9 +14,9 @@
 //! Needs `iasl` (Debian package `acpica-tools`, installed by `.ci/run`): fails under
 //! `CI=true` when missing, skipped loudly otherwise. No KVM needed.
 
-use std::io::ErrorKind;
 use std::path::Path;
-use std::process::Command as Process;
+
+mod common;
 
 use assert_cmd::Command;
 use serde_json::Value;
@@ -46,36 +46,10 @@ fn apic_id((_, c, t, _): (u32, u32, u32, u32), i: u32) -> u32 {
     socket << (bits(t) + bits(c)) | core << bits(t) | thread
 }
 
-/// `iasl` is there; panics under `CI=true` when it is not.
-fn have_iasl(test: &str) -> bool {
-    match Process::new("iasl").arg("-v").output() {
-        Ok(_) => true,
-        Err(e) if e.kind() == ErrorKind::NotFound => {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "iasl not found but CI=true: apt-get install acpica-tools"
-            );
-            eprintln!("SKIPPED (no iasl; apt-get install acpica-tools): {test}");
-            false
-        }
-        Err(e) => panic!("cannot run iasl: {e}"),
-    }
-}
-
 /// Runs `iasl` with `args` in `dir`; returns stdout + stderr, panicking on failure, an error
 /// or a warning.
 fn iasl(dir: &Path, args: &[&str]) -> String {
-    let out = Process::new("iasl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("running iasl");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "iasl {args:?} failed:\n{text}");
+    let text = common::run_tool(dir, "iasl", args);
     // The compiler's summary line ("0 Errors, 0 Warnings") is the only one allowed to
     // name them.
     for line in text.lines().filter(|l| !l.contains("0 Errors, 0 Warnings")) {
@@ -144,17 +118,14 @@ fn check(shape: (u32, u32, u32, u32)) {
     let max = s * c * t;
     let smp = format!("{boot},maxcpus={max},sockets={s},cores={c},threads={t}");
     let dir = tempfile::tempdir().expect("temporary directory");
-    let out = Command::cargo_bin("vcpuctl")
-        .expect("the vcpuctl binary")
-        .args(["acpi", "--json", "--smp", &smp, "--out"])
-        .arg(dir.path())
-        .timeout(std::time::Duration::from_secs(60))
-        .output()
-        .expect("running vcpuctl");
-    assert!(
-        out.status.success(),
-        "vcpuctl acpi --smp {smp}: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = common::succeeded(
+        format!("vcpuctl acpi --smp {smp}"),
+        Command::cargo_bin("vcpuctl")
+            .expect("the vcpuctl binary")
+            .args(["acpi", "--json", "--smp", &smp, "--out"])
+            .arg(dir.path())
+            .timeout(std::time::Duration::from_secs(60))
+            .output(),
     );
     let report: Value = serde_json::from_slice(&out.stdout).expect("vcpuctl acpi --json");
     let over = (0..max).filter(|i| apic_id(shape, *i) > 254).count();
@@ -262,7 +233,10 @@ fn check(shape: (u32, u32, u32, u32)) {
 
 #[test]
 fn iasl_decodes_every_table_and_the_madt_lists_every_vcpu() {
-    if !have_iasl("iasl_decodes_every_table_and_the_madt_lists_every_vcpu") {
+    if !common::have_acpica_tool(
+        "iasl",
+        "iasl_decodes_every_table_and_the_madt_lists_every_vcpu",
+    ) {
         return;
     }
     for &shape in SHAPES {

@@ -8,23 +8,19 @@
 
 use std::time::Duration;
 
+mod common;
+
+use common::kvm_allowing;
 use integration::guest::agent::{AgentVm, AgentVmOptions};
-use integration::kvm_or_skip;
-use vmm_core::{InterruptMode, KvmLimits, VcpuConfig};
+use vmm_core::{InterruptMode, VcpuConfig};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
 #[test]
 fn agent_wakes_and_parks_x2apic_ids_one_by_one() {
-    let test = "agent_wakes_and_parks_x2apic_ids_one_by_one";
-    let Some(kvm) = kvm_or_skip(test) else {
+    let Some(kvm) = kvm_allowing("agent_wakes_and_parks_x2apic_ids_one_by_one", 300) else {
         return;
     };
-    let limits = KvmLimits::query(&kvm).unwrap();
-    if limits.max_vcpus < 300 || limits.max_vcpu_id < 300 {
-        eprintln!("SKIPPED (this KVM allows fewer than 300 vCPUs): {test}");
-        return;
-    }
     let config = VcpuConfig {
         boot_vcpu_count: 2,
         max_vcpu_count: 300,
@@ -91,30 +87,21 @@ fn agent_wakes_and_parks_x2apic_ids_one_by_one() {
 
 #[test]
 fn vcpuctl_cpuid_boots_as_many_vcpus_as_kvm_allows() {
-    let test = "vcpuctl_cpuid_boots_as_many_vcpus_as_kvm_allows";
-    let Some(kvm) = kvm_or_skip(test) else {
-        return;
-    };
-    let limits = KvmLimits::query(&kvm).unwrap();
-    if limits.max_vcpus < 1024 || limits.max_vcpu_id < 1024 {
-        eprintln!("SKIPPED (this KVM allows fewer than 1024 vCPUs): {test}");
+    if kvm_allowing("vcpuctl_cpuid_boots_as_many_vcpus_as_kvm_allows", 1024).is_none() {
         return;
     }
-    let out = assert_cmd::Command::cargo_bin("vcpuctl")
-        .unwrap()
-        .args([
-            "cpuid",
-            "--json",
-            "--smp",
-            "1,maxcpus=1024,sockets=4,cores=128,threads=2",
-        ])
-        .timeout(Duration::from_secs(300))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = common::succeeded(
+        "vcpuctl cpuid --smp 1,maxcpus=1024",
+        assert_cmd::Command::cargo_bin("vcpuctl")
+            .unwrap()
+            .args([
+                "cpuid",
+                "--json",
+                "--smp",
+                "1,maxcpus=1024,sockets=4,cores=128,threads=2",
+            ])
+            .timeout(Duration::from_secs(300))
+            .output(),
     );
     let vcpus: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let vcpus = vcpus.as_array().unwrap();

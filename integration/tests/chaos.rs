@@ -91,6 +91,14 @@ fn run_chaos(smp_spec: &str, fault: &str) -> ChaosReport {
     report
 }
 
+/// After the faulty resize the VMM has exactly the vCPUs of `indices`, the guest agrees and
+/// knows its state.
+fn assert_known_and_agreed(smp_spec: &str, r: &ChaosReport, indices: std::ops::Range<u32>) {
+    assert_eq!(r.vmm_present, apic_ids(smp_spec, indices));
+    assert_eq!(r.guest_online, r.vmm_present);
+    assert!(!r.resize.guest_state_unknown);
+}
+
 /// `chaos_test!(name, "fault", |smp_spec, report| { extra checks })`: the fault on every
 /// topology.
 macro_rules! chaos_test {
@@ -115,9 +123,7 @@ chaos_test!(
     |s, r| {
         // The first two new vCPUs came up and stay; the guest agrees exactly.
         let boot = smp(s).boot_cpus;
-        assert_eq!(r.vmm_present, apic_ids(s, 0..boot + 2));
-        assert_eq!(r.guest_online, r.vmm_present);
-        assert!(!r.resize.guest_state_unknown);
+        assert_known_and_agreed(s, r, 0..boot + 2);
     }
 );
 
@@ -127,9 +133,7 @@ chaos_test!(
     |s, r| {
         // Grown to max, then the two highest were offlined and their threads exited; the rest stay.
         let max = smp(s).max_cpus;
-        assert_eq!(r.vmm_present, apic_ids(s, 0..max - 2));
-        assert_eq!(r.guest_online, r.vmm_present);
-        assert!(!r.resize.guest_state_unknown);
+        assert_known_and_agreed(s, r, 0..max - 2);
     }
 );
 
@@ -296,12 +300,7 @@ impl Rig {
     }
 
     fn guest_online(&self) -> Vec<u32> {
-        self.upcall
-            .server
-            .online_apic_ids()
-            .into_iter()
-            .map(u32::from)
-            .collect()
+        self.upcall.guest_online_apic_ids()
     }
 
     /// Starts a resize to `target` in the background and waits until it waits for the guest

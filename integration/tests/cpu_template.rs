@@ -7,7 +7,9 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use assert_cmd::cargo::CommandCargoExt;
+mod common;
+
+use common::{run_ok, vcpuctl};
 use integration::cmd::cpuid::{cpuid, VcpuCpuidView};
 use integration::cmd::VmSpec;
 use integration::cpuid_view::GuestCpuidReader;
@@ -38,10 +40,6 @@ fn spec(template: Option<CpuTemplate>) -> VmSpec {
     );
     s.template = template;
     s
-}
-
-fn vcpuctl() -> Command {
-    Command::cargo_bin("vcpuctl").expect("the vcpuctl binary")
 }
 
 fn find(r: &[CpuidResult], leaf: u32, subleaf: u32) -> Option<CpuidResult> {
@@ -141,15 +139,10 @@ fn vcpuctl_cpuid_json_has_registers_and_kvm_registers() {
         return;
     }
     let path = template_path("ext-features.json");
-    let out = vcpuctl()
-        .args(["cpuid", "--json", "--smp", SMP, "--template"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_ok(
+        vcpuctl()
+            .args(["cpuid", "--json", "--smp", SMP, "--template"])
+            .arg(&path),
     );
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     let views = v.as_array().unwrap();
@@ -198,31 +191,12 @@ fn fingerprints_compare_and_a_template_hides_a_difference() {
     let dir = tempfile::tempdir().unwrap();
     let a = dir.path().join("a.json");
     let b = dir.path().join("b.json");
-    let out = vcpuctl()
-        .args(["fingerprint", "dump", "--out"])
-        .arg(&a)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok(vcpuctl().args(["fingerprint", "dump", "--out"]).arg(&a));
     let mut f: Value = serde_json::from_slice(&std::fs::read(&a).unwrap()).unwrap();
     assert!(f["kvm_cpuid"].as_array().unwrap().len() > 10);
     assert!(!f["kvm_capabilities"].as_object().unwrap().is_empty());
     // The same host twice: no difference.
-    let same = vcpuctl()
-        .args(["fingerprint", "compare"])
-        .arg(&a)
-        .arg(&a)
-        .output()
-        .unwrap();
-    assert!(
-        same.status.success(),
-        "{}",
-        String::from_utf8_lossy(&same.stdout)
-    );
+    run_ok(vcpuctl().args(["fingerprint", "compare"]).arg(&a).arg(&a));
     // Another "host": bit 5 of 0x8000_0001 ECX flipped.
     let entry = f["kvm_cpuid"]
         .as_array_mut()
@@ -248,17 +222,12 @@ fn fingerprints_compare_and_a_template_hides_a_difference() {
     );
     assert_eq!(c["differences"][0]["bits"], "0x00000020");
     // The template sets bit 5: the difference is hidden.
-    let hidden = vcpuctl()
-        .args(["fingerprint", "compare", "--json", "--template"])
-        .arg(template_path("ext-features.json"))
-        .arg(&a)
-        .arg(&b)
-        .output()
-        .unwrap();
-    assert!(
-        hidden.status.success(),
-        "{}",
-        String::from_utf8_lossy(&hidden.stderr)
+    let hidden = run_ok(
+        vcpuctl()
+            .args(["fingerprint", "compare", "--json", "--template"])
+            .arg(template_path("ext-features.json"))
+            .arg(&a)
+            .arg(&b),
     );
     let c: Value = serde_json::from_slice(&hidden.stdout).unwrap();
     assert_eq!(c["differences"][0]["hidden_by_template"], true);
@@ -284,15 +253,7 @@ fn demo_openmetrics_parses_with_prometheus_client() {
         eprintln!("SKIPPED: python3 -m pip install prometheus_client to run this test");
         return;
     }
-    let out = vcpuctl()
-        .args(["demo", "--metrics", "openmetrics"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = run_ok(vcpuctl().args(["demo", "--metrics", "openmetrics"]));
     let dir = tempfile::tempdir().unwrap();
     let metrics = dir.path().join("metrics.txt");
     std::fs::write(&metrics, &out.stdout).unwrap();

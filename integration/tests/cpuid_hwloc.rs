@@ -14,6 +14,8 @@
 
 use std::collections::BTreeMap;
 
+mod common;
+
 use assert_cmd::Command;
 use integration::lstopo::{lstopo_dump, skip_without_lstopo};
 use serde_json::Value;
@@ -86,18 +88,14 @@ fn check(shape: (u32, u32, u32, u32)) -> bool {
     let max = s * d * c * t;
     let smp = format!("1,maxcpus={max},sockets={s},dies={d},cores={c},threads={t}");
     let dir = tempfile::tempdir().expect("temporary directory");
-    let out = Command::cargo_bin("vcpuctl")
-        .expect("the vcpuctl binary")
-        .args(["cpuid", "--json", "--smp", &smp, "--hwloc-dir"])
-        .arg(dir.path())
-        .timeout(std::time::Duration::from_secs(120))
-        .output()
-        .expect("running vcpuctl");
-    assert!(
-        out.status.success(),
-        "vcpuctl cpuid --smp {smp} failed ({:?}): {}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr)
+    let out = common::succeeded(
+        format!("vcpuctl cpuid --smp {smp}"),
+        Command::cargo_bin("vcpuctl")
+            .expect("the vcpuctl binary")
+            .args(["cpuid", "--json", "--smp", &smp, "--hwloc-dir"])
+            .arg(dir.path())
+            .timeout(std::time::Duration::from_secs(120))
+            .output(),
     );
     let vcpus: Value = serde_json::from_slice(&out.stdout).expect("vcpuctl cpuid --json output");
     let vcpus = vcpus.as_array().expect("a JSON array of vCPUs");

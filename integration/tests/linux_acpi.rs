@@ -211,55 +211,51 @@ fn check_acpi_lines(test: &str, m: &[String]) {
     );
 }
 
+/// Boots the Debian kernel (see [`boot`]) and checks the ACPI lines every shape prints and
+/// the `smpboot` line; the kernel's messages and whether an MP table was written. `None`
+/// (skipped) without KVM or the kernel.
+fn boot_debian(
+    test: &str,
+    config: VcpuConfig,
+    smpboot: &'static str,
+    mode: InterruptMode,
+) -> Option<(Vec<String>, bool)> {
+    kvm_or_skip(test)?;
+    let kernel = kernel_or_skip(test)?;
+    let (console, mptable) = boot(test, &kernel, config, smpboot, mode);
+    let m = console.messages();
+    check_acpi_lines(test, &m);
+    assert!(m.iter().any(|l| l == smpboot), "{test}: {smpboot:?}");
+    Some((m, mptable))
+}
+
 #[test]
 fn debian_kernel_uses_our_madt_for_12_cpus() {
     const SMPBOOT: &str = "smpboot: Allowing 12 CPUs, 10 hotplug CPUs";
     let test = "debian_kernel_uses_our_madt_for_12_cpus";
-    if kvm_or_skip(test).is_none() {
-        return;
-    }
-    let Some(kernel) = kernel_or_skip(test) else {
+    let Some((m, mptable)) = boot_debian(test, vcpus(2, (2, 3, 2)), SMPBOOT, InterruptMode::XApic)
+    else {
         return;
     };
-    let (console, mptable) = boot(
-        test,
-        &kernel,
-        vcpus(2, (2, 3, 2)),
-        SMPBOOT,
-        InterruptMode::XApic,
-    );
     assert!(mptable, "every APIC ID fits: the MP table is written too");
-    let m = console.messages();
-    check_acpi_lines(test, &m);
     // The largest APIC ID is 13: the I/O APIC gets 14, as in the MP table.
     assert!(m.iter().any(|l| l.starts_with("IOAPIC[0]: apic_id 14,")));
     assert!(
         !m.iter().any(|l| l.contains("x2apic")),
         "{test}: xAPIC only"
     );
-    assert!(m.iter().any(|l| l == SMPBOOT), "{test}: {SMPBOOT:?}");
 }
 
 #[test]
 fn debian_kernel_uses_our_madt_and_x2apic_for_300_cpus() {
     const SMPBOOT: &str = "smpboot: Allowing 300 CPUs, 298 hotplug CPUs";
     let test = "debian_kernel_uses_our_madt_and_x2apic_for_300_cpus";
-    if kvm_or_skip(test).is_none() {
-        return;
-    }
-    let Some(kernel) = kernel_or_skip(test) else {
+    let Some((m, mptable)) =
+        boot_debian(test, vcpus(2, (2, 75, 2)), SMPBOOT, InterruptMode::X2Apic)
+    else {
         return;
     };
-    let (console, mptable) = boot(
-        test,
-        &kernel,
-        vcpus(2, (2, 75, 2)),
-        SMPBOOT,
-        InterruptMode::X2Apic,
-    );
     assert!(!mptable, "APIC IDs above 254: no MP table");
-    let m = console.messages();
-    check_acpi_lines(test, &m);
     assert!(
         !m.iter().any(|l| l.contains("found SMP MP-table")),
         "{test}: the kernel found an MP table"
@@ -278,5 +274,4 @@ fn debian_kernel_uses_our_madt_and_x2apic_for_300_cpus() {
         !m.iter().any(|l| l.contains("x2apic entry ignored")),
         "{test}: the kernel ignored x2APIC entries"
     );
-    assert!(m.iter().any(|l| l == SMPBOOT), "{test}: {SMPBOOT:?}");
 }

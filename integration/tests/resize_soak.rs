@@ -8,6 +8,9 @@
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::usage;
 use integration::guest::agent::{attach_upcall, AgentUpcallOptions, AgentVm, AgentVmOptions};
 use integration::kvm_or_skip;
 use vmm_core::{ResizeError, VcpuConfig, VcpuManager};
@@ -18,33 +21,6 @@ const PAUSE_CYCLES: u32 = 2000;
 /// RSS may move a little (allocator arenas, page cache of the test binary); a leak per cycle
 /// would exceed this by far (200 threads' stacks alone are 400 MiB of address space).
 const RSS_SLACK_KIB: u64 = 16 << 10;
-
-#[derive(Debug, PartialEq, Eq)]
-struct Usage {
-    rss_kib: u64,
-    fds: usize,
-    threads: u64,
-}
-
-fn status_field(name: &str) -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(name))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("{name} in /proc/self/status"))
-}
-
-fn usage() -> Usage {
-    Usage {
-        rss_kib: status_field("VmRSS:"),
-        fds: std::fs::read_dir("/proc/self/fd")
-            .expect("/proc/self/fd")
-            .count(),
-        threads: status_field("Threads:"),
-    }
-}
 
 fn lock(m: &Mutex<VcpuManager>) -> MutexGuard<'_, VcpuManager> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -72,14 +48,7 @@ fn resize_and_pause_cycles_leak_no_memory_fds_or_threads() {
             .map(|v| v.apic_id)
             .collect()
     };
-    let guest = || -> Vec<u32> {
-        upcall
-            .server
-            .online_apic_ids()
-            .into_iter()
-            .map(u32::from)
-            .collect()
-    };
+    let guest = || upcall.guest_online_apic_ids();
     // A cycle the guest itself fails (the agent's AP did not come up in time: seen about once
     // in 1000 hot-adds on a loaded PVM host) is reconciled by the manager and counted; the
     // VMM and the guest must agree after every resize, whatever happened.

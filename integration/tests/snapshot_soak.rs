@@ -10,6 +10,9 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::usage;
 use integration::guest::agent::{AgentVm, AgentVmOptions, ApMode, GuestAgent};
 use integration::kvm_or_skip;
 use vmm_core::{VcpuConfig, VcpuManager, VcpuManagerOptions, VmOptions, VpmuFeatureLevel};
@@ -19,33 +22,6 @@ const GUEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// RSS may move a little (allocator arenas, page cache); a leaked VM is its 16 MiB of guest
 /// memory, touched by the restore, per cycle.
 const RSS_SLACK_KIB: u64 = 12 << 10;
-
-#[derive(Debug, PartialEq, Eq)]
-struct Usage {
-    rss_kib: u64,
-    fds: usize,
-    threads: u64,
-}
-
-fn status_field(name: &str) -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(name))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("{name} in /proc/self/status"))
-}
-
-fn usage() -> Usage {
-    Usage {
-        rss_kib: status_field("VmRSS:"),
-        fds: std::fs::read_dir("/proc/self/fd")
-            .expect("/proc/self/fd")
-            .count(),
-        threads: status_field("Threads:"),
-    }
-}
 
 /// Restores `dir`, checks every vCPU continues from its saved counter, saves over `dir`.
 /// Returns the counters at the new save.

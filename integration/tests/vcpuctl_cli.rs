@@ -1,34 +1,13 @@
 //! `vcpuctl` as a process: demo and bench smoke runs checked through their JSON. (`vcpuctl
 //! cpuid` is checked by hwloc in `cpuid_hwloc.rs`, exit codes in `vcpuctl_exit_codes.rs`.)
 
-use std::process::Command;
+mod common;
 
-use assert_cmd::cargo::CommandCargoExt;
-use serde_json::Value;
-
-fn vcpuctl() -> Command {
-    Command::cargo_bin("vcpuctl").expect("the vcpuctl binary")
-}
+use common::run_json;
 
 /// Whether this machine has KVM; `false` prints SKIPPED, and VCPU_REQUIRE_KVM=1 panics.
 fn have_kvm(test: &str) -> bool {
     integration::kvm_or_skip(test).is_some()
-}
-
-fn run_json(args: &[&str]) -> Value {
-    let out = vcpuctl().args(args).output().expect("run vcpuctl");
-    assert!(
-        out.status.success(),
-        "vcpuctl {args:?} failed ({:?}):\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "vcpuctl {args:?} printed no JSON ({e}):\n{}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
 }
 
 #[test]

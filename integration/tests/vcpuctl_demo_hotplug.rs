@@ -2,30 +2,10 @@
 //! grow to the maximum and shrink to 3, and each resize names, in `guest_reported_apic_ids`,
 //! what the added vCPUs' guest code read from CPUID: their APIC IDs.
 
-use std::process::Command;
+mod common;
 
-use assert_cmd::cargo::CommandCargoExt;
+use common::run_json;
 use serde_json::Value;
-
-fn run_json(args: &[&str]) -> Value {
-    let out = Command::cargo_bin("vcpuctl")
-        .expect("the vcpuctl binary")
-        .args(args)
-        .output()
-        .expect("run vcpuctl");
-    assert!(
-        out.status.success(),
-        "vcpuctl {args:?} failed ({:?}):\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "vcpuctl {args:?} printed no JSON ({e}):\n{}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
-}
 
 fn ids(v: &Value) -> Vec<u64> {
     v.as_array()

@@ -5,10 +5,12 @@
 //! across a save and restore.
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::Duration;
 
-use assert_cmd::cargo::CommandCargoExt;
+mod common;
+
+use common::{run_json, vcpuctl};
 use integration::guest::agent::{AgentVm, AgentVmOptions, ApMode, GuestAgent};
 use serde_json::Value;
 use vmm_core::arch::x86_64::msr::IA32_TSC;
@@ -22,28 +24,8 @@ use vmm_core::{SnapshotError, VcpuConfig, VcpuManager, VcpuManagerOptions, VmOpt
 const SMP: &str = "2,maxcpus=12,sockets=2,dies=1,cores=3,threads=2";
 const GUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
-fn vcpuctl() -> Command {
-    Command::cargo_bin("vcpuctl").expect("the vcpuctl binary")
-}
-
 fn run(args: &[&str]) -> Output {
     vcpuctl().args(args).output().expect("run vcpuctl")
-}
-
-fn run_json(args: &[&str]) -> Value {
-    let out = run(args);
-    assert!(
-        out.status.success(),
-        "vcpuctl {args:?} failed ({:?}):\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "vcpuctl {args:?} printed no JSON ({e}):\n{}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
 }
 
 fn field(v: &Value, name: &str) -> u64 {

@@ -240,14 +240,7 @@ pub fn chaos(
     }
     let AgentVm { vcpus, agent, .. } = vm;
     let manager = Arc::new(Mutex::new(vcpus));
-    let guest_online = || -> Vec<u32> {
-        upcall
-            .server
-            .online_apic_ids()
-            .into_iter()
-            .map(u32::from)
-            .collect()
-    };
+    let guest_online = || upcall.guest_online_apic_ids();
 
     if let Some(fault) = plan.fault.clone() {
         let idle_fault = matches!(fault, GuestFault::StrayReply { .. } | GuestFault::NeverRead);

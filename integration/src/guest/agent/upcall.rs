@@ -64,6 +64,15 @@ impl AgentUpcall {
     pub fn socket(&self) -> &std::path::Path {
         &self.socket
     }
+
+    /// The APIC IDs the guest-side server counts online, widened to the manager's `u32`.
+    pub fn guest_online_apic_ids(&self) -> Vec<u32> {
+        self.server
+            .online_apic_ids()
+            .into_iter()
+            .map(u32::from)
+            .collect()
+    }
 }
 
 impl Drop for AgentUpcall {

@@ -1,0 +1,131 @@
+//! Helpers shared by the integration tests: running `vcpuctl` and other tools and checking
+//! that they succeeded, and reading this process's own resource usage from `/proc/self`.
+//!
+//! Each test binary includes this module with `mod common;` and uses only some of it.
+#![allow(dead_code)]
+
+use std::fmt::Display;
+use std::io::{self, ErrorKind};
+use std::path::Path;
+use std::process::{Command, Output};
+
+use assert_cmd::cargo::CommandCargoExt;
+use serde_json::Value;
+
+/// The `vcpuctl` binary Cargo built for this test run.
+pub fn vcpuctl() -> Command {
+    Command::cargo_bin("vcpuctl").expect("the vcpuctl binary")
+}
+
+/// The output of a process that ran (`out`) and exited with success; panics naming `what`,
+/// the exit status and the process's stderr and stdout otherwise.
+pub fn succeeded(what: impl Display, out: io::Result<Output>) -> Output {
+    let out = out.unwrap_or_else(|e| panic!("running {what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed ({:?}):\n{}\nstdout:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    out
+}
+
+/// Runs `cmd`, which must succeed (see [`succeeded`]).
+pub fn run_ok(cmd: &mut Command) -> Output {
+    succeeded(format!("{cmd:?}"), cmd.output())
+}
+
+/// The JSON `what` printed on stdout; panics showing stdout when it is not JSON.
+pub fn stdout_json(what: impl Display, out: &Output) -> Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{what} printed no JSON ({e}):\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// Runs `vcpuctl args`, which must succeed, and returns the JSON it printed.
+pub fn run_json(args: &[&str]) -> Value {
+    let what = format!("vcpuctl {args:?}");
+    let out = succeeded(&what, vcpuctl().args(args).output());
+    stdout_json(&what, &out)
+}
+
+/// Whether `tool` (of Debian's `acpica-tools`) is installed; prints SKIPPED for `test` when
+/// it is not, and panics under `CI=true`, where it must be.
+pub fn have_acpica_tool(tool: &str, test: &str) -> bool {
+    match Command::new(tool).arg("-v").output() {
+        Ok(_) => true,
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "{tool} not found but CI=true: apt-get install acpica-tools"
+            );
+            eprintln!("SKIPPED (no {tool}; apt-get install acpica-tools): {test}");
+            false
+        }
+        Err(e) => panic!("cannot run {tool}: {e}"),
+    }
+}
+
+/// This process's resident memory, open fds and threads, from `/proc/self`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Usage {
+    /// `VmRSS` in KiB.
+    pub rss_kib: u64,
+    /// Entries of `/proc/self/fd`.
+    pub fds: usize,
+    /// `Threads` of `/proc/self/status`.
+    pub threads: u64,
+}
+
+fn status_field(name: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{name} in /proc/self/status"))
+}
+
+/// This process's usage now.
+pub fn usage() -> Usage {
+    Usage {
+        rss_kib: status_field("VmRSS:"),
+        fds: std::fs::read_dir("/proc/self/fd")
+            .expect("/proc/self/fd")
+            .count(),
+        threads: status_field("Threads:"),
+    }
+}
+
+/// Runs `tool args` in `dir`, which must succeed; returns its stdout and stderr together.
+pub fn run_tool(dir: &Path, tool: &str, args: &[&str]) -> String {
+    let out = Command::new(tool)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("running {tool}: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{tool} {args:?} failed:\n{text}");
+    text
+}
+
+/// `/dev/kvm` for `test` when this KVM allows `vcpus` vCPUs and vCPU IDs; `None` after
+/// printing SKIPPED otherwise (see [`integration::kvm_or_skip`] for a missing KVM).
+pub fn kvm_allowing(test: &str, vcpus: u32) -> Option<kvm_ioctls::Kvm> {
+    let kvm = integration::kvm_or_skip(test)?;
+    let limits = vmm_core::KvmLimits::query(&kvm).expect("KVM's vCPU limits");
+    if limits.max_vcpus < vcpus || limits.max_vcpu_id < vcpus {
+        eprintln!("SKIPPED (this KVM allows fewer than {vcpus} vCPUs): {test}");
+        return None;
+    }
+    Some(kvm)
+}
