@@ -1,31 +1,18 @@
 //! Creating vCPUs as one batch on real KVM: one fd per vCPU, all or nothing on an error with
 //! every fd of the batch kept, and the fd table grown once up front.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+mod common;
 
+use std::sync::Arc;
+
+use common::{config, proc_status, serial};
 use kvm_ioctls::Kvm;
 use vcpu_actor::test_util::kvm_or_skip;
-use vmm_core::{
-    build_vm, CpuTopology, VcpuConfig, VcpuManager, VcpuManagerOptions, VcpuSetupError, Vm,
-    VmOptions, VpmuFeatureLevel,
-};
+use vmm_core::{build_vm, VcpuManager, VcpuManagerOptions, VcpuSetupError, Vm, VmOptions};
 
-/// The tests count this process's fds: one at a time.
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
-}
-
+/// The tests count this process's fds: one at a time ([`serial`]).
 fn manager(kvm: Kvm, boot: u32, max: u32) -> (Arc<Vm>, VcpuManager) {
-    let config = VcpuConfig {
-        boot_vcpu_count: boot,
-        max_vcpu_count: max,
-        topology: CpuTopology::new(1, 1, max, 1).unwrap(),
-        vpmu: VpmuFeatureLevel::Disabled,
-        template: None,
-        vcpu_affinity: Default::default(),
-    };
+    let config = config(boot, max, (1, max, 1));
     build_vm(
         kvm,
         VmOptions::default(),
@@ -41,15 +28,8 @@ fn open_fds() -> usize {
 }
 
 /// The size of this process's fd table (`FDSize` in /proc/self/status).
-fn fd_table_size() -> usize {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("FDSize:"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
+fn fd_table_size() -> u64 {
+    proc_status("FDSize")
 }
 
 #[test]

@@ -4,35 +4,25 @@
 //! damaged snapshot refused before any vCPU exists.
 
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, MutexGuard};
+mod common;
+
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::{proc_status, serial};
 use kvm_ioctls::Kvm;
 use vcpu_actor::test_util::kvm_or_skip;
 use vmm_core::snapshot::{self, STATE_FILE};
 use vmm_core::{
-    build_vm, AsyncResizer, BackendError, CpuTopology, HotplugAck, HotplugBackend, HotplugFailure,
+    build_vm, AsyncResizer, BackendError, HotplugAck, HotplugBackend, HotplugFailure,
     SnapshotError, VcpuConfig, VcpuManager, VcpuManagerOptions, Vm, VmOptions, VmRunState,
-    VmmError, VpmuFeatureLevel,
+    VmmError,
 };
 
-/// The tests count this process's threads: one at a time.
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// 2 sockets x 3 cores: index 3 is APIC ID 4, index 5 is 6 (sparse).
+/// 2 sockets x 3 cores: index 3 is APIC ID 4, index 5 is 6 (sparse). The tests count this
+/// process's threads: one at a time ([`serial`]).
 fn config() -> VcpuConfig {
-    VcpuConfig {
-        boot_vcpu_count: 2,
-        max_vcpu_count: 6,
-        topology: CpuTopology::new(2, 1, 3, 1).unwrap(),
-        vpmu: VpmuFeatureLevel::Disabled,
-        template: None,
-        vcpu_affinity: Default::default(),
-    }
+    common::config(2, 6, (2, 3, 1))
 }
 
 fn manager(kvm: Kvm) -> (Arc<Vm>, VcpuManager) {
@@ -49,14 +39,7 @@ fn manager(kvm: Kvm) -> (Arc<Vm>, VcpuManager) {
 }
 
 fn threads() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Threads:"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
+    proc_status("Threads")
 }
 
 fn ids(m: &VcpuManager) -> Vec<(u32, u32)> {
