@@ -49,6 +49,14 @@ fn ids(m: &VcpuManager) -> Vec<(u32, u32)> {
         .collect()
 }
 
+/// `e` is [`SnapshotError::NotPaused`] in `state`.
+fn assert_not_paused(e: &SnapshotError, state: VmRunState) {
+    assert!(
+        matches!(e, SnapshotError::NotPaused { state: s } if *s == state),
+        "{e}"
+    );
+}
+
 #[test]
 fn save_needs_a_paused_vm_and_restore_gives_the_same_vcpus() {
     let Some(kvm) = kvm_or_skip("save_needs_a_paused_vm_and_restore_gives_the_same_vcpus") else {
@@ -59,26 +67,10 @@ fn save_needs_a_paused_vm_and_restore_gives_the_same_vcpus() {
     // APs only (no boot entry needed): 1 and 2 "at boot", 3 and 5 as if hot-added.
     vcpus.create_vcpus(&[1, 2, 3, 5]).unwrap();
     let e = vcpus.save().unwrap_err();
-    assert!(
-        matches!(
-            e,
-            SnapshotError::NotPaused {
-                state: VmRunState::Created
-            }
-        ),
-        "{e}"
-    );
+    assert_not_paused(&e, VmRunState::Created);
     vcpus.start_boot_vcpus().unwrap();
     let e = vcpus.save().unwrap_err();
-    assert!(
-        matches!(
-            e,
-            SnapshotError::NotPaused {
-                state: VmRunState::Running
-            }
-        ),
-        "{e}"
-    );
+    assert_not_paused(&e, VmRunState::Running);
     assert!(e.to_string().contains("pause it first"), "{e}");
     vcpus.pause_all().unwrap();
     let dir = tempfile::tempdir().unwrap();
