@@ -48,7 +48,7 @@ impl VcpuManager {
         )
     }
 
-    /// Starts the given present vCPUs (e.g. after hot-add). The VM's [`VmRunState`] does not
+    /// Starts the given present vCPUs (e.g. after hot-add). The VM's [`VmRunState`](crate::VmRunState) does not
     /// change.
     ///
     /// # Errors
@@ -61,7 +61,7 @@ impl VcpuManager {
     }
 
     /// Pauses every present vCPU and waits for every acknowledgement (see
-    /// [`VcpuManagerOptions::ack_timeout`]). The VM is [`VmRunState::Paused`] from then on.
+    /// [`VcpuManagerOptions::ack_timeout`](crate::VcpuManagerOptions::ack_timeout)). The VM is [`VmRunState::Paused`](crate::VmRunState::Paused) from then on.
     ///
     /// With a resize in flight, this does not wait for the resize: it pauses the vCPUs present
     /// now, the resize's new ones included (see [`crate::resize`]).
@@ -152,8 +152,8 @@ impl VcpuManager {
     }
 
     /// Exits every present vCPU, joins every thread and keeps the KVM vCPU fds for reuse.
-    /// Afterwards no vCPU is present, and the VM is [`VmRunState::Created`] (boot vCPUs can be
-    /// created again), or [`VmRunState::Stopped`] when a stop is under way.
+    /// Afterwards no vCPU is present, and the VM is [`VmRunState::Created`](crate::VmRunState::Created) (boot vCPUs can be
+    /// created again), or [`VmRunState::Stopped`](crate::VmRunState::Stopped) when a stop is under way.
     ///
     /// # Errors
     ///

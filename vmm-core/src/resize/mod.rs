@@ -4,7 +4,7 @@
 //! # A resize is a transaction in three phases
 //!
 //! 1. **Under the manager** (`&mut VcpuManager`, or its lock): check the target, the backend and
-//!    the state machine (the VM must be [`VmRunState::Running`] and no other resize in flight,
+//!    the state machine (the VM must be [`VmRunState::Running`](crate::VmRunState::Running) and no other resize in flight,
 //!    otherwise [`ResizeError::NotRunning`] or [`ResizeError::Busy`] at once); mark the resize
 //!    in flight. Growing takes the lowest free indices, creates them (reusing a kept KVM vCPU
 //!    fd when that APIC ID existed before), configures them and starts their threads, which
