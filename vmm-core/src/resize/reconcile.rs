@@ -87,63 +87,70 @@ impl VcpuManager {
                 target: pending.target,
             });
         }
-        let indices: Vec<u32> = pending.slots.iter().map(|s| s.index).collect();
-        let failure = match (pending.op, reply) {
+        match (pending.op, reply) {
             (HotplugOp::Add, Ok(_)) if pending.backend.confirm_wake_by_mp_state() => {
-                // The guest's acknowledgement alone is not enough: each new vCPU must have
-                // left wait-for-SIPI. Those that did not are exited (fds kept).
-                let (up, unknown) = self.reconcile_add(&pending.slots);
-                if up.len() == pending.slots.len() {
-                    pending.outcome.added = pending.slots.clone();
-                } else {
-                    let not_woken = pending
-                        .slots
-                        .iter()
-                        .map(|s| s.apic_id)
-                        .filter(|id| !up.contains(id))
-                        .collect();
-                    let failure = HotplugFailure {
-                        confirmed: up,
-                        uncertain: unknown,
-                        source: BackendError::NotWoken {
-                            backend: pending.backend.name(),
-                            apic_ids: not_woken,
-                        },
-                    };
-                    return Err(self.hotplug_failed(pending, HotplugOp::Add, failure));
-                }
-                None
+                self.confirm_woken(pending)?;
             }
-            (HotplugOp::Add, Ok(_)) => {
-                pending.outcome.added = pending.slots.clone();
-                None
-            }
+            (HotplugOp::Add, Ok(_)) => pending.outcome.added = pending.slots.clone(),
             (HotplugOp::Remove, Ok(_)) => {
                 // The guest has offlined them: only now do their threads stop.
+                let indices: Vec<u32> = pending.slots.iter().map(|s| s.index).collect();
                 pending.outcome.vcpu_work = self.exit_present(&indices);
                 pending.outcome.removed = pending.slots.clone();
-                None
             }
-            (op, Err(failure)) => Some((op, failure)),
-        };
-        if let Some((op, failure)) = failure {
-            let ids: Vec<u32> = pending.slots.iter().map(|s| s.apic_id).collect();
-            warn!(self.logger, "hotplug request failed, reconciling"; "op" => %op,
-                  "apic_ids" => ?ids, "error" => %failure.source);
-            let (confirmed, uncertain) = match op {
-                HotplugOp::Add => self.reconcile_add(&pending.slots),
-                HotplugOp::Remove => self.reconcile_remove(&pending.slots, &failure),
-            };
-            let failure = HotplugFailure {
-                confirmed,
-                uncertain,
-                source: failure.source,
-            };
-            return Err(self.hotplug_failed(pending, op, failure));
+            (op, Err(failure)) => return Err(self.reconcile_failed(pending, op, failure)),
         }
         pending.outcome.to = self.present_vcpu_count();
         pending.outcome.total = pending.started.elapsed();
         Ok(pending.outcome.clone())
+    }
+
+    /// After a hot-add the guest acknowledged: its acknowledgement alone is not enough, each
+    /// new vCPU must have left wait-for-SIPI. Those that did not are exited (fds kept) and
+    /// the resize fails.
+    fn confirm_woken(&mut self, pending: &mut PendingResize) -> Result<(), ResizeError> {
+        let (up, unknown) = self.reconcile_add(&pending.slots);
+        if up.len() == pending.slots.len() {
+            pending.outcome.added = pending.slots.clone();
+            return Ok(());
+        }
+        let not_woken = pending
+            .slots
+            .iter()
+            .map(|s| s.apic_id)
+            .filter(|id| !up.contains(id))
+            .collect();
+        let failure = HotplugFailure {
+            confirmed: up,
+            uncertain: unknown,
+            source: BackendError::NotWoken {
+                backend: pending.backend.name(),
+                apic_ids: not_woken,
+            },
+        };
+        Err(self.hotplug_failed(pending, HotplugOp::Add, failure))
+    }
+
+    /// After a failed `op` request: reconciles with what the guest did and says so.
+    fn reconcile_failed(
+        &mut self,
+        pending: &PendingResize,
+        op: HotplugOp,
+        failure: HotplugFailure,
+    ) -> ResizeError {
+        let ids: Vec<u32> = pending.slots.iter().map(|s| s.apic_id).collect();
+        warn!(self.logger, "hotplug request failed, reconciling"; "op" => %op,
+              "apic_ids" => ?ids, "error" => %failure.source);
+        let (confirmed, uncertain) = match op {
+            HotplugOp::Add => self.reconcile_add(&pending.slots),
+            HotplugOp::Remove => self.reconcile_remove(&pending.slots, &failure),
+        };
+        let failure = HotplugFailure {
+            confirmed,
+            uncertain,
+            source: failure.source,
+        };
+        self.hotplug_failed(pending, op, failure)
     }
 
     /// The [`ResizeError::HotplugFailed`] of a reconciled `failure`.
