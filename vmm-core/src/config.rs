@@ -290,6 +290,16 @@ impl VcpuConfig {
         }
     }
 
+    /// The [`ConfigError::Smp`] of this configuration for `source`.
+    fn smp_error(&self, source: topology::TopologyError) -> ConfigError {
+        ConfigError::Smp {
+            boot: self.boot_vcpu_count,
+            max: self.max_vcpu_count,
+            topology: self.topology,
+            source,
+        }
+    }
+
     /// The largest APIC ID of the configuration (the last index's: APIC IDs grow with the
     /// index, each level's field being above the one before).
     ///
@@ -297,12 +307,7 @@ impl VcpuConfig {
     ///
     /// [`ConfigError::Smp`] if the SMP rules do not hold.
     pub fn largest_apic_id(&self) -> Result<u32, ConfigError> {
-        let smp_error = |source| ConfigError::Smp {
-            boot: self.boot_vcpu_count,
-            max: self.max_vcpu_count,
-            topology: self.topology,
-            source,
-        };
+        let smp_error = |source| self.smp_error(source);
         self.smp().validate().map_err(smp_error)?;
         self.topology
             .apic_id(self.max_vcpu_count.saturating_sub(1))
@@ -331,12 +336,7 @@ impl VcpuConfig {
     /// [`ConfigError::ApicIdOverKvmLimit`], [`ConfigError::ApicIdTooLargeForInterruptMode`],
     /// [`ConfigError::UnknownCpuVendor`] or [`ConfigError::VpmuUnsupported`].
     pub fn validate(&self, limits: &KvmLimits, mode: InterruptMode) -> Result<(), ConfigError> {
-        let smp_error = |source| ConfigError::Smp {
-            boot: self.boot_vcpu_count,
-            max: self.max_vcpu_count,
-            topology: self.topology,
-            source,
-        };
+        let smp_error = |source| self.smp_error(source);
         self.smp().validate().map_err(smp_error)?;
         let max = self.max_vcpu_count;
         if max > limits.max_vcpus {

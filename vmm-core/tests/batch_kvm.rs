@@ -1,38 +1,27 @@
 //! Creating vCPUs as one batch on real KVM: one fd per vCPU, all or nothing on an error with
 //! every fd of the batch kept, and the fd table grown once up front.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+mod common;
 
-use kvm_ioctls::Kvm;
+use std::sync::{Arc, MutexGuard};
+
+use common::{config, proc_status, serial};
 use vcpu_actor::test_util::kvm_or_skip;
-use vmm_core::{
-    build_vm, CpuTopology, VcpuConfig, VcpuManager, VcpuManagerOptions, VcpuSetupError, Vm,
-    VmOptions, VpmuFeatureLevel,
-};
+use vmm_core::{build_vm, VcpuManager, VcpuManagerOptions, VcpuSetupError, Vm, VmOptions};
 
-/// The tests count this process's fds: one at a time.
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn manager(kvm: Kvm, boot: u32, max: u32) -> (Arc<Vm>, VcpuManager) {
-    let config = VcpuConfig {
-        boot_vcpu_count: boot,
-        max_vcpu_count: max,
-        topology: CpuTopology::new(1, 1, max, 1).unwrap(),
-        vpmu: VpmuFeatureLevel::Disabled,
-        template: None,
-        vcpu_affinity: Default::default(),
-    };
-    build_vm(
+/// A VM with one boot vCPU of at most `max`, and the one-at-a-time lock (the tests count
+/// this process's fds); `None` where `test` is skipped for want of KVM.
+fn manager(test: &str, max: u32) -> Option<(MutexGuard<'static, ()>, Arc<Vm>, VcpuManager)> {
+    let kvm = kvm_or_skip(test)?;
+    let one = serial();
+    let (vm, vcpus) = build_vm(
         kvm,
         VmOptions::default(),
-        config,
+        config(1, max, (1, max, 1)),
         VcpuManagerOptions::default(),
     )
-    .unwrap()
+    .unwrap();
+    Some((one, vm, vcpus))
 }
 
 /// Open fds of this process.
@@ -41,24 +30,17 @@ fn open_fds() -> usize {
 }
 
 /// The size of this process's fd table (`FDSize` in /proc/self/status).
-fn fd_table_size() -> usize {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("FDSize:"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
+fn fd_table_size() -> u64 {
+    proc_status("FDSize")
 }
 
 #[test]
 fn a_batch_costs_one_fd_per_vcpu_and_gives_them_back() {
-    let Some(kvm) = kvm_or_skip("a_batch_costs_one_fd_per_vcpu_and_gives_them_back") else {
+    let Some((_one, _vm, mut vcpus)) =
+        manager("a_batch_costs_one_fd_per_vcpu_and_gives_them_back", 8)
+    else {
         return;
     };
-    let _one = serial();
-    let (_vm, mut vcpus) = manager(kvm, 1, 8);
     // APs only: no boot entry is needed for them.
     let before = open_fds();
     vcpus
@@ -80,11 +62,11 @@ fn a_batch_costs_one_fd_per_vcpu_and_gives_them_back() {
 
 #[test]
 fn a_failed_batch_leaves_no_vcpu_and_keeps_every_fd() {
-    let Some(kvm) = kvm_or_skip("a_failed_batch_leaves_no_vcpu_and_keeps_every_fd") else {
+    let Some((_one, _vm, mut vcpus)) =
+        manager("a_failed_batch_leaves_no_vcpu_and_keeps_every_fd", 8)
+    else {
         return;
     };
-    let _one = serial();
-    let (_vm, mut vcpus) = manager(kvm, 1, 8);
     // Index 0 is the BSP, which needs a boot entry this manager was not given: the batch
     // fails at its third vCPU, after two were created and configured.
     let e = vcpus.create_vcpus(&[1, 2, 0, 3]).unwrap_err();
@@ -114,11 +96,11 @@ fn a_failed_batch_leaves_no_vcpu_and_keeps_every_fd() {
 
 #[test]
 fn the_fd_table_is_grown_once_for_every_possible_vcpu() {
-    let Some(kvm) = kvm_or_skip("the_fd_table_is_grown_once_for_every_possible_vcpu") else {
+    let Some((_one, _vm, mut vcpus)) =
+        manager("the_fd_table_is_grown_once_for_every_possible_vcpu", 200)
+    else {
         return;
     };
-    let _one = serial();
-    let (_vm, mut vcpus) = manager(kvm, 1, 200);
     vcpus.create_vcpus(&[1]).expect("create one AP");
     // Sized for 200 vCPUs (and the slack) before the first vCPU fd.
     assert!(fd_table_size() >= 256, "FDSize {}", fd_table_size());

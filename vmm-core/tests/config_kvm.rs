@@ -1,23 +1,15 @@
 //! Invalid vCPU configurations against this host's real KVM limits: `build_vm` refuses each
 //! with its typed error, checking before it creates the VM.
 
+mod common;
+
+use common::config as cfg;
 use kvm_ioctls::Kvm;
 use vcpu_actor::test_util::kvm_or_skip;
 use vmm_core::{
-    build_vm, ConfigError, CpuTopology, InterruptMode, KvmLimits, TopologyError, VcpuConfig,
-    VcpuManagerOptions, VmError, VmOptions, VmmError, VpmuFeatureLevel,
+    build_vm, ConfigError, InterruptMode, KvmLimits, TopologyError, VcpuConfig, VcpuManagerOptions,
+    VmError, VmOptions, VmmError,
 };
-
-fn cfg(boot: u32, max: u32, (s, c, t): (u32, u32, u32)) -> VcpuConfig {
-    VcpuConfig {
-        boot_vcpu_count: boot,
-        max_vcpu_count: max,
-        topology: CpuTopology::new(s, 1, c, t).unwrap(),
-        vpmu: VpmuFeatureLevel::Disabled,
-        template: None,
-        vcpu_affinity: Default::default(),
-    }
-}
 
 fn build(c: VcpuConfig) -> Result<(), VmmError> {
     build_in(c, InterruptMode::default())

@@ -4,35 +4,25 @@
 //! damaged snapshot refused before any vCPU exists.
 
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, MutexGuard};
+mod common;
+
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::{proc_status, serial};
 use kvm_ioctls::Kvm;
 use vcpu_actor::test_util::kvm_or_skip;
 use vmm_core::snapshot::{self, STATE_FILE};
 use vmm_core::{
-    build_vm, AsyncResizer, BackendError, CpuTopology, HotplugAck, HotplugBackend, HotplugFailure,
+    build_vm, AsyncResizer, BackendError, HotplugAck, HotplugBackend, HotplugFailure,
     SnapshotError, VcpuConfig, VcpuManager, VcpuManagerOptions, Vm, VmOptions, VmRunState,
-    VmmError, VpmuFeatureLevel,
+    VmmError,
 };
 
-/// The tests count this process's threads: one at a time.
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// 2 sockets x 3 cores: index 3 is APIC ID 4, index 5 is 6 (sparse).
+/// 2 sockets x 3 cores: index 3 is APIC ID 4, index 5 is 6 (sparse). The tests count this
+/// process's threads: one at a time ([`serial`]).
 fn config() -> VcpuConfig {
-    VcpuConfig {
-        boot_vcpu_count: 2,
-        max_vcpu_count: 6,
-        topology: CpuTopology::new(2, 1, 3, 1).unwrap(),
-        vpmu: VpmuFeatureLevel::Disabled,
-        template: None,
-        vcpu_affinity: Default::default(),
-    }
+    common::config(2, 6, (2, 3, 1))
 }
 
 fn manager(kvm: Kvm) -> (Arc<Vm>, VcpuManager) {
@@ -49,14 +39,7 @@ fn manager(kvm: Kvm) -> (Arc<Vm>, VcpuManager) {
 }
 
 fn threads() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Threads:"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
+    proc_status("Threads")
 }
 
 fn ids(m: &VcpuManager) -> Vec<(u32, u32)> {
@@ -64,6 +47,14 @@ fn ids(m: &VcpuManager) -> Vec<(u32, u32)> {
         .iter()
         .map(|v| (v.index, v.apic_id))
         .collect()
+}
+
+/// `e` is [`SnapshotError::NotPaused`] in `state`.
+fn assert_not_paused(e: &SnapshotError, state: VmRunState) {
+    assert!(
+        matches!(e, SnapshotError::NotPaused { state: s } if *s == state),
+        "{e}"
+    );
 }
 
 #[test]
@@ -76,26 +67,10 @@ fn save_needs_a_paused_vm_and_restore_gives_the_same_vcpus() {
     // APs only (no boot entry needed): 1 and 2 "at boot", 3 and 5 as if hot-added.
     vcpus.create_vcpus(&[1, 2, 3, 5]).unwrap();
     let e = vcpus.save().unwrap_err();
-    assert!(
-        matches!(
-            e,
-            SnapshotError::NotPaused {
-                state: VmRunState::Created
-            }
-        ),
-        "{e}"
-    );
+    assert_not_paused(&e, VmRunState::Created);
     vcpus.start_boot_vcpus().unwrap();
     let e = vcpus.save().unwrap_err();
-    assert!(
-        matches!(
-            e,
-            SnapshotError::NotPaused {
-                state: VmRunState::Running
-            }
-        ),
-        "{e}"
-    );
+    assert_not_paused(&e, VmRunState::Running);
     assert!(e.to_string().contains("pause it first"), "{e}");
     vcpus.pause_all().unwrap();
     let dir = tempfile::tempdir().unwrap();

@@ -4,6 +4,8 @@
 //! are available; and a VM with as many vCPUs as KVM allows (1024 on this project's hosts) is
 //! created, started (the APs wait for SIPI), paused, resumed and exited.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,8 +16,8 @@ use vm_memory::GuestMemoryMmap;
 use vmm_core::arch::x86_64::{self, lapic, x2apic};
 use vmm_core::error::KvmOp;
 use vmm_core::{
-    build_vm, BootEntry, CpuTopology, InterruptMode, KvmLimits, VcpuConfig, VcpuManagerOptions,
-    VcpuSetupError, VcpuState, VmOptions, VpmuFeatureLevel,
+    build_vm, BootEntry, InterruptMode, KvmLimits, VcpuConfig, VcpuManager, VcpuManagerOptions,
+    VcpuSetupError, VcpuState, VmOptions,
 };
 
 /// Real mode at 0x1000 (`cli; hlt; jmp $-1` written there): the BSP halts with interrupts off
@@ -54,14 +56,7 @@ impl BootEntry for HaltingBsp {
 }
 
 fn config(boot: u32, (s, c, t): (u32, u32, u32)) -> VcpuConfig {
-    VcpuConfig {
-        boot_vcpu_count: boot,
-        max_vcpu_count: s * c * t,
-        topology: CpuTopology::new(s, 1, c, t).unwrap(),
-        vpmu: VpmuFeatureLevel::Disabled,
-        template: None,
-        vcpu_affinity: Default::default(),
-    }
+    common::config(boot, s * c * t, (s, c, t))
 }
 
 #[test]
@@ -148,6 +143,18 @@ fn the_manager_picks_x2apic_for_ids_over_254_and_xapic_otherwise() {
     vcpus.exit_all().unwrap();
 }
 
+/// How long `f` took.
+fn timed(f: impl FnOnce()) -> Duration {
+    let t = Instant::now();
+    f();
+    t.elapsed()
+}
+
+/// Whether every present vCPU is in `state`.
+fn all_in(vcpus: &VcpuManager, state: VcpuState) -> bool {
+    vcpus.present_vcpus().iter().all(|v| v.state == state)
+}
+
 #[test]
 fn as_many_vcpus_as_kvm_allows_start_pause_resume_and_exit() {
     let test = "as_many_vcpus_as_kvm_allows_start_pause_resume_and_exit";
@@ -172,30 +179,14 @@ fn as_many_vcpus_as_kvm_allows_start_pause_resume_and_exit() {
             InterruptMode::XApic
         }
     );
-    let t = Instant::now();
-    vcpus.create_boot_vcpus(Arc::new(HaltingBsp)).unwrap();
-    let created = t.elapsed();
+    let created = timed(|| vcpus.create_boot_vcpus(Arc::new(HaltingBsp)).unwrap());
     assert_eq!(vcpus.present_vcpu_count(), n);
-    let t = Instant::now();
-    vcpus.start_boot_vcpus().unwrap();
-    let started = t.elapsed();
-    assert!(vcpus
-        .present_vcpus()
-        .iter()
-        .all(|v| v.state == VcpuState::Running));
-    let t = Instant::now();
-    vcpus.pause_all().unwrap();
-    let paused = t.elapsed();
-    assert!(vcpus
-        .present_vcpus()
-        .iter()
-        .all(|v| v.state == VcpuState::Paused));
-    let t = Instant::now();
-    vcpus.resume_all().unwrap();
-    let resumed = t.elapsed();
-    let t = Instant::now();
-    vcpus.exit_all().unwrap();
-    let exited = t.elapsed();
+    let started = timed(|| vcpus.start_boot_vcpus().unwrap());
+    assert!(all_in(&vcpus, VcpuState::Running));
+    let paused = timed(|| vcpus.pause_all().unwrap());
+    assert!(all_in(&vcpus, VcpuState::Paused));
+    let resumed = timed(|| vcpus.resume_all().unwrap());
+    let exited = timed(|| vcpus.exit_all().unwrap());
     assert_eq!(vcpus.present_vcpu_count(), 0);
     assert_eq!(vcpus.kept_vcpu_fds().len(), n as usize);
     eprintln!(

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use vcpu_actor::{DeviceError, IoOutcome};
 
-use super::regs;
+use super::{read_image, regs};
 use crate::bus::{BusAccess, BusDevice};
 
 /// One CPU's state as the controller holds it.
@@ -297,13 +297,7 @@ impl BusDevice for CpuHotplugController {
         let s = self.lock();
         let image = self.image(&s);
         drop(s);
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(access.offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|o| image.get(o).copied())
-                .unwrap_or(0);
-        }
+        read_image(&image, access.offset, data);
         Ok(IoOutcome::Handled)
     }
 

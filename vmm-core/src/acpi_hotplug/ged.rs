@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use vcpu_actor::{DeviceError, IoOutcome};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::read_image;
 use crate::bus::{BusAccess, BusDevice};
 
 /// The GED's event bits.
@@ -64,13 +65,7 @@ impl Ged {
 impl BusDevice for Ged {
     fn read(&self, access: BusAccess, data: &mut [u8]) -> Result<IoOutcome, DeviceError> {
         let value = self.pending().to_le_bytes();
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(access.offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|o| value.get(o).copied())
-                .unwrap_or(0);
-        }
+        read_image(&value, access.offset, data);
         Ok(IoOutcome::Handled)
     }
 

@@ -102,6 +102,18 @@ pub use ged::Ged;
 use crate::bus::{BusSpace, IoBus};
 use crate::error::BusError;
 
+/// A register read at `offset` of a device whose registers are `image`: the bytes of `image`
+/// from `offset` on, 0 beyond its end.
+fn read_image(image: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(i))
+            .and_then(|o| image.get(o).copied())
+            .unwrap_or(0);
+    }
+}
+
 /// The controller's register offsets, bits and length.
 pub mod regs {
     /// `SEL`: the selected CPU index (`u32`).

@@ -198,14 +198,18 @@ impl BootCpu {
 ///
 /// [`BootError::AcpiCpus`] if the topology cannot place a vCPU.
 pub fn boot_cpus(config: &VcpuConfig) -> Result<Vec<BootCpu>, BootError> {
+    placed_cpus(config).map_err(|reason| BootError::AcpiCpus { reason })
+}
+
+/// Every possible vCPU of `config` as [`boot_cpus`] lists it; on an error, why the topology
+/// cannot place a vCPU.
+fn placed_cpus(config: &VcpuConfig) -> Result<Vec<BootCpu>, String> {
     (0..config.max_vcpu_count)
         .map(|index| {
             let apic_id = config
                 .topology
                 .apic_id(index)
-                .map_err(|e| BootError::AcpiCpus {
-                    reason: format!("vCPU index {index}: {e}"),
-                })?;
+                .map_err(|e| format!("vCPU index {index}: {e}"))?;
             Ok(BootCpu {
                 apic_id,
                 enabled: index < config.boot_vcpu_count,
@@ -223,27 +227,24 @@ pub fn boot_cpus(config: &VcpuConfig) -> Result<Vec<BootCpu>, BootError> {
 /// [`BootError::MpTableCpus`] if the topology cannot place a vCPU or gives it an APIC ID an
 /// MP table cannot hold.
 pub fn mp_cpus(config: &VcpuConfig) -> Result<Vec<MpCpu>, BootError> {
-    (0..config.max_vcpu_count)
-        .map(|index| {
-            let apic_id = config
-                .topology
-                .apic_id(index)
-                .map_err(|e| BootError::MpTableCpus {
-                    reason: format!("vCPU index {index}: {e}"),
-                })?;
-            let apic_id = u8::try_from(apic_id)
+    let cpus = placed_cpus(config).map_err(|reason| BootError::MpTableCpus { reason })?;
+    cpus.into_iter()
+        .enumerate()
+        .map(|(index, cpu)| {
+            let apic_id = u8::try_from(cpu.apic_id)
                 .ok()
                 .filter(|id| *id != 0xff)
                 .ok_or_else(|| BootError::MpTableCpus {
                     reason: format!(
-                        "vCPU index {index} has APIC ID {apic_id}, which an MP table (8-bit \
-                         xAPIC IDs, 255 = broadcast) cannot hold: use a smaller topology"
+                        "vCPU index {index} has APIC ID {}, which an MP table (8-bit \
+                         xAPIC IDs, 255 = broadcast) cannot hold: use a smaller topology",
+                        cpu.apic_id
                     ),
                 })?;
             Ok(MpCpu {
                 apic_id,
-                enabled: index < config.boot_vcpu_count,
-                bsp: index == 0,
+                enabled: cpu.enabled,
+                bsp: cpu.bsp,
             })
         })
         .collect()

@@ -393,16 +393,16 @@ fn bsp_registers_follow_the_64_bit_boot_protocol() {
     assert_eq!(s.gdt.base, layout::GDT_ADDR);
 }
 
+/// `boot` of `max` vCPUs on `sockets` x `cores` x `threads` (one die), default vPMU.
+fn vcpu_config(boot: u32, max: u32, (sockets, cores, threads): (u32, u32, u32)) -> VcpuConfig {
+    let topology = topology::CpuTopology::new(sockets, 1, cores, threads).unwrap();
+    let smp = topology::SmpConfig::new(boot, max, topology).unwrap();
+    VcpuConfig::from_smp(smp, Default::default())
+}
+
 #[test]
 fn mp_cpus_follow_the_topology() {
-    let config = crate::VcpuConfig {
-        boot_vcpu_count: 4,
-        max_vcpu_count: 12,
-        topology: topology::CpuTopology::new(2, 1, 3, 2).unwrap(),
-        vpmu: Default::default(),
-        template: None,
-        vcpu_affinity: Default::default(),
-    };
+    let config = vcpu_config(4, 12, (2, 3, 2));
     let cpus = mp_cpus(&config).unwrap();
     let ids: Vec<u8> = cpus.iter().map(|c| c.apic_id).collect();
     assert_eq!(ids, [0, 1, 2, 3, 4, 5, 8, 9, 10, 11, 12, 13]);
@@ -416,14 +416,7 @@ fn mp_cpus_follow_the_topology() {
 #[test]
 fn apic_ids_over_254_get_acpi_tables_and_no_mp_table() {
     // 2 sockets x 75 cores x 2 threads: core field 7 bits, so socket 1 starts at APIC ID 256.
-    let vcpus = crate::VcpuConfig {
-        boot_vcpu_count: 2,
-        max_vcpu_count: 300,
-        topology: topology::CpuTopology::new(2, 1, 75, 2).unwrap(),
-        vpmu: Default::default(),
-        template: None,
-        vcpu_affinity: Default::default(),
-    };
+    let vcpus = vcpu_config(2, 300, (2, 75, 2));
     let cpus = boot_cpus(&vcpus).unwrap();
     assert_eq!(cpus.last().unwrap().apic_id, 256 + 74 * 2 + 1);
     assert!(mp_cpus(&vcpus).is_err());

@@ -182,17 +182,23 @@ mod tests {
         }
     }
 
+    /// The entries below 1 MiB every map starts with (low RAM, EBDA, BIOS area), then `rest`.
+    fn below_1m_and<const N: usize>(rest: [E820Entry; N]) -> Vec<E820Entry> {
+        let mut map = vec![
+            entry(0, 0x9_e000, E820Type::Ram),
+            entry(0x9_e000, 0xa_0000, E820Type::Reserved),
+            entry(0xe_0000, 0x10_0000, E820Type::Reserved),
+        ];
+        map.extend(rest);
+        map
+    }
+
     #[test]
     fn low_memory_only() {
         let map = build_e820(&mem(&[(0, 256 << 20)])).unwrap();
         assert_eq!(
             map,
-            [
-                entry(0, 0x9_e000, E820Type::Ram),
-                entry(0x9_e000, 0xa_0000, E820Type::Reserved),
-                entry(0xe_0000, 0x10_0000, E820Type::Reserved),
-                entry(0x10_0000, 256 << 20, E820Type::Ram),
-            ]
+            below_1m_and([entry(0x10_0000, 256 << 20, E820Type::Ram)])
         );
         assert_eq!(low_ram_end(&map), Some(256 << 20));
         // Linux's own wording, inclusive end.
@@ -212,13 +218,10 @@ mod tests {
         let map = build_e820(&mem(&[(0, 3 << 30), (4 << 30, 1 << 30)])).unwrap();
         assert_eq!(
             map,
-            [
-                entry(0, 0x9_e000, E820Type::Ram),
-                entry(0x9_e000, 0xa_0000, E820Type::Reserved),
-                entry(0xe_0000, 0x10_0000, E820Type::Reserved),
+            below_1m_and([
                 entry(0x10_0000, 3 << 30, E820Type::Ram),
                 entry(4 << 30, 5 << 30, E820Type::Ram),
-            ]
+            ])
         );
         assert_eq!(low_ram_end(&map), Some(3 << 30));
         let raw = map[4].to_boot_entry();

@@ -1,0 +1,174 @@
+//! Phase 1 of a resize: check, mark in flight, pick the vCPUs, create and start new ones.
+
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use slog::warn;
+
+use super::{Begun, PendingResize, ResizeOutcome, VcpuSlot};
+use crate::error::{HotplugOp, ResizeError, VcpuSetupError};
+use crate::hotplug_backend::HotplugBackend;
+use crate::state::{Refusal, ResizeInFlight};
+use crate::VcpuManager;
+
+impl VcpuManager {
+    /// Phase 1: validate, mark in flight, create and start new vCPUs.
+    pub(super) fn resize_begin(&mut self, target: u32) -> Result<Begun, ResizeError> {
+        let max = self.config().max_vcpu_count;
+        if target == 0 || target > max {
+            return Err(ResizeError::OutOfRange { target, max });
+        }
+        let backend = self.backend.clone().ok_or(ResizeError::NoHotplugBackend)?;
+        let from = self.present_vcpu_count();
+        let op = if target >= from {
+            HotplugOp::Add
+        } else {
+            HotplugOp::Remove
+        };
+        let exit_flag = self.exit_flag_set();
+        self.state()
+            .begin_resize(ResizeInFlight { target, op }, exit_flag)
+            .map_err(|refusal| match refusal {
+                Refusal::ResizeInFlight(other) => ResizeError::Busy {
+                    target,
+                    in_flight: other.target,
+                },
+                Refusal::State(state) => ResizeError::NotRunning { target, state },
+            })?;
+        let begun = self.resize_plan(target, from, op, backend);
+        if !matches!(begun, Ok(Begun::AskGuest(_))) {
+            self.state().end_resize();
+        }
+        begun
+    }
+
+    fn resize_plan(
+        &mut self,
+        target: u32,
+        from: u32,
+        op: HotplugOp,
+        backend: Arc<dyn HotplugBackend>,
+    ) -> Result<Begun, ResizeError> {
+        let started = Instant::now();
+        let mut outcome = ResizeOutcome {
+            from,
+            to: from,
+            added: Vec::new(),
+            removed: Vec::new(),
+            vcpu_work: Duration::ZERO,
+            vcpu_create: Duration::ZERO,
+            vcpu_start: Duration::ZERO,
+            upcall: Duration::ZERO,
+            total: Duration::ZERO,
+        };
+        if target == from {
+            return Ok(Begun::Done(outcome));
+        }
+        let present: Vec<u32> = self.vcpus.keys().copied().collect();
+        let max = self.config().max_vcpu_count;
+        let indices: Vec<u32> = match op {
+            HotplugOp::Add => (0..max)
+                .filter(|i| !present.contains(i))
+                .take((target - from) as usize)
+                .collect(),
+            // Highest indices first, never vCPU 0.
+            HotplugOp::Remove => present
+                .iter()
+                .rev()
+                .copied()
+                .filter(|i| *i != 0)
+                .take((from - target) as usize)
+                .collect(),
+        };
+        let slots = self.slots(&indices)?;
+        if let Some(limit) = backend.max_apic_id() {
+            if let Some(s) = slots.iter().find(|s| s.apic_id > limit) {
+                return Err(ResizeError::ApicIdTooLarge {
+                    index: s.index,
+                    apic_id: s.apic_id,
+                    limit,
+                    backend: backend.name(),
+                });
+            }
+        }
+        if op == HotplugOp::Add {
+            self.add_vcpus(&indices, &slots, &mut outcome)?;
+        }
+        Ok(Begun::AskGuest(PendingResize {
+            target,
+            op,
+            slots,
+            backend,
+            started,
+            outcome,
+        }))
+    }
+
+    fn slots(&self, indices: &[u32]) -> Result<Vec<VcpuSlot>, VcpuSetupError> {
+        indices
+            .iter()
+            .map(|&index| {
+                Ok(VcpuSlot {
+                    index,
+                    apic_id: self.apic_id(index)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Creates and starts the vCPUs at `indices` (waiting for INIT/SIPI); records the times in
+    /// `outcome`. On failure the ones created are exited again.
+    fn add_vcpus(
+        &mut self,
+        indices: &[u32],
+        slots: &[VcpuSlot],
+        outcome: &mut ResizeOutcome,
+    ) -> Result<(), ResizeError> {
+        let t = Instant::now();
+        for slot in slots {
+            self.ensure_mp_probe(slot.apic_id)?;
+        }
+        // One batch: every vCPU created and configured before any thread starts, then every
+        // thread started before waiting for any. All or nothing: on an error no vCPU of the
+        // batch is present and every fd is kept.
+        self.create_vcpus(indices)?;
+        outcome.vcpu_create = t.elapsed();
+        // The new threads enter KVM_RUN and wait there for the guest's INIT/SIPI.
+        if let Err(e) = self.start_vcpus(indices) {
+            self.exit_present(indices);
+            return Err(e.into());
+        }
+        outcome.vcpu_work = t.elapsed();
+        outcome.vcpu_start = outcome.vcpu_work.saturating_sub(outcome.vcpu_create);
+        Ok(())
+    }
+
+    /// Makes sure the manager can read the MP state of the vCPU with `apic_id` while its
+    /// thread owns its fd: the KVM vCPU is created now if it never existed (kept for
+    /// [`create_vcpu`](Self::create_vcpu), which takes kept fds first), and a duplicate of its
+    /// fd is kept. A duplicate that cannot be made is logged; the vCPU then counts as
+    /// "state unknown" if its hot-add fails.
+    fn ensure_mp_probe(&mut self, apic_id: u32) -> Result<(), VcpuSetupError> {
+        if self.mp_probes.contains_key(&apic_id) {
+            return Ok(());
+        }
+        if !self.kept_fds.contains_key(&apic_id) {
+            let fd = self.create_kvm_vcpu(apic_id)?;
+            self.kept_fds.insert(apic_id, fd);
+        }
+        let Some(fd) = self.kept_fds.get(&apic_id) else {
+            return Ok(());
+        };
+        // SAFETY: the fd belongs to `fd`, a live `VcpuFd` borrowed for this statement only.
+        let borrowed = unsafe { BorrowedFd::borrow_raw(fd.as_raw_fd()) };
+        match borrowed.try_clone_to_owned() {
+            Ok(dup) => {
+                self.mp_probes.insert(apic_id, dup);
+            }
+            Err(e) => warn!(self.logger, "cannot duplicate a vCPU fd to read its MP state";
+                            "apic_id" => apic_id, "error" => %e),
+        }
+        Ok(())
+    }
+}

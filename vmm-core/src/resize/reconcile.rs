@@ -1,0 +1,248 @@
+//! Phase 3 of a resize: commit what the guest did, or reconcile with what it left.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_mp_state, KVMIO, KVM_MP_STATE_UNINITIALIZED};
+use slog::{debug, info, warn};
+use vcpu_actor::{VcpuRequest, VcpuState};
+use vmm_sys_util::ioctl::ioctl_with_mut_ref;
+use vmm_sys_util::ioctl_ior_nr;
+
+use super::{micros, PendingResize, ResizeOutcome, VcpuSlot};
+use crate::error::{HotplugOp, ResizeError};
+use crate::hotplug_backend::{BackendError, HotplugAck, HotplugFailure};
+use crate::state::VmRunState;
+use crate::VcpuManager;
+
+/// The ioctl number, kept private: the macro makes a public function without docs.
+mod ioctl {
+    use super::{ioctl_ior_nr, kvm_mp_state, KVMIO};
+    ioctl_ior_nr!(KVM_GET_MP_STATE, KVMIO, 0x98, kvm_mp_state);
+}
+use ioctl::KVM_GET_MP_STATE;
+
+impl VcpuManager {
+    /// The MP state of the vCPU with `apic_id`, read through its duplicate fd. Call only while
+    /// its thread is out of `KVM_RUN` (paused, waiting to exit, or gone): KVM serialises vCPU
+    /// ioctls, so this would wait for `KVM_RUN` to return.
+    fn mp_state(&self, apic_id: u32) -> Option<u32> {
+        let fd = self.mp_probes.get(&apic_id)?;
+        let mut state = kvm_mp_state::default();
+        // SAFETY: `fd` is a vCPU fd; KVM_GET_MP_STATE writes one `kvm_mp_state`, which `state`
+        // is and which outlives the call.
+        let ret = unsafe { ioctl_with_mut_ref(fd, KVM_GET_MP_STATE(), &mut state) };
+        (ret == 0).then_some(state.mp_state)
+    }
+
+    /// Exits those of `indices` that are still present (a stop may have exited them).
+    pub(super) fn exit_present(&mut self, indices: &[u32]) -> Duration {
+        let t = Instant::now();
+        let present: Vec<u32> = indices
+            .iter()
+            .copied()
+            .filter(|i| self.vcpus.contains_key(i))
+            .collect();
+        if !present.is_empty() {
+            if let Err(e) = self.exit_vcpus(&present) {
+                warn!(self.logger, "exiting vCPUs after a resize failed"; "indices" => ?present,
+                      "error" => %e);
+            }
+        }
+        t.elapsed()
+    }
+
+    /// Phase 3: commit or reconcile, then clear the in-flight mark.
+    pub(super) fn resize_finish(
+        &mut self,
+        mut pending: PendingResize,
+        (reply, upcall): (Result<HotplugAck, HotplugFailure>, Duration),
+    ) -> Result<ResizeOutcome, ResizeError> {
+        pending.outcome.upcall = upcall;
+        let result = self.commit(&mut pending, reply);
+        if matches!(self.run_state(), VmRunState::Running | VmRunState::Paused) {
+            let present: Vec<u32> = self.present_vcpus().iter().map(|v| v.apic_id).collect();
+            pending.backend.sync_present(&present);
+        }
+        self.state().end_resize();
+        let outcome = result?;
+        info!(self.logger, "vCPUs resized"; "from" => outcome.from, "to" => outcome.to,
+              "vcpu_create_us" => micros(outcome.vcpu_create),
+              "vcpu_start_us" => micros(outcome.vcpu_start),
+              "vcpu_work_us" => micros(outcome.vcpu_work),
+              "upcall_us" => micros(outcome.upcall),
+              "total_us" => micros(outcome.total));
+        Ok(outcome)
+    }
+
+    fn commit(
+        &mut self,
+        pending: &mut PendingResize,
+        reply: Result<HotplugAck, HotplugFailure>,
+    ) -> Result<ResizeOutcome, ResizeError> {
+        if !matches!(self.run_state(), VmRunState::Running | VmRunState::Paused) {
+            // A stop (or exit_all) exited every vCPU; nothing is left to reconcile.
+            warn!(self.logger, "the VM stopped during a resize"; "target" => pending.target);
+            return Err(ResizeError::VmStopped {
+                target: pending.target,
+            });
+        }
+        match (pending.op, reply) {
+            (HotplugOp::Add, Ok(_)) if pending.backend.confirm_wake_by_mp_state() => {
+                self.confirm_woken(pending)?;
+            }
+            (HotplugOp::Add, Ok(_)) => pending.outcome.added = pending.slots.clone(),
+            (HotplugOp::Remove, Ok(_)) => {
+                // The guest has offlined them: only now do their threads stop.
+                let indices: Vec<u32> = pending.slots.iter().map(|s| s.index).collect();
+                pending.outcome.vcpu_work = self.exit_present(&indices);
+                pending.outcome.removed = pending.slots.clone();
+            }
+            (op, Err(failure)) => return Err(self.reconcile_failed(pending, op, failure)),
+        }
+        pending.outcome.to = self.present_vcpu_count();
+        pending.outcome.total = pending.started.elapsed();
+        Ok(pending.outcome.clone())
+    }
+
+    /// After a hot-add the guest acknowledged: its acknowledgement alone is not enough, each
+    /// new vCPU must have left wait-for-SIPI. Those that did not are exited (fds kept) and
+    /// the resize fails.
+    fn confirm_woken(&mut self, pending: &mut PendingResize) -> Result<(), ResizeError> {
+        let (up, unknown) = self.reconcile_add(&pending.slots);
+        if up.len() == pending.slots.len() {
+            pending.outcome.added = pending.slots.clone();
+            return Ok(());
+        }
+        let not_woken = pending
+            .slots
+            .iter()
+            .map(|s| s.apic_id)
+            .filter(|id| !up.contains(id))
+            .collect();
+        let failure = HotplugFailure {
+            confirmed: up,
+            uncertain: unknown,
+            source: BackendError::NotWoken {
+                backend: pending.backend.name(),
+                apic_ids: not_woken,
+            },
+        };
+        Err(self.hotplug_failed(pending, HotplugOp::Add, failure))
+    }
+
+    /// After a failed `op` request: reconciles with what the guest did and says so.
+    fn reconcile_failed(
+        &mut self,
+        pending: &PendingResize,
+        op: HotplugOp,
+        failure: HotplugFailure,
+    ) -> ResizeError {
+        let ids: Vec<u32> = pending.slots.iter().map(|s| s.apic_id).collect();
+        warn!(self.logger, "hotplug request failed, reconciling"; "op" => %op,
+              "apic_ids" => ?ids, "error" => %failure.source);
+        let (confirmed, uncertain) = match op {
+            HotplugOp::Add => self.reconcile_add(&pending.slots),
+            HotplugOp::Remove => self.reconcile_remove(&pending.slots, &failure),
+        };
+        let failure = HotplugFailure {
+            confirmed,
+            uncertain,
+            source: failure.source,
+        };
+        self.hotplug_failed(pending, op, failure)
+    }
+
+    /// The [`ResizeError::HotplugFailed`] of a reconciled `failure`.
+    fn hotplug_failed(
+        &self,
+        pending: &PendingResize,
+        op: HotplugOp,
+        failure: HotplugFailure,
+    ) -> ResizeError {
+        let guest_state_unknown = !failure.uncertain.is_empty()
+            || (op == HotplugOp::Add && failure.source.outcome_unknown());
+        ResizeError::HotplugFailed {
+            op,
+            apic_ids: pending.slots.iter().map(|s| s.apic_id).collect(),
+            present_after: self.present_vcpus().iter().map(|v| v.apic_id).collect(),
+            guest_state_unknown,
+            source: Box::new(failure),
+        }
+    }
+
+    /// After a failed hot-add: keeps the new vCPUs the guest brought up (they left
+    /// wait-for-SIPI), exits the others. Returns (brought up, state unknown), as APIC IDs.
+    fn reconcile_add(&mut self, slots: &[VcpuSlot]) -> (Vec<u32>, Vec<u32>) {
+        let present: Vec<VcpuSlot> = slots
+            .iter()
+            .copied()
+            .filter(|s| {
+                self.vcpus
+                    .get(&s.index)
+                    .is_some_and(|h| h.id() == s.apic_id)
+            })
+            .collect();
+        // Out of KVM_RUN first. The replies do not matter, only where each thread is
+        // afterwards.
+        let indices: Vec<u32> = present.iter().map(|s| s.index).collect();
+        if let Err(e) = self.request_some(&indices, VcpuRequest::Pause) {
+            debug!(self.logger, "pausing the new vCPUs to read their MP state"; "error" => %e);
+        }
+        let mut up = Vec::new();
+        let mut unknown = Vec::new();
+        let mut exit = Vec::new();
+        for slot in present {
+            let Some(handle) = self.vcpus.get(&slot.index) else {
+                continue;
+            };
+            let out_of_run = matches!(
+                handle.state(),
+                VcpuState::Paused | VcpuState::WaitingExit | VcpuState::Exited
+            );
+            match out_of_run.then(|| self.mp_state(slot.apic_id)).flatten() {
+                Some(KVM_MP_STATE_UNINITIALIZED) => exit.push(slot.index),
+                Some(_) => up.push(slot),
+                None => unknown.push(slot),
+            }
+        }
+        self.exit_present(&exit);
+        let keep: Vec<u32> = up.iter().chain(&unknown).map(|s| s.index).collect();
+        if !keep.is_empty() && self.run_state() == VmRunState::Running {
+            if let Err(e) = self.request_some(&keep, VcpuRequest::Resume) {
+                warn!(self.logger, "resuming the kept new vCPUs failed"; "error" => %e);
+            }
+        }
+        info!(self.logger, "failed hot-add reconciled";
+              "brought_up" => ?up.iter().map(|s| s.apic_id).collect::<Vec<_>>(),
+              "unknown" => ?unknown.iter().map(|s| s.apic_id).collect::<Vec<_>>(),
+              "exited" => ?exit);
+        (
+            up.iter().map(|s| s.apic_id).collect(),
+            unknown.iter().map(|s| s.apic_id).collect(),
+        )
+    }
+
+    /// After a failed hot-remove: exits exactly the vCPUs the guest confirmed offline.
+    /// Returns (confirmed, state unknown), as APIC IDs.
+    fn reconcile_remove(
+        &mut self,
+        slots: &[VcpuSlot],
+        failure: &HotplugFailure,
+    ) -> (Vec<u32>, Vec<u32>) {
+        let by_apic: BTreeMap<u32, u32> = slots.iter().map(|s| (s.apic_id, s.index)).collect();
+        let confirmed: Vec<u32> = failure
+            .confirmed
+            .iter()
+            .copied()
+            .filter(|id| by_apic.contains_key(id))
+            .collect();
+        let indices: Vec<u32> = confirmed
+            .iter()
+            .filter_map(|id| by_apic.get(id))
+            .copied()
+            .collect();
+        self.exit_present(&indices);
+        (confirmed, failure.uncertain.clone())
+    }
+}

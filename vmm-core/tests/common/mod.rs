@@ -1,0 +1,39 @@
+//! Helpers shared by the KVM integration tests of this crate (each test file includes this
+//! module and uses part of it).
+#![allow(dead_code)]
+
+use std::sync::{Mutex, MutexGuard};
+
+use vmm_core::{CpuTopology, SmpConfig, VcpuConfig, VpmuFeatureLevel};
+
+/// Tests that count this process's fds or threads run one at a time.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// Holds the one-at-a-time lock for the test's duration (a test that panicked while holding
+/// it does not block the others).
+pub fn serial() -> MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// `boot` of `max` vCPUs on `sockets` x `cores` x `threads` (one die), without vPMU,
+/// template or affinity.
+pub fn config(boot: u32, max: u32, (sockets, cores, threads): (u32, u32, u32)) -> VcpuConfig {
+    let smp = SmpConfig {
+        boot_cpus: boot,
+        max_cpus: max,
+        topology: CpuTopology::new(sockets, 1, cores, threads).unwrap(),
+    };
+    VcpuConfig::from_smp(smp, VpmuFeatureLevel::Disabled)
+}
+
+/// A number field of `/proc/self/status` (`"Threads"`, `"FDSize"`).
+pub fn proc_status(field: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .unwrap_or_else(|| panic!("no {field} in /proc/self/status"))
+        .trim()
+        .parse()
+        .unwrap()
+}
