@@ -439,6 +439,24 @@ fn a_guest_shutdown_is_served_while_a_resize_waits() {
     assert!(lock(&r.manager).resume_all().is_err());
 }
 
+/// Asserts that `err` is a partial hot-plug failure with a known guest state: the guest
+/// confirmed exactly `confirmed` (in order, nothing uncertain) and `present_after` are present.
+fn assert_partial(err: &ResizeError, confirmed: &[u32], present_after: &[u32]) {
+    match err {
+        ResizeError::HotplugFailed {
+            source,
+            present_after: present,
+            guest_state_unknown: false,
+            ..
+        } => {
+            assert_eq!(source.confirmed, confirmed);
+            assert!(source.uncertain.is_empty());
+            assert_eq!(present, present_after);
+        }
+        other => panic!("expected HotplugFailed, got {other:?}"),
+    }
+}
+
 /// Why 3: after a partial hot-add the vCPUs the guest onlined keep running (their counters
 /// advance), VMM and guest agree, and the next resizes work (the old code exited them under the
 /// guest, and every later resize failed with EINVAL, "already present"). The same for a partial
@@ -454,19 +472,7 @@ fn partial_failures_leave_vmm_and_guest_in_step() {
         .inject_fault("partial-add:3".parse().expect("a fault"));
     let err = VcpuManager::resize_shared(&r.manager, 12).expect_err("the guest refuses the 4th");
     let brought_up = [2, 3, 4];
-    match &err {
-        ResizeError::HotplugFailed {
-            source,
-            present_after,
-            guest_state_unknown: false,
-            ..
-        } => {
-            assert_eq!(source.confirmed, brought_up);
-            assert!(source.uncertain.is_empty());
-            assert_eq!(present_after, &[0, 1, 2, 3, 4]);
-        }
-        other => panic!("expected HotplugFailed, got {other:?}"),
-    }
+    assert_partial(&err, &brought_up, &[0, 1, 2, 3, 4]);
     assert_eq!(r.guest_online(), r.present());
     let before = r.agent.progress_of(&brought_up);
     assert!(
@@ -486,19 +492,7 @@ fn partial_failures_leave_vmm_and_guest_in_step() {
     // A remove that the guest stops after two CPUs (one APIC ID per DEL_CPU request):
     // exactly those two are exited, highest index first.
     let err = VcpuManager::resize_shared(&r.manager, 2).expect_err("the guest refuses the 3rd");
-    match &err {
-        ResizeError::HotplugFailed {
-            source,
-            present_after,
-            guest_state_unknown: false,
-            ..
-        } => {
-            assert_eq!(source.confirmed, [8, 5]);
-            assert!(source.uncertain.is_empty());
-            assert_eq!(present_after, &[0, 1, 2, 3, 4]);
-        }
-        other => panic!("expected HotplugFailed, got {other:?}"),
-    }
+    assert_partial(&err, &[8, 5], &[0, 1, 2, 3, 4]);
     assert_eq!(r.guest_online(), r.present());
     // The refused partial add earlier left 9..=13 kept; now 5 and 8 are kept too.
     assert_eq!(lock(&r.manager).kept_vcpu_fds(), [5, 8, 9, 10, 11, 12, 13]);

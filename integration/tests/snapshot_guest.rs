@@ -14,11 +14,12 @@ use std::time::{Duration, Instant};
 
 use integration::guest::lapic::{LVT_TIMER_OFFSET, LVT_TIMER_PERIODIC, TMICT_OFFSET};
 use integration::guest::{
-    build_with_program, lapic_timer, pio_count, ports, LAPIC_TIMER_ADDR, PIO_COUNT_ADDR,
+    build_with_program, lapic_timer, pio_count, ports, GuestCode, LAPIC_TIMER_ADDR, PIO_COUNT_ADDR,
     TIMER_INITIAL_COUNT, TIMER_VECTOR,
 };
 use integration::kvm_or_skip;
 use integration::loader::memory_map::DEFAULT_LOAD_ADDR;
+use integration::loader::LoadedProgram;
 use vcpu_actor::{DeviceError, IoOutcome};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_core::arch::x86_64::lapic::read_register;
@@ -40,6 +41,24 @@ fn one_vcpu() -> VcpuConfig {
         template: None,
         vcpu_affinity: Default::default(),
     }
+}
+
+/// `code` loaded into a VM of [`MEMORY`] with [`one_vcpu`] (the vCPU not created yet).
+fn one_vcpu_vm(
+    kvm: kvm_ioctls::Kvm,
+    code: &GuestCode,
+) -> (Arc<Vm>, VcpuManager, Arc<LoadedProgram>) {
+    build_with_program(
+        kvm,
+        code,
+        one_vcpu(),
+        VmOptions {
+            memory_size: MEMORY,
+            ..VmOptions::default()
+        },
+        VcpuManagerOptions::default(),
+    )
+    .unwrap()
 }
 
 fn read_u64(vm: &Vm, addr: u64) -> u64 {
@@ -244,17 +263,7 @@ fn snapshot_inside_an_io_exit(access: Access, dir: &Path) {
         return;
     };
     let (code, after_in) = pio_count();
-    let (vm, mut vcpus, entry) = build_with_program(
-        kvm,
-        &code,
-        one_vcpu(),
-        VmOptions {
-            memory_size: MEMORY,
-            ..VmOptions::default()
-        },
-        VcpuManagerOptions::default(),
-    )
-    .unwrap();
+    let (vm, mut vcpus, entry) = one_vcpu_vm(kvm, &code);
     let before = CountPort::new(1);
     before.register(&vm);
     vcpus.create_boot_vcpus(entry).unwrap();
@@ -364,17 +373,7 @@ fn the_bsps_periodic_lapic_timer_runs_on_after_a_restore() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let (vm, mut vcpus, entry) = build_with_program(
-        kvm,
-        &lapic_timer(),
-        one_vcpu(),
-        VmOptions {
-            memory_size: MEMORY,
-            ..VmOptions::default()
-        },
-        VcpuManagerOptions::default(),
-    )
-    .unwrap();
+    let (vm, mut vcpus, entry) = one_vcpu_vm(kvm, &lapic_timer());
     vcpus.create_boot_vcpus(entry).unwrap();
     vcpus.start_boot_vcpus().unwrap();
     assert!(

@@ -13,7 +13,6 @@ mod common;
 use common::{run_json, vcpuctl};
 use integration::guest::agent::{AgentVm, AgentVmOptions, ApMode, GuestAgent};
 use serde_json::Value;
-use vmm_core::arch::x86_64::msr::IA32_TSC;
 use vmm_core::error::SnapshotFile;
 use vmm_core::snapshot::{
     FileHeader, StateFile, FORMAT_VERSION, HEADER_LEN, MEMORY_FILE, STATE_FILE,
@@ -245,18 +244,7 @@ fn restore_in_process_continues_counting_and_the_tsc_does_not_go_back() {
     ));
     restored.pause_all().unwrap();
     let after = restored.save().unwrap();
-    for (a, b) in saved.state().vcpus.iter().zip(&after.state().vcpus) {
-        assert_eq!((a.index, a.apic_id), (b.index, b.apic_id));
-        let (ta, tb) = (
-            a.state.msr(IA32_TSC).unwrap(),
-            b.state.msr(IA32_TSC).unwrap(),
-        );
-        assert!(
-            tb > ta,
-            "vCPU {}: TSC {tb} after running, {ta} at the save",
-            a.index
-        );
-    }
+    common::assert_tsc_advanced(&saved.state().vcpus, &after.state().vcpus);
     // The kvmclock continues from the saved value too.
     assert!(after.state().vm.clock.clock >= saved.state().vm.clock.clock);
 

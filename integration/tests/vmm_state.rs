@@ -6,6 +6,8 @@
 use std::path::Path;
 use std::time::Duration;
 
+mod common;
+
 use integration::bench::snapshot::{wait_for, StateVm};
 use integration::guest::{counter_addr, smp_counter};
 use integration::kvm_or_skip;
@@ -130,17 +132,7 @@ fn a_restored_guest_continues_counting_on_every_vcpu() {
     let exits = run_until_counting(&mut vm, &at_save);
     assert_eq!(exits, 0, "the restored guest started over");
     let after = vm.save().unwrap();
-    for (a, b) in saved.vcpus.iter().zip(&after.vcpus) {
-        let (ta, tb) = (
-            a.state.msr(IA32_TSC).unwrap(),
-            b.state.msr(IA32_TSC).unwrap(),
-        );
-        assert!(
-            tb > ta,
-            "vCPU {}: TSC {tb} after running, saved {ta}",
-            a.index
-        );
-    }
+    common::assert_tsc_advanced(&saved.vcpus, &after.vcpus);
 }
 
 /// Rewrites `path` as a valid file of `kind` with `content` and format `version`.

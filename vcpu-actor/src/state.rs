@@ -159,14 +159,12 @@ mod tests {
 
     #[test]
     fn idempotent_pause_and_resume() {
-        assert_eq!(
-            transition(VcpuState::Paused, Event::Pause),
-            Transition::To(VcpuState::Paused)
-        );
-        assert_eq!(
-            transition(VcpuState::Running, Event::Resume),
-            Transition::To(VcpuState::Running)
-        );
+        for (s, e) in [
+            (VcpuState::Paused, Event::Pause),
+            (VcpuState::Running, Event::Resume),
+        ] {
+            assert_eq!(transition(s, e), Transition::To(s), "{e:?} in {s:?}");
+        }
     }
 
     #[test]

@@ -274,10 +274,7 @@ impl VcpuThread {
             Ok(VcpuExit::IoIn(port, data)) => {
                 io = true;
                 metrics.count_exit(ExitKind::IoIn);
-                let r = guarded(|| handler.pio_read(id, port, data));
-                if !matches!(r, Ok(Ok(_))) {
-                    data.fill(0xff);
-                }
+                let r = guarded_read(data, |data| handler.pio_read(id, port, data));
                 device(r, IoAccess::PioRead, port.into())
             }
             Ok(VcpuExit::IoOut(port, data)) => {
@@ -289,10 +286,7 @@ impl VcpuThread {
             Ok(VcpuExit::MmioRead(addr, data)) => {
                 io = true;
                 metrics.count_exit(ExitKind::MmioRead);
-                let r = guarded(|| handler.mmio_read(id, addr, data));
-                if !matches!(r, Ok(Ok(_))) {
-                    data.fill(0xff);
-                }
+                let r = guarded_read(data, |data| handler.mmio_read(id, addr, data));
                 device(r, IoAccess::MmioRead, addr)
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
@@ -442,6 +436,19 @@ impl VcpuThread {
             }
         }
     }
+}
+
+/// A device read through [`guarded`]: when it fails or panics, the guest reads all ones (as
+/// from a missing device), never what the handler left half-written.
+fn guarded_read(
+    data: &mut [u8],
+    read: impl FnOnce(&mut [u8]) -> Result<IoOutcome, DeviceError>,
+) -> Result<Result<IoOutcome, DeviceError>, String> {
+    let r = guarded(|| read(data));
+    if !matches!(r, Ok(Ok(_))) {
+        data.fill(0xff);
+    }
+    r
 }
 
 /// Runs an exit handler method, catching a panic (as its message) so that it cannot unwind

@@ -76,32 +76,8 @@ enum Command {
     },
     /// Every benchmark in one table: ours, bare KVM, ratio.
     Bench {
-        /// vCPU counts for startup and pause/resume.
-        #[arg(long, value_delimiter = ',', default_values_t = [1u32, 8, 64])]
-        vcpus: Vec<u32>,
-        /// vCPUs hot-added (then removed) at once, each from 1 vCPU.
-        #[arg(long, value_delimiter = ',', default_values_t = [1u32, 7, 63])]
-        hotplug: Vec<u32>,
-        /// Pause/resume rounds per count.
-        #[arg(long, default_value_t = 20)]
-        rounds: u32,
-        /// A smoke run: 1 and 8 vCPUs, 3 rounds, hot-add of 1 and 7.
-        #[arg(long)]
-        quick: bool,
-        /// vCPU counts of the boot_process row (`vcpuctl boot` of a tiny ELF as a child
-        /// process); the first is the reference of its ratios.
-        #[arg(long, value_delimiter = ',', default_values_t = [1u32, 32, 254])]
-        boot_vcpus: Vec<u32>,
-        /// Timed runs per count of the boot_process row (0: skip the row).
-        #[arg(long, default_value_t = 15)]
-        boot_runs: u32,
-        /// Only the boot_process row.
-        #[arg(long)]
-        boot_only: bool,
-        /// vCPU counts of the snapshot rows (save/restore of vCPU state, and with 64 MiB of
-        /// memory).
-        #[arg(long, value_delimiter = ',', default_values_t = [1u32, 8, 64, 254])]
-        snapshot_vcpus: Vec<u32>,
+        #[command(flatten)]
+        options: BenchOptions,
     },
     /// Resize against a misbehaving guest while another thread pauses and resumes the VM,
     /// then resize back; exit code 0 when the manager behaved, whatever the guest did.
@@ -253,28 +229,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             } => cmd::fingerprint::run_compare(&first, &second, spec.template.as_ref(), a.json),
         },
         Command::Cpuid { hwloc_dir } => cmd::cpuid::run(&spec, &out, hwloc_dir, a.json),
-        Command::Bench {
-            vcpus,
-            hotplug,
-            rounds,
-            quick,
-            boot_vcpus,
-            boot_runs,
-            boot_only,
-            snapshot_vcpus,
-        } => {
-            let options = BenchOptions {
-                vcpus,
-                hotplug,
-                rounds,
-                quick,
-                boot_vcpus,
-                boot_runs,
-                boot_only,
-                snapshot_vcpus,
-            };
-            cmd::bench::run(&spec, &out, options, a.json)
-        }
+        Command::Bench { options } => cmd::bench::run(&spec, &out, options, a.json),
         Command::Chaos { fault, to } => cmd::chaos::run(&spec, &out, &fault, to, a.json),
         Command::Acpi { out: dir } => cmd::acpi::run(&spec, &out, &dir, a.json),
         Command::Snapshot { resize, to } => cmd::snapshot::run(&spec, &out, resize, &to, a.json),

@@ -11,27 +11,34 @@ use crate::bench::snapshot::snapshot_lines;
 use crate::bench::{actor, manager, table, BenchReport};
 use crate::guest::agent::HotplugChannel;
 
-/// What `vcpuctl bench` measures.
-#[derive(Clone, Debug)]
+/// What `vcpuctl bench` measures: its flags (the doc comments are their `--help`).
+#[derive(Clone, Debug, clap::Args)]
 pub struct BenchOptions {
     /// vCPU counts for startup and pause/resume.
+    #[arg(long, value_delimiter = ',', default_values_t = [1u32, 8, 64])]
     pub vcpus: Vec<u32>,
     /// vCPUs hot-added (then removed) at once, each from 1 vCPU.
+    #[arg(long, value_delimiter = ',', default_values_t = [1u32, 7, 63])]
     pub hotplug: Vec<u32>,
     /// Pause/resume rounds per count.
+    #[arg(long, default_value_t = 20)]
     pub rounds: u32,
-    /// A smoke run: 1 and 8 vCPUs, 3 rounds, hot-add of 1 and 7, boot_process of 1 and 8
-    /// vCPUs twice.
+    /// A smoke run: 1 and 8 vCPUs, 3 rounds, hot-add of 1 and 7.
+    #[arg(long)]
     pub quick: bool,
-    /// vCPU counts of the `boot_process` row (the first is the reference of its ratios).
+    /// vCPU counts of the boot_process row (`vcpuctl boot` of a tiny ELF as a child
+    /// process); the first is the reference of its ratios.
+    #[arg(long, value_delimiter = ',', default_values_t = [1u32, 32, 254])]
     pub boot_vcpus: Vec<u32>,
-    /// Timed runs per count of the `boot_process` row; 0 skips the row.
+    /// Timed runs per count of the boot_process row (0: skip the row).
+    #[arg(long, default_value_t = 15)]
     pub boot_runs: u32,
-    /// Only the `boot_process` row.
+    /// Only the boot_process row.
+    #[arg(long)]
     pub boot_only: bool,
-    /// vCPU counts of the snapshot rows (`save_state`, `restore_state`, `save_snapshot`,
-    /// `restore_snapshot`, `vm_save`, `vm_restore`, with 64 MiB of guest memory); empty skips
-    /// them.
+    /// vCPU counts of the snapshot rows (save/restore of vCPU state, and with 64 MiB of
+    /// memory).
+    #[arg(long, value_delimiter = ',', default_values_t = [1u32, 8, 64, 254])]
     pub snapshot_vcpus: Vec<u32>,
 }
 

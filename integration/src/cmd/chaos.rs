@@ -36,8 +36,11 @@ use hotplug::CpuOp;
 use serde::Serialize;
 use vmm_core::{AsyncResizer, ResizeError, VcpuManager};
 
-use super::{millis, open_kvm, print_json, CliError, ExitCode, Out, VmSpec, GUEST_TIMEOUT};
-use crate::guest::agent::{attach_upcall, AgentUpcallOptions, AgentVm, ApMode, GuestAgent};
+use super::{
+    boot_counting_agent, millis, open_kvm, print_json, CliError, ExitCode, Out, VmSpec,
+    GUEST_TIMEOUT,
+};
+use crate::guest::agent::{attach_upcall, AgentUpcallOptions, AgentVm, GuestAgent};
 use crate::IntegrationError;
 
 /// How long the upcall client waits for one reply in a chaos run (a silent guest costs this).
@@ -216,15 +219,7 @@ pub fn chaos(
     let boot = spec.smp.boot_cpus;
     let max = spec.smp.max_cpus;
     let plan = plan(&options.fault, options.to, boot, max)?;
-    let mut vm = AgentVm::create(
-        kvm,
-        spec.vcpu_config(boot),
-        spec.agent_options(ApMode::Count),
-    )?;
-    {
-        let _p = out.progress(format!("booting {boot} vCPUs of the agent guest"));
-        vm.start(GUEST_TIMEOUT)?;
-    }
+    let mut vm = boot_counting_agent(kvm, spec, out)?;
     let upcall = attach_upcall(
         &mut vm,
         AgentUpcallOptions {

@@ -22,7 +22,7 @@ use vmm_core::{
 };
 use vpmu::VpmuFeatureLevel;
 
-use crate::guest::agent::{AgentVmOptions, ApMode};
+use crate::guest::agent::{AgentVm, AgentVmOptions, ApMode};
 use crate::IntegrationError;
 
 /// How long a guest may take to do what it was asked before we give up (generous: CPL-0 code
@@ -164,6 +164,26 @@ impl VmSpec {
             },
         }
     }
+}
+
+/// Creates the guest agent's VM with the spec's boot vCPUs (APs counting) and starts it,
+/// with a progress line while it boots.
+pub(crate) fn boot_counting_agent(
+    kvm: kvm_ioctls::Kvm,
+    spec: &VmSpec,
+    out: &Out,
+) -> Result<AgentVm, CliError> {
+    let boot = spec.smp.boot_cpus;
+    let vm = AgentVm::create(
+        kvm,
+        spec.vcpu_config(boot),
+        spec.agent_options(ApMode::Count),
+    )?;
+    {
+        let _p = out.progress(format!("booting {boot} vCPUs of the agent guest"));
+        vm.start(GUEST_TIMEOUT)?;
+    }
+    Ok(vm)
 }
 
 /// Progress and result lines of the demo (to stdout, or stderr with `--json`).

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::{open_kvm, print_json, CliError, Out, VmSpec, GUEST_TIMEOUT};
-use crate::guest::agent::{attach_upcall, AgentUpcallOptions, AgentVm, ApMode, GuestAgent};
+use super::{boot_counting_agent, open_kvm, print_json, CliError, Out, VmSpec, GUEST_TIMEOUT};
+use crate::guest::agent::{attach_upcall, AgentUpcallOptions, GuestAgent};
 use crate::IntegrationError;
 
 /// One saved vCPU.
@@ -78,15 +78,7 @@ pub fn snapshot(
             )));
         }
     }
-    let mut vm = AgentVm::create(
-        kvm,
-        spec.vcpu_config(boot),
-        spec.agent_options(ApMode::Count),
-    )?;
-    {
-        let _p = out.progress(format!("booting {boot} vCPUs of the agent guest"));
-        vm.start(GUEST_TIMEOUT)?;
-    }
+    let mut vm = boot_counting_agent(kvm, spec, out)?;
     // Kept until the save: the upcall connection is not part of the snapshot.
     let _upcall = match resize {
         Some(n) => {

@@ -102,6 +102,48 @@ pub fn usage() -> Usage {
     }
 }
 
+impl Usage {
+    /// Asserts that nothing leaked since `before`: the same open fds and threads, and RSS
+    /// grown by at most `rss_slack_kib`.
+    pub fn assert_kept_since(&self, before: &Usage, rss_slack_kib: u64) {
+        assert_eq!(self.fds, before.fds, "open fds");
+        assert_eq!(self.threads, before.threads, "threads");
+        assert!(
+            self.rss_kib <= before.rss_kib + rss_slack_kib,
+            "RSS grew from {} KiB to {} KiB",
+            before.rss_kib,
+            self.rss_kib
+        );
+    }
+}
+
+/// The `-smp` string `s`, parsed (a test's own constant: it must be valid).
+pub fn smp(s: &str) -> topology::SmpConfig {
+    s.parse().expect("a valid -smp")
+}
+
+/// Asserts that `after` holds the vCPUs of `saved` (same indices and APIC IDs, in order), each
+/// with its TSC past the saved value: the restored guest ran on from the snapshot.
+pub fn assert_tsc_advanced(
+    saved: &[vmm_core::snapshot::VcpuSnapshot],
+    after: &[vmm_core::snapshot::VcpuSnapshot],
+) {
+    use vmm_core::arch::x86_64::msr::IA32_TSC;
+    assert_eq!(saved.len(), after.len(), "vCPUs saved, then after running");
+    for (a, b) in saved.iter().zip(after) {
+        assert_eq!((a.index, a.apic_id), (b.index, b.apic_id));
+        let (ta, tb) = (
+            a.state.msr(IA32_TSC).unwrap(),
+            b.state.msr(IA32_TSC).unwrap(),
+        );
+        assert!(
+            tb > ta,
+            "vCPU {}: TSC {tb} after running, {ta} at the save",
+            a.index
+        );
+    }
+}
+
 /// Runs `tool args` in `dir`, which must succeed; returns its stdout and stderr together.
 pub fn run_tool(dir: &Path, tool: &str, args: &[&str]) -> String {
     let out = Command::new(tool)
