@@ -4,6 +4,7 @@
 //! damaged snapshot refused before any vCPU exists.
 
 use std::sync::mpsc;
+#[macro_use]
 mod common;
 
 use std::sync::{Arc, Mutex};
@@ -59,9 +60,9 @@ fn assert_not_paused(e: &SnapshotError, state: VmRunState) {
 
 #[test]
 fn save_needs_a_paused_vm_and_restore_gives_the_same_vcpus() {
-    let Some(kvm) = kvm_or_skip("save_needs_a_paused_vm_and_restore_gives_the_same_vcpus") else {
-        return;
-    };
+    let kvm = or_skip!(kvm_or_skip(
+        "save_needs_a_paused_vm_and_restore_gives_the_same_vcpus"
+    ));
     let _one = serial();
     let (vm, mut vcpus) = manager(kvm);
     // APs only (no boot entry needed): 1 and 2 "at boot", 3 and 5 as if hot-added.
@@ -123,9 +124,9 @@ fn save_needs_a_paused_vm_and_restore_gives_the_same_vcpus() {
 
 #[test]
 fn a_damaged_snapshot_is_refused_before_any_vcpu_exists() {
-    let Some(kvm) = kvm_or_skip("a_damaged_snapshot_is_refused_before_any_vcpu_exists") else {
-        return;
-    };
+    let kvm = or_skip!(kvm_or_skip(
+        "a_damaged_snapshot_is_refused_before_any_vcpu_exists"
+    ));
     let _one = serial();
     let (_vm, mut vcpus) = manager(kvm);
     vcpus.create_vcpus(&[1, 3]).unwrap();
@@ -219,9 +220,7 @@ impl vmm_core::BootEntry for HaltingBsp {
 
 #[test]
 fn save_is_refused_while_a_resize_is_in_flight() {
-    let Some(kvm) = kvm_or_skip("save_is_refused_while_a_resize_is_in_flight") else {
-        return;
-    };
+    let kvm = or_skip!(kvm_or_skip("save_is_refused_while_a_resize_is_in_flight"));
     let _one = serial();
     let (_vm, mut vcpus) = manager(kvm);
     let (entered_tx, entered) = mpsc::channel();
@@ -270,9 +269,9 @@ fn ext_ecx(cpuid: &[vmm_core::CpuidEntry]) -> u32 {
 
 #[test]
 fn a_vm_built_with_a_cpu_template_is_restored_with_it() {
-    let Some(kvm) = kvm_or_skip("a_vm_built_with_a_cpu_template_is_restored_with_it") else {
-        return;
-    };
+    let kvm = or_skip!(kvm_or_skip(
+        "a_vm_built_with_a_cpu_template_is_restored_with_it"
+    ));
     let _one = serial();
     let template = vmm_core::CpuTemplate::from_json(EXT_TEMPLATE).unwrap();
     let (vm, mut vcpus) = build_vm(
