@@ -81,6 +81,9 @@
 //! # }
 //! ```
 
+#[macro_use]
+mod macros;
+
 pub mod acpi_hotplug;
 pub mod arch;
 pub mod boot;

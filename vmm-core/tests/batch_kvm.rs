@@ -1,6 +1,7 @@
 //! Creating vCPUs as one batch on real KVM: one fd per vCPU, all or nothing on an error with
 //! every fd of the batch kept, and the fd table grown once up front.
 
+#[macro_use]
 mod common;
 
 use std::sync::{Arc, MutexGuard};
@@ -36,11 +37,10 @@ fn fd_table_size() -> u64 {
 
 #[test]
 fn a_batch_costs_one_fd_per_vcpu_and_gives_them_back() {
-    let Some((_one, _vm, mut vcpus)) =
-        manager("a_batch_costs_one_fd_per_vcpu_and_gives_them_back", 8)
-    else {
-        return;
-    };
+    let (_one, _vm, mut vcpus) = or_skip!(manager(
+        "a_batch_costs_one_fd_per_vcpu_and_gives_them_back",
+        8
+    ));
     // APs only: no boot entry is needed for them.
     let before = open_fds();
     vcpus
@@ -62,11 +62,10 @@ fn a_batch_costs_one_fd_per_vcpu_and_gives_them_back() {
 
 #[test]
 fn a_failed_batch_leaves_no_vcpu_and_keeps_every_fd() {
-    let Some((_one, _vm, mut vcpus)) =
-        manager("a_failed_batch_leaves_no_vcpu_and_keeps_every_fd", 8)
-    else {
-        return;
-    };
+    let (_one, _vm, mut vcpus) = or_skip!(manager(
+        "a_failed_batch_leaves_no_vcpu_and_keeps_every_fd",
+        8
+    ));
     // Index 0 is the BSP, which needs a boot entry this manager was not given: the batch
     // fails at its third vCPU, after two were created and configured.
     let e = vcpus.create_vcpus(&[1, 2, 0, 3]).unwrap_err();
@@ -96,11 +95,10 @@ fn a_failed_batch_leaves_no_vcpu_and_keeps_every_fd() {
 
 #[test]
 fn the_fd_table_is_grown_once_for_every_possible_vcpu() {
-    let Some((_one, _vm, mut vcpus)) =
-        manager("the_fd_table_is_grown_once_for_every_possible_vcpu", 200)
-    else {
-        return;
-    };
+    let (_one, _vm, mut vcpus) = or_skip!(manager(
+        "the_fd_table_is_grown_once_for_every_possible_vcpu",
+        200
+    ));
     vcpus.create_vcpus(&[1]).expect("create one AP");
     // Sized for 200 vCPUs (and the slack) before the first vCPU fd.
     assert!(fd_table_size() >= 256, "FDSize {}", fd_table_size());

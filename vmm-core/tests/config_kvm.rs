@@ -1,6 +1,7 @@
 //! Invalid vCPU configurations against this host's real KVM limits: `build_vm` refuses each
 //! with its typed error, checking before it creates the VM.
 
+#[macro_use]
 mod common;
 
 use common::config as cfg;
@@ -26,9 +27,7 @@ fn build_in(c: VcpuConfig, mode: InterruptMode) -> Result<(), VmmError> {
 
 #[test]
 fn invalid_configs_are_refused_with_their_error() {
-    let Some(kvm) = kvm_or_skip("invalid_configs_are_refused_with_their_error") else {
-        return;
-    };
+    let kvm = or_skip!(kvm_or_skip("invalid_configs_are_refused_with_their_error"));
     let limits = KvmLimits::query(&kvm).unwrap();
     assert!(limits.max_vcpus >= 1 && limits.max_vcpu_id >= limits.max_vcpus);
 

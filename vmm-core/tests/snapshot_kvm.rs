@@ -4,9 +4,10 @@
 //! damaged snapshot refused before any vCPU exists.
 
 use std::sync::mpsc;
+#[macro_use]
 mod common;
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use common::{proc_status, serial};
@@ -25,8 +26,12 @@ fn config() -> VcpuConfig {
     common::config(2, 6, (2, 3, 1))
 }
 
-fn manager(kvm: Kvm) -> (Arc<Vm>, VcpuManager) {
-    build_vm(
+/// For `test`: KVM (`None`: skip), the one-at-a-time lock ([`serial`]) and a VM of 16 MiB
+/// with [`config`]'s manager.
+fn manager(test: &str) -> Option<(MutexGuard<'static, ()>, Arc<Vm>, VcpuManager)> {
+    let kvm = kvm_or_skip(test)?;
+    let one = serial();
+    let (vm, vcpus) = build_vm(
         kvm,
         VmOptions {
             memory_size: 16 << 20,
@@ -35,7 +40,8 @@ fn manager(kvm: Kvm) -> (Arc<Vm>, VcpuManager) {
         config(),
         VcpuManagerOptions::default(),
     )
-    .unwrap()
+    .unwrap();
+    Some((one, vm, vcpus))
 }
 
 fn threads() -> u64 {
@@ -59,11 +65,9 @@ fn assert_not_paused(e: &SnapshotError, state: VmRunState) {
 
 #[test]
 fn save_needs_a_paused_vm_and_restore_gives_the_same_vcpus() {
-    let Some(kvm) = kvm_or_skip("save_needs_a_paused_vm_and_restore_gives_the_same_vcpus") else {
-        return;
-    };
-    let _one = serial();
-    let (vm, mut vcpus) = manager(kvm);
+    let (_one, vm, mut vcpus) = or_skip!(manager(
+        "save_needs_a_paused_vm_and_restore_gives_the_same_vcpus"
+    ));
     // APs only (no boot entry needed): 1 and 2 "at boot", 3 and 5 as if hot-added.
     vcpus.create_vcpus(&[1, 2, 3, 5]).unwrap();
     let e = vcpus.save().unwrap_err();
@@ -123,11 +127,9 @@ fn save_needs_a_paused_vm_and_restore_gives_the_same_vcpus() {
 
 #[test]
 fn a_damaged_snapshot_is_refused_before_any_vcpu_exists() {
-    let Some(kvm) = kvm_or_skip("a_damaged_snapshot_is_refused_before_any_vcpu_exists") else {
-        return;
-    };
-    let _one = serial();
-    let (_vm, mut vcpus) = manager(kvm);
+    let (_one, _vm, mut vcpus) = or_skip!(manager(
+        "a_damaged_snapshot_is_refused_before_any_vcpu_exists"
+    ));
     vcpus.create_vcpus(&[1, 3]).unwrap();
     vcpus.start_boot_vcpus().unwrap();
     vcpus.pause_all().unwrap();
@@ -219,11 +221,7 @@ impl vmm_core::BootEntry for HaltingBsp {
 
 #[test]
 fn save_is_refused_while_a_resize_is_in_flight() {
-    let Some(kvm) = kvm_or_skip("save_is_refused_while_a_resize_is_in_flight") else {
-        return;
-    };
-    let _one = serial();
-    let (_vm, mut vcpus) = manager(kvm);
+    let (_one, _vm, mut vcpus) = or_skip!(manager("save_is_refused_while_a_resize_is_in_flight"));
     let (entered_tx, entered) = mpsc::channel();
     let (release, release_rx) = mpsc::channel();
     vcpus.set_hotplug_backend(Arc::new(GatedBackend {
@@ -270,9 +268,9 @@ fn ext_ecx(cpuid: &[vmm_core::CpuidEntry]) -> u32 {
 
 #[test]
 fn a_vm_built_with_a_cpu_template_is_restored_with_it() {
-    let Some(kvm) = kvm_or_skip("a_vm_built_with_a_cpu_template_is_restored_with_it") else {
-        return;
-    };
+    let kvm = or_skip!(kvm_or_skip(
+        "a_vm_built_with_a_cpu_template_is_restored_with_it"
+    ));
     let _one = serial();
     let template = vmm_core::CpuTemplate::from_json(EXT_TEMPLATE).unwrap();
     let (vm, mut vcpus) = build_vm(

@@ -4,6 +4,7 @@
 //! are available; and a VM with as many vCPUs as KVM allows (1024 on this project's hosts) is
 //! created, started (the APs wait for SIPI), paused, resumed and exited.
 
+#[macro_use]
 mod common;
 
 use std::sync::Arc;
@@ -61,9 +62,9 @@ fn config(boot: u32, (s, c, t): (u32, u32, u32)) -> VcpuConfig {
 
 #[test]
 fn a_vcpu_set_up_in_x2apic_mode_has_extd_and_its_32_bit_id() {
-    let Some(kvm) = kvm_or_skip("a_vcpu_set_up_in_x2apic_mode_has_extd_and_its_32_bit_id") else {
-        return;
-    };
+    let kvm = or_skip!(kvm_or_skip(
+        "a_vcpu_set_up_in_x2apic_mode_has_extd_and_its_32_bit_id"
+    ));
     let vm = kvm.create_vm().unwrap();
     vm.create_irq_chip().unwrap();
     x2apic::enable_x2apic_api(&vm, InterruptMode::X2Apic).unwrap();
@@ -100,10 +101,9 @@ fn a_vcpu_set_up_in_x2apic_mode_has_extd_and_its_32_bit_id() {
 
 #[test]
 fn the_manager_picks_x2apic_for_ids_over_254_and_xapic_otherwise() {
-    let Some(kvm) = kvm_or_skip("the_manager_picks_x2apic_for_ids_over_254_and_xapic_otherwise")
-    else {
-        return;
-    };
+    let kvm = or_skip!(kvm_or_skip(
+        "the_manager_picks_x2apic_for_ids_over_254_and_xapic_otherwise"
+    ));
     let limits = KvmLimits::query(&kvm).unwrap();
     let small = build_vm(
         Kvm::new().unwrap(),
@@ -158,9 +158,7 @@ fn all_in(vcpus: &VcpuManager, state: VcpuState) -> bool {
 #[test]
 fn as_many_vcpus_as_kvm_allows_start_pause_resume_and_exit() {
     let test = "as_many_vcpus_as_kvm_allows_start_pause_resume_and_exit";
-    let Some(kvm) = kvm_or_skip(test) else {
-        return;
-    };
+    let kvm = or_skip!(kvm_or_skip(test));
     let limits = KvmLimits::query(&kvm).unwrap();
     // 1024 on this project's hosts: 4 sockets x 128 cores x 2 threads (IDs up to 1023).
     let n = limits.max_vcpus.min(1024);

@@ -35,6 +35,18 @@ fn raw(a: &dyn Aml) -> Raw {
     Raw(v)
 }
 
+/// `body` between `Acquire (CPLK, 0xFFFF)` and `Release (CPLK)`: the controller's `SEL` and
+/// the registers it selects belong to one method at a time.
+fn locked(body: &[&dyn Aml]) -> Raw {
+    let mut v = Vec::new();
+    Acquire::new("CPLK".into(), 0xffff).to_aml_bytes(&mut v);
+    for term in body {
+        term.to_aml_bytes(&mut v);
+    }
+    Release::new("CPLK".into()).to_aml_bytes(&mut v);
+    Raw(v)
+}
+
 /// The name of the processor device of vCPU `index`: `C` and three hex digits.
 pub fn cpu_device_name(index: usize) -> String {
     format!("C{index:03X}")
@@ -71,21 +83,19 @@ impl HotplugAml {
     fn csta() -> Raw {
         let cpen = Path::new("CPEN");
         let csel = Path::new("CSEL");
+        let status = locked(&[
+            &Store::new(&csel, &acpi_tables::aml::Arg(0)),
+            &Store::new(&Local(0), &ZERO),
+            &If::new(
+                &Equal::new(&cpen, &ONE),
+                vec![&Store::new(&Local(0), &0x0fu8)],
+            ),
+        ]);
         raw(&Method::new(
             "CSTA".into(),
             1,
             false,
-            vec![
-                &Acquire::new("CPLK".into(), 0xffff),
-                &Store::new(&csel, &acpi_tables::aml::Arg(0)),
-                &Store::new(&Local(0), &ZERO),
-                &If::new(
-                    &Equal::new(&cpen, &ONE),
-                    vec![&Store::new(&Local(0), &0x0fu8)],
-                ),
-                &Release::new("CPLK".into()),
-                &Return::new(&Local(0)),
-            ],
+            vec![&status, &Return::new(&Local(0))],
         ))
     }
 
@@ -93,17 +103,11 @@ impl HotplugAml {
     fn cejx() -> Raw {
         let csel = Path::new("CSEL");
         let cejf = Path::new("CEJF");
-        raw(&Method::new(
-            "CEJX".into(),
-            1,
-            false,
-            vec![
-                &Acquire::new("CPLK".into(), 0xffff),
-                &Store::new(&csel, &acpi_tables::aml::Arg(0)),
-                &Store::new(&cejf, &ONE),
-                &Release::new("CPLK".into()),
-            ],
-        ))
+        let eject = locked(&[
+            &Store::new(&csel, &acpi_tables::aml::Arg(0)),
+            &Store::new(&cejf, &ONE),
+        ]);
+        raw(&Method::new("CEJX".into(), 1, false, vec![&eject]))
     }
 
     /// `\_SB_.CPUS.CMAT(uid, apic_id)`: the CPU's MADT entry, Enabled when the controller
@@ -213,17 +217,8 @@ impl HotplugAml {
                 ]),
             ],
         ));
-        raw(&Method::new(
-            "CSCN".into(),
-            0,
-            true,
-            vec![
-                &Acquire::new("CPLK".into(), 0xffff),
-                &Store::new(&Local(1), &ZERO),
-                &body,
-                &Release::new("CPLK".into()),
-            ],
-        ))
+        let scan = locked(&[&Store::new(&Local(1), &ZERO), &body]);
+        raw(&Method::new("CSCN".into(), 0, true, vec![&scan]))
     }
 
     fn cpus_device(&self) -> Raw {

@@ -116,30 +116,20 @@ fn read_image(image: &[u8], offset: u64, data: &mut [u8]) {
 
 /// The controller's register offsets, bits and length.
 pub mod regs {
-    /// `SEL`: the selected CPU index (`u32`).
-    pub const SEL: u64 = 0x00;
-    /// `STAT`: status (read) and command (write) of the selected CPU (`u8`).
-    pub const STAT: u64 = 0x04;
-    /// `NEXT`: the lowest index with a pending event (`u32`, read only).
-    pub const NEXT: u64 = 0x08;
-    /// `COUNT`: the number of CPUs (`u32`, read only).
-    pub const COUNT: u64 = 0x0c;
-    /// The register block's length.
-    pub const LEN: u32 = 0x10;
-    /// `STAT` read: the CPU is present.
-    pub const STAT_ENABLED: u8 = 1 << 0;
-    /// `STAT` read: an insert event is pending.
-    pub const STAT_INSERT: u8 = 1 << 1;
-    /// `STAT` read: a remove event is pending.
-    pub const STAT_REMOVE: u8 = 1 << 2;
-    /// `STAT` write: acknowledge the insert event.
-    pub const CMD_ACK_INSERT: u8 = 1 << 1;
-    /// `STAT` write: acknowledge the remove event.
-    pub const CMD_ACK_REMOVE: u8 = 1 << 2;
-    /// `STAT` write: eject the CPU (only after the VMM asked for its removal).
-    pub const CMD_EJECT: u8 = 1 << 3;
-    /// `NEXT` when no event is pending.
-    pub const NEXT_NONE: u32 = u32::MAX;
+    consts! {
+        SEL: u64 = 0x00, "`SEL`: the selected CPU index (`u32`).";
+        STAT: u64 = 0x04, "`STAT`: status (read) and command (write) of the selected CPU (`u8`).";
+        NEXT: u64 = 0x08, "`NEXT`: the lowest index with a pending event (`u32`, read only).";
+        COUNT: u64 = 0x0c, "`COUNT`: the number of CPUs (`u32`, read only).";
+        LEN: u32 = 0x10, "The register block's length.";
+        STAT_ENABLED: u8 = 1 << 0, "`STAT` read: the CPU is present.";
+        STAT_INSERT: u8 = 1 << 1, "`STAT` read: an insert event is pending.";
+        STAT_REMOVE: u8 = 1 << 2, "`STAT` read: a remove event is pending.";
+        CMD_ACK_INSERT: u8 = 1 << 1, "`STAT` write: acknowledge the insert event.";
+        CMD_ACK_REMOVE: u8 = 1 << 2, "`STAT` write: acknowledge the remove event.";
+        CMD_EJECT: u8 = 1 << 3, "`STAT` write: eject the CPU (only after the VMM asked for its removal).";
+        NEXT_NONE: u32 = u32::MAX, "`NEXT` when no event is pending.";
+    }
 }
 
 /// The controller's MMIO base (in the MMIO gap, below the I/O APIC).

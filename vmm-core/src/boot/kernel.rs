@@ -34,30 +34,20 @@ impl fmt::Display for KernelFormat {
 
 /// Boot-protocol constants of the setup header.
 pub mod header {
-    /// `setup_header.header`: "HdrS".
-    pub const MAGIC: u32 = 0x5372_6448;
-    /// `setup_header.boot_flag`.
-    pub const BOOT_FLAG: u16 = 0xaa55;
-    /// Offset of the setup header in a bzImage (and in the zero page).
-    pub const OFFSET: u64 = 0x1f1;
-    /// Offset of the "HdrS" magic in a bzImage.
-    pub const MAGIC_OFFSET: usize = 0x202;
-    /// The first protocol version with `xloadflags` (2.12).
-    pub const VERSION_XLOADFLAGS: u16 = 0x020c;
-    /// The first protocol version with `pref_address` and `init_size` (2.10).
-    pub const VERSION_INIT_SIZE: u16 = 0x020a;
-    /// The first protocol version with `cmdline_size` (2.06).
-    pub const VERSION_CMDLINE_SIZE: u16 = 0x0206;
-    /// `xloadflags`: the kernel has the 64-bit entry point at `code32_start + 0x200`.
-    pub const XLF_KERNEL_64: u16 = 1 << 0;
-    /// `type_of_loader`: "undefined" boot loader.
-    pub const LOADER_OTHER: u8 = 0xff;
-    /// The offset of the 64-bit entry from the protected-mode kernel's start.
-    pub const ENTRY_64_OFFSET: u64 = 0x200;
-    /// The command line limit of kernels that do not say (`COMMAND_LINE_SIZE` - 1 on x86).
-    pub const DEFAULT_CMDLINE_SIZE: u32 = 2047;
-    /// Where initrds may go when the kernel does not say (`initrd_addr_max` of x86-64).
-    pub const DEFAULT_INITRD_ADDR_MAX: u32 = 0x7fff_ffff;
+    consts! {
+        MAGIC: u32 = 0x5372_6448, "`setup_header.header`: \"HdrS\".";
+        BOOT_FLAG: u16 = 0xaa55, "`setup_header.boot_flag`.";
+        OFFSET: u64 = 0x1f1, "Offset of the setup header in a bzImage (and in the zero page).";
+        MAGIC_OFFSET: usize = 0x202, "Offset of the \"HdrS\" magic in a bzImage.";
+        VERSION_XLOADFLAGS: u16 = 0x020c, "The first protocol version with `xloadflags` (2.12).";
+        VERSION_INIT_SIZE: u16 = 0x020a, "The first protocol version with `pref_address` and `init_size` (2.10).";
+        VERSION_CMDLINE_SIZE: u16 = 0x0206, "The first protocol version with `cmdline_size` (2.06).";
+        XLF_KERNEL_64: u16 = 1 << 0, "`xloadflags`: the kernel has the 64-bit entry point at `code32_start + 0x200`.";
+        LOADER_OTHER: u8 = 0xff, "`type_of_loader`: \"undefined\" boot loader.";
+        ENTRY_64_OFFSET: u64 = 0x200, "The offset of the 64-bit entry from the protected-mode kernel's start.";
+        DEFAULT_CMDLINE_SIZE: u32 = 2047, "The command line limit of kernels that do not say (`COMMAND_LINE_SIZE` - 1 on x86).";
+        DEFAULT_INITRD_ADDR_MAX: u32 = 0x7fff_ffff, "Where initrds may go when the kernel does not say (`initrd_addr_max` of x86-64).";
+    }
 }
 
 /// ELF identification and header fields we check before handing the file to linux-loader.

@@ -260,35 +260,37 @@ impl From<CpuTemplate> for RawTemplate {
                     KvmCapabilityModifier::Remove(n) => format!("!{n}"),
                 })
                 .collect(),
-            cpuid_modifiers: t
-                .cpuid_modifiers
-                .iter()
-                .map(|l| RawCpuidLeaf {
-                    leaf: RawNumber::Text(format!("{:#x}", l.leaf)),
-                    subleaf: RawNumber::Text(format!("{:#x}", l.subleaf)),
-                    flags: l.flags,
-                    modifiers: l
-                        .modifiers
-                        .iter()
-                        .map(|m| RawRegister {
-                            register: m.register.name().to_string(),
-                            bitmap: bitmap_text(
-                                u64::from(m.bits.filter),
-                                u64::from(m.bits.value),
-                                32,
-                            ),
-                        })
-                        .collect(),
-                })
-                .collect(),
-            msr_modifiers: t
-                .msr_modifiers
-                .iter()
-                .map(|m| RawMsr {
-                    addr: RawNumber::Text(format!("{:#x}", m.addr)),
-                    bitmap: bitmap_text(m.bits.filter, m.bits.value, 64),
-                })
-                .collect(),
+            cpuid_modifiers: t.cpuid_modifiers.iter().map(RawCpuidLeaf::from).collect(),
+            msr_modifiers: t.msr_modifiers.iter().map(RawMsr::from).collect(),
+        }
+    }
+}
+
+/// A number as templates write it back: hexadecimal text.
+fn hex_text(n: u32) -> RawNumber {
+    RawNumber::Text(format!("{n:#x}"))
+}
+
+impl From<&CpuidLeafModifier> for RawCpuidLeaf {
+    fn from(l: &CpuidLeafModifier) -> Self {
+        let register = |m: &CpuidRegisterModifier| RawRegister {
+            register: m.register.name().to_string(),
+            bitmap: bitmap_text(u64::from(m.bits.filter), u64::from(m.bits.value), 32),
+        };
+        RawCpuidLeaf {
+            leaf: hex_text(l.leaf),
+            subleaf: hex_text(l.subleaf),
+            flags: l.flags,
+            modifiers: l.modifiers.iter().map(register).collect(),
+        }
+    }
+}
+
+impl From<&MsrModifier> for RawMsr {
+    fn from(m: &MsrModifier) -> Self {
+        RawMsr {
+            addr: hex_text(m.addr),
+            bitmap: bitmap_text(m.bits.filter, m.bits.value, 64),
         }
     }
 }

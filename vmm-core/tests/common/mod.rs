@@ -2,6 +2,17 @@
 //! module and uses part of it).
 #![allow(dead_code)]
 
+/// The value of an `Option` that a KVM test needs, or an early `return` from the test when it is
+/// `None` (no KVM here and `VCPU_REQUIRE_KVM` unset: the helper that gave `None` said why).
+macro_rules! or_skip {
+    ($e:expr) => {
+        match $e {
+            Some(v) => v,
+            None => return,
+        }
+    };
+}
+
 use std::sync::{Mutex, MutexGuard};
 
 use vmm_core::{CpuTopology, SmpConfig, VcpuConfig, VpmuFeatureLevel};

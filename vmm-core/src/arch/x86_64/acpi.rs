@@ -71,34 +71,29 @@ pub const RSDP_SIGNATURE: &str = "RSD PTR ";
 
 /// MADT structure types.
 pub mod madt_type {
-    /// Processor Local APIC (8 bytes).
-    pub const LOCAL_APIC: u8 = 0;
-    /// I/O APIC (12 bytes).
-    pub const IO_APIC: u8 = 1;
-    /// Local APIC NMI (6 bytes).
-    pub const LOCAL_APIC_NMI: u8 = 4;
-    /// Processor Local x2APIC (16 bytes).
-    pub const LOCAL_X2APIC: u8 = 9;
-    /// Local x2APIC NMI (12 bytes).
-    pub const LOCAL_X2APIC_NMI: u8 = 0xa;
+    consts! {
+        LOCAL_APIC: u8 = 0, "Processor Local APIC (8 bytes).";
+        IO_APIC: u8 = 1, "I/O APIC (12 bytes).";
+        LOCAL_APIC_NMI: u8 = 4, "Local APIC NMI (6 bytes).";
+        LOCAL_X2APIC: u8 = 9, "Processor Local x2APIC (16 bytes).";
+        LOCAL_X2APIC_NMI: u8 = 0xa, "Local x2APIC NMI (12 bytes).";
+    }
 }
 
 /// MADT processor flags.
 pub mod processor_flags {
-    /// The processor is present and usable at boot.
-    pub const ENABLED: u32 = 1 << 0;
-    /// The processor can be brought online later (hotplug); only when not `ENABLED`.
-    pub const ONLINE_CAPABLE: u32 = 1 << 1;
+    consts! {
+        ENABLED: u32 = 1 << 0, "The processor is present and usable at boot.";
+        ONLINE_CAPABLE: u32 = 1 << 1, "The processor can be brought online later (hotplug); only when not `ENABLED`.";
+    }
 }
 
-/// The MADT flag saying the system also has dual 8259 PICs (to be masked by the OS).
-pub const MADT_PCAT_COMPAT: u32 = 1 << 0;
-/// The ACPI processor UID meaning "all processors" in a Local APIC NMI entry.
-pub const ALL_PROCESSORS_UID: u8 = 0xff;
-/// The ACPI processor UID meaning "all processors" in a Local x2APIC NMI entry.
-pub const ALL_PROCESSORS_X2APIC_UID: u32 = 0xffff_ffff;
-/// The LAPIC input wired to NMI.
-pub const NMI_LINT: u8 = 1;
+consts! {
+    MADT_PCAT_COMPAT: u32 = 1 << 0, "The MADT flag saying the system also has dual 8259 PICs (to be masked by the OS).";
+    ALL_PROCESSORS_UID: u8 = 0xff, "The ACPI processor UID meaning \"all processors\" in a Local APIC NMI entry.";
+    ALL_PROCESSORS_X2APIC_UID: u32 = 0xffff_ffff, "The ACPI processor UID meaning \"all processors\" in a Local x2APIC NMI entry.";
+    NMI_LINT: u8 = 1, "The LAPIC input wired to NMI.";
+}
 
 /// One possible vCPU as the MADT lists it (its ACPI processor UID is its position in the list,
 /// the vCPU index).

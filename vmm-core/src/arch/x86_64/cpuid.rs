@@ -86,26 +86,17 @@ pub fn set_cpuid(
     }
 }
 
-/// The first brand string leaf.
-pub const BRAND_FIRST: u32 = 0x8000_0002;
-/// The last brand string leaf.
-pub const BRAND_LAST: u32 = 0x8000_0004;
-/// The power management leaf (thermal and power: turbo, HWP, APERF/MPERF ...).
-pub const POWER_MANAGEMENT: u32 = 0x6;
-/// The hypervisor leaves' base: EAX = the highest hypervisor leaf, EBX:ECX:EDX the signature.
-pub const HYPERVISOR_BASE: u32 = 0x4000_0000;
-/// The TSC frequency leaf: EAX = TSC kHz, EBX = LAPIC timer kHz (the convention VMware
-/// introduced, which Linux, FreeBSD and other guests read).
-pub const HYPERVISOR_TSC_LEAF: u32 = 0x4000_0010;
-/// The advanced power management leaf (EDX\[8\]: the TSC is invariant).
-pub const ADVANCED_POWER_MANAGEMENT: u32 = 0x8000_0007;
-/// 0x8000_0007 EDX bit 8: invariant TSC.
-pub const INVARIANT_TSC: u32 = 1 << 8;
-/// Leaf 7 EDX bit 29: `IA32_ARCH_CAPABILITIES` exists.
-pub const ARCH_CAPABILITIES: u32 = 1 << 29;
-/// The LAPIC timer's rate in KVM, in kHz: KVM's emulated APIC bus runs at 1 GHz
-/// (`APIC_BUS_CYCLE_NS` = 1).
-pub const KVM_LAPIC_TIMER_KHZ: u32 = 1_000_000;
+consts! {
+    BRAND_FIRST: u32 = 0x8000_0002, "The first brand string leaf.";
+    BRAND_LAST: u32 = 0x8000_0004, "The last brand string leaf.";
+    POWER_MANAGEMENT: u32 = 0x6, "The power management leaf (thermal and power: turbo, HWP, APERF/MPERF ...).";
+    HYPERVISOR_BASE: u32 = 0x4000_0000, "The hypervisor leaves' base: EAX = the highest hypervisor leaf, EBX:ECX:EDX the signature.";
+    HYPERVISOR_TSC_LEAF: u32 = 0x4000_0010, "The TSC frequency leaf: EAX = TSC kHz, EBX = LAPIC timer kHz (the convention VMware introduced, which Linux, FreeBSD and other guests read).";
+    ADVANCED_POWER_MANAGEMENT: u32 = 0x8000_0007, "The advanced power management leaf (EDX\\[8\\]: the TSC is invariant).";
+    INVARIANT_TSC: u32 = 1 << 8, "0x8000_0007 EDX bit 8: invariant TSC.";
+    ARCH_CAPABILITIES: u32 = 1 << 29, "Leaf 7 EDX bit 29: `IA32_ARCH_CAPABILITIES` exists.";
+    KVM_LAPIC_TIMER_KHZ: u32 = 1_000_000, "The LAPIC timer's rate in KVM, in kHz: KVM's emulated APIC bus runs at 1 GHz (`APIC_BUS_CYCLE_NS` = 1).";
+}
 /// KVM's hypervisor signature, "KVMKVMKVM\0\0\0", as EBX, ECX, EDX.
 const KVM_SIGNATURE: [u32; 3] = [0x4b4d_564b, 0x564b_4d56, 0x0000_004d];
 

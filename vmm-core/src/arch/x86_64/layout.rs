@@ -24,59 +24,38 @@
 //! Other guest software loaders (such as the test-program loader of the `integration` crate)
 //! keep to the same RAM and MMIO gap and place their own structures as they need.
 
-/// Guest RAM stops here below 4 GiB; `MMIO_GAP_START..MMIO_GAP_END` holds the LAPIC, IOAPIC
-/// and other MMIO. RAM beyond `MMIO_GAP_START` continues at `MMIO_GAP_END`.
-pub const MMIO_GAP_START: u64 = 0xc000_0000;
-/// The end of the MMIO gap (4 GiB).
-pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
-/// The BIOS data area field holding the EBDA's real-mode segment (`u16`).
-pub const BDA_EBDA_SEGMENT: u64 = 0x40e;
-/// The BIOS data area field holding the base memory size in KiB (`u16`).
-pub const BDA_BASE_MEMORY_KB: u64 = 0x413;
-/// The boot GDT.
-pub const GDT_ADDR: u64 = 0x500;
-/// The zero page (`struct boot_params`), whose address goes to the kernel in `RSI`.
-pub const ZERO_PAGE_ADDR: u64 = 0x7000;
-/// The initial stack pointer.
-pub const BOOT_STACK_TOP: u64 = 0x8ff0;
-/// The PML4 table.
-pub const PML4_ADDR: u64 = 0x9000;
-/// The page-directory-pointer table.
-pub const PDPT_ADDR: u64 = 0xa000;
-/// Four page directories (one per GiB, 2 MiB pages), `0xb000..0xf000`.
-pub const PD_ADDR: u64 = 0xb000;
-/// How much is identity-mapped at entry: everything below 4 GiB.
-pub const IDENTITY_MAPPED: u64 = 4 << 30;
-/// The command line.
-pub const CMDLINE_ADDR: u64 = 0x2_0000;
-/// The room for the command line, with its terminating NUL.
-pub const CMDLINE_AREA_SIZE: u64 = 0x1_0000;
-/// The start of the extended BIOS data area, which holds the MP table.
-pub const EBDA_START: u64 = 0x9_e000;
-/// The size of the EBDA in bytes.
-pub const EBDA_SIZE: usize = 0x2000;
-/// The end (exclusive) of the EBDA and of conventional memory.
-pub const EBDA_END: u64 = EBDA_START + EBDA_SIZE as u64;
-/// The EBDA's real-mode segment, as the BIOS data area holds it ([`BDA_EBDA_SEGMENT`]).
-pub const EBDA_SEGMENT: u16 = 0x9e00;
+consts! {
+    MMIO_GAP_START: u64 = 0xc000_0000, "Guest RAM stops here below 4 GiB; `MMIO_GAP_START..MMIO_GAP_END` holds the LAPIC, IOAPIC and other MMIO. RAM beyond `MMIO_GAP_START` continues at `MMIO_GAP_END`.";
+    MMIO_GAP_END: u64 = 0x1_0000_0000, "The end of the MMIO gap (4 GiB).";
+    BDA_EBDA_SEGMENT: u64 = 0x40e, "The BIOS data area field holding the EBDA's real-mode segment (`u16`).";
+    BDA_BASE_MEMORY_KB: u64 = 0x413, "The BIOS data area field holding the base memory size in KiB (`u16`).";
+    GDT_ADDR: u64 = 0x500, "The boot GDT.";
+    ZERO_PAGE_ADDR: u64 = 0x7000, "The zero page (`struct boot_params`), whose address goes to the kernel in `RSI`.";
+    BOOT_STACK_TOP: u64 = 0x8ff0, "The initial stack pointer.";
+    PML4_ADDR: u64 = 0x9000, "The PML4 table.";
+    PDPT_ADDR: u64 = 0xa000, "The page-directory-pointer table.";
+    PD_ADDR: u64 = 0xb000, "Four page directories (one per GiB, 2 MiB pages), `0xb000..0xf000`.";
+    IDENTITY_MAPPED: u64 = 4 << 30, "How much is identity-mapped at entry: everything below 4 GiB.";
+    CMDLINE_ADDR: u64 = 0x2_0000, "The command line.";
+    CMDLINE_AREA_SIZE: u64 = 0x1_0000, "The room for the command line, with its terminating NUL.";
+    EBDA_START: u64 = 0x9_e000, "The start of the extended BIOS data area, which holds the MP table.";
+    EBDA_SIZE: usize = 0x2000, "The size of the EBDA in bytes.";
+    EBDA_END: u64 = EBDA_START + EBDA_SIZE as u64, "The end (exclusive) of the EBDA and of conventional memory.";
+    EBDA_SEGMENT: u16 = 0x9e00, "The EBDA's real-mode segment, as the BIOS data area holds it ([`BDA_EBDA_SEGMENT`]).";
+}
 const _: () = assert!(EBDA_SEGMENT as u64 == EBDA_START >> 4);
 /// The base memory below the EBDA in KiB, as the BIOS data area holds it
 /// ([`BDA_BASE_MEMORY_KB`]).
 pub const BASE_MEMORY_KB: u16 = 632;
 const _: () = assert!(BASE_MEMORY_KB as u64 == EBDA_START >> 10);
-/// The start of the ACPI tables: the RSDP (16-byte aligned, in the BIOS area
-/// `0xE0000..0x100000` where a guest scans for it), then the other tables. e820 `reserved`.
-pub const ACPI_START: u64 = 0xe_0000;
-/// The end (exclusive) of the ACPI tables' area.
-pub const ACPI_END: u64 = HIGH_MEMORY_START;
-/// The first address above the legacy VGA/BIOS hole: where RAM resumes in the e820 map.
-pub const HIGH_MEMORY_START: u64 = 0x10_0000;
-/// The MP floating pointer structure, at the start of the EBDA.
-pub const MPTABLE_START: u64 = EBDA_START;
-/// The local APIC's MMIO address (also in the MP table header).
-pub const LAPIC_ADDR: u32 = 0xfee0_0000;
-/// The I/O APIC's MMIO address.
-pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
+consts! {
+    ACPI_START: u64 = 0xe_0000, "The start of the ACPI tables: the RSDP (16-byte aligned, in the BIOS area `0xE0000..0x100000` where a guest scans for it), then the other tables. e820 `reserved`.";
+    ACPI_END: u64 = HIGH_MEMORY_START, "The end (exclusive) of the ACPI tables' area.";
+    HIGH_MEMORY_START: u64 = 0x10_0000, "The first address above the legacy VGA/BIOS hole: where RAM resumes in the e820 map.";
+    MPTABLE_START: u64 = EBDA_START, "The MP floating pointer structure, at the start of the EBDA.";
+    LAPIC_ADDR: u32 = 0xfee0_0000, "The local APIC's MMIO address (also in the MP table header).";
+    IOAPIC_ADDR: u32 = 0xfec0_0000, "The I/O APIC's MMIO address.";
+}
 
 /// `value` as a 32-bit field of a boot or firmware structure. Meant for constants: evaluated
 /// at compile time, a value that does not fit fails the build.

@@ -61,34 +61,54 @@ pub const CPU_FEATURES: u32 = (1 << 0) | (1 << 9);
 /// Destination "all local APICs" in a local interrupt entry.
 pub const ALL_LOCAL_APICS: u8 = 0xff;
 
-/// Entry type codes of the configuration table.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-pub enum EntryType {
-    /// Processor (20 bytes).
-    Processor = 0,
-    /// Bus (8 bytes).
-    Bus = 1,
-    /// I/O APIC (8 bytes).
-    IoApic = 2,
-    /// I/O interrupt assignment (8 bytes).
-    IoInterrupt = 3,
-    /// Local interrupt assignment (8 bytes).
-    LocalInterrupt = 4,
+/// Declares a one-byte code of the MP table: a `#[repr(u8)]` enum, each variant with its
+/// value, and [`code`](EntryType::code) giving the byte the table holds.
+macro_rules! mp_code {
+    ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident = $value:literal,)* }) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        #[repr(u8)]
+        pub enum $name {
+            $($(#[$vdoc])* $variant = $value,)*
+        }
+
+        impl $name {
+            /// The code as the table holds it.
+            pub const fn code(self) -> u8 {
+                self as u8
+            }
+        }
+    };
 }
 
-/// Interrupt types of interrupt assignment entries.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-pub enum InterruptType {
-    /// A vectored interrupt (the I/O APIC redirection entry supplies the vector).
-    Int = 0,
-    /// Non-maskable interrupt.
-    Nmi = 1,
-    /// System management interrupt.
-    Smi = 2,
-    /// External interrupt from an 8259A-compatible PIC.
-    ExtInt = 3,
+mp_code! {
+    /// Entry type codes of the configuration table.
+    EntryType {
+        /// Processor (20 bytes).
+        Processor = 0,
+        /// Bus (8 bytes).
+        Bus = 1,
+        /// I/O APIC (8 bytes).
+        IoApic = 2,
+        /// I/O interrupt assignment (8 bytes).
+        IoInterrupt = 3,
+        /// Local interrupt assignment (8 bytes).
+        LocalInterrupt = 4,
+    }
+}
+
+mp_code! {
+    /// Interrupt types of interrupt assignment entries.
+    InterruptType {
+        /// A vectored interrupt (the I/O APIC redirection entry supplies the vector).
+        Int = 0,
+        /// Non-maskable interrupt.
+        Nmi = 1,
+        /// System management interrupt.
+        Smi = 2,
+        /// External interrupt from an 8259A-compatible PIC.
+        ExtInt = 3,
+    }
 }
 
 /// Processor entry flags.
@@ -356,7 +376,7 @@ pub fn config_table_bytes(cpus: &[MpCpu]) -> Result<Vec<u8>, BootError> {
             flags |= cpu_flags::BOOT_PROCESSOR;
         }
         let e = MpProcessorEntry {
-            entry_type: EntryType::Processor as u8,
+            entry_type: EntryType::Processor.code(),
             apic_id: c.apic_id,
             apic_version: LAPIC_VERSION,
             flags,
@@ -367,13 +387,13 @@ pub fn config_table_bytes(cpus: &[MpCpu]) -> Result<Vec<u8>, BootError> {
         body.extend_from_slice(e.as_slice());
     }
     let bus = MpBusEntry {
-        entry_type: EntryType::Bus as u8,
+        entry_type: EntryType::Bus.code(),
         bus_id: ISA_BUS_ID,
         bus_type: *b"ISA   ",
     };
     body.extend_from_slice(bus.as_slice());
     let ioapic = MpIoApicEntry {
-        entry_type: EntryType::IoApic as u8,
+        entry_type: EntryType::IoApic.code(),
         id: ioapic_id,
         version: IOAPIC_VERSION,
         flags: IOAPIC_ENABLED,
@@ -382,8 +402,8 @@ pub fn config_table_bytes(cpus: &[MpCpu]) -> Result<Vec<u8>, BootError> {
     body.extend_from_slice(ioapic.as_slice());
     for irq in 0..ISA_IRQS {
         let e = MpIoInterruptEntry {
-            entry_type: EntryType::IoInterrupt as u8,
-            interrupt_type: InterruptType::Int as u8,
+            entry_type: EntryType::IoInterrupt.code(),
+            interrupt_type: InterruptType::Int.code(),
             flags: INT_FLAGS_CONFORM,
             source_bus: ISA_BUS_ID,
             source_irq: irq,
@@ -394,8 +414,8 @@ pub fn config_table_bytes(cpus: &[MpCpu]) -> Result<Vec<u8>, BootError> {
     }
     for (lint, kind) in [(0u8, InterruptType::ExtInt), (1u8, InterruptType::Nmi)] {
         let e = MpLocalInterruptEntry {
-            entry_type: EntryType::LocalInterrupt as u8,
-            interrupt_type: kind as u8,
+            entry_type: EntryType::LocalInterrupt.code(),
+            interrupt_type: kind.code(),
             flags: INT_FLAGS_CONFORM,
             source_bus: ISA_BUS_ID,
             source_irq: 0,

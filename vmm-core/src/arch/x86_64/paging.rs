@@ -13,22 +13,16 @@ use crate::error::BootError;
 
 /// Page-table entry bits.
 pub mod pte {
-    /// The entry is present.
-    pub const PRESENT: u64 = 1 << 0;
-    /// Writes are allowed.
-    pub const WRITABLE: u64 = 1 << 1;
-    /// CPL-3 accesses are allowed (needed at every level of a walk).
-    pub const USER: u64 = 1 << 2;
-    /// Page-level write-through.
-    pub const PWT: u64 = 1 << 3;
-    /// Page-level cache disable.
-    pub const PCD: u64 = 1 << 4;
-    /// In a page directory entry: maps a 2 MiB page rather than pointing to a page table.
-    pub const HUGE: u64 = 1 << 7;
-    /// The physical address bits of an entry that points to a 4 KiB table.
-    pub const TABLE_ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
-    /// The physical address bits of a 2 MiB page entry.
-    pub const HUGE_ADDR_MASK: u64 = 0x000f_ffff_ffe0_0000;
+    consts! {
+        PRESENT: u64 = 1 << 0, "The entry is present.";
+        WRITABLE: u64 = 1 << 1, "Writes are allowed.";
+        USER: u64 = 1 << 2, "CPL-3 accesses are allowed (needed at every level of a walk).";
+        PWT: u64 = 1 << 3, "Page-level write-through.";
+        PCD: u64 = 1 << 4, "Page-level cache disable.";
+        HUGE: u64 = 1 << 7, "In a page directory entry: maps a 2 MiB page rather than pointing to a page table.";
+        TABLE_ADDR_MASK: u64 = 0x000f_ffff_ffff_f000, "The physical address bits of an entry that points to a 4 KiB table.";
+        HUGE_ADDR_MASK: u64 = 0x000f_ffff_ffe0_0000, "The physical address bits of a 2 MiB page entry.";
+    }
 }
 
 /// Bytes mapped by one page directory.

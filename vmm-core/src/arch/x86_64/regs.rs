@@ -9,46 +9,40 @@ use crate::error::{KvmOp, VcpuSetupError};
 
 /// CR0 bits.
 pub mod cr0 {
-    /// Protected mode.
-    pub const PE: u64 = 1 << 0;
-    /// Monitor coprocessor.
-    pub const MP: u64 = 1 << 1;
-    /// Extension type (always 1).
-    pub const ET: u64 = 1 << 4;
-    /// Native x87 errors.
-    pub const NE: u64 = 1 << 5;
-    /// Write protect: CPL-0 writes honour read-only pages.
-    pub const WP: u64 = 1 << 16;
-    /// Paging.
-    pub const PG: u64 = 1 << 31;
+    consts! {
+        PE: u64 = 1 << 0, "Protected mode.";
+        MP: u64 = 1 << 1, "Monitor coprocessor.";
+        ET: u64 = 1 << 4, "Extension type (always 1).";
+        NE: u64 = 1 << 5, "Native x87 errors.";
+        WP: u64 = 1 << 16, "Write protect: CPL-0 writes honour read-only pages.";
+        PG: u64 = 1 << 31, "Paging.";
+    }
 }
 
 /// CR4 bits.
 pub mod cr4 {
-    /// Physical address extension (required for long mode).
-    pub const PAE: u64 = 1 << 5;
-    /// The OS saves SSE state with `fxsave` (SSE instructions allowed).
-    pub const OSFXSR: u64 = 1 << 9;
-    /// The OS handles SIMD floating-point exceptions.
-    pub const OSXMMEXCPT: u64 = 1 << 10;
+    consts! {
+        PAE: u64 = 1 << 5, "Physical address extension (required for long mode).";
+        OSFXSR: u64 = 1 << 9, "The OS saves SSE state with `fxsave` (SSE instructions allowed).";
+        OSXMMEXCPT: u64 = 1 << 10, "The OS handles SIMD floating-point exceptions.";
+    }
 }
 
 /// EFER (MSR `0xC000_0080`, [`super::msr::EFER`]) bits.
 pub mod efer {
-    /// Long mode enable.
-    pub const LME: u64 = 1 << 8;
-    /// Long mode active.
-    pub const LMA: u64 = 1 << 10;
+    consts! {
+        LME: u64 = 1 << 8, "Long mode enable.";
+        LMA: u64 = 1 << 10, "Long mode active.";
+    }
 }
 
 /// RFLAGS bits.
 pub mod rflags {
-    /// Bit 1, always set.
-    pub const RESERVED: u64 = 1 << 1;
-    /// Interrupts enabled.
-    pub const IF: u64 = 1 << 9;
-    /// I/O privilege level 3: `in`/`out` allowed at every CPL (where the host honours it).
-    pub const IOPL3: u64 = 3 << 12;
+    consts! {
+        RESERVED: u64 = 1 << 1, "Bit 1, always set.";
+        IF: u64 = 1 << 9, "Interrupts enabled.";
+        IOPL3: u64 = 3 << 12, "I/O privilege level 3: `in`/`out` allowed at every CPL (where the host honours it).";
+    }
 }
 
 /// The least CR0 of 64-bit mode: PE | MP | ET | NE | PG.

@@ -34,26 +34,17 @@ use super::layout::LAPIC_ADDR;
 use crate::config::InterruptMode;
 use crate::error::{KvmOp, VmError};
 
-/// `IA32_APIC_BASE`.
-pub const IA32_APIC_BASE: u32 = 0x1b;
-/// `IA32_APIC_BASE` bit 8: this is the bootstrap processor.
-pub const APIC_BASE_BSP: u64 = 1 << 8;
-/// `IA32_APIC_BASE` bit 10: x2APIC mode (with [`APIC_BASE_ENABLE`]).
-pub const APIC_BASE_EXTD: u64 = 1 << 10;
-/// `IA32_APIC_BASE` bit 11: the local APIC is enabled.
-pub const APIC_BASE_ENABLE: u64 = 1 << 11;
-/// The x2APIC interrupt command register (MSR `0x800 + 0x300 / 16`): one 64-bit write, the
-/// destination in bits 63:32.
-pub const X2APIC_ICR_MSR: u32 = 0x830;
-/// The x2APIC ID register (MSR `0x800 + 0x20 / 16`).
-pub const X2APIC_ID_MSR: u32 = 0x802;
-/// KVM's paravirtual feature leaf (`KVM_CPUID_FEATURES`).
-pub const KVM_CPUID_FEATURES: u32 = 0x4000_0001;
-/// `KVM_FEATURE_MSI_EXT_DEST_ID`: bit 15 of [`KVM_CPUID_FEATURES`] EAX.
-pub const KVM_FEATURE_MSI_EXT_DEST_ID: u32 = 1 << 15;
-/// The flags given with `KVM_CAP_X2APIC_API`.
-pub const X2APIC_API_FLAGS: u32 =
-    KVM_X2APIC_API_USE_32BIT_IDS | KVM_X2APIC_API_DISABLE_BROADCAST_QUIRK;
+consts! {
+    IA32_APIC_BASE: u32 = 0x1b, "`IA32_APIC_BASE`.";
+    APIC_BASE_BSP: u64 = 1 << 8, "`IA32_APIC_BASE` bit 8: this is the bootstrap processor.";
+    APIC_BASE_EXTD: u64 = 1 << 10, "`IA32_APIC_BASE` bit 10: x2APIC mode (with [`APIC_BASE_ENABLE`]).";
+    APIC_BASE_ENABLE: u64 = 1 << 11, "`IA32_APIC_BASE` bit 11: the local APIC is enabled.";
+    X2APIC_ICR_MSR: u32 = 0x830, "The x2APIC interrupt command register (MSR `0x800 + 0x300 / 16`): one 64-bit write, the destination in bits 63:32.";
+    X2APIC_ID_MSR: u32 = 0x802, "The x2APIC ID register (MSR `0x800 + 0x20 / 16`).";
+    KVM_CPUID_FEATURES: u32 = 0x4000_0001, "KVM's paravirtual feature leaf (`KVM_CPUID_FEATURES`).";
+    KVM_FEATURE_MSI_EXT_DEST_ID: u32 = 1 << 15, "`KVM_FEATURE_MSI_EXT_DEST_ID`: bit 15 of [`KVM_CPUID_FEATURES`] EAX.";
+    X2APIC_API_FLAGS: u32 = KVM_X2APIC_API_USE_32BIT_IDS | KVM_X2APIC_API_DISABLE_BROADCAST_QUIRK, "The flags given with `KVM_CAP_X2APIC_API`.";
+}
 
 /// `IA32_APIC_BASE` of a vCPU in `mode` (resolved: not `Auto`): the LAPIC at
 /// [`LAPIC_ADDR`], enabled, `BSP` for the BSP, `EXTD` in x2APIC mode.
