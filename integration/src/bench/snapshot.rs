@@ -39,10 +39,6 @@ use crate::IntegrationError;
 /// the bare benchmarks `+ 3`).
 const RUNNER_KICK_OFFSET: i32 = 5;
 
-fn vmm(e: impl Into<vmm_core::VmmError>) -> IntegrationError {
-    IntegrationError::Vmm(e.into())
-}
-
 /// A VM built with raw KVM calls, its vCPUs given the topology's CPUID and the VMM's setup,
 /// their fds held here (no vCPU manager, so that state can be saved and restored on the fds).
 #[derive(Debug)]
@@ -75,8 +71,7 @@ impl StateVm {
                 memory_size,
                 ..VmOptions::default()
             },
-        )
-        .map_err(vmm)?;
+        )?;
         Ok(Self {
             vm,
             topology,
@@ -112,7 +107,7 @@ impl StateVm {
     pub fn add_vcpu(&mut self, index: u32, entry: &dyn BootEntry) -> Result<(), IntegrationError> {
         let cpuid = topology::build_vcpu_cpuid(&self.supported, self.vendor, &self.topology, index)
             .map_err(|e| IntegrationError::Guest(e.to_string()))?;
-        let cpuid: CpuId = entries_to_kvm(&cpuid).map_err(vmm)?;
+        let cpuid: CpuId = entries_to_kvm(&cpuid)?;
         let mem = self.vm.memory().clone();
         let fd = self.create_bare_vcpu(index)?;
         fd.set_cpuid2(&cpuid)
@@ -122,12 +117,15 @@ impl StateVm {
             .fds
             .last()
             .ok_or_else(|| IntegrationError::Guest("no vCPU".into()))?;
-        vmm_core::arch::x86_64::setup_vcpu(fd, apic_id, vmm_core::InterruptMode::XApic)
-            .map_err(vmm)?;
+        vmm_core::arch::x86_64::setup_vcpu(fd, apic_id, vmm_core::InterruptMode::XApic)?;
         if index == 0 {
-            entry.setup_bsp(fd, &mem).map_err(vmm)?;
+            entry.setup_bsp(fd, &mem)?;
         }
-        vmm_core::arch::x86_64::set_boot_mp_state(fd, apic_id, index == 0).map_err(vmm)
+        Ok(vmm_core::arch::x86_64::set_boot_mp_state(
+            fd,
+            apic_id,
+            index == 0,
+        )?)
     }
 
     /// A VM running `code` (an SMP program such as [`crate::guest::smp_counter`]) on the
@@ -166,7 +164,7 @@ impl StateVm {
             .fds
             .first()
             .ok_or_else(|| IntegrationError::Guest("no vCPU to save".into()))?;
-        let msrs = SaveableMsrs::probe(self.vm.kvm(), first).map_err(vmm)?;
+        let msrs = SaveableMsrs::probe(self.vm.kvm(), first)?;
         let vcpus = self
             .ids
             .iter()
@@ -175,11 +173,11 @@ impl StateVm {
                 Ok(VcpuSnapshot {
                     index,
                     apic_id,
-                    state: state::save(fd, &caps, &msrs).map_err(vmm)?,
+                    state: state::save(fd, &caps, &msrs)?,
                 })
             })
             .collect::<Result<Vec<_>, IntegrationError>>()?;
-        let vm = vm_state::save_vm(self.vm.fd()).map_err(vmm)?;
+        let vm = vm_state::save_vm(self.vm.fd())?;
         Ok(SnapshotState {
             host: HostInfo::this_host(self.vm.kvm()),
             config: self.config(),
@@ -200,15 +198,15 @@ impl StateVm {
     /// Restores `saved` into this VM, which has no vCPUs yet.
     pub fn restore_into(&mut self, saved: &SnapshotState) -> Result<(), IntegrationError> {
         // VM scope first: nothing may run before the clock and the irqchips are restored.
-        vm_state::restore_vm(self.vm.fd(), &saved.vm).map_err(vmm)?;
+        vm_state::restore_vm(self.vm.fd(), &saved.vm)?;
         let caps = StateCaps::query(self.vm.fd());
         for v in &saved.vcpus {
             let fd = self.create_bare_vcpu(v.index)?;
             state::restore(fd, &caps, &v.state).map_err(|source| {
-                vmm(vmm_core::SnapshotError::VcpuState {
+                vmm_core::SnapshotError::VcpuState {
                     index: v.index,
                     source,
-                })
+                }
             })?;
         }
         Ok(())
@@ -390,7 +388,7 @@ fn bare_set(
     msrs: &kvm_bindings::Msrs,
 ) -> Result<(), IntegrationError> {
     let k = IntegrationError::kvm;
-    let cpuid = entries_to_kvm(&s.cpuid).map_err(vmm)?;
+    let cpuid = entries_to_kvm(&s.cpuid)?;
     fd.set_cpuid2(&cpuid).map_err(k("KVM_SET_CPUID2"))?;
     fd.set_mp_state(s.mp_state).map_err(k("KVM_SET_MP_STATE"))?;
     fd.set_regs(&s.regs).map_err(k("KVM_SET_REGS"))?;
@@ -469,7 +467,7 @@ pub fn bench_snapshot(
     for fd in &src.fds {
         bare_get(fd, &caps, &mut msrs)?;
     }
-    vm_state::save_vm(src.vm.fd()).map_err(vmm)?;
+    vm_state::save_vm(src.vm.fd())?;
     let save_bare = t.elapsed();
 
     // Ours: restore into a fresh VM.
@@ -487,7 +485,7 @@ pub fn bench_snapshot(
         .map(|v| kvm_msrs(&v.state))
         .collect::<Result<_, _>>()?;
     let t = Instant::now();
-    vm_state::restore_vm(bare.vm.fd(), &saved.vm).map_err(vmm)?;
+    vm_state::restore_vm(bare.vm.fd(), &saved.vm)?;
     for (v, m) in saved.vcpus.iter().zip(&set_msrs) {
         let fd = bare.create_bare_vcpu(v.index)?;
         bare_set(fd, &v.state, m)?;
@@ -518,7 +516,7 @@ pub fn bench_snapshot(
     // Ours: save + write the snapshot.
     let t = Instant::now();
     let saved = src.save()?;
-    snapshot::write(dir, &saved, src.vm.memory()).map_err(vmm)?;
+    snapshot::write(dir, &saved, src.vm.memory())?;
     let snap_ours = t.elapsed();
     // Bare: the gets + memory to a plain file.
     let raw = dir.join("bare-memory.raw");
@@ -535,19 +533,16 @@ pub fn bench_snapshot(
             addr: 0,
             reason: e.to_string(),
         })
-    })
-    .map_err(vmm)?;
+    })?;
     drop(out);
     let snap_bare = t.elapsed();
 
     // Ours: read (verify) + check + restore memory and state.
     let mut dst = StateVm::new(saved.config.topology, mem_size)?;
     let t = Instant::now();
-    let verified = snapshot::read(dir).map_err(vmm)?;
-    verified
-        .check_host(&HostInfo::this_host(dst.vm.kvm()), dst.vm.kvm())
-        .map_err(vmm)?;
-    verified.restore_memory(dst.vm.memory()).map_err(vmm)?;
+    let verified = snapshot::read(dir)?;
+    verified.check_host(&HostInfo::this_host(dst.vm.kvm()), dst.vm.kvm())?;
+    verified.restore_memory(dst.vm.memory())?;
     dst.restore_into(verified.state())?;
     let unsnap_ours = t.elapsed();
     drop(dst);
@@ -564,9 +559,8 @@ pub fn bench_snapshot(
             addr: 0,
             reason: e.to_string(),
         })
-    })
-    .map_err(vmm)?;
-    vm_state::restore_vm(bare.vm.fd(), &saved.vm).map_err(vmm)?;
+    })?;
+    vm_state::restore_vm(bare.vm.fd(), &saved.vm)?;
     for (v, m) in saved.vcpus.iter().zip(&set_msrs) {
         let fd = bare.create_bare_vcpu(v.index)?;
         bare_set(fd, &v.state, m)?;
@@ -635,20 +629,20 @@ pub fn bench_manager_snapshot(
     };
     let mut vm =
         crate::guest::GuestVm::create(kvm, crate::guest::spin(), config, vm_options(), options())?;
-    vm.vcpus.start_boot_vcpus().map_err(vmm)?;
-    vm.vcpus.pause_all().map_err(vmm)?;
+    vm.vcpus.start_boot_vcpus()?;
+    vm.vcpus.pause_all()?;
     let t = Instant::now();
-    vm.vcpus.save_to(dir).map_err(vmm)?;
+    vm.vcpus.save_to(dir)?;
     let save = t.elapsed();
-    vm.vcpus.exit_all().map_err(vmm)?;
+    vm.vcpus.exit_all()?;
     drop(vm);
 
     let kvm = crate::open_kvm()?;
     let t = Instant::now();
     let (restored_vm, mut restored) =
-        vmm_core::VcpuManager::restore_from(kvm, dir, vm_options(), options()).map_err(vmm)?;
+        vmm_core::VcpuManager::restore_from(kvm, dir, vm_options(), options())?;
     let restore = t.elapsed();
-    restored.exit_all().map_err(vmm)?;
+    restored.exit_all()?;
     drop(restored);
     drop(restored_vm);
     Ok(vec![

@@ -107,8 +107,6 @@ pub enum OsOp {
     EpollCreate,
     /// `epoll_ctl`.
     EpollCtl,
-    /// Cloning the exit EventFd for a vCPU.
-    CloneExitEventFd,
     /// Writing the stop-request EventFd.
     WriteStopRequest,
     /// `epoll_wait`.
@@ -126,7 +124,6 @@ impl fmt::Display for OsOp {
             OsOp::CreateStopRequestEventFd => "creating the stop-request EventFd",
             OsOp::EpollCreate => "epoll_create",
             OsOp::EpollCtl => "epoll_ctl",
-            OsOp::CloneExitEventFd => "cloning the exit EventFd",
             OsOp::WriteStopRequest => "writing the stop-request EventFd",
             OsOp::EpollWait => "epoll_wait",
             OsOp::ReadExitEventFd => "reading an exit EventFd",
