@@ -1,0 +1,271 @@
+//! The classic-BPF writer behind the vCPU thread's filter.
+//!
+//! Design rule: the filter's cost is paid per vCPU, three times over — in user space when it
+//! is built (once per vCPU thread, since it names the thread's own fds), in the kernel when
+//! it is installed (the kernel converts and JIT-compiles it, then, holding the process's
+//! signal lock with interrupts off, runs it once for every system call number to fill its
+//! per-filter "always allowed" cache), and on every system call the thread makes, `KVM_RUN`
+//! above all. So the program is as short and as shallow as the rules allow:
+//!
+//! 1. the architecture is checked (not x86_64: the process is killed, as seccompiler does);
+//! 2. the syscall number is found by **binary search** over the listed numbers (`jge`
+//!    splits, one `jeq` per leaf): about log2(n) + 1 instructions for any number, listed or
+//!    not, instead of a chain as long as the list;
+//! 3. a listed number without conditions returns `ALLOW` from its leaf; one with conditions
+//!    jumps to its block, which loads each argument once and compares it with every allowed
+//!    value (`ioctl`: the fd once, then the requests, `KVM_RUN` first).
+//!
+//! Arguments are compared on their low 32 bits, as the kernel reads file descriptors (`int`),
+//! `ioctl` requests (`unsigned int`) and `prot`/`cmd` flags (`int`).
+//!
+//! Every instruction jumps forward only (classic BPF has no backward jumps), by at most 255
+//! instructions; a rule set that would need more is refused (it would need far more extra
+//! syscalls and fds than a vCPU thread has).
+
+use seccompiler::{sock_filter, BpfProgram};
+
+// Instruction classes and fields (include/uapi/linux/bpf_common.h).
+const BPF_LD: u16 = 0x00;
+const BPF_JMP: u16 = 0x05;
+const BPF_RET: u16 = 0x06;
+const BPF_W: u16 = 0x00;
+const BPF_ABS: u16 = 0x20;
+const BPF_JEQ: u16 = 0x10;
+const BPF_JGE: u16 = 0x30;
+const BPF_JSET: u16 = 0x40;
+const BPF_K: u16 = 0x00;
+
+/// `AUDIT_ARCH_X86_64` (include/uapi/linux/audit.h): `EM_X86_64 | 64BIT | LE`.
+pub(crate) const AUDIT_ARCH_X86_64: u32 = 62 | 0x8000_0000 | 0x4000_0000;
+
+/// `SECCOMP_RET_KILL_PROCESS` (include/uapi/linux/seccomp.h).
+pub(crate) const RET_KILL_PROCESS: u32 = 0x8000_0000;
+/// `SECCOMP_RET_ALLOW`.
+pub(crate) const RET_ALLOW: u32 = 0x7fff_0000;
+
+// Offsets in `struct seccomp_data` (include/uapi/linux/seccomp.h).
+const DATA_NR: u32 = 0;
+const DATA_ARCH: u32 = 4;
+const DATA_ARGS: u32 = 16;
+
+/// One condition on a system call's argument (its low 32 bits).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum ArgCheck {
+    /// Argument `arg` is one of `values` (tried in this order).
+    OneOf {
+        /// The argument, 0 to 5.
+        arg: u8,
+        /// The allowed values.
+        values: Vec<u32>,
+    },
+    /// Argument `arg` has none of the bits of `mask`.
+    NoneOf {
+        /// The argument, 0 to 5.
+        arg: u8,
+        /// The forbidden bits.
+        mask: u32,
+    },
+}
+
+/// The rules of one filter: each listed system call is allowed when all its checks hold
+/// (none: always); everything else gets the violation action.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Rules {
+    syscalls: Vec<(u32, Vec<ArgCheck>)>,
+}
+
+impl Rules {
+    /// Allows `nr` when every one of `checks` holds; replaces an earlier rule for `nr`.
+    pub(crate) fn allow(&mut self, nr: i64, checks: Vec<ArgCheck>) -> Result<(), String> {
+        let nr = u32::try_from(nr).map_err(|_| format!("{nr} is not a system call number"))?;
+        self.syscalls.retain(|(n, _)| *n != nr);
+        self.syscalls.push((nr, checks));
+        Ok(())
+    }
+
+    /// The program: what [`Rules`] allow returns `SECCOMP_RET_ALLOW`, anything else
+    /// `violation` (a `SECCOMP_RET_*` value), another architecture `SECCOMP_RET_KILL_PROCESS`.
+    pub(crate) fn compile(&self, violation: u32) -> Result<BpfProgram, String> {
+        let mut syscalls = self.syscalls.clone();
+        syscalls.sort_by_key(|&(nr, _)| nr);
+        let mut asm = Asm::default();
+        let allow = asm.label();
+        let deny = asm.label();
+        // Another architecture (a 32-bit `int 0x80` call) kills the process.
+        asm.stmt(BPF_LD | BPF_W | BPF_ABS, DATA_ARCH);
+        let arch_ok = asm.label();
+        asm.jump(
+            BPF_JEQ,
+            AUDIT_ARCH_X86_64,
+            Target::Label(arch_ok),
+            Target::Next,
+        );
+        asm.stmt(BPF_RET | BPF_K, RET_KILL_PROCESS);
+        asm.bind(arch_ok);
+        asm.stmt(BPF_LD | BPF_W | BPF_ABS, DATA_NR);
+        if syscalls.is_empty() {
+            asm.stmt(BPF_RET | BPF_K, violation);
+            return asm.finish();
+        }
+        // Where each number leads: ALLOW, or its block of checks.
+        let leaves: Vec<(u32, Target)> = syscalls
+            .iter()
+            .map(|(nr, checks)| {
+                let target = if checks.is_empty() {
+                    allow
+                } else {
+                    asm.label()
+                };
+                (*nr, Target::Label(target))
+            })
+            .collect();
+        asm.search(&leaves, deny);
+        for ((_, checks), &(_, target)) in syscalls.iter().zip(&leaves) {
+            if let Target::Label(block) = target {
+                if block != allow {
+                    asm.bind(block);
+                    asm.checks(checks, allow, deny);
+                }
+            }
+        }
+        asm.bind(allow);
+        asm.stmt(BPF_RET | BPF_K, RET_ALLOW);
+        asm.bind(deny);
+        asm.stmt(BPF_RET | BPF_K, violation);
+        asm.finish()
+    }
+}
+
+/// Where a jump goes.
+#[derive(Clone, Copy, Debug)]
+enum Target {
+    /// The next instruction.
+    Next,
+    /// A label, bound to an instruction later (forward) with [`Asm::bind`].
+    Label(usize),
+}
+
+/// An instruction whose jump targets are not resolved yet.
+#[derive(Debug)]
+struct Insn {
+    code: u16,
+    k: u32,
+    jt: Target,
+    jf: Target,
+}
+
+/// A tiny assembler: instructions with labelled forward jumps.
+#[derive(Debug, Default)]
+struct Asm {
+    code: Vec<Insn>,
+    /// Each label's instruction index, once bound.
+    labels: Vec<Option<usize>>,
+}
+
+impl Asm {
+    fn label(&mut self) -> usize {
+        self.labels.push(None);
+        self.labels.len() - 1
+    }
+
+    fn bind(&mut self, label: usize) {
+        self.labels[label] = Some(self.code.len());
+    }
+
+    fn stmt(&mut self, code: u16, k: u32) {
+        self.jump_raw(code, k, Target::Next, Target::Next);
+    }
+
+    fn jump(&mut self, op: u16, k: u32, jt: Target, jf: Target) {
+        self.jump_raw(BPF_JMP | op | BPF_K, k, jt, jf);
+    }
+
+    fn jump_raw(&mut self, code: u16, k: u32, jt: Target, jf: Target) {
+        self.code.push(Insn { code, k, jt, jf });
+    }
+
+    /// Binary search of the syscall number (in the accumulator) over `leaves`, sorted by
+    /// number: `jge` splits the range in two, each leaf is one `jeq`.
+    fn search(&mut self, leaves: &[(u32, Target)], deny: usize) {
+        match leaves {
+            [] => {}
+            [(nr, target)] => self.jump(BPF_JEQ, *nr, *target, Target::Label(deny)),
+            _ => {
+                let (low, high) = leaves.split_at(leaves.len() / 2);
+                let upper = self.label();
+                self.jump(BPF_JGE, high[0].0, Target::Label(upper), Target::Next);
+                self.search(low, deny);
+                self.bind(upper);
+                self.search(high, deny);
+            }
+        }
+    }
+
+    /// A block of checks: each loads its argument and goes on to the next check when it
+    /// holds, to `deny` when it does not; the last one that holds goes to `allow`.
+    fn checks(&mut self, checks: &[ArgCheck], allow: usize, deny: usize) {
+        for (i, check) in checks.iter().enumerate() {
+            let last = i + 1 == checks.len();
+            let pass = if last { allow } else { self.label() };
+            match check {
+                ArgCheck::OneOf { arg, values } => {
+                    self.stmt(BPF_LD | BPF_W | BPF_ABS, arg_low(*arg));
+                    for (j, &value) in values.iter().enumerate() {
+                        let miss = if j + 1 == values.len() {
+                            Target::Label(deny)
+                        } else {
+                            Target::Next
+                        };
+                        self.jump(BPF_JEQ, value, Target::Label(pass), miss);
+                    }
+                    if values.is_empty() {
+                        self.jump(BPF_JEQ, 0, Target::Label(deny), Target::Label(deny));
+                    }
+                }
+                ArgCheck::NoneOf { arg, mask } => {
+                    self.stmt(BPF_LD | BPF_W | BPF_ABS, arg_low(*arg));
+                    self.jump(BPF_JSET, *mask, Target::Label(deny), Target::Label(pass));
+                }
+            }
+            if !last {
+                self.bind(pass);
+            }
+        }
+    }
+
+    /// Resolves every jump into an offset from the next instruction.
+    fn finish(self) -> Result<BpfProgram, String> {
+        let offset = |at: usize, target: Target| -> Result<u8, String> {
+            let to = match target {
+                Target::Next => return Ok(0),
+                Target::Label(l) => self.labels[l].ok_or("a jump to an unbound label")?,
+            };
+            to.checked_sub(at + 1)
+                .and_then(|d| u8::try_from(d).ok())
+                .ok_or_else(|| {
+                    format!(
+                        "the filter needs a jump of {} instructions (at most 255): \
+                         too many extra syscalls or write fds",
+                        to.saturating_sub(at + 1)
+                    )
+                })
+        };
+        self.code
+            .iter()
+            .enumerate()
+            .map(|(at, insn)| {
+                Ok(sock_filter {
+                    code: insn.code,
+                    jt: offset(at, insn.jt)?,
+                    jf: offset(at, insn.jf)?,
+                    k: insn.k,
+                })
+            })
+            .collect()
+    }
+}
+
+/// The offset of argument `arg`'s low 32 bits in `struct seccomp_data` (little-endian).
+fn arg_low(arg: u8) -> u32 {
+    DATA_ARGS + 8 * u32::from(arg)
+}
