@@ -87,6 +87,15 @@ pub enum VcpuError {
         /// What failed.
         reason: String,
     },
+    /// The setup given to [`PendingVcpu::start_with_setup`](crate::PendingVcpu::start_with_setup)
+    /// failed on the vCPU thread; the thread has ended and handed the vCPU fd back.
+    #[error("vCPU {vcpu_id}: setting the vCPU up on its thread failed: {source}")]
+    Setup {
+        /// The vCPU id.
+        vcpu_id: u32,
+        /// What the setup returned (downcast it to the caller's own error type).
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// The new vCPU thread did not report that it was ready.
     #[error("vCPU {vcpu_id}: the new vCPU thread did not start within {timeout:?}; the machine may be overloaded")]
     StartupTimeout {

@@ -124,5 +124,5 @@ pub use metrics::{ExitCounts, VcpuMetricsSnapshot};
 pub use request::{ReplyOutcome, RequestId, RequestRefused, VcpuReply, VcpuRequest};
 pub use save::{SaveStateError, VcpuStateSaver};
 pub use seccomp::{syscall_name, unrestricted_syscalls, vcpu_ioctls, SeccompMode, ViolationAction};
-pub use spawn::{PendingVcpu, SpawnFailure, VcpuOptions, VcpuParts};
+pub use spawn::{PendingVcpu, SpawnFailure, VcpuOptions, VcpuParts, VcpuSetup};
 pub use state::VcpuState;

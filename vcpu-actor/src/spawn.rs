@@ -17,7 +17,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::handle::{Envelope, Shared};
 use crate::kick::{self, KvmRunMapping};
 use crate::seccomp;
-use crate::thread::{StartFailure, VcpuThread};
+use crate::thread::{StartFailure, ThreadStart, VcpuThread};
 use crate::{ExitHandler, SeccompMode, VcpuError, VcpuHandle, VcpuStateSaver};
 
 /// How long a new thread may take to report that it is ready, counted from its start.
@@ -121,6 +121,12 @@ impl fmt::Debug for VcpuParts {
     }
 }
 
+/// Work on a new vCPU that its own thread does before it reports ready, before its seccomp
+/// filter (so any vCPU ioctl and `/dev/kvm` query is allowed): see
+/// [`PendingVcpu::start_with_setup`]. Its error fails the start with [`VcpuError::Setup`].
+pub type VcpuSetup =
+    Box<dyn FnOnce(&VcpuFd) -> Result<(), Box<dyn std::error::Error + Send + Sync>> + Send>;
+
 /// A failed spawn: why, and the vCPU fd when it could be kept.
 #[derive(Debug, thiserror::Error)]
 #[error("{error}")]
@@ -184,6 +190,31 @@ impl PendingVcpu {
     /// A [`SpawnFailure`] with the fd when the preparation fails, without it when the thread
     /// cannot be created.
     pub fn start(parts: VcpuParts, options: VcpuOptions) -> Result<PendingVcpu, SpawnFailure> {
+        Self::start_inner(parts, options, None)
+    }
+
+    /// [`start`](Self::start), with `setup` run on the new thread first: the VMM configures
+    /// the vCPU (CPUID, MSRs, registers ...) there, so that many vCPUs are configured in
+    /// parallel, each by its own thread, while the caller goes on creating the next ones.
+    /// A setup that fails ends the thread before it is ready: [`wait_ready`](Self::wait_ready)
+    /// returns [`VcpuError::Setup`] with the setup's error and the fd.
+    ///
+    /// # Errors
+    ///
+    /// As [`start`](Self::start).
+    pub fn start_with_setup(
+        parts: VcpuParts,
+        options: VcpuOptions,
+        setup: VcpuSetup,
+    ) -> Result<PendingVcpu, SpawnFailure> {
+        Self::start_inner(parts, options, Some(setup))
+    }
+
+    fn start_inner(
+        parts: VcpuParts,
+        options: VcpuOptions,
+        setup: Option<VcpuSetup>,
+    ) -> Result<PendingVcpu, SpawnFailure> {
         let VcpuParts {
             id,
             vcpu,
@@ -235,7 +266,15 @@ impl PendingVcpu {
         let join = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
             .stack_size(options.stack_size)
-            .spawn(move || thread.run(kick_signal, affinity, filter, ready_tx, done_tx))
+            .spawn(move || {
+                let start = ThreadStart {
+                    kick_signal,
+                    setup,
+                    affinity,
+                    filter,
+                };
+                thread.run(start, ready_tx, done_tx);
+            })
             .map_err(|source| SpawnFailure {
                 error: VcpuError::SpawnThread {
                     vcpu_id: id,
@@ -265,8 +304,8 @@ impl PendingVcpu {
     ///
     /// # Errors
     ///
-    /// A [`SpawnFailure`]: the fd comes back when the thread could not install its seccomp
-    /// filter; it is lost with a thread that panicked or did not answer in time.
+    /// A [`SpawnFailure`]: the fd comes back when the setup, the CPU affinity or the seccomp
+    /// filter failed; it is lost with a thread that panicked or did not answer in time.
     pub fn wait_ready(self) -> Result<VcpuHandle, SpawnFailure> {
         let id = self.shared.id;
         let left = STARTUP_TIMEOUT.saturating_sub(self.started.elapsed());
@@ -275,6 +314,10 @@ impl PendingVcpu {
             Ok(Err(StartFailure::Seccomp(reason))) => Err(VcpuError::SeccompApply {
                 vcpu_id: id,
                 reason,
+            }),
+            Ok(Err(StartFailure::Setup(source))) => Err(VcpuError::Setup {
+                vcpu_id: id,
+                source,
             }),
             Ok(Err(StartFailure::Affinity(reason))) => Err(VcpuError::Affinity {
                 vcpu_id: id,

@@ -60,6 +60,8 @@ pub(crate) enum LoopEnd {
 /// Why a vCPU thread did not get ready (it hands the fd back first).
 #[derive(Debug)]
 pub(crate) enum StartFailure {
+    /// The caller's setup failed.
+    Setup(Box<dyn std::error::Error + Send + Sync>),
     /// `sched_setaffinity` failed.
     Affinity(String),
     /// The seccomp filter could not be installed.
@@ -83,6 +85,18 @@ pub(crate) struct VcpuThread {
     /// The last `KVM_RUN` ended in an I/O exit whose instruction KVM completes only on the
     /// next `KVM_RUN` (see [`complete_pending_io`](Self::complete_pending_io)).
     io_pending: bool,
+}
+
+/// What the thread does before it reports ready (see [`VcpuThread::run`]).
+pub(crate) struct ThreadStart {
+    /// The kick signal to unblock.
+    pub(crate) kick_signal: libc::c_int,
+    /// The caller's setup of the vCPU, if any.
+    pub(crate) setup: Option<crate::VcpuSetup>,
+    /// The host CPUs to pin the thread to, if any.
+    pub(crate) affinity: Option<Vec<usize>>,
+    /// The seccomp filter, if any.
+    pub(crate) filter: Option<seccompiler::BpfProgram>,
 }
 
 /// Sets `finished` and wakes all waiters when the thread ends, even by a panic.
@@ -131,45 +145,27 @@ impl VcpuThread {
     /// hand the fd back through `done`.
     pub(crate) fn run(
         mut self,
-        kick_signal: libc::c_int,
-        affinity: Option<Vec<usize>>,
-        filter: Option<seccompiler::BpfProgram>,
+        start: ThreadStart,
         ready: Sender<Result<(), StartFailure>>,
         done: Sender<VcpuFd>,
     ) {
+        // No exit event for a thread that never became ready (even one whose setup panics).
         let mut guard = FinishGuard {
             shared: Arc::clone(&self.shared),
-            // The shared EventFd itself, not a duplicate: no fd is opened on this thread.
-            exit_evt: Some(Arc::clone(&self.exit_evt)),
+            exit_evt: None,
         };
         // SAFETY: gettid has no preconditions and cannot fail.
         let tid = unsafe { libc::gettid() };
         self.shared.tid.store(tid, Ordering::Relaxed);
-        kick::unblock_in_current_thread(kick_signal);
-        // Before the filter: it does not allow sched_setaffinity.
-        if let Some(cpus) = &affinity {
-            if let Err(e) = crate::affinity::set_current_thread_affinity(cpus) {
-                error!(self.logger, "cannot pin the vCPU thread"; "cpus" => ?cpus, "error" => %e);
-                guard.exit_evt = None;
-                let _ = done.send(self.vcpu);
-                let _ = ready.send(Err(StartFailure::Affinity(e)));
-                return;
-            }
-            debug!(self.logger, "vCPU thread pinned"; "cpus" => ?cpus);
+        kick::unblock_in_current_thread(start.kick_signal);
+        if let Err(failure) = self.get_ready(start) {
+            // The fd goes back to the spawner, which may create this vCPU again.
+            let _ = done.send(self.vcpu);
+            let _ = ready.send(Err(failure));
+            return;
         }
-        seccomp::prepare_thread();
-        if let Some(prog) = &filter {
-            if let Err(e) = seccompiler::apply_filter(prog) {
-                error!(self.logger, "cannot install the seccomp filter"; "error" => %e);
-                // No exit event for a thread that never became ready.
-                guard.exit_evt = None;
-                // The fd goes back to the spawner, which may create this vCPU again.
-                let _ = done.send(self.vcpu);
-                let _ = ready.send(Err(StartFailure::Seccomp(e.to_string())));
-                return;
-            }
-            debug!(self.logger, "seccomp filter installed"; "instructions" => prog.len());
-        }
+        // The shared EventFd itself, not a duplicate: no fd is opened on this thread.
+        guard.exit_evt = Some(Arc::clone(&self.exit_evt));
         if ready.send(Ok(())).is_err() {
             return;
         }
@@ -192,6 +188,33 @@ impl VcpuThread {
         info!(logger, "vCPU thread exits");
         let _ = done.send(vcpu);
         drop(guard);
+    }
+
+    /// The caller's setup, the CPU affinity and the seccomp filter, in that order: all
+    /// before the filter, which allows neither the setup's ioctls nor `sched_setaffinity`.
+    fn get_ready(&self, start: ThreadStart) -> Result<(), StartFailure> {
+        if let Some(setup) = start.setup {
+            setup(&self.vcpu).map_err(|e| {
+                error!(self.logger, "setting the vCPU up failed"; "error" => %e);
+                StartFailure::Setup(e)
+            })?;
+        }
+        if let Some(cpus) = &start.affinity {
+            crate::affinity::set_current_thread_affinity(cpus).map_err(|e| {
+                error!(self.logger, "cannot pin the vCPU thread"; "cpus" => ?cpus, "error" => %e);
+                StartFailure::Affinity(e)
+            })?;
+            debug!(self.logger, "vCPU thread pinned"; "cpus" => ?cpus);
+        }
+        seccomp::prepare_thread();
+        if let Some(prog) = &start.filter {
+            seccompiler::apply_filter(prog).map_err(|e| {
+                error!(self.logger, "cannot install the seccomp filter"; "error" => %e);
+                StartFailure::Seccomp(e.to_string())
+            })?;
+            debug!(self.logger, "seccomp filter installed"; "instructions" => prog.len());
+        }
+        Ok(())
     }
 
     fn main_loop(&mut self) {

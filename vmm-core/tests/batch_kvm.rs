@@ -109,3 +109,44 @@ fn the_fd_table_is_grown_once_for_every_possible_vcpu() {
     assert!(fd_table_size() >= 600);
     vcpus.exit_all().expect("exit all");
 }
+
+#[test]
+fn a_vcpu_its_own_thread_cannot_configure_fails_the_batch_and_keeps_every_fd() {
+    let Some(kvm) = kvm_or_skip("a_vcpu_its_own_thread_cannot_configure_fails_the_batch") else {
+        return;
+    };
+    let _one = serial();
+    // A CPU template with an MSR KVM does not know: each vCPU's thread, configuring its
+    // vCPU before it reports ready, gets KVM's refusal.
+    let mut cfg = config(1, 8, (1, 8, 1));
+    cfg.template = Some(
+        vmm_core::template::CpuTemplate::from_json(
+            r#"{"msr_modifiers": [{"addr": "0xdead", "bitmap": "0b0000000000000000000000000000000000000000000000000000000000000001"}]}"#,
+        )
+        .unwrap(),
+    );
+    let (_vm, mut vcpus) = build_vm(
+        kvm,
+        VmOptions::default(),
+        cfg,
+        VcpuManagerOptions::default(),
+    )
+    .unwrap();
+    let (fds, threads) = (open_fds(), proc_status("Threads"));
+    let e = vcpus.create_vcpus(&[1, 2, 3]).unwrap_err();
+    // The setup's own typed error, not a spawn failure that wraps it.
+    assert!(!matches!(e, VcpuSetupError::Spawn { .. }), "{e:?}");
+    assert!(e.to_string().contains("0xdead"), "{e}");
+    assert_eq!(vcpus.present_vcpu_count(), 0);
+    assert_eq!(vcpus.kept_vcpu_fds(), [1, 2, 3]);
+    assert_eq!(
+        open_fds(),
+        fds + 3,
+        "every fd of the batch kept, nothing else"
+    );
+    assert_eq!(
+        proc_status("Threads"),
+        threads,
+        "no thread of the batch left"
+    );
+}

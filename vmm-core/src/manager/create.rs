@@ -3,14 +3,21 @@
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
-use kvm_ioctls::VcpuFd;
-use slog::{debug, o, warn};
-use vcpu_actor::{ExitHandler, PendingVcpu, SpawnFailure, VcpuHandle, VcpuParts, VcpuRequest};
+use kvm_ioctls::{Kvm, VcpuFd};
+use slog::{debug, o, warn, Logger};
+use topology::CpuidEntry;
+use vcpu_actor::{
+    ExitHandler, PendingVcpu, SpawnFailure, VcpuError, VcpuHandle, VcpuParts, VcpuRequest,
+    VcpuSetup,
+};
 
+use super::snapshot::ManagerStateSaver;
 use super::{VcpuManager, FD_TABLE_SLACK};
 use crate::arch::x86_64::{self, cpuid};
+use crate::config::InterruptMode;
 use crate::error::{KvmOp, ManagerOp, VcpuSetupError};
-use crate::vm::reserve_fd_table;
+use crate::template::CpuTemplate;
+use crate::vm::{reserve_fd_table, Vm};
 use crate::BootEntry;
 
 impl VcpuManager {
@@ -54,13 +61,14 @@ impl VcpuManager {
     /// (KVM cannot destroy a vCPU), except one lost with a thread that panicked or did not
     /// answer (as [`vcpu_actor::SpawnFailure`] says).
     ///
-    /// In three passes, so that a batch costs little more than its KVM calls:
-    /// 1. every vCPU is created and configured (CPUID, MSRs, LAPIC, FPU, registers, MP
-    ///    state) before any thread of the batch exists: every fd the batch needs is opened
-    ///    while the process has as few threads as it will have (see below);
-    /// 2. every actor thread is started ([`PendingVcpu::start`]) without waiting for it;
-    /// 3. every thread's ready signal is awaited: the threads get ready in parallel instead of
-    ///    one after another.
+    /// Pipelined, so that a batch costs little more than its `KVM_CREATE_VCPU` calls:
+    /// 1. this thread creates each KVM vCPU (KVM serialises creation per VM anyway), builds its
+    ///    CPUID, and starts its actor thread ([`PendingVcpu::start_with_setup`]) at once,
+    ///    without waiting for it;
+    /// 2. each new thread configures its own vCPU (CPUID, MSRs, LAPIC, FPU, registers, MP
+    ///    state: [`VcpuPlan::apply`]) and installs its seccomp filter, in parallel with the
+    ///    creation of the next vCPUs and with each other;
+    /// 3. once every vCPU is created, every thread's ready signal is awaited.
     ///
     /// Why fds matter: a vCPU costs the process one fd (its vCPU fd; `kvm_run` is mapped from
     /// it and the exit EventFd is shared). When an fd number does not fit the kernel's fd
@@ -74,32 +82,60 @@ impl VcpuManager {
     /// # Errors
     ///
     /// [`VcpuSetupError::InvalidState`] if the VM is stopping, a vCPU is present or an index
-    /// is listed twice (nothing is done then); [`VcpuSetupError::IndexOutOfRange`];
-    /// [`VcpuSetupError::Kvm`] (and the other setup errors) if KVM refuses to create or
-    /// configure a vCPU; [`VcpuSetupError::Spawn`] if a thread cannot start. The first error
-    /// of the batch is returned.
+    /// is listed twice (nothing is done then), or for the BSP without a boot entry;
+    /// [`VcpuSetupError::IndexOutOfRange`]; [`VcpuSetupError::Kvm`] (and the other setup
+    /// errors) if KVM refuses to create or configure a vCPU; [`VcpuSetupError::Spawn`] if a
+    /// thread cannot start. The first error of the batch is returned.
     pub fn create_vcpus(&mut self, indices: &[u32]) -> Result<(), VcpuSetupError> {
         let slots = self.new_slots(indices)?;
         if slots.is_empty() {
             return Ok(());
         }
+        let common = self.plan_common();
         self.reserve_fds();
-
-        // 1. Create and configure every vCPU; on an error keep every fd made so far.
-        let mut configured: Vec<(u32, u32, VcpuFd)> = Vec::with_capacity(slots.len());
+        let mut pending = Vec::with_capacity(slots.len());
+        let mut first_error = None;
+        let mut probe_msrs = !self.saver.msrs_known();
         for &(index, apic_id) in &slots {
-            match self.create_configured(index, apic_id) {
-                Ok(fd) => {
-                    self.probe_saveable_msrs(&fd);
-                    configured.push((index, apic_id, fd));
-                }
+            let (fd, reused) = match self.kept_fds.remove(&apic_id) {
+                Some(fd) => (fd, true),
+                None => match self.create_kvm_vcpu(apic_id) {
+                    Ok(fd) => (fd, false),
+                    Err(e) => {
+                        first_error = Some(e);
+                        break;
+                    }
+                },
+            };
+            let cpuid = match self
+                .boot_entry_check(index)
+                .and_then(|()| self.vcpu_cpuid(index))
+            {
+                Ok(cpuid) => cpuid,
                 Err(e) => {
-                    self.keep_fds(configured);
-                    return Err(e);
+                    self.kept_fds.insert(apic_id, fd);
+                    first_error = Some(e);
+                    break;
+                }
+            };
+            let plan = VcpuPlan {
+                index,
+                apic_id,
+                reused,
+                cpuid,
+                // The first vCPU of the first batch lists the MSRs a save needs.
+                probe_msrs: std::mem::take(&mut probe_msrs),
+                common: Arc::clone(&common),
+            };
+            match self.start_vcpu(index, apic_id, fd, Some(plan.into_setup())) {
+                Ok(p) => pending.push((index, p)),
+                Err(e) => {
+                    first_error = Some(e);
+                    break;
                 }
             }
         }
-        self.start_batch(configured)
+        self.finish_batch(pending, first_error)
     }
 
     /// The (index, APIC ID) of each of `indices`, checked: the VM is not stopping, every
@@ -122,67 +158,116 @@ impl VcpuManager {
         Ok(slots)
     }
 
+    /// What every vCPU of a batch is configured with.
+    fn plan_common(&self) -> Arc<PlanCommon> {
+        Arc::new(PlanCommon {
+            vm: Arc::clone(&self.vm),
+            interrupt_mode: self.options.interrupt_mode,
+            template: self.config.template.clone(),
+            template_msrs: self.template_msr_indices(),
+            boot_entry: self.boot_entry.clone(),
+            saver: Arc::clone(&self.saver),
+            logger: self.logger.clone(),
+        })
+    }
+
+    /// The BSP (index 0) needs a boot entry.
+    fn boot_entry_check(&self, index: u32) -> Result<(), VcpuSetupError> {
+        if index == 0 && self.boot_entry.is_none() {
+            return Err(VcpuSetupError::InvalidState {
+                op: ManagerOp::ConfigureBootVcpu,
+                reason: "no boot entry: use create_boot_vcpus".into(),
+            });
+        }
+        Ok(())
+    }
+
     /// Probes, once per VM, which MSRs a vCPU state holds ([`SaveableMsrs::probe_with`],
-    /// KVM's list plus the CPU template's MSRs) on `fd`, a vCPU whose CPUID is set and whose thread does not exist yet: probing asks
-    /// `/dev/kvm` for its MSR list, which the vCPU threads' seccomp filter forbids. A probe
-    /// that fails is logged; [`save`](Self::save) then says so.
+    /// KVM's list plus the CPU template's MSRs) on `fd`, a vCPU whose CPUID is set and whose
+    /// thread's seccomp filter is not installed: probing asks `/dev/kvm` for its MSR list,
+    /// which the filter forbids. A probe that fails is logged; [`save`](Self::save) then
+    /// says so.
     ///
     /// [`SaveableMsrs::probe_with`]: crate::arch::x86_64::state::SaveableMsrs::probe_with
     pub(crate) fn probe_saveable_msrs(&self, fd: &VcpuFd) {
-        let template_msrs = self.template_msr_indices();
-        if let Err(e) = self.saver.probe_once(self.vm.kvm(), fd, &template_msrs) {
-            warn!(self.logger, "cannot list the MSRs to save; saving this VM will fail";
-                  "error" => %e);
-        }
+        probe_saveable_msrs(
+            &self.saver,
+            self.vm.kvm(),
+            fd,
+            &self.template_msr_indices(),
+            &self.logger,
+        );
     }
 
-    /// Passes 2 and 3 of [`create_vcpus`](Self::create_vcpus): starts the threads of
-    /// `configured` (index, APIC ID, fd) without waiting, then waits for every one. All or
-    /// nothing, as `create_vcpus` says.
+    /// Starts the threads of `configured` (index, APIC ID, fd: vCPUs configured already)
+    /// without waiting, then waits for every one. All or nothing, as
+    /// [`create_vcpus`](Self::create_vcpus) says.
     pub(crate) fn start_batch(
         &mut self,
         configured: Vec<(u32, u32, VcpuFd)>,
     ) -> Result<(), VcpuSetupError> {
-        let indices: Vec<u32> = configured.iter().map(|&(i, _, _)| i).collect();
-        // 2. Start every thread without waiting for any.
-        let mut first_error: Option<VcpuSetupError> = None;
+        let mut first_error = None;
         let mut pending = Vec::with_capacity(configured.len());
         let mut configured = configured.into_iter();
         for (index, apic_id, fd) in configured.by_ref() {
-            let parts = VcpuParts {
-                id: apic_id,
-                vcpu: fd,
-                vcpu_mmap_size: self.vm.vcpu_mmap_size(),
-                handler: Arc::clone(self.vm.io_bus()) as Arc<dyn ExitHandler>,
-                exit_evt: self.exit_monitor.vcpu_exit_eventfd(),
-            };
-            let mut vcpu_options = self.options.vcpu.clone();
-            vcpu_options.logger = self.logger.new(o!("vcpu_index" => index));
-            if let Some(cpus) = self.config.vcpu_affinity.get(&index) {
-                vcpu_options.affinity = Some(cpus.clone());
-            }
-            // Handled on the vCPU thread, under its seccomp filter: the serial console raises
-            // its interrupt (an irqfd write), and a device may call ExitMonitor::request_stop.
-            vcpu_options.seccomp = std::mem::take(&mut vcpu_options.seccomp).with_write_fds([
-                self.vm.serial().irq_fd(),
-                self.exit_monitor.stop_request_fd(),
-            ]);
-            // The manager's own saver, whatever the options held: `save` reads what it
-            // writes.
-            vcpu_options.state_saver =
-                Some(Arc::clone(&self.saver) as Arc<dyn vcpu_actor::VcpuStateSaver>);
-            match PendingVcpu::start(parts, vcpu_options) {
+            match self.start_vcpu(index, apic_id, fd, None) {
                 Ok(p) => pending.push((index, p)),
-                Err(failure) => {
-                    first_error = Some(self.spawn_failed(apic_id, failure));
+                Err(e) => {
+                    first_error = Some(e);
                     break;
                 }
             }
         }
         // After a failed start, the vCPUs not started yet keep their fds.
         self.keep_fds(configured.collect());
+        self.finish_batch(pending, first_error)
+    }
 
-        // 3. Wait for every started thread, even after an error: none is left behind.
+    /// Starts vCPU `index`'s actor thread without waiting for it; `setup`, if any, runs on
+    /// that thread first. On an error the fd is kept if the thread did not take it.
+    fn start_vcpu(
+        &mut self,
+        index: u32,
+        apic_id: u32,
+        fd: VcpuFd,
+        setup: Option<VcpuSetup>,
+    ) -> Result<PendingVcpu, VcpuSetupError> {
+        let parts = VcpuParts {
+            id: apic_id,
+            vcpu: fd,
+            vcpu_mmap_size: self.vm.vcpu_mmap_size(),
+            handler: Arc::clone(self.vm.io_bus()) as Arc<dyn ExitHandler>,
+            exit_evt: self.exit_monitor.vcpu_exit_eventfd(),
+        };
+        let mut vcpu_options = self.options.vcpu.clone();
+        vcpu_options.logger = self.logger.new(o!("vcpu_index" => index));
+        if let Some(cpus) = self.config.vcpu_affinity.get(&index) {
+            vcpu_options.affinity = Some(cpus.clone());
+        }
+        // Handled on the vCPU thread, under its seccomp filter: the serial console raises
+        // its interrupt (an irqfd write), and a device may call ExitMonitor::request_stop.
+        vcpu_options.seccomp = std::mem::take(&mut vcpu_options.seccomp).with_write_fds([
+            self.vm.serial().irq_fd(),
+            self.exit_monitor.stop_request_fd(),
+        ]);
+        // The manager's own saver, whatever the options held: `save` reads what it writes.
+        vcpu_options.state_saver =
+            Some(Arc::clone(&self.saver) as Arc<dyn vcpu_actor::VcpuStateSaver>);
+        let started = match setup {
+            Some(setup) => PendingVcpu::start_with_setup(parts, vcpu_options, setup),
+            None => PendingVcpu::start(parts, vcpu_options),
+        };
+        started.map_err(|failure| self.spawn_failed(apic_id, failure))
+    }
+
+    /// Waits for every started thread of a batch, even after an error (none is left
+    /// behind); with an error (`first_error`, or a thread that did not get ready), ends the
+    /// threads that did get ready and keeps every fd.
+    fn finish_batch(
+        &mut self,
+        pending: Vec<(u32, PendingVcpu)>,
+        mut first_error: Option<VcpuSetupError>,
+    ) -> Result<(), VcpuSetupError> {
         let mut ready = Vec::with_capacity(pending.len());
         for (index, p) in pending {
             let apic_id = p.id();
@@ -198,7 +283,8 @@ impl VcpuManager {
             self.roll_back_started(ready);
             return Err(e);
         }
-        debug!(self.logger, "vCPUs created"; "indices" => ?indices);
+        debug!(self.logger, "vCPUs created";
+               "indices" => ?ready.iter().map(|(i, _)| *i).collect::<Vec<_>>());
         self.vcpus.extend(ready);
         Ok(())
     }
@@ -213,22 +299,6 @@ impl VcpuManager {
         if let Err(e) = reserve_fd_table(wanted) {
             // Only slower: vCPU creation may then wait for the kernel to grow the table.
             debug!(self.logger, "cannot pre-size the fd table"; "fds" => wanted, "error" => %e);
-        }
-    }
-
-    /// Creates (or takes the kept fd of) vCPU `index` and configures it. On an error, the fd
-    /// (if there is one) is kept for reuse.
-    fn create_configured(&mut self, index: u32, apic_id: u32) -> Result<VcpuFd, VcpuSetupError> {
-        let (fd, reused) = match self.kept_fds.remove(&apic_id) {
-            Some(fd) => (fd, true),
-            None => (self.create_kvm_vcpu(apic_id)?, false),
-        };
-        match self.configure_vcpu(&fd, index, apic_id, reused) {
-            Ok(()) => Ok(fd),
-            Err(e) => {
-                self.kept_fds.insert(apic_id, fd);
-                Err(e)
-            }
         }
     }
 
@@ -251,14 +321,27 @@ impl VcpuManager {
         }
     }
 
-    /// Keeps the fd a failed spawn gives back and turns the failure into the error.
+    /// Keeps the fd a failed spawn gives back and turns the failure into the error: the
+    /// setup's own error when the vCPU's configuration failed on its thread.
     fn spawn_failed(&mut self, apic_id: u32, failure: SpawnFailure) -> VcpuSetupError {
         if let Some(fd) = failure.vcpu {
             self.kept_fds.insert(apic_id, fd);
         }
-        VcpuSetupError::Spawn {
-            vcpu_id: apic_id,
-            source: failure.error,
+        match failure.error {
+            VcpuError::Setup { source, .. } => match source.downcast::<VcpuSetupError>() {
+                Ok(e) => *e,
+                Err(other) => VcpuSetupError::Spawn {
+                    vcpu_id: apic_id,
+                    source: VcpuError::Setup {
+                        vcpu_id: apic_id,
+                        source: other,
+                    },
+                },
+            },
+            error => VcpuSetupError::Spawn {
+                vcpu_id: apic_id,
+                source: error,
+            },
         }
     }
 
@@ -281,36 +364,86 @@ impl VcpuManager {
             }
         }
     }
+}
 
+/// What every vCPU of a batch is configured with.
+struct PlanCommon {
+    vm: Arc<Vm>,
+    interrupt_mode: InterruptMode,
+    template: Option<CpuTemplate>,
+    template_msrs: Vec<u32>,
+    /// The boot entry, if there is one (the BSP needs it).
+    boot_entry: Option<Arc<dyn BootEntry>>,
+    saver: Arc<ManagerStateSaver>,
+    logger: Logger,
+}
+
+/// How one vCPU is configured; applied on its own thread ([`VcpuPlan::apply`]).
+struct VcpuPlan {
+    index: u32,
+    apic_id: u32,
+    /// The fd was kept from an earlier life of this vCPU.
+    reused: bool,
+    cpuid: Vec<CpuidEntry>,
+    /// List the MSRs a save needs, on this vCPU (once per VM).
+    probe_msrs: bool,
+    common: Arc<PlanCommon>,
+}
+
+impl VcpuPlan {
     /// CPUID, then the architectural setup ([`x86_64::setup_vcpu`]: MSRs, LAPIC LINT0/LINT1,
-    /// FPU), then BSP registers (index 0) or the wait-for-SIPI state (APs).
-    fn configure_vcpu(
-        &self,
-        fd: &VcpuFd,
-        index: u32,
-        apic_id: u32,
-        reused: bool,
-    ) -> Result<(), VcpuSetupError> {
-        let cpuid = self.vcpu_cpuid(index)?;
-        if cpuid::set_cpuid(fd, apic_id, &cpuid, reused)? == cpuid::CpuidSet::KeptFromEarlierRun {
-            debug!(self.logger, "reused vCPU keeps its CPUID"; "apic_id" => apic_id);
+    /// FPU), the CPU template's MSRs, then BSP registers (index 0) or the wait-for-SIPI state
+    /// (APs); then, once per VM, the MSR probe.
+    fn apply(&self, fd: &VcpuFd) -> Result<(), VcpuSetupError> {
+        let (apic_id, common) = (self.apic_id, &self.common);
+        if cpuid::set_cpuid(fd, apic_id, &self.cpuid, self.reused)?
+            == cpuid::CpuidSet::KeptFromEarlierRun
+        {
+            debug!(common.logger, "reused vCPU keeps its CPUID"; "apic_id" => apic_id);
         }
-        x86_64::setup_vcpu(fd, apic_id, self.options.interrupt_mode)?;
-        if let Some(template) = &self.config.template {
+        x86_64::setup_vcpu(fd, apic_id, common.interrupt_mode)?;
+        if let Some(template) = &common.template {
             // After the VMM's boot MSRs, so that the template has the last word.
             template.apply_msrs(fd, apic_id)?;
         }
-        if index == 0 {
-            let entry = self
-                .boot_entry
-                .as_ref()
-                .ok_or_else(|| VcpuSetupError::InvalidState {
-                    op: ManagerOp::ConfigureBootVcpu,
-                    reason: "no boot entry: use create_boot_vcpus".into(),
-                })?;
-            entry.setup_bsp(fd, self.vm.memory())?;
+        if self.index == 0 {
+            if let Some(entry) = &common.boot_entry {
+                entry.setup_bsp(fd, common.vm.memory())?;
+            }
         }
         // The APs wait in KVM_RUN until the guest sends INIT and SIPI.
-        x86_64::set_boot_mp_state(fd, apic_id, index == 0)
+        x86_64::set_boot_mp_state(fd, apic_id, self.index == 0)?;
+        if self.probe_msrs {
+            let kvm = common.vm.kvm();
+            probe_saveable_msrs(
+                &common.saver,
+                kvm,
+                fd,
+                &common.template_msrs,
+                &common.logger,
+            );
+        }
+        Ok(())
+    }
+
+    /// The plan as the actor's setup hook, run on the vCPU's thread.
+    fn into_setup(self) -> VcpuSetup {
+        Box::new(move |fd: &VcpuFd| {
+            self.apply(fd)
+                .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+        })
+    }
+}
+
+/// See [`VcpuManager::probe_saveable_msrs`].
+fn probe_saveable_msrs(
+    saver: &ManagerStateSaver,
+    kvm: &Kvm,
+    fd: &VcpuFd,
+    template_msrs: &[u32],
+    logger: &Logger,
+) {
+    if let Err(e) = saver.probe_once(kvm, fd, template_msrs) {
+        warn!(logger, "cannot list the MSRs to save; saving this VM will fail"; "error" => %e);
     }
 }

@@ -87,6 +87,11 @@ impl ManagerStateSaver {
         }
     }
 
+    /// Whether the MSR list is known (probed on an earlier vCPU).
+    pub(crate) fn msrs_known(&self) -> bool {
+        self.msrs.get().is_some()
+    }
+
     /// Probes the MSR list on `vcpu` unless it is known already; `extra` (the CPU template's
     /// MSRs) is added to KVM's list.
     pub(crate) fn probe_once(
