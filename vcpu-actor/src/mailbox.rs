@@ -41,6 +41,13 @@ impl VcpuThread {
                     state: self.state,
                 },
             },
+            VcpuRequest::GetMpState => match transition(self.state, Event::GetMpState) {
+                Transition::To(_) => self.mp_state(),
+                Transition::NotAllowed => ReplyOutcome::NotAllowed {
+                    request: env.request,
+                    state: self.state,
+                },
+            },
         };
         self.reply(env, outcome);
     }
@@ -95,6 +102,18 @@ impl VcpuThread {
                 ReplyOutcome::SaveFailed(SaveStateError::Failed(format!(
                     "the saver panicked: {panic}"
                 )))
+            }
+        }
+    }
+
+    /// `KVM_GET_MP_STATE` on this thread's own fd: the thread is out of `KVM_RUN` here (it
+    /// handles requests only between runs), so the ioctl does not wait behind one.
+    fn mp_state(&self) -> ReplyOutcome {
+        match self.vcpu.get_mp_state() {
+            Ok(s) => ReplyOutcome::MpState(s.mp_state),
+            Err(e) => {
+                warn!(self.logger, "KVM_GET_MP_STATE failed"; "error" => %e);
+                ReplyOutcome::MpStateFailed { errno: e.errno() }
             }
         }
     }

@@ -38,6 +38,13 @@ pub enum VcpuRequest {
     /// [`VcpuStateSaver`](crate::VcpuStateSaver), on the vCPU's own thread; allowed only
     /// while `Paused` (the state does not change).
     SaveState,
+    /// Read the vCPU's multiprocessing state (`KVM_GET_MP_STATE`) on the vCPU's own thread:
+    /// answered with [`ReplyOutcome::MpState`], e.g. `KVM_MP_STATE_UNINITIALIZED` for an AP
+    /// still waiting for INIT/SIPI. Allowed whenever the thread holds the fd out of
+    /// `KVM_RUN`: `Paused`, `WaitingExit`, and `Exited` for a request queued before the
+    /// thread ended (the state does not change). Refused while `Running` (pause first): the
+    /// guest changes the MP state under the reader, so the answer would be stale at once.
+    GetMpState,
 }
 
 impl fmt::Display for VcpuRequest {
@@ -49,6 +56,7 @@ impl fmt::Display for VcpuRequest {
             VcpuRequest::GetTid => "get_tid",
             VcpuRequest::GetState => "get_state",
             VcpuRequest::SaveState => "save_state",
+            VcpuRequest::GetMpState => "get_mp_state",
         })
     }
 }
@@ -72,6 +80,14 @@ pub enum ReplyOutcome {
     StateSaved(Arc<[u8]>),
     /// A `SaveState` that was allowed (the vCPU is paused) but could not be done.
     SaveFailed(SaveStateError),
+    /// The vCPU's MP state, as `KVM_GET_MP_STATE` returned it: the raw `kvm_mp_state.mp_state`
+    /// (`kvm_bindings::KVM_MP_STATE_*`).
+    MpState(u32),
+    /// A `GetMpState` that was allowed but whose `KVM_GET_MP_STATE` failed with `errno`.
+    MpStateFailed {
+        /// The error number the ioctl returned.
+        errno: i32,
+    },
     /// `request` is not allowed in `state` (see [`transition`](crate::state::transition));
     /// nothing changed. [`VcpuReply::refusal`] makes it an error with a message.
     NotAllowed {
@@ -96,7 +112,7 @@ pub struct RequestRefused {
 
 fn refusal_hint(state: VcpuState) -> &'static str {
     match state {
-        VcpuState::WaitingExit => "; only exit is (the guest stopped)",
+        VcpuState::WaitingExit => "; only exit and queries are (the guest stopped)",
         VcpuState::Exited => "; the vCPU thread has ended",
         VcpuState::Paused | VcpuState::Running => "",
     }
@@ -117,11 +133,14 @@ pub struct VcpuReply {
 
 impl VcpuReply {
     /// True for the outcomes that mean the request did what it asked (`Resumed`, `Paused`,
-    /// `Exited`, `Tid`, `State`, `StateSaved`); false for `NotAllowed` and `SaveFailed`.
+    /// `Exited`, `Tid`, `State`, `StateSaved`, `MpState`); false for `NotAllowed`,
+    /// `SaveFailed` and `MpStateFailed`.
     pub fn is_ok(&self) -> bool {
         !matches!(
             self.outcome,
-            ReplyOutcome::NotAllowed { .. } | ReplyOutcome::SaveFailed(_)
+            ReplyOutcome::NotAllowed { .. }
+                | ReplyOutcome::SaveFailed(_)
+                | ReplyOutcome::MpStateFailed { .. }
         )
     }
 

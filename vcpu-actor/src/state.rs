@@ -80,6 +80,8 @@ pub enum Event {
     FatalExit,
     /// A `SaveState` request (it does not change the state).
     SaveState,
+    /// A `GetMpState` request (it does not change the state).
+    GetMpState,
 }
 
 /// The result of applying an [`Event`] to a [`VcpuState`].
@@ -93,15 +95,20 @@ pub enum Transition {
 
 /// The explicit transition table of the vCPU state machine.
 ///
-/// | from \ event  | Resume      | Pause       | Exit   | FatalExit   | SaveState   |
-/// |---------------|-------------|-------------|--------|-------------|-------------|
-/// | Paused        | Running     | Paused (=)  | Exited | NotAllowed  | Paused (=)  |
-/// | Running       | Running (=) | Paused      | Exited | WaitingExit | NotAllowed  |
-/// | WaitingExit   | NotAllowed  | NotAllowed  | Exited | NotAllowed  | NotAllowed  |
-/// | Exited        | NotAllowed  | NotAllowed  | Exited | NotAllowed  | NotAllowed  |
+/// | from \ event  | Resume      | Pause       | Exit   | FatalExit   | SaveState   | GetMpState      |
+/// |---------------|-------------|-------------|--------|-------------|-------------|-----------------|
+/// | Paused        | Running     | Paused (=)  | Exited | NotAllowed  | Paused (=)  | Paused (=)      |
+/// | Running       | Running (=) | Paused      | Exited | WaitingExit | NotAllowed  | NotAllowed      |
+/// | WaitingExit   | NotAllowed  | NotAllowed  | Exited | NotAllowed  | NotAllowed  | WaitingExit (=) |
+/// | Exited        | NotAllowed  | NotAllowed  | Exited | NotAllowed  | NotAllowed  | Exited (=)      |
 ///
-/// `(=)` marks the idempotent cases. `Exit` is allowed from every state. `SaveState` only
-/// while paused: a running vCPU's registers change under the saver.
+/// `(=)` marks the cases that leave the state as it is. `Exit` is allowed from every state.
+/// `SaveState` only while paused: a running vCPU's registers change under the saver.
+/// `GetMpState` wherever the thread holds the fd and the guest does not run: paused, waiting
+/// to exit, and exited (a request queued before the thread ended is still answered with the
+/// fd); not while running, where the guest changes the MP state under the reader (pause
+/// first). `GetTid` and `GetState` are answered in every state and do not go through the
+/// table.
 pub fn transition(from: VcpuState, event: Event) -> Transition {
     use VcpuState::*;
     match (from, event) {
@@ -110,10 +117,11 @@ pub fn transition(from: VcpuState, event: Event) -> Transition {
         (Paused, Event::Pause) | (Running, Event::Pause) => Transition::To(Paused),
         (Running, Event::FatalExit) => Transition::To(WaitingExit),
         (Paused, Event::SaveState) => Transition::To(Paused),
+        (Paused | WaitingExit | Exited, Event::GetMpState) => Transition::To(from),
         (WaitingExit, _)
         | (Exited, _)
         | (Paused, Event::FatalExit)
-        | (Running, Event::SaveState) => Transition::NotAllowed,
+        | (Running, Event::SaveState | Event::GetMpState) => Transition::NotAllowed,
     }
 }
 
@@ -180,6 +188,17 @@ mod tests {
         ] {
             assert_eq!(transition(s, Event::SaveState), Transition::NotAllowed);
         }
+    }
+
+    #[test]
+    fn mp_state_is_read_wherever_the_guest_does_not_run() {
+        for s in [VcpuState::Paused, VcpuState::WaitingExit, VcpuState::Exited] {
+            assert_eq!(transition(s, Event::GetMpState), Transition::To(s), "{s:?}");
+        }
+        assert_eq!(
+            transition(VcpuState::Running, Event::GetMpState),
+            Transition::NotAllowed
+        );
     }
 
     #[test]

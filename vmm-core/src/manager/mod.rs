@@ -11,7 +11,6 @@ mod info;
 pub mod snapshot;
 
 use std::collections::BTreeMap;
-use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -114,9 +113,6 @@ pub struct VcpuManager {
     state: Mutex<ManagerState>,
     /// What [`resize_vcpus`](Self::resize_vcpus) asks the guest with.
     pub(crate) backend: Option<Arc<dyn HotplugBackend>>,
-    /// A duplicate of the KVM fd of each vCPU a resize added, by APIC ID, to read its MP
-    /// state (`KVM_GET_MP_STATE`) while its thread owns the fd.
-    pub(crate) mp_probes: BTreeMap<u32, OwnedFd>,
     /// Answers `SaveState` on every vCPU thread (see [`VcpuManager::save`]); holds the
     /// MSR list, probed once on the first vCPU created, before its thread starts.
     pub(crate) saver: Arc<ManagerStateSaver>,
@@ -197,7 +193,6 @@ impl VcpuManager {
             exit_flag: Arc::new(AtomicBool::new(false)),
             state: Mutex::new(ManagerState::new()),
             backend: None,
-            mp_probes: BTreeMap::new(),
             saver,
             logger,
         })

@@ -41,9 +41,12 @@
 //! - **Hot-add**: the manager looks at each new vCPU itself. One that has left the
 //!   wait-for-SIPI state (`KVM_GET_MP_STATE` is not `UNINITIALIZED`) was brought up by the
 //!   guest: it stays present (and keeps running, unless the VM is paused). The others are
-//!   exited (their fds kept). To read the MP state, the new vCPUs are paused first (a vCPU
-//!   inside `KVM_RUN` holds its fd), through a duplicate of each new vCPU's fd that the manager
-//!   keeps.
+//!   exited (their fds kept). To read the MP state, the new vCPUs are paused first (KVM
+//!   serialises a vCPU's ioctls, and a thread inside `KVM_RUN` waits there for SIPI), then each
+//!   one's own thread reads it ([`VcpuRequest::GetMpState`](vcpu_actor::VcpuRequest::GetMpState),
+//!   within the manager's `ack_timeout`): no second fd per vCPU. A vCPU whose state cannot be
+//!   read (it did not pause in time, its thread did not answer or has died) counts as "state
+//!   unknown" and stays present.
 //! - **Hot-remove**: nothing in KVM shows that a guest offlined a CPU, so the upcall backend
 //!   sends one APIC ID per `DEL_CPU` request and the manager exits exactly the vCPUs the guest
 //!   confirmed offline. A CPU whose answer was lost (timeout, hang-up) stays present and is

@@ -1,10 +1,7 @@
 //! Phase 1 of a resize: check, mark in flight, pick the vCPUs, create and start new ones.
 
-use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-use slog::warn;
 
 use super::{Begun, PendingResize, ResizeOutcome, VcpuSlot};
 use crate::error::{HotplugOp, ResizeError, VcpuSetupError};
@@ -93,7 +90,7 @@ impl VcpuManager {
             }
         }
         if op == HotplugOp::Add {
-            self.add_vcpus(&indices, &slots, &mut outcome)?;
+            self.add_vcpus(&indices, &mut outcome)?;
         }
         Ok(Begun::AskGuest(PendingResize {
             target,
@@ -122,13 +119,9 @@ impl VcpuManager {
     fn add_vcpus(
         &mut self,
         indices: &[u32],
-        slots: &[VcpuSlot],
         outcome: &mut ResizeOutcome,
     ) -> Result<(), ResizeError> {
         let t = Instant::now();
-        for slot in slots {
-            self.ensure_mp_probe(slot.apic_id)?;
-        }
         // One batch: every vCPU created and configured before any thread starts, then every
         // thread started before waiting for any. All or nothing: on an error no vCPU of the
         // batch is present and every fd is kept.
@@ -141,34 +134,6 @@ impl VcpuManager {
         }
         outcome.vcpu_work = t.elapsed();
         outcome.vcpu_start = outcome.vcpu_work.saturating_sub(outcome.vcpu_create);
-        Ok(())
-    }
-
-    /// Makes sure the manager can read the MP state of the vCPU with `apic_id` while its
-    /// thread owns its fd: the KVM vCPU is created now if it never existed (kept for
-    /// [`create_vcpu`](Self::create_vcpu), which takes kept fds first), and a duplicate of its
-    /// fd is kept. A duplicate that cannot be made is logged; the vCPU then counts as
-    /// "state unknown" if its hot-add fails.
-    fn ensure_mp_probe(&mut self, apic_id: u32) -> Result<(), VcpuSetupError> {
-        if self.mp_probes.contains_key(&apic_id) {
-            return Ok(());
-        }
-        if !self.kept_fds.contains_key(&apic_id) {
-            let fd = self.create_kvm_vcpu(apic_id)?;
-            self.kept_fds.insert(apic_id, fd);
-        }
-        let Some(fd) = self.kept_fds.get(&apic_id) else {
-            return Ok(());
-        };
-        // SAFETY: the fd belongs to `fd`, a live `VcpuFd` borrowed for this statement only.
-        let borrowed = unsafe { BorrowedFd::borrow_raw(fd.as_raw_fd()) };
-        match borrowed.try_clone_to_owned() {
-            Ok(dup) => {
-                self.mp_probes.insert(apic_id, dup);
-            }
-            Err(e) => warn!(self.logger, "cannot duplicate a vCPU fd to read its MP state";
-                            "apic_id" => apic_id, "error" => %e),
-        }
         Ok(())
     }
 }

@@ -3,11 +3,9 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_mp_state, KVMIO, KVM_MP_STATE_UNINITIALIZED};
+use kvm_bindings::KVM_MP_STATE_UNINITIALIZED;
 use slog::{debug, info, warn};
-use vcpu_actor::{VcpuRequest, VcpuState};
-use vmm_sys_util::ioctl::ioctl_with_mut_ref;
-use vmm_sys_util::ioctl_ior_nr;
+use vcpu_actor::{ReplyOutcome, VcpuRequest, VcpuState};
 
 use super::{micros, PendingResize, ResizeOutcome, VcpuSlot};
 use crate::error::{HotplugOp, ResizeError};
@@ -15,24 +13,58 @@ use crate::hotplug_backend::{BackendError, HotplugAck, HotplugFailure};
 use crate::state::VmRunState;
 use crate::VcpuManager;
 
-/// The ioctl number, kept private: the macro makes a public function without docs.
-mod ioctl {
-    use super::{ioctl_ior_nr, kvm_mp_state, KVMIO};
-    ioctl_ior_nr!(KVM_GET_MP_STATE, KVMIO, 0x98, kvm_mp_state);
-}
-use ioctl::KVM_GET_MP_STATE;
-
 impl VcpuManager {
-    /// The MP state of the vCPU with `apic_id`, read through its duplicate fd. Call only while
-    /// its thread is out of `KVM_RUN` (paused, waiting to exit, or gone): KVM serialises vCPU
-    /// ioctls, so this would wait for `KVM_RUN` to return.
-    fn mp_state(&self, apic_id: u32) -> Option<u32> {
-        let fd = self.mp_probes.get(&apic_id)?;
-        let mut state = kvm_mp_state::default();
-        // SAFETY: `fd` is a vCPU fd; KVM_GET_MP_STATE writes one `kvm_mp_state`, which `state`
-        // is and which outlives the call.
-        let ret = unsafe { ioctl_with_mut_ref(fd, KVM_GET_MP_STATE(), &mut state) };
-        (ret == 0).then_some(state.mp_state)
+    /// The MP state (`KVM_GET_MP_STATE`) of each present vCPU at `indices`, in order; `None`
+    /// where it cannot be read. Each is read by its own thread ([`VcpuRequest::GetMpState`]),
+    /// which holds the fd; only vCPUs out of `KVM_RUN` are asked (paused, waiting to exit, or
+    /// exited with the request still answered): a running one's thread refuses, and one
+    /// stuck elsewhere would only cost a timeout. All are asked first, then every reply is
+    /// awaited until one deadline (`ack_timeout`).
+    fn mp_states(&self, indices: &[u32]) -> Vec<Option<u32>> {
+        let timeout = self.options.ack_timeout;
+        let sent: Vec<_> = indices
+            .iter()
+            .map(|index| {
+                let handle = self.vcpus.get(index)?;
+                if handle.state() == VcpuState::Running {
+                    debug!(self.logger, "a new vCPU is still running: MP state not read";
+                           "index" => index);
+                    return None;
+                }
+                match handle.send(VcpuRequest::GetMpState) {
+                    Ok(id) => Some((handle, id)),
+                    Err(e) => {
+                        debug!(self.logger, "cannot ask a new vCPU for its MP state";
+                               "index" => index, "error" => %e);
+                        None
+                    }
+                }
+            })
+            .collect();
+        // A timeout too large for an Instant (e.g. Duration::MAX) means no deadline.
+        let deadline = Instant::now().checked_add(timeout);
+        sent.into_iter()
+            .map(|asked| {
+                let (handle, id) = asked?;
+                let left =
+                    deadline.map_or(timeout, |d| d.saturating_duration_since(Instant::now()));
+                match handle.wait_reply(id, left) {
+                    Ok(reply) => match reply.outcome {
+                        ReplyOutcome::MpState(state) => Some(state),
+                        other => {
+                            debug!(self.logger, "a new vCPU did not give its MP state";
+                                   "apic_id" => handle.id(), "reply" => ?other);
+                            None
+                        }
+                    },
+                    Err(e) => {
+                        warn!(self.logger, "no MP state from a new vCPU";
+                              "apic_id" => handle.id(), "error" => %e);
+                        None
+                    }
+                }
+            })
+            .collect()
     }
 
     /// Exits those of `indices` that are still present (a stop may have exited them).
@@ -183,24 +215,18 @@ impl VcpuManager {
                     .is_some_and(|h| h.id() == s.apic_id)
             })
             .collect();
-        // Out of KVM_RUN first. The replies do not matter, only where each thread is
-        // afterwards.
+        // Out of KVM_RUN first: a thread inside it (waiting for SIPI) refuses the read. The
+        // replies do not matter, only where each thread is afterwards.
         let indices: Vec<u32> = present.iter().map(|s| s.index).collect();
         if let Err(e) = self.request_some(&indices, VcpuRequest::Pause) {
             debug!(self.logger, "pausing the new vCPUs to read their MP state"; "error" => %e);
         }
+        let states = self.mp_states(&indices);
         let mut up = Vec::new();
         let mut unknown = Vec::new();
         let mut exit = Vec::new();
-        for slot in present {
-            let Some(handle) = self.vcpus.get(&slot.index) else {
-                continue;
-            };
-            let out_of_run = matches!(
-                handle.state(),
-                VcpuState::Paused | VcpuState::WaitingExit | VcpuState::Exited
-            );
-            match out_of_run.then(|| self.mp_state(slot.apic_id)).flatten() {
+        for (slot, state) in present.into_iter().zip(states) {
+            match state {
                 Some(KVM_MP_STATE_UNINITIALIZED) => exit.push(slot.index),
                 Some(_) => up.push(slot),
                 None => unknown.push(slot),
