@@ -50,28 +50,62 @@ pub const DEV_MGR_SERVICE_BYTE: u8 = b'd';
 /// One message on the wire.
 pub type MsgBuf = [u8; MSG_SIZE];
 
-/// Byte offsets of the fields, from the documented layout.
-pub mod offset {
-    /// `magic_version: u32`.
-    pub const MAGIC_VERSION: usize = 0;
-    /// `msg_size: u32`.
-    pub const MSG_SIZE: usize = 4;
-    /// `msg_type: u32`.
-    pub const MSG_TYPE: usize = 8;
-    /// `msg_flags: u32`.
-    pub const MSG_FLAGS: usize = 12;
-    /// CPU request `count: u8`.
-    pub const CPU_COUNT: usize = 16;
-    /// CPU request `apic_ver: u8`.
-    pub const CPU_APIC_VER: usize = 17;
-    /// CPU request `apic_ids: [u8; 256]`.
-    pub const CPU_APIC_IDS: usize = 18;
-    /// Reply `result: i32`.
-    pub const REPLY_RESULT: usize = 16;
-    /// Reply `apic_index: u32`.
-    pub const REPLY_APIC_INDEX: usize = 20;
+/// The documented payload layouts as `repr(C)` structs after a [`MsgHeader`] (never built:
+/// messages are encoded field by field, little-endian), from which [`offset`] takes the field
+/// offsets.
+#[allow(dead_code)] // Only their layout is used.
+mod layout {
+    use super::{MsgHeader, APIC_ID_SLOTS};
+
+    /// An x86_64 CPU request.
+    #[repr(C)]
+    pub struct CpuRequest {
+        pub header: MsgHeader,
+        pub count: u8,
+        pub apic_ver: u8,
+        pub apic_ids: [u8; APIC_ID_SLOTS],
+    }
+
+    /// A CPU reply.
+    #[repr(C)]
+    pub struct CpuReply {
+        pub header: MsgHeader,
+        pub result: i32,
+        pub apic_index: u32,
+    }
 }
 
+/// Byte offsets of the fields, from the documented layout.
+pub mod offset {
+    use std::mem::offset_of;
+
+    use super::layout::{CpuReply, CpuRequest};
+    use super::MsgHeader as Header;
+
+    /// `magic_version: u32`.
+    pub const MAGIC_VERSION: usize = offset_of!(Header, magic_version);
+    /// `msg_size: u32`.
+    pub const MSG_SIZE: usize = offset_of!(Header, msg_size);
+    /// `msg_type: u32`.
+    pub const MSG_TYPE: usize = offset_of!(Header, msg_type);
+    /// `msg_flags: u32`.
+    pub const MSG_FLAGS: usize = offset_of!(Header, msg_flags);
+    /// CPU request `count: u8`.
+    pub const CPU_COUNT: usize = offset_of!(CpuRequest, count);
+    /// CPU request `apic_ver: u8`.
+    pub const CPU_APIC_VER: usize = offset_of!(CpuRequest, apic_ver);
+    /// CPU request `apic_ids: [u8; 256]`.
+    pub const CPU_APIC_IDS: usize = offset_of!(CpuRequest, apic_ids);
+    /// Reply `result: i32`.
+    pub const REPLY_RESULT: usize = offset_of!(CpuReply, result);
+    /// Reply `apic_index: u32`.
+    pub const REPLY_APIC_INDEX: usize = offset_of!(CpuReply, apic_index);
+}
+
+// The structs have the documented offsets and sizes.
+const _: () = assert!(std::mem::size_of::<MsgHeader>() == MSG_HEADER_SIZE);
+const _: () = assert!(offset::MSG_FLAGS == 12 && offset::CPU_COUNT == 16);
+const _: () = assert!(offset::CPU_APIC_IDS == 18 && offset::REPLY_APIC_INDEX == 20);
 // Every fixed field lies inside one message.
 const _: () = assert!(offset::CPU_APIC_IDS + APIC_ID_SLOTS <= MSG_SIZE);
 const _: () = assert!(offset::REPLY_APIC_INDEX + 4 <= MSG_SIZE);
@@ -198,8 +232,10 @@ impl std::fmt::Display for CpuOp {
     }
 }
 
-/// The 16-byte header of every message, with raw fields as they are on the wire.
+/// The 16-byte header of every message, with raw fields as they are on the wire (in their
+/// wire order: `repr(C)` gives [`offset`] their offsets).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(C)]
 pub struct MsgHeader {
     /// Must be [`MSG_MAGIC_VERSION`].
     pub magic_version: u32,

@@ -15,11 +15,11 @@
 //! `CI=true` when missing, skipped loudly otherwise. No KVM needed.
 
 use std::path::Path;
+use std::time::Duration;
 
 mod common;
 
 use assert_cmd::Command;
-use serde_json::Value;
 
 /// (sockets, cores per socket, threads per core, boot vCPUs).
 const SHAPES: &[(u32, u32, u32, u32)] = &[
@@ -118,16 +118,11 @@ fn check(shape: (u32, u32, u32, u32)) {
     let max = s * c * t;
     let smp = format!("{boot},maxcpus={max},sockets={s},cores={c},threads={t}");
     let dir = tempfile::tempdir().expect("temporary directory");
-    let out = common::succeeded(
-        format!("vcpuctl acpi --smp {smp}"),
-        Command::cargo_bin("vcpuctl")
-            .expect("the vcpuctl binary")
-            .args(["acpi", "--json", "--smp", &smp, "--out"])
-            .arg(dir.path())
-            .timeout(std::time::Duration::from_secs(60))
-            .output(),
+    let dir_arg = dir.path().to_str().expect("a UTF-8 temporary directory");
+    let report = common::run_json_within(
+        &["acpi", "--json", "--smp", &smp, "--out", dir_arg],
+        Duration::from_secs(60),
     );
-    let report: Value = serde_json::from_slice(&out.stdout).expect("vcpuctl acpi --json");
     let over = (0..max).filter(|i| apic_id(shape, *i) > 254).count();
     assert_eq!(report["processors"], max, "{smp}");
     assert_eq!(report["x2apic_entries"], over as u64, "{smp}");

@@ -56,7 +56,7 @@ fn guest_ext_ecx(v: &VcpuCpuidView) -> u32 {
 
 #[test]
 fn every_vcpu_reads_the_templates_bits_and_the_vmms_topology() {
-    if integration::kvm_or_skip("every_vcpu_reads_the_templates_bits").is_none() {
+    if !common::have_kvm("every_vcpu_reads_the_templates_bits") {
         return;
     }
     let template = CpuTemplate::from_file(&template_path("ext-features.json")).unwrap();
@@ -104,7 +104,7 @@ fn every_vcpu_reads_the_templates_bits_and_the_vmms_topology() {
 
 #[test]
 fn the_guest_decodes_the_brand_string_and_the_tsc_leaf() {
-    if integration::kvm_or_skip("the_guest_decodes_the_brand_string_and_the_tsc_leaf").is_none() {
+    if !common::have_kvm("the_guest_decodes_the_brand_string_and_the_tsc_leaf") {
         return;
     }
     let views = cpuid(&spec(None), None).unwrap();
@@ -135,7 +135,7 @@ fn the_guest_decodes_the_brand_string_and_the_tsc_leaf() {
 
 #[test]
 fn vcpuctl_cpuid_json_has_registers_and_kvm_registers() {
-    if integration::kvm_or_skip("vcpuctl_cpuid_json_has_registers_and_kvm_registers").is_none() {
+    if !common::have_kvm("vcpuctl_cpuid_json_has_registers_and_kvm_registers") {
         return;
     }
     let path = template_path("ext-features.json");
@@ -185,7 +185,7 @@ fn a_malformed_template_is_a_usage_error_naming_the_entry() {
 
 #[test]
 fn fingerprints_compare_and_a_template_hides_a_difference() {
-    if integration::kvm_or_skip("fingerprints_compare").is_none() {
+    if !common::have_kvm("fingerprints_compare") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -238,7 +238,7 @@ fn fingerprints_compare_and_a_template_hides_a_difference() {
 /// counter.
 #[test]
 fn demo_openmetrics_parses_with_prometheus_client() {
-    if integration::kvm_or_skip("demo_openmetrics_parses_with_prometheus_client").is_none() {
+    if !common::have_kvm("demo_openmetrics_parses_with_prometheus_client") {
         return;
     }
     let python_has_it = Command::new("python3")

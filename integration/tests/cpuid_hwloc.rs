@@ -13,6 +13,7 @@
 //! `VCPU_REQUIRE_KVM=1` when missing, skipped loudly otherwise).
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 mod common;
 
@@ -88,16 +89,11 @@ fn check(shape: (u32, u32, u32, u32)) -> bool {
     let max = s * d * c * t;
     let smp = format!("1,maxcpus={max},sockets={s},dies={d},cores={c},threads={t}");
     let dir = tempfile::tempdir().expect("temporary directory");
-    let out = common::succeeded(
-        format!("vcpuctl cpuid --smp {smp}"),
-        Command::cargo_bin("vcpuctl")
-            .expect("the vcpuctl binary")
-            .args(["cpuid", "--json", "--smp", &smp, "--hwloc-dir"])
-            .arg(dir.path())
-            .timeout(std::time::Duration::from_secs(120))
-            .output(),
+    let dir_arg = dir.path().to_str().expect("a UTF-8 temporary directory");
+    let vcpus = common::run_json_within(
+        &["cpuid", "--json", "--smp", &smp, "--hwloc-dir", dir_arg],
+        Duration::from_secs(120),
     );
-    let vcpus: Value = serde_json::from_slice(&out.stdout).expect("vcpuctl cpuid --json output");
     let vcpus = vcpus.as_array().expect("a JSON array of vCPUs");
     assert_eq!(vcpus.len(), max as usize, "{smp}: one record per vCPU");
     for (i, v) in (0u32..).zip(vcpus) {
@@ -159,9 +155,7 @@ fn check(shape: (u32, u32, u32, u32)) -> bool {
 
 #[test]
 fn hwloc_sees_the_configured_topology_in_what_guest_code_read() {
-    if integration::kvm_or_skip("hwloc_sees_the_configured_topology_in_what_guest_code_read")
-        .is_none()
-    {
+    if !common::have_kvm("hwloc_sees_the_configured_topology_in_what_guest_code_read") {
         return;
     }
     for &shape in SHAPES {

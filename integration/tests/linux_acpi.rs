@@ -15,110 +15,22 @@
 //! one the tests fail when `CI=true` or `VCPU_REQUIRE_KERNEL=1` and are SKIPPED loudly
 //! otherwise.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Duration;
 
+mod common;
+
+use common::linux::{self, boot_config, kernel_or_skip, vcpus, Console, StopAt, CMDLINE};
 use integration::kvm_or_skip;
-use topology::CpuTopology;
-use vmm_core::boot::{boot_cpus, load_linux, LinuxBootConfig};
-use vmm_core::{
-    build_vm, ExitMonitor, InterruptMode, StopCause, VcpuConfig, VcpuManagerOptions, VmOptions,
-};
+use vmm_core::boot::boot_cpus;
+use vmm_core::{InterruptMode, StopCause, VcpuConfig};
 
-/// Guest RAM.
-const MEMORY: u64 = 256 << 20;
 /// Turns a hang into a failure (two boots share the 2 cores: room for both).
 const BOUND: Duration = Duration::from_secs(400);
-/// The serial console from the first message on, no XSAVE (see `linux_boot.rs`).
-const CMDLINE: &str = "console=ttyS0 earlyprintk=serial,ttyS0 noxsave";
 
-/// The vmlinux to boot, or `None` after a loud SKIPPED (a panic when one is required).
-fn kernel_or_skip(test: &str) -> Option<PathBuf> {
-    if let Ok(p) = std::env::var("VCPU_TEST_KERNEL") {
-        return Some(PathBuf::from(p));
-    }
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-kernel/boot");
-    let mut found: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("vmlinux-") && !n.ends_with(".partial"))
-        })
-        .collect();
-    found.sort();
-    if let Some(p) = found.pop() {
-        return Some(p);
-    }
-    let required = std::env::var("CI").is_ok_and(|v| v == "true")
-        || std::env::var("VCPU_REQUIRE_KERNEL").is_ok_and(|v| v == "1");
-    assert!(
-        !required,
-        "{test}: a test kernel is required: run scripts/fetch-test-kernel.sh"
-    );
-    eprintln!("SKIPPED (no test kernel): {test}: run scripts/fetch-test-kernel.sh");
-    None
-}
-
-/// The serial console: keeps every byte and asks the VM to stop (from the vCPU thread that
-/// writes it) once a line contains `stop_at`.
-#[derive(Clone)]
-struct Console {
-    bytes: Arc<Mutex<Vec<u8>>>,
-    stop_at: &'static str,
-    seen: Arc<AtomicBool>,
-    monitor: Arc<OnceLock<ExitMonitor>>,
-}
-
-impl Console {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.bytes.lock().unwrap()).replace('\r', "")
-    }
-
-    /// The messages, without printk's `[    0.000000] ` timestamps.
-    fn messages(&self) -> Vec<String> {
-        self.text()
-            .lines()
-            .map(|l| match (l.starts_with('['), l.find("] ")) {
-                (true, Some(i)) => l[i + 2..].to_owned(),
-                _ => l.to_owned(),
-            })
-            .collect()
-    }
-}
-
-impl Write for Console {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let mut bytes = self.bytes.lock().unwrap();
-        let start = bytes.len();
-        bytes.extend_from_slice(buf);
-        // Look at the lines this write completed (and the one it continued).
-        let from = bytes[..start]
-            .iter()
-            .rposition(|b| *b == b'\n')
-            .map_or(0, |i| i + 1);
-        let text = String::from_utf8_lossy(&bytes[from..]);
-        if text.contains(self.stop_at) && !self.seen.swap(true, Ordering::AcqRel) {
-            if let Some(m) = self.monitor.get() {
-                let _ = m.request_stop();
-            }
-        }
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-/// Boots `kernel` with `config`; returns the console once the VM stopped at `stop_at`, and
-/// whether an MP table was written. Panics if the VM stops otherwise or not in time.
+/// Boots `kernel` with `config`; returns the console once the VM stopped at `stop_at` (as
+/// soon as the kernel printed it), and whether an MP table was written. Panics if the VM
+/// stops otherwise or not in time.
 fn boot(
     test: &str,
     kernel: &Path,
@@ -127,61 +39,26 @@ fn boot(
     mode: InterruptMode,
 ) -> (Console, bool) {
     let kvm = kvm_or_skip(test).expect("KVM (checked by the caller)");
-    let console = Console {
-        bytes: Arc::default(),
-        stop_at,
-        seen: Arc::default(),
-        monitor: Arc::default(),
-    };
-    let vm_options = VmOptions {
-        memory_size: MEMORY,
-        serial_output: Box::new(console.clone()),
-        ..VmOptions::default()
-    };
-    let (vm, mut vcpus) = build_vm(
+    let b = linux::boot(
         kvm,
-        vm_options,
-        config.clone(),
-        VcpuManagerOptions::default(),
-    )
-    .expect("build the VM");
-    assert_eq!(vcpus.interrupt_mode(), mode, "{test}");
-    let mut boot = LinuxBootConfig::new(kernel);
-    boot.cmdline = CMDLINE.to_owned();
-    let entry = load_linux(vm.memory(), &boot, &boot_cpus(&config).unwrap()).expect("load");
-    let mptable = entry.mptable;
-    let _ = console.monitor.set(vcpus.exit_monitor());
-    let t = Instant::now();
-    vcpus
-        .create_boot_vcpus(Arc::new(entry))
-        .expect("boot vCPUs");
-    vcpus.start_boot_vcpus().expect("start");
-    let stop = vcpus.wait_for_exit(Some(BOUND)).expect("wait for the VM");
-    if stop.is_none() {
-        let _ = vcpus.exit_monitor().request_stop();
-        let _ = vcpus.wait_for_exit(Some(Duration::from_secs(30)));
-    }
-    eprintln!(
-        "----- {test}: console ({:.1} s) -----\n{}\n----- end of console -----",
-        t.elapsed().as_secs_f64(),
-        console.text()
+        &boot_config(kernel, CMDLINE),
+        &config,
+        &boot_cpus(&config).unwrap(),
+        Console::new(StopAt::Text(stop_at)),
+        BOUND,
+        test,
     );
-    match stop {
+    assert_eq!(b.interrupt_mode, mode, "{test}");
+    match b.stop {
         Some(r) if r.reason == StopCause::StopRequested => {}
         other => panic!("{test}: no {stop_at:?} (stop: {other:?})"),
     }
-    (console, mptable)
+    (b.console, b.entry.mptable)
 }
 
-fn vcpus(boot: u32, (s, c, t): (u32, u32, u32)) -> VcpuConfig {
-    VcpuConfig {
-        boot_vcpu_count: boot,
-        max_vcpu_count: s * c * t,
-        topology: CpuTopology::new(s, 1, c, t).unwrap(),
-        vpmu: Default::default(),
-        template: None,
-        vcpu_affinity: Default::default(),
-    }
+/// Whether one of the messages `m` starts with `prefix` and contains `part`.
+fn has_message(m: &[String], prefix: &str, part: &str) -> bool {
+    m.iter().any(|l| l.starts_with(prefix) && l.contains(part))
 }
 
 /// What both shapes must show: the RSDP where we put it, the tables it leads to, ACPI used for
@@ -199,14 +76,11 @@ fn check_acpi_lines(test: &str, m: &[String]) {
         assert!(has(prefix), "{test}: no {prefix:?}");
     }
     assert!(
-        m.iter()
-            .any(|l| l.starts_with("ACPI: LAPIC_NMI (acpi_id[0xff]") && l.contains("lint[0x1]")),
+        has_message(m, "ACPI: LAPIC_NMI (acpi_id[0xff]", "lint[0x1]"),
         "{test}: no LINT1 NMI line"
     );
     assert!(
-        m.iter()
-            .any(|l| l.starts_with("IOAPIC[0]: apic_id ")
-                && l.contains("address 0xfec00000, GSI 0-23")),
+        has_message(m, "IOAPIC[0]: apic_id ", "address 0xfec00000, GSI 0-23"),
         "{test}: no IOAPIC line"
     );
 }
@@ -221,7 +95,7 @@ fn boot_debian(
     mode: InterruptMode,
 ) -> Option<(Vec<String>, bool)> {
     kvm_or_skip(test)?;
-    let kernel = kernel_or_skip(test)?;
+    let kernel = kernel_or_skip(test, "VCPU_TEST_KERNEL", "vmlinux-")?;
     let (console, mptable) = boot(test, &kernel, config, smpboot, mode);
     let m = console.messages();
     check_acpi_lines(test, &m);
@@ -266,8 +140,7 @@ fn debian_kernel_uses_our_madt_and_x2apic_for_300_cpus() {
         "{test}: the BSP is not in x2APIC mode at entry"
     );
     assert!(
-        m.iter()
-            .any(|l| l.starts_with("ACPI: X2APIC_NMI (uid[0xffffffff]") && l.contains("lint[0x1]")),
+        has_message(&m, "ACPI: X2APIC_NMI (uid[0xffffffff]", "lint[0x1]"),
         "{test}: no x2APIC LINT1 NMI line"
     );
     assert!(

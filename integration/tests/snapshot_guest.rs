@@ -23,24 +23,18 @@ use integration::loader::LoadedProgram;
 use vcpu_actor::{DeviceError, IoOutcome};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_core::arch::x86_64::lapic::read_register;
+use vmm_core::devices::le_value;
 use vmm_core::{
-    BusAccess, BusDevice, BusSpace, CpuTopology, VcpuConfig, VcpuManager, VcpuManagerOptions, Vm,
-    VmOptions, VpmuFeatureLevel,
+    BusAccess, BusDevice, BusSpace, VcpuConfig, VcpuManager, VcpuManagerOptions, Vm, VmOptions,
 };
 
 /// Long enough for a loaded 2-core host; only reached when something is wrong.
 const TIMEOUT: Duration = Duration::from_secs(60);
 const MEMORY: u64 = 16 << 20;
 
+/// One vCPU (one socket, die, core and thread), no vPMU.
 fn one_vcpu() -> VcpuConfig {
-    VcpuConfig {
-        boot_vcpu_count: 1,
-        max_vcpu_count: 1,
-        topology: CpuTopology::new(1, 1, 1, 1).unwrap(),
-        vpmu: VpmuFeatureLevel::Disabled,
-        template: None,
-        vcpu_affinity: Default::default(),
-    }
+    VcpuConfig::with_counts(1, 1).expect("one vCPU")
 }
 
 /// `code` loaded into a VM of [`MEMORY`] with [`one_vcpu`] (the vCPU not created yet).
@@ -194,13 +188,6 @@ impl CountPort {
     }
 }
 
-fn le(data: &[u8]) -> u64 {
-    let mut b = [0u8; 8];
-    let n = data.len().min(8);
-    b[..n].copy_from_slice(&data[..n]);
-    u64::from_le_bytes(b)
-}
-
 impl BusDevice for CountPort {
     fn read(&self, _: BusAccess, data: &mut [u8]) -> Result<IoOutcome, DeviceError> {
         let mut s = self.lock();
@@ -215,7 +202,7 @@ impl BusDevice for CountPort {
 
     fn write(&self, _: BusAccess, data: &[u8]) -> Result<IoOutcome, DeviceError> {
         let mut s = self.lock();
-        s.writes.push(le(data));
+        s.writes.push(le_value(data));
         self.maybe_hold(s, Access::Out);
         Ok(IoOutcome::Handled)
     }

@@ -3,12 +3,7 @@
 
 mod common;
 
-use common::run_json;
-
-/// Whether this machine has KVM; `false` prints SKIPPED, and VCPU_REQUIRE_KVM=1 panics.
-fn have_kvm(test: &str) -> bool {
-    integration::kvm_or_skip(test).is_some()
-}
+use common::{have_kvm, run_json};
 
 #[test]
 fn demo_json_shows_topology_pause_resume_resize_and_stop() {

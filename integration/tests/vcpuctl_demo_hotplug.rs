@@ -51,9 +51,7 @@ fn check(channel: &str) {
 
 #[test]
 fn demo_over_upcall_and_over_acpi_reports_what_the_new_vcpus_read() {
-    if integration::kvm_or_skip("demo_over_upcall_and_over_acpi_reports_what_the_new_vcpus_read")
-        .is_none()
-    {
+    if !common::have_kvm("demo_over_upcall_and_over_acpi_reports_what_the_new_vcpus_read") {
         return;
     }
     check("upcall");

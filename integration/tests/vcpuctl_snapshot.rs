@@ -14,9 +14,7 @@ use common::{run_json, vcpuctl};
 use integration::guest::agent::{AgentVm, AgentVmOptions, ApMode, GuestAgent};
 use serde_json::Value;
 use vmm_core::error::SnapshotFile;
-use vmm_core::snapshot::{
-    FileHeader, StateFile, FORMAT_VERSION, HEADER_LEN, MEMORY_FILE, STATE_FILE,
-};
+use vmm_core::snapshot::{StateFile, FORMAT_VERSION, HEADER_LEN, MEMORY_FILE, STATE_FILE};
 use vmm_core::{SnapshotError, VcpuConfig, VcpuManager, VcpuManagerOptions, VmOptions, VmmError};
 
 /// 2 sockets x 3 cores x 2 threads: APIC IDs 6 and 7 do not exist (sparse).
@@ -41,9 +39,7 @@ fn take(dir: &Path, extra: &[&str]) -> Vec<Value> {
 
 #[test]
 fn a_snapshot_with_hot_added_vcpus_continues_in_another_process() {
-    if integration::kvm_or_skip("a_snapshot_with_hot_added_vcpus_continues_in_another_process")
-        .is_none()
-    {
+    if !common::have_kvm("a_snapshot_with_hot_added_vcpus_continues_in_another_process") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -83,15 +79,6 @@ fn a_snapshot_with_hot_added_vcpus_continues_in_another_process() {
     assert_eq!(again["vcpus"][6]["counter_at_restore"], saved[6]["counter"]);
 }
 
-/// Rewrites `path` as a valid file of `kind` with `content` and format `version`.
-fn rewrite(path: &Path, kind: SnapshotFile, version: u32, content: &[u8]) {
-    let mut bytes = FileHeader::for_content(kind, version, content)
-        .encode()
-        .to_vec();
-    bytes.extend_from_slice(content);
-    std::fs::write(path, bytes).unwrap();
-}
-
 fn copy_of(good: &Path) -> tempfile::TempDir {
     let d = tempfile::tempdir().unwrap();
     for f in [STATE_FILE, MEMORY_FILE] {
@@ -114,9 +101,7 @@ fn refused(dir: &Path, case: &str, words: &[&str]) -> String {
 
 #[test]
 fn restore_refuses_every_kind_of_damaged_or_foreign_snapshot() {
-    if integration::kvm_or_skip("restore_refuses_every_kind_of_damaged_or_foreign_snapshot")
-        .is_none()
-    {
+    if !common::have_kvm("restore_refuses_every_kind_of_damaged_or_foreign_snapshot") {
         return;
     }
     let good = tempfile::tempdir().unwrap();
@@ -143,7 +128,7 @@ fn restore_refuses_every_kind_of_damaged_or_foreign_snapshot() {
     let d = copy_of(good.path());
     let p = d.path().join(STATE_FILE);
     let content = std::fs::read(&p).unwrap()[HEADER_LEN..].to_vec();
-    rewrite(&p, SnapshotFile::State, FORMAT_VERSION + 1, &content);
+    common::rewrite_snapshot_file(&p, SnapshotFile::State, FORMAT_VERSION + 1, &content);
     refused(
         d.path(),
         "format version",
@@ -161,7 +146,7 @@ fn restore_refuses_every_kind_of_damaged_or_foreign_snapshot() {
         "GenuineIntel"
     };
     s.state.host.vendor = other.to_string();
-    rewrite(
+    common::rewrite_snapshot_file(
         &p,
         SnapshotFile::State,
         FORMAT_VERSION,
@@ -253,7 +238,7 @@ fn restore_in_process_continues_counting_and_the_tsc_does_not_go_back() {
     let mut s: StateFile =
         serde_json::from_slice(&std::fs::read(&p).unwrap()[HEADER_LEN..]).unwrap();
     s.state.vcpus[1].apic_id = 7;
-    rewrite(
+    common::rewrite_snapshot_file(
         &p,
         SnapshotFile::State,
         FORMAT_VERSION,
@@ -274,7 +259,7 @@ fn restore_in_process_continues_counting_and_the_tsc_does_not_go_back() {
 
 #[test]
 fn bench_has_the_snapshot_rows_with_both_sides() {
-    if integration::kvm_or_skip("bench_has_the_snapshot_rows_with_both_sides").is_none() {
+    if !common::have_kvm("bench_has_the_snapshot_rows_with_both_sides") {
         return;
     }
     let v = run_json(&["bench", "--quick", "--boot-runs", "0", "--json"]);

@@ -4,8 +4,9 @@
 
 use std::io::Write;
 use std::os::fd::RawFd;
-use std::sync::mpsc;
 use std::time::Duration;
+
+mod common;
 
 use integration::guest::{self, GuestVm, SHUTDOWN_MESSAGE};
 use integration::kvm_or_skip;
@@ -69,17 +70,7 @@ fn run_shutdown_guest(
     if let Ok(status) = status {
         assert!(status.contains("Seccomp:\t2"), "{status}");
     }
-    let (tx, rx) = mpsc::channel();
-    let mut g = g;
-    let waiter = std::thread::spawn(move || {
-        let r = g.vcpus.run_until_exit();
-        let _ = tx.send(());
-        (g, r)
-    });
-    rx.recv_timeout(GENEROUS)
-        .expect("run_until_exit did not return: the VM did not stop");
-    let (g, stop) = waiter.join().expect("waiter thread");
-    (g, stop.expect("event loop"))
+    common::run_until_exit_within(g, GENEROUS, "the VM did not stop")
 }
 
 #[test]

@@ -8,22 +8,17 @@ use std::time::Duration;
 use integration::guest::{smp_counter, GuestVm};
 use integration::kvm_or_skip;
 use integration::loader::load_program;
-use topology::CpuTopology;
+use topology::{CpuTopology, SmpConfig};
 use vcpu_actor::VcpuState;
 use vmm_core::{VcpuConfig, VcpuManagerOptions, VmOptions};
 use vpmu::VpmuFeatureLevel;
 
 const GENEROUS: Duration = Duration::from_secs(30);
 
+/// 4 of max 8 vCPUs: 2 sockets x 2 cores x 2 threads, no vPMU.
 fn config() -> VcpuConfig {
-    VcpuConfig {
-        boot_vcpu_count: 4,
-        max_vcpu_count: 8,
-        topology: CpuTopology::new(2, 1, 2, 2).unwrap(),
-        vpmu: VpmuFeatureLevel::Disabled,
-        template: None,
-        vcpu_affinity: Default::default(),
-    }
+    let smp = SmpConfig::new(4, 8, CpuTopology::new(2, 1, 2, 2).unwrap()).unwrap();
+    VcpuConfig::from_smp(smp, VpmuFeatureLevel::Disabled)
 }
 
 /// Waits (blocking in short sleeps, only to turn a hang into a failure) until `cond` holds.
@@ -81,11 +76,7 @@ fn vm_smp_boot_reports_apic_ids_and_pause_resume_exit_all() {
 
     // Pause all: every counter stops.
     g.vcpus.pause_all().expect("pause all");
-    assert!(g
-        .vcpus
-        .present_vcpus()
-        .iter()
-        .all(|v| v.state == VcpuState::Paused));
+    assert!(g.all_vcpus_in(VcpuState::Paused));
     let paused = g.counters();
     std::thread::sleep(Duration::from_millis(50));
     assert_eq!(g.counters(), paused, "counters moved while paused");

@@ -2,8 +2,10 @@
 //! VM through the exit EventFd and the event loop; so does a stop request from the API.
 
 use std::io::Write;
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+mod common;
 
 use integration::guest::{self, smp_counter, GuestCode, GuestVm, SHUTDOWN_MESSAGE, SHUTDOWN_VALUE};
 use integration::kvm_or_skip;
@@ -95,7 +97,7 @@ fn vm_stop_shutdown_port_stops_the_vm_through_run_until_exit() {
         return;
     };
     let console = SharedBuf::default();
-    let mut g = start_with(
+    let g = start_with(
         kvm,
         guest::shutdown_port(),
         VmOptions {
@@ -103,17 +105,8 @@ fn vm_stop_shutdown_port_stops_the_vm_through_run_until_exit() {
             ..Default::default()
         },
     );
-    // run_until_exit blocks without a limit: run it on a thread to turn a hang into a failure.
-    let (tx, rx) = mpsc::channel();
-    let waiter = std::thread::spawn(move || {
-        let r = g.vcpus.run_until_exit();
-        let _ = tx.send(());
-        (g, r)
-    });
-    rx.recv_timeout(GENEROUS)
-        .expect("run_until_exit did not return: the shutdown port did not stop the VM");
-    let (g, stop) = waiter.join().expect("waiter thread");
-    let stop = stop.expect("event loop");
+    let (g, stop) =
+        common::run_until_exit_within(g, GENEROUS, "the shutdown port did not stop the VM");
     assert_eq!(stop.vcpu_id, Some(0));
     match &stop.reason {
         StopCause::VcpuExit(VcpuExitReason::DeviceRequestedStop { vcpu_id: 0, rip }) => {

@@ -24,11 +24,7 @@ fn duration_max_timeouts_pause_resume_and_exit_without_overflow() {
         .expect("create the VM");
     g.vcpus.start_boot_vcpus().expect("start");
     g.vcpus.pause_all().expect("pause with Duration::MAX");
-    assert!(g
-        .vcpus
-        .present_vcpus()
-        .iter()
-        .all(|v| v.state == VcpuState::Paused));
+    assert!(g.all_vcpus_in(VcpuState::Paused));
     g.vcpus.resume_all().expect("resume with Duration::MAX");
     g.vcpus.exit_all().expect("exit with Duration::MAX");
     assert!(g.vcpus.present_vcpus().is_empty());

@@ -14,8 +14,7 @@ use integration::kvm_or_skip;
 use vmm_core::arch::x86_64::msr::IA32_TSC;
 use vmm_core::error::SnapshotFile;
 use vmm_core::snapshot::{
-    self, FileHeader, HostInfo, SnapshotState, StateFile, FORMAT_VERSION, HEADER_LEN, MEMORY_FILE,
-    STATE_FILE,
+    self, HostInfo, SnapshotState, StateFile, FORMAT_VERSION, HEADER_LEN, MEMORY_FILE, STATE_FILE,
 };
 use vmm_core::{CpuTopology, SnapshotError};
 
@@ -135,15 +134,6 @@ fn a_restored_guest_continues_counting_on_every_vcpu() {
     common::assert_tsc_advanced(&saved.vcpus, &after.vcpus);
 }
 
-/// Rewrites `path` as a valid file of `kind` with `content` and format `version`.
-fn rewrite(path: &Path, kind: SnapshotFile, version: u32, content: &[u8]) {
-    let mut bytes = FileHeader::for_content(kind, version, content)
-        .encode()
-        .to_vec();
-    bytes.extend_from_slice(content);
-    std::fs::write(path, bytes).unwrap();
-}
-
 fn flip(path: &Path, at: usize) {
     let mut b = std::fs::read(path).unwrap();
     b[at] ^= 0x5a;
@@ -163,7 +153,7 @@ fn state_json(dir: &Path) -> StateFile {
 
 fn write_state_json(dir: &Path, s: &StateFile) {
     let json = serde_json::to_vec(s).unwrap();
-    rewrite(
+    common::rewrite_snapshot_file(
         &dir.join(STATE_FILE),
         SnapshotFile::State,
         FORMAT_VERSION,
@@ -247,7 +237,7 @@ fn damaged_or_foreign_snapshots_are_refused_with_their_error() {
     let d = case();
     let p = d.path().join(STATE_FILE);
     let content = std::fs::read(&p).unwrap()[HEADER_LEN..].to_vec();
-    rewrite(&p, SnapshotFile::State, FORMAT_VERSION + 1, &content);
+    common::rewrite_snapshot_file(&p, SnapshotFile::State, FORMAT_VERSION + 1, &content);
     let e = restore_error(d.path());
     assert!(
         matches!(e, SnapshotError::FormatVersion { found, supported, .. }
@@ -257,7 +247,7 @@ fn damaged_or_foreign_snapshots_are_refused_with_their_error() {
 
     // Valid JSON of the wrong shape, under a valid header: a parse error.
     let d = case();
-    rewrite(
+    common::rewrite_snapshot_file(
         &d.path().join(STATE_FILE),
         SnapshotFile::State,
         FORMAT_VERSION,
@@ -281,7 +271,7 @@ fn damaged_or_foreign_snapshots_are_refused_with_their_error() {
     let p = d.path().join(MEMORY_FILE);
     let mut content = std::fs::read(&p).unwrap()[HEADER_LEN..].to_vec();
     content[0x30_0000] ^= 1;
-    rewrite(&p, SnapshotFile::Memory, FORMAT_VERSION, &content);
+    common::rewrite_snapshot_file(&p, SnapshotFile::Memory, FORMAT_VERSION, &content);
     assert!(matches!(
         restore_error(d.path()),
         SnapshotError::MemoryFileMismatch { .. }

@@ -91,13 +91,6 @@ impl Gate {
     }
 }
 
-fn le(data: &[u8]) -> u64 {
-    let mut b = [0u8; 8];
-    let n = data.len().min(8);
-    b[..n].copy_from_slice(&data[..n]);
-    u64::from_le_bytes(b)
-}
-
 impl ExitHandler for Gate {
     fn pio_read(&self, _: u32, port: u16, data: &mut [u8]) -> Result<IoOutcome, DeviceError> {
         let mut s = self.state.lock().expect("gate lock");
@@ -112,7 +105,7 @@ impl ExitHandler for Gate {
 
     fn pio_write(&self, _: u32, _: u16, data: &[u8]) -> Result<IoOutcome, DeviceError> {
         let mut s = self.state.lock().expect("gate lock");
-        let n = le(data);
+        let n = common::le_value(data);
         s.written.push(n);
         self.maybe_block(s, Access::Out, n);
         Ok(IoOutcome::Handled)

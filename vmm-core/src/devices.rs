@@ -25,6 +25,15 @@ pub const COM1_GSI: u32 = 4;
 /// The VM's shutdown port: a guest write of any size and value asks the VMM to stop the VM.
 pub const SHUTDOWN_PORT: u16 = 0x600;
 
+/// The value a device access carries in `data`: its bytes as a little-endian number (the
+/// first 8 bytes of a longer access).
+pub fn le_value(data: &[u8]) -> u64 {
+    let mut v = [0u8; 8];
+    let n = data.len().min(8);
+    v[..n].copy_from_slice(&data[..n]);
+    u64::from_le_bytes(v)
+}
+
 /// An interrupt line driven by writing an EventFd that KVM knows as an irqfd.
 #[derive(Debug)]
 pub struct IrqLine(EventFd);
@@ -143,11 +152,7 @@ impl BusDevice for ShutdownPort {
     }
 
     fn write(&self, _access: BusAccess, data: &[u8]) -> Result<IoOutcome, DeviceError> {
-        let mut v = [0u8; 8];
-        let n = data.len().min(8);
-        v[..n].copy_from_slice(&data[..n]);
-        self.last_value
-            .store(u64::from_le_bytes(v), Ordering::Relaxed);
+        self.last_value.store(le_value(data), Ordering::Relaxed);
         Ok(IoOutcome::StopVm)
     }
 }

@@ -12,7 +12,7 @@ use std::cell::Cell;
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
-use std::sync::Once;
+use std::sync::OnceLock;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -117,21 +117,44 @@ pub fn bare_create(n: u32) -> Result<Duration, IntegrationError> {
     Ok(took)
 }
 
-extern "C" fn bare_kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
-/// The kick signal, its (empty) handler installed once per process.
-fn kick_signal() -> Result<libc::c_int, IntegrationError> {
-    static INSTALL: Once = Once::new();
-    let signal = vmm_sys_util::signal::SIGRTMIN() + BARE_KICK_OFFSET;
-    let mut installed = Ok(());
-    INSTALL.call_once(|| {
-        installed = vmm_sys_util::signal::register_signal_handler(signal, bare_kick_handler)
-            .map_err(|e| {
-                IntegrationError::Guest(format!("installing the bare kick signal handler: {e}"))
-            });
-    });
-    installed.map(|()| signal)
+/// A real-time signal `SIGRTMIN + offset` that interrupts a thread's `KVM_RUN`: its (empty)
+/// handler is installed once per process, on first use.
+#[derive(Debug)]
+pub(super) struct KickSignal {
+    offset: libc::c_int,
+    /// What the signal is for, in an error message.
+    what: &'static str,
+    installed: OnceLock<Result<libc::c_int, String>>,
 }
+
+impl KickSignal {
+    /// The signal `SIGRTMIN + offset`, for `what`.
+    pub(super) const fn new(offset: libc::c_int, what: &'static str) -> Self {
+        Self {
+            offset,
+            what,
+            installed: OnceLock::new(),
+        }
+    }
+
+    /// The signal number, its handler installed.
+    pub(super) fn get(&self) -> Result<libc::c_int, IntegrationError> {
+        self.installed
+            .get_or_init(|| {
+                let signal = vmm_sys_util::signal::SIGRTMIN() + self.offset;
+                vmm_sys_util::signal::register_signal_handler(signal, kick_handler)
+                    .map(|()| signal)
+                    .map_err(|e| format!("installing the handler of the {}: {e}", self.what))
+            })
+            .clone()
+            .map_err(IntegrationError::Guest)
+    }
+}
+
+/// The bare kick signal.
+static BARE_KICK: KickSignal = KickSignal::new(BARE_KICK_OFFSET, "bare kick signal");
 
 #[derive(Debug)]
 struct KickThread {
@@ -172,7 +195,7 @@ fn kick_thread(mut fd: VcpuFd, go: Receiver<()>, ack: Sender<()>) {
 impl KickedVcpus {
     /// One thread per fd of `bare` (they own the fds), each waiting to be resumed.
     pub fn spawn(bare: BareVm, fds: Vec<VcpuFd>) -> Result<Self, IntegrationError> {
-        let signal = kick_signal()?;
+        let signal = BARE_KICK.get()?;
         let (ack_tx, acks) = channel();
         let mut threads = Vec::with_capacity(fds.len());
         for (i, mut fd) in fds.into_iter().enumerate() {

@@ -119,10 +119,7 @@ pub fn bench_resize(
         HotplugChannel::Upcall => {
             let upcall = attach_upcall(
                 &mut vm,
-                AgentUpcallOptions {
-                    logger: options.logger.clone(),
-                    ..AgentUpcallOptions::default()
-                },
+                AgentUpcallOptions::with_logger(options.logger.clone()),
             )?;
             (Some(upcall), None)
         }

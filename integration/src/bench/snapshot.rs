@@ -17,7 +17,7 @@
 use std::os::unix::thread::JoinHandleExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Once};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -30,6 +30,7 @@ use vmm_core::arch::x86_64::vm_state;
 use vmm_core::snapshot::{self, HostInfo, SnapshotConfig, SnapshotState, VcpuSnapshot};
 use vmm_core::{BootEntry, CpuTopology, CpuVendor, Vm, VmOptions, VpmuFeatureLevel};
 
+use super::bare::KickSignal;
 use super::BenchLine;
 use crate::guest::GuestCode;
 use crate::loader::load_program;
@@ -230,20 +231,8 @@ impl StateVm {
     }
 }
 
-extern "C" fn runner_kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
-
-fn runner_signal() -> Result<libc::c_int, IntegrationError> {
-    static INSTALL: Once = Once::new();
-    let signal = vmm_sys_util::signal::SIGRTMIN() + RUNNER_KICK_OFFSET;
-    let mut installed = Ok(());
-    INSTALL.call_once(|| {
-        installed = vmm_sys_util::signal::register_signal_handler(signal, runner_kick_handler)
-            .map_err(|e| {
-                IntegrationError::Guest(format!("installing the runner's kick signal: {e}"))
-            });
-    });
-    installed.map(|()| signal)
-}
+/// The kick signal of [`VcpuRunner`].
+static RUNNER_KICK: KickSignal = KickSignal::new(RUNNER_KICK_OFFSET, "runner's kick signal");
 
 /// What a runner thread returns: the fd, or why the vCPU stopped.
 type RunnerResult = Result<VcpuFd, String>;
@@ -282,7 +271,7 @@ fn run_loop(mut fd: VcpuFd, stop: &AtomicBool, exits: &AtomicU64) -> RunnerResul
 impl VcpuRunner {
     /// One thread per fd, running at once.
     pub fn start(fds: Vec<VcpuFd>) -> Result<Self, IntegrationError> {
-        let signal = runner_signal()?;
+        let signal = RUNNER_KICK.get()?;
         let stop = Arc::new(AtomicBool::new(false));
         let exits = Arc::new(AtomicU64::new(0));
         let threads = fds

@@ -192,13 +192,7 @@ fn demo_resize(
 ) -> Result<Vec<ResizeStep>, CliError> {
     let (_upcall, acpi) = match channel {
         HotplugChannel::Upcall => {
-            let upcall = attach_upcall(
-                vm,
-                AgentUpcallOptions {
-                    logger: spec.logger.clone(),
-                    ..AgentUpcallOptions::default()
-                },
-            )?;
+            let upcall = attach_upcall(vm, AgentUpcallOptions::with_logger(spec.logger.clone()))?;
             (Some(upcall), None)
         }
         HotplugChannel::Acpi => {

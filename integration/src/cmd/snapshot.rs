@@ -84,10 +84,7 @@ pub fn snapshot(
         Some(n) => {
             let upcall = attach_upcall(
                 &mut vm,
-                AgentUpcallOptions {
-                    logger: spec.logger.clone(),
-                    ..AgentUpcallOptions::default()
-                },
+                AgentUpcallOptions::with_logger(spec.logger.clone()),
             )?;
             let _p = out.progress(format!("hot-adding vCPUs over upcall: {boot} -> {n}"));
             vm.vcpus.resize_vcpus(n)?;

@@ -5,7 +5,9 @@ use std::sync::Arc;
 
 use crate::loader::{load_program, LoadedProgram};
 use vm_memory::{Bytes, GuestAddress};
-use vmm_core::{build_vm, BusSpace, VcpuConfig, VcpuManager, VcpuManagerOptions, Vm, VmOptions};
+use vmm_core::{
+    build_vm, BusSpace, VcpuConfig, VcpuManager, VcpuManagerOptions, VcpuState, Vm, VmOptions,
+};
 
 use super::{counter_addr, ports, CpuidReports, GuestCode};
 use crate::IntegrationError;
@@ -84,5 +86,10 @@ impl GuestVm {
             .iter()
             .map(|v| self.counter(v.apic_id))
             .collect()
+    }
+
+    /// Whether every present vCPU is in `state`.
+    pub fn all_vcpus_in(&self, state: VcpuState) -> bool {
+        self.vcpus.present_vcpus().iter().all(|v| v.state == state)
     }
 }

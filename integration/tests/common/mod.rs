@@ -4,10 +4,13 @@
 //! Each test binary includes this module with `mod common;` and uses only some of it.
 #![allow(dead_code)]
 
+pub mod linux;
+
 use std::fmt::Display;
 use std::io::{self, ErrorKind};
 use std::path::Path;
 use std::process::{Command, Output};
+use std::time::Duration;
 
 use assert_cmd::cargo::CommandCargoExt;
 use serde_json::Value;
@@ -50,6 +53,21 @@ pub fn stdout_json(what: impl Display, out: &Output) -> Value {
 pub fn run_json(args: &[&str]) -> Value {
     let what = format!("vcpuctl {args:?}");
     let out = succeeded(&what, vcpuctl().args(args).output());
+    stdout_json(&what, &out)
+}
+
+/// Runs `vcpuctl args`, killed after `limit`, which must succeed, and returns the JSON it
+/// printed.
+pub fn run_json_within(args: &[&str], limit: Duration) -> Value {
+    let what = format!("vcpuctl {args:?}");
+    let out = succeeded(
+        &what,
+        assert_cmd::Command::cargo_bin("vcpuctl")
+            .expect("the vcpuctl binary")
+            .args(args)
+            .timeout(limit)
+            .output(),
+    );
     stdout_json(&what, &out)
 }
 
@@ -160,6 +178,12 @@ pub fn run_tool(dir: &Path, tool: &str, args: &[&str]) -> String {
     text
 }
 
+/// Whether this machine has KVM for `test`; `false` prints SKIPPED, and `VCPU_REQUIRE_KVM=1`
+/// panics (see [`integration::kvm_or_skip`]).
+pub fn have_kvm(test: &str) -> bool {
+    integration::kvm_or_skip(test).is_some()
+}
+
 /// `/dev/kvm` for `test` when this KVM allows `vcpus` vCPUs and vCPU IDs; `None` after
 /// printing SKIPPED otherwise (see [`integration::kvm_or_skip`] for a missing KVM).
 pub fn kvm_allowing(test: &str, vcpus: u32) -> Option<kvm_ioctls::Kvm> {
@@ -170,4 +194,39 @@ pub fn kvm_allowing(test: &str, vcpus: u32) -> Option<kvm_ioctls::Kvm> {
         return None;
     }
     Some(kvm)
+}
+
+/// Rewrites the snapshot file `path` as a valid file of `kind` with `content` and format
+/// `version` (a header that matches `content`, then `content`).
+pub fn rewrite_snapshot_file(
+    path: &Path,
+    kind: vmm_core::error::SnapshotFile,
+    version: u32,
+    content: &[u8],
+) {
+    let mut bytes = vmm_core::snapshot::FileHeader::for_content(kind, version, content)
+        .encode()
+        .to_vec();
+    bytes.extend_from_slice(content);
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// Runs `g`'s vCPUs until the VM stops (`run_until_exit`, which blocks without a limit) on a
+/// thread, so that a hang becomes a failure: panics saying `no_stop` when the VM has not
+/// stopped within `limit`. Returns the VM and why it stopped.
+pub fn run_until_exit_within(
+    mut g: integration::guest::GuestVm,
+    limit: Duration,
+    no_stop: &str,
+) -> (integration::guest::GuestVm, vmm_core::VmStopReason) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let waiter = std::thread::spawn(move || {
+        let r = g.vcpus.run_until_exit();
+        let _ = tx.send(());
+        (g, r)
+    });
+    rx.recv_timeout(limit)
+        .unwrap_or_else(|_| panic!("run_until_exit did not return: {no_stop}"));
+    let (g, stop) = waiter.join().expect("waiter thread");
+    (g, stop.expect("event loop"))
 }

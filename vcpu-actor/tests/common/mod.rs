@@ -328,7 +328,9 @@ impl Recorder {
     }
 }
 
-fn le_value(data: &[u8]) -> u64 {
+/// The value of a port or MMIO access's `data`: its bytes as a little-endian number (the
+/// first 8 of a longer access).
+pub fn le_value(data: &[u8]) -> u64 {
     let mut b = [0u8; 8];
     let n = data.len().min(8);
     b[..n].copy_from_slice(&data[..n]);

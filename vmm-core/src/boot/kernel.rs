@@ -34,11 +34,15 @@ impl fmt::Display for KernelFormat {
 
 /// Boot-protocol constants of the setup header.
 pub mod header {
+    use std::mem::offset_of;
+
+    use linux_loader::loader::bootparam::{boot_params, setup_header};
+
     consts! {
         MAGIC: u32 = 0x5372_6448, "`setup_header.header`: \"HdrS\".";
         BOOT_FLAG: u16 = 0xaa55, "`setup_header.boot_flag`.";
-        OFFSET: u64 = 0x1f1, "Offset of the setup header in a bzImage (and in the zero page).";
-        MAGIC_OFFSET: usize = 0x202, "Offset of the \"HdrS\" magic in a bzImage.";
+        OFFSET: u64 = offset_of!(boot_params, hdr) as u64, "Offset of the setup header in a bzImage (and in the zero page): 0x1f1.";
+        MAGIC_OFFSET: usize = offset_of!(boot_params, hdr) + offset_of!(setup_header, header), "Offset of the \"HdrS\" magic in a bzImage: 0x202.";
         VERSION_XLOADFLAGS: u16 = 0x020c, "The first protocol version with `xloadflags` (2.12).";
         VERSION_INIT_SIZE: u16 = 0x020a, "The first protocol version with `pref_address` and `init_size` (2.10).";
         VERSION_CMDLINE_SIZE: u16 = 0x0206, "The first protocol version with `cmdline_size` (2.06).";
@@ -50,22 +54,33 @@ pub mod header {
     }
 }
 
-/// ELF identification and header fields we check before handing the file to linux-loader.
+/// ELF identification and header fields we check before handing the file to linux-loader:
+/// the values of the ELF specification as linux-loader defines them, the offsets and sizes
+/// of its `repr(C)` ELF64 headers.
 mod elf {
-    pub const MAGIC: [u8; 4] = [0x7f, b'E', b'L', b'F'];
-    pub const CLASS_64: u8 = 2;
-    pub const DATA_LSB: u8 = 1;
-    pub const MACHINE_X86_64: u16 = 62;
-    pub const OFF_CLASS: usize = 4;
-    pub const OFF_DATA: usize = 5;
-    pub const OFF_MACHINE: usize = 18;
-    pub const OFF_PHOFF: usize = 0x20;
-    pub const OFF_PHENTSIZE: usize = 0x36;
-    pub const OFF_PHNUM: usize = 0x38;
-    pub const HEADER_SIZE: usize = 0x40;
-    pub const PHDR_SIZE: usize = 0x38;
-    pub const PT_LOAD: u32 = 1;
+    use std::mem::{offset_of, size_of};
+
+    use linux_loader::elf::{Elf64_Ehdr, Elf64_Phdr};
+    pub use linux_loader::elf::{
+        EI_CLASS as OFF_CLASS, EI_DATA as OFF_DATA, ELFCLASS64 as CLASS_64,
+        ELFDATA2LSB as DATA_LSB, ELFMAG as MAGIC, EM_X86_64 as MACHINE_X86_64, PT_LOAD,
+    };
+
+    pub const OFF_MACHINE: usize = offset_of!(Elf64_Ehdr, e_machine);
+    pub const OFF_PHOFF: usize = offset_of!(Elf64_Ehdr, e_phoff);
+    pub const OFF_PHENTSIZE: usize = offset_of!(Elf64_Ehdr, e_phentsize);
+    pub const OFF_PHNUM: usize = offset_of!(Elf64_Ehdr, e_phnum);
+    pub const HEADER_SIZE: usize = size_of::<Elf64_Ehdr>();
+    pub const PHDR_SIZE: usize = size_of::<Elf64_Phdr>();
+    /// Offsets in a program header.
+    pub const PH_TYPE: usize = offset_of!(Elf64_Phdr, p_type);
+    pub const PH_PADDR: usize = offset_of!(Elf64_Phdr, p_paddr);
+    pub const PH_FILESZ: usize = offset_of!(Elf64_Phdr, p_filesz);
+    pub const PH_MEMSZ: usize = offset_of!(Elf64_Phdr, p_memsz);
 }
+// The sizes the checks and messages below rely on.
+const _: () = assert!(elf::HEADER_SIZE == 0x40 && elf::PHDR_SIZE == 56);
+const _: () = assert!(header::OFFSET == 0x1f1 && header::MAGIC_OFFSET == 0x202);
 
 /// A kernel in guest memory.
 #[derive(Clone, Copy, Debug)]
@@ -151,7 +166,7 @@ pub fn detect_format(path: &Path, file: &mut File) -> Result<KernelFormat, BootE
     let mut head = [0u8; header::MAGIC_OFFSET + 4];
     let n = read_prefix(file, &mut head).map_err(read_err(path))?;
     let head = &head[..n];
-    if head.starts_with(&elf::MAGIC) {
+    if head.starts_with(elf::MAGIC) {
         let is_x86_64 = head.len() >= elf::HEADER_SIZE
             && head[elf::OFF_CLASS] == elf::CLASS_64
             && head[elf::OFF_DATA] == elf::DATA_LSB
@@ -226,10 +241,10 @@ fn elf_footprint(path: &Path, file: &mut File) -> Result<u64, BootError> {
         .map_err(read_err(path))?;
     let mut end = 0u64;
     for ph in phdrs.chunks_exact(phentsize) {
-        let p_type = u32_at(ph, 0);
-        let p_paddr = u64_at(ph, 0x18);
-        let p_filesz = u64_at(ph, 0x20);
-        let p_memsz = u64_at(ph, 0x28);
+        let p_type = u32_at(ph, elf::PH_TYPE);
+        let p_paddr = u64_at(ph, elf::PH_PADDR);
+        let p_filesz = u64_at(ph, elf::PH_FILESZ);
+        let p_memsz = u64_at(ph, elf::PH_MEMSZ);
         if p_type == elf::PT_LOAD && p_filesz != 0 {
             end = end.max(p_paddr.saturating_add(p_memsz));
         }

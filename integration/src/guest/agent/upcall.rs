@@ -48,6 +48,16 @@ impl Default for AgentUpcallOptions {
     }
 }
 
+impl AgentUpcallOptions {
+    /// The defaults, logging to `logger`.
+    pub fn with_logger(logger: Logger) -> Self {
+        Self {
+            logger,
+            ..Self::default()
+        }
+    }
+}
+
 /// The guest side of the channel; it stops (and removes its socket) when dropped.
 #[derive(Debug)]
 pub struct AgentUpcall {
