@@ -116,28 +116,21 @@ pub enum ViolationAction {
     KillProcess,
 }
 
-/// `SECCOMP_RET_LOG` (include/uapi/linux/seccomp.h).
-const RET_LOG: u32 = 0x7ffc_0000;
-
 impl ViolationAction {
-    /// The filter's return value for a violation (`SECCOMP_RET_*`, include/uapi/linux/seccomp.h).
+    /// The filter's return value for a violation (`SECCOMP_RET_*`).
     fn ret_value(self) -> u32 {
-        const RET_KILL_THREAD: u32 = 0;
-        const RET_TRAP: u32 = 0x0003_0000;
-        const RET_ERRNO: u32 = 0x0005_0000;
-        const RET_DATA: u32 = 0xffff;
         match self {
-            ViolationAction::StopVm => RET_TRAP,
+            ViolationAction::StopVm => libc::SECCOMP_RET_TRAP,
             // Errno values are small positive numbers; anything else is clamped to EPERM.
             ViolationAction::Errno(e) => {
                 let errno = u32::try_from(e)
                     .ok()
-                    .filter(|&e| e <= RET_DATA)
+                    .filter(|&e| e <= libc::SECCOMP_RET_DATA)
                     .unwrap_or(libc::EPERM.unsigned_abs());
-                RET_ERRNO | errno
+                libc::SECCOMP_RET_ERRNO | errno
             }
-            ViolationAction::KillThread => RET_KILL_THREAD,
-            ViolationAction::KillProcess => bpf::RET_KILL_PROCESS,
+            ViolationAction::KillThread => libc::SECCOMP_RET_KILL_THREAD,
+            ViolationAction::KillProcess => libc::SECCOMP_RET_KILL_PROCESS,
         }
     }
 }
@@ -264,7 +257,7 @@ impl SeccompMode {
             SeccompMode::Log {
                 extra_syscalls,
                 extra_write_fds,
-            } => (RET_LOG, extra_syscalls, extra_write_fds),
+            } => (libc::SECCOMP_RET_LOG, extra_syscalls, extra_write_fds),
         };
         let mut rules = thread_rules(vcpu_fd, exit_evt_fd, write_fds)?;
         for &nr in extra {
@@ -558,21 +551,6 @@ mod tests {
         assert_eq!(SeccompMode::default(), SeccompMode::stop_vm());
         assert!(SeccompMode::default().traps());
         assert!(!SeccompMode::errno_eperm().traps());
-    }
-
-    #[test]
-    fn every_mode_compiles() {
-        for m in [
-            SeccompMode::default(),
-            SeccompMode::errno_eperm(),
-            SeccompMode::kill(),
-            SeccompMode::enforce(ViolationAction::KillThread),
-            SeccompMode::log(),
-            SeccompMode::default().with_write_fds([1, 2]),
-        ] {
-            let prog = m.compile(10, 11).unwrap().unwrap();
-            assert!(prog.len() > vcpu_ioctls().len(), "{m:?}");
-        }
     }
 
     #[test]

@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{
-    exit_and_join, expect, guests, kvm_test, run_in_rounds, wait_event, wait_until, Recorder,
-    TestVm, AP_CODE_ADDR, CODE_ADDR, DATA_ADDR, TIMEOUT,
+    exit_and_join, expect, expect_refused, guests, kvm_test, run_in_rounds, wait_event, wait_until,
+    Recorder, TestVm, AP_CODE_ADDR, CODE_ADDR, DATA_ADDR, TIMEOUT,
 };
 use vcpu_actor::{
     IoAccess, PendingVcpu, ReplyOutcome, SeccompMode, VcpuError, VcpuExitReason, VcpuHandle,
@@ -16,19 +16,7 @@ use vcpu_actor::{
 };
 
 fn expect_not_allowed(h: &VcpuHandle, req: VcpuRequest) {
-    let reply = h.request(req, TIMEOUT).expect("reply");
-    match &reply.outcome {
-        ReplyOutcome::NotAllowed { request, state } => {
-            assert_eq!((*request, *state), (req, VcpuState::WaitingExit));
-            let why = reply.refusal().expect("a refusal").to_string();
-            assert!(
-                why.contains("waiting_exit") && why.contains(&req.to_string()),
-                "{why}"
-            )
-        }
-        other => panic!("{req} in waiting_exit: expected NotAllowed, got {other:?}"),
-    }
-    assert!(!reply.is_ok());
+    expect_refused(h, req, VcpuState::WaitingExit);
 }
 
 kvm_test!(triple_fault_waits_for_exit, false, |vm| {

@@ -7,8 +7,8 @@ mod common;
 use std::sync::{Arc, Condvar, Mutex};
 
 use common::{
-    expect, guests, kvm_test, wait_event, wait_until, Recorder, AP_CODE_ADDR, CODE_ADDR, DATA_ADDR,
-    TIMEOUT,
+    expect, expect_refused, guests, kvm_test, wait_event, wait_until, Recorder, AP_CODE_ADDR,
+    CODE_ADDR, DATA_ADDR, TIMEOUT,
 };
 use kvm_bindings::{KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_UNINITIALIZED};
 use vcpu_actor::{PendingVcpu, ReplyOutcome, VcpuHandle, VcpuOptions, VcpuRequest, VcpuState};
@@ -42,20 +42,7 @@ kvm_test!(
         // Running, the AP's thread blocks inside KVM_RUN: the request is refused at once (the
         // kick brings the thread out to answer), never left waiting behind KVM_RUN.
         expect(&ap, VcpuRequest::Resume, ReplyOutcome::Resumed);
-        let reply = ap.request(VcpuRequest::GetMpState, TIMEOUT).expect("reply");
-        assert_eq!(
-            reply.outcome,
-            ReplyOutcome::NotAllowed {
-                request: VcpuRequest::GetMpState,
-                state: VcpuState::Running
-            }
-        );
-        assert!(!reply.is_ok());
-        let why = reply.refusal().expect("a refusal").to_string();
-        assert!(
-            why.contains("get_mp_state") && why.contains("running"),
-            "{why}"
-        );
+        expect_refused(&ap, VcpuRequest::GetMpState, VcpuState::Running);
         assert_eq!(ap.state(), VcpuState::Running);
 
         // Paused again: still waiting for SIPI.

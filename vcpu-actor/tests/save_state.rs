@@ -5,7 +5,9 @@ mod common;
 
 use std::sync::{Arc, Condvar, Mutex};
 
-use common::{expect, guests, kvm_test, Recorder, TestVm, CODE_ADDR, DATA_ADDR, TIMEOUT};
+use common::{
+    expect, expect_refused, guests, kvm_test, Recorder, TestVm, CODE_ADDR, DATA_ADDR, TIMEOUT,
+};
 use kvm_ioctls::VcpuFd;
 use vcpu_actor::{
     DeviceError, ExitHandler, IoOutcome, ReplyOutcome, SaveStateError, VcpuHandle, VcpuOptions,
@@ -200,20 +202,7 @@ kvm_test!(pause_completes_pending_io_and_save_sees_it, false, |vm| {
     }
 
     // Refused while running, nothing changes.
-    let reply = h.request(VcpuRequest::SaveState, TIMEOUT).expect("reply");
-    assert_eq!(
-        reply.outcome,
-        ReplyOutcome::NotAllowed {
-            request: VcpuRequest::SaveState,
-            state: VcpuState::Running
-        }
-    );
-    assert!(!reply.is_ok());
-    let why = reply.refusal().expect("a refusal").to_string();
-    assert!(
-        why.contains("save_state") && why.contains("running"),
-        "{why}"
-    );
+    expect_refused(&h, VcpuRequest::SaveState, VcpuState::Running);
 
     expect(&h, VcpuRequest::Pause, ReplyOutcome::Paused);
     expect(&h, VcpuRequest::Exit, ReplyOutcome::Exited);

@@ -6,8 +6,9 @@ mod common;
 
 use std::sync::{Arc, Mutex};
 
-use common::{exit_and_join, kvm_test, Recorder};
-use vcpu_actor::{PendingVcpu, VcpuError, VcpuOptions};
+use common::{exit_and_join, kvm_test, Recorder, TestVm};
+use vcpu_actor::{PendingVcpu, SpawnFailure, VcpuError, VcpuOptions, VcpuSetup};
+use vmm_sys_util::eventfd::EventFd;
 
 #[derive(Debug, thiserror::Error)]
 #[error("the VMM's own setup error for vCPU {0}")]
@@ -48,19 +49,21 @@ kvm_test!(
     }
 );
 
+/// Starts vCPU `id` of `vm` with `setup` and waits for it to fail; also returns its exit
+/// EventFd.
+fn start_failing(vm: &TestVm, id: u32, setup: VcpuSetup) -> (SpawnFailure, EventFd) {
+    let vcpu = vm.new_plain_vcpu(id.into());
+    let (parts, evt) = vm.parts(id, vcpu, Recorder::new());
+    let pending =
+        PendingVcpu::start_with_setup(parts, VcpuOptions::default(), setup).expect("start");
+    (pending.wait_ready().unwrap_err(), evt)
+}
+
 kvm_test!(
     a_failed_setup_fails_the_start_and_gives_the_fd_back,
     false,
     |vm| {
-        let vcpu = vm.new_plain_vcpu(3);
-        let (parts, evt) = vm.parts(3, vcpu, Recorder::new());
-        let pending = PendingVcpu::start_with_setup(
-            parts,
-            VcpuOptions::default(),
-            Box::new(|_| Err(Box::new(MySetupError(3)))),
-        )
-        .expect("start");
-        let failure = pending.wait_ready().unwrap_err();
+        let (failure, evt) = start_failing(&vm, 3, Box::new(|_| Err(Box::new(MySetupError(3)))));
         match failure.error {
             VcpuError::Setup { vcpu_id, source } => {
                 assert_eq!(vcpu_id, 3);
@@ -85,15 +88,7 @@ kvm_test!(
     a_setup_that_panics_ends_the_thread_without_an_exit_event,
     false,
     |vm| {
-        let vcpu = vm.new_plain_vcpu(4);
-        let (parts, evt) = vm.parts(4, vcpu, Recorder::new());
-        let pending = PendingVcpu::start_with_setup(
-            parts,
-            VcpuOptions::default(),
-            Box::new(|_| panic!("a VMM bug in the setup")),
-        )
-        .expect("start");
-        let failure = pending.wait_ready().unwrap_err();
+        let (failure, evt) = start_failing(&vm, 4, Box::new(|_| panic!("a VMM bug in the setup")));
         assert!(
             matches!(failure.error, VcpuError::ThreadPanicked { vcpu_id: 4, .. }),
             "{:?}",

@@ -24,29 +24,25 @@
 
 use seccompiler::{sock_filter, BpfProgram};
 
-// Instruction classes and fields (include/uapi/linux/bpf_common.h).
-const BPF_LD: u16 = 0x00;
-const BPF_JMP: u16 = 0x05;
-const BPF_RET: u16 = 0x06;
-const BPF_W: u16 = 0x00;
-const BPF_ABS: u16 = 0x20;
-const BPF_JEQ: u16 = 0x10;
-const BPF_JGE: u16 = 0x30;
-const BPF_JSET: u16 = 0x40;
-const BPF_K: u16 = 0x00;
+use libc::{
+    BPF_ABS, BPF_JEQ, BPF_JGE, BPF_JMP, BPF_JSET, BPF_K, BPF_LD, BPF_RET, BPF_W, SECCOMP_RET_ALLOW,
+    SECCOMP_RET_KILL_PROCESS,
+};
 
 /// `AUDIT_ARCH_X86_64` (include/uapi/linux/audit.h): `EM_X86_64 | 64BIT | LE`.
 pub(crate) const AUDIT_ARCH_X86_64: u32 = 62 | 0x8000_0000 | 0x4000_0000;
 
-/// `SECCOMP_RET_KILL_PROCESS` (include/uapi/linux/seccomp.h).
-pub(crate) const RET_KILL_PROCESS: u32 = 0x8000_0000;
-/// `SECCOMP_RET_ALLOW`.
-pub(crate) const RET_ALLOW: u32 = 0x7fff_0000;
-
-// Offsets in `struct seccomp_data` (include/uapi/linux/seccomp.h).
+/// The offsets of `nr`, `arch` and `args` in `struct seccomp_data`
+/// (include/uapi/linux/seccomp.h).
 const DATA_NR: u32 = 0;
 const DATA_ARCH: u32 = 4;
 const DATA_ARGS: u32 = 16;
+
+/// An instruction's opcode (the kernel's `__u16 code`) from bpf_common.h's fields.
+fn opcode(fields: u32) -> u16 {
+    // Every BPF_* field is below 0x100.
+    u16::try_from(fields).unwrap_or(u16::MAX)
+}
 
 /// One condition on a system call's argument (its low 32 bits).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -100,7 +96,7 @@ impl Rules {
             Target::Label(arch_ok),
             Target::Next,
         );
-        asm.stmt(BPF_RET | BPF_K, RET_KILL_PROCESS);
+        asm.stmt(BPF_RET | BPF_K, SECCOMP_RET_KILL_PROCESS);
         asm.bind(arch_ok);
         asm.stmt(BPF_LD | BPF_W | BPF_ABS, DATA_NR);
         if syscalls.is_empty() {
@@ -129,7 +125,7 @@ impl Rules {
             }
         }
         asm.bind(allow);
-        asm.stmt(BPF_RET | BPF_K, RET_ALLOW);
+        asm.stmt(BPF_RET | BPF_K, SECCOMP_RET_ALLOW);
         asm.bind(deny);
         asm.stmt(BPF_RET | BPF_K, violation);
         asm.finish()
@@ -172,15 +168,16 @@ impl Asm {
         self.labels[label] = Some(self.code.len());
     }
 
-    fn stmt(&mut self, code: u16, k: u32) {
-        self.jump_raw(code, k, Target::Next, Target::Next);
+    fn stmt(&mut self, fields: u32, k: u32) {
+        self.push(fields, k, Target::Next, Target::Next);
     }
 
-    fn jump(&mut self, op: u16, k: u32, jt: Target, jf: Target) {
-        self.jump_raw(BPF_JMP | op | BPF_K, k, jt, jf);
+    fn jump(&mut self, op: u32, k: u32, jt: Target, jf: Target) {
+        self.push(BPF_JMP | op | BPF_K, k, jt, jf);
     }
 
-    fn jump_raw(&mut self, code: u16, k: u32, jt: Target, jf: Target) {
+    fn push(&mut self, fields: u32, k: u32, jt: Target, jf: Target) {
+        let code = opcode(fields);
         self.code.push(Insn { code, k, jt, jf });
     }
 

@@ -393,6 +393,24 @@ pub fn expect(h: &VcpuHandle, req: VcpuRequest, outcome: ReplyOutcome) {
     );
 }
 
+/// Sends `req` and checks that it is refused in `state`, with a reason naming both.
+pub fn expect_refused(h: &VcpuHandle, req: VcpuRequest, state: VcpuState) {
+    let reply = h.request(req, TIMEOUT).expect("reply");
+    assert_eq!(
+        reply.outcome,
+        ReplyOutcome::NotAllowed {
+            request: req,
+            state
+        }
+    );
+    assert!(!reply.is_ok());
+    let why = reply.refusal().expect("a refusal").to_string();
+    assert!(
+        why.contains(&state.to_string()) && why.contains(&req.to_string()),
+        "{why}"
+    );
+}
+
 /// After `Exit`: sending `req` either fails (the thread is gone) or is refused.
 pub fn expect_gone_or_refused(h: &VcpuHandle, req: VcpuRequest) {
     match h.request(req, TIMEOUT) {
