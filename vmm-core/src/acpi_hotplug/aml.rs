@@ -14,8 +14,9 @@ use acpi_tables::{Aml, AmlSink};
 use super::{regs, AcpiHotplugError, AcpiHotplugLayout};
 use crate::arch::x86_64::acpi::{AcpiCpu, MAX_XAPIC_ID};
 
-// The status bits' field starts 32 bits in.
-const _: () = assert!(regs::STAT == 4);
+// The AML fields follow the register block: `CSEL`, 32 reserved bits (the status bits' byte
+// field starts there), `CNXT`, `CCNT`.
+const _: () = assert!(regs::SEL == 0 && regs::STAT == 4 && regs::NEXT == 8 && regs::COUNT == 12);
 
 /// The most processor devices: their names are `C000`..`CFFF`.
 pub const MAX_CPUS: usize = 0x1000;

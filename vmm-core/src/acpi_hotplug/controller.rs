@@ -45,19 +45,6 @@ pub struct ControllerStats {
     pub ejects: u64,
 }
 
-/// The register offsets as indices into the register image.
-const SEL_AT: usize = 0;
-const STAT_AT: usize = 4;
-const NEXT_AT: usize = 8;
-const COUNT_AT: usize = 12;
-const _: () = assert!(
-    regs::SEL == SEL_AT as u64
-        && regs::STAT == STAT_AT as u64
-        && regs::NEXT == NEXT_AT as u64
-        && regs::COUNT == COUNT_AT as u64
-        && regs::LEN as usize == COUNT_AT + 4
-);
-
 #[derive(Debug)]
 struct State {
     selected: u32,
@@ -236,9 +223,9 @@ impl CpuHotplugController {
     fn image(&self, s: &State) -> [u8; regs::LEN as usize] {
         let status = s.cpus.get(s.selected as usize).map_or(0, |c| {
             let bit = |on: bool, bit: u8| if on { bit } else { 0 };
-            bit(c.enabled, regs::STAT_ENABLED)
-                | bit(c.inserting, regs::STAT_INSERT)
-                | bit(c.removing, regs::STAT_REMOVE)
+            bit(c.enabled, regs::status::ENABLED)
+                | bit(c.inserting, regs::status::INSERT)
+                | bit(c.removing, regs::status::REMOVE)
         });
         let next = s
             .cpus
@@ -246,17 +233,21 @@ impl CpuHotplugController {
             .position(|c| c.inserting || c.removing)
             .and_then(|i| u32::try_from(i).ok())
             .unwrap_or(regs::NEXT_NONE);
-        let mut image = [0u8; regs::LEN as usize];
-        image[SEL_AT..][..4].copy_from_slice(&s.selected.to_le_bytes());
-        image[STAT_AT] = status;
-        image[NEXT_AT..][..4].copy_from_slice(&next.to_le_bytes());
-        image[COUNT_AT..][..4].copy_from_slice(&self.count().to_le_bytes());
-        image
+        regs::Block {
+            sel: s.selected,
+            stat: status,
+            reserved: [0; 3],
+            next,
+            count: self.count(),
+        }
+        .to_bytes()
     }
 
     /// A command byte written to `STAT` for the selected CPU.
     fn command(s: &mut State, value: u8) -> bool {
-        if value & !(regs::CMD_ACK_INSERT | regs::CMD_ACK_REMOVE | regs::CMD_EJECT) != 0 {
+        if value & !(regs::command::ACK_INSERT | regs::command::ACK_REMOVE | regs::command::EJECT)
+            != 0
+        {
             s.stats.ignored_writes += 1;
         }
         let index = s.selected as usize;
@@ -265,21 +256,21 @@ impl CpuHotplugController {
             return false;
         };
         let before = c;
-        if value & regs::CMD_ACK_INSERT != 0 {
+        if value & regs::command::ACK_INSERT != 0 {
             if c.inserting {
                 c.inserting = false;
             } else {
                 s.stats.stray_acks += 1;
             }
         }
-        if value & regs::CMD_ACK_REMOVE != 0 {
+        if value & regs::command::ACK_REMOVE != 0 {
             if c.removing {
                 c.removing = false;
             } else {
                 s.stats.stray_acks += 1;
             }
         }
-        if value & regs::CMD_EJECT != 0 {
+        if value & regs::command::EJECT != 0 {
             if index == 0 || !c.remove_requested {
                 s.stats.refused_ejects += 1;
             } else {
@@ -305,9 +296,9 @@ impl BusDevice for CpuHotplugController {
         let mut s = self.lock();
         let changed = match (access.offset, data) {
             // SEL, whole or byte by byte (an AML field with byte access writes it so).
-            (o @ 0..=3, _) if o + data.len() as u64 <= 4 => {
+            (o, _) if o >= regs::SEL && o + data.len() as u64 <= regs::SEL + 4 => {
                 let mut sel = s.selected.to_le_bytes();
-                let at = usize::from(u8::try_from(o).unwrap_or(0));
+                let at = usize::from(u8::try_from(o - regs::SEL).unwrap_or(0));
                 sel[at..][..data.len()].copy_from_slice(data);
                 s.selected = u32::from_le_bytes(sel);
                 false
@@ -377,7 +368,7 @@ mod tests {
         assert_eq!(read32(&c, regs::COUNT), 14);
         assert_eq!(read32(&c, regs::NEXT), regs::NEXT_NONE);
         select(&c, 1);
-        assert_eq!(status(&c), regs::STAT_ENABLED);
+        assert_eq!(status(&c), regs::status::ENABLED);
         select(&c, 2);
         assert_eq!(status(&c), 0);
         assert_eq!(read32(&c, regs::SEL), 2);
@@ -399,9 +390,9 @@ mod tests {
         };
         for index in [2, 3] {
             select(&c, index);
-            assert_eq!(status(&c), regs::STAT_ENABLED | regs::STAT_INSERT);
-            cmd(&c, regs::CMD_ACK_INSERT);
-            assert_eq!(status(&c), regs::STAT_ENABLED);
+            assert_eq!(status(&c), regs::status::ENABLED | regs::status::INSERT);
+            cmd(&c, regs::command::ACK_INSERT);
+            assert_eq!(status(&c), regs::status::ENABLED);
         }
         assert!(waiter.join().unwrap());
         assert_eq!(read32(&c, regs::NEXT), regs::NEXT_NONE);
@@ -413,28 +404,28 @@ mod tests {
         let c = controller();
         c.mark_inserted(&[2]);
         select(&c, 2);
-        cmd(&c, regs::CMD_ACK_INSERT);
+        cmd(&c, regs::command::ACK_INSERT);
         // Eject of a CPU not marked for removal: refused.
-        cmd(&c, regs::CMD_EJECT);
+        cmd(&c, regs::command::EJECT);
         assert!(c.slot(2).unwrap().enabled);
         assert_eq!(c.stats().refused_ejects, 1);
         // CPU 0 is never marked, nor ejected.
         assert_eq!(c.mark_for_removal(&[0, 2, 5]), [2]);
         select(&c, 0);
-        cmd(&c, regs::CMD_EJECT);
+        cmd(&c, regs::command::EJECT);
         assert!(c.slot(0).unwrap().enabled);
         assert_eq!(c.stats().refused_ejects, 2);
         assert_eq!(read32(&c, regs::NEXT), 2);
         select(&c, 2);
-        assert_eq!(status(&c), regs::STAT_ENABLED | regs::STAT_REMOVE);
-        cmd(&c, regs::CMD_ACK_REMOVE);
-        assert_eq!(status(&c), regs::STAT_ENABLED);
-        cmd(&c, regs::CMD_EJECT);
+        assert_eq!(status(&c), regs::status::ENABLED | regs::status::REMOVE);
+        cmd(&c, regs::command::ACK_REMOVE);
+        assert_eq!(status(&c), regs::status::ENABLED);
+        cmd(&c, regs::command::EJECT);
         assert_eq!(status(&c), 0);
         assert_eq!(c.slot(2), Some(CpuSlotState::default()));
         assert_eq!(c.stats().ejects, 1);
         // A second eject of the same CPU: refused.
-        cmd(&c, regs::CMD_EJECT);
+        cmd(&c, regs::command::EJECT);
         assert_eq!(c.stats().refused_ejects, 3);
     }
 
@@ -445,7 +436,7 @@ mod tests {
         for index in [14, 1000, u32::MAX] {
             select(&c, index);
             assert_eq!(status(&c), 0);
-            cmd(&c, regs::CMD_EJECT | regs::CMD_ACK_INSERT);
+            cmd(&c, regs::command::EJECT | regs::command::ACK_INSERT);
         }
         assert_eq!(c.stats().out_of_range, 3);
         // Unknown command bits: counted; the known ones still act.
@@ -453,14 +444,14 @@ mod tests {
         cmd(&c, 0xf0);
         assert_eq!(c.stats().ignored_writes, 1);
         assert_eq!(c.stats().stray_acks, 0);
-        cmd(&c, regs::CMD_ACK_INSERT | regs::CMD_ACK_REMOVE);
+        cmd(&c, regs::command::ACK_INSERT | regs::command::ACK_REMOVE);
         assert_eq!(c.stats().stray_acks, 2);
         // Writes to read-only registers, beyond the layout, of odd widths: ignored.
         c.write(at(regs::NEXT), &[1, 2, 3, 4]).unwrap();
         c.write(at(regs::COUNT), &[0; 4]).unwrap();
         c.write(at(0x40), &[0; 8]).unwrap();
         c.write(at(2), &[0; 4]).unwrap();
-        c.write(at(regs::STAT), &[regs::CMD_EJECT, 1]).unwrap();
+        c.write(at(regs::STAT), &[regs::command::EJECT, 1]).unwrap();
         assert_eq!(read32(&c, regs::COUNT), 14);
         assert_eq!(c.enabled(), [0, 1]);
         // Reads of any width and offset, even past the layout, are answered.
@@ -480,15 +471,15 @@ mod tests {
         let c = controller();
         c.mark_inserted(&[2, 3]);
         select(&c, 2);
-        cmd(&c, regs::CMD_ACK_INSERT);
+        cmd(&c, regs::command::ACK_INSERT);
         assert_eq!(c.cancel_insert(&[2, 3]), [3]);
         assert_eq!(c.enabled(), [0, 1, 2]);
         assert_eq!(read32(&c, regs::NEXT), regs::NEXT_NONE);
         assert_eq!(c.mark_for_removal(&[2]), [2]);
         select(&c, 2);
-        cmd(&c, regs::CMD_ACK_REMOVE);
+        cmd(&c, regs::command::ACK_REMOVE);
         assert_eq!(c.cancel_removal(&[2]), (vec![2], vec![]));
-        cmd(&c, regs::CMD_EJECT);
+        cmd(&c, regs::command::EJECT);
         assert!(c.slot(2).unwrap().enabled);
         c.sync_present(&[0, 1, 5]);
         assert_eq!(c.enabled(), [0, 1, 5]);

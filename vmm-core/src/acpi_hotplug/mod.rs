@@ -114,21 +114,72 @@ fn read_image(image: &[u8], offset: u64, data: &mut [u8]) {
     }
 }
 
-/// The controller's register offsets, bits and length.
+/// The controller's registers: the block's layout, its offsets and the `STAT` bits.
 pub mod regs {
-    consts! {
-        SEL: u64 = 0x00, "`SEL`: the selected CPU index (`u32`).";
-        STAT: u64 = 0x04, "`STAT`: status (read) and command (write) of the selected CPU (`u8`).";
-        NEXT: u64 = 0x08, "`NEXT`: the lowest index with a pending event (`u32`, read only).";
-        COUNT: u64 = 0x0c, "`COUNT`: the number of CPUs (`u32`, read only).";
-        LEN: u32 = 0x10, "The register block's length.";
-        STAT_ENABLED: u8 = 1 << 0, "`STAT` read: the CPU is present.";
-        STAT_INSERT: u8 = 1 << 1, "`STAT` read: an insert event is pending.";
-        STAT_REMOVE: u8 = 1 << 2, "`STAT` read: a remove event is pending.";
-        CMD_ACK_INSERT: u8 = 1 << 1, "`STAT` write: acknowledge the insert event.";
-        CMD_ACK_REMOVE: u8 = 1 << 2, "`STAT` write: acknowledge the remove event.";
-        CMD_EJECT: u8 = 1 << 3, "`STAT` write: eject the CPU (only after the VMM asked for its removal).";
-        NEXT_NONE: u32 = u32::MAX, "`NEXT` when no event is pending.";
+    use std::mem::{offset_of, size_of};
+
+    use crate::arch::x86_64::layout::const_u32;
+
+    /// The register block as the guest sees it: little-endian fields at their `repr(C)`
+    /// offsets, the one source of the offsets for the device model and the AML.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Block {
+        /// `SEL` (R/W): the selected CPU index.
+        pub sel: u32,
+        /// `STAT` (`u8`): read, the selected CPU's [`status`] bits; write, [`command`] bits
+        /// for it.
+        pub stat: u8,
+        /// The bytes between `STAT` and `NEXT`: no register, they read as these.
+        pub reserved: [u8; 3],
+        /// `NEXT` (read only): the lowest index with a pending event, [`NEXT_NONE`] if none.
+        pub next: u32,
+        /// `COUNT` (read only): the number of CPUs.
+        pub count: u32,
+    }
+
+    impl Block {
+        /// The bytes the guest reads: each field at its offset.
+        pub fn to_bytes(&self) -> [u8; LEN as usize] {
+            let mut bytes = [0u8; LEN as usize];
+            bytes[offset_of!(Block, sel)..][..4].copy_from_slice(&self.sel.to_le_bytes());
+            bytes[offset_of!(Block, stat)] = self.stat;
+            bytes[offset_of!(Block, reserved)..][..3].copy_from_slice(&self.reserved);
+            bytes[offset_of!(Block, next)..][..4].copy_from_slice(&self.next.to_le_bytes());
+            bytes[offset_of!(Block, count)..][..4].copy_from_slice(&self.count.to_le_bytes());
+            bytes
+        }
+    }
+
+    /// `SEL`'s offset ([`Block::sel`]).
+    pub const SEL: u64 = offset_of!(Block, sel) as u64;
+    /// `STAT`'s offset ([`Block::stat`]).
+    pub const STAT: u64 = offset_of!(Block, stat) as u64;
+    /// `NEXT`'s offset ([`Block::next`]).
+    pub const NEXT: u64 = offset_of!(Block, next) as u64;
+    /// `COUNT`'s offset ([`Block::count`]).
+    pub const COUNT: u64 = offset_of!(Block, count) as u64;
+    /// The register block's length.
+    pub const LEN: u32 = const_u32(size_of::<Block>() as u64);
+    /// `NEXT` when no event is pending.
+    pub const NEXT_NONE: u32 = u32::MAX;
+
+    /// The bits of a `STAT` read.
+    pub mod status {
+        consts! {
+            ENABLED: u8 = 1 << 0, "The CPU is present.";
+            INSERT: u8 = 1 << 1, "An insert event is pending.";
+            REMOVE: u8 = 1 << 2, "A remove event is pending.";
+        }
+    }
+
+    /// The bits of a `STAT` write: commands for the selected CPU.
+    pub mod command {
+        consts! {
+            ACK_INSERT: u8 = 1 << 1, "Acknowledge the insert event.";
+            ACK_REMOVE: u8 = 1 << 2, "Acknowledge the remove event.";
+            EJECT: u8 = 1 << 3, "Eject the CPU (only after the VMM asked for its removal).";
+        }
     }
 }
 

@@ -64,19 +64,19 @@ fn guest(
                 }
                 wr(ctl + regs::SEL, &next.to_le_bytes());
                 let stat = rd(ctl + regs::STAT).to_le_bytes()[0];
-                if stat & regs::STAT_INSERT != 0 {
+                if stat & regs::status::INSERT != 0 {
                     inserted.push(next);
-                    wr(ctl + regs::STAT, &[regs::CMD_ACK_INSERT]);
-                } else if stat & regs::STAT_REMOVE != 0 {
+                    wr(ctl + regs::STAT, &[regs::command::ACK_INSERT]);
+                } else if stat & regs::status::REMOVE != 0 {
                     removed.push(next);
-                    wr(ctl + regs::STAT, &[regs::CMD_ACK_REMOVE]);
+                    wr(ctl + regs::STAT, &[regs::command::ACK_REMOVE]);
                     let eject = match behaviour {
                         Guest::Obliging => true,
                         Guest::EjectsOne => ejected == 0,
                     };
                     if eject {
                         ejected += 1;
-                        wr(ctl + regs::STAT, &[regs::CMD_EJECT]);
+                        wr(ctl + regs::STAT, &[regs::command::EJECT]);
                     }
                 }
             }
@@ -181,7 +181,7 @@ fn a_partial_eject_names_the_ejected_and_the_uncertain() {
         .write(at(regs::SEL), &3u32.to_le_bytes())
         .unwrap();
     hp.controller
-        .write(at(regs::STAT), &[regs::CMD_EJECT])
+        .write(at(regs::STAT), &[regs::command::EJECT])
         .unwrap();
     assert_eq!(hp.controller.stats().refused_ejects, refused + 1);
     hp.backend.sync_present(&[0, 1, 3, 4, 7]);
