@@ -49,7 +49,7 @@ use vmm_core::arch::x86_64::paging::IdentityMap;
 use vmm_core::arch::x86_64::regs::{
     cr0, cr4, efer, rflags, LongModeEntry, CR0_LONG_MODE, CR4_LONG_MODE,
 };
-use vmm_core::vm::{write_guest, MMIO_GAP_START};
+use vmm_core::vm::{write_guest, MMIO_GAP};
 use vmm_core::{BootEntry, BootError, VcpuSetupError};
 
 /// Guest physical addresses used by the loader, inside `vmm-core`'s memory map
@@ -441,7 +441,7 @@ fn check_placement(
     if len > 0 && !mem.check_range(GuestAddress(addr), len_bytes) {
         return Err(err("outside guest RAM"));
     }
-    if end > MMIO_GAP_START {
+    if end > MMIO_GAP.start {
         return Err(err("above 3 GiB (the MMIO gap)"));
     }
     Ok(())

@@ -19,7 +19,7 @@ use crate::devices::{
 };
 use crate::error::{BootError, KvmOp, OsError, OsOp, VmError};
 
-pub use crate::arch::x86_64::layout::{MMIO_GAP_END, MMIO_GAP_START};
+pub use crate::arch::x86_64::layout::MMIO_GAP;
 
 /// The smallest guest memory accepted (what the guest-program loader needs).
 pub const MIN_MEMORY_SIZE: u64 = 4 << 20;
@@ -84,14 +84,14 @@ pub fn memory_ranges(size: u64) -> Result<Vec<(GuestAddress, usize)>, VmError> {
     if size < MIN_MEMORY_SIZE || size % 4096 != 0 {
         return Err(invalid());
     }
-    let low = size.min(MMIO_GAP_START);
+    let low = size.min(MMIO_GAP.start);
     let mut ranges = vec![(
         GuestAddress(0),
         usize::try_from(low).map_err(|_| invalid())?,
     )];
     if size > low {
         let high = usize::try_from(size - low).map_err(|_| invalid())?;
-        ranges.push((GuestAddress(MMIO_GAP_END), high));
+        ranges.push((GuestAddress(MMIO_GAP.end()), high));
     }
     Ok(ranges)
 }
@@ -302,7 +302,7 @@ mod tests {
             memory_ranges(4 << 30).unwrap(),
             [
                 (GuestAddress(0), 3 << 30),
-                (GuestAddress(MMIO_GAP_END), 1 << 30)
+                (GuestAddress(MMIO_GAP.end()), 1 << 30)
             ]
         );
         for bad in [0, 4096, (4 << 20) + 1] {

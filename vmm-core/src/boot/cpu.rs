@@ -68,7 +68,6 @@ pub fn entry_regs(entry: u64, zero_page: u64) -> kvm_regs {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::arch::x86_64::layout::{PDPT_ADDR, PD_ADDR, PML4_ADDR};
     use vm_memory::{Bytes, GuestAddress};
 
     #[test]
@@ -76,10 +75,12 @@ mod tests {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         write_cpu_tables(&mem).unwrap();
         let rd = |a: u64| -> u64 { mem.read_obj(GuestAddress(a)).unwrap() };
-        assert_eq!(rd(PML4_ADDR), PDPT_ADDR | 3);
+        let IdentityMap { pml4, pdpt, pd, .. } = IdentityMap::LINUX_BOOT;
+        assert_eq!((pml4, pdpt, pd), (0x9000, 0xa000, 0xb000));
+        assert_eq!(rd(pml4), pdpt | 3);
         for gib in 0..4 {
-            let pd = rd(PDPT_ADDR + gib * 8) & !0xfff;
-            assert_eq!(pd, PD_ADDR + gib * 0x1000);
+            let pd = rd(pdpt + gib * 8) & !0xfff;
+            assert_eq!(pd, IdentityMap::LINUX_BOOT.pd + gib * 0x1000);
             // The last 2 MiB page of this GiB maps to itself.
             let last = (gib << 30) | (511 << 21);
             assert_eq!(rd(pd + 511 * 8), last | 0x83);

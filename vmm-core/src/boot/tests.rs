@@ -179,9 +179,9 @@ fn bzimage_zero_page_initrd_and_cmdline() {
     assert_eq!(entry.acpi.rsdp_addr(), layout::ACPI_START);
     assert!(entry.mptable);
     // The BIOS data area points at the EBDA, where the MP floating pointer is.
-    assert_eq!(u64::from(read_u16(&m, 0x40e)) << 4, layout::EBDA_START);
+    assert_eq!(u64::from(read_u16(&m, 0x40e)) << 4, layout::EBDA.start);
     assert_eq!(read_u16(&m, 0x413), 632);
-    assert_eq!(&read_u32(&m, layout::EBDA_START).to_le_bytes(), b"_MP_");
+    assert_eq!(&read_u32(&m, layout::EBDA.start).to_le_bytes(), b"_MP_");
 }
 
 #[test]
@@ -389,7 +389,10 @@ fn bsp_registers_follow_the_64_bit_boot_protocol() {
     assert_ne!(s.cr0 & (1 << 31), 0, "paging");
     assert_ne!(s.cr4 & (1 << 5), 0, "PAE");
     assert_eq!(s.efer & 0x500, 0x500, "LME|LMA");
-    assert_eq!(s.cr3, layout::PML4_ADDR);
+    assert_eq!(
+        s.cr3,
+        crate::arch::x86_64::paging::IdentityMap::LINUX_BOOT.pml4
+    );
     assert_eq!(s.gdt.base, layout::GDT_ADDR);
 }
 
@@ -425,7 +428,7 @@ fn apic_ids_over_254_get_acpi_tables_and_no_mp_table() {
     let m = mem(32 << 20);
     let entry = load_linux(&m, &config(&kernel, ""), &cpus).unwrap();
     assert!(!entry.mptable);
-    assert_ne!(&read_u32(&m, layout::EBDA_START).to_le_bytes(), b"_MP_");
+    assert_ne!(&read_u32(&m, layout::EBDA.start).to_le_bytes(), b"_MP_");
     assert_eq!(
         read_u64(&m, layout::ZERO_PAGE_ADDR + 0x70),
         layout::ACPI_START

@@ -1,7 +1,7 @@
 //! The e820 memory map the kernel gets in its zero page.
 //!
 //! Built from the guest memory regions: RAM everywhere there is guest memory, except the
-//! legacy hole `EBDA_START..1 MiB`; the EBDA (which holds the MP table) and the ACPI tables'
+//! legacy hole `EBDA.start..1 MiB`; the EBDA (which holds the MP table) and the ACPI tables'
 //! area `ACPI_START..ACPI_END` (the BIOS area, RSDP first) are `reserved`. The map
 //! is sorted, and adjacent entries of one type are merged, so it is exactly what Linux prints
 //! as `BIOS-e820: [mem ...]` after its own sanitizing.
@@ -11,7 +11,7 @@ use std::fmt;
 use linux_loader::loader::bootparam::{boot_e820_entry, E820_MAX_ENTRIES_ZEROPAGE};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
-use super::layout::{ACPI_END, ACPI_START, EBDA_END, EBDA_START, HIGH_MEMORY_START};
+use super::layout::{ACPI_END, ACPI_START, EBDA, HIGH_MEMORY_START};
 use crate::error::BootError;
 
 /// The type of an e820 range (the values of the ACPI address range types).
@@ -102,7 +102,7 @@ fn push(map: &mut Vec<E820Entry>, addr: u64, end: u64, kind: E820Type) {
 }
 
 /// The e820 map of `mem`: its regions as RAM without the legacy hole
-/// `EBDA_START..HIGH_MEMORY_START`, and the EBDA and the ACPI area as reserved. Fails if there are more than
+/// `EBDA.start..HIGH_MEMORY_START`, and the EBDA and the ACPI area as reserved. Fails if there are more than
 /// the zero page's 128 entries, or if guest memory does not reach the end of the EBDA.
 ///
 /// # Errors
@@ -121,11 +121,11 @@ pub fn build_e820(mem: &GuestMemoryMmap) -> Result<Vec<E820Entry>, BootError> {
     regions.sort_unstable();
     let covers_ebda = regions
         .iter()
-        .any(|(start, end)| *start <= EBDA_START && *end >= EBDA_END);
+        .any(|(start, end)| *start <= EBDA.start && *end >= EBDA.end());
     if !covers_ebda {
         return Err(BootError::MemoryTooSmall {
             what: "the EBDA (MP table)",
-            needed: EBDA_END,
+            needed: EBDA.end(),
             available: regions
                 .iter()
                 .find(|(s, _)| *s == 0)
@@ -135,9 +135,9 @@ pub fn build_e820(mem: &GuestMemoryMmap) -> Result<Vec<E820Entry>, BootError> {
     let mut map = Vec::new();
     for (start, end) in regions {
         // The part below the hole, the EBDA, the ACPI tables, then the part above 1 MiB.
-        push(&mut map, start, end.min(EBDA_START), E820Type::Ram);
-        if start <= EBDA_START && end >= EBDA_END {
-            push(&mut map, EBDA_START, EBDA_END, E820Type::Reserved);
+        push(&mut map, start, end.min(EBDA.start), E820Type::Ram);
+        if start <= EBDA.start && end >= EBDA.end() {
+            push(&mut map, EBDA.start, EBDA.end(), E820Type::Reserved);
         }
         if start <= ACPI_START && end >= ACPI_END {
             push(&mut map, ACPI_START, ACPI_END, E820Type::Reserved);

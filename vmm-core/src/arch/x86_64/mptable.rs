@@ -23,7 +23,7 @@ use std::mem::size_of;
 
 use vm_memory::{ByteValued, GuestMemoryMmap};
 
-use super::layout::{const_u32, EBDA_SIZE, IOAPIC_ADDR, LAPIC_ADDR, MPTABLE_START};
+use super::layout::{const_u32, EBDA, IOAPIC_ADDR, LAPIC_ADDR, MPTABLE_START};
 use super::write_guest;
 use crate::error::BootError;
 
@@ -466,6 +466,9 @@ pub fn floating_pointer(config_table: u32) -> MpFloatingPointer {
     mpf.checksum = checksum(mpf.as_slice());
     mpf
 }
+
+/// The room for the MP table: the whole EBDA.
+const EBDA_SIZE: usize = const_u32(EBDA.size) as usize;
 
 /// The configuration table: right after the floating pointer.
 const CONFIG_TABLE_ADDR: u64 = MPTABLE_START + size_of::<MpFloatingPointer>() as u64;

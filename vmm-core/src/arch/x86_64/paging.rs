@@ -7,7 +7,7 @@
 
 use vm_memory::GuestMemoryMmap;
 
-use super::layout::{IDENTITY_MAPPED, MMIO_GAP_START, PDPT_ADDR, PD_ADDR, PML4_ADDR};
+use super::layout::{BOOT_PAGE_TABLES, MMIO_GAP};
 use super::write_guest;
 use crate::error::BootError;
 
@@ -29,10 +29,16 @@ pub mod pte {
 const GIB: u64 = 1 << 30;
 /// Bytes mapped by one page directory entry.
 const HUGE_PAGE: u64 = 2 << 20;
+/// How much is identity-mapped at entry: everything below 4 GiB.
+const IDENTITY_MAPPED: u64 = 4 << 30;
 /// Entries in one table.
 const ENTRIES: u64 = 512;
 /// Bytes of one table.
 const TABLE_SIZE: u64 = 0x1000;
+// The tables of `IdentityMap::LINUX_BOOT` fill `BOOT_PAGE_TABLES`: one page directory per GiB.
+const _: () = assert!(
+    IdentityMap::LINUX_BOOT.pd + IDENTITY_MAPPED / GIB * TABLE_SIZE == BOOT_PAGE_TABLES.end()
+);
 
 /// Identity page tables for `0..size`, with 2 MiB pages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,16 +61,16 @@ impl IdentityMap {
     /// The map for a Linux kernel's 64-bit entry ([`super::layout`]): the first 4 GiB,
     /// kernel only, cacheable everywhere (the kernel sets up its own tables early).
     pub const LINUX_BOOT: IdentityMap = IdentityMap {
-        pml4: PML4_ADDR,
-        pdpt: PDPT_ADDR,
-        pd: PD_ADDR,
+        pml4: BOOT_PAGE_TABLES.start,
+        pdpt: BOOT_PAGE_TABLES.start + TABLE_SIZE,
+        pd: BOOT_PAGE_TABLES.start + 2 * TABLE_SIZE,
         size: IDENTITY_MAPPED,
         user: false,
         uncached_from: None,
     };
 
     /// This map at other table addresses, reachable from CPL 3, and uncached in the MMIO gap
-    /// ([`MMIO_GAP_START`] and above): what a guest program at CPL 3 that touches its local
+    /// (from the start of [`MMIO_GAP`] on): what a guest program at CPL 3 that touches its local
     /// APIC needs.
     pub const fn user_with_mmio(pml4: u64, pdpt: u64, pd: u64) -> IdentityMap {
         IdentityMap {
@@ -73,7 +79,7 @@ impl IdentityMap {
             pd,
             size: IDENTITY_MAPPED,
             user: true,
-            uncached_from: Some(MMIO_GAP_START),
+            uncached_from: Some(MMIO_GAP.start),
         }
     }
 
