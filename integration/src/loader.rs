@@ -46,9 +46,7 @@ use vm_memory::{ByteValued, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_core::arch::x86_64::gdt::{Descriptor, Gdt};
 use vmm_core::arch::x86_64::msr;
 use vmm_core::arch::x86_64::paging::IdentityMap;
-use vmm_core::arch::x86_64::regs::{
-    cr0, cr4, efer, rflags, LongModeEntry, CR0_LONG_MODE, CR4_LONG_MODE,
-};
+use vmm_core::arch::x86_64::regs::{cr0, cr4, efer, rflags, LongModeEntry};
 use vmm_core::vm::{write_guest, MMIO_GAP};
 use vmm_core::{BootEntry, BootError, VcpuSetupError};
 
@@ -245,9 +243,9 @@ impl TrampolineParams {
 }
 
 /// CR0 at every entry: long mode with write protection.
-const CR0: u64 = CR0_LONG_MODE | cr0::WP;
+const CR0: u64 = cr0::LONG_MODE | cr0::WP;
 /// CR4 at every entry: long mode with SSE enabled (programs may use SSE instructions).
-const CR4: u64 = CR4_LONG_MODE | cr4::OSFXSR | cr4::OSXMMEXCPT;
+const CR4: u64 = cr4::LONG_MODE | cr4::OSFXSR | cr4::OSXMMEXCPT;
 
 // The AP trampoline. It is data for the guest, assembled with the host binary: every address
 // in it is a constant or a difference of labels in this section, never a relocation.

@@ -10,7 +10,7 @@ use vm_memory::GuestMemoryMmap;
 use crate::arch::x86_64::gdt::{Descriptor, Gdt};
 use crate::arch::x86_64::layout::{BOOT_STACK_TOP, GDT_ADDR};
 use crate::arch::x86_64::paging::IdentityMap;
-use crate::arch::x86_64::regs::{rflags, LongModeEntry, CR0_LONG_MODE, CR4_LONG_MODE};
+use crate::arch::x86_64::regs::{cr0, cr4, rflags, LongModeEntry};
 use crate::error::BootError;
 
 /// GDT selectors of the boot protocol.
@@ -47,8 +47,8 @@ pub fn entry() -> LongModeEntry {
         gdt_base: GDT_ADDR,
         gdt_limit: gdt().limit(),
         cr3: IdentityMap::LINUX_BOOT.pml4,
-        cr0: CR0_LONG_MODE,
-        cr4: CR4_LONG_MODE,
+        cr0: cr0::LONG_MODE,
+        cr4: cr4::LONG_MODE,
     }
 }
 

@@ -18,6 +18,8 @@
 //! | 0x4000_0000, 0x4000_0010 | TSC and LAPIC timer frequencies, when the TSC is invariant | [`add_tsc_frequency_leaf`] |
 //! | 0x7 EDX\[29\] | ARCH_CAPABILITIES cleared on AMD | [`clear_arch_capabilities_on_amd`] |
 
+use std::ops::RangeInclusive;
+
 use kvm_bindings::{kvm_cpuid_entry2, CpuId};
 use kvm_ioctls::{VcpuFd, VmFd};
 use topology::{find_entry, find_entry_mut, CpuVendor, CpuidEntry};
@@ -87,8 +89,7 @@ pub fn set_cpuid(
 }
 
 consts! {
-    BRAND_FIRST: u32 = 0x8000_0002, "The first brand string leaf.";
-    BRAND_LAST: u32 = 0x8000_0004, "The last brand string leaf.";
+    BRAND_LEAVES: RangeInclusive<u32> = 0x8000_0002..=0x8000_0004, "The brand string leaves, first to last (16 bytes each).";
     POWER_MANAGEMENT: u32 = 0x6, "The power management leaf (thermal and power: turbo, HWP, APERF/MPERF ...).";
     HYPERVISOR_BASE: u32 = 0x4000_0000, "The hypervisor leaves' base: EAX = the highest hypervisor leaf, EBX:ECX:EDX the signature.";
     HYPERVISOR_TSC_LEAF: u32 = 0x4000_0010, "The TSC frequency leaf: EAX = TSC kHz, EBX = LAPIC timer kHz (the convention VMware introduced, which Linux, FreeBSD and other guests read).";
@@ -125,7 +126,7 @@ impl NormalizeInputs {
 /// missing or hold only NULs and spaces.
 pub fn brand_string(entries: &[CpuidEntry]) -> Option<String> {
     let mut bytes = Vec::with_capacity(48);
-    for leaf in BRAND_FIRST..=BRAND_LAST {
+    for leaf in BRAND_LEAVES {
         let e = find_entry(entries, leaf, 0)?;
         for r in [e.eax, e.ebx, e.ecx, e.edx] {
             bytes.extend_from_slice(&r.to_le_bytes());
@@ -184,7 +185,7 @@ pub fn set_brand_string(entries: &mut Vec<CpuidEntry>, brand: &str) {
     let n = src.len().min(47);
     bytes[..n].copy_from_slice(&src[..n]);
     let word = |i: usize| u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
-    for (k, leaf) in (BRAND_FIRST..=BRAND_LAST).enumerate() {
+    for (k, leaf) in BRAND_LEAVES.enumerate() {
         let o = k * 16;
         let regs = (word(o), word(o + 4), word(o + 8), word(o + 12));
         upsert(
@@ -192,7 +193,7 @@ pub fn set_brand_string(entries: &mut Vec<CpuidEntry>, brand: &str) {
             CpuidEntry::leaf(leaf, regs.0, regs.1, regs.2, regs.3),
         );
     }
-    raise_max(entries, 0x8000_0000, BRAND_LAST);
+    raise_max(entries, 0x8000_0000, *BRAND_LEAVES.end());
 }
 
 /// Clears leaf 6 (thermal and power management).
@@ -286,7 +287,7 @@ mod tests {
     #[test]
     fn brand_string_is_set_only_when_empty() {
         let mut e = topology::host::synthetic_amd();
-        e.retain(|x| !(BRAND_FIRST..=BRAND_LAST).contains(&x.function));
+        e.retain(|x| !BRAND_LEAVES.contains(&x.function));
         assert_eq!(brand_string(&e), None);
         set_brand_string(&mut e, "Test CPU @ 2.00GHz");
         assert_eq!(brand_string(&e).as_deref(), Some("Test CPU @ 2.00GHz"));

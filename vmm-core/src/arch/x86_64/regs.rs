@@ -17,6 +17,8 @@ pub mod cr0 {
         WP: u64 = 1 << 16, "Write protect: CPL-0 writes honour read-only pages.";
         PG: u64 = 1 << 31, "Paging.";
     }
+    /// The least CR0 of 64-bit mode: PE | MP | ET | NE | PG.
+    pub const LONG_MODE: u64 = PE | MP | ET | NE | PG;
 }
 
 /// CR4 bits.
@@ -26,6 +28,8 @@ pub mod cr4 {
         OSFXSR: u64 = 1 << 9, "The OS saves SSE state with `fxsave` (SSE instructions allowed).";
         OSXMMEXCPT: u64 = 1 << 10, "The OS handles SIMD floating-point exceptions.";
     }
+    /// The least CR4 of 64-bit mode: PAE.
+    pub const LONG_MODE: u64 = PAE;
 }
 
 /// EFER (MSR `0xC000_0080`, [`super::msr::EFER`]) bits.
@@ -34,6 +38,8 @@ pub mod efer {
         LME: u64 = 1 << 8, "Long mode enable.";
         LMA: u64 = 1 << 10, "Long mode active.";
     }
+    /// EFER of 64-bit mode: LME | LMA.
+    pub const LONG_MODE: u64 = LME | LMA;
 }
 
 /// RFLAGS bits.
@@ -44,13 +50,6 @@ pub mod rflags {
         IOPL3: u64 = 3 << 12, "I/O privilege level 3: `in`/`out` allowed at every CPL (where the host honours it).";
     }
 }
-
-/// The least CR0 of 64-bit mode: PE | MP | ET | NE | PG.
-pub const CR0_LONG_MODE: u64 = cr0::PE | cr0::MP | cr0::ET | cr0::NE | cr0::PG;
-/// The least CR4 of 64-bit mode: PAE.
-pub const CR4_LONG_MODE: u64 = cr4::PAE;
-/// EFER of 64-bit mode: LME | LMA.
-pub const EFER_LONG_MODE: u64 = efer::LME | efer::LMA;
 
 /// Everything that decides a vCPU's special registers at a direct 64-bit entry: flat code and
 /// data segments, a task register, the GDT, the page tables and the control registers. There
@@ -70,9 +69,9 @@ pub struct LongModeEntry {
     pub gdt_limit: u16,
     /// `CR3`: the PML4 table.
     pub cr3: u64,
-    /// `CR0`: at least [`CR0_LONG_MODE`].
+    /// `CR0`: at least [`cr0::LONG_MODE`].
     pub cr0: u64,
-    /// `CR4`: at least [`CR4_LONG_MODE`].
+    /// `CR4`: at least [`cr4::LONG_MODE`].
     pub cr4: u64,
 }
 
@@ -95,7 +94,7 @@ impl LongModeEntry {
         sregs.cr0 = self.cr0;
         sregs.cr3 = self.cr3;
         sregs.cr4 = self.cr4;
-        sregs.efer = EFER_LONG_MODE;
+        sregs.efer = efer::LONG_MODE;
         sregs
     }
 
@@ -121,9 +120,9 @@ mod tests {
 
     #[test]
     fn long_mode_bits_are_the_architectural_values() {
-        assert_eq!(CR0_LONG_MODE | cr0::WP, 0x8001_0033);
-        assert_eq!(CR4_LONG_MODE | cr4::OSFXSR | cr4::OSXMMEXCPT, 0x620);
-        assert_eq!(EFER_LONG_MODE, 0x500);
+        assert_eq!(cr0::LONG_MODE | cr0::WP, 0x8001_0033);
+        assert_eq!(cr4::LONG_MODE | cr4::OSFXSR | cr4::OSXMMEXCPT, 0x620);
+        assert_eq!(efer::LONG_MODE, 0x500);
         assert_eq!(rflags::RESERVED | rflags::IOPL3, 0x3002);
     }
 }
