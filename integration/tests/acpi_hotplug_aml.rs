@@ -172,7 +172,7 @@ fn check_shape(sockets: u32, cores: u32, boot: u32, hot_added: u32, absent: u32)
             stat(&controller, index)
         )
     };
-    assert_eq!(stat(&controller, hot_added), regs::STAT_ENABLED);
+    assert_eq!(stat(&controller, hot_added), regs::status::ENABLED);
     assert_eq!(stat(&controller, absent), 0);
     // The image's own view of the register block: the STAT byte, written whole.
     let asl = format!(

@@ -232,12 +232,15 @@ fn bad_controller_input_never_removes_a_vcpu_the_manager_counts() {
     // unknown command bits, writes to read-only registers and past the block.
     for index in [0, 3, 4, 14, 1000, u32::MAX] {
         select(index);
-        write(regs::STAT, &[regs::CMD_EJECT | regs::CMD_ACK_REMOVE | 0xf0]);
-        write(regs::STAT, &[regs::CMD_EJECT, 0xff, 0xff, 0xff]);
+        write(
+            regs::STAT,
+            &[regs::command::EJECT | regs::command::ACK_REMOVE | 0xf0],
+        );
+        write(regs::STAT, &[regs::command::EJECT, 0xff, 0xff, 0xff]);
     }
     write(regs::NEXT, &[0; 4]);
     write(regs::COUNT, &[0xff; 4]);
-    write(u64::from(regs::LEN), &[regs::CMD_EJECT]);
+    write(u64::from(regs::LEN), &[regs::command::EJECT]);
     let stats = acpi.hotplug.controller.stats();
     assert_eq!(stats.ejects, 0);
     assert_eq!(stats.refused_ejects, 6, "{stats:?}");

@@ -296,7 +296,10 @@ impl BusDevice for CpuHotplugController {
         let mut s = self.lock();
         let changed = match (access.offset, data) {
             // SEL, whole or byte by byte (an AML field with byte access writes it so).
-            (o, _) if o >= regs::SEL && o + data.len() as u64 <= regs::SEL + 4 => {
+            (o, _)
+                if (regs::SEL..regs::SEL + 4).contains(&o)
+                    && o + data.len() as u64 <= regs::SEL + 4 =>
+            {
                 let mut sel = s.selected.to_le_bytes();
                 let at = usize::from(u8::try_from(o - regs::SEL).unwrap_or(0));
                 sel[at..][..data.len()].copy_from_slice(data);
