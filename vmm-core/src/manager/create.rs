@@ -66,7 +66,7 @@ impl VcpuManager {
     ///    CPUID, and starts its actor thread ([`PendingVcpu::start_with_setup`]) at once,
     ///    without waiting for it;
     /// 2. each new thread configures its own vCPU (CPUID, MSRs, LAPIC, FPU, registers, MP
-    ///    state: [`VcpuPlan::apply`]) and installs its seccomp filter, in parallel with the
+    ///    state, as `VcpuPlan::apply` says) and installs its seccomp filter, in parallel with the
     ///    creation of the next vCPUs and with each other;
     /// 3. once every vCPU is created, every thread's ready signal is awaited.
     ///
