@@ -117,10 +117,9 @@ fn check(shape: (u32, u32, u32, u32)) {
     let (s, c, t, boot) = shape;
     let max = s * c * t;
     let smp = format!("{boot},maxcpus={max},sockets={s},cores={c},threads={t}");
-    let dir = tempfile::tempdir().expect("temporary directory");
-    let dir_arg = dir.path().to_str().expect("a UTF-8 temporary directory");
-    let report = common::run_json_within(
-        &["acpi", "--json", "--smp", &smp, "--out", dir_arg],
+    let (dir, report) = common::run_json_into_tempdir(
+        &["acpi", "--json", "--smp", &smp],
+        "--out",
         Duration::from_secs(60),
     );
     let over = (0..max).filter(|i| apic_id(shape, *i) > 254).count();

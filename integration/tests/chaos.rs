@@ -79,12 +79,12 @@ fn run_chaos(smp_spec: &str, fault: &str) -> ChaosReport {
     assert!(report.after.resize_ok, "{json}");
     let boot = smp(smp_spec).boot_cpus;
     assert_eq!(
-        report.after.vmm_present,
+        report.after.cpus.vmm_present,
         apic_ids(smp_spec, 0..boot),
         "{json}"
     );
     assert_eq!(
-        report.after.guest_online, report.after.vmm_present,
+        report.after.cpus.guest_online, report.after.cpus.vmm_present,
         "{json}"
     );
     assert!(report.running, "{json}");
@@ -94,8 +94,8 @@ fn run_chaos(smp_spec: &str, fault: &str) -> ChaosReport {
 /// After the faulty resize the VMM has exactly the vCPUs of `indices`, the guest agrees and
 /// knows its state.
 fn assert_known_and_agreed(smp_spec: &str, r: &ChaosReport, indices: std::ops::Range<u32>) {
-    assert_eq!(r.vmm_present, apic_ids(smp_spec, indices));
-    assert_eq!(r.guest_online, r.vmm_present);
+    assert_eq!(r.cpus.vmm_present, apic_ids(smp_spec, indices));
+    assert_eq!(r.cpus.guest_online, r.cpus.vmm_present);
     assert!(!r.resize.guest_state_unknown);
 }
 
@@ -146,7 +146,7 @@ chaos_test!(
             "pause/resume waited for the silent guest"
         );
         assert!(r.resize.guest_state_unknown);
-        assert_eq!(r.vmm_present, apic_ids(s, 0..smp(s).boot_cpus));
+        assert_eq!(r.cpus.vmm_present, apic_ids(s, 0..smp(s).boot_cpus));
     }
 );
 
@@ -160,7 +160,7 @@ chaos_test!(
             "the refusal that follows: {error}"
         );
         assert!(!r.resize.guest_state_unknown);
-        assert_eq!(r.vmm_present, apic_ids(s, 0..smp(s).boot_cpus));
+        assert_eq!(r.cpus.vmm_present, apic_ids(s, 0..smp(s).boot_cpus));
     }
 );
 
@@ -170,13 +170,13 @@ chaos_test!(
     |s, r| {
         assert!(r.paused_during_flight, "pause/resume waited for the guest");
         assert!(r.resize.guest_state_unknown);
-        assert_eq!(r.vmm_present, apic_ids(s, 0..smp(s).boot_cpus));
+        assert_eq!(r.cpus.vmm_present, apic_ids(s, 0..smp(s).boot_cpus));
     }
 );
 
 chaos_test!(chaos_hang_up_is_unknown_not_success, "hang-up", |s, r| {
     assert!(r.resize.guest_state_unknown);
-    assert_eq!(r.vmm_present, apic_ids(s, 0..smp(s).boot_cpus));
+    assert_eq!(r.cpus.vmm_present, apic_ids(s, 0..smp(s).boot_cpus));
 });
 
 #[test]

@@ -70,7 +70,7 @@ fn every_vcpu_reads_the_templates_bits_and_the_vmms_topology() {
             ecx & EXT_MASK,
             EXT_BITS,
             "vCPU {}: guest read {ecx:#x}",
-            a.index
+            a.slot.index
         );
         // What KVM holds.
         let kvm_ecx = find(&a.kvm_registers, 0x8000_0001, 0).unwrap().ecx;
@@ -78,7 +78,7 @@ fn every_vcpu_reads_the_templates_bits_and_the_vmms_topology() {
             kvm_ecx & EXT_MASK,
             EXT_BITS,
             "vCPU {}: KVM {kvm_ecx:#x}",
-            a.index
+            a.slot.index
         );
         // Topology and PMU leaves as read by the guest: the template changed nothing.
         for r in a
@@ -90,7 +90,7 @@ fn every_vcpu_reads_the_templates_bits_and_the_vmms_topology() {
                 Some(*r),
                 find(&b.registers, r.leaf, r.subleaf),
                 "vCPU {}: leaf {:#x}.{}",
-                a.index,
+                a.slot.index,
                 r.leaf,
                 r.subleaf
             );
@@ -98,7 +98,7 @@ fn every_vcpu_reads_the_templates_bits_and_the_vmms_topology() {
         assert_eq!(a.location, b.location);
         assert_eq!(a.leaf1_apic_id, b.leaf1_apic_id);
         let loc = a.location.expect("a decoded location");
-        assert_eq!(loc.x2apic_id, a.apic_id);
+        assert_eq!(loc.x2apic_id, a.slot.apic_id);
     }
 }
 
@@ -111,15 +111,15 @@ fn the_guest_decodes_the_brand_string_and_the_tsc_leaf() {
     for v in &views {
         let id = CpuId::with_cpuid_reader(GuestCpuidReader::new(&v.registers));
         let brand = id.get_processor_brand_string().expect("a brand string");
-        assert!(!brand.as_str().trim().is_empty(), "vCPU {}", v.index);
+        assert!(!brand.as_str().trim().is_empty(), "vCPU {}", v.slot.index);
         let kvm_tsc = find(&v.kvm_registers, 0x4000_0010, 0);
         let invariant =
             find(&v.kvm_registers, 0x8000_0007, 0).is_some_and(|e| e.edx & (1 << 8) != 0);
-        assert_eq!(kvm_tsc.is_some(), invariant, "vCPU {}", v.index);
+        assert_eq!(kvm_tsc.is_some(), invariant, "vCPU {}", v.slot.index);
         if let Some(t) = kvm_tsc {
             // The guest's own read of the leaf, decoded by raw-cpuid.
             let read = find(&v.registers, 0x4000_0010, 0).expect("the guest read 0x4000_0010");
-            assert_eq!(read, t, "vCPU {}", v.index);
+            assert_eq!(read, t, "vCPU {}", v.slot.index);
             if let Some(hv) = id.get_hypervisor_info() {
                 assert_eq!(hv.tsc_frequency(), Some(t.eax));
                 assert_eq!(hv.apic_frequency(), Some(1_000_000));

@@ -88,10 +88,9 @@ fn check(shape: (u32, u32, u32, u32)) -> bool {
     let (s, d, c, t) = shape;
     let max = s * d * c * t;
     let smp = format!("1,maxcpus={max},sockets={s},dies={d},cores={c},threads={t}");
-    let dir = tempfile::tempdir().expect("temporary directory");
-    let dir_arg = dir.path().to_str().expect("a UTF-8 temporary directory");
-    let vcpus = common::run_json_within(
-        &["cpuid", "--json", "--smp", &smp, "--hwloc-dir", dir_arg],
+    let (dir, vcpus) = common::run_json_into_tempdir(
+        &["cpuid", "--json", "--smp", &smp],
+        "--hwloc-dir",
         Duration::from_secs(120),
     );
     let vcpus = vcpus.as_array().expect("a JSON array of vCPUs");

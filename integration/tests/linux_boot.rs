@@ -57,6 +57,25 @@ fn boot(kvm: kvm_ioctls::Kvm, kernel: &Path, cmdline: &str, stop_at: Option<&'st
     linux::boot(kvm, &boot, &config, &cpus, console, BOUND, &what)
 }
 
+/// Boots `kernel` with `cmdline` until the kernel prints `line` (the VM is then stopped on
+/// request); panics, showing the console's tail, when the VM stopped before or the line did
+/// not come within [`BOUND`].
+fn boot_until_line(kvm: kvm_ioctls::Kvm, kernel: &Path, cmdline: &str, line: &'static str) -> Boot {
+    let b = boot(kvm, kernel, cmdline, Some(line));
+    match &b.stop {
+        Some(r) if r.reason == StopCause::StopRequested => {}
+        Some(r) => panic!(
+            "the VM stopped before the kernel printed {line:?}: {r}\nconsole tail:\n{}",
+            b.console.tail()
+        ),
+        None => panic!(
+            "no {line:?} within {BOUND:?}\nconsole tail:\n{}",
+            b.console.tail()
+        ),
+    }
+    b
+}
+
 /// The e820 map as Linux prints it (`BIOS-e820: [mem 0x...-0x...] usable`), formatted here
 /// from the entries' numbers.
 fn linux_e820_lines(map: &[E820Entry]) -> Vec<String> {
@@ -83,24 +102,8 @@ fn debian_kernel_reports_our_e820_map_and_hotplug_cpus() {
     };
     // `acpi=off`: the kernel ignores our ACPI tables (linux_acpi.rs checks those) and reads
     // the MP table, as a guest without ACPI does.
-    let b = boot(
-        kvm,
-        &kernel,
-        &format!("{CMDLINE} acpi=off"),
-        Some(SMPBOOT_LINE),
-    );
+    let b = boot_until_line(kvm, &kernel, &format!("{CMDLINE} acpi=off"), SMPBOOT_LINE);
     let lines = b.console.lines();
-    match &b.stop {
-        Some(r) if r.reason == StopCause::StopRequested => {}
-        Some(r) => panic!(
-            "the VM stopped before the kernel printed {SMPBOOT_LINE:?}: {r}\nconsole tail:\n{}",
-            b.console.tail()
-        ),
-        None => panic!(
-            "no {SMPBOOT_LINE:?} within {BOUND:?}\nconsole tail:\n{}",
-            b.console.tail()
-        ),
-    }
     let messages: Vec<&str> = lines.iter().map(|l| message(l)).collect();
     let has = |prefix: &str| messages.iter().any(|m| m.starts_with(prefix));
     assert!(has("Linux version "), "no banner:\n{}", b.console.tail());
@@ -178,17 +181,5 @@ fn debian_bzimage_decompressor_reads_our_command_line() {
     let Some((kvm, kernel)) = kvm_and_kernel_or_skip(test, "VCPU_TEST_BZIMAGE", "vmlinuz-") else {
         return;
     };
-    let b = boot(
-        kvm,
-        &kernel,
-        &format!("{CMDLINE} nokaslr"),
-        Some(KASLR_LINE),
-    );
-    match &b.stop {
-        Some(r) if r.reason == StopCause::StopRequested => {}
-        other => panic!(
-            "no {KASLR_LINE:?} (stop: {other:?})\nconsole tail:\n{}",
-            b.console.tail()
-        ),
-    }
+    boot_until_line(kvm, &kernel, &format!("{CMDLINE} nokaslr"), KASLR_LINE);
 }

@@ -12,6 +12,8 @@ use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+mod common;
+
 use integration::guest::lapic::{LVT_TIMER_OFFSET, LVT_TIMER_PERIODIC, TMICT_OFFSET};
 use integration::guest::{
     build_with_program, lapic_timer, pio_count, ports, GuestCode, LAPIC_TIMER_ADDR, PIO_COUNT_ADDR,
@@ -289,13 +291,7 @@ fn snapshot_inside_an_io_exit(access: Access, dir: &Path) {
     drop(vm);
 
     // A new VM from the files; its device continues the values where the first stopped.
-    let (vm, mut vcpus) = VcpuManager::restore_from(
-        kvm_ioctls::Kvm::new().unwrap(),
-        dir,
-        VmOptions::default(),
-        VcpuManagerOptions::default(),
-    )
-    .unwrap();
+    let (vm, mut vcpus) = common::restore_with_defaults(dir).unwrap();
     assert_eq!(read_u64(&vm, PIO_COUNT_ADDR), sum);
     assert_eq!(read_u64(&vm, PIO_COUNT_ADDR + 8), count);
     let after = CountPort::new(last_read + 1);
@@ -381,13 +377,7 @@ fn the_bsps_periodic_lapic_timer_runs_on_after_a_restore() {
     drop(vcpus);
     drop(vm);
 
-    let (vm, mut vcpus) = VcpuManager::restore_from(
-        kvm_ioctls::Kvm::new().unwrap(),
-        dir.path(),
-        VmOptions::default(),
-        VcpuManagerOptions::default(),
-    )
-    .unwrap();
+    let (vm, mut vcpus) = common::restore_with_defaults(dir.path()).unwrap();
     let (reloads, reads) = timer_progress(&vm);
     vcpus.resume_all().unwrap();
     // Still armed and periodic: the current count reloads again, several times.

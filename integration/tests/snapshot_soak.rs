@@ -15,7 +15,7 @@ mod common;
 use common::usage;
 use integration::guest::agent::{AgentVm, AgentVmOptions, ApMode, GuestAgent};
 use integration::kvm_or_skip;
-use vmm_core::{VcpuConfig, VcpuManager, VcpuManagerOptions, VmOptions, VpmuFeatureLevel};
+use vmm_core::{VcpuConfig, VpmuFeatureLevel};
 
 const CYCLES: u32 = 20;
 const GUEST_TIMEOUT: Duration = Duration::from_secs(60);
@@ -26,13 +26,7 @@ const RSS_SLACK_KIB: u64 = 12 << 10;
 /// Restores `dir`, checks every vCPU continues from its saved counter, saves over `dir`.
 /// Returns the counters at the new save.
 fn cycle(dir: &Path, apic_ids: &[u32], saved: &[u64]) -> Vec<u64> {
-    let (vm, mut vcpus) = VcpuManager::restore_from(
-        kvm_ioctls::Kvm::new().expect("/dev/kvm"),
-        dir,
-        VmOptions::default(),
-        VcpuManagerOptions::default(),
-    )
-    .expect("restore");
+    let (vm, mut vcpus) = common::restore_with_defaults(dir).expect("restore");
     let agent = GuestAgent::new(
         vm.memory().clone(),
         slog::Logger::root(slog::Discard, slog::o!()),

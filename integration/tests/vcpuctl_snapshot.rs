@@ -15,7 +15,7 @@ use integration::guest::agent::{AgentVm, AgentVmOptions, ApMode, GuestAgent};
 use serde_json::Value;
 use vmm_core::error::SnapshotFile;
 use vmm_core::snapshot::{StateFile, FORMAT_VERSION, HEADER_LEN, MEMORY_FILE, STATE_FILE};
-use vmm_core::{SnapshotError, VcpuConfig, VcpuManager, VcpuManagerOptions, VmOptions, VmmError};
+use vmm_core::{SnapshotError, VcpuConfig, VmmError};
 
 /// 2 sockets x 3 cores x 2 threads: APIC IDs 6 and 7 do not exist (sparse).
 const SMP: &str = "2,maxcpus=12,sockets=2,dies=1,cores=3,threads=2";
@@ -204,13 +204,7 @@ fn restore_in_process_continues_counting_and_the_tsc_does_not_go_back() {
     let at_save = vm.agent.progress_of(&apic_ids);
     drop(vm);
 
-    let (vm2, restored) = VcpuManager::restore_from(
-        kvm_ioctls::Kvm::new().unwrap(),
-        dir.path(),
-        VmOptions::default(),
-        VcpuManagerOptions::default(),
-    )
-    .unwrap();
+    let (vm2, restored) = common::restore_with_defaults(dir.path()).unwrap();
     let agent = GuestAgent::new(
         vm2.memory().clone(),
         slog::Logger::root(slog::Discard, slog::o!()),
@@ -244,13 +238,7 @@ fn restore_in_process_continues_counting_and_the_tsc_does_not_go_back() {
         FORMAT_VERSION,
         &serde_json::to_vec(&s).unwrap(),
     );
-    let e = VcpuManager::restore_from(
-        kvm_ioctls::Kvm::new().unwrap(),
-        dir.path(),
-        VmOptions::default(),
-        VcpuManagerOptions::default(),
-    )
-    .unwrap_err();
+    let e = common::restore_with_defaults(dir.path()).unwrap_err();
     assert!(
         matches!(e, VmmError::Snapshot(SnapshotError::InvalidVcpus { .. })),
         "{e}"

@@ -18,7 +18,8 @@
 //!   for the maximum vCPU count; see [`cpuid`] for exactly what it owns.
 //! - [`CpuidEntry`] (KVM-independent `kvm_cpuid_entry2`) and [`CpuVendor`].
 //! - [`host`]: host CPUID bases (synthetic Intel/AMD/Hygon, this machine's, hwloc dump
-//!   files) and [`hwloc`]: writing hwloc CPUID dumps so that `lstopo` can check the result.
+//!   files) and [`hwloc`]: writing hwloc CPUID dumps so that `lstopo` can check the result;
+//!   [`lstopo`]: reading the object tree `lstopo` prints.
 //!
 //! # Example
 //!
@@ -51,6 +52,7 @@ mod cpuid_entry;
 mod error;
 pub mod host;
 pub mod hwloc;
+pub mod lstopo;
 mod smp;
 mod topology;
 mod vendor;

@@ -10,88 +10,25 @@
 //! Needs `lstopo-no-graphics` (Debian package `hwloc`). Without it the test fails when
 //! `VCPU_REQUIRE_KVM=1` or `CI=true` (CI installs hwloc), and is skipped loudly otherwise.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::io::ErrorKind;
 use std::path::Path;
 use std::process::Command;
 
 mod common;
 
-use common::{expected_partition, partition, shapes, this_host_base, Partition};
+use common::{expected_partition, shapes, this_host_base, Partition};
+use topology::lstopo::HwlocTopology;
 use topology::{build_vcpu_cpuid, host, hwloc, CpuTopology, CpuVendor, CpuidEntry};
 
 const LSTOPO: &str = "lstopo-no-graphics";
 
-/// One object of lstopo's XML: its type, OS index, and children.
-#[derive(Debug, Default)]
-struct XmlObject {
-    kind: String,
-    os_index: Option<u32>,
-    parent: Option<usize>,
-}
-
-fn attr<'a>(tag: &'a str, name: &str) -> Option<&'a str> {
-    let key = format!(" {name}=\"");
-    let start = tag.find(&key)? + key.len();
-    let len = tag[start..].find('"')?;
-    Some(&tag[start..start + len])
-}
-
-/// A minimal parser for lstopo's XML: the tree of `<object type=.. os_index=..>` elements.
-fn parse_objects(xml: &str) -> Vec<XmlObject> {
-    let mut objects: Vec<XmlObject> = Vec::new();
-    let mut stack: Vec<usize> = Vec::new();
-    let mut rest = xml;
-    while let Some(open) = rest.find('<') {
-        let Some(close) = rest[open..].find('>') else {
-            break;
-        };
-        let tag = &rest[open..open + close + 1];
-        rest = &rest[open + close + 1..];
-        if tag.starts_with("</object") {
-            stack.pop();
-        } else if tag.starts_with("<object ") {
-            let obj = XmlObject {
-                kind: attr(tag, "type").unwrap_or_default().to_string(),
-                os_index: attr(tag, "os_index").and_then(|v| v.parse().ok()),
-                parent: stack.last().copied(),
-            };
-            objects.push(obj);
-            if !tag.ends_with("/>") {
-                stack.push(objects.len() - 1);
-            }
-        }
-    }
-    objects
-}
-
-/// For each PU (by OS index), its nearest ancestor of type `kind`, if any.
-fn ancestors_of_pus(objects: &[XmlObject], kind: &str) -> BTreeMap<u32, Option<usize>> {
-    let mut out = BTreeMap::new();
-    for pu in objects.iter().filter(|o| o.kind == "PU") {
-        let mut at = pu.parent;
-        while let Some(i) = at {
-            if objects[i].kind == kind {
-                break;
-            }
-            at = objects[i].parent;
-        }
-        out.insert(pu.os_index.expect("PU os_index"), at);
-    }
-    out
-}
-
-/// The partition of PUs by their `kind` ancestor (PUs without one are left out).
-fn partition_by(objects: &[XmlObject], kind: &str) -> Partition {
-    partition(
-        ancestors_of_pus(objects, kind)
-            .into_iter()
-            .filter_map(|(pu, ancestor)| ancestor.map(|a| (pu, a))),
-    )
-}
-
-fn count(objects: &[XmlObject], kind: &str) -> usize {
-    objects.iter().filter(|o| o.kind == kind).count()
+/// The partition of PUs by their nearest `kind` ancestor (PUs without one are left out).
+fn partition_by(hw: &HwlocTopology, kind: &str) -> Partition {
+    hw.groups_of_pus(kind)
+        .into_iter()
+        .map(BTreeSet::from_iter)
+        .collect()
 }
 
 /// Runs lstopo on a dump directory; `None` when lstopo is not installed.
@@ -133,25 +70,21 @@ fn check(vendor: CpuVendor, base: &[CpuidEntry], t: &CpuTopology) -> bool {
     let Some(xml) = lstopo_xml(dir.path()) else {
         return false;
     };
-    let objects = parse_objects(&xml);
+    let hw = HwlocTopology::parse(&xml);
     assert!(
-        xml.contains("name=\"Backend\" value=\"x86\""),
+        hw.from_x86_backend(),
         "{ctx}: lstopo did not use the x86 backend"
     );
 
     let sockets = t.sockets() as usize;
     let dies = sockets * t.dies() as usize;
     let cores = dies * t.cores() as usize;
-    assert_eq!(count(&objects, "PU"), t.max_vcpus() as usize, "{ctx}: PUs");
-    assert_eq!(count(&objects, "Package"), sockets, "{ctx}: packages");
-    assert_eq!(count(&objects, "Core"), cores, "{ctx}: cores");
-    let pus: BTreeSet<u32> = objects
-        .iter()
-        .filter_map(|o| o.os_index.filter(|_| o.kind == "PU"))
-        .collect();
+    assert_eq!(hw.count("PU"), t.max_vcpus() as usize, "{ctx}: PUs");
+    assert_eq!(hw.count("Package"), sockets, "{ctx}: packages");
+    assert_eq!(hw.count("Core"), cores, "{ctx}: cores");
     assert_eq!(
-        pus,
-        (0..t.max_vcpus()).collect(),
+        hw.pus(),
+        (0..t.max_vcpus()).collect::<Vec<u32>>(),
         "{ctx}: PU OS indexes are the vCPU indexes"
     );
 
@@ -164,24 +97,16 @@ fn check(vendor: CpuVendor, base: &[CpuidEntry], t: &CpuTopology) -> bool {
         ("L2Cache", &by_core, "L2 per core"),
         ("L3Cache", &by_die, "L3 per die"),
     ] {
-        assert_eq!(&partition_by(&objects, kind), expected, "{ctx}: {what}");
+        assert_eq!(&partition_by(&hw, kind), expected, "{ctx}: {what}");
     }
     if vendor.is_amd_compatible() {
         // Die objects come from leaf 0x1F, which hwloc only reads on Intel; the AMD node
         // (= die) of leaf 0x8000_001E becomes a NUMA node.
-        assert_eq!(
-            count(&objects, "Die"),
-            0,
-            "{ctx}: no Die objects expected on AMD"
-        );
-        assert_eq!(
-            count(&objects, "NUMANode"),
-            dies,
-            "{ctx}: NUMA nodes (dies)"
-        );
+        assert_eq!(hw.count("Die"), 0, "{ctx}: no Die objects expected on AMD");
+        assert_eq!(hw.count("NUMANode"), dies, "{ctx}: NUMA nodes (dies)");
     } else {
-        assert_eq!(count(&objects, "Die"), dies, "{ctx}: dies");
-        assert_eq!(partition_by(&objects, "Die"), by_die, "{ctx}: PUs per die");
+        assert_eq!(hw.count("Die"), dies, "{ctx}: dies");
+        assert_eq!(partition_by(&hw, "Die"), by_die, "{ctx}: PUs per die");
     }
     true
 }
@@ -251,24 +176,10 @@ fn lstopo_rejects_index_as_apic_id() {
         eprintln!("SKIPPED (no {LSTOPO}; apt-get install -y hwloc)");
         return;
     };
-    let objects = parse_objects(&xml);
+    let hw = HwlocTopology::parse(&xml);
     assert_ne!(
-        partition_by(&objects, "Package"),
+        partition_by(&hw, "Package"),
         expected_partition(&t, |l| l.socket),
         "hwloc should see the wrong packages with APIC ID = index"
     );
-}
-
-#[test]
-fn xml_parser_handles_nesting_and_self_closing() {
-    let xml = r#"<topology><object type="Machine" os_index="0"><info name="a" value="b"/>
-        <object type="Package" os_index="3"><object type="PU" os_index="1"/>
-        <object type="PU" os_index="0" cpuset="0x1"/></object></object></topology>"#;
-    let o = parse_objects(xml);
-    assert_eq!(o.len(), 4);
-    assert_eq!(
-        partition_by(&o, "Package"),
-        BTreeSet::from([BTreeSet::from([0, 1])])
-    );
-    assert_eq!(o[1].os_index, Some(3));
 }

@@ -80,15 +80,30 @@ pub struct ChaosResize {
     pub guest_state_unknown: bool,
 }
 
+/// The vCPUs as each side sees them at one moment (APIC IDs).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct CpuViews {
+    /// The VMM's present vCPUs.
+    pub vmm_present: Vec<u32>,
+    /// The guest's online CPUs (from the guest side).
+    pub guest_online: Vec<u32>,
+}
+
+impl CpuViews {
+    /// Whether both sides name the same vCPUs.
+    pub fn agree(&self) -> bool {
+        self.vmm_present == self.guest_online
+    }
+}
+
 /// The well-behaved resize back to the boot count, afterwards.
 #[derive(Clone, Debug, Serialize)]
 pub struct ChaosAfter {
     /// Whether it succeeded.
     pub resize_ok: bool,
-    /// The VMM's present vCPUs afterwards (APIC IDs).
-    pub vmm_present: Vec<u32>,
-    /// The guest's online CPUs afterwards (APIC IDs, from the guest side).
-    pub guest_online: Vec<u32>,
+    /// Both sides' vCPUs afterwards.
+    #[serde(flatten)]
+    pub cpus: CpuViews,
 }
 
 /// What `vcpuctl chaos` reports (these fields are its JSON).
@@ -103,11 +118,11 @@ pub struct ChaosReport {
     pub pause_wait_ms: f64,
     /// How long `resume_all` took, right after.
     pub resume_wait_ms: f64,
-    /// The VMM's present vCPUs after the resize (APIC IDs).
-    pub vmm_present: Vec<u32>,
-    /// The guest's online CPUs after the resize (APIC IDs, from the guest side).
-    pub guest_online: Vec<u32>,
-    /// `vmm_present` equals `guest_online`, or the error said the guest's state is unknown.
+    /// Both sides' vCPUs after the resize.
+    #[serde(flatten)]
+    pub cpus: CpuViews,
+    /// Both sides agree ([`CpuViews::agree`]), or the error said the guest's state is
+    /// unknown.
     pub consistent: bool,
     /// The resize back to the boot count.
     pub after: ChaosAfter,
@@ -235,7 +250,10 @@ pub fn chaos(
     }
     let AgentVm { vcpus, agent, .. } = vm;
     let manager = Arc::new(Mutex::new(vcpus));
-    let guest_online = || upcall.guest_online_apic_ids();
+    let cpu_views = || CpuViews {
+        vmm_present: present_ids(&manager),
+        guest_online: upcall.guest_online_apic_ids(),
+    };
 
     if let Some(fault) = plan.fault.clone() {
         let idle_fault = matches!(fault, GuestFault::StrayReply { .. } | GuestFault::NeverRead);
@@ -312,9 +330,8 @@ pub fn chaos(
         "  resize: {}",
         resize.error.as_deref().unwrap_or("succeeded")
     ));
-    let vmm_present = present_ids(&manager);
-    let guest_now = guest_online();
-    let consistent = vmm_present == guest_now || resize.guest_state_unknown;
+    let cpus = cpu_views();
+    let consistent = cpus.agree() || resize.guest_state_unknown;
 
     let after_ok = {
         let _p = out.progress(format!("resize back to {boot} vCPUs (well-behaved guest)"));
@@ -325,10 +342,9 @@ pub fn chaos(
     }
     let after = ChaosAfter {
         resize_ok: after_ok.is_ok(),
-        vmm_present: present_ids(&manager),
-        guest_online: guest_online(),
+        cpus: cpu_views(),
     };
-    let running = all_running(&agent, &after.vmm_present);
+    let running = all_running(&agent, &after.cpus.vmm_present);
     let result = lock(&manager).exit_all();
 
     let mut problems = Vec::new();
@@ -337,8 +353,9 @@ pub fn chaos(
     }
     if !consistent {
         problems.push(format!(
-            "the VMM's vCPUs {vmm_present:?} and the guest's {guest_now:?} differ, and the \
-             error did not say the guest's state is unknown"
+            "the VMM's vCPUs {:?} and the guest's {:?} differ, and the error did not say the \
+             guest's state is unknown",
+            cpus.vmm_present, cpus.guest_online
         ));
     }
     let paused_during_flight = in_flight_before && in_flight_after;
@@ -351,10 +368,10 @@ pub fn chaos(
     if !after.resize_ok {
         problems.push("the resize back to the boot count failed".into());
     }
-    if after.vmm_present != after.guest_online {
+    if !after.cpus.agree() {
         problems.push(format!(
             "after the resize back, the VMM's vCPUs {:?} and the guest's {:?} differ",
-            after.vmm_present, after.guest_online
+            after.cpus.vmm_present, after.cpus.guest_online
         ));
     }
     if !running {
@@ -368,8 +385,7 @@ pub fn chaos(
         resize,
         pause_wait_ms: millis(pause_wait),
         resume_wait_ms: millis(resume_wait),
-        vmm_present,
-        guest_online: guest_now,
+        cpus,
         consistent,
         after,
         running,
@@ -412,8 +428,8 @@ pub fn run(
     } else {
         out.line(format!(
             "VMM present {:?}, guest online {:?}: {}",
-            report.vmm_present,
-            report.guest_online,
+            report.cpus.vmm_present,
+            report.cpus.guest_online,
             if report.consistent {
                 "consistent"
             } else {
@@ -427,8 +443,8 @@ pub fn run(
             } else {
                 "FAILED"
             },
-            report.after.vmm_present,
-            report.after.guest_online,
+            report.after.cpus.vmm_present,
+            report.after.cpus.guest_online,
             report.running
         ));
     }

@@ -12,6 +12,7 @@ use serde::Serialize;
 use topology::hwloc::{write_hwloc_dump_results, CpuidResult};
 use topology::{find_entry, CpuidEntry};
 use vmm_core::arch::x86_64::cpuid::{HYPERVISOR_BASE, HYPERVISOR_TSC_LEAF, POWER_MANAGEMENT};
+use vmm_core::VcpuSlot;
 
 use super::{open_kvm, print_json, CliError, ExitCode, Out, VmSpec, GUEST_TIMEOUT};
 use crate::guest::agent::{AgentVm, ApMode};
@@ -46,11 +47,10 @@ pub fn decode_location(read: &[CpuidResult]) -> Option<GuestLocation> {
 }
 
 impl VcpuCpuidView {
-    /// The view of vCPU `index` (APIC ID `apic_id`) from what its guest code read.
-    pub fn new(index: u32, apic_id: u32, registers: Vec<CpuidResult>) -> Self {
+    /// The view of the vCPU `slot` from what its guest code read.
+    pub fn new(slot: VcpuSlot, registers: Vec<CpuidResult>) -> Self {
         Self {
-            index,
-            apic_id,
+            slot,
             leaf1_apic_id: registers
                 .iter()
                 .find(|r| r.leaf == 1 && r.subleaf == 0)
@@ -107,10 +107,9 @@ pub fn add_queries(vm: &mut AgentVm, extra: &[(u32, u32)]) -> Result<(), CliErro
 /// What one vCPU's guest code read and what it means.
 #[derive(Clone, Debug, Serialize)]
 pub struct VcpuCpuidView {
-    /// vCPU index.
-    pub index: u32,
-    /// APIC ID (= KVM vCPU id) the VMM gave it.
-    pub apic_id: u32,
+    /// The vCPU's index and the APIC ID (= KVM vCPU id) the VMM gave it.
+    #[serde(flatten)]
+    pub slot: VcpuSlot,
     /// The APIC ID in leaf 0x1 EBX\[31:24\] as the guest read it.
     pub leaf1_apic_id: Option<u32>,
     /// Decoded by `raw-cpuid` from what the guest read.
@@ -129,11 +128,11 @@ pub fn agent_views(vm: &AgentVm, only: Option<&[u32]>) -> Result<Vec<VcpuCpuidVi
         if only.is_some_and(|ids| !ids.contains(&v.apic_id)) {
             continue;
         }
-        views.push(VcpuCpuidView::new(
-            v.index,
-            v.apic_id,
-            vm.cpuid_results(v.apic_id)?,
-        ));
+        let slot = VcpuSlot {
+            index: v.index,
+            apic_id: v.apic_id,
+        };
+        views.push(VcpuCpuidView::new(slot, vm.cpuid_results(v.apic_id)?));
     }
     Ok(views)
 }
@@ -160,7 +159,7 @@ pub fn cpuid(spec: &VmSpec, hwloc_dir: Option<&PathBuf>) -> Result<Vec<VcpuCpuid
     }
     vm.vcpus.exit_all()?;
     for v in &mut views {
-        v.kvm_registers = kvm_results(&vm.vcpus.kept_vcpu_kvm_cpuid(v.apic_id)?);
+        v.kvm_registers = kvm_results(&vm.vcpus.kept_vcpu_kvm_cpuid(v.slot.apic_id)?);
     }
     Ok(views)
 }
@@ -173,7 +172,7 @@ pub fn location_table(views: &[VcpuCpuidView]) -> String {
         let l = v.location;
         s.push_str(&format!(
             "  {:>5}  {:>7}  {:>8}  {:>6}  {:>3}  {:>4}  {:>6}\n",
-            v.index,
+            v.slot.index,
             opt(l.map(|l| l.x2apic_id)),
             opt(v.leaf1_apic_id),
             opt(l.map(|l| l.socket)),
@@ -206,8 +205,8 @@ pub fn run(
         let l = v.location;
         println!(
             "vCPU {:>3}  APIC ID {:>3}  {}",
-            v.index,
-            v.apic_id,
+            v.slot.index,
+            v.slot.apic_id,
             l.map_or("no topology leaves".into(), |l| format!(
                 "socket {} die {} core {} thread {} (x2APIC ID {})",
                 l.socket, l.die, l.core, l.thread, l.x2apic_id

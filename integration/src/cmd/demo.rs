@@ -32,6 +32,18 @@ pub struct PauseResumeStep {
     pub counters_resumed: Vec<u64>,
 }
 
+/// What the vCPUs one resize added did, once running.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct AddedVcpus {
+    /// What each added vCPU's guest code read from CPUID leaf 0xB EDX (its x2APIC ID), in
+    /// the order of `added`: equal to the APIC IDs the VMM gave them.
+    pub guest_reported_apic_ids: Vec<u32>,
+    /// What the added vCPUs' guest code read from CPUID.
+    pub added: Vec<VcpuCpuidView>,
+    /// Progress counters of the added vCPUs once each had moved (they run guest code).
+    pub added_counters: Vec<u64>,
+}
+
 /// The demo's record of one resize.
 #[derive(Clone, Debug, Serialize)]
 pub struct ResizeStep {
@@ -47,19 +59,15 @@ pub struct ResizeStep {
     pub upcall_ms: f64,
     /// The hotplug channel (`upcall` or `acpi`).
     pub hotplug: HotplugChannel,
-    /// What each added vCPU's guest code read from CPUID leaf 0xB EDX (its x2APIC ID), in
-    /// the order of `added`: equal to the APIC IDs the VMM gave them.
-    pub guest_reported_apic_ids: Vec<u32>,
     /// The APIC IDs of the present vCPUs afterwards.
     pub present_apic_ids: Vec<u32>,
     /// The APIC IDs the guest's BSP sent INIT/SIPI to during this step.
     pub woken_by_guest: Vec<u32>,
     /// The APIC IDs the guest's BSP parked (INIT) during this step.
     pub parked_by_guest: Vec<u32>,
-    /// What the added vCPUs' guest code read from CPUID.
-    pub added: Vec<VcpuCpuidView>,
-    /// Progress counters of the added vCPUs once each had moved (they run guest code).
-    pub added_counters: Vec<u64>,
+    /// What the added vCPUs did (empty when shrinking).
+    #[serde(flatten)]
+    pub added: AddedVcpus,
     /// Progress counters of the removed vCPUs (by APIC ID) after the step, and 50 ms later
     /// (equal: they stopped).
     pub removed_counters: [Vec<u64>; 2],
@@ -128,6 +136,37 @@ fn sample_vcpu_threads(vm: &AgentVm, threads: &mut Vec<VcpuThreadReport>) -> Res
     Ok(())
 }
 
+/// Per-vCPU metrics and the vCPU index of each, as two lists of equal length.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct IndexedMetrics {
+    /// The metrics, one entry per vCPU.
+    pub metrics: Vec<VcpuMetricsSnapshot>,
+    /// The vCPU index of each entry of `metrics` (the `cpu_id` of the OpenMetrics output).
+    pub metric_indices: Vec<u32>,
+}
+
+impl IndexedMetrics {
+    /// (vCPU index, its metrics) pairs, as
+    /// [`VcpuManager::vcpu_metrics`](vmm_core::VcpuManager::vcpu_metrics) gives them.
+    pub fn pairs(&self) -> Vec<(u32, VcpuMetricsSnapshot)> {
+        self.metric_indices
+            .iter()
+            .copied()
+            .zip(self.metrics.iter().copied())
+            .collect()
+    }
+}
+
+impl FromIterator<(u32, VcpuMetricsSnapshot)> for IndexedMetrics {
+    fn from_iter<I: IntoIterator<Item = (u32, VcpuMetricsSnapshot)>>(pairs: I) -> Self {
+        let (metric_indices, metrics) = pairs.into_iter().unzip();
+        Self {
+            metrics,
+            metric_indices,
+        }
+    }
+}
+
 /// Everything `vcpuctl demo` shows, for `--json`.
 #[derive(Clone, Debug, Serialize)]
 pub struct DemoReport {
@@ -150,9 +189,8 @@ pub struct DemoReport {
     /// The stopping vCPU's APIC ID.
     pub stop_vcpu_id: Option<u32>,
     /// Per-vCPU metrics at the end.
-    pub metrics: Vec<VcpuMetricsSnapshot>,
-    /// The vCPU index of each entry of `metrics` (the `cpu_id` of the OpenMetrics output).
-    pub metric_indices: Vec<u32>,
+    #[serde(flatten)]
+    pub final_metrics: IndexedMetrics,
     /// Every vCPU thread the demo ran (boot and hot-added ones, sampled while present), with
     /// its seccomp mode (2, `filter`, by default).
     pub vcpu_threads: Vec<VcpuThreadReport>,
@@ -279,38 +317,23 @@ fn demo_resize(
             vcpu_work_ms: millis(outcome.vcpu_work),
             upcall_ms: millis(outcome.upcall),
             hotplug: channel,
-            guest_reported_apic_ids: Vec::new(),
             present_apic_ids: present,
             woken_by_guest: woken,
             parked_by_guest: parked,
-            added: Vec::new(),
-            added_counters: Vec::new(),
+            added: AddedVcpus::default(),
             removed_counters: [Vec::new(), Vec::new()],
             kept_fds: Vec::new(),
         };
         if !added_ids.is_empty() {
-            vm.agent.wait_online(&added_ids, GUEST_TIMEOUT)?;
-            let reports = vm.agent.online_reports();
-            step.guest_reported_apic_ids = added_ids
-                .iter()
-                .filter_map(|id| reports.iter().find(|r| r.vcpu_id == *id))
-                .map(|r| r.cpuid_apic_id)
-                .collect();
-            out.line(format!(
-                "  the new vCPUs' guest code read these APIC IDs from CPUID: {:?}",
-                step.guest_reported_apic_ids
-            ));
-            step.added = agent_views(vm, Some(&added_ids))?;
-            step.added_counters =
-                wait_all_advanced(&vm.agent, &added_ids, &vec![0; added_ids.len()])?;
+            step.added = observe_added(vm, &added_ids, out)?;
             out.line(format!(
                 "  the guest's BSP sent INIT/SIPI to {:?}; what their guest code read:",
                 step.woken_by_guest
             ));
-            out.line(location_table(&step.added).trim_end());
+            out.line(location_table(&step.added.added).trim_end());
             out.line(format!(
                 "  their progress counters (they run guest code): {:?}",
-                step.added_counters
+                step.added.added_counters
             ));
         }
         if !removed_ids.is_empty() {
@@ -339,6 +362,26 @@ fn demo_resize(
         steps.push(step);
     }
     Ok(steps)
+}
+
+/// Waits until the vCPUs `added_ids` are online and running guest code, and records what
+/// their guest code read.
+fn observe_added(vm: &AgentVm, added_ids: &[u32], out: &Out) -> Result<AddedVcpus, CliError> {
+    vm.agent.wait_online(added_ids, GUEST_TIMEOUT)?;
+    let reports = vm.agent.online_reports();
+    let guest_reported_apic_ids: Vec<u32> = added_ids
+        .iter()
+        .filter_map(|id| reports.iter().find(|r| r.vcpu_id == *id))
+        .map(|r| r.cpuid_apic_id)
+        .collect();
+    out.line(format!(
+        "  the new vCPUs' guest code read these APIC IDs from CPUID: {guest_reported_apic_ids:?}"
+    ));
+    Ok(AddedVcpus {
+        guest_reported_apic_ids,
+        added: agent_views(vm, Some(added_ids))?,
+        added_counters: wait_all_advanced(&vm.agent, added_ids, &vec![0; added_ids.len()])?,
+    })
 }
 
 /// `vcpuctl demo`, hotplugging over `channel`.
@@ -419,8 +462,7 @@ pub fn demo(spec: &VmSpec, out: &Out, channel: HotplugChannel) -> Result<DemoRep
     ));
 
     // The counters end with the vCPUs' threads: read them while the vCPUs are present.
-    let (metric_indices, metrics): (Vec<u32>, Vec<VcpuMetricsSnapshot>) =
-        vm.vcpus.vcpu_metrics().into_iter().unzip();
+    let final_metrics: IndexedMetrics = vm.vcpus.vcpu_metrics().into_iter().collect();
     out.line("the guest asks to shut down (its BSP writes the shutdown port at CPL 3)...");
     vm.agent.request_shutdown()?;
     let stop: VmStopReason = vm
@@ -434,7 +476,7 @@ pub fn demo(spec: &VmSpec, out: &Out, channel: HotplugChannel) -> Result<DemoRep
     out.line(format!("VM stopped, seen through the exit event: {stop}"));
     out.line("per-vCPU metrics:");
     out.line("  vCPU  io_in  io_out  mmio_r  mmio_w  eintr  eagain  pauses  resumes  run ms");
-    for m in &metrics {
+    for m in &final_metrics.metrics {
         out.line(format!(
             "  {:>4}  {:>5}  {:>6}  {:>6}  {:>6}  {:>5}  {:>6}  {:>6}  {:>7}  {:>6.1}",
             m.vcpu_id,
@@ -459,21 +501,14 @@ pub fn demo(spec: &VmSpec, out: &Out, channel: HotplugChannel) -> Result<DemoRep
         resize,
         stop: stop.to_string(),
         stop_vcpu_id: stop.vcpu_id,
-        metrics,
-        metric_indices,
+        final_metrics,
         vcpu_threads,
     })
 }
 
 /// The demo's final per-vCPU metrics as OpenMetrics text ([`vmm_core::openmetrics`]).
 pub fn openmetrics(report: &DemoReport) -> String {
-    let indexed: Vec<(u32, VcpuMetricsSnapshot)> = report
-        .metric_indices
-        .iter()
-        .copied()
-        .zip(report.metrics.iter().copied())
-        .collect();
-    vmm_core::openmetrics::encode_vcpu_metrics(&indexed)
+    vmm_core::openmetrics::encode_vcpu_metrics(&report.final_metrics.pairs())
 }
 
 /// Runs `vcpuctl demo` (its JSON report on stdout with `json`). With `metrics` =

@@ -10,10 +10,12 @@ use std::fmt::Display;
 use std::io::{self, ErrorKind};
 use std::path::Path;
 use std::process::{Command, Output};
+use std::sync::Arc;
 use std::time::Duration;
 
 use assert_cmd::cargo::CommandCargoExt;
 use serde_json::Value;
+use vmm_core::{VcpuManager, VcpuManagerOptions, Vm, VmOptions, VmmError};
 
 /// The `vcpuctl` binary Cargo built for this test run.
 pub fn vcpuctl() -> Command {
@@ -69,6 +71,32 @@ pub fn run_json_within(args: &[&str], limit: Duration) -> Value {
             .output(),
     );
     stdout_json(&what, &out)
+}
+
+/// Runs `vcpuctl args dir_flag DIR`, DIR a new temporary directory, like
+/// [`run_json_within`]; returns DIR (with what `vcpuctl` wrote there) and the JSON.
+pub fn run_json_into_tempdir(
+    args: &[&str],
+    dir_flag: &str,
+    limit: Duration,
+) -> (tempfile::TempDir, Value) {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let dir_arg = dir.path().to_str().expect("a UTF-8 temporary directory");
+    let mut args = args.to_vec();
+    args.extend([dir_flag, dir_arg]);
+    let json = run_json_within(&args, limit);
+    (dir, json)
+}
+
+/// Restores the snapshot in `dir` on a new VM (a new `/dev/kvm` handle), with default VM
+/// and manager options.
+pub fn restore_with_defaults(dir: &Path) -> Result<(Arc<Vm>, VcpuManager), VmmError> {
+    VcpuManager::restore_from(
+        kvm_ioctls::Kvm::new().expect("/dev/kvm"),
+        dir,
+        VmOptions::default(),
+        VcpuManagerOptions::default(),
+    )
 }
 
 /// Whether `tool` (of Debian's `acpica-tools`) is installed; prints SKIPPED for `test` when
