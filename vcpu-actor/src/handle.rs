@@ -79,6 +79,11 @@ impl ReplyBox {
             || (id < self.forgotten_below && !self.replies.contains_key(&id))
     }
 
+    /// Whether a `wait_reply` for `id` is in progress (it must then be woken).
+    pub(crate) fn is_waited_for(&self, id: u64) -> bool {
+        self.waiting.contains_key(&id)
+    }
+
     fn add_waiter(&mut self, id: u64) {
         *self.waiting.entry(id).or_insert(0) += 1;
     }

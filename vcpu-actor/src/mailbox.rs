@@ -2,6 +2,7 @@
 //! `wait_reply`.
 
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::TryRecvError;
 use slog::{debug, warn};
@@ -10,6 +11,12 @@ use crate::handle::{Envelope, MAX_UNCLAIMED_REPLIES};
 use crate::state::{transition, Event, Transition};
 use crate::thread::{guarded, VcpuThread};
 use crate::{ReplyOutcome, SaveStateError, VcpuReply, VcpuRequest, VcpuState};
+
+/// How long a pause must last before the resume tells the guest's kvmclock about it
+/// (`KVM_KVMCLOCK_CTRL`). The guest's watchdogs count in seconds (Linux: soft lockup after
+/// 2 x `watchdog_thresh` = 20 s, RCU stalls after 21 s), so a shorter pause cannot trip them,
+/// and pausing and resuming many vCPUs (a resize, a snapshot) saves one vCPU ioctl each.
+pub(crate) const KVMCLOCK_NOTICE_AFTER: Duration = Duration::from_secs(1);
 
 impl VcpuThread {
     /// Handles every queued request (T2 of the kick protocol).
@@ -50,6 +57,14 @@ impl VcpuThread {
             },
         };
         self.reply(env, outcome);
+        if std::mem::take(&mut self.kvmclock_due) {
+            // After the reply and before the next KVM_RUN: tell the guest's kvmclock that it
+            // was stopped on purpose, so that its watchdogs do not report the lost time. A
+            // guest without kvmclock makes this fail: that is fine.
+            if let Err(e) = self.vcpu.kvmclock_ctrl() {
+                debug!(self.logger, "KVM_KVMCLOCK_CTRL not applied"; "error" => %e);
+            }
+        }
     }
 
     fn apply(&mut self, event: Event, request: VcpuRequest, ok: ReplyOutcome) -> ReplyOutcome {
@@ -71,14 +86,16 @@ impl VcpuThread {
                         };
                     }
                     self.shared.metrics.count_pause();
-                    // Tell the guest's kvmclock that it was stopped on purpose (no soft-lockup
-                    // warnings). A guest without kvmclock makes this fail: that is fine.
-                    if let Err(e) = self.vcpu.kvmclock_ctrl() {
-                        debug!(self.logger, "KVM_KVMCLOCK_CTRL not applied"; "error" => %e);
-                    }
+                    self.paused_at = Some(Instant::now());
                 }
                 if from == VcpuState::Paused && to == VcpuState::Running {
                     self.shared.metrics.count_resume();
+                    // The guest only sees the "stopped" flag at its next entry, so it is set
+                    // on resume, and only after a pause its watchdogs could notice.
+                    self.kvmclock_due = self
+                        .paused_at
+                        .take()
+                        .is_some_and(|t| t.elapsed() >= KVMCLOCK_NOTICE_AFTER);
                 }
                 if from != to {
                     debug!(self.logger, "state change"; "from" => %from, "to" => %to);
@@ -126,11 +143,19 @@ impl VcpuThread {
             outcome,
         };
         let mut replies = self.shared.lock_replies();
+        // Only a waiter for this very reply needs waking: one registers under this lock
+        // before it looks, so a reply stored without a waiter is found by the next
+        // `wait_reply` without sleeping; a discarded reply is never one that is waited for.
+        // Skipping the wake saves a futex call per reply nobody waits for yet (most replies
+        // of a pause or resume of many vCPUs).
+        let wake = replies.is_waited_for(env.id.0);
         if let Some(old) = replies.insert(reply) {
             warn!(self.logger, "too many unclaimed replies, discarding the oldest unclaimed one";
                   "request" => old, "limit" => MAX_UNCLAIMED_REPLIES);
         }
         drop(replies);
-        self.shared.reply_ready.notify_all();
+        if wake {
+            self.shared.reply_ready.notify_all();
+        }
     }
 }

@@ -85,6 +85,11 @@ pub(crate) struct VcpuThread {
     /// The last `KVM_RUN` ended in an I/O exit whose instruction KVM completes only on the
     /// next `KVM_RUN` (see [`complete_pending_io`](Self::complete_pending_io)).
     io_pending: bool,
+    /// When the vCPU was last paused (from `Running`).
+    pub(crate) paused_at: Option<Instant>,
+    /// A resume after a long pause was acknowledged: `KVM_KVMCLOCK_CTRL` is due before the
+    /// next `KVM_RUN` (see `mailbox::KVMCLOCK_NOTICE_AFTER`).
+    pub(crate) kvmclock_due: bool,
 }
 
 /// What the thread does before it reports ready (see [`VcpuThread::run`]).
@@ -138,6 +143,8 @@ impl VcpuThread {
             state: VcpuState::Paused,
             state_saver,
             io_pending: false,
+            paused_at: None,
+            kvmclock_due: false,
         }
     }
 
