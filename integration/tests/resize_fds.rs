@@ -25,7 +25,7 @@ fn agent_vm(kvm: kvm_ioctls::Kvm) -> AgentVm {
         ap_mode: ApMode::Halt,
         ..AgentVmOptions::default()
     };
-    let mut vm =
+    let vm =
         AgentVm::create(kvm, VcpuConfig::with_counts(1, 9).unwrap(), options).expect("agent VM");
     vm.start(Duration::from_secs(60)).expect("the BSP reports");
     vm
