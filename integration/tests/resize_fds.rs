@@ -35,7 +35,11 @@ fn agent_vm(kvm: kvm_ioctls::Kvm) -> AgentVm {
 fn grow_shrink_grow(vm: &mut AgentVm, wait_online: bool, channel: &str) {
     let before = open_fds();
     let added = vm.vcpus.resize_vcpus(9).expect("grow to 9");
-    assert_eq!((added.from, added.to, added.added.len()), (1, 9, 8), "{channel}");
+    assert_eq!(
+        (added.from, added.to, added.added.len()),
+        (1, 9, 8),
+        "{channel}"
+    );
     if wait_online {
         let ids: Vec<u32> = added.added.iter().map(|s| s.apic_id).collect();
         vm.agent
