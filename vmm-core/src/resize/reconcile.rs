@@ -222,6 +222,10 @@ impl VcpuManager {
             debug!(self.logger, "pausing the new vCPUs to read their MP state"; "error" => %e);
         }
         let states = self.mp_states(&indices);
+        // The raw KVM_MP_STATE_* values (0 runnable, 1 uninitialized, 2 init received, 3
+        // halted, 4 SIPI received): what a disagreement with the guest needs explaining.
+        info!(self.logger, "MP states of the new vCPUs after a failed hot-add";
+              "indices" => ?indices, "mp_states" => ?states);
         let mut up = Vec::new();
         let mut unknown = Vec::new();
         let mut exit = Vec::new();
