@@ -5,6 +5,8 @@
 //! fd. One test in its own process, the two channels one after the other, so that nothing
 //! else opens fds while it counts.
 
+mod common;
+
 use std::time::Duration;
 
 use integration::guest::agent::{
@@ -13,11 +15,6 @@ use integration::guest::agent::{
 };
 use integration::kvm_or_skip;
 use vmm_core::VcpuConfig;
-
-/// Open fds of this process.
-fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").unwrap().count()
-}
 
 /// An agent VM of 1 boot vCPU out of 9, its APs halting when parked.
 fn agent_vm(kvm: kvm_ioctls::Kvm) -> AgentVm {
@@ -33,7 +30,7 @@ fn agent_vm(kvm: kvm_ioctls::Kvm) -> AgentVm {
 
 /// Grows to 9, shrinks to 1 and grows to 9 again, counting fds after each step.
 fn grow_shrink_grow(vm: &mut AgentVm, wait_online: bool, channel: &str) {
-    let before = open_fds();
+    let before = common::usage().fds;
     let added = vm.vcpus.resize_vcpus(9).expect("grow to 9");
     assert_eq!(
         (added.from, added.to, added.added.len()),
@@ -46,15 +43,27 @@ fn grow_shrink_grow(vm: &mut AgentVm, wait_online: bool, channel: &str) {
             .wait_online(&ids, Duration::from_secs(60))
             .expect("the new vCPUs report");
     }
-    assert_eq!(open_fds(), before + 8, "{channel}: one fd per added vCPU");
+    assert_eq!(
+        common::usage().fds,
+        before + 8,
+        "{channel}: one fd per added vCPU"
+    );
     let removed = vm.vcpus.resize_vcpus(1).expect("shrink to 1");
     let ids: Vec<u32> = removed.removed.iter().map(|s| s.apic_id).collect();
     vm.agent.mark_parked(&ids);
     assert_eq!(vm.vcpus.kept_vcpu_fds().len(), 8, "{channel}");
-    assert_eq!(open_fds(), before + 8, "{channel}: the fds are kept");
+    assert_eq!(
+        common::usage().fds,
+        before + 8,
+        "{channel}: the fds are kept"
+    );
     vm.vcpus.resize_vcpus(9).expect("grow to 9 again");
     assert!(vm.vcpus.kept_vcpu_fds().is_empty(), "{channel}");
-    assert_eq!(open_fds(), before + 8, "{channel}: the kept fds are reused");
+    assert_eq!(
+        common::usage().fds,
+        before + 8,
+        "{channel}: the kept fds are reused"
+    );
 }
 
 #[test]

@@ -127,6 +127,25 @@ pub struct ExitCounts {
 }
 
 impl ExitCounts {
+    /// Every counter with its field's name, in declaration order (`("io_in", n)` ...
+    /// `("eagain", n)`): for exporters that label exits by kind.
+    pub fn named(&self) -> [(&'static str, u64); EXIT_KINDS] {
+        [
+            ("io_in", self.io_in),
+            ("io_out", self.io_out),
+            ("mmio_read", self.mmio_read),
+            ("mmio_write", self.mmio_write),
+            ("hlt", self.hlt),
+            ("shutdown", self.shutdown),
+            ("system_event", self.system_event),
+            ("internal_error", self.internal_error),
+            ("fail_entry", self.fail_entry),
+            ("unknown", self.unknown),
+            ("eintr", self.eintr),
+            ("eagain", self.eagain),
+        ]
+    }
+
     /// The sum of all exits that came back from the guest (not `EINTR`/`EAGAIN`).
     pub fn guest_exits(&self) -> u64 {
         self.io_in
@@ -188,21 +207,14 @@ mod tests {
             }
         }
         let e = m.snapshot(7).exits;
-        let got = [
-            e.io_in,
-            e.io_out,
-            e.mmio_read,
-            e.mmio_write,
-            e.hlt,
-            e.shutdown,
-            e.system_event,
-            e.internal_error,
-            e.fail_entry,
-            e.unknown,
-            e.eintr,
-            e.eagain,
-        ];
+        let got = e.named().map(|(_, n)| n);
         assert_eq!(got, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]);
+        assert_eq!((e.io_in, e.mmio_write, e.eagain), (1, 4, 12));
+        let names = e.named().map(|(name, _)| name);
+        assert_eq!(
+            (names[0], names[3], names[11]),
+            ("io_in", "mmio_write", "eagain")
+        );
         assert_eq!(e.guest_exits(), (1..=10).sum::<u64>());
     }
 }

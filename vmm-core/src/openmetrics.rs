@@ -42,25 +42,6 @@ fn gauge_value(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-/// The exit kinds as (`reason` label, count).
-fn exits(m: &VcpuMetricsSnapshot) -> [(&'static str, u64); 12] {
-    let e = &m.exits;
-    [
-        ("io_in", e.io_in),
-        ("io_out", e.io_out),
-        ("mmio_read", e.mmio_read),
-        ("mmio_write", e.mmio_write),
-        ("hlt", e.hlt),
-        ("shutdown", e.shutdown),
-        ("system_event", e.system_event),
-        ("internal_error", e.internal_error),
-        ("fail_entry", e.fail_entry),
-        ("unknown", e.unknown),
-        ("eintr", e.eintr),
-        ("eagain", e.eagain),
-    ]
-}
-
 /// OpenMetrics text of `metrics`, (vCPU index, its counters) as
 /// [`VcpuManager::vcpu_metrics`](crate::VcpuManager::vcpu_metrics) gives them; ends with
 /// `# EOF`.
@@ -74,7 +55,7 @@ pub fn encode_vcpu_metrics(metrics: &[(u32, VcpuMetricsSnapshot)]) -> String {
     let kata = Family::<Labels, Gauge>::default();
     for (index, m) in metrics {
         let index = *index;
-        for (reason, n) in exits(m) {
+        for (reason, n) in m.exits.named() {
             exits_family
                 .get_or_create(&cpu_and(index, "reason", reason))
                 .inc_by(n);

@@ -222,14 +222,10 @@ impl VcpuManager {
             debug!(self.logger, "pausing the new vCPUs to read their MP state"; "error" => %e);
         }
         let states = self.mp_states(&indices);
-        // The raw KVM_MP_STATE_* values (0 runnable, 1 uninitialized, 2 init received, 3
-        // halted, 4 SIPI received): what a disagreement with the guest needs explaining.
-        info!(self.logger, "MP states of the new vCPUs after a failed hot-add";
-              "indices" => ?indices, "mp_states" => ?states);
         let mut up = Vec::new();
         let mut unknown = Vec::new();
         let mut exit = Vec::new();
-        for (slot, state) in present.into_iter().zip(states) {
+        for (slot, &state) in present.into_iter().zip(&states) {
             match state {
                 Some(KVM_MP_STATE_UNINITIALIZED) => exit.push(slot.index),
                 Some(_) => up.push(slot),
@@ -243,7 +239,10 @@ impl VcpuManager {
                 warn!(self.logger, "resuming the kept new vCPUs failed"; "error" => %e);
             }
         }
+        // With the raw KVM_MP_STATE_* values (0 runnable, 1 uninitialized, 2 init received,
+        // 3 halted, 4 SIPI received): what a disagreement with the guest needs explaining.
         info!(self.logger, "failed hot-add reconciled";
+              "indices" => ?indices, "mp_states" => ?states,
               "brought_up" => ?up.iter().map(|s| s.apic_id).collect::<Vec<_>>(),
               "unknown" => ?unknown.iter().map(|s| s.apic_id).collect::<Vec<_>>(),
               "exited" => ?exit);
