@@ -81,8 +81,8 @@ impl Rules {
 
     /// The program: what [`Rules`] allow returns `SECCOMP_RET_ALLOW`, anything else
     /// `violation` (a `SECCOMP_RET_*` value), another architecture `SECCOMP_RET_KILL_PROCESS`.
-    pub(crate) fn compile(&self, violation: u32) -> Result<BpfProgram, String> {
-        let mut syscalls = self.syscalls.clone();
+    pub(crate) fn compile(self, violation: u32) -> Result<BpfProgram, String> {
+        let mut syscalls = self.syscalls;
         syscalls.sort_by_key(|&(nr, _)| nr);
         let mut asm = Asm::default();
         let allow = asm.label();
@@ -103,25 +103,25 @@ impl Rules {
             asm.stmt(BPF_RET | BPF_K, violation);
             return asm.finish();
         }
-        // Where each number leads: ALLOW, or its block of checks.
-        let leaves: Vec<(u32, Target)> = syscalls
+        // Where each number leads (a label): ALLOW, or its block of checks.
+        let leaves: Vec<(u32, usize)> = syscalls
             .iter()
             .map(|(nr, checks)| {
-                let target = if checks.is_empty() {
-                    allow
-                } else {
-                    asm.label()
-                };
-                (*nr, Target::Label(target))
+                (
+                    *nr,
+                    if checks.is_empty() {
+                        allow
+                    } else {
+                        asm.label()
+                    },
+                )
             })
             .collect();
         asm.search(&leaves, deny);
-        for ((_, checks), &(_, target)) in syscalls.iter().zip(&leaves) {
-            if let Target::Label(block) = target {
-                if block != allow {
-                    asm.bind(block);
-                    asm.checks(checks, allow, deny);
-                }
+        for ((_, checks), &(_, block)) in syscalls.iter().zip(&leaves) {
+            if block != allow {
+                asm.bind(block);
+                asm.checks(checks, allow, deny);
             }
         }
         asm.bind(allow);
@@ -182,11 +182,14 @@ impl Asm {
     }
 
     /// Binary search of the syscall number (in the accumulator) over `leaves`, sorted by
-    /// number: `jge` splits the range in two, each leaf is one `jeq`.
-    fn search(&mut self, leaves: &[(u32, Target)], deny: usize) {
+    /// number, each with the label it leads to: `jge` splits the range in two, each leaf is
+    /// one `jeq`.
+    fn search(&mut self, leaves: &[(u32, usize)], deny: usize) {
         match leaves {
             [] => {}
-            [(nr, target)] => self.jump(BPF_JEQ, *nr, *target, Target::Label(deny)),
+            [(nr, target)] => {
+                self.jump(BPF_JEQ, *nr, Target::Label(*target), Target::Label(deny));
+            }
             _ => {
                 let (low, high) = leaves.split_at(leaves.len() / 2);
                 let upper = self.label();
