@@ -150,3 +150,35 @@ fn a_vcpu_its_own_thread_cannot_configure_fails_the_batch_and_keeps_every_fd() {
         "no thread of the batch left"
     );
 }
+
+/// An INIT message to `apic_id` through `KVM_SIGNAL_MSI` (xAPIC physical destination, edge);
+/// KVM answers how many LAPICs it reached.
+fn init_reaches(vm: &Vm, apic_id: u32) -> i32 {
+    let msi = kvm_bindings::kvm_msi {
+        address_lo: 0xfee0_0000 | (apic_id << 12),
+        data: 0b101 << 8,
+        ..Default::default()
+    };
+    vm.fd().signal_msi(msi).expect("KVM_SIGNAL_MSI")
+}
+
+/// KVM rebuilds its APIC ID map while creating a vCPU but before that vCPU is in the VM's
+/// list, so the vCPU created last would be unreachable by IPIs (a hot-added CPU the guest
+/// could not start) until something rebuilt it: the batch's last vCPU does. Checked with an
+/// INIT message to every new APIC ID, in a first batch and in a second one.
+#[test]
+fn every_vcpu_of_a_batch_is_reachable_by_an_ipi() {
+    let (_one, vm, mut vcpus) =
+        or_skip!(manager("every_vcpu_of_a_batch_is_reachable_by_an_ipi", 8));
+    for batch in [&[1u32, 2, 3][..], &[4, 5]] {
+        vcpus.create_vcpus(batch).expect("create the batch");
+        for &apic_id in batch {
+            assert_eq!(
+                init_reaches(&vm, apic_id),
+                1,
+                "an INIT to APIC ID {apic_id} reached no LAPIC"
+            );
+        }
+    }
+    vcpus.exit_all().expect("exit all");
+}

@@ -1,7 +1,7 @@
 //! x2APIC mode and KVM's vCPU limit on real KVM: a vCPU set up in x2APIC mode has
 //! `IA32_APIC_BASE.EXTD` and its full 32-bit APIC ID in the LAPIC ID register; the manager
 //! picks x2APIC by itself when an APIC ID is above 254 and says MSI extended destination IDs
-//! are available; and a VM with as many vCPUs as KVM allows (1024 on this project's hosts) is
+//! are available; a fresh vCPU already has the MP state that setup leaves out; and a VM with as many vCPUs as KVM allows (1024 on this project's hosts) is
 //! created, started (the APs wait for SIPI), paused, resumed and exited.
 
 #[macro_use]
@@ -72,7 +72,12 @@ fn a_vcpu_set_up_in_x2apic_mode_has_extd_and_its_32_bit_id() {
     for id in [0u32, 300] {
         let vcpu = vm.create_vcpu(u64::from(id)).unwrap();
         vcpu.set_cpuid2(&cpuid).unwrap();
-        x86_64::setup_vcpu(&vcpu, id, InterruptMode::X2Apic).unwrap();
+        let start = x86_64::VcpuStart {
+            bsp: id == 0,
+            fresh: true,
+            last_of_batch: true,
+        };
+        x86_64::setup_vcpu(&vcpu, id, InterruptMode::X2Apic, start).unwrap();
         let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
             index: x2apic::IA32_APIC_BASE,
             ..Default::default()
@@ -91,10 +96,85 @@ fn a_vcpu_set_up_in_x2apic_mode_has_extd_and_its_32_bit_id() {
             id,
             "vCPU {id}: LAPIC ID"
         );
-        // LINT1 still NMI.
+        // The BSP's LINT1 is NMI; an AP's stays as KVM made it (masked), as its INIT would
+        // leave it anyway.
+        let lint1 = lapic::read_register(&state, lapic::LVT_LINT1);
+        if id == 0 {
+            assert_eq!((lint1 >> 8) & 7, 0b100, "BSP LINT1: {lint1:#x}");
+        } else {
+            assert_ne!(lint1 & (1 << 16), 0, "AP LINT1 masked: {lint1:#x}");
+        }
+    }
+}
+
+/// What `setup_vcpu` and `set_boot_mp_state` leave out on a fresh fd must be KVM's own state
+/// at creation: the MP state of `kvm_created_mp_state`, and `fpu::boot_fpu`'s FCW and MXCSR
+/// (read through `KVM_GET_XSAVE`: `KVM_GET_FPU` always reports MXCSR 0 and `KVM_SET_FPU`
+/// ignores it). On a kept fd (one a guest changed) both are written again.
+#[test]
+fn a_fresh_vcpu_already_has_the_state_setup_leaves_out() {
+    let kvm = or_skip!(kvm_or_skip(
+        "a_fresh_vcpu_already_has_the_state_setup_leaves_out"
+    ));
+    let vm = kvm.create_vm().unwrap();
+    vm.create_irq_chip().unwrap();
+    let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).unwrap();
+    let want = x86_64::fpu::boot_fpu();
+    for id in [0u32, 1, 7] {
+        let vcpu = vm.create_vcpu(u64::from(id)).unwrap();
+        // The legacy area of the XSAVE image: FCW in bytes 0-1, MXCSR in bytes 24-27.
+        let x = vcpu.get_xsave().unwrap();
         assert_eq!(
-            (lapic::read_register(&state, lapic::LVT_LINT1) >> 8) & 7,
-            0b100
+            (x.region[0] & 0xffff, x.region[6]),
+            (u32::from(want.fcw), want.mxcsr),
+            "vCPU {id}: FCW and MXCSR at creation"
+        );
+        assert_eq!(
+            vcpu.get_mp_state().unwrap().mp_state,
+            x86_64::kvm_created_mp_state(id),
+            "vCPU {id}: MP state at creation"
+        );
+        // Set up as a fresh AP (or BSP), it has the boot MP state.
+        vcpu.set_cpuid2(&cpuid).unwrap();
+        let start = x86_64::VcpuStart {
+            bsp: id == 0,
+            fresh: true,
+            last_of_batch: true,
+        };
+        x86_64::setup_vcpu(&vcpu, id, InterruptMode::XApic, start).unwrap();
+        x86_64::set_boot_mp_state(&vcpu, id, start).unwrap();
+        assert_eq!(
+            vcpu.get_mp_state().unwrap().mp_state,
+            x86_64::boot_mp_state(id == 0),
+            "vCPU {id}: boot MP state"
+        );
+        if id == 0 {
+            continue;
+        }
+        // A kept fd: a guest ran it (runnable, FPU changed); set up again, it is back.
+        vcpu.set_mp_state(kvm_bindings::kvm_mp_state {
+            mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE,
+        })
+        .unwrap();
+        let mut dirty = vcpu.get_fpu().unwrap();
+        dirty.fcw = 0x27f;
+        vcpu.set_fpu(&dirty).unwrap();
+        let kept = x86_64::VcpuStart {
+            bsp: false,
+            fresh: false,
+            last_of_batch: true,
+        };
+        x86_64::setup_vcpu(&vcpu, id, InterruptMode::XApic, kept).unwrap();
+        x86_64::set_boot_mp_state(&vcpu, id, kept).unwrap();
+        assert_eq!(
+            vcpu.get_fpu().unwrap().fcw,
+            want.fcw,
+            "vCPU {id}: kept fd's FCW"
+        );
+        assert_eq!(
+            vcpu.get_mp_state().unwrap().mp_state,
+            x86_64::boot_mp_state(false),
+            "vCPU {id}: kept fd back to wait-for-SIPI"
         );
     }
 }

@@ -103,7 +103,7 @@ impl StateVm {
     }
 
     /// Creates and configures vCPU `index` as the vCPU manager does (topology CPUID, boot
-    /// MSRs, LINT, FPU); the BSP (index 0) gets `entry`'s registers and is runnable, the
+    /// MSRs, the BSP's LINT); the BSP (index 0) gets `entry`'s registers and is runnable, the
     /// others wait for INIT/SIPI.
     pub fn add_vcpu(&mut self, index: u32, entry: &dyn BootEntry) -> Result<(), IntegrationError> {
         let cpuid = topology::build_vcpu_cpuid(&self.supported, self.vendor, &self.topology, index)
@@ -118,14 +118,18 @@ impl StateVm {
             .fds
             .last()
             .ok_or_else(|| IntegrationError::Guest("no vCPU".into()))?;
-        vmm_core::arch::x86_64::setup_vcpu(fd, apic_id, vmm_core::InterruptMode::XApic)?;
+        let start = vmm_core::arch::x86_64::VcpuStart {
+            bsp: index == 0,
+            fresh: true,
+            // Each vCPU is added on its own.
+            last_of_batch: true,
+        };
+        vmm_core::arch::x86_64::setup_vcpu(fd, apic_id, vmm_core::InterruptMode::XApic, start)?;
         if index == 0 {
             entry.setup_bsp(fd, &mem)?;
         }
         Ok(vmm_core::arch::x86_64::set_boot_mp_state(
-            fd,
-            apic_id,
-            index == 0,
+            fd, apic_id, start,
         )?)
     }
 

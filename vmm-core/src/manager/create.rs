@@ -96,7 +96,8 @@ impl VcpuManager {
         let mut pending = Vec::with_capacity(slots.len());
         let mut first_error = None;
         let mut probe_msrs = !self.saver.msrs_known();
-        for &(index, apic_id) in &slots {
+        let last = slots.len() - 1;
+        for (i, &(index, apic_id)) in slots.iter().enumerate() {
             let (fd, reused) = match self.kept_fds.remove(&apic_id) {
                 Some(fd) => (fd, true),
                 None => match self.create_kvm_vcpu(apic_id) {
@@ -122,6 +123,7 @@ impl VcpuManager {
                 index,
                 apic_id,
                 reused,
+                last_of_batch: i == last,
                 cpuid,
                 // The first vCPU of the first batch lists the MSRs a save needs.
                 probe_msrs: std::mem::take(&mut probe_msrs),
@@ -384,6 +386,8 @@ struct VcpuPlan {
     apic_id: u32,
     /// The fd was kept from an earlier life of this vCPU.
     reused: bool,
+    /// Created last in its batch (after all the others).
+    last_of_batch: bool,
     cpuid: Vec<CpuidEntry>,
     /// List the MSRs a save needs, on this vCPU (once per VM).
     probe_msrs: bool,
@@ -391,8 +395,8 @@ struct VcpuPlan {
 }
 
 impl VcpuPlan {
-    /// CPUID, then the architectural setup ([`x86_64::setup_vcpu`]: MSRs, LAPIC LINT0/LINT1,
-    /// FPU), the CPU template's MSRs, then BSP registers (index 0) or the wait-for-SIPI state
+    /// CPUID, then the architectural setup ([`x86_64::setup_vcpu`]: MSRs, the BSP's LINT0/LINT1,
+    /// a kept fd's FPU), the CPU template's MSRs, then BSP registers (index 0) or the wait-for-SIPI state
     /// (APs); then, once per VM, the MSR probe.
     fn apply(&self, fd: &VcpuFd) -> Result<(), VcpuSetupError> {
         let (apic_id, common) = (self.apic_id, &self.common);
@@ -401,7 +405,12 @@ impl VcpuPlan {
         {
             debug!(common.logger, "reused vCPU keeps its CPUID"; "apic_id" => apic_id);
         }
-        x86_64::setup_vcpu(fd, apic_id, common.interrupt_mode)?;
+        let start = x86_64::VcpuStart {
+            bsp: self.index == 0,
+            fresh: !self.reused,
+            last_of_batch: self.last_of_batch,
+        };
+        x86_64::setup_vcpu(fd, apic_id, common.interrupt_mode, start)?;
         if let Some(template) = &common.template {
             // After the VMM's boot MSRs, so that the template has the last word.
             template.apply_msrs(fd, apic_id)?;
@@ -412,7 +421,7 @@ impl VcpuPlan {
             }
         }
         // The APs wait in KVM_RUN until the guest sends INIT and SIPI.
-        x86_64::set_boot_mp_state(fd, apic_id, self.index == 0)?;
+        x86_64::set_boot_mp_state(fd, apic_id, start)?;
         if self.probe_msrs {
             let kvm = common.vm.kvm();
             probe_saveable_msrs(

@@ -25,7 +25,8 @@
 //!   the APIC IDs leave no 8-bit ID above them);
 //! - a Local APIC NMI entry (type 4) for LINT1 on all processors (UID 0xFF), and a Local
 //!   x2APIC NMI entry (type 0xA, UID 0xFFFF_FFFF) too when there are type-9 entries: the
-//!   vCPU manager programs every LAPIC's LINT1 as NMI ([`super::lapic::setup_lint`]).
+//!   vCPU manager programs the BSP's LINT1 as NMI ([`super::lapic::setup_lint`]) and the
+//!   guest its APs' (their INIT resets every LVT entry).
 //!
 //! The flags say `PCAT_COMPAT` (KVM's in-kernel irqchip has the 8259 pair, which the guest
 //! should mask). ISA IRQs are identity-mapped to I/O APIC pins 0-15 (ACPI's default without

@@ -1,5 +1,9 @@
 //! The x87/SSE state every vCPU gets at creation: the values after `fninit` and the default
 //! MXCSR (all exceptions masked, round to nearest).
+//!
+//! KVM creates vCPUs with exactly this state, so only a kept vCPU fd needs [`setup_fpu`]. Note
+//! that `KVM_SET_FPU` does not write MXCSR (nor `KVM_GET_FPU` read it: it reports 0); only
+//! `KVM_SET_XSAVE` reaches it.
 
 use kvm_bindings::kvm_fpu;
 use kvm_ioctls::VcpuFd;

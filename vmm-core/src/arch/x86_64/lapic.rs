@@ -57,6 +57,20 @@ pub fn setup_lint(vcpu: &VcpuFd, vcpu_id: u32) -> Result<(), VcpuSetupError> {
     vcpu.set_lapic(&state).map_err(err(KvmOp::SetLapic))
 }
 
+/// Makes KVM rebuild the VM's APIC ID -> vCPU map by setting `vcpu`'s (KVM vCPU id
+/// `vcpu_id`) LAPIC state back unchanged.
+///
+/// KVM delivers IPIs and MSIs through that map, and rebuilds it when a LAPIC's ID, mode or
+/// state changes; the rebuild that creating a vCPU does runs before the new vCPU is in the
+/// VM's list, so the vCPU created last is missing from the map until something rebuilds it
+/// again (an INIT IPI for it is then lost). Each rebuild walks every vCPU, so the manager
+/// asks for one per batch, on the vCPU created last, rather than one per vCPU.
+pub fn refresh_apic_map(vcpu: &VcpuFd, vcpu_id: u32) -> Result<(), VcpuSetupError> {
+    let err = |op| crate::vcpu_kvm_error(vcpu_id, op);
+    let state = vcpu.get_lapic().map_err(err(KvmOp::GetLapic))?;
+    vcpu.set_lapic(&state).map_err(err(KvmOp::SetLapic))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

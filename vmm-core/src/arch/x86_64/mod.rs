@@ -47,11 +47,44 @@ use crate::config::InterruptMode;
 use crate::error::{KvmOp, VcpuSetupError};
 pub(crate) use crate::vm::write_guest;
 
+/// What a vCPU being set up is: the boot processor or an AP, on a vCPU fd just created or on
+/// one kept from an earlier life of the vCPU (hot-unplugged, then added again).
+///
+/// A fresh fd already holds KVM's creation state, so [`setup_vcpu`] and [`set_boot_mp_state`]
+/// skip the writes that would only repeat it (each vCPU ioctl costs a `vcpu_load`, and with
+/// hundreds of vCPUs being configured at once that adds up); a kept fd holds whatever its
+/// last guest left, so everything is written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VcpuStart {
+    /// The boot processor (the vCPU that runs first; KVM vCPU id 0 at boot).
+    pub bsp: bool,
+    /// The fd was created for this start (`KVM_CREATE_VCPU`), not kept from an earlier one.
+    pub fresh: bool,
+    /// The last vCPU of a batch: set up after every vCPU of the batch was created, it makes
+    /// KVM rebuild its APIC ID map ([`lapic::refresh_apic_map`]) so that IPIs reach them all.
+    pub last_of_batch: bool,
+}
+
 /// The architectural setup of a new vCPU (KVM vCPU id `vcpu_id`) after its CPUID: the boot
 /// MSRs ([`msr::boot_msrs`]), in x2APIC mode `IA32_APIC_BASE` with x2APIC enabled
-/// ([`x2apic::apic_base`]; the BSP is vCPU id 0), LINT0/LINT1 ([`lapic::setup_lint`]) and the
+/// ([`x2apic::apic_base`]; the BSP is vCPU id 0), LINT0/LINT1 on the BSP
+/// ([`lapic::setup_lint`]), on the last vCPU of a batch the APIC map refresh
+/// ([`lapic::refresh_apic_map`]; the BSP's LINT setup refreshes it too) and, on a kept fd, the
 /// FPU ([`fpu::setup_fpu`]). `mode` is the VM's resolved interrupt mode.
-pub fn setup_vcpu(vcpu: &VcpuFd, vcpu_id: u32, mode: InterruptMode) -> Result<(), VcpuSetupError> {
+///
+/// What is left out, and why the guest cannot tell:
+/// - LINT0/LINT1 of an AP: an AP starts in wait-for-SIPI, and the INIT the guest sends before
+///   its SIPI resets every LVT entry to masked (Intel SDM vol. 3, "Local Vector Table"; KVM's
+///   `kvm_lapic_reset`), so nothing written there would survive to the AP's first
+///   instruction. The guest programs its own (Linux masks LINT0 on APs, LINT1 is NMI).
+/// - The FPU of a fresh fd: KVM creates a vCPU with exactly [`fpu::boot_fpu`]'s x87 and SSE
+///   control state (read back through `KVM_GET_XSAVE` by this crate's tests).
+pub fn setup_vcpu(
+    vcpu: &VcpuFd,
+    vcpu_id: u32,
+    mode: InterruptMode,
+    start: VcpuStart,
+) -> Result<(), VcpuSetupError> {
     let mut msrs = msr::boot_msrs();
     if mode == InterruptMode::X2Apic {
         // After CPUID: KVM refuses EXTD unless the vCPU's CPUID has the x2APIC flag.
@@ -59,18 +92,46 @@ pub fn setup_vcpu(vcpu: &VcpuFd, vcpu_id: u32, mode: InterruptMode) -> Result<()
         msrs.push(msr::entry(x2apic::IA32_APIC_BASE, base));
     }
     msr::set_msrs(vcpu, vcpu_id, &msrs)?;
-    lapic::setup_lint(vcpu, vcpu_id)?;
+    if start.bsp {
+        lapic::setup_lint(vcpu, vcpu_id)?;
+    } else if start.last_of_batch {
+        lapic::refresh_apic_map(vcpu, vcpu_id)?;
+    }
+    if start.fresh {
+        return Ok(());
+    }
     fpu::setup_fpu(vcpu, vcpu_id)
 }
 
-/// Makes `vcpu` (KVM vCPU id `vcpu_id`) runnable (the BSP, whose registers are set), or
-/// leaves it waiting in `KVM_RUN` for the guest's INIT and SIPI (an AP).
-pub fn set_boot_mp_state(vcpu: &VcpuFd, vcpu_id: u32, bsp: bool) -> Result<(), VcpuSetupError> {
-    let mp_state = if bsp {
+/// The MP state [`set_boot_mp_state`] gives: runnable for the BSP (whose registers are set),
+/// waiting in `KVM_RUN` for the guest's INIT and SIPI for an AP.
+pub fn boot_mp_state(bsp: bool) -> u32 {
+    if bsp {
         KVM_MP_STATE_RUNNABLE
     } else {
         KVM_MP_STATE_UNINITIALIZED
-    };
+    }
+}
+
+/// The MP state KVM gives a vCPU it creates in a VM with the in-kernel irqchip: runnable for
+/// its reset BSP (vCPU id 0 unless the VMM moved it with `KVM_SET_BOOT_CPU_ID`, which this
+/// crate never does), uninitialized (waiting for INIT) for the others.
+pub fn kvm_created_mp_state(vcpu_id: u32) -> u32 {
+    boot_mp_state(vcpu_id == 0)
+}
+
+/// Makes `vcpu` (KVM vCPU id `vcpu_id`) runnable (the BSP, whose registers are set), or
+/// leaves it waiting in `KVM_RUN` for the guest's INIT and SIPI (an AP). On a fresh fd whose
+/// creation state ([`kvm_created_mp_state`]) is already that, nothing is written.
+pub fn set_boot_mp_state(
+    vcpu: &VcpuFd,
+    vcpu_id: u32,
+    start: VcpuStart,
+) -> Result<(), VcpuSetupError> {
+    let mp_state = boot_mp_state(start.bsp);
+    if start.fresh && kvm_created_mp_state(vcpu_id) == mp_state {
+        return Ok(());
+    }
     vcpu.set_mp_state(kvm_mp_state { mp_state })
         .map_err(crate::vcpu_kvm_error(vcpu_id, KvmOp::SetMpState))
 }
