@@ -13,7 +13,7 @@ mod common;
 use common::usage;
 use integration::guest::agent::{attach_upcall, AgentUpcallOptions, AgentVm, AgentVmOptions};
 use integration::kvm_or_skip;
-use vmm_core::{ResizeError, VcpuConfig, VcpuManager};
+use vmm_core::{ResizeError, VcpuConfig, VcpuManager, VcpuManagerOptions};
 use vpmu::VpmuFeatureLevel;
 
 const RESIZE_CYCLES: u32 = 200;
@@ -33,10 +33,26 @@ fn resize_and_pause_cycles_leak_no_memory_fds_or_threads() {
     };
     let smp = common::smp("1,maxcpus=4,sockets=1,cores=4,threads=1");
     let config = VcpuConfig::from_smp(smp, VpmuFeatureLevel::Disabled);
-    let mut vm = AgentVm::create(kvm, config, AgentVmOptions::default()).expect("agent VM");
+    // Warnings of the manager and the guest agent go to the output shown when this fails.
+    let logger = common::warnings_logger();
+    let options = AgentVmOptions {
+        manager: VcpuManagerOptions {
+            logger: logger.clone(),
+            ..VcpuManagerOptions::default()
+        },
+        ..AgentVmOptions::default()
+    };
+    let mut vm = AgentVm::create(kvm, config, options).expect("agent VM");
     vm.start(Duration::from_secs(60))
         .expect("boot vCPU reports");
-    let upcall = attach_upcall(&mut vm, AgentUpcallOptions::default()).expect("upcall");
+    let upcall = attach_upcall(
+        &mut vm,
+        AgentUpcallOptions {
+            logger,
+            ..AgentUpcallOptions::default()
+        },
+    )
+    .expect("upcall");
     let AgentVm { vcpus, .. } = vm;
     let manager = Arc::new(Mutex::new(vcpus));
     let present = || -> Vec<u32> {

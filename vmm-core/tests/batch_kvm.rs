@@ -6,9 +6,12 @@ mod common;
 
 use std::sync::{Arc, MutexGuard};
 
-use common::{config, proc_status, serial};
+use common::{config, proc_status, serial, HaltingBsp, HALT_AT};
 use vcpu_actor::test_util::kvm_or_skip;
-use vmm_core::{build_vm, VcpuManager, VcpuManagerOptions, VcpuSetupError, Vm, VmOptions};
+use vmm_core::{
+    build_vm, BackendError, HotplugAck, HotplugBackend, HotplugFailure, HotplugOp, ResizeError,
+    VcpuManager, VcpuManagerOptions, VcpuSetupError, Vm, VmOptions,
+};
 
 /// A VM with one boot vCPU of at most `max`, and the one-at-a-time lock (the tests count
 /// this process's fds); `None` where `test` is skipped for want of KVM.
@@ -151,15 +154,25 @@ fn a_vcpu_its_own_thread_cannot_configure_fails_the_batch_and_keeps_every_fd() {
     );
 }
 
-/// An INIT message to `apic_id` through `KVM_SIGNAL_MSI` (xAPIC physical destination, edge);
-/// KVM answers how many LAPICs it reached.
-fn init_reaches(vm: &Vm, apic_id: u32) -> i32 {
+/// An interrupt message to `apic_id` through `KVM_SIGNAL_MSI` (xAPIC physical destination,
+/// edge) with delivery mode `mode` and `vector`; KVM answers how many LAPICs it reached.
+fn message(vm: &Vm, apic_id: u32, mode: u32, vector: u32) -> i32 {
     let msi = kvm_bindings::kvm_msi {
         address_lo: 0xfee0_0000 | (apic_id << 12),
-        data: 0b101 << 8,
+        data: (mode << 8) | vector,
         ..Default::default()
     };
     vm.fd().signal_msi(msi).expect("KVM_SIGNAL_MSI")
+}
+
+/// Delivery mode INIT.
+const INIT: u32 = 0b101;
+/// Delivery mode STARTUP (SIPI).
+const SIPI: u32 = 0b110;
+
+/// An INIT message to `apic_id`; how many LAPICs it reached.
+fn init_reaches(vm: &Vm, apic_id: u32) -> i32 {
+    message(vm, apic_id, INIT, 0)
 }
 
 /// KVM rebuilds its APIC ID map while creating a vCPU but before that vCPU is in the VM's
@@ -180,5 +193,75 @@ fn every_vcpu_of_a_batch_is_reachable_by_an_ipi() {
             );
         }
     }
+    vcpus.exit_all().expect("exit all");
+}
+
+/// A guest that, asked to online CPUs, sends INIT and SIPI to the first (it starts, at the
+/// BSP's halt loop, and halts), INIT alone to the second (it stops waiting for its SIPI, as
+/// when a SIPI is lost) and nothing to the others, then fails the request.
+#[derive(Debug)]
+struct StallingGuest {
+    vm: Arc<Vm>,
+}
+
+impl HotplugBackend for StallingGuest {
+    fn name(&self) -> &'static str {
+        "stalling"
+    }
+
+    fn max_apic_id(&self) -> Option<u32> {
+        None
+    }
+
+    fn add(&self, apic_ids: &[u32]) -> Result<HotplugAck, HotplugFailure> {
+        let vector = u32::try_from(HALT_AT >> 12).unwrap();
+        message(&self.vm, apic_ids[0], INIT, 0);
+        message(&self.vm, apic_ids[0], SIPI, vector);
+        message(&self.vm, apic_ids[1], INIT, 0);
+        Err(HotplugFailure {
+            confirmed: Vec::new(),
+            uncertain: Vec::new(),
+            source: BackendError::GuestTimeout {
+                backend: "stalling",
+                op: HotplugOp::Add,
+                apic_ids: apic_ids[1..].to_vec(),
+                timeout: std::time::Duration::ZERO,
+            },
+        })
+    }
+
+    fn remove(&self, _apic_ids: &[u32]) -> Result<HotplugAck, HotplugFailure> {
+        Ok(HotplugAck { requests: 0 })
+    }
+}
+
+/// After a failed hot-add the manager keeps the vCPUs the guest started and exits the others:
+/// a vCPU that got INIT but no SIPI still waits for its SIPI and runs no guest code, so it is
+/// not counted as brought up (it was, when any MP state but "uninitialized" counted).
+#[test]
+fn a_failed_hot_add_keeps_only_the_vcpus_that_got_their_sipi() {
+    let (_one, vm, mut vcpus) = or_skip!(manager(
+        "a_failed_hot_add_keeps_only_the_vcpus_that_got_their_sipi",
+        4
+    ));
+    vcpus.create_boot_vcpus(Arc::new(HaltingBsp)).unwrap();
+    vcpus.start_boot_vcpus().unwrap();
+    vcpus.set_hotplug_backend(Arc::new(StallingGuest {
+        vm: Arc::clone(&vm),
+    }));
+    let e = vcpus.resize_vcpus(4).unwrap_err();
+    match &e {
+        ResizeError::HotplugFailed {
+            op: HotplugOp::Add,
+            present_after,
+            source,
+            ..
+        } => {
+            assert_eq!(present_after, &[0, 1], "{e}");
+            assert_eq!(source.confirmed, [1], "{e}");
+        }
+        other => panic!("expected a failed hot-add, got {other}"),
+    }
+    assert_eq!(vcpus.kept_vcpu_fds(), [2, 3]);
     vcpus.exit_all().expect("exit all");
 }

@@ -10,7 +10,7 @@ mod common;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use common::{proc_status, serial};
+use common::{proc_status, serial, HaltingBsp};
 use kvm_ioctls::Kvm;
 use vcpu_actor::test_util::kvm_or_skip;
 use vmm_core::snapshot::{self, STATE_FILE};
@@ -193,29 +193,6 @@ impl HotplugBackend for GatedBackend {
 
     fn remove(&self, _apic_ids: &[u32]) -> Result<HotplugAck, HotplugFailure> {
         Ok(HotplugAck { requests: 0 })
-    }
-}
-
-/// A BSP that halts in real mode at 0x1000 (`hlt; jmp $-3`).
-#[derive(Debug)]
-struct HaltingBsp;
-
-impl vmm_core::BootEntry for HaltingBsp {
-    fn setup_bsp(
-        &self,
-        vcpu: &kvm_ioctls::VcpuFd,
-        mem: &vm_memory::GuestMemoryMmap,
-    ) -> Result<(), vmm_core::VcpuSetupError> {
-        vmm_core::vm::write_guest(mem, 0x1000, &[0xf4, 0xeb, 0xfd]).unwrap();
-        let mut sregs = vcpu.get_sregs().unwrap();
-        sregs.cs.base = 0;
-        sregs.cs.selector = 0;
-        vcpu.set_sregs(&sregs).unwrap();
-        let mut regs = vcpu.get_regs().unwrap();
-        regs.rip = 0x1000;
-        regs.rflags = 2;
-        vcpu.set_regs(&regs).unwrap();
-        Ok(())
     }
 }
 

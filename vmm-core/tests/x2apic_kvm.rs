@@ -10,51 +10,16 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::HaltingBsp;
+
 use kvm_bindings::{kvm_msr_entry, Msrs, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::{Kvm, VcpuFd};
+use kvm_ioctls::Kvm;
 use vcpu_actor::test_util::kvm_or_skip;
-use vm_memory::GuestMemoryMmap;
 use vmm_core::arch::x86_64::{self, lapic, x2apic};
-use vmm_core::error::KvmOp;
 use vmm_core::{
-    build_vm, BootEntry, InterruptMode, KvmLimits, VcpuConfig, VcpuManager, VcpuManagerOptions,
-    VcpuSetupError, VcpuState, VmOptions,
+    build_vm, InterruptMode, KvmLimits, VcpuConfig, VcpuManager, VcpuManagerOptions, VcpuState,
+    VmOptions,
 };
-
-/// Real mode at 0x1000 (`cli; hlt; jmp $-1` written there): the BSP halts with interrupts off
-/// and costs no host CPU.
-struct HaltingBsp;
-
-/// `cli; hlt; jmp .-1` (back to the hlt).
-const HALT_LOOP: [u8; 4] = [0xfa, 0xf4, 0xeb, 0xfd];
-
-impl BootEntry for HaltingBsp {
-    fn setup_bsp(&self, vcpu: &VcpuFd, mem: &GuestMemoryMmap) -> Result<(), VcpuSetupError> {
-        vmm_core::vm::write_guest(mem, 0x1000, &HALT_LOOP).map_err(|e| {
-            VcpuSetupError::InvalidState {
-                op: vmm_core::ManagerOp::ConfigureBootVcpu,
-                reason: e.to_string(),
-            }
-        })?;
-        let err = |op| {
-            move |source| VcpuSetupError::Kvm {
-                vcpu_id: 0,
-                op,
-                source,
-            }
-        };
-        let mut sregs = vcpu.get_sregs().map_err(err(KvmOp::GetSregs))?;
-        sregs.cs.base = 0;
-        sregs.cs.selector = 0;
-        vcpu.set_sregs(&sregs).map_err(err(KvmOp::SetSregs))?;
-        let regs = kvm_bindings::kvm_regs {
-            rip: 0x1000,
-            rflags: 2,
-            ..Default::default()
-        };
-        vcpu.set_regs(&regs).map_err(err(KvmOp::SetRegs))
-    }
-}
 
 fn config(boot: u32, (s, c, t): (u32, u32, u32)) -> VcpuConfig {
     common::config(boot, s * c * t, (s, c, t))

@@ -258,3 +258,13 @@ pub fn run_until_exit_within(
     let (g, stop) = waiter.join().expect("waiter thread");
     (g, stop.expect("event loop"))
 }
+
+/// A logger that writes warnings and errors (with their key-values) to the test's captured
+/// output: shown when a test fails, to say what the VMM and the guest saw.
+pub fn warnings_logger() -> slog::Logger {
+    use slog::Drain;
+    let decorator = slog_term::PlainSyncDecorator::new(slog_term::TestStdoutWriter);
+    let drain = slog_term::FullFormat::new(decorator).build().fuse();
+    let drain = slog::LevelFilter::new(drain, slog::Level::Warning).fuse();
+    slog::Logger::root(drain, slog::o!())
+}

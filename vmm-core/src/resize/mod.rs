@@ -39,8 +39,9 @@
 //! leaving the earlier ones done, and its failure reply does not say how far it got. So:
 //!
 //! - **Hot-add**: the manager looks at each new vCPU itself. One that has left the
-//!   wait-for-SIPI state (`KVM_GET_MP_STATE` is not `UNINITIALIZED`) was brought up by the
-//!   guest: it stays present (and keeps running, unless the VM is paused). The others are
+//!   wait-for-SIPI state (`KVM_GET_MP_STATE` is neither `UNINITIALIZED` nor `INIT_RECEIVED`:
+//!   one that got INIT but whose SIPI never came, or was lost, ran no guest code) was brought
+//!   up by the guest: it stays present (and keeps running, unless the VM is paused). The others are
 //!   exited (their fds kept). To read the MP state, the new vCPUs are paused first (KVM
 //!   serialises a vCPU's ioctls, and a thread inside `KVM_RUN` waits there for SIPI), then each
 //!   one's own thread reads it ([`VcpuRequest::GetMpState`](vcpu_actor::VcpuRequest::GetMpState),

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::KVM_MP_STATE_UNINITIALIZED;
+use kvm_bindings::{KVM_MP_STATE_INIT_RECEIVED, KVM_MP_STATE_UNINITIALIZED};
 use slog::{debug, info, warn};
 use vcpu_actor::{ReplyOutcome, VcpuRequest, VcpuState};
 
@@ -204,7 +204,8 @@ impl VcpuManager {
     }
 
     /// After a failed hot-add: keeps the new vCPUs the guest brought up (they left
-    /// wait-for-SIPI), exits the others. Returns (brought up, state unknown), as APIC IDs.
+    /// wait-for-SIPI: their MP state is neither `UNINITIALIZED` nor `INIT_RECEIVED`), exits
+    /// the others. Returns (brought up, state unknown), as APIC IDs.
     fn reconcile_add(&mut self, slots: &[VcpuSlot]) -> (Vec<u32>, Vec<u32>) {
         let present: Vec<VcpuSlot> = slots
             .iter()
@@ -227,7 +228,11 @@ impl VcpuManager {
         let mut exit = Vec::new();
         for (slot, &state) in present.into_iter().zip(&states) {
             match state {
-                Some(KVM_MP_STATE_UNINITIALIZED) => exit.push(slot.index),
+                // Waiting for INIT, or for the SIPI after it: no guest code ran. (The guest
+                // sends both before it answers; the MP-state read takes in what is pending.)
+                Some(KVM_MP_STATE_UNINITIALIZED | KVM_MP_STATE_INIT_RECEIVED) => {
+                    exit.push(slot.index)
+                }
                 Some(_) => up.push(slot),
                 None => unknown.push(slot),
             }
@@ -241,7 +246,7 @@ impl VcpuManager {
         }
         // With the raw KVM_MP_STATE_* values (0 runnable, 1 uninitialized, 2 init received,
         // 3 halted, 4 SIPI received): what a disagreement with the guest needs explaining.
-        info!(self.logger, "failed hot-add reconciled";
+        warn!(self.logger, "failed hot-add reconciled";
               "indices" => ?indices, "mp_states" => ?states,
               "brought_up" => ?up.iter().map(|s| s.apic_id).collect::<Vec<_>>(),
               "unknown" => ?unknown.iter().map(|s| s.apic_id).collect::<Vec<_>>(),

@@ -15,7 +15,48 @@ macro_rules! or_skip {
 
 use std::sync::{Mutex, MutexGuard};
 
-use vmm_core::{CpuTopology, SmpConfig, VcpuConfig, VpmuFeatureLevel};
+use kvm_ioctls::VcpuFd;
+use vm_memory::GuestMemoryMmap;
+use vmm_core::error::KvmOp;
+use vmm_core::{BootEntry, CpuTopology, SmpConfig, VcpuConfig, VcpuSetupError, VpmuFeatureLevel};
+
+/// `cli; hlt; jmp .-1` (back to the hlt): a vCPU that runs it halts with interrupts off and
+/// costs no host CPU.
+pub const HALT_LOOP: [u8; 4] = [0xfa, 0xf4, 0xeb, 0xfd];
+
+/// Where [`HaltingBsp`] puts [`HALT_LOOP`] and starts the BSP (real mode).
+pub const HALT_AT: u64 = 0x1000;
+
+/// A boot entry whose BSP runs [`HALT_LOOP`] at [`HALT_AT`] in real mode.
+pub struct HaltingBsp;
+
+impl BootEntry for HaltingBsp {
+    fn setup_bsp(&self, vcpu: &VcpuFd, mem: &GuestMemoryMmap) -> Result<(), VcpuSetupError> {
+        vmm_core::vm::write_guest(mem, HALT_AT, &HALT_LOOP).map_err(|e| {
+            VcpuSetupError::InvalidState {
+                op: vmm_core::ManagerOp::ConfigureBootVcpu,
+                reason: e.to_string(),
+            }
+        })?;
+        let err = |op| {
+            move |source| VcpuSetupError::Kvm {
+                vcpu_id: 0,
+                op,
+                source,
+            }
+        };
+        let mut sregs = vcpu.get_sregs().map_err(err(KvmOp::GetSregs))?;
+        sregs.cs.base = 0;
+        sregs.cs.selector = 0;
+        vcpu.set_sregs(&sregs).map_err(err(KvmOp::SetSregs))?;
+        let regs = kvm_bindings::kvm_regs {
+            rip: HALT_AT,
+            rflags: 2,
+            ..Default::default()
+        };
+        vcpu.set_regs(&regs).map_err(err(KvmOp::SetRegs))
+    }
+}
 
 /// Tests that count this process's fds or threads run one at a time.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
