@@ -231,13 +231,7 @@ fn host_subleaves(leaf_no: u32, read: &impl Fn(u32, u32) -> [u32; 4]) -> Vec<(u3
 /// None on x86_64; [`TopologyError::HostCpuidUnsupported`] elsewhere.
 #[cfg(target_arch = "x86_64")]
 pub fn this_host() -> Result<Vec<CpuidEntry>, TopologyError> {
-    let read = |l: u32, s: u32| {
-        // SAFETY: `cpuid` is available on every x86_64 CPU and has no side effects.
-        // (`__cpuid_count` is an `unsafe fn` before Rust 1.87 and safe after.)
-        #[allow(unused_unsafe)]
-        let r = unsafe { core::arch::x86_64::__cpuid_count(l, s) };
-        [r.eax, r.ebx, r.ecx, r.edx]
-    };
+    let read = read_host_cpuid;
     let mut out = Vec::new();
     for base in [0u32, leaf::EXT_MAX] {
         let max = read(base, 0)[0].clamp(base, base + MAX_HOST_LEAVES - 1);
@@ -262,6 +256,61 @@ pub fn this_host() -> Result<Vec<CpuidEntry>, TopologyError> {
 /// Always [`TopologyError::HostCpuidUnsupported`].
 #[cfg(not(target_arch = "x86_64"))]
 pub fn this_host() -> Result<Vec<CpuidEntry>, TopologyError> {
+    Err(TopologyError::HostCpuidUnsupported)
+}
+
+/// One (leaf, subleaf) of this machine's CPUID instruction, as EAX, EBX, ECX, EDX.
+#[cfg(target_arch = "x86_64")]
+fn read_host_cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
+    // SAFETY: `cpuid` is available on every x86_64 CPU and has no side effects.
+    // (`__cpuid_count` is an `unsafe fn` before Rust 1.87 and safe after.)
+    #[allow(unused_unsafe)]
+    let r = unsafe { core::arch::x86_64::__cpuid_count(leaf, subleaf) };
+    [r.eax, r.ebx, r.ecx, r.edx]
+}
+
+/// Only the given leaves (subleaf 0) of this machine's CPUID, each that exists (at most its
+/// base's highest leaf, as leaf 0 or 0x8000_0000 says). For a caller that needs a few leaves:
+/// on hosts where each `CPUID` exits to a hypervisor, [`this_host`]'s few hundred of them
+/// take milliseconds.
+///
+/// # Errors
+///
+/// None on x86_64; [`TopologyError::HostCpuidUnsupported`] elsewhere.
+#[cfg(target_arch = "x86_64")]
+pub fn this_host_leaves(
+    leaves: impl IntoIterator<Item = u32>,
+) -> Result<Vec<CpuidEntry>, TopologyError> {
+    let (max_basic, max_ext) = (
+        read_host_cpuid(0, 0)[0],
+        read_host_cpuid(leaf::EXT_MAX, 0)[0],
+    );
+    Ok(leaves
+        .into_iter()
+        .filter(|&l| {
+            if l >= leaf::EXT_MAX {
+                l <= max_ext
+            } else {
+                l <= max_basic
+            }
+        })
+        .map(|l| {
+            let [a, b, c, d] = read_host_cpuid(l, 0);
+            CpuidEntry::leaf(l, a, b, c, d)
+        })
+        .collect())
+}
+
+/// Only the given leaves of this machine's CPUID: not available off x86_64.
+///
+/// # Errors
+///
+/// Always [`TopologyError::HostCpuidUnsupported`].
+#[cfg(not(target_arch = "x86_64"))]
+pub fn this_host_leaves(
+    leaves: impl IntoIterator<Item = u32>,
+) -> Result<Vec<CpuidEntry>, TopologyError> {
+    let _ = leaves.into_iter();
     Err(TopologyError::HostCpuidUnsupported)
 }
 
@@ -347,6 +396,36 @@ mod tests {
     fn synthetic_vendors() {
         for v in [CpuVendor::Intel, CpuVendor::Amd, CpuVendor::Hygon] {
             assert_eq!(CpuVendor::from_entries(&synthetic(v)), Some(v));
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn a_few_host_leaves_are_those_of_the_whole_host_cpuid() {
+        let all = this_host().unwrap();
+        let wanted = [
+            0,
+            1,
+            leaf::EXT_MAX,
+            0x8000_0002,
+            0x8000_0004,
+            0x7fff_fff0,
+            0xffff_fff0,
+        ];
+        let some = this_host_leaves(wanted).unwrap();
+        let absent = [0x7fff_fff0, 0xffff_fff0];
+        assert!(
+            some.iter().all(|e| !absent.contains(&e.function)),
+            "{some:?}"
+        );
+        assert!(some.len() >= 3, "{some:?}");
+        for e in &some {
+            assert_eq!(
+                find_entry(&all, e.function, 0),
+                Some(e),
+                "leaf {:#x}",
+                e.function
+            );
         }
     }
 

@@ -127,6 +127,14 @@ fn normalisation_on_this_host() {
     let base = vcpus.base_cpuid();
     let brand = brand_string(base).expect("a brand string");
     assert!(!brand.is_empty());
+    // The host's brand, read from its three CPUID leaves: what the kernel says too.
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .and_then(|v| v.split_once(':'))
+        .map(|(_, v)| v.trim());
+    assert_eq!(Some(brand.as_str()), model, "the guest's brand string");
     let six = find_entry(base, 6, 0).map(|e| (e.eax, e.ebx, e.ecx, e.edx));
     assert!(matches!(six, None | Some((0, 0, 0, 0))), "{six:?}");
     let invariant = find_entry(base, 0x8000_0007, 0).is_some_and(|e| e.edx & INVARIANT_TSC != 0);

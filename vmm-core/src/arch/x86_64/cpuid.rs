@@ -137,10 +137,11 @@ pub fn brand_string(entries: &[CpuidEntry]) -> Option<String> {
     (!s.is_empty()).then_some(s)
 }
 
-/// This machine's CPU brand string: from the CPUID instruction (on these PVM hosts, CPL-3
-/// CPUID answers with the outer host's values), else `model name` of `/proc/cpuinfo`.
+/// This machine's CPU brand string: from the CPUID instruction (its three brand leaves only;
+/// on these PVM hosts, CPL-3 CPUID answers with the outer host's values), else `model name`
+/// of `/proc/cpuinfo`.
 pub fn host_brand_string() -> Option<String> {
-    topology::host::this_host()
+    topology::host::this_host_leaves(BRAND_LEAVES)
         .ok()
         .and_then(|e| brand_string(&e))
         .or_else(|| {
