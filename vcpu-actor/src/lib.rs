@@ -104,6 +104,7 @@ mod affinity;
 mod error;
 mod exit;
 mod handle;
+mod handoff;
 mod kick;
 mod mailbox;
 mod metrics;

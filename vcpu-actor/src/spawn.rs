@@ -9,12 +9,13 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::Sender;
 use kvm_ioctls::VcpuFd;
 use slog::{debug, o, Logger};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::handle::{Envelope, Shared};
+use crate::handoff::{handoff, TakeError, Taker};
 use crate::kick::{self, KvmRunMapping};
 use crate::seccomp;
 use crate::thread::{StartFailure, ThreadStart, VcpuThread};
@@ -171,8 +172,8 @@ impl VcpuHandle {
 pub struct PendingVcpu {
     shared: Arc<Shared>,
     tx: Sender<Envelope>,
-    done_rx: Receiver<VcpuFd>,
-    ready_rx: Receiver<Result<(), StartFailure>>,
+    done_rx: Taker<VcpuFd>,
+    ready_rx: Taker<Result<(), StartFailure>>,
     join: JoinHandle<()>,
     started: Instant,
     kick_signal: libc::c_int,
@@ -252,8 +253,8 @@ impl PendingVcpu {
         };
         let shared = Arc::new(Shared::new(id, kvm_run));
         let (tx, rx) = crossbeam_channel::unbounded::<Envelope>();
-        let (done_tx, done_rx) = crossbeam_channel::bounded::<VcpuFd>(1);
-        let (ready_tx, ready_rx) = crossbeam_channel::bounded::<Result<(), StartFailure>>(1);
+        let (done_tx, done_rx) = handoff::<VcpuFd>();
+        let (ready_tx, ready_rx) = handoff::<Result<(), StartFailure>>();
         let thread = VcpuThread::new(
             Arc::clone(&shared),
             vcpu,
@@ -309,7 +310,7 @@ impl PendingVcpu {
     pub fn wait_ready(self) -> Result<VcpuHandle, SpawnFailure> {
         let id = self.shared.id;
         let left = STARTUP_TIMEOUT.saturating_sub(self.started.elapsed());
-        let started = match self.ready_rx.recv_timeout(left) {
+        let started = match self.ready_rx.take_timeout(left) {
             Ok(Ok(())) => Ok(()),
             Ok(Err(StartFailure::Seccomp(reason))) => Err(VcpuError::SeccompApply {
                 vcpu_id: id,
@@ -323,11 +324,11 @@ impl PendingVcpu {
                 vcpu_id: id,
                 reason,
             }),
-            Err(RecvTimeoutError::Timeout) => Err(VcpuError::StartupTimeout {
+            Err(TakeError::Timeout) => Err(VcpuError::StartupTimeout {
                 vcpu_id: id,
                 timeout: STARTUP_TIMEOUT,
             }),
-            Err(RecvTimeoutError::Disconnected) => Err(VcpuError::ThreadPanicked {
+            Err(TakeError::Gone) => Err(VcpuError::ThreadPanicked {
                 vcpu_id: id,
                 message: "the thread ended before it was ready".to_string(),
             }),
@@ -345,7 +346,7 @@ impl PendingVcpu {
             // The thread ends on its own once its mailbox is gone (or has already ended); a
             // thread that failed to install its filter hands the fd back first.
             drop(tx);
-            let vcpu = done_rx.recv_timeout(STARTUP_TIMEOUT).ok();
+            let vcpu = done_rx.take_timeout(STARTUP_TIMEOUT).ok();
             let _ = join.join();
             return Err(SpawnFailure { error, vcpu });
         }
