@@ -6,11 +6,10 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::Sender;
 use kvm_ioctls::VcpuFd;
 use slog::{debug, warn, Logger};
 
-use crate::handoff::{TakeError, Taker};
+use crate::channel::{Receiver, RecvError, Sender};
 use crate::kick::KvmRunMapping;
 use crate::metrics::VcpuMetrics;
 use crate::state::AtomicVcpuState;
@@ -143,7 +142,7 @@ impl Shared {
 pub struct VcpuHandle {
     pub(crate) shared: Arc<Shared>,
     pub(crate) tx: Sender<Envelope>,
-    pub(crate) done_rx: Taker<VcpuFd>,
+    pub(crate) done_rx: Receiver<VcpuFd>,
     pub(crate) join: Option<JoinHandle<()>>,
     /// Valid while `join` is `Some` (the thread is not joined, so the id is not reused).
     pub(crate) pthread: libc::pthread_t,
@@ -312,7 +311,7 @@ impl VcpuHandle {
         }
         let id = self.shared.id;
         // The hand-off waits without a deadline when `timeout` overflows Instant.
-        match self.done_rx.take_timeout(timeout) {
+        match self.done_rx.recv_timeout(timeout) {
             Ok(fd) => {
                 if let Some(join) = self.join.take() {
                     // The thread sent the fd as its last act; this returns promptly.
@@ -320,12 +319,12 @@ impl VcpuHandle {
                 }
                 Ok(fd)
             }
-            Err(TakeError::Timeout) => Err(VcpuError::JoinTimeout {
+            Err(RecvError::Timeout) => Err(VcpuError::JoinTimeout {
                 vcpu_id: id,
                 timeout,
                 state: self.shared.state.load(),
             }),
-            Err(TakeError::Gone) => {
+            Err(RecvError::Disconnected) => {
                 let message = match self.join.take().map(JoinHandle::join) {
                     Some(Err(payload)) => panic_message(payload.as_ref()),
                     _ => "the thread ended without giving the vCPU fd back".to_string(),

@@ -101,10 +101,10 @@
 #![deny(missing_docs)]
 
 mod affinity;
+mod channel;
 mod error;
 mod exit;
 mod handle;
-mod handoff;
 mod kick;
 mod mailbox;
 mod metrics;

@@ -4,9 +4,9 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::TryRecvError;
 use slog::{debug, warn};
 
+use crate::channel::RecvError;
 use crate::handle::{Envelope, MAX_UNCLAIMED_REPLIES};
 use crate::state::{transition, Event, Transition};
 use crate::thread::{guarded, VcpuThread};
@@ -24,8 +24,8 @@ impl VcpuThread {
         loop {
             match self.mailbox.try_recv() {
                 Ok(env) => self.handle(env),
-                Err(TryRecvError::Empty) => return,
-                Err(TryRecvError::Disconnected) => {
+                Err(RecvError::Timeout) => return,
+                Err(RecvError::Disconnected) => {
                     self.set_state(VcpuState::Exited);
                     return;
                 }

@@ -12,7 +12,7 @@
 //! |---|---|---|
 //! | `ioctl` | own vCPU fd: `KVM_RUN`, `KVM_KVMCLOCK_CTRL` (on pause), `KVM_GET_REGS` (exit reason) | the run loop |
 //! | `futex` | wake/wait | mailbox, reply condvar, the device handlers' locks |
-//! | `sched_yield` | | the mailbox's back-off (crossbeam) |
+//! | `sched_yield` | | a crossbeam channel's back-off (an `slog-async` logger's, when the thread logs) |
 //! | `rt_sigreturn` | | end of the kick signal's handler |
 //! | `write` | the exit EventFd only | `waiting_exit` |
 //! | `fcntl` | `F_GETFD` only | std's check before `close` (debug builds) |

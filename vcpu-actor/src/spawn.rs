@@ -9,13 +9,12 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::Sender;
 use kvm_ioctls::VcpuFd;
 use slog::{debug, o, Logger};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::channel::{channel, Receiver, RecvError, Sender};
 use crate::handle::{Envelope, Shared};
-use crate::handoff::{handoff, TakeError, Taker};
 use crate::kick::{self, KvmRunMapping};
 use crate::seccomp;
 use crate::thread::{StartFailure, ThreadStart, VcpuThread};
@@ -172,8 +171,8 @@ impl VcpuHandle {
 pub struct PendingVcpu {
     shared: Arc<Shared>,
     tx: Sender<Envelope>,
-    done_rx: Taker<VcpuFd>,
-    ready_rx: Taker<Result<(), StartFailure>>,
+    done_rx: Receiver<VcpuFd>,
+    ready_rx: Receiver<Result<(), StartFailure>>,
     join: JoinHandle<()>,
     started: Instant,
     kick_signal: libc::c_int,
@@ -252,9 +251,9 @@ impl PendingVcpu {
             }
         };
         let shared = Arc::new(Shared::new(id, kvm_run));
-        let (tx, rx) = crossbeam_channel::unbounded::<Envelope>();
-        let (done_tx, done_rx) = handoff::<VcpuFd>();
-        let (ready_tx, ready_rx) = handoff::<Result<(), StartFailure>>();
+        let (tx, rx) = channel::<Envelope>();
+        let (done_tx, done_rx) = channel::<VcpuFd>();
+        let (ready_tx, ready_rx) = channel::<Result<(), StartFailure>>();
         let thread = VcpuThread::new(
             Arc::clone(&shared),
             vcpu,
@@ -310,7 +309,7 @@ impl PendingVcpu {
     pub fn wait_ready(self) -> Result<VcpuHandle, SpawnFailure> {
         let id = self.shared.id;
         let left = STARTUP_TIMEOUT.saturating_sub(self.started.elapsed());
-        let started = match self.ready_rx.take_timeout(left) {
+        let started = match self.ready_rx.recv_timeout(left) {
             Ok(Ok(())) => Ok(()),
             Ok(Err(StartFailure::Seccomp(reason))) => Err(VcpuError::SeccompApply {
                 vcpu_id: id,
@@ -324,11 +323,11 @@ impl PendingVcpu {
                 vcpu_id: id,
                 reason,
             }),
-            Err(TakeError::Timeout) => Err(VcpuError::StartupTimeout {
+            Err(RecvError::Timeout) => Err(VcpuError::StartupTimeout {
                 vcpu_id: id,
                 timeout: STARTUP_TIMEOUT,
             }),
-            Err(TakeError::Gone) => Err(VcpuError::ThreadPanicked {
+            Err(RecvError::Disconnected) => Err(VcpuError::ThreadPanicked {
                 vcpu_id: id,
                 message: "the thread ended before it was ready".to_string(),
             }),
@@ -346,7 +345,7 @@ impl PendingVcpu {
             // The thread ends on its own once its mailbox is gone (or has already ended); a
             // thread that failed to install its filter hands the fd back first.
             drop(tx);
-            let vcpu = done_rx.take_timeout(STARTUP_TIMEOUT).ok();
+            let vcpu = done_rx.recv_timeout(STARTUP_TIMEOUT).ok();
             let _ = join.join();
             return Err(SpawnFailure { error, vcpu });
         }

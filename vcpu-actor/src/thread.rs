@@ -5,14 +5,13 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crossbeam_channel::Receiver;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use slog::{debug, error, info, warn, Logger};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::channel::{Receiver, Sender};
 use crate::handle::panic_message;
 use crate::handle::{Envelope, Shared};
-use crate::handoff::Giver;
 use crate::kick;
 use crate::metrics::ExitKind;
 use crate::seccomp;
@@ -154,8 +153,8 @@ impl VcpuThread {
     pub(crate) fn run(
         mut self,
         start: ThreadStart,
-        ready: Giver<Result<(), StartFailure>>,
-        done: Giver<VcpuFd>,
+        ready: Sender<Result<(), StartFailure>>,
+        done: Sender<VcpuFd>,
     ) {
         // No exit event for a thread that never became ready (even one whose setup panics).
         let mut guard = FinishGuard {
@@ -168,13 +167,13 @@ impl VcpuThread {
         kick::unblock_in_current_thread(start.kick_signal);
         if let Err(failure) = self.get_ready(start) {
             // The fd goes back to the spawner, which may create this vCPU again.
-            let _ = done.give(self.vcpu);
-            let _ = ready.give(Err(failure));
+            let _ = done.send(self.vcpu);
+            let _ = ready.send(Err(failure));
             return;
         }
         // The shared EventFd itself, not a duplicate: no fd is opened on this thread.
         guard.exit_evt = Some(Arc::clone(&self.exit_evt));
-        if ready.give(Ok(())).is_err() {
+        if ready.send(Ok(())).is_err() {
             return;
         }
 
@@ -193,7 +192,7 @@ impl VcpuThread {
         } = self;
         drop(mailbox);
         info!(logger, "vCPU thread exits");
-        let _ = done.give(vcpu);
+        let _ = done.send(vcpu);
         drop(guard);
     }
 
