@@ -17,6 +17,9 @@ struct State<T> {
     queue: VecDeque<T>,
     sender_alive: bool,
     receiver_alive: bool,
+    /// The receiver is blocked on the condvar: only then does a sender wake it (a wake is a
+    /// system call, and most sends find the receiver busy, e.g. in `KVM_RUN`).
+    receiver_waiting: bool,
 }
 
 struct Inner<T> {
@@ -52,6 +55,7 @@ pub(crate) fn channel<T>() -> (Sender<T>, Receiver<T>) {
             queue: VecDeque::new(),
             sender_alive: true,
             receiver_alive: true,
+            receiver_waiting: false,
         }),
         changed: Condvar::new(),
     });
@@ -66,16 +70,24 @@ impl<T> Sender<T> {
             return Err(message);
         }
         s.queue.push_back(message);
+        let waiting = s.receiver_waiting;
         drop(s);
-        self.0.changed.notify_one();
+        if waiting {
+            self.0.changed.notify_one();
+        }
         Ok(())
     }
 }
 
 impl<T> Drop for Sender<T> {
     fn drop(&mut self) {
-        self.0.lock().sender_alive = false;
-        self.0.changed.notify_one();
+        let mut s = self.0.lock();
+        s.sender_alive = false;
+        let waiting = s.receiver_waiting;
+        drop(s);
+        if waiting {
+            self.0.changed.notify_one();
+        }
     }
 }
 
@@ -92,17 +104,23 @@ impl<T> Receiver<T> {
             if !s.sender_alive {
                 return Err(RecvError::Disconnected);
             }
-            s = match deadline {
+            let left = match deadline {
+                None => None,
+                Some(d) => match d.saturating_duration_since(Instant::now()) {
+                    left if left.is_zero() => return Err(RecvError::Timeout),
+                    left => Some(left),
+                },
+            };
+            // Set and cleared under the lock, which the wait releases atomically: a sender
+            // that queues after this sees it and wakes this thread.
+            s.receiver_waiting = true;
+            s = match left {
                 None => self
                     .0
                     .changed
                     .wait(s)
                     .unwrap_or_else(PoisonError::into_inner),
-                Some(d) => {
-                    let left = d.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        return Err(RecvError::Timeout);
-                    }
+                Some(left) => {
                     self.0
                         .changed
                         .wait_timeout(s, left)
@@ -110,6 +128,7 @@ impl<T> Receiver<T> {
                         .0
                 }
             };
+            s.receiver_waiting = false;
         }
     }
 
