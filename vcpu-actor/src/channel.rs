@@ -33,6 +33,11 @@ impl<T> Inner<T> {
     }
 }
 
+/// Spin rounds of a receiver's back-off before it blocks (1, 2, 4 ... spins).
+const BACKOFF_SPINS: u32 = 7;
+/// CPU yields of a receiver's back-off after the spins.
+const BACKOFF_YIELDS: u32 = 4;
+
 /// Why a receive returned no message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum RecvError {
@@ -94,9 +99,30 @@ impl<T> Drop for Sender<T> {
 impl<T> Receiver<T> {
     /// Waits up to `timeout` for a message. A `timeout` too large to add to the current time
     /// (e.g. `Duration::MAX`) waits without a deadline.
+    ///
+    /// Before it blocks, it looks again a few times, spinning and then yielding the CPU
+    /// (`BACKOFF_SPINS` rounds of 1, 2, 4 ... spins, then `BACKOFF_YIELDS` yields): a vCPU
+    /// paused for a moment (a snapshot, a resize's MP-state read) often gets its next request
+    /// in that time, and then no sleep and wake-up is paid.
     pub(crate) fn recv_timeout(&self, timeout: Duration) -> Result<T, RecvError> {
         let deadline = Instant::now().checked_add(timeout);
         let mut s = self.0.lock();
+        if s.queue.is_empty() && s.sender_alive && !timeout.is_zero() {
+            for step in 0..BACKOFF_SPINS + BACKOFF_YIELDS {
+                drop(s);
+                if step < BACKOFF_SPINS {
+                    for _ in 0..1u32 << step {
+                        std::hint::spin_loop();
+                    }
+                } else {
+                    std::thread::yield_now();
+                }
+                s = self.0.lock();
+                if !s.queue.is_empty() || !s.sender_alive {
+                    break;
+                }
+            }
+        }
         loop {
             if let Some(message) = s.queue.pop_front() {
                 return Ok(message);
