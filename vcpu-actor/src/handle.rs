@@ -310,7 +310,7 @@ impl VcpuHandle {
             let _ = self.send(VcpuRequest::Exit);
         }
         let id = self.shared.id;
-        // The hand-off waits without a deadline when `timeout` overflows Instant.
+        // The channel waits without a deadline when `timeout` overflows Instant.
         match self.done_rx.recv_timeout(timeout) {
             Ok(fd) => {
                 if let Some(join) = self.join.take() {

@@ -176,6 +176,7 @@ impl VcpuThread {
         if ready.send(Ok(())).is_err() {
             return;
         }
+        drop(ready);
 
         self.main_loop();
 
