@@ -3,7 +3,7 @@
 use std::time::Instant;
 
 use slog::{debug, info, warn};
-use vcpu_actor::VcpuRequest;
+use vcpu_actor::{VcpuError, VcpuHandle, VcpuReply, VcpuRequest};
 
 use super::VcpuManager;
 use crate::error::{ManagerOp, VcpuControlError};
@@ -93,41 +93,66 @@ impl VcpuManager {
         self.request_some(&indices, req)
     }
 
-    /// Sends `req` to every vCPU in `indices`, then waits for every reply until one deadline.
+    /// Sends `req` to each of `handles`, then waits for each reply until one deadline
+    /// (`ack_timeout` from the last send; a timeout too large for an `Instant`, e.g.
+    /// `Duration::MAX`, means no deadline). For each handle, in order: `Err` if the request
+    /// could not be sent, else the reply or why none came.
+    pub(crate) fn ask<'a>(
+        &self,
+        handles: &[&'a VcpuHandle],
+        req: VcpuRequest,
+    ) -> Vec<(&'a VcpuHandle, Asked)> {
+        let timeout = self.options.ack_timeout;
+        let sent: Vec<_> = handles.iter().map(|&h| (h, h.send(req))).collect();
+        let deadline = Instant::now().checked_add(timeout);
+        sent.into_iter()
+            .map(|(handle, sent)| {
+                let asked = sent.map(|id| {
+                    let left =
+                        deadline.map_or(timeout, |d| d.saturating_duration_since(Instant::now()));
+                    handle.wait_reply(id, left)
+                });
+                (handle, asked)
+            })
+            .collect()
+    }
+
+    /// Sends `req` to every vCPU in `indices`, then waits for every reply until one deadline
+    /// ([`ask`](Self::ask)).
     pub(crate) fn request_some(
         &self,
         indices: &[u32],
         req: VcpuRequest,
     ) -> Result<(), VcpuControlError> {
         let timeout = self.options.ack_timeout;
-        let mut sent = Vec::with_capacity(indices.len());
+        let handles = indices
+            .iter()
+            .map(|index| {
+                self.vcpus
+                    .get(index)
+                    .ok_or_else(|| VcpuControlError::InvalidState {
+                        op: ManagerOp::Send(req),
+                        reason: format!("vCPU index {index} is not present"),
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let asked = self.ask(&handles, req);
         let mut no_answer = Vec::new();
-        let mut refused: Vec<(u32, String)> = Vec::new();
-        for index in indices {
-            let handle = self
-                .vcpus
-                .get(index)
-                .ok_or_else(|| VcpuControlError::InvalidState {
-                    op: ManagerOp::Send(req),
-                    reason: format!("vCPU index {index} is not present"),
-                })?;
-            match handle.send(req) {
-                Ok(id) => sent.push((handle, id)),
-                Err(e) => refused.push((handle.id(), e.to_string())),
-            }
-        }
-        // A timeout too large for an Instant (e.g. Duration::MAX) means no deadline.
-        let deadline = Instant::now().checked_add(timeout);
-        for (handle, id) in sent {
-            let left = deadline.map_or(timeout, |d| d.saturating_duration_since(Instant::now()));
-            match handle.wait_reply(id, left) {
-                Ok(reply) => {
+        // The vCPUs that could not be asked first, then those that refused or failed.
+        let mut refused: Vec<(u32, String)> = asked
+            .iter()
+            .filter_map(|(handle, a)| a.as_ref().err().map(|e| (handle.id(), e.to_string())))
+            .collect();
+        for (handle, answer) in asked {
+            match answer {
+                Err(_) => {}
+                Ok(Ok(reply)) => {
                     if let Some(refusal) = reply.refusal() {
                         refused.push((handle.id(), refusal.to_string()));
                     }
                 }
-                Err(vcpu_actor::VcpuError::ReplyTimeout { .. }) => no_answer.push(handle.id()),
-                Err(e) => refused.push((handle.id(), e.to_string())),
+                Ok(Err(VcpuError::ReplyTimeout { .. })) => no_answer.push(handle.id()),
+                Ok(Err(e)) => refused.push((handle.id(), e.to_string())),
             }
         }
         for (id, why) in &refused {
@@ -215,6 +240,10 @@ impl VcpuManager {
         Ok(())
     }
 }
+
+/// What [`VcpuManager::ask`] got from one vCPU: `Err` if the request could not be sent,
+/// else the reply or why none came.
+pub(crate) type Asked = Result<Result<VcpuReply, VcpuError>, VcpuError>;
 
 /// The `InvalidState` error of `op`, refused by the state machine.
 fn control_refused(op: ManagerOp, refusal: Refusal) -> VcpuControlError {

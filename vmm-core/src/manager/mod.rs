@@ -10,6 +10,8 @@ mod create;
 mod info;
 pub mod snapshot;
 
+pub(crate) use control::Asked;
+
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};

@@ -5,11 +5,12 @@ use std::time::{Duration, Instant};
 
 use kvm_bindings::{KVM_MP_STATE_INIT_RECEIVED, KVM_MP_STATE_UNINITIALIZED};
 use slog::{debug, info, warn};
-use vcpu_actor::{ReplyOutcome, VcpuRequest, VcpuState};
+use vcpu_actor::{ReplyOutcome, VcpuHandle, VcpuRequest, VcpuState};
 
 use super::{micros, PendingResize, ResizeOutcome, VcpuSlot};
 use crate::error::{HotplugOp, ResizeError};
 use crate::hotplug_backend::{BackendError, HotplugAck, HotplugFailure};
+use crate::manager::Asked;
 use crate::state::VmRunState;
 use crate::VcpuManager;
 
@@ -19,10 +20,9 @@ impl VcpuManager {
     /// which holds the fd; only vCPUs out of `KVM_RUN` are asked (paused, waiting to exit, or
     /// exited with the request still answered): a running one's thread refuses, and one
     /// stuck elsewhere would only cost a timeout. All are asked first, then every reply is
-    /// awaited until one deadline (`ack_timeout`).
+    /// awaited until one deadline ([`ask`](Self::ask), as every request to many vCPUs).
     fn mp_states(&self, indices: &[u32]) -> Vec<Option<u32>> {
-        let timeout = self.options.ack_timeout;
-        let sent: Vec<_> = indices
+        let out_of_run: Vec<Option<&VcpuHandle>> = indices
             .iter()
             .map(|index| {
                 let handle = self.vcpus.get(index)?;
@@ -31,40 +31,43 @@ impl VcpuManager {
                            "index" => index);
                     return None;
                 }
-                match handle.send(VcpuRequest::GetMpState) {
-                    Ok(id) => Some((handle, id)),
-                    Err(e) => {
-                        debug!(self.logger, "cannot ask a new vCPU for its MP state";
-                               "index" => index, "error" => %e);
-                        None
-                    }
-                }
+                Some(handle)
             })
             .collect();
-        // A timeout too large for an Instant (e.g. Duration::MAX) means no deadline.
-        let deadline = Instant::now().checked_add(timeout);
-        sent.into_iter()
-            .map(|asked| {
-                let (handle, id) = asked?;
-                let left =
-                    deadline.map_or(timeout, |d| d.saturating_duration_since(Instant::now()));
-                match handle.wait_reply(id, left) {
-                    Ok(reply) => match reply.outcome {
-                        ReplyOutcome::MpState(state) => Some(state),
-                        other => {
-                            debug!(self.logger, "a new vCPU did not give its MP state";
-                                   "apic_id" => handle.id(), "reply" => ?other);
-                            None
-                        }
-                    },
-                    Err(e) => {
-                        warn!(self.logger, "no MP state from a new vCPU";
-                              "apic_id" => handle.id(), "error" => %e);
-                        None
-                    }
-                }
+        let handles: Vec<&VcpuHandle> = out_of_run.iter().flatten().copied().collect();
+        let mut answers = self.ask(&handles, VcpuRequest::GetMpState).into_iter();
+        out_of_run
+            .iter()
+            .map(|h| {
+                h.and_then(|_| answers.next())
+                    .and_then(|(handle, asked)| self.mp_state_of(handle, asked))
             })
             .collect()
+    }
+
+    /// The MP state in `asked`, the answer of `handle`'s thread to `GetMpState`; `None`
+    /// (logged) when there is none.
+    fn mp_state_of(&self, handle: &VcpuHandle, asked: Asked) -> Option<u32> {
+        match asked {
+            Ok(Ok(reply)) => match reply.outcome {
+                ReplyOutcome::MpState(state) => Some(state),
+                other => {
+                    debug!(self.logger, "a new vCPU did not give its MP state";
+                           "apic_id" => handle.id(), "reply" => ?other);
+                    None
+                }
+            },
+            Ok(Err(e)) => {
+                warn!(self.logger, "no MP state from a new vCPU";
+                      "apic_id" => handle.id(), "error" => %e);
+                None
+            }
+            Err(e) => {
+                debug!(self.logger, "cannot ask a new vCPU for its MP state";
+                       "apic_id" => handle.id(), "error" => %e);
+                None
+            }
+        }
     }
 
     /// Exits those of `indices` that are still present (a stop may have exited them).
