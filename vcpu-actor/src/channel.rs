@@ -22,6 +22,18 @@ struct State<T> {
     receiver_waiting: bool,
 }
 
+impl<T> State<T> {
+    /// What a receiver gets without waiting: the next message, or `Disconnected` when none
+    /// is queued and the sender is gone; `None` when it has to wait.
+    fn take(&mut self) -> Option<Result<T, RecvError>> {
+        match self.queue.pop_front() {
+            Some(message) => Some(Ok(message)),
+            None if !self.sender_alive => Some(Err(RecvError::Disconnected)),
+            None => None,
+        }
+    }
+}
+
 struct Inner<T> {
     state: Mutex<State<T>>,
     changed: Condvar,
@@ -105,30 +117,28 @@ impl<T> Receiver<T> {
     /// paused for a moment (a snapshot, a resize's MP-state read) often gets its next request
     /// in that time, and then no sleep and wake-up is paid.
     pub(crate) fn recv_timeout(&self, timeout: Duration) -> Result<T, RecvError> {
+        if timeout.is_zero() {
+            return self.try_recv();
+        }
         let deadline = Instant::now().checked_add(timeout);
         let mut s = self.0.lock();
-        if s.queue.is_empty() && s.sender_alive && !timeout.is_zero() {
-            for step in 0..BACKOFF_SPINS + BACKOFF_YIELDS {
-                drop(s);
-                if step < BACKOFF_SPINS {
-                    for _ in 0..1u32 << step {
-                        std::hint::spin_loop();
-                    }
-                } else {
-                    std::thread::yield_now();
-                }
-                s = self.0.lock();
-                if !s.queue.is_empty() || !s.sender_alive {
-                    break;
-                }
+        for step in 0..BACKOFF_SPINS + BACKOFF_YIELDS {
+            if let Some(r) = s.take() {
+                return r;
             }
+            drop(s);
+            if step < BACKOFF_SPINS {
+                for _ in 0..1u32 << step {
+                    std::hint::spin_loop();
+                }
+            } else {
+                std::thread::yield_now();
+            }
+            s = self.0.lock();
         }
         loop {
-            if let Some(message) = s.queue.pop_front() {
-                return Ok(message);
-            }
-            if !s.sender_alive {
-                return Err(RecvError::Disconnected);
+            if let Some(r) = s.take() {
+                return r;
             }
             let left = match deadline {
                 None => None,
@@ -163,9 +173,10 @@ impl<T> Receiver<T> {
         self.recv_timeout(Duration::MAX)
     }
 
-    /// A queued message, without waiting.
+    /// A queued message, without waiting (and without reading the clock: the vCPU thread
+    /// calls this after every kick).
     pub(crate) fn try_recv(&self) -> Result<T, RecvError> {
-        self.recv_timeout(Duration::ZERO)
+        self.0.lock().take().unwrap_or(Err(RecvError::Timeout))
     }
 }
 
