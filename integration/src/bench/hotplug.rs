@@ -80,25 +80,24 @@ pub struct ResizeBenchReport {
 }
 
 impl ResizeBenchReport {
+    /// The samples of the resizes from `from` to `to`, in the order taken.
+    fn resizes(&self, from: u32, to: u32) -> impl Iterator<Item = &ResizeSample> {
+        self.samples
+            .iter()
+            .filter(move |s| s.from == from && s.to == to)
+    }
+
     /// The median sample (by total) of the resizes from `from` to `to`, if any ran.
     pub fn median(&self, from: u32, to: u32) -> Option<&ResizeSample> {
-        let v: Vec<&ResizeSample> = self
-            .samples
-            .iter()
-            .filter(|s| s.from == from && s.to == to)
-            .collect();
-        median_by(v, |a, b| a.total.cmp(&b.total))
+        median_by(self.resizes(from, to).collect(), |a, b| {
+            a.total.cmp(&b.total)
+        })
     }
 
     /// The median vCPU work of the resizes from `from` to `to` (its own median, not the
     /// median-by-total sample's: the two vary apart), if any ran.
     pub fn median_vcpu_work(&self, from: u32, to: u32) -> Option<Duration> {
-        let v: Vec<Duration> = self
-            .samples
-            .iter()
-            .filter(|s| s.from == from && s.to == to)
-            .map(|s| s.vcpu_work)
-            .collect();
+        let v: Vec<Duration> = self.resizes(from, to).map(|s| s.vcpu_work).collect();
         (!v.is_empty()).then(|| super::median(v))
     }
 }
