@@ -87,6 +87,15 @@ pub enum VcpuError {
         /// What failed.
         reason: String,
     },
+    /// The vCPU thread could not block the kick signal or give KVM its signal mask for
+    /// `KVM_RUN` (`KVM_SET_SIGNAL_MASK`); the thread has ended and handed the vCPU fd back.
+    #[error("vCPU {vcpu_id}: cannot set the kick signal's mask for KVM_RUN (KVM_SET_SIGNAL_MASK): {source}; this KVM or seccomp policy does not allow it")]
+    KickMask {
+        /// The vCPU id.
+        vcpu_id: u32,
+        /// The OS error.
+        source: std::io::Error,
+    },
     /// The setup given to [`PendingVcpu::start_with_setup`](crate::PendingVcpu::start_with_setup)
     /// failed on the vCPU thread; the thread has ended and handed the vCPU fd back.
     #[error("vCPU {vcpu_id}: setting the vCPU up on its thread failed: {source}")]

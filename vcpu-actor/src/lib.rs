@@ -82,9 +82,10 @@
 //! # Threads and signals
 //!
 //! The kick signal is `SIGRTMIN + VcpuOptions::kick_signal_offset`; its handler (installed
-//! once per process, without `SA_RESTART`) does nothing. A kick that lands while an exit
-//! handler is in a blocking system call makes that call fail with `EINTR`, so handlers should
-//! not block, or must retry on `EINTR`.
+//! once per process, without `SA_RESTART`) does nothing. vCPU threads keep the signal blocked
+//! except inside `KVM_RUN` (`KVM_SET_SIGNAL_MASK`): a kick interrupts `KVM_RUN` and is then
+//! taken off the thread's queue, never delivered to the handler, so exit handlers' system
+//! calls are not interrupted by kicks.
 //!
 //! The handler is installed only over the default disposition: a spawn whose kick signal
 //! already has another handler (or `SIG_IGN`) fails with [`VcpuError::KickSignalInUse`];
@@ -112,6 +113,7 @@ mod request;
 mod save;
 pub mod seccomp;
 mod spawn;
+mod stack;
 pub mod state;
 #[cfg(feature = "test-util")]
 pub mod test_util;

@@ -6,14 +6,15 @@
 //! Measured with `strace -ff` on `vcpuctl demo` (debug build, 2 boot vCPUs grown to 12 and
 //! shrunk to 3, pause/resume, guest shutdown; every thread named `vcpu{id}`), from the moment
 //! the filter is installed (after the thread's start-up: name, malloc arena, alternate signal
-//! stack, `gettid`, unblocking the kick signal) to the thread's end:
+//! stack, `gettid`, blocking the kick signal and `KVM_SET_SIGNAL_MASK`) to the thread's end:
 //!
 //! | syscall | arguments seen | who |
 //! |---|---|---|
 //! | `ioctl` | own vCPU fd: `KVM_RUN`, `KVM_KVMCLOCK_CTRL` (on pause), `KVM_GET_REGS` (exit reason) | the run loop |
 //! | `futex` | wake/wait | mailbox, reply condvar, the device handlers' locks |
 //! | `sched_yield` | | a crossbeam channel's back-off (an `slog-async` logger's, when the thread logs) |
-//! | `rt_sigreturn` | | end of the kick signal's handler |
+//! | `rt_sigtimedwait` | the kick signal, zero timeout | taking a kick off the queue after `KVM_RUN` returns `EINTR` |
+//! | `rt_sigreturn` | | end of a signal handler (`SIGSYS` after a violation) |
 //! | `write` | the exit EventFd only | `waiting_exit` |
 //! | `fcntl` | `F_GETFD` only | std's check before `close` (debug builds) |
 //! | `close` | the exit EventFd | thread end |
@@ -26,7 +27,8 @@
 //! that run. Before the filter (not filtered): `prctl(PR_SET_NAME)`, `mmap`/`munmap`/`mprotect`
 //! of the malloc arena and the alternate signal stack, `openat`+`read` of
 //! `/sys/devices/system/cpu/online` (glibc's arena limit), `sched_getaffinity`, `gettid`,
-//! `rt_sigprocmask(SIG_UNBLOCK)`. `vcpuctl boot` adds `write` to the console's fd from the
+//! `rt_sigprocmask`, `KVM_SET_SIGNAL_MASK`, the setup's ioctls, `madvise` of the stack pages
+//! the setup used. `vcpuctl boot` adds `write` to the console's fd from the
 //! 16550 serial device, which runs on the vCPU thread (see *Extra write fds* below).
 //!
 //! # The filter ([`SeccompMode::default`])
@@ -51,7 +53,7 @@
 //!   only.
 //! - `mmap` and `mprotect` only without `PROT_EXEC`; `munmap`, `madvise`, `mremap`, `brk`
 //!   (the allocator's needs when a device handler allocates).
-//! - `futex`, `sched_yield`, `rt_sigreturn`, `rt_sigprocmask`, `sigaltstack`,
+//! - `futex`, `sched_yield`, `rt_sigtimedwait`, `rt_sigreturn`, `rt_sigprocmask`, `sigaltstack`,
 //!   `restart_syscall`, `clock_gettime` (where the vDSO falls back to the kernel),
 //!   `getrandom` (std's `HashMap` keys, on a thread's first `HashMap`), `exit`.
 //!
@@ -264,8 +266,26 @@ impl SeccompMode {
             // No checks: any arguments.
             rules.allow(nr, Vec::new())?;
         }
-        rules.compile(violation).map(Some)
+        rules
+            .compile(violation)
+            .map(|p| Some(sized_past_thread_caches(p)))
     }
+}
+
+/// The smallest capacity, in instructions, of a program buffer that glibc's allocator does
+/// not keep in a per-thread cache when it is freed: its tcache holds chunks of up to 1032
+/// usable bytes (plus an 8-byte header) for the thread that frees them, for that thread's
+/// whole life.
+const PAST_THREAD_CACHE: usize = 1040 / std::mem::size_of::<seccompiler::sock_filter>() + 1;
+
+/// `prog` with room for at least [`PAST_THREAD_CACHE`] instructions. The spawner builds the
+/// program and the vCPU thread frees it once installed; in a buffer below that size (the
+/// default program has 87 instructions in a 128-instruction buffer) it would stay in the
+/// vCPU thread's cache, 1 KiB of every vCPU's resident memory for nothing. Past it, the
+/// free returns it to the spawner's arena, where the next vCPU's program reuses it.
+fn sized_past_thread_caches(mut prog: BpfProgram) -> BpfProgram {
+    prog.reserve_exact(PAST_THREAD_CACHE.saturating_sub(prog.len()));
+    prog
 }
 
 /// A file descriptor as the kernel's `int` argument: its 32 bits.
@@ -329,6 +349,8 @@ pub fn unrestricted_syscalls() -> &'static [i64] {
         libc::SYS_sched_yield,
         libc::SYS_rt_sigreturn,
         libc::SYS_rt_sigprocmask,
+        // Taking the queued kick signal off after KVM_RUN returns EINTR (zero timeout).
+        libc::SYS_rt_sigtimedwait,
         libc::SYS_sigaltstack,
         libc::SYS_restart_syscall,
         libc::SYS_munmap,

@@ -323,6 +323,10 @@ impl PendingVcpu {
                 vcpu_id: id,
                 reason,
             }),
+            Ok(Err(StartFailure::KickMask(source))) => Err(VcpuError::KickMask {
+                vcpu_id: id,
+                source,
+            }),
             Err(RecvError::Timeout) => Err(VcpuError::StartupTimeout {
                 vcpu_id: id,
                 timeout: STARTUP_TIMEOUT,

@@ -64,6 +64,8 @@ pub(crate) enum StartFailure {
     Setup(Box<dyn std::error::Error + Send + Sync>),
     /// `sched_setaffinity` failed.
     Affinity(String),
+    /// `KVM_SET_SIGNAL_MASK` (or blocking the kick signal) failed.
+    KickMask(std::io::Error),
     /// The seccomp filter could not be installed.
     Seccomp(String),
 }
@@ -90,6 +92,8 @@ pub(crate) struct VcpuThread {
     /// A resume after a long pause was acknowledged: `KVM_KVMCLOCK_CTRL` is due before the
     /// next `KVM_RUN` (see `mailbox::KVMCLOCK_NOTICE_AFTER`).
     pub(crate) kvmclock_due: bool,
+    /// The kick signal: blocked in this thread, unblocked inside `KVM_RUN` (set at start).
+    kick_signal: libc::c_int,
 }
 
 /// What the thread does before it reports ready (see [`VcpuThread::run`]).
@@ -145,6 +149,7 @@ impl VcpuThread {
             io_pending: false,
             paused_at: None,
             kvmclock_due: false,
+            kick_signal: 0,
         }
     }
 
@@ -164,7 +169,6 @@ impl VcpuThread {
         // SAFETY: gettid has no preconditions and cannot fail.
         let tid = unsafe { libc::gettid() };
         self.shared.tid.store(tid, Ordering::Relaxed);
-        kick::unblock_in_current_thread(start.kick_signal);
         if let Err(failure) = self.get_ready(start) {
             // The fd goes back to the spawner, which may create this vCPU again.
             let _ = done.send(self.vcpu);
@@ -197,14 +201,22 @@ impl VcpuThread {
         drop(guard);
     }
 
-    /// The caller's setup, the CPU affinity and the seccomp filter, in that order: all
-    /// before the filter, which allows neither the setup's ioctls nor `sched_setaffinity`.
-    fn get_ready(&self, start: ThreadStart) -> Result<(), StartFailure> {
+    /// The kick signal's mask, the caller's setup, the CPU affinity and the seccomp filter, in
+    /// that order: all before the filter, which allows neither their ioctls nor
+    /// `sched_setaffinity`.
+    fn get_ready(&mut self, start: ThreadStart) -> Result<(), StartFailure> {
+        kick::deliver_only_in_kvm_run(&self.vcpu, start.kick_signal).map_err(|e| {
+            error!(self.logger, "cannot set the vCPU's signal mask"; "error" => %e);
+            StartFailure::KickMask(e)
+        })?;
+        self.kick_signal = start.kick_signal;
         if let Some(setup) = start.setup {
             setup(&self.vcpu).map_err(|e| {
                 error!(self.logger, "setting the vCPU up failed"; "error" => %e);
                 StartFailure::Setup(e)
             })?;
+            // The setup is the deepest the thread goes; the run loop never needs those pages.
+            crate::stack::release_below_current_frame();
         }
         if let Some(cpus) = &start.affinity {
             crate::affinity::set_current_thread_affinity(cpus).map_err(|e| {
@@ -361,6 +373,10 @@ impl VcpuThread {
             }
             Err(e) if e.errno() == libc::EINTR => {
                 metrics.count_exit(ExitKind::Eintr);
+                // Take the kick off the queue first, then let senders signal again (the
+                // order `VcpuHandle::kick` relies on).
+                kick::take_queued(self.kick_signal);
+                self.shared.kick_queued.store(false, Ordering::SeqCst);
                 Step::Continue
             }
             Err(e) if e.errno() == libc::EAGAIN => {

@@ -311,3 +311,143 @@ kvm_test!(a_failed_spawn_gives_the_vcpu_fd_back, false, |vm| {
 });
 
 extern "C" fn foreign_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Signals queued for this process's user (`SigQ` in /proc/self/status).
+fn queued_signals() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigQ:"))
+        .and_then(|v| v.trim().split('/').next()?.parse().ok())
+        .expect("SigQ line")
+}
+
+kvm_test!(
+    kicks_neither_interrupt_a_busy_handler_nor_pile_up,
+    false,
+    |vm| {
+        // The handler's first port write blocks in read(2) on a pipe until the test writes to it;
+        // meanwhile every request kicks the (running) vCPU. A kick delivered to a handler would
+        // make that read fail with EINTR; a kick per request would queue hundreds of signals.
+        let mut fds = [0; 2];
+        // SAFETY: pipe writes two fds into the array.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        let [read_end, write_end] = fds;
+        let entered = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let read_result = Arc::new(Mutex::new(None::<(isize, i32)>));
+        let (flag, result) = (Arc::clone(&entered), Arc::clone(&read_result));
+        let rec = Recorder::with_hook(move |_, _| {
+            if flag.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
+            let mut byte = 0u8;
+            // SAFETY: reads one byte into `byte` from the pipe, which outlives the vCPU.
+            let r = unsafe { libc::read(read_end, (&raw mut byte).cast(), 1) };
+            let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+            *result.lock().expect("lock") = Some((r, errno));
+        });
+        let options = VcpuOptions {
+            // read(2) on a pipe is not in the filter's list.
+            seccomp: SeccompMode::Disabled,
+            ..VcpuOptions::default()
+        };
+        let (h, _evt) = vm.spawn_program(guests::pio(), DATA_ADDR, 0x515, rec.clone(), options);
+        expect(&h, VcpuRequest::Resume, ReplyOutcome::Resumed);
+        wait_until("the handler blocks", || {
+            entered.load(std::sync::atomic::Ordering::SeqCst)
+        });
+
+        let before = queued_signals();
+        let ids: Vec<_> = (0..300)
+            .map(|_| h.send(VcpuRequest::GetState).expect("send"))
+            .collect();
+        std::thread::sleep(Duration::from_millis(50));
+        let during = queued_signals();
+        assert!(
+            read_result.lock().expect("lock").is_none(),
+            "the handler's read returned while nothing had been written: {:?}",
+            read_result.lock().expect("lock")
+        );
+        // SAFETY: writes one byte from a live buffer to the pipe.
+        let written = unsafe { libc::write(write_end, b"x".as_ptr().cast(), 1) };
+        assert_eq!(written, 1);
+        for id in ids {
+            let reply = h.wait_reply(id, TIMEOUT).expect("reply");
+            assert_eq!(reply.outcome, ReplyOutcome::State(VcpuState::Running));
+        }
+        assert_eq!(*read_result.lock().expect("lock"), Some((1, 0)));
+        // Other tests of this process may have a kick or two queued at the same moment.
+        assert!(
+            during.saturating_sub(before) < 30,
+            "300 kicks of a busy vCPU queued {} signals",
+            during.saturating_sub(before)
+        );
+        exit_and_join(h);
+        for fd in [read_end, write_end] {
+            // SAFETY: closing the pipe's fds, which nothing uses any more.
+            unsafe { libc::close(fd) };
+        }
+    }
+);
+
+/// A signal mask line (`SigBlk:` ...) of /proc/self/task/<tid>/status, as bits.
+fn task_mask(tid: i32, field: &str) -> u64 {
+    let status =
+        std::fs::read_to_string(format!("/proc/self/task/{tid}/status")).expect("task status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .expect("mask line")
+}
+
+kvm_test!(
+    a_vcpu_thread_takes_no_signal_sent_to_the_process,
+    false,
+    |vm| {
+        // Process-directed signals (SIGCHLD of a child, SIGINT, SIGTERM ...) go to a thread that
+        // does not block them: a vCPU thread must not be one (the embedder's handler would run
+        // under its seccomp filter). The signals of its own faults stay unblocked.
+        let rec = Recorder::new();
+        let (h, _evt) = vm.spawn_program(
+            guests::pio(),
+            DATA_ADDR,
+            0x515,
+            rec.clone(),
+            VcpuOptions::default(),
+        );
+        // Read while paused: inside KVM_RUN the thread has KVM's mask, the kick unblocked.
+        expect(&h, VcpuRequest::Resume, ReplyOutcome::Resumed);
+        expect(&h, VcpuRequest::Pause, ReplyOutcome::Paused);
+        let blocked = task_mask(h.tid().expect("tid"), "SigBlk:");
+        let bit = |sig: i32| 1u64 << (sig - 1);
+        for sig in [
+            libc::SIGCHLD,
+            libc::SIGINT,
+            libc::SIGTERM,
+            libc::SIGUSR1,
+            libc::SIGPIPE,
+            libc::SIGALRM,
+            libc::SIGRTMIN(),
+        ] {
+            assert_ne!(
+                blocked & bit(sig),
+                0,
+                "signal {sig} not blocked: {blocked:#x}"
+            );
+        }
+        for sig in [
+            libc::SIGSEGV,
+            libc::SIGBUS,
+            libc::SIGILL,
+            libc::SIGFPE,
+            libc::SIGSYS,
+        ] {
+            assert_eq!(blocked & bit(sig), 0, "signal {sig} blocked: {blocked:#x}");
+        }
+        // And it still answers (kicks reach it inside KVM_RUN).
+        expect(&h, VcpuRequest::Resume, ReplyOutcome::Resumed);
+        expect(&h, VcpuRequest::Pause, ReplyOutcome::Paused);
+        exit_and_join(h);
+    }
+);
