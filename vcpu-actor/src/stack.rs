@@ -24,7 +24,7 @@ pub(crate) fn release_below_current_frame() {
     let here = std::hint::black_box(std::ptr::addr_of!(marker)) as usize;
     let page = page_size();
     let end = here.saturating_sub(1024) & !(page - 1);
-    if end <= bottom {
+    if end <= bottom || !any_resident(bottom, end, page) {
         return;
     }
     // SAFETY: [bottom, end) is this thread's own stack below the current frame by more than
@@ -37,6 +37,22 @@ pub(crate) fn release_below_current_frame() {
             libc::MADV_DONTNEED,
         );
     }
+}
+
+/// Whether any page of [bottom, end) is resident. `MADV_DONTNEED` is not free even where
+/// nothing is resident (it flushes the TLB of every CPU running the process's threads: an
+/// IPI each, which exits to the hypervisor in a VM), and a setup that stayed shallow leaves
+/// nothing to give back; `mincore` only reads page tables.
+fn any_resident(bottom: usize, end: usize, page: usize) -> bool {
+    const MAX_PAGES: usize = 64;
+    let mut vec = [0u8; MAX_PAGES];
+    // Only the pages nearest the frame: a setup's pages are those right below it.
+    let start = bottom.max(end.saturating_sub(MAX_PAGES * page));
+    // SAFETY: [start, end) lies in this thread's stack mapping; `vec` has a byte for each of
+    // its at most MAX_PAGES pages.
+    let rc = unsafe { libc::mincore(start as *mut libc::c_void, end - start, vec.as_mut_ptr()) };
+    // If mincore fails, give the pages back anyway.
+    rc != 0 || vec.iter().any(|b| b & 1 == 1)
 }
 
 /// The lowest address of the calling thread's usable stack (above its guard page).

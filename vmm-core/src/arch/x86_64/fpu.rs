@@ -25,6 +25,9 @@ pub fn boot_fpu() -> kvm_fpu {
 }
 
 /// Sets [`boot_fpu`] on `vcpu` (KVM vCPU id `vcpu_id`).
+// Not inlined: its kvm_fpu (and kvm-ioctls' copy of it) stays out of `setup_vcpu`'s frame,
+// which every vCPU's thread runs (see `setup_vcpu` on stack depth).
+#[inline(never)]
 pub fn setup_fpu(vcpu: &VcpuFd, vcpu_id: u32) -> Result<(), VcpuSetupError> {
     vcpu.set_fpu(&boot_fpu())
         .map_err(crate::vcpu_kvm_error(vcpu_id, KvmOp::SetFpu))

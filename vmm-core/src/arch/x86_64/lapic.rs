@@ -49,6 +49,9 @@ pub fn set_lvt_delivery_mode(state: &mut kvm_lapic_state, offset: usize, mode: D
 
 /// LINT0 as ExtINT (the PIC's output) and LINT1 as NMI on `vcpu` (KVM vCPU id `vcpu_id`), as
 /// the MP table says.
+// Not inlined: its kvm_lapic_state (and kvm-ioctls' copy of it) stays out of `setup_vcpu`'s frame,
+// which every vCPU's thread runs (see `setup_vcpu` on stack depth).
+#[inline(never)]
 pub fn setup_lint(vcpu: &VcpuFd, vcpu_id: u32) -> Result<(), VcpuSetupError> {
     let err = |op| crate::vcpu_kvm_error(vcpu_id, op);
     let mut state = vcpu.get_lapic().map_err(err(KvmOp::GetLapic))?;
@@ -65,6 +68,9 @@ pub fn setup_lint(vcpu: &VcpuFd, vcpu_id: u32) -> Result<(), VcpuSetupError> {
 /// VM's list, so the vCPU created last is missing from the map until something rebuilds it
 /// again (an INIT IPI for it is then lost). Each rebuild walks every vCPU, so the manager
 /// asks for one per batch, on the vCPU created last, rather than one per vCPU.
+// Not inlined: its kvm_lapic_state (and kvm-ioctls' copy of it) stays out of `setup_vcpu`'s frame,
+// which every vCPU's thread runs (see `setup_vcpu` on stack depth).
+#[inline(never)]
 pub fn refresh_apic_map(vcpu: &VcpuFd, vcpu_id: u32) -> Result<(), VcpuSetupError> {
     let err = |op| crate::vcpu_kvm_error(vcpu_id, op);
     let state = vcpu.get_lapic().map_err(err(KvmOp::GetLapic))?;

@@ -79,6 +79,11 @@ pub struct VcpuStart {
 ///   instruction. The guest programs its own (Linux masks LINT0 on APs, LINT1 is NMI).
 /// - The FPU of a fresh fd: KVM creates a vCPU with exactly [`fpu::boot_fpu`]'s x87 and SSE
 ///   control state (read back through `KVM_GET_XSAVE` by this crate's tests).
+///
+/// Stack depth: the steps with large KVM structures (the LAPIC's 1 KiB, the FPU's 416 bytes)
+/// are functions of their own, not inlined here, so that an AP's setup on a fresh fd stays
+/// within the two stack pages its thread keeps for good (vcpu-actor's `stack` module); only
+/// the BSP and the last vCPU of each batch go deeper.
 pub fn setup_vcpu(
     vcpu: &VcpuFd,
     vcpu_id: u32,
