@@ -38,7 +38,7 @@ const MAX_REMEMBERED_DISCARDS: usize = 4 * MAX_UNCLAIMED_REPLIES;
 /// `wait_reply` is waiting for is never discarded.
 #[derive(Debug, Default)]
 pub(crate) struct ReplyBox {
-    pub(crate) replies: BTreeMap<u64, VcpuReply>,
+    pub(crate) replies: Replies,
     /// The thread has dropped its mailbox: no further replies will come.
     pub(crate) finished: bool,
     /// Request ids with a `wait_reply` in progress, and how many waiters each has.
@@ -53,16 +53,14 @@ impl ReplyBox {
     /// Stores a reply; when more than [`MAX_UNCLAIMED_REPLIES`] are unclaimed, discards the
     /// oldest one that nobody waits for and returns its request id.
     pub(crate) fn insert(&mut self, reply: VcpuReply) -> Option<u64> {
-        self.replies.insert(reply.request_id.0, reply);
+        self.replies.insert(reply);
         if self.replies.len() <= MAX_UNCLAIMED_REPLIES {
             return None;
         }
         let victim = self
             .replies
-            .keys()
-            .copied()
-            .find(|id| !self.waiting.contains_key(id))?;
-        self.replies.remove(&victim);
+            .oldest_where(|id| !self.waiting.contains_key(&id))?;
+        self.replies.take(victim);
         self.discarded.insert(victim);
         if self.discarded.len() > MAX_REMEMBERED_DISCARDS {
             if let Some(oldest) = self.discarded.pop_first() {
@@ -75,8 +73,7 @@ impl ReplyBox {
     /// Whether the reply to `id` was discarded unclaimed (or, for a very old id, may have
     /// been).
     fn was_discarded(&self, id: u64) -> bool {
-        self.discarded.contains(&id)
-            || (id < self.forgotten_below && !self.replies.contains_key(&id))
+        self.discarded.contains(&id) || (id < self.forgotten_below && !self.replies.contains(id))
     }
 
     /// Whether a `wait_reply` for `id` is in progress (it must then be woken).
@@ -100,19 +97,68 @@ impl ReplyBox {
 
     /// Takes the reply to `id`, if it is there.
     fn take(&mut self, id: u64) -> Option<VcpuReply> {
-        let reply = self.replies.remove(&id)?;
-        release_if_empty(&mut self.replies);
-        Some(reply)
+        self.replies.take(id)
     }
 }
 
 /// Gives an emptied map's memory back. A `BTreeMap` keeps its last node when its last entry
-/// is removed: for `replies` that is a 0.45 KiB node (allocated by the vCPU thread on its
-/// first reply) and for `waiting` 0.2 KiB, per vCPU for the life of the actor, although
-/// between requests both are empty.
+/// is removed (0.2 KiB for `waiting`, 0.45 KiB for the replies' overflow), per vCPU for the
+/// life of the actor, although between requests both are empty.
 fn release_if_empty<K, V>(map: &mut BTreeMap<K, V>) {
     if map.is_empty() {
         *map = BTreeMap::new();
+    }
+}
+
+/// The unclaimed replies of one actor, by request id: the first in a slot of its own, any
+/// others in a map. Nearly always there is at most one (a request, its reply, the
+/// `wait_reply` that takes it), which then costs no allocation: with a map alone, each
+/// reply would allocate a node on the vCPU thread that the waiting thread frees (or the
+/// map would keep it, 0.45 KiB per vCPU for good).
+#[derive(Debug, Default)]
+pub(crate) struct Replies {
+    first: Option<VcpuReply>,
+    more: BTreeMap<u64, VcpuReply>,
+}
+
+impl Replies {
+    fn insert(&mut self, reply: VcpuReply) {
+        if self.first.is_none() {
+            self.first = Some(reply);
+        } else {
+            self.more.insert(reply.request_id.0, reply);
+        }
+    }
+
+    fn take(&mut self, id: u64) -> Option<VcpuReply> {
+        if self.first.as_ref().is_some_and(|r| r.request_id.0 == id) {
+            return self.first.take();
+        }
+        let reply = self.more.remove(&id)?;
+        release_if_empty(&mut self.more);
+        Some(reply)
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        usize::from(self.first.is_some()) + self.more.len()
+    }
+
+    fn contains(&self, id: u64) -> bool {
+        self.first.as_ref().is_some_and(|r| r.request_id.0 == id) || self.more.contains_key(&id)
+    }
+
+    /// The smallest request id for which `keep` is true.
+    fn oldest_where(&self, keep: impl Fn(u64) -> bool) -> Option<u64> {
+        let first = self
+            .first
+            .as_ref()
+            .map(|r| r.request_id.0)
+            .filter(|id| keep(*id));
+        let more = self.more.keys().copied().find(|id| keep(*id));
+        match (first, more) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 }
 
@@ -422,7 +468,7 @@ mod tests {
         let discarded: Vec<u64> = (0..=n).filter_map(|id| b.insert(reply(id))).collect();
         assert_eq!(discarded, (1..=11).collect::<Vec<_>>());
         assert_eq!(b.replies.len(), MAX_UNCLAIMED_REPLIES);
-        assert!(b.replies.contains_key(&0) && b.replies.contains_key(&n));
+        assert!(b.replies.contains(0) && b.replies.contains(n));
         assert!(b.was_discarded(1) && b.was_discarded(11));
         assert!(!b.was_discarded(0) && !b.was_discarded(12) && !b.was_discarded(n + 1));
         b.remove_waiter(0);

@@ -113,7 +113,6 @@ mod request;
 mod save;
 pub mod seccomp;
 mod spawn;
-mod stack;
 pub mod state;
 #[cfg(feature = "test-util")]
 pub mod test_util;

@@ -215,8 +215,6 @@ impl VcpuThread {
                 error!(self.logger, "setting the vCPU up failed"; "error" => %e);
                 StartFailure::Setup(e)
             })?;
-            // The setup is the deepest the thread goes; the run loop never needs those pages.
-            crate::stack::release_below_current_frame();
         }
         if let Some(cpus) = &start.affinity {
             crate::affinity::set_current_thread_affinity(cpus).map_err(|e| {

@@ -82,8 +82,9 @@ pub struct VcpuStart {
 ///
 /// Stack depth: the steps with large KVM structures (the LAPIC's 1 KiB, the FPU's 416 bytes)
 /// are functions of their own, not inlined here, so that an AP's setup on a fresh fd stays
-/// within the two stack pages its thread keeps for good (vcpu-actor's `stack` module); only
-/// the BSP and the last vCPU of each batch go deeper.
+/// within the two top pages of its thread's stack, where its run loop lives: a page touched
+/// once stays resident for the thread's life. Only the BSP and the last vCPU of each batch
+/// go deeper.
 pub fn setup_vcpu(
     vcpu: &VcpuFd,
     vcpu_id: u32,
