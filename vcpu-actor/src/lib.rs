@@ -85,13 +85,16 @@
 //! once per process, without `SA_RESTART`) does nothing. vCPU threads keep the signal blocked
 //! except inside `KVM_RUN` (`KVM_SET_SIGNAL_MASK`): a kick interrupts `KVM_RUN` and is then
 //! taken off the thread's queue, never delivered to the handler, so exit handlers' system
-//! calls are not interrupted by kicks.
+//! calls are not interrupted by kicks. vCPU threads also block every other asynchronous
+//! signal (all but `SIGSEGV`, `SIGBUS`, `SIGILL`, `SIGFPE`, `SIGTRAP`, `SIGSYS` and
+//! `SIGABRT`): signals sent to the process go to the embedder's other threads, never to a
+//! vCPU thread running under its seccomp filter.
 //!
 //! The handler is installed only over the default disposition: a spawn whose kick signal
 //! already has another handler (or `SIG_IGN`) fails with [`VcpuError::KickSignalInUse`];
 //! choose another offset then. Once vCPUs are spawned, the embedder must not change the
-//! kick signal's disposition nor block it in vCPU threads: with `SIG_IGN` pauses time out,
-//! with `SIG_DFL` the first kick kills the process.
+//! kick signal's disposition nor the vCPU threads' signal masks: with `SIG_IGN` pauses time
+//! out, with `SIG_DFL` the first kick kills the process.
 //!
 //! With the default seccomp mode ([`ViolationAction::StopVm`]) the crate also installs a
 //! `SIGSYS` handler (once per process, only over the default disposition; a spawn fails with
