@@ -179,10 +179,12 @@ pub(crate) struct Shared {
     /// A kick signal has been sent that the thread may not have taken off its queue yet
     /// (see [`VcpuHandle::kick`]).
     pub(crate) kick_queued: AtomicBool,
+    /// The kick signal's number: blocked in the thread except inside `KVM_RUN`.
+    pub(crate) kick_signal: libc::c_int,
 }
 
 impl Shared {
-    pub(crate) fn new(id: u32, kvm_run: KvmRunMapping) -> Self {
+    pub(crate) fn new(id: u32, kvm_run: KvmRunMapping, kick_signal: libc::c_int) -> Self {
         Shared {
             id,
             state: AtomicVcpuState::new(VcpuState::Paused),
@@ -193,6 +195,7 @@ impl Shared {
             reply_ready: Condvar::new(),
             kvm_run,
             kick_queued: AtomicBool::new(false),
+            kick_signal,
         }
     }
 
@@ -215,7 +218,6 @@ pub struct VcpuHandle {
     /// Valid while `join` is `Some` (the thread is not joined, so the id is not reused).
     pub(crate) pthread: libc::pthread_t,
     pub(crate) next_id: AtomicU64,
-    pub(crate) kick_signal: libc::c_int,
     pub(crate) logger: Logger,
 }
 
@@ -265,14 +267,14 @@ impl VcpuHandle {
         {
             // SAFETY: `pthread` belongs to a thread that has not been joined (`join` is Some),
             // so the id is valid even if the thread has ended (pthread_kill then says ESRCH).
-            let rc = unsafe { libc::pthread_kill(self.pthread, self.kick_signal) };
+            let rc = unsafe { libc::pthread_kill(self.pthread, self.shared.kick_signal) };
             if rc != 0 {
                 // Nothing is queued after all: let the next sender try.
                 self.shared.kick_queued.store(false, Ordering::SeqCst);
-            }
-            if rc != 0 && rc != libc::ESRCH {
-                warn!(self.logger, "cannot signal the vCPU thread";
-                      "signal" => self.kick_signal, "errno" => rc);
+                if rc != libc::ESRCH {
+                    warn!(self.logger, "cannot signal the vCPU thread";
+                          "signal" => self.shared.kick_signal, "errno" => rc);
+                }
             }
         }
     }

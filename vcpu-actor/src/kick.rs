@@ -277,18 +277,13 @@ pub(crate) fn deliver_only_in_kvm_run(vcpu: &impl AsRawFd, sig: c_int) -> std::i
     }
     // SAFETY: pthread_sigmask succeeded and filled it in.
     let before = unsafe { before.assume_init() };
-    let mut now = std::mem::MaybeUninit::<libc::sigset_t>::zeroed();
-    // SAFETY: a query of the mask just set; `now` is valid for writes.
-    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, std::ptr::null(), now.as_mut_ptr()) };
-    // SAFETY: filled in by the query.
-    let now = unsafe { now.assume_init() };
-    let mut bits = 0u64;
-    for n in 1..=64 {
-        // SAFETY: `now` is a valid set; sigismember only reads it.
-        if n != sig && unsafe { libc::sigismember(&now, n) } == 1 {
-            bits |= 1 << (n - 1);
-        }
-    }
+    // The thread's mask now is `before` and `block` together; inside KVM_RUN, that without
+    // the kick.
+    // SAFETY: `set` is a valid set; sigismember only reads it.
+    let has = |set: &libc::sigset_t, n: c_int| unsafe { libc::sigismember(set, n) } == 1;
+    let bits = (1..=64)
+        .filter(|&n| n != sig && (has(&before, n) || has(&block, n)))
+        .fold(0u64, |bits, n| bits | 1 << (n - 1));
     let mask = KernelSignalMask {
         len: 8,
         sigset: bits.to_le_bytes(),

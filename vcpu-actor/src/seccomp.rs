@@ -27,8 +27,9 @@
 //! that run. Before the filter (not filtered): `prctl(PR_SET_NAME)`, `mmap`/`munmap`/`mprotect`
 //! of the malloc arena and the alternate signal stack, `openat`+`read` of
 //! `/sys/devices/system/cpu/online` (glibc's arena limit), `sched_getaffinity`, `gettid`,
-//! `rt_sigprocmask`, `KVM_SET_SIGNAL_MASK`, the setup's ioctls. `vcpuctl boot` adds `write` to the console's fd from the
-//! 16550 serial device, which runs on the vCPU thread (see *Extra write fds* below).
+//! `rt_sigprocmask`, `KVM_SET_SIGNAL_MASK`, the setup's ioctls. `vcpuctl boot` adds `write`
+//! to the console's fd from the 16550 serial device, which runs on the vCPU thread (see
+//! *Extra write fds* below).
 //!
 //! # The filter ([`SeccompMode::default`])
 //!

@@ -175,7 +175,6 @@ pub struct PendingVcpu {
     ready_rx: Receiver<Result<(), StartFailure>>,
     join: JoinHandle<()>,
     started: Instant,
-    kick_signal: libc::c_int,
     logger: Logger,
 }
 
@@ -250,7 +249,7 @@ impl PendingVcpu {
                 })
             }
         };
-        let shared = Arc::new(Shared::new(id, kvm_run));
+        let shared = Arc::new(Shared::new(id, kvm_run, kick_signal));
         let (tx, rx) = channel::<Envelope>();
         let (done_tx, done_rx) = channel::<VcpuFd>();
         let (ready_tx, ready_rx) = channel::<Result<(), StartFailure>>();
@@ -268,7 +267,6 @@ impl PendingVcpu {
             .stack_size(options.stack_size)
             .spawn(move || {
                 let start = ThreadStart {
-                    kick_signal,
                     setup,
                     affinity,
                     filter,
@@ -289,7 +287,6 @@ impl PendingVcpu {
             ready_rx,
             join,
             started: Instant::now(),
-            kick_signal,
             logger,
         })
     }
@@ -341,7 +338,6 @@ impl PendingVcpu {
             tx,
             done_rx,
             join,
-            kick_signal,
             logger,
             ..
         } = self;
@@ -361,7 +357,6 @@ impl PendingVcpu {
             tx,
             done_rx,
             next_id: AtomicU64::new(0),
-            kick_signal,
             logger,
         })
     }

@@ -92,14 +92,10 @@ pub(crate) struct VcpuThread {
     /// A resume after a long pause was acknowledged: `KVM_KVMCLOCK_CTRL` is due before the
     /// next `KVM_RUN` (see `mailbox::KVMCLOCK_NOTICE_AFTER`).
     pub(crate) kvmclock_due: bool,
-    /// The kick signal: blocked in this thread, unblocked inside `KVM_RUN` (set at start).
-    kick_signal: libc::c_int,
 }
 
 /// What the thread does before it reports ready (see [`VcpuThread::run`]).
 pub(crate) struct ThreadStart {
-    /// The kick signal to unblock.
-    pub(crate) kick_signal: libc::c_int,
     /// The caller's setup of the vCPU, if any.
     pub(crate) setup: Option<crate::VcpuSetup>,
     /// The host CPUs to pin the thread to, if any.
@@ -149,7 +145,6 @@ impl VcpuThread {
             io_pending: false,
             paused_at: None,
             kvmclock_due: false,
-            kick_signal: 0,
         }
     }
 
@@ -204,12 +199,11 @@ impl VcpuThread {
     /// The kick signal's mask, the caller's setup, the CPU affinity and the seccomp filter, in
     /// that order: all before the filter, which allows neither their ioctls nor
     /// `sched_setaffinity`.
-    fn get_ready(&mut self, start: ThreadStart) -> Result<(), StartFailure> {
-        kick::deliver_only_in_kvm_run(&self.vcpu, start.kick_signal).map_err(|e| {
+    fn get_ready(&self, start: ThreadStart) -> Result<(), StartFailure> {
+        kick::deliver_only_in_kvm_run(&self.vcpu, self.shared.kick_signal).map_err(|e| {
             error!(self.logger, "cannot set the vCPU's signal mask"; "error" => %e);
             StartFailure::KickMask(e)
         })?;
-        self.kick_signal = start.kick_signal;
         if let Some(setup) = start.setup {
             setup(&self.vcpu).map_err(|e| {
                 error!(self.logger, "setting the vCPU up failed"; "error" => %e);
@@ -373,7 +367,7 @@ impl VcpuThread {
                 metrics.count_exit(ExitKind::Eintr);
                 // Take the kick off the queue first, then let senders signal again (the
                 // order `VcpuHandle::kick` relies on).
-                kick::take_queued(self.kick_signal);
+                kick::take_queued(self.shared.kick_signal);
                 self.shared.kick_queued.store(false, Ordering::SeqCst);
                 Step::Continue
             }
