@@ -33,15 +33,16 @@
 //!
 //! # The filter ([`SeccompMode::default`])
 //!
-//! Built per thread at spawn, because it names the thread's own fds, by this module's own
-//! classic-BPF writer (`bpf`): the architecture check, a binary search on the syscall number
-//! (a handful of instructions for any number, where a rule compiler's chain grows with the
-//! list), then one block per syscall with arguments, the `ioctl` block checking the fd once
-//! and `KVM_RUN` first. 87 instructions where seccompiler makes 315 of the same rules
-//! (a unit test runs both over every syscall number and the interesting arguments and
-//! checks that they decide alike). Short matters three times per vCPU thread: building it,
-//! the kernel installing it (it converts the program, JIT-compiles it and, holding the
-//! process's signal lock, runs it for every syscall number to fill its cache) and every
+//! Written by this module's own classic-BPF writer (`bpf`) once per mode and exit EventFd;
+//! each thread gets a copy with its own vCPU fd in the two places that name it (see
+//! [`SeccompMode::compile`]). The program: the architecture check, a binary search on the
+//! syscall number (a handful of instructions for any number, where a rule compiler's chain
+//! grows with the list), then one block per syscall with arguments, the `ioctl` block
+//! checking the fd once and `KVM_RUN` first. 87 instructions where seccompiler makes 315 of
+//! the same rules (a unit test runs both over every syscall number and the interesting
+//! arguments and checks that they decide alike). Short matters twice per vCPU thread: the
+//! kernel installing it (it converts the program, JIT-compiles it and, holding the process's
+//! signal lock, runs it for every syscall number to fill its cache) and every
 //! `KVM_RUN`. The rules:
 //! - `ioctl(vcpu_fd, request)` where `vcpu_fd` is this actor's vCPU fd and `request` is one of
 //!   [`vcpu_ioctls`]: `KVM_RUN`, `KVM_KVMCLOCK_CTRL` and the `KVM_GET_*`/`KVM_SET_*` of vCPU
@@ -91,7 +92,7 @@ mod names;
 
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, PoisonError};
 
 use libc::{c_int, c_void, siginfo_t};
 use seccompiler::BpfProgram;
@@ -235,9 +236,11 @@ impl SeccompMode {
     }
 
     /// Compiles the filter of the vCPU thread whose vCPU fd is `vcpu_fd` and whose exit
-    /// EventFd is `exit_evt_fd`, or `None` for [`SeccompMode::Disabled`]. A few microseconds:
-    /// the program is written directly (binary search on the syscall number, see the
-    /// module documentation), not through a general rule compiler.
+    /// EventFd is `exit_evt_fd`, or `None` for [`SeccompMode::Disabled`]. The program is
+    /// written directly (binary search on the syscall number, see the module documentation),
+    /// once per mode and exit EventFd: the last one written is kept with the places that
+    /// hold the vCPU fd, and a thread of the same mode gets a copy with its own fd there
+    /// (a copy instead of a build per vCPU thread).
     ///
     /// # Errors
     ///
@@ -248,27 +251,125 @@ impl SeccompMode {
         vcpu_fd: RawFd,
         exit_evt_fd: RawFd,
     ) -> Result<Option<BpfProgram>, String> {
-        let (violation, extra, write_fds) = match self {
-            SeccompMode::Disabled => return Ok(None),
-            SeccompMode::Custom(prog) => return Ok(Some(prog.clone())),
+        let Some(rules) = self.rules() else {
+            return Ok(match self {
+                SeccompMode::Custom(prog) => Some(prog.clone()),
+                _ => None,
+            });
+        };
+        let mut last = LAST_FILTER.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(template) = last.as_ref().filter(|t| t.fits(self, exit_evt_fd)) {
+            return Ok(Some(template.with_vcpu_fd(vcpu_fd)));
+        }
+        let program = rules.build(vcpu_fd, exit_evt_fd)?;
+        // A second build with another vCPU fd shows where the fd sits.
+        let other = rules.build(vcpu_fd ^ 1, exit_evt_fd)?;
+        *last = FilterTemplate::new(self, exit_evt_fd, &program, &other);
+        Ok(Some(sized_past_thread_caches(program)))
+    }
+
+    /// What an `Enforce` or `Log` mode asks of the filter; `None` for the others.
+    fn rules(&self) -> Option<ModeRules<'_>> {
+        match self {
             SeccompMode::Enforce {
                 action,
                 extra_syscalls,
                 extra_write_fds,
-            } => (action.ret_value(), extra_syscalls, extra_write_fds),
+            } => Some(ModeRules {
+                violation: action.ret_value(),
+                extra_syscalls,
+                extra_write_fds,
+            }),
             SeccompMode::Log {
                 extra_syscalls,
                 extra_write_fds,
-            } => (libc::SECCOMP_RET_LOG, extra_syscalls, extra_write_fds),
-        };
-        let mut rules = thread_rules(vcpu_fd, exit_evt_fd, write_fds)?;
-        for &nr in extra {
+            } => Some(ModeRules {
+                violation: libc::SECCOMP_RET_LOG,
+                extra_syscalls,
+                extra_write_fds,
+            }),
+            SeccompMode::Disabled | SeccompMode::Custom(_) => None,
+        }
+    }
+}
+
+/// The parts of an `Enforce` or `Log` [`SeccompMode`] that shape its filter.
+struct ModeRules<'a> {
+    /// What a syscall outside the list gets (`SECCOMP_RET_*`).
+    violation: u32,
+    extra_syscalls: &'a [i64],
+    extra_write_fds: &'a [RawFd],
+}
+
+impl ModeRules<'_> {
+    /// The filter of the thread whose vCPU fd is `vcpu_fd` and exit EventFd `exit_evt_fd`.
+    fn build(&self, vcpu_fd: RawFd, exit_evt_fd: RawFd) -> Result<BpfProgram, String> {
+        let mut rules = thread_rules(vcpu_fd, exit_evt_fd, self.extra_write_fds)?;
+        for &nr in self.extra_syscalls {
             // No checks: any arguments.
             rules.allow(nr, Vec::new())?;
         }
-        rules
-            .compile(violation)
-            .map(|p| Some(sized_past_thread_caches(p)))
+        rules.compile(self.violation)
+    }
+}
+
+/// The filter [`SeccompMode::compile`] wrote last, kept for the next vCPU thread.
+static LAST_FILTER: Mutex<Option<FilterTemplate>> = Mutex::new(None);
+
+/// A vCPU thread's filter with the vCPU fd left to fill in: the instructions that compare
+/// an argument with it (the fd check of `ioctl` and `close`).
+struct FilterTemplate {
+    mode: SeccompMode,
+    exit_evt_fd: RawFd,
+    program: BpfProgram,
+    vcpu_fd_at: Vec<usize>,
+}
+
+impl FilterTemplate {
+    /// The template behind `program`, given `other`, the same rules written for another vCPU
+    /// fd: they must differ only in the `k` of some instructions, which become the fd's
+    /// places. `None` if they differ otherwise (the writer's layout would then depend on the
+    /// fd's value, and every thread gets a build of its own).
+    fn new(
+        mode: &SeccompMode,
+        exit_evt_fd: RawFd,
+        program: &BpfProgram,
+        other: &BpfProgram,
+    ) -> Option<Self> {
+        if program.len() != other.len() {
+            return None;
+        }
+        let mut vcpu_fd_at = Vec::new();
+        for (at, (a, b)) in program.iter().zip(other).enumerate() {
+            if (a.code, a.jt, a.jf) != (b.code, b.jt, b.jf) {
+                return None;
+            }
+            if a.k != b.k {
+                vcpu_fd_at.push(at);
+            }
+        }
+        Some(FilterTemplate {
+            mode: mode.clone(),
+            exit_evt_fd,
+            program: program.clone(),
+            vcpu_fd_at,
+        })
+    }
+
+    /// Whether this is the filter of `mode` with the exit EventFd `exit_evt_fd`.
+    fn fits(&self, mode: &SeccompMode, exit_evt_fd: RawFd) -> bool {
+        self.exit_evt_fd == exit_evt_fd && self.mode == *mode
+    }
+
+    /// The filter of the thread whose vCPU fd is `vcpu_fd`, in a buffer sized as
+    /// [`sized_past_thread_caches`] says.
+    fn with_vcpu_fd(&self, vcpu_fd: RawFd) -> BpfProgram {
+        let mut program = Vec::with_capacity(self.program.len().max(PAST_THREAD_CACHE));
+        program.extend_from_slice(&self.program);
+        for &at in &self.vcpu_fd_at {
+            program[at].k = fd_arg(vcpu_fd);
+        }
+        program
     }
 }
 
@@ -566,6 +667,65 @@ mod tests {
     #[test]
     fn disabled_compiles_to_nothing() {
         assert_eq!(SeccompMode::Disabled.compile(5, 6), Ok(None));
+    }
+
+    /// The copy a thread gets from the kept filter is the filter written for its own fds,
+    /// whatever the order of modes, exit EventFds and vCPU fds (so a kept filter is never
+    /// handed to a thread of another mode or exit EventFd, nor with another thread's fd).
+    #[test]
+    fn a_copied_filter_is_the_one_written_for_the_thread() {
+        let modes = [
+            SeccompMode::stop_vm(),
+            SeccompMode::stop_vm().with_write_fds([1, 9]),
+            SeccompMode::log(),
+            SeccompMode::errno_eperm(),
+            SeccompMode::Enforce {
+                action: ViolationAction::KillThread,
+                extra_syscalls: vec![libc::SYS_getpid],
+                extra_write_fds: vec![],
+            },
+        ];
+        let mut compiled = 0;
+        for round in 0..3 {
+            for mode in &modes {
+                for exit_evt_fd in [6, 7] {
+                    // The vCPU fd takes values below, next to and far from the others'.
+                    for vcpu_fd in [3, 5, 6, 8, 1000, 70_000 + round] {
+                        let want = mode.rules().unwrap().build(vcpu_fd, exit_evt_fd).unwrap();
+                        let got = mode.compile(vcpu_fd, exit_evt_fd).unwrap().unwrap();
+                        assert_eq!(got, want, "{mode:?} exit {exit_evt_fd} vcpu {vcpu_fd}");
+                        assert!(got.capacity() >= PAST_THREAD_CACHE);
+                        compiled += 1;
+                    }
+                }
+            }
+        }
+        assert_eq!(compiled, 3 * 5 * 2 * 6);
+    }
+
+    #[test]
+    fn the_fd_places_are_the_fd_checks_of_ioctl_and_close() {
+        let program = SeccompMode::stop_vm()
+            .rules()
+            .unwrap()
+            .build(40, 41)
+            .unwrap();
+        let other = SeccompMode::stop_vm()
+            .rules()
+            .unwrap()
+            .build(50, 41)
+            .unwrap();
+        let t = FilterTemplate::new(&SeccompMode::stop_vm(), 41, &program, &other).unwrap();
+        assert_eq!(t.vcpu_fd_at.len(), 2);
+        assert!(t.vcpu_fd_at.iter().all(|&at| program[at].k == 40));
+        // Rules whose layout differs are not a template.
+        let longer = SeccompMode::stop_vm()
+            .with_write_fds([3])
+            .rules()
+            .unwrap()
+            .build(50, 41)
+            .unwrap();
+        assert!(FilterTemplate::new(&SeccompMode::stop_vm(), 41, &program, &longer).is_none());
     }
 
     #[test]

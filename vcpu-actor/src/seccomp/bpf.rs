@@ -1,11 +1,11 @@
 //! The classic-BPF writer behind the vCPU thread's filter.
 //!
-//! Design rule: the filter's cost is paid per vCPU, three times over — in user space when it
-//! is built (once per vCPU thread, since it names the thread's own fds), in the kernel when
-//! it is installed (the kernel converts and JIT-compiles it, then, holding the process's
-//! signal lock with interrupts off, runs it once for every system call number to fill its
-//! per-filter "always allowed" cache), and on every system call the thread makes, `KVM_RUN`
-//! above all. So the program is as short and as shallow as the rules allow:
+//! Design rule: the filter's cost is paid per vCPU twice over (writing it only once per
+//! mode: threads get a copy with their own fd) — in the kernel when it is installed (the
+//! kernel converts and JIT-compiles it, then, holding the process's signal lock with
+//! interrupts off, runs it once for every system call number to fill its per-filter "always
+//! allowed" cache), and on every system call the thread makes, `KVM_RUN` above all. So the
+//! program is as short and as shallow as the rules allow:
 //!
 //! 1. the architecture is checked (not x86_64: the process is killed, as seccompiler does);
 //! 2. the syscall number is found by **binary search** over the listed numbers (`jge`
