@@ -199,6 +199,30 @@ impl Shared {
         }
     }
 
+    /// Makes the thread leave `KVM_RUN` and look at its mailbox: sets `immediate_exit`, then,
+    /// if the thread is `Running`, signals `pthread` (the thread's id, `None` once it has
+    /// been joined) as [`VcpuHandle::kick`] explains.
+    pub(crate) fn kick(&self, pthread: Option<libc::pthread_t>, logger: &Logger) {
+        self.kvm_run.request_immediate_exit();
+        let Some(pthread) = pthread else {
+            return;
+        };
+        if self.state.load() == VcpuState::Running && !self.kick_queued.swap(true, Ordering::SeqCst)
+        {
+            // SAFETY: the caller passes the id of a thread that has not been joined, so the
+            // id is valid even if the thread has ended (pthread_kill then says ESRCH).
+            let rc = unsafe { libc::pthread_kill(pthread, self.kick_signal) };
+            if rc != 0 {
+                // Nothing is queued after all: let the next sender try.
+                self.kick_queued.store(false, Ordering::SeqCst);
+                if rc != libc::ESRCH {
+                    warn!(logger, "cannot signal the vCPU thread";
+                          "signal" => self.kick_signal, "errno" => rc);
+                }
+            }
+        }
+    }
+
     pub(crate) fn lock_replies(&self) -> MutexGuard<'_, ReplyBox> {
         // A poisoned lock only means a waiter panicked; the map itself is consistent.
         self.replies.lock().unwrap_or_else(|p| p.into_inner())
@@ -260,23 +284,9 @@ impl VcpuHandle {
     /// thread has taken it and has yet to clear the flag, which it does before its next T1
     /// (so T1 sees this sender's `immediate_exit`).
     fn kick(&self) {
-        self.shared.kvm_run.request_immediate_exit();
-        if self.shared.state.load() == VcpuState::Running
-            && self.join.is_some()
-            && !self.shared.kick_queued.swap(true, Ordering::SeqCst)
-        {
-            // SAFETY: `pthread` belongs to a thread that has not been joined (`join` is Some),
-            // so the id is valid even if the thread has ended (pthread_kill then says ESRCH).
-            let rc = unsafe { libc::pthread_kill(self.pthread, self.shared.kick_signal) };
-            if rc != 0 {
-                // Nothing is queued after all: let the next sender try.
-                self.shared.kick_queued.store(false, Ordering::SeqCst);
-                if rc != libc::ESRCH {
-                    warn!(self.logger, "cannot signal the vCPU thread";
-                          "signal" => self.shared.kick_signal, "errno" => rc);
-                }
-            }
-        }
+        // `pthread` is valid only while `join` is Some (the thread is not joined).
+        self.shared
+            .kick(self.join.as_ref().map(|_| self.pthread), &self.logger);
     }
 
     fn thread_gone(&self) -> VcpuError {

@@ -67,6 +67,11 @@ impl VcpuThread {
         }
     }
 
+    /// `Paused` to `Running` without a request (a thread started running).
+    pub(crate) fn start_running(&mut self) {
+        self.apply(Event::Resume, VcpuRequest::Resume, ReplyOutcome::Resumed);
+    }
+
     fn apply(&mut self, event: Event, request: VcpuRequest, ok: ReplyOutcome) -> ReplyOutcome {
         let from = self.state;
         match transition(from, event) {

@@ -171,11 +171,40 @@ impl VcpuHandle {
 pub struct PendingVcpu {
     shared: Arc<Shared>,
     tx: Sender<Envelope>,
+    /// Dropped after `tx` (fields drop in this order), so that a thread it kicks finds its
+    /// mailbox closed.
+    give_up: GiveUpKick,
     done_rx: Receiver<VcpuFd>,
     ready_rx: Receiver<Result<(), StartFailure>>,
     join: JoinHandle<()>,
     started: Instant,
     logger: Logger,
+}
+
+/// Whether a new actor waits for `Resume` or runs once ready.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum StartAs {
+    Paused,
+    Running,
+}
+
+/// Kicks a thread started running out of `KVM_RUN` when its [`PendingVcpu`] is given up
+/// (dropped, or its `wait_ready` failed); nothing for one started paused (`pthread` `None`),
+/// which sees its closed mailbox by itself.
+#[derive(Debug)]
+struct GiveUpKick {
+    shared: Arc<Shared>,
+    /// The thread, not joined while this lives (the `PendingVcpu` holds its `JoinHandle`).
+    pthread: Option<libc::pthread_t>,
+    logger: Logger,
+}
+
+impl Drop for GiveUpKick {
+    fn drop(&mut self) {
+        if self.pthread.is_some() {
+            self.shared.kick(self.pthread, &self.logger);
+        }
+    }
 }
 
 impl PendingVcpu {
@@ -189,7 +218,7 @@ impl PendingVcpu {
     /// A [`SpawnFailure`] with the fd when the preparation fails, without it when the thread
     /// cannot be created.
     pub fn start(parts: VcpuParts, options: VcpuOptions) -> Result<PendingVcpu, SpawnFailure> {
-        Self::start_inner(parts, options, None)
+        Self::start_inner(parts, options, None, StartAs::Paused)
     }
 
     /// [`start`](Self::start), with `setup` run on the new thread first: the VMM configures
@@ -206,13 +235,34 @@ impl PendingVcpu {
         options: VcpuOptions,
         setup: VcpuSetup,
     ) -> Result<PendingVcpu, SpawnFailure> {
-        Self::start_inner(parts, options, Some(setup))
+        Self::start_inner(parts, options, Some(setup), StartAs::Paused)
+    }
+
+    /// [`start_with_setup`](Self::start_with_setup) for a vCPU that runs no guest code until
+    /// the guest wakes it (an application processor that `setup` leaves waiting for
+    /// INIT/SIPI, as a hot-added vCPU is): once ready, the thread goes on to
+    /// [`VcpuState::Running`](crate::VcpuState) by itself, as if it had been sent
+    /// [`VcpuRequest::Resume`](crate::VcpuRequest), and enters `KVM_RUN`. Starting a batch of
+    /// them costs no `Resume` round trip through each mailbox. A `PendingVcpu` whose
+    /// [`wait_ready`](Self::wait_ready) fails, or that is dropped, kicks its thread out of
+    /// `KVM_RUN` so that it ends (and, for a failed `wait_ready`, hands the fd back).
+    ///
+    /// # Errors
+    ///
+    /// As [`start`](Self::start).
+    pub fn start_running_with_setup(
+        parts: VcpuParts,
+        options: VcpuOptions,
+        setup: VcpuSetup,
+    ) -> Result<PendingVcpu, SpawnFailure> {
+        Self::start_inner(parts, options, Some(setup), StartAs::Running)
     }
 
     fn start_inner(
         parts: VcpuParts,
         options: VcpuOptions,
         setup: Option<VcpuSetup>,
+        start_as: StartAs,
     ) -> Result<PendingVcpu, SpawnFailure> {
         let VcpuParts {
             id,
@@ -270,6 +320,7 @@ impl PendingVcpu {
                     setup,
                     affinity,
                     filter,
+                    run: start_as == StartAs::Running,
                 };
                 thread.run(start, ready_tx, done_tx);
             })
@@ -280,9 +331,15 @@ impl PendingVcpu {
                 },
                 vcpu: None,
             })?;
+        let give_up = GiveUpKick {
+            shared: Arc::clone(&shared),
+            pthread: (start_as == StartAs::Running).then(|| join.as_pthread_t()),
+            logger: logger.clone(),
+        };
         Ok(PendingVcpu {
             shared,
             tx,
+            give_up,
             done_rx,
             ready_rx,
             join,
@@ -336,6 +393,7 @@ impl PendingVcpu {
         let PendingVcpu {
             shared,
             tx,
+            mut give_up,
             done_rx,
             join,
             logger,
@@ -343,12 +401,15 @@ impl PendingVcpu {
         } = self;
         if let Err(error) = started {
             // The thread ends on its own once its mailbox is gone (or has already ended); a
-            // thread that failed to install its filter hands the fd back first.
+            // thread that failed to install its filter hands the fd back first. One started
+            // running may have got ready since the timeout: the kick makes it look.
             drop(tx);
+            drop(give_up);
             let vcpu = done_rx.recv_timeout(STARTUP_TIMEOUT).ok();
             let _ = join.join();
             return Err(SpawnFailure { error, vcpu });
         }
+        give_up.pthread = None;
         debug!(logger, "vCPU thread started"; "tid" => shared.tid.load(Ordering::Relaxed));
         Ok(VcpuHandle {
             pthread: join.as_pthread_t(),

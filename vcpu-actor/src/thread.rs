@@ -102,6 +102,8 @@ pub(crate) struct ThreadStart {
     pub(crate) affinity: Option<Vec<usize>>,
     /// The seccomp filter, if any.
     pub(crate) filter: Option<seccompiler::BpfProgram>,
+    /// Go on to `Running` once ready, without waiting for `Resume`.
+    pub(crate) run: bool,
 }
 
 /// Sets `finished` and wakes all waiters when the thread ends, even by a panic.
@@ -164,6 +166,7 @@ impl VcpuThread {
         // SAFETY: gettid has no preconditions and cannot fail.
         let tid = unsafe { libc::gettid() };
         self.shared.tid.store(tid, Ordering::Relaxed);
+        let run = start.run;
         if let Err(failure) = self.get_ready(start) {
             // The fd goes back to the spawner, which may create this vCPU again.
             let _ = done.send(self.vcpu);
@@ -176,6 +179,11 @@ impl VcpuThread {
             return;
         }
         drop(ready);
+        if run {
+            // After the ready answer: a spawner that gave up before it does not get a vCPU
+            // in KVM_RUN (and one that gives up after it kicks, see `GiveUpKick`).
+            self.start_running();
+        }
 
         self.main_loop();
 

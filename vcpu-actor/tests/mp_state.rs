@@ -150,3 +150,77 @@ kvm_test!(
         );
     }
 );
+
+// `start_running_with_setup`: an AP is `Running` once ready, with no `Resume` sent, and is
+// in `KVM_RUN` when the BSP wakes it (it reports from its real-mode code).
+kvm_test!(an_ap_started_running_needs_no_resume, true, |vm| {
+    vm.load(guests::bsp_sipi(), CODE_ADDR);
+    vm.load(guests::ap(), AP_CODE_ADDR);
+    let rec = Recorder::stopping_on(0x514);
+    let bsp = vm.new_cpl3_vcpu(0, CODE_ADDR, DATA_ADDR, 0x514, 1 << 24);
+    let (bsp_parts, bsp_evt) = vm.parts(0, bsp, rec.clone());
+    let (ap_parts, _ap_evt) = vm.parts(1, vm.new_plain_vcpu(1), rec.clone());
+    let ap_h = PendingVcpu::start_running_with_setup(
+        ap_parts,
+        VcpuOptions::default(),
+        Box::new(|_| Ok(())),
+    )
+    .expect("start")
+    .wait_ready()
+    .expect("ready");
+    assert_eq!(ap_h.state(), VcpuState::Running);
+    let bsp_h = VcpuHandle::spawn(bsp_parts, VcpuOptions::default()).expect("bsp");
+    assert_eq!(
+        bsp_h.state(),
+        VcpuState::Paused,
+        "a plain start still waits"
+    );
+
+    expect(&bsp_h, VcpuRequest::Resume, ReplyOutcome::Resumed);
+    assert_eq!(rec.wait_port(0x520, 1, TIMEOUT), (1, 0x5a));
+    assert_eq!(wait_event(&bsp_evt), 1);
+    assert_eq!(ap_h.metrics().resumes, 1, "counted as a resume");
+
+    expect(&ap_h, VcpuRequest::Exit, ReplyOutcome::Exited);
+    expect(&bsp_h, VcpuRequest::Exit, ReplyOutcome::Exited);
+    bsp_h.join(TIMEOUT).expect("join bsp");
+    ap_h.join(TIMEOUT).expect("join ap");
+});
+
+/// Whether thread `tid` of this process is blocked in `ioctl(_, KVM_RUN)`
+/// (`/proc/self/task/<tid>/syscall`: the number, then the arguments in hex).
+fn in_kvm_run(tid: i32) -> bool {
+    let Ok(s) = std::fs::read_to_string(format!("/proc/self/task/{tid}/syscall")) else {
+        return false;
+    };
+    let mut fields = s.split_whitespace();
+    let nr = fields.next();
+    let request = fields.nth(1);
+    nr == Some(libc::SYS_ioctl.to_string().as_str()) && request == Some("0xae80")
+}
+
+// A `PendingVcpu` started running and dropped while its thread waits in `KVM_RUN` for a
+// SIPI that never comes: the thread is kicked out and ends (without the kick it would stay
+// there for good, holding the vCPU fd).
+kvm_test!(a_dropped_pending_vcpu_started_running_ends, true, |vm| {
+    let (parts, _evt) = vm.parts(1, vm.new_plain_vcpu(1), Recorder::new());
+    let tid = Arc::new(Mutex::new(None));
+    let record = Arc::clone(&tid);
+    let pending = PendingVcpu::start_running_with_setup(
+        parts,
+        VcpuOptions::default(),
+        Box::new(move |_| {
+            // SAFETY: gettid has no preconditions.
+            *record.lock().unwrap() = Some(unsafe { libc::gettid() });
+            Ok(())
+        }),
+    )
+    .expect("start");
+    wait_until("the setup", || tid.lock().unwrap().is_some());
+    let tid = tid.lock().unwrap().expect("tid");
+    wait_until("the thread in KVM_RUN", || in_kvm_run(tid));
+    drop(pending);
+    wait_until("the thread's end", || {
+        !std::path::Path::new(&format!("/proc/self/task/{tid}")).exists()
+    });
+});

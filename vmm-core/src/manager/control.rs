@@ -10,7 +10,7 @@ use crate::error::{ManagerOp, VcpuControlError};
 use crate::state::{Refusal, Transition};
 
 impl VcpuManager {
-    fn check_running_allowed(&self, op: ManagerOp) -> Result<(), VcpuControlError> {
+    pub(crate) fn check_running_allowed(&self, op: ManagerOp) -> Result<(), VcpuControlError> {
         self.state()
             .check(Transition::Run, self.exit_flag_set())
             .map_err(|refusal| control_refused(op, refusal))

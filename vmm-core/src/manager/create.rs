@@ -2,6 +2,7 @@
 
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
+use std::time::Instant;
 
 use kvm_ioctls::{Kvm, VcpuFd};
 use slog::{debug, o, warn, Logger};
@@ -87,9 +88,34 @@ impl VcpuManager {
     /// errors) if KVM refuses to create or configure a vCPU; [`VcpuSetupError::Spawn`] if a
     /// thread cannot start. The first error of the batch is returned.
     pub fn create_vcpus(&mut self, indices: &[u32]) -> Result<(), VcpuSetupError> {
+        self.create_batch(indices, Start::Paused).map(|_| ())
+    }
+
+    /// [`create_vcpus`](Self::create_vcpus) for application processors (no index 0) that
+    /// their setup leaves waiting for INIT/SIPI: each thread enters `KVM_RUN` as soon as it
+    /// is ready (see [`PendingVcpu::start_running_with_setup`]), so that a hot-add costs no
+    /// `Resume` round trip per vCPU. All or nothing as `create_vcpus`. Returns when every
+    /// thread had been spawned (the rest of the time was spent waiting for them).
+    ///
+    /// [`PendingVcpu::start_running_with_setup`]: vcpu_actor::PendingVcpu::start_running_with_setup
+    pub(crate) fn create_running_aps(
+        &mut self,
+        indices: &[u32],
+    ) -> Result<Instant, VcpuSetupError> {
+        if indices.contains(&0) {
+            return Err(VcpuSetupError::InvalidState {
+                op: ManagerOp::CreateVcpu,
+                reason: "the BSP (index 0) is not an application processor".into(),
+            });
+        }
+        self.create_batch(indices, Start::Running)
+    }
+
+    /// Creates a batch; returns when its last thread was spawned.
+    fn create_batch(&mut self, indices: &[u32], start: Start) -> Result<Instant, VcpuSetupError> {
         let slots = self.new_slots(indices)?;
         if slots.is_empty() {
-            return Ok(());
+            return Ok(Instant::now());
         }
         let common = self.plan_common();
         self.reserve_fds();
@@ -129,7 +155,7 @@ impl VcpuManager {
                 probe_msrs: std::mem::take(&mut probe_msrs),
                 common: Arc::clone(&common),
             };
-            match self.start_vcpu(index, apic_id, fd, Some(plan.into_setup())) {
+            match self.start_vcpu(index, apic_id, fd, Some((plan.into_setup(), start))) {
                 Ok(p) => pending.push((index, p)),
                 Err(e) => {
                     first_error = Some(e);
@@ -137,7 +163,8 @@ impl VcpuManager {
                 }
             }
         }
-        self.finish_batch(pending, first_error)
+        let spawned = Instant::now();
+        self.finish_batch(pending, first_error).map(|()| spawned)
     }
 
     /// The (index, APIC ID) of each of `indices`, checked: the VM is not stopping, every
@@ -226,13 +253,14 @@ impl VcpuManager {
     }
 
     /// Starts vCPU `index`'s actor thread without waiting for it; `setup`, if any, runs on
-    /// that thread first. On an error the fd is kept if the thread did not take it.
+    /// that thread first, and the actor then starts paused or running. On an error the fd
+    /// is kept if the thread did not take it.
     fn start_vcpu(
         &mut self,
         index: u32,
         apic_id: u32,
         fd: VcpuFd,
-        setup: Option<VcpuSetup>,
+        setup: Option<(VcpuSetup, Start)>,
     ) -> Result<PendingVcpu, VcpuSetupError> {
         let parts = VcpuParts {
             id: apic_id,
@@ -256,7 +284,12 @@ impl VcpuManager {
         vcpu_options.state_saver =
             Some(Arc::clone(&self.saver) as Arc<dyn vcpu_actor::VcpuStateSaver>);
         let started = match setup {
-            Some(setup) => PendingVcpu::start_with_setup(parts, vcpu_options, setup),
+            Some((setup, Start::Paused)) => {
+                PendingVcpu::start_with_setup(parts, vcpu_options, setup)
+            }
+            Some((setup, Start::Running)) => {
+                PendingVcpu::start_running_with_setup(parts, vcpu_options, setup)
+            }
             None => PendingVcpu::start(parts, vcpu_options),
         };
         started.map_err(|failure| self.spawn_failed(apic_id, failure))
@@ -366,6 +399,15 @@ impl VcpuManager {
             }
         }
     }
+}
+
+/// How the actors of a batch start.
+#[derive(Clone, Copy)]
+enum Start {
+    /// Paused, until `Resume`.
+    Paused,
+    /// Running once ready (application processors waiting for INIT/SIPI).
+    Running,
 }
 
 /// What every vCPU of a batch is configured with.

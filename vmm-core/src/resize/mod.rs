@@ -100,11 +100,13 @@ pub struct ResizeOutcome {
     /// Time spent creating, configuring and starting (growing) or exiting (shrinking) vCPUs:
     /// [`vcpu_create`](Self::vcpu_create) + [`vcpu_start`](Self::vcpu_start) when growing.
     pub vcpu_work: Duration,
-    /// Growing: creating (or reusing) and configuring the KVM vCPUs and spawning their
-    /// threads, one after the other. Zero when shrinking.
+    /// Growing: creating (or reusing) the KVM vCPUs and spawning their threads, one after
+    /// the other (each thread configures its vCPU, in parallel with the next spawns). Zero
+    /// when shrinking.
     pub vcpu_create: Duration,
-    /// Growing: starting the new threads (every `Resume` sent, then every acknowledgement
-    /// awaited). Zero when shrinking.
+    /// Growing: after the last spawn, waiting until every new thread had configured its
+    /// vCPU, installed its seccomp filter and gone on to `KVM_RUN` (where it waits for the
+    /// guest's INIT/SIPI). Zero when shrinking.
     pub vcpu_start: Duration,
     /// Time spent in the upcall round trip (the guest onlining/offlining the vCPUs).
     pub upcall: Duration,

@@ -7,6 +7,7 @@ use super::{Begun, PendingResize, ResizeOutcome, VcpuSlot};
 use crate::error::{HotplugOp, ResizeError, VcpuSetupError};
 use crate::hotplug_backend::HotplugBackend;
 use crate::state::{Refusal, ResizeInFlight};
+use crate::ManagerOp;
 use crate::VcpuManager;
 
 impl VcpuManager {
@@ -122,17 +123,15 @@ impl VcpuManager {
         outcome: &mut ResizeOutcome,
     ) -> Result<(), ResizeError> {
         let t = Instant::now();
-        // One batch: every vCPU created and configured before any thread starts, then every
-        // thread started before waiting for any. All or nothing: on an error no vCPU of the
-        // batch is present and every fd is kept.
-        self.create_vcpus(indices)?;
-        outcome.vcpu_create = t.elapsed();
-        // The new threads enter KVM_RUN and wait there for the guest's INIT/SIPI.
-        if let Err(e) = self.start_vcpus(indices) {
-            self.exit_present(indices);
-            return Err(e.into());
-        }
+        // Asked first: the new threads enter KVM_RUN as soon as they are ready, and wait
+        // there for the guest's INIT/SIPI.
+        self.check_running_allowed(ManagerOp::StartVcpus)?;
+        // One batch: every thread started before waiting for any, each configuring its
+        // vCPU. All or nothing: on an error no vCPU of the batch is present and every fd is
+        // kept.
+        let spawned = self.create_running_aps(indices)?;
         outcome.vcpu_work = t.elapsed();
+        outcome.vcpu_create = spawned.saturating_duration_since(t);
         outcome.vcpu_start = outcome.vcpu_work.saturating_sub(outcome.vcpu_create);
         Ok(())
     }
