@@ -35,10 +35,10 @@
 //!
 //! Written by this module's own classic-BPF writer (`bpf`) once per mode and exit EventFd;
 //! each thread gets a copy with its own vCPU fd in the two places that name it (see
-//! [`SeccompMode::compile`]). The program: the architecture check, a binary search on the
+//! [`SeccompMode::compile`]). The program: the architecture check, a search tree on the
 //! syscall number (a handful of instructions for any number, where a rule compiler's chain
 //! grows with the list), then one block per syscall with arguments, the `ioctl` block
-//! checking the fd once and `KVM_RUN` first. 87 instructions where seccompiler makes 315 of
+//! checking the fd once and `KVM_RUN` first. 81 instructions where seccompiler makes 315 of
 //! the same rules (a unit test runs both over every syscall number and the interesting
 //! arguments and checks that they decide alike). Short matters twice per vCPU thread: the
 //! kernel installing it (it converts the program, JIT-compiles it and, holding the process's
@@ -237,7 +237,7 @@ impl SeccompMode {
 
     /// Compiles the filter of the vCPU thread whose vCPU fd is `vcpu_fd` and whose exit
     /// EventFd is `exit_evt_fd`, or `None` for [`SeccompMode::Disabled`]. The program is
-    /// written directly (binary search on the syscall number, see the module documentation),
+    /// written directly (a search tree on the syscall number, see the module documentation),
     /// once per mode and exit EventFd: the last one written is kept with the places that
     /// hold the vCPU fd, and a thread of the same mode gets a copy with its own fd there
     /// (a copy instead of a build per vCPU thread).
@@ -381,7 +381,7 @@ const PAST_THREAD_CACHE: usize = 1040 / std::mem::size_of::<seccompiler::sock_fi
 
 /// `prog` with room for at least [`PAST_THREAD_CACHE`] instructions. The spawner builds the
 /// program and the vCPU thread frees it once installed; in a buffer below that size (the
-/// default program has 87 instructions in a 128-instruction buffer) it would stay in the
+/// default program has 81 instructions in a 128-instruction buffer) it would stay in the
 /// vCPU thread's cache, 1 KiB of every vCPU's resident memory for nothing. Past it, the
 /// free returns it to the spawner's arena, where the next vCPU's program reuses it.
 fn sized_past_thread_caches(mut prog: BpfProgram) -> BpfProgram {

@@ -8,9 +8,12 @@
 //! program is as short and as shallow as the rules allow:
 //!
 //! 1. the architecture is checked (not x86_64: the process is killed, as seccompiler does);
-//! 2. the syscall number is found by **binary search** over the listed numbers (`jge`
-//!    splits, one `jeq` per leaf): about log2(n) + 1 instructions for any number, listed or
-//!    not, instead of a chain as long as the list;
+//! 2. the syscall number is found by a **search tree** (`jge` splits, one `jeq` per leaf):
+//!    a handful of instructions for any number, listed or not, instead of a chain as long as
+//!    the list. The tree is shaped for the kernel's pass over every number at installation
+//!    (`SearchPlan`): the wide ranges without a listed number leave it after a jump or two;
+//!    a listed number is at most a few levels deeper than in a tree balanced over the
+//!    listed numbers alone;
 //! 3. a listed number without conditions returns `ALLOW` from its leaf; one with conditions
 //!    jumps to its block, which loads each argument once and compares it with every allowed
 //!    value (`ioctl`: the fd once, then the requests, `KVM_RUN` first).
@@ -117,7 +120,8 @@ impl Rules {
                 )
             })
             .collect();
-        asm.search(&leaves, deny);
+        let plan = SearchPlan::new(&leaves);
+        asm.search(&plan, &leaves, 0, NR_END, deny);
         for ((_, checks), &(_, block)) in syscalls.iter().zip(&leaves) {
             if block != allow {
                 asm.bind(block);
@@ -129,6 +133,90 @@ impl Rules {
         asm.bind(deny);
         asm.stmt(BPF_RET | BPF_K, violation);
         asm.finish()
+    }
+}
+
+/// Above every x86_64 system call number (the kernel has fewer than 512): the end of the
+/// range the search is shaped for.
+const NR_END: u32 = 512;
+
+/// How much a listed number counts against an unlisted one when the search is shaped: the
+/// calls a vCPU thread makes are listed, so they stay near the top of the tree.
+const LISTED_WEIGHT: u64 = 8;
+
+/// Where the number search splits each range: the splits that make the fewest instructions
+/// run summed over every number below [`NR_END`] (a listed one counting
+/// [`LISTED_WEIGHT`] times). The kernel runs the filter for every number when it installs
+/// it (to fill its cache of always-allowed calls), so the wide ranges without a listed
+/// number are sent to the violation in one or two jumps instead of a search as deep as for
+/// a listed one.
+struct SearchPlan {
+    /// The listed numbers, sorted.
+    listed: Vec<u32>,
+    /// The best split of each range `[lo, hi)` that needs one, and its cost.
+    best: std::collections::HashMap<(u32, u32), (u64, u32)>,
+}
+
+impl SearchPlan {
+    fn new(leaves: &[(u32, usize)]) -> Self {
+        let mut plan = SearchPlan {
+            listed: leaves.iter().map(|&(nr, _)| nr).collect(),
+            best: std::collections::HashMap::new(),
+        };
+        plan.cost(0, NR_END);
+        plan
+    }
+
+    /// Where `[lo, hi)` goes without an instruction: `deny` when it lists no number, the
+    /// leaf's label when it is one listed number.
+    fn direct(leaves: &[(u32, usize)], lo: u32, hi: u32, deny: usize) -> Option<usize> {
+        match leaves {
+            [] => Some(deny),
+            [(nr, target)] if *nr == lo && hi == lo + 1 => Some(*target),
+            _ => None,
+        }
+    }
+
+    /// The listed numbers in `[lo, hi)`.
+    fn listed_in(&self, lo: u32, hi: u32) -> &[u32] {
+        let from = self.listed.partition_point(|&nr| nr < lo);
+        let to = self.listed.partition_point(|&nr| nr < hi);
+        &self.listed[from..to]
+    }
+
+    /// The instructions run searching every number of `[lo, hi)`, weighted.
+    fn cost(&mut self, lo: u32, hi: u32) -> u64 {
+        let inside = self.listed_in(lo, hi);
+        let weight = u64::from(hi - lo) + (LISTED_WEIGHT - 1) * inside.len() as u64;
+        match inside {
+            [] => return 0,
+            [nr] if *nr == lo && hi == lo + 1 => return 0,
+            [_] => return weight,
+            _ => {}
+        }
+        if let Some(&(cost, _)) = self.best.get(&(lo, hi)) {
+            return cost;
+        }
+        let candidates: Vec<u32> = inside
+            .iter()
+            .flat_map(|&nr| [nr, nr + 1])
+            .filter(|&at| lo < at && at < hi)
+            .collect();
+        let mut best = (u64::MAX, lo);
+        for at in candidates {
+            let cost = self.cost(lo, at) + self.cost(at, hi);
+            if cost < best.0 {
+                best = (cost, at);
+            }
+        }
+        let best = (best.0 + weight, best.1);
+        self.best.insert((lo, hi), best);
+        best.0
+    }
+
+    /// The split of `[lo, hi)` (a range with two listed numbers or more).
+    fn split(&self, lo: u32, hi: u32) -> u32 {
+        self.best.get(&(lo, hi)).map_or(lo, |&(_, at)| at)
     }
 }
 
@@ -181,23 +269,39 @@ impl Asm {
         self.code.push(Insn { code, k, jt, jf });
     }
 
-    /// Binary search of the syscall number (in the accumulator) over `leaves`, sorted by
-    /// number, each with the label it leads to: `jge` splits the range in two, each leaf is
-    /// one `jeq`.
-    fn search(&mut self, leaves: &[(u32, usize)], deny: usize) {
-        match leaves {
-            [] => {}
-            [(nr, target)] => {
-                self.jump(BPF_JEQ, *nr, Target::Label(*target), Target::Label(deny));
-            }
-            _ => {
-                let (low, high) = leaves.split_at(leaves.len() / 2);
-                let upper = self.label();
-                self.jump(BPF_JGE, high[0].0, Target::Label(upper), Target::Next);
-                self.search(low, deny);
-                self.bind(upper);
-                self.search(high, deny);
-            }
+    /// Search of the syscall number (in the accumulator, known to be in `[lo, hi)`) over
+    /// `leaves`, those of the listed numbers in that range, sorted, each with the label it
+    /// leads to: `jge` splits the range where `plan` says, a range with one listed number is
+    /// one `jeq`. Called only for a range that needs an instruction ([`SearchPlan::direct`]
+    /// is `None`).
+    fn search(
+        &mut self,
+        plan: &SearchPlan,
+        leaves: &[(u32, usize)],
+        lo: u32,
+        hi: u32,
+        deny: usize,
+    ) {
+        if let [(nr, target)] = leaves {
+            self.jump(BPF_JEQ, *nr, Target::Label(*target), Target::Label(deny));
+            return;
+        }
+        let at = plan.split(lo, hi);
+        let (low, high) = leaves.split_at(leaves.partition_point(|&(nr, _)| nr < at));
+        let low_direct = SearchPlan::direct(low, lo, at, deny);
+        let high_direct = SearchPlan::direct(high, at, hi, deny);
+        let upper = high_direct.unwrap_or_else(|| self.label());
+        let lower = match low_direct {
+            Some(label) => Target::Label(label),
+            None => Target::Next,
+        };
+        self.jump(BPF_JGE, at, Target::Label(upper), lower);
+        if low_direct.is_none() {
+            self.search(plan, low, lo, at, deny);
+        }
+        if high_direct.is_none() {
+            self.bind(upper);
+            self.search(plan, high, at, hi, deny);
         }
     }
 

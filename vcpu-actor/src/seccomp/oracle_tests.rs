@@ -290,3 +290,47 @@ fn too_many_extras_are_refused_with_a_reason() {
     };
     assert!(bad.compile(5, 6).unwrap_err().contains("-5"));
 }
+
+/// The instructions the kernel runs when it installs the filter, per architecture (x86_64,
+/// i386): for every syscall number below 512 it runs the filter until a `ret` or the first
+/// load of an argument, to learn which numbers are always allowed (`seccomp_cache_prepare`,
+/// holding the process's signal lock). A few nanoseconds per instruction, per thread that
+/// installs the filter.
+fn cache_prepare_steps(prog: &[sock_filter]) -> [usize; 2] {
+    [AUDIT_ARCH_X86_64, 0x4000_0003].map(|arch| {
+        let mut total = 0;
+        for nr in 0..512 {
+            let (mut a, mut pc) = (0u32, 0usize);
+            loop {
+                let i = &prog[pc];
+                pc += 1;
+                total += 1;
+                match i.code {
+                    0x20 if i.k < 16 => a = if i.k == 0 { nr } else { arch },
+                    0x20 | 0x06 => break,
+                    0x15 | 0x35 | 0x45 => {
+                        let taken = match i.code {
+                            0x15 => a == i.k,
+                            0x35 => a >= i.k,
+                            _ => a & i.k != 0,
+                        };
+                        pc += usize::from(if taken { i.jt } else { i.jf });
+                    }
+                    code => panic!("instruction {code:#x} at {}", pc - 1),
+                }
+            }
+        }
+        total
+    })
+}
+
+/// The number search is shaped for that pass: wide ranges of unlisted numbers leave it in a
+/// jump or two (a search balanced over the listed numbers alone ran 9.8 instructions per
+/// x86_64 number, 6531 in all), and another architecture is refused after three.
+#[test]
+fn installing_the_filter_runs_few_instructions() {
+    let prog = SeccompMode::default().compile(40, 4).unwrap().unwrap();
+    let [x86_64, i386] = cache_prepare_steps(&prog);
+    assert_eq!(i386, 3 * 512);
+    assert!(x86_64 <= 8 * 512, "{x86_64} instructions for 512 numbers");
+}
