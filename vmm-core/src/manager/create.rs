@@ -134,9 +134,12 @@ impl VcpuManager {
                     }
                 },
             };
+            // A reused fd whose CPUID a batch set already keeps it (KVM refuses changes
+            // once it has run, and it would be the same).
+            let cpuid_kept = reused && self.cpuid_set.contains(&apic_id);
             let cpuid = match self
                 .boot_entry_check(index)
-                .and_then(|()| self.vcpu_cpuid(index))
+                .and_then(|()| (!cpuid_kept).then(|| self.vcpu_cpuid(index)).transpose())
             {
                 Ok(cpuid) => cpuid,
                 Err(e) => {
@@ -164,7 +167,10 @@ impl VcpuManager {
             }
         }
         let spawned = Instant::now();
-        self.finish_batch(pending, first_error).map(|()| spawned)
+        self.finish_batch(pending, first_error)?;
+        self.cpuid_set
+            .extend(slots.iter().map(|&(_, apic_id)| apic_id));
+        Ok(spawned)
     }
 
     /// The (index, APIC ID) of each of `indices`, checked: the VM is not stopping, every
@@ -430,7 +436,8 @@ struct VcpuPlan {
     reused: bool,
     /// Created last in its batch (after all the others).
     last_of_batch: bool,
-    cpuid: Vec<CpuidEntry>,
+    /// `None`: the reused fd has it already.
+    cpuid: Option<Vec<CpuidEntry>>,
     /// List the MSRs a save needs, on this vCPU (once per VM).
     probe_msrs: bool,
     common: Arc<PlanCommon>,
@@ -442,10 +449,12 @@ impl VcpuPlan {
     /// (APs); then, once per VM, the MSR probe.
     fn apply(&self, fd: &VcpuFd) -> Result<(), VcpuSetupError> {
         let (apic_id, common) = (self.apic_id, &self.common);
-        if cpuid::set_cpuid(fd, apic_id, &self.cpuid, self.reused)?
-            == cpuid::CpuidSet::KeptFromEarlierRun
-        {
-            debug!(common.logger, "reused vCPU keeps its CPUID"; "apic_id" => apic_id);
+        if let Some(entries) = &self.cpuid {
+            if cpuid::set_cpuid(fd, apic_id, entries, self.reused)?
+                == cpuid::CpuidSet::KeptFromEarlierRun
+            {
+                debug!(common.logger, "reused vCPU keeps its CPUID"; "apic_id" => apic_id);
+            }
         }
         let start = x86_64::VcpuStart {
             bsp: self.index == 0,

@@ -12,7 +12,7 @@ pub mod snapshot;
 
 pub(crate) use control::Asked;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -108,6 +108,11 @@ pub struct VcpuManager {
     /// KVM vCPU fds whose thread has ended, by APIC ID: KVM cannot destroy a vCPU, so a later
     /// vCPU with the same id reuses the fd.
     pub(crate) kept_fds: BTreeMap<u32, VcpuFd>,
+    /// APIC IDs whose KVM vCPU has the CPUID this manager builds for it (set by a batch that
+    /// succeeded). Never shrinks: the KVM vCPU lives as long as the VM, and its CPUID
+    /// depends only on the manager's configuration, so a kept fd of one of these is reused
+    /// without building and setting its CPUID again.
+    pub(crate) cpuid_set: BTreeSet<u32>,
     pub(crate) exit_monitor: ExitMonitor,
     pub(crate) exit_flag: Arc<AtomicBool>,
     /// The state machine (see [`crate::state`]); its own small lock, so that `&self`
@@ -191,6 +196,7 @@ impl VcpuManager {
             boot_entry: None,
             vcpus: BTreeMap::new(),
             kept_fds: BTreeMap::new(),
+            cpuid_set: BTreeSet::new(),
             exit_monitor: ExitMonitor::new()?,
             exit_flag: Arc::new(AtomicBool::new(false)),
             state: Mutex::new(ManagerState::new()),
