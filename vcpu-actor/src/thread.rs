@@ -175,15 +175,17 @@ impl VcpuThread {
         }
         // The shared EventFd itself, not a duplicate: no fd is opened on this thread.
         guard.exit_evt = Some(Arc::clone(&self.exit_evt));
+        if run {
+            // Before the ready answer, so that the handle it completes reads `Running`. The
+            // first KVM_RUN comes only after the answer went through: a spawner that gave up
+            // before it gets no vCPU in KVM_RUN (one that gives up after it kicks, see
+            // `GiveUpKick`).
+            self.start_running();
+        }
         if ready.send(Ok(())).is_err() {
             return;
         }
         drop(ready);
-        if run {
-            // After the ready answer: a spawner that gave up before it does not get a vCPU
-            // in KVM_RUN (and one that gives up after it kicks, see `GiveUpKick`).
-            self.start_running();
-        }
 
         self.main_loop();
 
