@@ -3,7 +3,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::VcpuFd;
@@ -12,6 +11,7 @@ use slog::{debug, warn, Logger};
 use crate::channel::{Receiver, RecvError, Sender};
 use crate::kick::KvmRunMapping;
 use crate::metrics::VcpuMetrics;
+use crate::os_thread::OsThread;
 use crate::state::AtomicVcpuState;
 use crate::VcpuState;
 use crate::{RequestId, VcpuError, VcpuExitReason, VcpuMetricsSnapshot, VcpuReply, VcpuRequest};
@@ -238,7 +238,7 @@ pub struct VcpuHandle {
     pub(crate) shared: Arc<Shared>,
     pub(crate) tx: Sender<Envelope>,
     pub(crate) done_rx: Receiver<VcpuFd>,
-    pub(crate) join: Option<JoinHandle<()>>,
+    pub(crate) join: Option<OsThread>,
     /// Valid while `join` is `Some` (the thread is not joined, so the id is not reused).
     pub(crate) pthread: libc::pthread_t,
     pub(crate) next_id: AtomicU64,
@@ -421,7 +421,7 @@ impl VcpuHandle {
                 state: self.shared.state.load(),
             }),
             Err(RecvError::Disconnected) => {
-                let message = match self.join.take().map(JoinHandle::join) {
+                let message = match self.join.take().map(OsThread::join) {
                     Some(Err(payload)) => panic_message(payload.as_ref()),
                     _ => "the thread ended without giving the vCPU fd back".to_string(),
                 };

@@ -112,6 +112,7 @@ mod handle;
 mod kick;
 mod mailbox;
 mod metrics;
+mod os_thread;
 mod request;
 mod save;
 pub mod seccomp;

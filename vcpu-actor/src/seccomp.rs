@@ -18,14 +18,14 @@
 //! | `write` | the exit EventFd only | `waiting_exit` |
 //! | `fcntl` | `F_GETFD` only | std's check before `close` (debug builds) |
 //! | `close` | the exit EventFd | thread end |
-//! | `sigaltstack`, `munmap` | the alternate signal stack | thread end (std) |
+//! | `sigaltstack`, `munmap` | std's alternate signal stack | thread end (until vCPU threads were started without `std::thread`, see the spawn docs; still allowed) |
 //! | `rt_sigprocmask` | `SIG_BLOCK` | thread end (glibc) |
 //! | `madvise` | `MADV_DONTNEED` on the stack | thread end (glibc) |
 //! | `exit` | | thread end |
 //!
 //! No `read`, `open`, `clock_gettime` (the vDSO answers), `mmap` or `brk` after start-up in
 //! that run. Before the filter (not filtered): `prctl(PR_SET_NAME)`, `mmap`/`munmap`/`mprotect`
-//! of the malloc arena and the alternate signal stack, `openat`+`read` of
+//! of the malloc arena, `openat`+`read` of
 //! `/sys/devices/system/cpu/online` (glibc's arena limit), `sched_getaffinity`, `gettid`,
 //! `rt_sigprocmask`, `KVM_SET_SIGNAL_MASK`, the setup's ioctls. `vcpuctl boot` adds `write`
 //! to the console's fd from the 16550 serial device, which runs on the vCPU thread (see

@@ -3,10 +3,8 @@
 
 use std::fmt;
 use std::os::fd::AsRawFd;
-use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::VcpuFd;
@@ -16,6 +14,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::channel::{channel, Receiver, RecvError, Sender};
 use crate::handle::{Envelope, Shared};
 use crate::kick::{self, KvmRunMapping};
+use crate::os_thread::OsThread;
 use crate::seccomp;
 use crate::thread::{StartFailure, ThreadStart, VcpuThread};
 use crate::{ExitHandler, SeccompMode, VcpuError, VcpuHandle, VcpuStateSaver};
@@ -39,8 +38,13 @@ pub struct VcpuOptions {
     /// uses the signal. After a spawn, the process must not change that signal's disposition
     /// (a `SIG_IGN` or `SIG_DFL` there makes pauses time out, or kills the process).
     pub kick_signal_offset: i32,
-    /// Stack size of the vCPU thread in bytes (default [`VcpuOptions::DEFAULT_STACK_SIZE`]).
+    /// Stack size of the vCPU thread in bytes (default [`VcpuOptions::DEFAULT_STACK_SIZE`],
+    /// at least `PTHREAD_STACK_MIN`; glibc keeps the thread's TLS, a few KiB, at its top).
     /// The [`ExitHandler`] runs on this stack: raise it for handlers that need deep stacks.
+    /// The thread is started with `pthread_create`, without `std::thread`'s alternate signal
+    /// stack: an overflow hits the guard page and the process dies of `SIGSEGV` without
+    /// std's "has overflowed its stack" line, and a panic message names the thread
+    /// `<unnamed>` (the error the handle returns carries the vCPU id).
     pub stack_size: usize,
     /// What answers [`VcpuRequest::SaveState`](crate::VcpuRequest::SaveState) (default
     /// `None`: such a request gets
@@ -176,7 +180,7 @@ pub struct PendingVcpu {
     give_up: GiveUpKick,
     done_rx: Receiver<VcpuFd>,
     ready_rx: Receiver<Result<(), StartFailure>>,
-    join: JoinHandle<()>,
+    join: OsThread,
     started: Instant,
     logger: Logger,
 }
@@ -312,28 +316,28 @@ impl PendingVcpu {
             &logger,
             options.state_saver,
         );
-        let join = std::thread::Builder::new()
-            .name(format!("vcpu{id}"))
-            .stack_size(options.stack_size)
-            .spawn(move || {
-                let start = ThreadStart {
-                    setup,
-                    affinity,
-                    filter,
-                    run: start_as == StartAs::Running,
-                };
-                thread.run(start, ready_tx, done_tx);
-            })
-            .map_err(|source| SpawnFailure {
-                error: VcpuError::SpawnThread {
-                    vcpu_id: id,
-                    source,
-                },
-                vcpu: None,
+        let body = move || {
+            let start = ThreadStart {
+                setup,
+                affinity,
+                filter,
+                run: start_as == StartAs::Running,
+            };
+            thread.run(start, ready_tx, done_tx);
+        };
+        let join =
+            OsThread::spawn(&format!("vcpu{id}"), options.stack_size, body).map_err(|source| {
+                SpawnFailure {
+                    error: VcpuError::SpawnThread {
+                        vcpu_id: id,
+                        source,
+                    },
+                    vcpu: None,
+                }
             })?;
         let give_up = GiveUpKick {
             shared: Arc::clone(&shared),
-            pthread: (start_as == StartAs::Running).then(|| join.as_pthread_t()),
+            pthread: (start_as == StartAs::Running).then(|| join.pthread()),
             logger: logger.clone(),
         };
         Ok(PendingVcpu {
@@ -412,7 +416,7 @@ impl PendingVcpu {
         give_up.pthread = None;
         debug!(logger, "vCPU thread started"; "tid" => shared.tid.load(Ordering::Relaxed));
         Ok(VcpuHandle {
-            pthread: join.as_pthread_t(),
+            pthread: join.pthread(),
             join: Some(join),
             shared,
             tx,
