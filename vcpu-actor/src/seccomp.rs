@@ -38,7 +38,7 @@
 //! [`SeccompMode::compile`]). The program: the architecture check, a search tree on the
 //! syscall number (a handful of instructions for any number, where a rule compiler's chain
 //! grows with the list), then one block per syscall with arguments, the `ioctl` block
-//! checking the fd once and `KVM_RUN` first. 81 instructions where seccompiler makes 315 of
+//! checking the fd once and `KVM_RUN` first. 83 instructions where seccompiler makes 315 of
 //! the same rules (a unit test runs both over every syscall number and the interesting
 //! arguments and checks that they decide alike). Short matters twice per vCPU thread: the
 //! kernel installing it (it converts the program, JIT-compiles it and, holding the process's
@@ -381,7 +381,7 @@ const PAST_THREAD_CACHE: usize = 1040 / std::mem::size_of::<seccompiler::sock_fi
 
 /// `prog` with room for at least [`PAST_THREAD_CACHE`] instructions. The spawner builds the
 /// program and the vCPU thread frees it once installed; in a buffer below that size (the
-/// default program has 81 instructions in a 128-instruction buffer) it would stay in the
+/// default program has 83 instructions in a 128-instruction buffer) it would stay in the
 /// vCPU thread's cache, 1 KiB of every vCPU's resident memory for nothing. Past it, the
 /// free returns it to the spawner's arena, where the next vCPU's program reuses it.
 fn sized_past_thread_caches(mut prog: BpfProgram) -> BpfProgram {
