@@ -1,17 +1,20 @@
 //! `GetMpState`: the MP state read on the vCPU's own thread, for an AP waiting for INIT/SIPI,
 //! a runnable BSP, an AP the BSP woke, a vCPU waiting to exit and an exiting one; refused
-//! while running.
+//! while running. And APs started running (`PendingVcpu::start_running_with_setup`).
 
 mod common;
 
 use std::sync::{Arc, Condvar, Mutex};
 
 use common::{
-    expect, expect_refused, guests, kvm_test, wait_event, wait_until, Recorder, AP_CODE_ADDR,
-    CODE_ADDR, DATA_ADDR, TIMEOUT,
+    expect, expect_refused, guests, kvm_test, wait_event, wait_until, Recorder, TestVm,
+    AP_CODE_ADDR, CODE_ADDR, DATA_ADDR, TIMEOUT,
 };
 use kvm_bindings::{KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_UNINITIALIZED};
-use vcpu_actor::{PendingVcpu, ReplyOutcome, VcpuHandle, VcpuOptions, VcpuRequest, VcpuState};
+use vcpu_actor::{
+    PendingVcpu, ReplyOutcome, VcpuHandle, VcpuOptions, VcpuParts, VcpuRequest, VcpuState,
+};
+use vmm_sys_util::eventfd::EventFd;
 
 /// Asks for the MP state and returns it (the reply must be an `MpState`).
 fn mp_state(h: &VcpuHandle) -> u32 {
@@ -54,14 +57,21 @@ kvm_test!(
     }
 );
 
-kvm_test!(an_ap_woken_by_init_sipi_leaves_uninitialized, true, |vm| {
+/// A BSP that sends INIT/SIPI to APIC ID 1 and then reports on 0x514, which stops it, and
+/// that AP, whose real-mode code reports on 0x520: their parts (not started), the BSP's exit
+/// EventFd and the recorder both report to.
+fn bsp_waking_ap(vm: &TestVm) -> (Arc<Recorder>, VcpuParts, EventFd, VcpuParts) {
     vm.load(guests::bsp_sipi(), CODE_ADDR);
     vm.load(guests::ap(), AP_CODE_ADDR);
-    // The BSP sends INIT/SIPI to APIC ID 1, then reports on 0x514, which stops it.
     let rec = Recorder::stopping_on(0x514);
     let bsp = vm.new_cpl3_vcpu(0, CODE_ADDR, DATA_ADDR, 0x514, 1 << 24);
     let (bsp_parts, bsp_evt) = vm.parts(0, bsp, rec.clone());
     let (ap_parts, _ap_evt) = vm.parts(1, vm.new_plain_vcpu(1), rec.clone());
+    (rec, bsp_parts, bsp_evt, ap_parts)
+}
+
+kvm_test!(an_ap_woken_by_init_sipi_leaves_uninitialized, true, |vm| {
+    let (rec, bsp_parts, bsp_evt, ap_parts) = bsp_waking_ap(&vm);
     let start = |parts| {
         PendingVcpu::start(parts, VcpuOptions::default())
             .expect("start")
@@ -154,12 +164,7 @@ kvm_test!(
 // `start_running_with_setup`: an AP is `Running` once ready, with no `Resume` sent, and is
 // in `KVM_RUN` when the BSP wakes it (it reports from its real-mode code).
 kvm_test!(an_ap_started_running_needs_no_resume, true, |vm| {
-    vm.load(guests::bsp_sipi(), CODE_ADDR);
-    vm.load(guests::ap(), AP_CODE_ADDR);
-    let rec = Recorder::stopping_on(0x514);
-    let bsp = vm.new_cpl3_vcpu(0, CODE_ADDR, DATA_ADDR, 0x514, 1 << 24);
-    let (bsp_parts, bsp_evt) = vm.parts(0, bsp, rec.clone());
-    let (ap_parts, _ap_evt) = vm.parts(1, vm.new_plain_vcpu(1), rec.clone());
+    let (rec, bsp_parts, bsp_evt, ap_parts) = bsp_waking_ap(&vm);
     let ap_h = PendingVcpu::start_running_with_setup(
         ap_parts,
         VcpuOptions::default(),
