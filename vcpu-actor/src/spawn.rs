@@ -198,7 +198,8 @@ enum StartAs {
 #[derive(Debug)]
 struct GiveUpKick {
     shared: Arc<Shared>,
-    /// The thread, not joined while this lives (the `PendingVcpu` holds its `JoinHandle`).
+    /// The thread, neither joined nor detached while this lives (the `PendingVcpu` holds its
+    /// `OsThread`, declared after this field).
     pthread: Option<libc::pthread_t>,
     logger: Logger,
 }

@@ -94,8 +94,8 @@ impl VcpuManager {
     /// [`create_vcpus`](Self::create_vcpus) for application processors (no index 0) that
     /// their setup leaves waiting for INIT/SIPI: each thread enters `KVM_RUN` as soon as it
     /// is ready (see [`PendingVcpu::start_running_with_setup`]), so that a hot-add costs no
-    /// `Resume` round trip per vCPU. All or nothing as `create_vcpus`. Returns when every
-    /// thread had been spawned (the rest of the time was spent waiting for them).
+    /// `Resume` round trip per vCPU. All or nothing as `create_vcpus`. Returns the instant
+    /// the last thread was spawned (after it, the manager only waited for the threads).
     ///
     /// [`PendingVcpu::start_running_with_setup`]: vcpu_actor::PendingVcpu::start_running_with_setup
     pub(crate) fn create_running_aps(
@@ -111,7 +111,8 @@ impl VcpuManager {
         self.create_batch(indices, Start::Running)
     }
 
-    /// Creates a batch; returns when its last thread was spawned.
+    /// Creates a batch whose actors start as `start` says; returns the instant its last
+    /// thread was spawned.
     fn create_batch(&mut self, indices: &[u32], start: Start) -> Result<Instant, VcpuSetupError> {
         let slots = self.new_slots(indices)?;
         if slots.is_empty() {
