@@ -11,7 +11,7 @@
 //! 2. the syscall number is found by a **search tree** (`jge` splits, one `jeq` per leaf):
 //!    a handful of instructions for any number, listed or not, instead of a chain as long as
 //!    the list. The tree is shaped for the kernel's pass over every number at installation
-//!    (`SearchPlan`): the wide ranges without a listed number leave it after a jump or two;
+//!    (`split`): the wide ranges without a listed number leave it after a jump or two;
 //!    a listed number is at most a few levels deeper than in a tree balanced over the
 //!    listed numbers alone;
 //! 3. a listed number without conditions returns `ALLOW` from its leaf; one with conditions
@@ -120,8 +120,7 @@ impl Rules {
                 )
             })
             .collect();
-        let plan = SearchPlan::new(&leaves);
-        asm.search(&plan, &leaves, 0, NR_END, deny);
+        asm.search(&leaves, 0, NR_END, deny);
         for ((_, checks), &(_, block)) in syscalls.iter().zip(&leaves) {
             if block != allow {
                 asm.bind(block);
@@ -144,52 +143,37 @@ const NR_END: u32 = 512;
 /// calls a vCPU thread makes are listed, so they stay near the top of the tree.
 const LISTED_WEIGHT: u64 = 16;
 
-/// Where the number search splits each range: where the weight on either side is closest
-/// to even, counting every number below [`NR_END`] once and a listed one
-/// [`LISTED_WEIGHT`] times. The kernel runs the filter for every number when it installs it
-/// (to fill its cache of always-allowed calls), so the wide ranges without a listed number
-/// are sent to the violation in one or two jumps instead of a search as deep as for a listed
-/// one. (An optimal tree, found by dynamic programming over every range, ran 4% fewer
-/// instructions in that pass but took 2.5 ms to find, once per process: more than it saved.)
-struct SearchPlan {
-    /// The listed numbers, sorted.
-    listed: Vec<u32>,
+/// Where the number search splits `[lo, hi)`, which holds the listed numbers of `leaves`
+/// (two or more): at a listed number or just after one, where the weight on either side is
+/// closest to even, counting every number once and a listed one [`LISTED_WEIGHT`] times.
+/// The kernel runs the filter for every number when it installs it (to fill its cache of
+/// always-allowed calls), so the wide ranges without a listed number are sent to the
+/// violation in one or two jumps instead of a search as deep as for a listed one. (An
+/// optimal tree, found by dynamic programming over every range, ran 4% fewer instructions in
+/// that pass but took 2.5 ms to find, once per process: more than it saved.)
+fn split(leaves: &[(u32, usize)], lo: u32, hi: u32) -> u32 {
+    // The weight of `[lo, at)`.
+    let weight = |at: u32| {
+        let listed = leaves.partition_point(|&(nr, _)| nr < at);
+        u64::from(at - lo) + (LISTED_WEIGHT - 1) * listed as u64
+    };
+    let total = weight(hi);
+    leaves
+        .iter()
+        .flat_map(|&(nr, _)| [nr, nr + 1])
+        .filter(|&at| lo < at && at < hi)
+        .min_by_key(|&at| (2 * weight(at)).abs_diff(total))
+        .unwrap_or(lo)
 }
 
-impl SearchPlan {
-    fn new(leaves: &[(u32, usize)]) -> Self {
-        SearchPlan {
-            listed: leaves.iter().map(|&(nr, _)| nr).collect(),
-        }
-    }
-
-    /// Where `[lo, hi)` goes without an instruction: `deny` when it lists no number, the
-    /// leaf's label when it is one listed number.
-    fn direct(leaves: &[(u32, usize)], lo: u32, hi: u32, deny: usize) -> Option<usize> {
-        match leaves {
-            [] => Some(deny),
-            [(nr, target)] if *nr == lo && hi == lo + 1 => Some(*target),
-            _ => None,
-        }
-    }
-
-    /// The weight of `[lo, hi)`.
-    fn weight(&self, lo: u32, hi: u32) -> u64 {
-        let from = self.listed.partition_point(|&nr| nr < lo);
-        let to = self.listed.partition_point(|&nr| nr < hi);
-        u64::from(hi - lo) + (LISTED_WEIGHT - 1) * (to - from) as u64
-    }
-
-    /// The split of `[lo, hi)`, a range with two listed numbers or more: at a listed number
-    /// or just after one, where the two sides weigh most alike.
-    fn split(&self, lo: u32, hi: u32) -> u32 {
-        let total = self.weight(lo, hi);
-        self.listed
-            .iter()
-            .flat_map(|&nr| [nr, nr + 1])
-            .filter(|&at| lo < at && at < hi)
-            .min_by_key(|&at| (2 * self.weight(lo, at)).abs_diff(total))
-            .unwrap_or(lo)
+/// Where the search of `[lo, hi)`, which holds the listed numbers of `leaves`, goes without
+/// an instruction: `deny` when it lists no number, the leaf's label when it is one listed
+/// number.
+fn direct(leaves: &[(u32, usize)], lo: u32, hi: u32, deny: usize) -> Option<usize> {
+    match leaves {
+        [] => Some(deny),
+        [(nr, target)] if *nr == lo && hi == lo + 1 => Some(*target),
+        _ => None,
     }
 }
 
@@ -243,26 +227,18 @@ impl Asm {
     }
 
     /// Search of the syscall number (in the accumulator, known to be in `[lo, hi)`) over
-    /// `leaves`, those of the listed numbers in that range, sorted, each with the label it
-    /// leads to: `jge` splits the range where `plan` says, a range with one listed number is
-    /// one `jeq`. Called only for a range that needs an instruction ([`SearchPlan::direct`]
-    /// is `None`).
-    fn search(
-        &mut self,
-        plan: &SearchPlan,
-        leaves: &[(u32, usize)],
-        lo: u32,
-        hi: u32,
-        deny: usize,
-    ) {
+    /// `leaves`, the listed numbers in that range, sorted, each with the label it leads to:
+    /// `jge` splits the range where [`split`] says, a range with one listed number is one
+    /// `jeq`. Called only for a range that needs an instruction ([`direct`] is `None`).
+    fn search(&mut self, leaves: &[(u32, usize)], lo: u32, hi: u32, deny: usize) {
         if let [(nr, target)] = leaves {
             self.jump(BPF_JEQ, *nr, Target::Label(*target), Target::Label(deny));
             return;
         }
-        let at = plan.split(lo, hi);
+        let at = split(leaves, lo, hi);
         let (low, high) = leaves.split_at(leaves.partition_point(|&(nr, _)| nr < at));
-        let low_direct = SearchPlan::direct(low, lo, at, deny);
-        let high_direct = SearchPlan::direct(high, at, hi, deny);
+        let low_direct = direct(low, lo, at, deny);
+        let high_direct = direct(high, at, hi, deny);
         let upper = high_direct.unwrap_or_else(|| self.label());
         let lower = match low_direct {
             Some(label) => Target::Label(label),
@@ -270,11 +246,11 @@ impl Asm {
         };
         self.jump(BPF_JGE, at, Target::Label(upper), lower);
         if low_direct.is_none() {
-            self.search(plan, low, lo, at, deny);
+            self.search(low, lo, at, deny);
         }
         if high_direct.is_none() {
             self.bind(upper);
-            self.search(plan, high, at, hi, deny);
+            self.search(high, at, hi, deny);
         }
     }
 

@@ -45,16 +45,34 @@ fn run(prog: &[sock_filter], data: &Data) -> u32 {
 
 /// [`run`], and how many instructions ran.
 fn run_counted(prog: &[sock_filter], data: &Data) -> (u32, usize) {
+    let (verdict, steps) = run_until(prog, data, Args::Known);
+    (verdict.expect("every argument is known"), steps)
+}
+
+/// What the interpreter does at a load of an argument.
+#[derive(Clone, Copy, PartialEq)]
+enum Args {
+    /// Loads it from the data.
+    Known,
+    /// Stops there without a verdict, as the kernel's pass at installation does.
+    Unknown,
+}
+
+/// Runs `prog` until its verdict (`Some`), or, with [`Args::Unknown`], until the first load
+/// of an argument (`None`); and how many instructions ran.
+fn run_until(prog: &[sock_filter], data: &Data, args: Args) -> (Option<u32>, usize) {
     let (mut a, mut pc, mut steps) = (0u32, 0usize, 0usize);
     loop {
         let i = &prog[pc];
         pc += 1;
         steps += 1;
         match i.code {
-            0x20 => a = data.word(i.k),  // ld w abs
-            0x54 => a &= i.k,            // alu and k
-            0x06 => return (i.k, steps), // ret k
-            0x05 => pc += i.k as usize,  // ja
+            // ld w abs: an argument is at 16 and beyond in `struct seccomp_data`
+            0x20 if i.k >= 16 && args == Args::Unknown => return (None, steps),
+            0x20 => a = data.word(i.k),
+            0x54 => a &= i.k,                  // alu and k
+            0x06 => return (Some(i.k), steps), // ret k
+            0x05 => pc += i.k as usize,        // ja
             0x15 | 0x25 | 0x35 | 0x45 => {
                 let taken = match i.code {
                     0x15 => a == i.k,
@@ -298,29 +316,16 @@ fn too_many_extras_are_refused_with_a_reason() {
 /// installs the filter.
 fn cache_prepare_steps(prog: &[sock_filter]) -> [usize; 2] {
     [AUDIT_ARCH_X86_64, 0x4000_0003].map(|arch| {
-        let mut total = 0;
-        for nr in 0..512 {
-            let (mut a, mut pc) = (0u32, 0usize);
-            loop {
-                let i = &prog[pc];
-                pc += 1;
-                total += 1;
-                match i.code {
-                    0x20 if i.k < 16 => a = if i.k == 0 { nr } else { arch },
-                    0x20 | 0x06 => break,
-                    0x15 | 0x35 | 0x45 => {
-                        let taken = match i.code {
-                            0x15 => a == i.k,
-                            0x35 => a >= i.k,
-                            _ => a & i.k != 0,
-                        };
-                        pc += usize::from(if taken { i.jt } else { i.jf });
-                    }
-                    code => panic!("instruction {code:#x} at {}", pc - 1),
-                }
-            }
-        }
-        total
+        (0..512)
+            .map(|nr| {
+                let data = Data {
+                    nr,
+                    arch,
+                    args: [0; 6],
+                };
+                run_until(prog, &data, Args::Unknown).1
+            })
+            .sum()
     })
 }
 
