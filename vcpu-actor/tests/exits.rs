@@ -343,7 +343,13 @@ kvm_test!(
             let mut byte = 0u8;
             // SAFETY: reads one byte into `byte` from the pipe, which outlives the vCPU.
             let r = unsafe { libc::read(read_end, (&raw mut byte).cast(), 1) };
-            let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+            // errno means something only after a failed call (a kick taken off the queue
+            // before the handler ran leaves sigtimedwait's EAGAIN there).
+            let errno = if r < 0 {
+                std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+            } else {
+                0
+            };
             *result.lock().expect("lock") = Some((r, errno));
         });
         let options = VcpuOptions {
